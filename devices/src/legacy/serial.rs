@@ -1,0 +1,102 @@
+//! A 16550A UART on `vm-superio`, its interrupt delivered through an eventfd (a KVM irqfd).
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::Path;
+
+use vm_superio::Trigger;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::bus::BusDevice;
+
+/// An eventfd that raises the UART's IRQ when written.
+pub struct IrqTrigger(EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = io::Error;
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Where the guest's console output goes.
+pub enum SerialOutput {
+    /// The VMM's standard output.
+    Stdout,
+    /// A file, created or truncated.
+    File(File),
+    /// Discarded.
+    Sink,
+}
+
+impl SerialOutput {
+    /// Opens `path` for the console, truncating it.
+    ///
+    /// # Errors
+    /// When the file cannot be created.
+    pub fn file(path: &Path) -> io::Result<Self> {
+        Ok(SerialOutput::File(File::create(path)?))
+    }
+}
+
+impl Write for SerialOutput {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            SerialOutput::Stdout => io::stdout().write(buf),
+            SerialOutput::File(f) => f.write(buf),
+            SerialOutput::Sink => Ok(buf.len()),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            SerialOutput::Stdout => io::stdout().flush(),
+            SerialOutput::File(f) => f.flush(),
+            SerialOutput::Sink => Ok(()),
+        }
+    }
+}
+
+/// The UART as a bus device (8 registers).
+pub struct Serial {
+    inner: vm_superio::Serial<IrqTrigger, vm_superio::serial::NoEvents, SerialOutput>,
+    output_error_logged: bool,
+}
+
+impl Serial {
+    /// A UART writing to `out` and raising its interrupt through `irq`.
+    pub fn new(irq: EventFd, out: SerialOutput) -> Self {
+        Self {
+            inner: vm_superio::Serial::new(IrqTrigger(irq), out),
+            output_error_logged: false,
+        }
+    }
+
+    /// Queues bytes of console input for the guest.
+    ///
+    /// # Errors
+    /// When the receive FIFO is full or the interrupt cannot be raised.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        self.inner
+            .enqueue_raw_bytes(bytes)
+            .map_err(|e| io::Error::other(format!("{e:?}")))
+    }
+}
+
+impl BusDevice for Serial {
+    fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+        if let (Some(first), Ok(off)) = (data.first_mut(), u8::try_from(offset)) {
+            *first = self.inner.read(off);
+        }
+    }
+
+    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        if let (Some(&value), Ok(off)) = (data.first(), u8::try_from(offset)) {
+            if let Err(e) = self.inner.write(off, value) {
+                if !self.output_error_logged {
+                    log::warn!("serial: {e:?}");
+                    self.output_error_logged = true;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! Device models of the VMM: buses, legacy devices, PCI and virtio transport, the
+//! virtio-iommu and virtio-blk devices, and passthrough backends.
+
+pub mod bus;
+pub mod exit;
+pub mod legacy;
+
+/// Guest memory as the VMM maps it: memfd-backed regions with a dirty bitmap that records the
+/// VMM's own writes (one bit per 4 KiB page).
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+/// One region of [`GuestMemoryMmap`].
+pub type GuestRegionMmap = vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>;

@@ -1,0 +1,1 @@
+//! virtio-iommu protocol and state, the page-granular I/O page table and dirty bitmaps.

@@ -1,0 +1,52 @@
+//! `vmm`: boot a guest under KVM with an emulated virtio-iommu in front of passthrough
+//! devices. See the README for the command line.
+
+mod cli;
+mod error;
+mod memory;
+mod vcpu;
+mod vm;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use devices::exit::ExitReason;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    env_logger::Builder::new()
+        .filter_level(cli.log_level)
+        .format_target(false)
+        .format_timestamp_millis()
+        .init();
+
+    let result = vm::Vm::new(&cli).and_then(|vm| vm.run());
+    match result {
+        Ok(summary) => {
+            log::info!(
+                "guest ended ({}) after {:.1} s; emulation fallbacks: {}",
+                describe(&summary.reason),
+                summary.wall.as_secs_f64(),
+                summary.fallbacks
+            );
+            if let ExitReason::Error(msg) = &summary.reason {
+                eprintln!("vmm: error: {msg}");
+            }
+            ExitCode::from(u8::try_from(summary.reason.exit_code()).unwrap_or(1))
+        }
+        Err(e) => {
+            eprintln!("vmm: error: {}", error::one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn describe(reason: &ExitReason) -> String {
+    match reason {
+        ExitReason::PowerOff => "power off".into(),
+        ExitReason::Reset => "reset".into(),
+        ExitReason::TestExit(c) => format!("test exit code {c}"),
+        ExitReason::Error(e) => format!("error: {e}"),
+        ExitReason::Stopped => "stopped".into(),
+    }
+}

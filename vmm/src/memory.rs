@@ -1,0 +1,93 @@
+//! Guest RAM: one memfd holding every RAM range back to back, mapped shared so that a device
+//! process (vfio-user) can map the same pages from the file descriptor.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::sync::Arc;
+
+use devices::GuestMemoryMmap;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::error::VmmError;
+
+/// Guest RAM and the memfd behind it.
+pub struct GuestRam {
+    /// The mapped memory (with the VMM's dirty bitmap).
+    pub mem: Arc<GuestMemoryMmap>,
+    /// The memfd; RAM range `i` starts at the sum of the sizes of ranges `0..i`.
+    pub memfd: Arc<File>,
+    /// Total bytes of RAM.
+    pub size: u64,
+}
+
+/// Total physical memory of the host in bytes (`MemTotal` of `/proc/meminfo`).
+pub fn host_mem_total() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// Smallest guest RAM the VMM accepts: the boot structures live in the first MiB.
+pub const MIN_MEMORY: u64 = 2 << 20;
+
+impl GuestRam {
+    /// Creates `size` bytes of RAM laid out by [`boot::layout::ram_ranges`].
+    ///
+    /// # Errors
+    /// [`VmmError::MemoryTooSmall`], [`VmmError::MemoryTooLarge`] (more than the host has),
+    /// [`VmmError::GuestMemory`] when the memfd or mapping fails.
+    pub fn new(size: u64) -> Result<Self, VmmError> {
+        if size < MIN_MEMORY || size % 4096 != 0 {
+            return Err(VmmError::MemoryTooSmall(size));
+        }
+        if let Some(host) = host_mem_total() {
+            if size > host {
+                return Err(VmmError::MemoryTooLarge { size, host });
+            }
+        }
+        let name = CString::new("guest-ram").unwrap_or_default();
+        // SAFETY: `name` is a valid NUL-terminated string; the return value is checked.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(VmmError::GuestMemory(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` was just returned by memfd_create and is owned by nothing else.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size).map_err(VmmError::GuestMemory)?;
+        let memfd = Arc::new(file);
+        let mut offset = 0u64;
+        let mut ranges = Vec::new();
+        for (start, len) in boot::layout::ram_ranges(size) {
+            let len_usize = usize::try_from(len).map_err(|_| VmmError::MemoryTooLarge {
+                size,
+                host: usize::MAX as u64,
+            })?;
+            ranges.push((
+                GuestAddress(start),
+                len_usize,
+                Some(FileOffset::from_arc(memfd.clone(), offset)),
+            ));
+            offset += len;
+        }
+        let mem = GuestMemoryMmap::from_ranges_with_files(ranges)
+            .map_err(|e| VmmError::GuestMemory(std::io::Error::other(e.to_string())))?;
+        Ok(Self {
+            mem: Arc::new(mem),
+            memfd,
+            size,
+        })
+    }
+
+    /// `(GPA, size, HVA, memfd offset)` of each RAM region.
+    pub fn regions(&self) -> Vec<(u64, u64, u64, u64)> {
+        self.mem
+            .iter()
+            .map(|r| {
+                let fo = r.file_offset().map(|f| f.start()).unwrap_or(0);
+                (r.start_addr().0, r.len(), r.as_ptr() as u64, fo)
+            })
+            .collect()
+    }
+}

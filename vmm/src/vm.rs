@@ -1,0 +1,269 @@
+//! VM lifecycle: create the KVM VM, guest RAM and devices, load the kernel, run the vCPUs and
+//! the event loop until the guest powers off, resets or fails.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use boot::layout;
+use boot::quirks::{FallbackStats, HostQuirks};
+use devices::bus::Bus;
+use devices::exit::{ExitReason, VmExit};
+use devices::legacy::{AcpiPowerButton, I8042Reset, Serial, SerialOutput, TestExit};
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use linux_loader::cmdline::Cmdline;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::signal::Killable;
+
+use crate::cli::{Cli, SerialArg};
+use crate::error::VmmError;
+use crate::memory::GuestRam;
+use crate::vcpu::{self, VcpuContext};
+
+/// Address of the TSS KVM needs below 4 GiB on Intel hosts (three pages).
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// What a finished run reports.
+pub struct RunSummary {
+    /// Why the VM ended.
+    pub reason: ExitReason,
+    /// Emulation fallbacks over all vCPUs.
+    pub fallbacks: FallbackStats,
+    /// Wall time from VM creation to exit.
+    pub wall: Duration,
+}
+
+/// A configured VM, ready to run.
+pub struct Vm {
+    vm_fd: Arc<VmFd>,
+    ram: GuestRam,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    exit: Arc<VmExit>,
+    vcpus: Vec<kvm_ioctls::VcpuFd>,
+    quirks: HostQuirks,
+    started: Instant,
+}
+
+fn dev_err<E: std::error::Error + Send + Sync + 'static>(
+    what: &str,
+) -> impl FnOnce(E) -> VmmError + '_ {
+    move |e| VmmError::Device(what.to_string(), Box::new(e))
+}
+
+impl Vm {
+    /// Builds the VM described by `cli`.
+    ///
+    /// # Errors
+    /// Any [`VmmError`]: KVM missing, memory out of bounds, a bad kernel or initramfs.
+    pub fn new(cli: &Cli) -> Result<Self, VmmError> {
+        let started = Instant::now();
+        let quirks = cli.host_quirks.resolve();
+        let kvm = Kvm::new().map_err(VmmError::KvmOpen)?;
+        let ram = GuestRam::new(cli.memory)?;
+
+        let vm_fd = kvm
+            .create_vm()
+            .map_err(|e| VmmError::Kvm("KVM_CREATE_VM", e))?;
+        vm_fd
+            .set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(|e| VmmError::Kvm("KVM_SET_TSS_ADDR", e))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(|e| VmmError::Kvm("KVM_CREATE_IRQCHIP", e))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm_fd
+            .create_pit2(pit)
+            .map_err(|e| VmmError::Kvm("KVM_CREATE_PIT2", e))?;
+        for (slot, (gpa, size, hva, _)) in ram.regions().into_iter().enumerate() {
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: gpa,
+                memory_size: size,
+                userspace_addr: hva,
+                flags: 0,
+            };
+            // SAFETY: the HVA range is a live mapping owned by `ram`, which outlives the VM
+            // (both are fields of `Vm`, and KVM drops the slot when the VM fd closes).
+            unsafe { vm_fd.set_user_memory_region(region) }
+                .map_err(|e| VmmError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+        }
+
+        let exit = Arc::new(VmExit::new().map_err(|e| VmmError::Io("eventfd".into(), e))?);
+        let pio = Arc::new(Bus::new());
+        let mmio = Arc::new(Bus::new());
+
+        // Legacy devices.
+        let serial_out = match &cli.serial {
+            SerialArg::Stdout => SerialOutput::Stdout,
+            SerialArg::Off => SerialOutput::Sink,
+            SerialArg::File(p) => SerialOutput::file(p).map_err(|e| {
+                VmmError::Io(format!("cannot create serial file {}", p.display()), e)
+            })?,
+        };
+        let serial_irq =
+            EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Io("eventfd".into(), e))?;
+        vm_fd
+            .register_irqfd(&serial_irq, layout::SERIAL_GSI)
+            .map_err(|e| VmmError::Kvm("KVM_IRQFD", e))?;
+        let serial = Arc::new(Mutex::new(Serial::new(serial_irq, serial_out)));
+        pio.insert(serial, u64::from(layout::SERIAL_PORT), 8)
+            .map_err(dev_err("the serial port"))?;
+        pio.insert(
+            Arc::new(Mutex::new(I8042Reset::new(exit.clone()))),
+            u64::from(layout::I8042_PORT),
+            5,
+        )
+        .map_err(dev_err("the i8042"))?;
+        pio.insert(
+            Arc::new(Mutex::new(AcpiPowerButton::new(exit.clone()))),
+            u64::from(layout::ACPI_SLEEP_STATUS_PORT),
+            3,
+        )
+        .map_err(dev_err("the ACPI power registers"))?;
+        pio.insert(
+            Arc::new(Mutex::new(TestExit::new(exit.clone()))),
+            u64::from(layout::TEST_EXIT_PORT),
+            4,
+        )
+        .map_err(dev_err("the test-exit port"))?;
+
+        // Kernel, initramfs, command line, boot params.
+        let mem = ram.mem.as_ref();
+        let kernel = boot::loader::load_kernel(mem, ram.size, &cli.kernel)?;
+        let initramfs = match &cli.initramfs {
+            Some(p) => Some(boot::loader::load_initramfs(mem, ram.size, &kernel, p)?),
+            None => None,
+        };
+        let mut cmdline = Cmdline::new(layout::CMDLINE_MAX_SIZE)
+            .map_err(|e| VmmError::Boot(boot::BootError::CmdlineBuild(e)))?;
+        cmdline
+            .insert_str(&cli.cmdline)
+            .map_err(|e| VmmError::Boot(boot::BootError::CmdlineBuild(e)))?;
+        for extra in quirks.cmdline_additions() {
+            cmdline
+                .insert_str(extra)
+                .map_err(|e| VmmError::Boot(boot::BootError::CmdlineBuild(e)))?;
+        }
+        boot::loader::write_boot_params(
+            mem,
+            ram.size,
+            &kernel,
+            initramfs.as_ref(),
+            &cmdline,
+            None,
+        )?;
+        log::info!(
+            "loaded {:?} kernel, entry {:#x}; host quirks: {quirks}; cmdline: {}",
+            kernel.format,
+            kernel.entry.0,
+            cmdline
+                .as_cstring()
+                .map(|c| c.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        );
+
+        let mut vcpus = Vec::new();
+        for id in 0..cli.cpus {
+            let vcpu = vm_fd
+                .create_vcpu(u64::from(id))
+                .map_err(|e| VmmError::Kvm("KVM_CREATE_VCPU", e))?;
+            boot::cpu::configure_vcpu(&kvm, &vcpu, id, cli.cpus)?;
+            if id == 0 {
+                boot::cpu::setup_boot_vcpu(mem, &vcpu, kernel.entry)?;
+            }
+            vcpus.push(vcpu);
+        }
+
+        Ok(Self {
+            vm_fd: Arc::new(vm_fd),
+            ram,
+            pio,
+            mmio,
+            exit,
+            vcpus,
+            quirks,
+            started,
+        })
+    }
+
+    /// Runs the guest until it ends. Returns why, with the fallback statistics.
+    ///
+    /// # Errors
+    /// When a vCPU thread or the event loop cannot be started.
+    pub fn run(self) -> Result<RunSummary, VmmError> {
+        vcpu::install_kick_handler().map_err(|e| VmmError::Io("signal handler".into(), e))?;
+        let ctx = Arc::new(VcpuContext {
+            pio: self.pio.clone(),
+            mmio: self.mmio.clone(),
+            exit: self.exit.clone(),
+            stop: Default::default(),
+            mem: self.ram.mem.clone(),
+            quirks: self.quirks,
+        });
+        let mut event_manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
+            .map_err(|e| {
+                VmmError::Io(
+                    "event manager".into(),
+                    std::io::Error::other(format!("{e:?}")),
+                )
+            })?;
+        event_manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher(self.exit.clone()))));
+
+        let mut threads: Vec<JoinHandle<FallbackStats>> = Vec::new();
+        for (id, vcpu) in self.vcpus.into_iter().enumerate() {
+            let t = vcpu::spawn(id as u8, vcpu, ctx.clone())
+                .map_err(|e| VmmError::Io("cannot start a vCPU thread".into(), e))?;
+            threads.push(t);
+        }
+
+        while self.exit.reason().is_none() {
+            if let Err(e) = event_manager.run_with_timeout(1000) {
+                log::warn!("event loop: {e:?}");
+            }
+        }
+        let reason = self.exit.reason().unwrap_or(ExitReason::Stopped);
+
+        ctx.stop.store(true, Ordering::Release);
+        let mut fallbacks = FallbackStats::default();
+        for t in threads {
+            while !t.is_finished() {
+                let _ = t.kill(vcpu::kick_signal());
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if let Ok(stats) = t.join() {
+                fallbacks.merge(&stats);
+            }
+        }
+        let _ = &self.vm_fd;
+        Ok(RunSummary {
+            reason,
+            fallbacks,
+            wall: self.started.elapsed(),
+        })
+    }
+}
+
+/// Wakes the event loop when the VM is asked to end.
+struct ExitWatcher(Arc<VmExit>);
+
+impl MutEventSubscriber for ExitWatcher {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.0.eventfd().read();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(self.0.eventfd(), EventSet::IN)) {
+            log::error!("cannot watch the exit eventfd: {e:?}");
+        }
+        let _ = self.0.eventfd().as_raw_fd();
+    }
+}
