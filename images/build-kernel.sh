@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Builds the guest kernel the tests use, from Debian packages only:
 #   linux-source-6.12 + `make tinyconfig` + images/kernel/config.fragment
-#   + the guest-side drivers under images/kernel/drivers (built in, not modules).
+#   + the guest-side drivers under images/kernel/drivers (built in, not modules)
+# and a tiny initramfs (images/initramfs: a static /init and /dev/console).
 #
 # Installs its build dependencies with apt-get when they are missing. The result is cached
 # outside the work tree, keyed by a hash of every input, so a fresh clone reuses it:
 #   ${VMM_CACHE:-$HOME/.cache/vmm-viommu}/kernel/<hash>/vmlinux
-# The last line printed is the path of the vmlinux.
+#   ${VMM_CACHE:-$HOME/.cache/vmm-viommu}/kernel/<hash>/initramfs.cpio
+#   ${VMM_CACHE:-$HOME/.cache/vmm-viommu}/kernel/<hash>/bzImage
+# The last line printed is the path of the vmlinux; the initramfs and bzImage sit beside it.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -35,12 +38,13 @@ src_version=$(dpkg-query -W -f='${Version}' linux-source-6.12)
 key=$( {
     echo "linux-source-6.12 $src_version"
     cat "$here/build-kernel.sh" "$here/kernel/config.fragment"
+    cat "$here/initramfs/init.c" "$here/initramfs/files.list"
     if [ -d "$here/kernel/drivers" ]; then
         (cd "$here/kernel/drivers" && find . -type f | LC_ALL=C sort | xargs sha256sum)
     fi
 } | sha256sum | cut -c1-16)
 out="$cache/kernel/$key"
-if [ -f "$out/vmlinux" ]; then
+if [ -f "$out/vmlinux" ] && [ -f "$out/initramfs.cpio" ]; then
     log "cached ($key)"
     echo "$out/vmlinux"
     exit 0
@@ -85,15 +89,21 @@ while IFS='=' read -r name want; do
 done < <(grep -E '^CONFIG_[A-Z0-9_]+=' "$here/kernel/config.fragment")
 [ $bad -eq 0 ] || { log "the config fragment does not apply cleanly"; exit 1; }
 
-log "building vmlinux with $jobs jobs (takes a few minutes the first time)"
+log "building vmlinux and bzImage with $jobs jobs (takes a few minutes the first time)"
 start=$(date +%s)
-if ! make -C "$tree" -j"$jobs" vmlinux > "$cache/build.log" 2>&1; then
+if ! make -C "$tree" -j"$jobs" vmlinux bzImage > "$cache/build.log" 2>&1; then
     tail -30 "$cache/build.log" >&2
     log "kernel build failed; full log in $cache/build.log"
     exit 1
 fi
 log "built in $(( $(date +%s) - start )) s"
 mkdir -p "$out"
+log "building the initramfs"
+gcc -Os -static -nostdlib -fno-pie -no-pie -fno-stack-protector -Wl,--build-id=none \
+    -o "$out/init" "$here/initramfs/init.c"
+sed "s|@INIT@|$out/init|" "$here/initramfs/files.list" > "$out/files.list"
+"$tree/usr/gen_init_cpio" "$out/files.list" > "$out/initramfs.cpio"
+cp "$tree/arch/x86/boot/bzImage" "$out/bzImage"
 cp "$tree/vmlinux" "$out/vmlinux.tmp"
 cp "$tree/.config" "$out/config"
 mv "$out/vmlinux.tmp" "$out/vmlinux"

@@ -219,7 +219,7 @@ pub fn write_boot_params<M: GuestMemoryBackend>(
     params.hdr.kernel_alignment = 0x0100_0000;
     params.hdr.cmd_line_ptr = CMDLINE_START as u32;
     params.hdr.cmdline_size = cmdline_len as u32;
-    params.hdr.loadflags |= linux_loader::bootparam::LOADED_HIGH as u8;
+    params.hdr.loadflags |= linux_loader::bootparam::LOADED_HIGH;
     if let Some(initrd) = initramfs {
         params.hdr.ramdisk_image = initrd.addr as u32;
         params.hdr.ramdisk_size = initrd.size as u32;
@@ -240,6 +240,63 @@ pub fn write_boot_params<M: GuestMemoryBackend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vm_memory::GuestMemoryMmap;
+
+    fn write_temp(name: &str, data: &[u8]) -> std::path::PathBuf {
+        let p = std::env::temp_dir().join(format!("boot-{}-{name}", std::process::id()));
+        std::fs::write(&p, data).unwrap();
+        p
+    }
+
+    /// A bzImage with one setup sector and 4 KiB of protected-mode kernel.
+    fn fake_bzimage() -> Vec<u8> {
+        let mut f = vec![0u8; 2 * 512 + 4096];
+        f[0x1f1] = 1; // setup_sects
+        f[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+        f[0x202..0x206].copy_from_slice(&BZIMAGE_MAGIC.to_le_bytes());
+        f[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes()); // protocol 2.15
+        f[0x211] = 1; // loadflags: LOADED_HIGH
+        f[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
+        f[0x22c..0x230].copy_from_slice(&0x37ff_ffffu32.to_le_bytes()); // initrd_addr_max
+        f
+    }
+
+    #[test]
+    fn bzimage_is_entered_at_its_64_bit_entry() {
+        let mem: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        let path = write_temp("bzimage", &fake_bzimage());
+        let k = load_kernel(&mem, 64 << 20, &path).unwrap();
+        assert_eq!(k.format, KernelFormat::BzImage);
+        assert_eq!(k.entry, GuestAddress(0x10_0200));
+        let initrd = write_temp("initrd", &[7u8; 5000]);
+        let i = load_initramfs(&mem, 64 << 20, &k, &initrd).unwrap();
+        assert_eq!(i.addr % 4096, 0);
+        assert!(i.addr + i.size <= 64 << 20);
+        std::fs::remove_file(path).unwrap();
+        std::fs::remove_file(initrd).unwrap();
+    }
+
+    #[test]
+    fn other_files_are_refused() {
+        let mem: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        let path = write_temp(
+            "text",
+            b"hello, this is not a kernel at all, just some text",
+        );
+        assert!(matches!(
+            load_kernel(&mem, 64 << 20, &path),
+            Err(BootError::UnknownKernelFormat(_))
+        ));
+        let empty = write_temp("empty", b"");
+        assert!(matches!(
+            load_kernel(&mem, 64 << 20, &empty),
+            Err(BootError::UnknownKernelFormat(_))
+        ));
+        std::fs::remove_file(path).unwrap();
+        std::fs::remove_file(empty).unwrap();
+    }
 
     #[test]
     fn e820_covers_ram_and_reserves_holes() {

@@ -1,1 +1,162 @@
-//! Shared helpers for the integration tests.
+//! Helpers for the integration tests: find the workspace's binaries, build or find the guest
+//! kernel, run the `vmm` as a real process with a deadline, and read its console.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// Path of a binary built by this workspace in the same profile as the running test.
+///
+/// The tests run the real binaries; `tests/run.sh` builds them first. Panics with the command
+/// to run when the binary is missing.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test>-<hash>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace first (`cargo build --workspace{}`)",
+        path.display(),
+        if dir.ends_with("release") {
+            " --release"
+        } else {
+            ""
+        }
+    );
+    path
+}
+
+/// The guest kernel and initramfs built by `images/build-kernel.sh` (cached), or the kernel
+/// named by `$VMM_TEST_KERNEL` (its initramfs beside it).
+pub fn guest_kernel() -> &'static (PathBuf, PathBuf) {
+    static KERNEL: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    KERNEL.get_or_init(|| {
+        let vmlinux = match std::env::var_os("VMM_TEST_KERNEL") {
+            Some(p) => PathBuf::from(p),
+            None => {
+                let out = Command::new(workspace_root().join("images/build-kernel.sh"))
+                    .stderr(Stdio::inherit())
+                    .output()
+                    .expect("run images/build-kernel.sh");
+                assert!(out.status.success(), "images/build-kernel.sh failed");
+                let stdout = String::from_utf8_lossy(&out.stdout);
+                PathBuf::from(
+                    stdout
+                        .lines()
+                        .last()
+                        .expect("build-kernel prints a path")
+                        .trim(),
+                )
+            }
+        };
+        let initramfs = vmlinux.with_file_name("initramfs.cpio");
+        assert!(vmlinux.exists(), "no kernel at {}", vmlinux.display());
+        (vmlinux, initramfs)
+    })
+}
+
+/// What a finished `vmm` run left behind.
+#[derive(Debug)]
+pub struct Run {
+    /// Exit status (`None` when killed at the deadline).
+    pub status: Option<ExitStatus>,
+    /// The guest console.
+    pub console: String,
+    /// The VMM's stderr (its log and error lines).
+    pub stderr: String,
+    /// Wall time.
+    pub wall: Duration,
+}
+
+impl Run {
+    /// Exit code, or -1 when killed or signalled.
+    pub fn code(&self) -> i32 {
+        self.status.and_then(|s| s.code()).unwrap_or(-1)
+    }
+
+    /// Panics with the console and log when `needle` is not on the console.
+    pub fn assert_console(&self, needle: &str) {
+        assert!(
+            self.console.contains(needle),
+            "console lacks {needle:?}\n--- console ---\n{}\n--- stderr ---\n{}",
+            self.console,
+            self.stderr
+        );
+    }
+}
+
+/// A unique scratch path under the system temp dir.
+pub fn scratch(name: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::env::temp_dir().join(format!("vmm-test-{}-{n}-{name}", std::process::id()))
+}
+
+/// Waits for `child` until `deadline`, killing it then.
+pub fn wait_with_deadline(child: &mut Child, deadline: Duration) -> Option<ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        if start.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs `vmm` with `args` plus `--serial file=...`, killing it after `deadline`.
+pub fn run_vmm(args: &[&str], deadline: Duration) -> Run {
+    run_vmm_env(args, &[], deadline)
+}
+
+/// [`run_vmm`] with extra environment variables.
+pub fn run_vmm_env(args: &[&str], env: &[(&str, &str)], deadline: Duration) -> Run {
+    let console_path = scratch("console.log");
+    let serial = format!("file={}", console_path.display());
+    let start = Instant::now();
+    let mut cmd = Command::new(bin("vmm"));
+    cmd.args(args)
+        .arg("--serial")
+        .arg(&serial)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn vmm");
+    let mut stderr_pipe = child.stderr.take().expect("stderr piped");
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr_pipe.read_to_string(&mut s);
+        s
+    });
+    let status = wait_with_deadline(&mut child, deadline);
+    let stderr = reader.join().unwrap_or_default();
+    let console = std::fs::read_to_string(&console_path).unwrap_or_default();
+    let _ = std::fs::remove_file(&console_path);
+    Run {
+        status,
+        console,
+        stderr,
+        wall: start.elapsed(),
+    }
+}

@@ -4,8 +4,8 @@
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
     /// `/dev/kvm` could not be opened.
-    #[error("cannot open /dev/kvm (is KVM available and accessible?)")]
-    KvmOpen(#[source] kvm_ioctls::Error),
+    #[error("cannot open {0} (is KVM available and accessible?)")]
+    KvmOpen(String, #[source] kvm_ioctls::Error),
     /// A KVM ioctl failed.
     #[error("{0} failed")]
     Kvm(&'static str, #[source] kvm_ioctls::Error),

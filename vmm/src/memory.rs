@@ -16,6 +16,7 @@ pub struct GuestRam {
     /// The mapped memory (with the VMM's dirty bitmap).
     pub mem: Arc<GuestMemoryMmap>,
     /// The memfd; RAM range `i` starts at the sum of the sizes of ranges `0..i`.
+    #[allow(dead_code)] // shared with vfio-user device servers
     pub memfd: Arc<File>,
     /// Total bytes of RAM.
     pub size: u64,
@@ -39,7 +40,7 @@ impl GuestRam {
     /// [`VmmError::MemoryTooSmall`], [`VmmError::MemoryTooLarge`] (more than the host has),
     /// [`VmmError::GuestMemory`] when the memfd or mapping fails.
     pub fn new(size: u64) -> Result<Self, VmmError> {
-        if size < MIN_MEMORY || size % 4096 != 0 {
+        if size < MIN_MEMORY || !size.is_multiple_of(4096) {
             return Err(VmmError::MemoryTooSmall(size));
         }
         if let Some(host) = host_mem_total() {

@@ -28,6 +28,14 @@ use crate::vcpu::{self, VcpuContext};
 /// Address of the TSS KVM needs below 4 GiB on Intel hosts (three pages).
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 
+/// The KVM device: `/dev/kvm`, or `$VMM_KVM_DEVICE` when set (tests use it to simulate a
+/// host without KVM).
+fn kvm_device_path() -> std::ffi::CString {
+    let path = std::env::var_os("VMM_KVM_DEVICE").unwrap_or_else(|| "/dev/kvm".into());
+    std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()))
+        .unwrap_or_else(|_| c"/dev/kvm".to_owned())
+}
+
 /// What a finished run reports.
 pub struct RunSummary {
     /// Why the VM ended.
@@ -64,7 +72,9 @@ impl Vm {
     pub fn new(cli: &Cli) -> Result<Self, VmmError> {
         let started = Instant::now();
         let quirks = cli.host_quirks.resolve();
-        let kvm = Kvm::new().map_err(VmmError::KvmOpen)?;
+        let kvm_path = kvm_device_path();
+        let kvm = Kvm::new_with_path(kvm_path.as_c_str())
+            .map_err(|e| VmmError::KvmOpen(kvm_path.to_string_lossy().into_owned(), e))?;
         let ram = GuestRam::new(cli.memory)?;
 
         let vm_fd = kvm

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The project's test command. On a fresh Debian 12 machine with a Rust toolchain it installs
+# what it needs (kernel build dependencies via apt-get, crates via cargo), builds the guest
+# kernel (cached outside the tree), checks formatting and lints, builds everything and runs
+# every test: unit, device, property, process-level and guest tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v cargo >/dev/null 2>&1; then
+    [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+fi
+command -v cargo >/dev/null 2>&1 || {
+    echo "tests/run.sh: needs a Rust toolchain (https://rustup.rs)" >&2
+    exit 1
+}
+
+step() { printf '\n=== %s\n' "$*"; }
+start=$(date +%s)
+
+step "guest kernel (images/build-kernel.sh)"
+kernel=$(./images/build-kernel.sh | tail -1)
+export VMM_TEST_KERNEL="$kernel"
+echo "$kernel"
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -D warnings"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+step "cargo doc"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
+
+step "cargo build --release"
+cargo build --workspace --release --quiet
+
+step "cargo test --release"
+cargo test --workspace --release
+
+step "all tests passed in $(( $(date +%s) - start )) s"

@@ -1,0 +1,124 @@
+//! Bad input gets one clear line and a non-zero exit, never a panic.
+
+use std::time::Duration;
+
+use vmm_tests::{run_vmm, run_vmm_env, scratch, Run};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// A minimal ELF64 with one 4 KiB PT_LOAD segment at 16 MiB.
+fn tiny_elf() -> Vec<u8> {
+    let mut f = vec![0u8; 0x2000];
+    f[..4].copy_from_slice(b"\x7fELF");
+    f[4] = 2; // ELFCLASS64
+    f[5] = 1; // little endian
+    f[6] = 1; // EV_CURRENT
+    f[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    f[18..20].copy_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+    f[20..24].copy_from_slice(&1u32.to_le_bytes());
+    f[24..32].copy_from_slice(&0x100_0000u64.to_le_bytes()); // entry
+    f[32..40].copy_from_slice(&64u64.to_le_bytes()); // phoff
+    f[52..54].copy_from_slice(&64u16.to_le_bytes()); // ehsize
+    f[54..56].copy_from_slice(&56u16.to_le_bytes()); // phentsize
+    f[56..58].copy_from_slice(&1u16.to_le_bytes()); // phnum
+    let ph = 64;
+    f[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    f[ph + 8..ph + 16].copy_from_slice(&0x1000u64.to_le_bytes()); // offset
+    f[ph + 16..ph + 24].copy_from_slice(&0x100_0000u64.to_le_bytes()); // vaddr
+    f[ph + 24..ph + 32].copy_from_slice(&0x100_0000u64.to_le_bytes()); // paddr
+    f[ph + 32..ph + 40].copy_from_slice(&0x1000u64.to_le_bytes()); // filesz
+    f[ph + 40..ph + 48].copy_from_slice(&0x1000u64.to_le_bytes()); // memsz
+    f[0x1000] = 0xf4; // hlt
+    f
+}
+
+fn assert_one_error_line(run: &Run, words: &[&str]) {
+    assert_ne!(run.code(), 0, "expected failure: {run:?}");
+    assert!(!run.stderr.contains("panicked"), "panic: {}", run.stderr);
+    let errors: Vec<&str> = run.stderr.lines().filter(|l| l.contains("error")).collect();
+    assert_eq!(
+        errors.len(),
+        1,
+        "expected one error line, got:\n{}",
+        run.stderr
+    );
+    for w in words {
+        assert!(errors[0].contains(w), "{:?} lacks {w:?}", errors[0]);
+    }
+}
+
+#[test]
+fn missing_kernel() {
+    let run = run_vmm(&["--kernel", "/nonexistent/vmlinux"], DEADLINE);
+    assert_one_error_line(&run, &["/nonexistent/vmlinux", "No such file"]);
+}
+
+#[test]
+fn unreadable_kernel() {
+    let run = run_vmm(&["--kernel", "/"], DEADLINE);
+    assert_one_error_line(&run, &["cannot read kernel /", "directory"]);
+}
+
+#[test]
+fn kernel_neither_elf_nor_bzimage() {
+    let path = scratch("not-a-kernel");
+    std::fs::write(&path, b"#!/bin/sh\necho this is not a kernel\n").unwrap();
+    let run = run_vmm(&["--kernel", path.to_str().unwrap()], DEADLINE);
+    std::fs::remove_file(&path).unwrap();
+    assert_one_error_line(&run, &["neither an ELF", "bzImage"]);
+}
+
+#[test]
+fn memory_too_small_for_the_kernel() {
+    let path = scratch("tiny.elf");
+    std::fs::write(&path, tiny_elf()).unwrap();
+    let run = run_vmm(
+        &["--kernel", path.to_str().unwrap(), "--memory", "8M"],
+        DEADLINE,
+    );
+    std::fs::remove_file(&path).unwrap();
+    assert_one_error_line(&run, &["does not fit in 8 MiB"]);
+}
+
+#[test]
+fn memory_larger_than_the_host() {
+    let path = scratch("tiny.elf");
+    std::fs::write(&path, tiny_elf()).unwrap();
+    let run = run_vmm(
+        &["--kernel", path.to_str().unwrap(), "--memory", "64000G"],
+        DEADLINE,
+    );
+    std::fs::remove_file(&path).unwrap();
+    assert_one_error_line(&run, &["--memory", "more than the host"]);
+}
+
+#[test]
+fn unknown_flag() {
+    let run = run_vmm(&["--kernel", "/x", "--frobnicate"], DEADLINE);
+    assert_eq!(run.code(), 2);
+    assert!(!run.stderr.contains("panicked"));
+    assert!(run.stderr.contains("'--frobnicate'"), "{}", run.stderr);
+}
+
+#[test]
+fn bad_flag_value_names_the_flag() {
+    let run = run_vmm(&["--kernel", "/x", "--memory", "lots"], DEADLINE);
+    assert_eq!(run.code(), 2);
+    assert!(run.stderr.contains("--memory"), "{}", run.stderr);
+    let run = run_vmm(&["--kernel", "/x", "--host-quirks", "maybe"], DEADLINE);
+    assert_eq!(run.code(), 2);
+    assert!(run.stderr.contains("--host-quirks"), "{}", run.stderr);
+}
+
+#[test]
+fn no_kvm_device() {
+    let path = scratch("tiny.elf");
+    std::fs::write(&path, tiny_elf()).unwrap();
+    let run = run_vmm_env(
+        &["--kernel", path.to_str().unwrap()],
+        &[("VMM_KVM_DEVICE", "/nonexistent/kvm")],
+        DEADLINE,
+    );
+    std::fs::remove_file(&path).unwrap();
+    assert_one_error_line(&run, &["cannot open /nonexistent/kvm", "KVM"]);
+}
