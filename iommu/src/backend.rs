@@ -1,0 +1,322 @@
+//! The seam between the IOMMU and whatever programs the host side of DMA: a host IOMMU
+//! through VFIO (type1 container or iommufd), a vfio-user device process, or nothing (for
+//! emulated devices, which translate through the page table themselves).
+
+use std::fmt;
+
+use crate::pagetable::Perm;
+
+/// What a backend can do, reported once when its endpoint is registered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendCaps {
+    /// Page sizes the host can map, bit `n` = 2^n bytes (the lowest set bit is the host's
+    /// granule). Source: VFIO `VFIO_IOMMU_GET_INFO.iova_pgsizes`, iommufd
+    /// `IOMMU_IOAS_IOVA_RANGES`/`IOMMU_GET_HW_INFO`.
+    pub page_size_mask: u64,
+    /// Usable IOVA ranges, inclusive, sorted and disjoint (VFIO
+    /// `VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE`, iommufd `IOMMU_IOAS_IOVA_RANGES`).
+    pub iova_ranges: Vec<(u64, u64)>,
+    /// The backend can report pages written by device DMA (by IOVA).
+    pub dirty_tracking: bool,
+    /// A host mapping may later be unmapped in parts, so contiguous guest mappings may be
+    /// merged into one host map call. VFIO type1v2 and native iommufd refuse partial unmaps.
+    pub merge_maps: bool,
+    /// One unmap call may remove several adjacent host mappings (VFIO type1 and iommufd
+    /// accept any range that covers whole mappings).
+    pub merge_unmaps: bool,
+}
+
+impl Default for BackendCaps {
+    fn default() -> Self {
+        Self {
+            page_size_mask: 0x4000_0000 | 0x20_0000 | 0x1000,
+            iova_ranges: vec![(0, crate::pagetable::MAX_IOVA)],
+            dirty_tracking: false,
+            merge_maps: false,
+            merge_unmaps: false,
+        }
+    }
+}
+
+/// Why a backend call failed; each maps to the virtio-iommu status the guest sees.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BackendError {
+    /// The host is out of resources (pinning limit, mapping limit): `VIRTIO_IOMMU_S_NOMEM`.
+    #[error("host out of resources: {0}")]
+    NoMemory(String),
+    /// The IOVA range is not usable on the host: `VIRTIO_IOMMU_S_RANGE`.
+    #[error("IOVA range not usable on the host: {0}")]
+    Range(String),
+    /// The GPA range is not backed by guest memory: `VIRTIO_IOMMU_S_FAULT`.
+    #[error("GPA range not backed by guest memory: {0}")]
+    BadAddress(String),
+    /// The backend cannot do this (e.g. no dirty tracking).
+    #[error("not supported by this backend")]
+    Unsupported,
+    /// The host or the device process failed: `VIRTIO_IOMMU_S_DEVERR`.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// A host-side DMA mapping backend.
+///
+/// Calls are made once per guest mapping (or per merged run of them when
+/// [`BackendCaps::merge_maps`] is set), in the order of the guest's requests. A failed call
+/// must leave the host as before that call; the caller undoes earlier calls of the same
+/// request.
+pub trait DmaBackend: Send {
+    /// Short name for logs and counters.
+    fn name(&self) -> String;
+
+    /// Capabilities (stable for the backend's lifetime).
+    fn caps(&self) -> BackendCaps;
+
+    /// Maps `len` bytes at `iova` to guest-physical `gpa` with `perm`. `iova`, `gpa` and `len`
+    /// are multiples of 4 KiB.
+    ///
+    /// # Errors
+    /// A [`BackendError`]; nothing is mapped then.
+    fn map(&mut self, iova: u64, gpa: u64, len: u64, perm: Perm) -> Result<(), BackendError>;
+
+    /// Unmaps `[iova, iova + len)`, which covers whole host mappings (or parts of them when
+    /// [`BackendCaps::merge_maps`] is set).
+    ///
+    /// # Errors
+    /// A [`BackendError`].
+    fn unmap(&mut self, iova: u64, len: u64) -> Result<(), BackendError>;
+
+    /// Starts or stops dirty tracking. Starting clears any stale dirty state.
+    ///
+    /// # Errors
+    /// [`BackendError::Unsupported`] when [`BackendCaps::dirty_tracking`] is false.
+    fn set_dirty_tracking(&mut self, enable: bool) -> Result<(), BackendError> {
+        let _ = enable;
+        Err(BackendError::Unsupported)
+    }
+
+    /// ORs into `bitmap` (bit `i` = page `iova / 4096 + i`) the pages of
+    /// `[iova, iova + len)` written by the device since the last clearing read, and clears
+    /// them when `clear` is set (the `IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR` semantics when not).
+    ///
+    /// # Errors
+    /// [`BackendError::Unsupported`] when [`BackendCaps::dirty_tracking`] is false.
+    fn read_dirty(
+        &mut self,
+        iova: u64,
+        len: u64,
+        bitmap: &mut [u64],
+        clear: bool,
+    ) -> Result<(), BackendError> {
+        let _ = (iova, len, bitmap, clear);
+        Err(BackendError::Unsupported)
+    }
+}
+
+impl fmt::Debug for dyn DmaBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DmaBackend({})", self.name())
+    }
+}
+
+#[cfg(any(test, feature = "test-utils"))]
+pub use recording::{Call, RecordingBackend, RecordingLog};
+
+#[cfg(any(test, feature = "test-utils"))]
+mod recording {
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// One backend call as recorded.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum Call {
+        /// `map(iova, gpa, len, perm)`.
+        Map(u64, u64, u64, Perm),
+        /// `unmap(iova, len)`.
+        Unmap(u64, u64),
+    }
+
+    /// What a [`RecordingBackend`] saw and holds, shared with the test.
+    #[derive(Debug, Default)]
+    pub struct RecordingLog {
+        /// Every successful call, in order.
+        pub calls: Vec<Call>,
+        /// The host's view: IOVA page -> (GPA page, perm).
+        pub pages: BTreeMap<u64, (u64, Perm)>,
+        /// Fail the call with this (0-based) index, counting every call.
+        pub fail_call: Option<usize>,
+        /// Fail every map touching this IOVA.
+        pub fail_iova: Option<u64>,
+        /// Calls attempted (including failed ones).
+        pub attempts: usize,
+        /// Dirty IOVA pages (set by tests to simulate device writes).
+        pub dirty: std::collections::BTreeSet<u64>,
+        /// Whether dirty tracking is on.
+        pub tracking: bool,
+    }
+
+    impl RecordingLog {
+        /// Host mappings as `(iova page, gpa page, perm)` sorted.
+        pub fn host_pages(&self) -> Vec<(u64, u64, Perm)> {
+            self.pages.iter().map(|(&i, &(g, p))| (i, g, p)).collect()
+        }
+        /// Number of map calls.
+        pub fn map_calls(&self) -> usize {
+            self.calls
+                .iter()
+                .filter(|c| matches!(c, Call::Map(..)))
+                .count()
+        }
+        /// Number of unmap calls.
+        pub fn unmap_calls(&self) -> usize {
+            self.calls
+                .iter()
+                .filter(|c| matches!(c, Call::Unmap(..)))
+                .count()
+        }
+    }
+
+    /// A backend that applies calls to an in-memory host view and records them. It checks
+    /// what a real host would refuse: mapping over a mapped page, and (unless `merge_maps`)
+    /// unmapping part of a host mapping.
+    pub struct RecordingBackend {
+        name: String,
+        caps: BackendCaps,
+        log: Arc<Mutex<RecordingLog>>,
+        /// Host mappings `(iova, len)` for the split check.
+        host_maps: BTreeMap<u64, u64>,
+    }
+
+    impl RecordingBackend {
+        /// A backend with `caps`; returns it with its shared log.
+        pub fn new(name: &str, caps: BackendCaps) -> (Self, Arc<Mutex<RecordingLog>>) {
+            let log = Arc::new(Mutex::new(RecordingLog::default()));
+            (
+                Self {
+                    name: name.to_string(),
+                    caps,
+                    log: log.clone(),
+                    host_maps: BTreeMap::new(),
+                },
+                log,
+            )
+        }
+    }
+
+    impl DmaBackend for RecordingBackend {
+        fn name(&self) -> String {
+            self.name.clone()
+        }
+
+        fn caps(&self) -> BackendCaps {
+            self.caps.clone()
+        }
+
+        fn map(&mut self, iova: u64, gpa: u64, len: u64, perm: Perm) -> Result<(), BackendError> {
+            let mut log = self.log.lock().unwrap();
+            let n = log.attempts;
+            log.attempts += 1;
+            if log.fail_call == Some(n) {
+                return Err(BackendError::NoMemory("injected failure".into()));
+            }
+            if let Some(f) = log.fail_iova {
+                if f >= iova && f - iova < len {
+                    return Err(BackendError::Failed("injected failure".into()));
+                }
+            }
+            assert!(
+                iova.is_multiple_of(4096)
+                    && gpa.is_multiple_of(4096)
+                    && len.is_multiple_of(4096)
+                    && len > 0
+            );
+            for p in 0..len / 4096 {
+                assert!(
+                    !log.pages.contains_key(&(iova / 4096 + p)),
+                    "host: double map at {:#x}",
+                    iova + p * 4096
+                );
+            }
+            for p in 0..len / 4096 {
+                log.pages.insert(iova / 4096 + p, (gpa / 4096 + p, perm));
+            }
+            self.host_maps.insert(iova, len);
+            log.calls.push(Call::Map(iova, gpa, len, perm));
+            Ok(())
+        }
+
+        fn unmap(&mut self, iova: u64, len: u64) -> Result<(), BackendError> {
+            let mut log = self.log.lock().unwrap();
+            let n = log.attempts;
+            log.attempts += 1;
+            if log.fail_call == Some(n) {
+                return Err(BackendError::Failed("injected failure".into()));
+            }
+            let end = iova + len;
+            // Host mappings touched by the range.
+            let touched: Vec<(u64, u64)> = self
+                .host_maps
+                .range(..end)
+                .filter(|(&s, &l)| s + l > iova)
+                .map(|(&s, &l)| (s, l))
+                .collect();
+            for (s, l) in touched {
+                if !self.caps.merge_maps {
+                    assert!(
+                        s >= iova && s + l <= end,
+                        "host: unmap {iova:#x}+{len:#x} splits host mapping {s:#x}+{l:#x}"
+                    );
+                }
+                self.host_maps.remove(&s);
+                if s < iova {
+                    self.host_maps.insert(s, iova - s);
+                }
+                if s + l > end {
+                    self.host_maps.insert(end, s + l - end);
+                }
+            }
+            for p in iova / 4096..end / 4096 {
+                log.pages.remove(&p);
+            }
+            log.calls.push(Call::Unmap(iova, len));
+            Ok(())
+        }
+
+        fn set_dirty_tracking(&mut self, enable: bool) -> Result<(), BackendError> {
+            if !self.caps.dirty_tracking {
+                return Err(BackendError::Unsupported);
+            }
+            let mut log = self.log.lock().unwrap();
+            log.tracking = enable;
+            log.dirty.clear();
+            Ok(())
+        }
+
+        fn read_dirty(
+            &mut self,
+            iova: u64,
+            len: u64,
+            bitmap: &mut [u64],
+            clear: bool,
+        ) -> Result<(), BackendError> {
+            if !self.caps.dirty_tracking {
+                return Err(BackendError::Unsupported);
+            }
+            let mut log = self.log.lock().unwrap();
+            let first = iova / 4096;
+            let pages = len / 4096;
+            let hits: Vec<u64> = log.dirty.range(first..first + pages).copied().collect();
+            for p in hits {
+                let i = (p - first) as usize;
+                if let Some(w) = bitmap.get_mut(i / 64) {
+                    *w |= 1 << (i % 64);
+                }
+                if clear {
+                    log.dirty.remove(&p);
+                }
+            }
+            Ok(())
+        }
+    }
+}

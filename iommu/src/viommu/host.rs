@@ -1,0 +1,448 @@
+//! Keeping host backends in step with the guest's view: endpoint attach and detach, deferred
+//! and merged host maps, unmaps, and rollback when a host call fails part way (the guest then
+//! sees an error status and the state is as before its request).
+
+use super::*;
+use crate::pagetable::{Perm, Run};
+
+/// A host map deferred to the end of the batch (or to the next non-MAP request).
+#[derive(Debug)]
+pub(super) struct PendingMap {
+    domain: DomainId,
+    run: Run,
+    /// The guest requests merged into `run`, with their own parts.
+    parts: Vec<(usize, Run)>,
+}
+
+/// Adds `next` to `runs`, merging it into the last run when contiguous in IOVA and GPA with
+/// the same permissions.
+fn push_merged(runs: &mut Vec<Run>, next: Run) {
+    if let Some(last) = runs.last_mut() {
+        if last.iova_page + last.pages == next.iova_page
+            && last.gpa_page + last.pages == next.gpa_page
+            && last.perm == next.perm
+        {
+            last.pages += next.pages;
+            return;
+        }
+    }
+    runs.push(next);
+}
+
+impl Viommu {
+    /// Distinct, working backends of the endpoints attached to `dom`.
+    fn live_backends(&self, dom: DomainId) -> Vec<BackendId> {
+        let mut v: Vec<BackendId> = self
+            .domains
+            .get(&dom)
+            .map(|d| {
+                d.endpoints
+                    .iter()
+                    .filter_map(|e| self.endpoints.get(e).and_then(|e| e.backend))
+                    .filter(|&b| !self.backends[b].failed)
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// Defers the host side of a successful MAP.
+    pub(super) fn queue_map(&mut self, req: usize, dom: DomainId, run: Run) {
+        let backends = self.live_backends(dom);
+        if backends.is_empty() {
+            return;
+        }
+        let mergeable = backends.iter().all(|&b| self.backends[b].caps.merge_maps);
+        if mergeable {
+            if let Some(last) = self.pending.last_mut() {
+                let r = &mut last.run;
+                if last.domain == dom
+                    && r.iova_page + r.pages == run.iova_page
+                    && r.gpa_page + r.pages == run.gpa_page
+                    && r.perm == run.perm
+                {
+                    r.pages += run.pages;
+                    last.parts.push((req, run));
+                    return;
+                }
+            }
+        }
+        self.pending.push(PendingMap {
+            domain: dom,
+            run,
+            parts: vec![(req, run)],
+        });
+    }
+
+    /// Issues the deferred host maps. A failed merged call is retried request by request so
+    /// that only the requests whose own call fails get the error (in `statuses`) and lose
+    /// their mapping.
+    pub(super) fn flush_pending(&mut self, statuses: &mut [Status]) {
+        for op in std::mem::take(&mut self.pending) {
+            let backends = self.live_backends(op.domain);
+            let r = op.run;
+            let Err(e) = self.map_on_all(&backends, r) else {
+                continue;
+            };
+            if op.parts.len() == 1 {
+                self.fail_map(op.domain, op.parts[0].0, r, &e, statuses);
+                continue;
+            }
+            for (req, part) in op.parts {
+                if let Err(e) = self.map_on_all(&backends, part) {
+                    self.fail_map(op.domain, req, part, &e, statuses);
+                }
+            }
+        }
+    }
+
+    fn fail_map(
+        &mut self,
+        dom: DomainId,
+        req: usize,
+        run: Run,
+        e: &BackendError,
+        statuses: &mut [Status],
+    ) {
+        log::warn!(
+            "virtio-iommu: host map of IOVA {:#x}+{:#x} failed: {e}",
+            run.iova(),
+            run.len()
+        );
+        let generation = self.new_generation();
+        if let Some(d) = self.domains.get_mut(&dom) {
+            d.table.remove(run.iova_page, run.last_page(), |_| {});
+            d.generation = generation;
+        }
+        if let Some(s) = statuses.get_mut(req) {
+            *s = status_of(e);
+        }
+    }
+
+    /// Maps `run` on every backend in `backends`, undoing the earlier ones on failure.
+    fn map_on_all(&mut self, backends: &[BackendId], run: Run) -> Result<(), BackendError> {
+        for (k, &b) in backends.iter().enumerate() {
+            self.counters.host_maps += 1;
+            if let Err(e) = self.backends[b]
+                .backend
+                .map(run.iova(), run.gpa(), run.len(), run.perm)
+            {
+                for &u in &backends[..k] {
+                    self.counters.host_unmaps += 1;
+                    let _ = self.backends[u].backend.unmap(run.iova(), run.len());
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// The host calls that map `runs` on backend `b`.
+    fn map_ops(&self, b: BackendId, runs: &[Run]) -> Vec<Run> {
+        if !self.backends[b].caps.merge_maps {
+            return runs.to_vec();
+        }
+        let mut v = Vec::new();
+        for &r in runs {
+            push_merged(&mut v, r);
+        }
+        v
+    }
+
+    /// The host calls `(iova, len)` that unmap `runs` (whole guest mappings) on backend `b`.
+    fn unmap_ops(&self, b: BackendId, runs: &[Run]) -> Vec<(u64, u64)> {
+        let merge = self.backends[b].caps.merge_unmaps || self.backends[b].caps.merge_maps;
+        let mut v: Vec<(u64, u64)> = Vec::new();
+        for r in runs {
+            match v.last_mut() {
+                Some((i, l)) if merge && *i + *l == r.iova() => *l += r.len(),
+                _ => v.push((r.iova(), r.len())),
+            }
+        }
+        v
+    }
+
+    /// Maps `runs` on backend `b`; on failure unmaps what this call mapped.
+    fn map_runs(&mut self, b: BackendId, runs: &[Run]) -> Result<(), BackendError> {
+        if self.backends[b].failed {
+            return Ok(());
+        }
+        let ops = self.map_ops(b, runs);
+        for (k, r) in ops.iter().enumerate() {
+            self.counters.host_maps += 1;
+            if let Err(e) = self.backends[b]
+                .backend
+                .map(r.iova(), r.gpa(), r.len(), r.perm)
+            {
+                for u in &ops[..k] {
+                    self.counters.host_unmaps += 1;
+                    let _ = self.backends[b].backend.unmap(u.iova(), u.len());
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Unmaps `runs` from backend `b`; on failure maps back what this call unmapped.
+    fn unmap_runs(&mut self, b: BackendId, runs: &[Run]) -> Result<(), BackendError> {
+        if self.backends[b].failed {
+            return Ok(());
+        }
+        let ops = self.unmap_ops(b, runs);
+        for (k, &(iova, len)) in ops.iter().enumerate() {
+            self.counters.host_unmaps += 1;
+            if let Err(e) = self.backends[b].backend.unmap(iova, len) {
+                let done_end = ops[..k].last().map(|&(i, l)| i + l).unwrap_or(0);
+                let undo: Vec<Run> = runs
+                    .iter()
+                    .copied()
+                    .filter(|r| r.iova() < done_end)
+                    .collect();
+                if let Err(e2) = self.map_runs(b, &undo) {
+                    log::error!(
+                        "virtio-iommu: cannot restore host mappings after a failed unmap: {e2}"
+                    );
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// What `content` means as mappings.
+    fn content_runs(&self, content: Content) -> Vec<Run> {
+        match content {
+            Content::Nothing => Vec::new(),
+            Content::Identity => self
+                .cfg
+                .guest_ram
+                .iter()
+                .filter(|&&(_, len)| len >= PAGE_SIZE)
+                .map(|&(gpa, len)| Run {
+                    iova_page: gpa / PAGE_SIZE,
+                    gpa_page: gpa / PAGE_SIZE,
+                    pages: len / PAGE_SIZE,
+                    perm: Perm::RW,
+                })
+                .collect(),
+            Content::Domain(d) => {
+                let mut v = Vec::new();
+                if let Some(d) = self.domains.get(&d) {
+                    if !d.bypass {
+                        d.table.mappings(0, u64::MAX, |r| {
+                            v.push(r);
+                            true
+                        });
+                    } else {
+                        return self.content_runs(Content::Identity);
+                    }
+                }
+                v
+            }
+        }
+    }
+
+    /// Replaces backend `b`'s host mappings `from` with `to`; on failure restores `from`.
+    pub(super) fn switch_backend(
+        &mut self,
+        b: BackendId,
+        from: Content,
+        to: Content,
+    ) -> Result<(), BackendError> {
+        if from == to {
+            return Ok(());
+        }
+        let old = self.content_runs(from);
+        let new = self.content_runs(to);
+        self.unmap_runs(b, &old)?;
+        if let Err(e) = self.map_runs(b, &new) {
+            if let Err(e2) = self.map_runs(b, &old) {
+                log::error!("virtio-iommu: cannot restore host mappings of backend {b}: {e2}");
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Attaches `ep` to `dom` (created if needed), moving it from its current domain.
+    pub(super) fn attach(
+        &mut self,
+        ep: EndpointId,
+        dom: DomainId,
+        bypass: bool,
+    ) -> Result<(), Status> {
+        let (backend, old) = match self.endpoints.get(&ep) {
+            Some(e) => (e.backend, e.domain),
+            None => return Err(Status::NoEnt),
+        };
+        if let Some(d) = self.domains.get(&dom) {
+            // 5.13.6.1: "If the domain already exists and the VIRTIO_IOMMU_ATTACH_F_BYPASS
+            // flag is not consistent with that domain, the device SHOULD reject the request
+            // and set status to VIRTIO_IOMMU_S_INVAL."
+            if d.bypass != bypass {
+                return Err(Status::Inval);
+            }
+            if old == Some(dom) {
+                return Ok(());
+            }
+            // "If properties of the endpoint (obtained with a PROBE request) are compatible
+            // with properties of other endpoints already attached to the requested domain,
+            // then the device SHOULD attach the endpoint. Otherwise the device SHOULD reject
+            // the request and set status to VIRTIO_IOMMU_S_UNSUPP." A domain mapping inside
+            // this endpoint's reserved regions is such an incompatibility.
+            let resv = &self.endpoints[&ep].resv;
+            let clash = resv.iter().any(|r| {
+                !d.table
+                    .is_range_empty(r.start / PAGE_SIZE, r.end / PAGE_SIZE)
+            });
+            if clash {
+                return Err(Status::Unsupp);
+            }
+        } else if self.domains.len() >= self.cfg.max_domains {
+            return Err(Status::NoMem);
+        }
+        let from = self.endpoint_content(ep);
+        let to = if bypass {
+            Content::Identity
+        } else {
+            Content::Domain(dom)
+        };
+        if let Some(b) = backend {
+            // Endpoints sharing a host address space (one container or device process)
+            // cannot be in different domains: "If it cannot do so, the device MUST reject
+            // the request and set status to VIRTIO_IOMMU_S_UNSUPP."
+            let others: Vec<Option<DomainId>> = self
+                .endpoints
+                .iter()
+                .filter(|(&id, e)| id != ep && e.backend == Some(b) && e.domain.is_some())
+                .map(|(_, e)| e.domain)
+                .collect();
+            if others.iter().any(|&d| d != Some(dom)) {
+                return Err(Status::Unsupp);
+            }
+            // The host content changes before the state does; a domain created by this
+            // request has no mappings yet.
+            if others.is_empty() {
+                self.switch_backend(b, from, to)
+                    .map_err(|e| status_of(&e))?;
+            }
+        }
+        // "If the endpoint identified by endpoint is already attached to another domain,
+        // then the device SHOULD first detach it from that domain and attach it to the one
+        // identified by domain."
+        if let Some(o) = old {
+            self.leave_domain(ep, o);
+        }
+        let generation = self.new_generation();
+        let budget = self.cfg.metadata_budget;
+        let d = self.domains.entry(dom).or_insert_with(|| Domain {
+            bypass,
+            table: IoPageTable::new(budget),
+            endpoints: BTreeSet::new(),
+            generation,
+        });
+        d.endpoints.insert(ep);
+        if let Some(e) = self.endpoints.get_mut(&ep) {
+            e.domain = Some(dom);
+            e.iotlb.clear();
+        }
+        Ok(())
+    }
+
+    /// Removes `ep` from `dom`'s endpoint set, freeing the domain when it empties ("After all
+    /// endpoints have been successfully detached from a domain, it ceases to exist").
+    fn leave_domain(&mut self, ep: EndpointId, dom: DomainId) {
+        let empty = match self.domains.get_mut(&dom) {
+            Some(d) => {
+                d.endpoints.remove(&ep);
+                d.endpoints.is_empty()
+            }
+            None => false,
+        };
+        if empty {
+            self.domains.remove(&dom);
+        }
+        if let Some(e) = self.endpoints.get_mut(&ep) {
+            e.domain = None;
+            e.iotlb.clear();
+        }
+    }
+
+    /// Detaches `ep` from `dom`.
+    pub(super) fn detach(&mut self, ep: EndpointId, dom: DomainId) -> Result<(), Status> {
+        // 5.13.6.2: "If the endpoint identified by endpoint doesn't exist, then the device
+        // MUST reject the request and set status to VIRTIO_IOMMU_S_NOENT."
+        let Some(e) = self.endpoints.get(&ep) else {
+            return Err(Status::NoEnt);
+        };
+        // "If the domain identified by domain doesn't exist, or if the endpoint identified
+        // by endpoint isn't attached to this domain, then the device MAY set the request
+        // status to VIRTIO_IOMMU_S_INVAL."
+        if e.domain != Some(dom) || !self.domains.contains_key(&dom) {
+            return Err(Status::Inval);
+        }
+        let backend = e.backend;
+        if let Some(b) = backend {
+            let shared = self
+                .endpoints
+                .iter()
+                .any(|(&id, o)| id != ep && o.backend == Some(b) && o.domain == Some(dom));
+            if !shared {
+                let from = self.endpoint_content(ep);
+                let to = if self.bypass {
+                    Content::Identity
+                } else {
+                    Content::Nothing
+                };
+                // "The device MUST ensure that after being detached from a domain, the
+                // endpoint cannot access any mapping from that domain." A failed host unmap
+                // therefore fails the request and leaves the endpoint attached.
+                self.switch_backend(b, from, to)
+                    .map_err(|e| status_of(&e))?;
+            }
+        }
+        self.leave_domain(ep, dom);
+        Ok(())
+    }
+
+    /// Removes the mappings in pages `[first, last]` of `dom` from the host and the table.
+    pub(super) fn unmap_range(
+        &mut self,
+        dom: DomainId,
+        first: u64,
+        last: u64,
+    ) -> Result<(), BackendError> {
+        let mut runs = Vec::new();
+        if let Some(d) = self.domains.get(&dom) {
+            d.table.mappings(first, last, |r| {
+                runs.push(r);
+                true
+            });
+        }
+        if runs.is_empty() {
+            return Ok(());
+        }
+        let backends = self.live_backends(dom);
+        for (k, &b) in backends.iter().enumerate() {
+            if let Err(e) = self.unmap_runs(b, &runs) {
+                for &u in &backends[..k] {
+                    if let Err(e2) = self.map_runs(u, &runs) {
+                        log::error!(
+                            "virtio-iommu: cannot restore host mappings after a failed unmap: {e2}"
+                        );
+                    }
+                }
+                return Err(e);
+            }
+        }
+        let generation = self.new_generation();
+        if let Some(d) = self.domains.get_mut(&dom) {
+            d.table.remove(first, last, |_| {});
+            d.generation = generation;
+        }
+        Ok(())
+    }
+}

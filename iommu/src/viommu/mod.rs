@@ -1,0 +1,548 @@
+//! The virtio-iommu device state: endpoints, domains, their page tables and host backends,
+//! and the handling of one batch of requests (everything the guest queued before one
+//! notification), as virtio 1.3 section 5.13 specifies.
+//!
+//! Guest-visible outcomes are [`Status`] codes; host-side failures are [`BackendError`]s
+//! mapped to a status at the request that caused them. Nothing a guest sends can panic
+//! this code: every address computation is checked and every count bounded.
+
+mod host;
+mod request;
+mod translate;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+pub use request::{Reply, Request, MAX_READABLE};
+pub use translate::{Access, Translation};
+
+use crate::backend::{BackendCaps, BackendError, DmaBackend};
+use crate::pagetable::{IoPageTable, MAX_IOVA, PAGE_SIZE};
+use crate::protocol::{self, features::*, Status};
+
+/// Endpoint ID (the VIOT's PCI endpoint ID: segment << 16 | BDF).
+pub type EndpointId = u32;
+/// Domain ID chosen by the driver.
+pub type DomainId = u32;
+/// Index of a registered backend.
+pub type BackendId = usize;
+
+/// A reserved IOVA region reported by PROBE (`RESV_MEM`), inclusive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResvRegion {
+    /// First IOVA.
+    pub start: u64,
+    /// Last IOVA.
+    pub end: u64,
+    /// `VIRTIO_IOMMU_RESV_MEM_T_RESERVED` or `_MSI`.
+    pub subtype: u8,
+}
+
+impl ResvRegion {
+    fn overlaps(&self, start: u64, end: u64) -> bool {
+        self.start <= end && start <= self.end
+    }
+}
+
+/// Static configuration of the device, before backends narrow it.
+#[derive(Debug, Clone)]
+pub struct ViommuConfig {
+    /// Page sizes offered (bit n = 2^n bytes); the lowest set bit, 4 KiB, is the granule.
+    pub page_size_mask: u64,
+    /// IOVAs the device translates (at most [`MAX_IOVA`]).
+    pub input_range: (u64, u64),
+    /// Domain IDs the driver may use.
+    pub domain_range: (u32, u32),
+    /// Most domains alive at once; further ATTACHes get `NOMEM`.
+    pub max_domains: usize,
+    /// Initial value of the `bypass` config field (restored on system reset only).
+    pub bypass: bool,
+    /// Regions reserved for every endpoint (on x86 the MSI doorbell, as `RESV_MEM_T_MSI`).
+    pub reserved: Vec<ResvRegion>,
+    /// Guest RAM `(GPA, bytes)`: what an endpoint in bypass mode can reach (identity mapped).
+    pub guest_ram: Vec<(u64, u64)>,
+    /// Bytes of page-table metadata all domains together may use; past it MAP gets `NOMEM`.
+    pub metadata_budget: u64,
+    /// Features offered besides `VIRTIO_F_VERSION_1`.
+    pub features: u64,
+}
+
+/// x86's MSI doorbell window, reported as `RESV_MEM_T_MSI` (Linux otherwise maps a software
+/// MSI window at 0x8000000, which x86 cannot use).
+pub const X86_MSI_REGION: ResvRegion = ResvRegion {
+    start: 0xfee0_0000,
+    end: 0xfeef_ffff,
+    subtype: protocol::VIRTIO_IOMMU_RESV_MEM_T_MSI,
+};
+
+impl Default for ViommuConfig {
+    fn default() -> Self {
+        Self {
+            page_size_mask: 0x4000_0000 | 0x20_0000 | 0x1000,
+            input_range: (0, MAX_IOVA),
+            domain_range: (0, 0xffff),
+            max_domains: 0x1_0000,
+            bypass: false,
+            reserved: vec![X86_MSI_REGION],
+            guest_ram: Vec::new(),
+            metadata_budget: 1 << 30,
+            features: (1 << VIRTIO_IOMMU_F_INPUT_RANGE)
+                | (1 << VIRTIO_IOMMU_F_DOMAIN_RANGE)
+                | (1 << VIRTIO_IOMMU_F_MAP_UNMAP)
+                | (1 << VIRTIO_IOMMU_F_PROBE)
+                | (1 << VIRTIO_IOMMU_F_MMIO)
+                | (1 << VIRTIO_IOMMU_F_BYPASS_CONFIG),
+        }
+    }
+}
+
+/// Errors while setting the device up (VMM side, not guest-visible).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SetupError {
+    /// The endpoint ID is already registered.
+    #[error("endpoint {0:#x} registered twice")]
+    DuplicateEndpoint(EndpointId),
+    /// No page size is common to the device and the backend.
+    #[error("backend {0} shares no page size with the IOMMU (its mask {1:#x})")]
+    PageSizes(String, u64),
+    /// The backend's granule is larger than 4 KiB (the guest's page size).
+    #[error("backend {0} has a granule larger than 4 KiB")]
+    Granule(String),
+    /// The backend has no usable IOVA range inside the device's input range.
+    #[error("backend {0} has no usable IOVA range")]
+    NoIovaRange(String),
+    /// A host call failed while setting up bypass mappings.
+    #[error("backend {0}")]
+    Backend(String, #[source] BackendError),
+}
+
+/// Per-device counters, for the VMM's statistics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Requests by type: ATTACH, DETACH, MAP, UNMAP, PROBE, unknown/unparsable.
+    pub requests: [u64; 6],
+    /// Replies by status code (index = status).
+    pub statuses: [u64; 9],
+    /// Notifications (batches) processed.
+    pub batches: u64,
+    /// Host map calls made.
+    pub host_maps: u64,
+    /// Host unmap calls made.
+    pub host_unmaps: u64,
+    /// Translation faults raised.
+    pub faults: u64,
+    /// Fault events dropped because the queue of pending events was full.
+    pub faults_dropped: u64,
+    /// Translations served from the IOTLB.
+    pub iotlb_hits: u64,
+    /// Translations that walked the page table.
+    pub iotlb_misses: u64,
+    /// Bytes translated for emulated devices.
+    pub translated_bytes: u64,
+}
+
+impl Counters {
+    /// Names of [`Counters::requests`] slots.
+    pub const REQUEST_NAMES: [&'static str; 6] =
+        ["attach", "detach", "map", "unmap", "probe", "invalid"];
+}
+
+#[derive(Debug)]
+struct Endpoint {
+    domain: Option<DomainId>,
+    backend: Option<BackendId>,
+    /// Reserved regions of this endpoint (global ones included), sorted.
+    resv: Vec<ResvRegion>,
+    iotlb: translate::Iotlb,
+}
+
+#[derive(Debug)]
+struct Domain {
+    bypass: bool,
+    table: IoPageTable,
+    endpoints: BTreeSet<EndpointId>,
+    /// Bumped whenever translations of the domain may change (UNMAP).
+    generation: u64,
+}
+
+struct BackendSlot {
+    backend: Box<dyn DmaBackend>,
+    caps: BackendCaps,
+    /// The device behind it failed; it gets no more calls.
+    failed: bool,
+}
+
+/// What an endpoint's backend currently has mapped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Content {
+    Nothing,
+    Identity,
+    Domain(DomainId),
+}
+
+/// The virtio-iommu device state.
+pub struct Viommu {
+    cfg: ViommuConfig,
+    /// Negotiated features (`VIRTIO_IOMMU_F_*` bits).
+    negotiated: u64,
+    /// Current value of the `bypass` config field.
+    bypass: bool,
+    endpoints: BTreeMap<EndpointId, Endpoint>,
+    domains: BTreeMap<DomainId, Domain>,
+    backends: Vec<BackendSlot>,
+    pending: Vec<host::PendingMap>,
+    faults: VecDeque<protocol::Fault>,
+    counters: Counters,
+    /// Next domain generation number (shared so that a re-created ID never reuses one).
+    next_generation: u64,
+}
+
+/// Most fault events kept while the event queue has no buffers.
+pub const MAX_PENDING_FAULTS: usize = 256;
+
+impl Viommu {
+    /// A device with `cfg` and no endpoints.
+    pub fn new(cfg: ViommuConfig) -> Self {
+        let bypass = cfg.bypass;
+        Self {
+            negotiated: cfg.features,
+            cfg,
+            bypass,
+            endpoints: BTreeMap::new(),
+            domains: BTreeMap::new(),
+            backends: Vec::new(),
+            pending: Vec::new(),
+            faults: VecDeque::new(),
+            counters: Counters::default(),
+            next_generation: 1,
+        }
+    }
+
+    /// Registers a host backend; its capabilities narrow the device's page sizes and input
+    /// range (the narrowest wins).
+    ///
+    /// # Errors
+    /// [`SetupError`] when the backend cannot work with this device.
+    pub fn add_backend(&mut self, backend: Box<dyn DmaBackend>) -> Result<BackendId, SetupError> {
+        let caps = backend.caps();
+        let name = backend.name();
+        let mask = self.cfg.page_size_mask & caps.page_size_mask;
+        if mask == 0 {
+            return Err(SetupError::PageSizes(name, caps.page_size_mask));
+        }
+        if mask.trailing_zeros() > 12 || caps.page_size_mask.trailing_zeros() > 12 {
+            return Err(SetupError::Granule(name));
+        }
+        let (lo, hi) = self.cfg.input_range;
+        let first = caps
+            .iova_ranges
+            .iter()
+            .map(|r| r.0)
+            .min()
+            .unwrap_or(u64::MAX)
+            .max(lo);
+        let last = caps
+            .iova_ranges
+            .iter()
+            .map(|r| r.1)
+            .max()
+            .unwrap_or(0)
+            .min(hi);
+        if first > last {
+            return Err(SetupError::NoIovaRange(name));
+        }
+        self.cfg.page_size_mask = mask;
+        self.cfg.input_range = (first, last);
+        self.backends.push(BackendSlot {
+            backend,
+            caps,
+            failed: false,
+        });
+        Ok(self.backends.len() - 1)
+    }
+
+    /// Registers endpoint `id`, optionally served by `backend` (a passthrough device), with
+    /// extra reserved regions. An endpoint without a backend is an emulated device that
+    /// translates through [`Viommu::translate`].
+    ///
+    /// # Errors
+    /// [`SetupError::DuplicateEndpoint`], or a backend failure while mapping bypass.
+    pub fn add_endpoint(
+        &mut self,
+        id: EndpointId,
+        backend: Option<BackendId>,
+        extra_resv: &[ResvRegion],
+    ) -> Result<(), SetupError> {
+        if self.endpoints.contains_key(&id) {
+            return Err(SetupError::DuplicateEndpoint(id));
+        }
+        let mut resv: Vec<ResvRegion> = self.cfg.reserved.clone();
+        resv.extend_from_slice(extra_resv);
+        if let Some(b) = backend.and_then(|b| self.backends.get(b)) {
+            resv.extend(host_holes(&b.caps.iova_ranges, self.cfg.input_range));
+        }
+        resv.sort_by_key(|r| r.start);
+        self.endpoints.insert(
+            id,
+            Endpoint {
+                domain: None,
+                backend,
+                resv,
+                iotlb: translate::Iotlb::default(),
+            },
+        );
+        if let Some(b) = backend {
+            if self.bypass
+                && self.endpoint_content(id) == Content::Identity
+                && !self.backend_shared_in_use(b, id)
+            {
+                self.switch_backend(b, Content::Nothing, Content::Identity)
+                    .map_err(|e| SetupError::Backend(self.backends[b].backend.name(), e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The configuration space the guest reads (`struct virtio_iommu_config`).
+    pub fn config(&self) -> protocol::Config {
+        let mut c = protocol::Config::default();
+        c.page_size_mask.set(self.cfg.page_size_mask);
+        c.input_range.start.set(self.cfg.input_range.0);
+        c.input_range.end.set(self.cfg.input_range.1);
+        c.domain_range.start.set(self.cfg.domain_range.0);
+        c.domain_range.end.set(self.cfg.domain_range.1);
+        c.probe_size.set(self.probe_size());
+        c.bypass = u8::from(self.bypass);
+        c
+    }
+
+    /// Features offered (without `VIRTIO_F_VERSION_1`).
+    pub fn offered_features(&self) -> u64 {
+        self.cfg.features
+    }
+
+    /// Records the features the driver accepted.
+    pub fn set_negotiated(&mut self, features: u64) {
+        self.negotiated = features & self.cfg.features;
+    }
+
+    fn has(&self, feature: u32) -> bool {
+        self.negotiated & (1 << feature) != 0
+    }
+
+    /// The guest wrote the `bypass` config field (only with `BYPASS_CONFIG`; the driver MUST
+    /// NOT write values other than 0 and 1, and bits 1-7 are ignored).
+    pub fn set_bypass(&mut self, value: u8) {
+        if self.cfg.features & (1 << VIRTIO_IOMMU_F_BYPASS_CONFIG) == 0 {
+            return;
+        }
+        let bypass = value & 1 == 1;
+        if bypass == self.bypass {
+            return;
+        }
+        self.flush_pending(&mut []);
+        let unattached: Vec<(EndpointId, BackendId)> = self
+            .endpoints
+            .iter()
+            .filter(|(_, e)| e.domain.is_none())
+            .filter_map(|(&id, e)| e.backend.map(|b| (id, b)))
+            .collect();
+        let (from, to) = if bypass {
+            (Content::Nothing, Content::Identity)
+        } else {
+            (Content::Identity, Content::Nothing)
+        };
+        for (id, b) in unattached {
+            if self.backend_shared_in_use(b, id) {
+                continue;
+            }
+            if let Err(e) = self.switch_backend(b, from, to) {
+                log::error!("virtio-iommu: bypass change on backend {b}: {e}");
+            }
+        }
+        self.bypass = bypass;
+        for ep in self.endpoints.values_mut() {
+            ep.iotlb.clear();
+        }
+    }
+
+    /// Device reset: every endpoint is detached ("When the device is reset, endpoints are
+    /// not attached to any domain", 5.13.5); `bypass` keeps its value (5.13.4).
+    pub fn reset(&mut self) {
+        self.pending.clear();
+        let attached: Vec<(EndpointId, DomainId)> = self
+            .endpoints
+            .iter()
+            .filter_map(|(&id, e)| e.domain.map(|d| (id, d)))
+            .collect();
+        for (ep, dom) in attached {
+            let _ = self.detach(ep, dom);
+        }
+        self.domains.clear();
+        self.faults.clear();
+        self.negotiated = self.cfg.features;
+    }
+
+    /// System reset: as [`Viommu::reset`], and `bypass` returns to its initial value.
+    pub fn system_reset(&mut self) {
+        self.reset();
+        let initial = self.cfg.bypass;
+        if initial != self.bypass {
+            self.set_bypass(u8::from(initial));
+        }
+    }
+
+    /// Marks a backend's device as failed: it gets no more host calls (its endpoint's DMA
+    /// fails from now on).
+    pub fn set_backend_failed(&mut self, backend: BackendId) {
+        if let Some(b) = self.backends.get_mut(backend) {
+            b.failed = true;
+        }
+    }
+
+    /// Counters so far.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Takes the next fault event to write to the event queue.
+    pub fn pop_fault(&mut self) -> Option<protocol::Fault> {
+        self.faults.pop_front()
+    }
+
+    /// Puts a fault event back at the front (no event buffer was available).
+    pub fn unpop_fault(&mut self, f: protocol::Fault) {
+        self.faults.push_front(f);
+    }
+
+    /// Whether fault events are waiting.
+    pub fn has_faults(&self) -> bool {
+        !self.faults.is_empty()
+    }
+
+    /// Bytes of page-table metadata in use over all domains.
+    pub fn metadata_bytes(&self) -> u64 {
+        self.domains
+            .values()
+            .map(|d| d.table.metadata_bytes())
+            .sum()
+    }
+
+    /// Domain ID an endpoint is attached to, if any.
+    pub fn endpoint_domain(&self, ep: EndpointId) -> Option<DomainId> {
+        self.endpoints.get(&ep).and_then(|e| e.domain)
+    }
+
+    /// Whether `ep` is registered.
+    pub fn has_endpoint(&self, ep: EndpointId) -> bool {
+        self.endpoints.contains_key(&ep)
+    }
+
+    /// IDs of live domains.
+    pub fn domain_ids(&self) -> Vec<DomainId> {
+        self.domains.keys().copied().collect()
+    }
+
+    /// Pages mapped in `domain`.
+    pub fn domain_mapped_pages(&self, domain: DomainId) -> Option<u64> {
+        self.domains.get(&domain).map(|d| d.table.mapped_pages())
+    }
+
+    /// The guest mappings of `domain` as `(iova, gpa, len, perm)`, in IOVA order.
+    pub fn domain_mappings(
+        &self,
+        domain: DomainId,
+    ) -> Vec<(u64, u64, u64, crate::pagetable::Perm)> {
+        let mut v = Vec::new();
+        if let Some(d) = self.domains.get(&domain) {
+            d.table.mappings(0, u64::MAX, |r| {
+                v.push((r.iova(), r.gpa(), r.len(), r.perm));
+                true
+            });
+        }
+        v
+    }
+
+    fn probe_size(&self) -> u32 {
+        let most = self
+            .endpoints
+            .values()
+            .map(|e| e.resv.len())
+            .max()
+            .unwrap_or(1);
+        let needed = (most * std::mem::size_of::<protocol::ProbeResvMem>()) as u32;
+        needed.max(512).next_multiple_of(64)
+    }
+
+    fn granule(&self) -> u64 {
+        1 << self.cfg.page_size_mask.trailing_zeros().max(12)
+    }
+
+    fn endpoint_content(&self, ep: EndpointId) -> Content {
+        match self.endpoints.get(&ep).and_then(|e| e.domain) {
+            Some(d) if self.domains.get(&d).is_some_and(|d| d.bypass) => Content::Identity,
+            Some(d) => Content::Domain(d),
+            None if self.bypass => Content::Identity,
+            None => Content::Nothing,
+        }
+    }
+
+    /// Another endpoint than `except` uses backend `b` (so its host content is not ours to
+    /// change).
+    fn backend_shared_in_use(&self, b: BackendId, except: EndpointId) -> bool {
+        self.endpoints
+            .iter()
+            .any(|(&id, e)| id != except && e.backend == Some(b) && e.domain.is_some())
+    }
+
+    fn new_generation(&mut self) -> u64 {
+        self.next_generation += 1;
+        self.next_generation
+    }
+}
+
+/// The holes between a backend's usable IOVA ranges inside `input`, as RESERVED regions.
+fn host_holes(ranges: &[(u64, u64)], input: (u64, u64)) -> Vec<ResvRegion> {
+    let mut holes = Vec::new();
+    let mut next = input.0;
+    let mut sorted = ranges.to_vec();
+    sorted.sort();
+    for (s, e) in sorted {
+        if s > next && next <= input.1 {
+            holes.push(ResvRegion {
+                start: next,
+                end: (s - 1).min(input.1),
+                subtype: protocol::VIRTIO_IOMMU_RESV_MEM_T_RESERVED,
+            });
+        }
+        next = next.max(e.saturating_add(1));
+        if e == u64::MAX {
+            next = u64::MAX;
+            break;
+        }
+    }
+    if next <= input.1 && next != u64::MAX {
+        holes.push(ResvRegion {
+            start: next,
+            end: input.1,
+            subtype: protocol::VIRTIO_IOMMU_RESV_MEM_T_RESERVED,
+        });
+    }
+    holes
+}
+
+fn status_of(e: &BackendError) -> Status {
+    match e {
+        BackendError::NoMemory(_) => Status::NoMem,
+        BackendError::Range(_) => Status::Range,
+        BackendError::BadAddress(_) => Status::Fault,
+        BackendError::Unsupported | BackendError::Failed(_) => Status::DevErr,
+    }
+}
+
+/// Pages of `[start, end]` (bytes, inclusive) at the 4 KiB granule: `(first page, last page)`.
+fn pages_of(start: u64, end: u64) -> (u64, u64) {
+    (start / PAGE_SIZE, end / PAGE_SIZE)
+}
+
+#[cfg(test)]
+mod tests;

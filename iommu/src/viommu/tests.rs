@@ -1,0 +1,703 @@
+//! Request-level tests: every request type and error path of 5.13.6, host backends kept in
+//! step, rollback, translation and faults.
+
+use std::sync::{Arc, Mutex};
+
+use zerocopy::IntoBytes;
+
+use super::*;
+use crate::backend::{Call, RecordingBackend, RecordingLog};
+use crate::pagetable::Perm;
+use crate::protocol::*;
+
+pub(crate) fn attach(dom: u32, ep: u32, flags: u32) -> Vec<u8> {
+    let mut v = vec![VIRTIO_IOMMU_T_ATTACH, 0, 0, 0];
+    let mut b = AttachBody::default();
+    b.domain.set(dom);
+    b.endpoint.set(ep);
+    b.flags.set(flags);
+    v.extend_from_slice(b.as_bytes());
+    v
+}
+
+pub(crate) fn detach(dom: u32, ep: u32) -> Vec<u8> {
+    let mut v = vec![VIRTIO_IOMMU_T_DETACH, 0, 0, 0];
+    let mut b = DetachBody::default();
+    b.domain.set(dom);
+    b.endpoint.set(ep);
+    v.extend_from_slice(b.as_bytes());
+    v
+}
+
+pub(crate) fn map(dom: u32, start: u64, end: u64, phys: u64, flags: u32) -> Vec<u8> {
+    let mut v = vec![VIRTIO_IOMMU_T_MAP, 0, 0, 0];
+    let mut b = MapBody::default();
+    b.domain.set(dom);
+    b.virt_start.set(start);
+    b.virt_end.set(end);
+    b.phys_start.set(phys);
+    b.flags.set(flags);
+    v.extend_from_slice(b.as_bytes());
+    v
+}
+
+pub(crate) fn unmap(dom: u32, start: u64, end: u64) -> Vec<u8> {
+    let mut v = vec![VIRTIO_IOMMU_T_UNMAP, 0, 0, 0];
+    let mut b = UnmapBody::default();
+    b.domain.set(dom);
+    b.virt_start.set(start);
+    b.virt_end.set(end);
+    v.extend_from_slice(b.as_bytes());
+    v
+}
+
+pub(crate) fn probe(ep: u32) -> Vec<u8> {
+    let mut v = vec![VIRTIO_IOMMU_T_PROBE, 0, 0, 0];
+    let mut b = ProbeBody::default();
+    b.endpoint.set(ep);
+    v.extend_from_slice(b.as_bytes());
+    v
+}
+
+const RW: u32 = VIRTIO_IOMMU_MAP_F_READ | VIRTIO_IOMMU_MAP_F_WRITE;
+const R: u32 = VIRTIO_IOMMU_MAP_F_READ;
+
+/// Sends one request with a 4-byte writable tail; returns its status.
+fn send(v: &mut Viommu, req: &[u8]) -> Option<Status> {
+    let r = Request {
+        readable: req,
+        readable_len: req.len(),
+        writable_len: 4,
+    };
+    v.process(&[r]).remove(0).status()
+}
+
+/// Sends several requests as one batch.
+fn batch(v: &mut Viommu, reqs: &[Vec<u8>]) -> Vec<Option<Status>> {
+    let rs: Vec<Request> = reqs
+        .iter()
+        .map(|r| Request {
+            readable: r,
+            readable_len: r.len(),
+            writable_len: 4,
+        })
+        .collect();
+    v.process(&rs).iter().map(|r| r.status()).collect()
+}
+
+fn device() -> Viommu {
+    let mut v = Viommu::new(ViommuConfig {
+        guest_ram: vec![(0, 1 << 30)],
+        ..Default::default()
+    });
+    v.add_endpoint(1, None, &[]).unwrap();
+    v.add_endpoint(2, None, &[]).unwrap();
+    v
+}
+
+fn with_backend(caps: BackendCaps) -> (Viommu, Arc<Mutex<RecordingLog>>) {
+    let mut v = device();
+    let (b, log) = RecordingBackend::new("rec", caps);
+    let id = v.add_backend(Box::new(b)).unwrap();
+    v.add_endpoint(8, Some(id), &[]).unwrap();
+    (v, log)
+}
+
+#[test]
+fn attach_map_translate_unmap_detach() {
+    let mut v = device();
+    assert_eq!(send(&mut v, &attach(1, 1, 0)), Some(Status::Ok));
+    assert_eq!(
+        send(&mut v, &map(1, 0x10000, 0x1ffff, 0x80000, RW)),
+        Some(Status::Ok)
+    );
+    let mut out = Vec::new();
+    v.translate(1, 0x10800, 0x1000, Access::Write, &mut out)
+        .unwrap();
+    assert_eq!(out, vec![(0x80800, 0x1000)]);
+    // Second lookup hits the IOTLB.
+    v.translate(1, 0x10800, 0x100, Access::Read, &mut out)
+        .unwrap();
+    assert_eq!(v.counters().iotlb_hits, 1);
+    assert_eq!(send(&mut v, &unmap(1, 0x10000, 0x1ffff)), Some(Status::Ok));
+    // The IOTLB entry is gone with the mapping.
+    let f = v
+        .translate(1, 0x10800, 0x100, Access::Read, &mut out)
+        .unwrap_err();
+    assert_eq!(f.reason, VIRTIO_IOMMU_FAULT_R_MAPPING);
+    assert_eq!(f.address.get(), 0x10800);
+    assert_eq!(
+        f.flags.get(),
+        VIRTIO_IOMMU_FAULT_F_READ | VIRTIO_IOMMU_FAULT_F_ADDRESS
+    );
+    assert_eq!(v.pop_fault().unwrap().endpoint.get(), 1);
+    assert_eq!(send(&mut v, &detach(1, 1)), Some(Status::Ok));
+    assert!(v.domain_ids().is_empty(), "an empty domain is freed");
+    let f = v.translate(1, 0, 1, Access::Read, &mut out).unwrap_err();
+    assert_eq!(f.reason, VIRTIO_IOMMU_FAULT_R_DOMAIN);
+}
+
+#[test]
+fn attach_errors() {
+    let mut v = device();
+    let mut bad = attach(1, 1, 0);
+    bad[16] = 1; // reserved
+    assert_eq!(send(&mut v, &bad), Some(Status::Inval));
+    assert_eq!(
+        send(&mut v, &attach(1, 1, 2)),
+        Some(Status::Inval),
+        "unknown flag"
+    );
+    assert_eq!(send(&mut v, &attach(1, 99, 0)), Some(Status::NoEnt));
+    assert_eq!(send(&mut v, &attach(0x10000, 1, 0)), Some(Status::Range));
+    assert_eq!(
+        send(&mut v, &attach(1, 1, VIRTIO_IOMMU_ATTACH_F_BYPASS)),
+        Some(Status::Ok)
+    );
+    assert_eq!(
+        send(&mut v, &attach(1, 2, 0)),
+        Some(Status::Inval),
+        "bypass flag inconsistent"
+    );
+    assert_eq!(
+        send(&mut v, &map(1, 0, 0xfff, 0, RW)),
+        Some(Status::Inval),
+        "MAP on a bypass domain"
+    );
+    assert_eq!(
+        send(&mut v, &unmap(1, 0, 0xfff)),
+        Some(Status::Inval),
+        "UNMAP on a bypass domain"
+    );
+    // ATTACH_F_BYPASS is unknown when BYPASS_CONFIG is not negotiated.
+    v.set_negotiated(v.offered_features() & !(1 << features::VIRTIO_IOMMU_F_BYPASS_CONFIG));
+    assert_eq!(
+        send(&mut v, &attach(3, 2, VIRTIO_IOMMU_ATTACH_F_BYPASS)),
+        Some(Status::Inval)
+    );
+}
+
+#[test]
+fn attach_moves_between_domains_and_frees_empty_ones() {
+    let mut v = device();
+    assert_eq!(send(&mut v, &attach(1, 1, 0)), Some(Status::Ok));
+    assert_eq!(
+        send(&mut v, &attach(1, 1, 0)),
+        Some(Status::Ok),
+        "same domain again"
+    );
+    assert_eq!(send(&mut v, &attach(2, 1, 0)), Some(Status::Ok));
+    assert_eq!(v.domain_ids(), vec![2]);
+    assert_eq!(v.endpoint_domain(1), Some(2));
+    assert_eq!(
+        send(&mut v, &attach(2, 2, 0)),
+        Some(Status::Ok),
+        "two endpoints share a domain"
+    );
+    assert_eq!(send(&mut v, &detach(2, 1)), Some(Status::Ok));
+    assert_eq!(v.domain_ids(), vec![2]);
+}
+
+#[test]
+fn detach_errors() {
+    let mut v = device();
+    assert_eq!(send(&mut v, &detach(1, 99)), Some(Status::NoEnt));
+    assert_eq!(
+        send(&mut v, &detach(1, 1)),
+        Some(Status::Inval),
+        "not attached"
+    );
+    assert_eq!(send(&mut v, &attach(1, 1, 0)), Some(Status::Ok));
+    assert_eq!(
+        send(&mut v, &detach(2, 1)),
+        Some(Status::Inval),
+        "other domain"
+    );
+    let mut reserved = detach(1, 1);
+    reserved[12] = 0xff; // ignored
+    assert_eq!(send(&mut v, &reserved), Some(Status::Ok));
+}
+
+#[test]
+fn map_errors_change_nothing() {
+    let mut v = device();
+    assert_eq!(send(&mut v, &attach(1, 1, 0)), Some(Status::Ok));
+    assert_eq!(send(&mut v, &map(2, 0, 0xfff, 0, RW)), Some(Status::NoEnt));
+    assert_eq!(
+        send(&mut v, &map(1, 0, 0xfff, 0, 8)),
+        Some(Status::Inval),
+        "unknown flag"
+    );
+    assert_eq!(
+        send(&mut v, &map(1, 0x800, 0x17ff, 0, RW)),
+        Some(Status::Range)
+    );
+    assert_eq!(send(&mut v, &map(1, 0, 0xffe, 0, RW)), Some(Status::Range));
+    assert_eq!(
+        send(&mut v, &map(1, 0, 0xfff, 0x10, RW)),
+        Some(Status::Range)
+    );
+    assert_eq!(
+        send(&mut v, &map(1, 0x2000, 0xfff, 0, RW)),
+        Some(Status::Inval),
+        "end < start"
+    );
+    assert_eq!(
+        send(&mut v, &map(1, 0, u64::MAX, 0, RW)),
+        Some(Status::Range),
+        "beyond input_range"
+    );
+    assert_eq!(
+        send(&mut v, &map(1, u64::MAX - 0xfff, u64::MAX, 0, RW)),
+        Some(Status::Range)
+    );
+    assert_eq!(
+        send(&mut v, &map(1, 0, 0xfff, u64::MAX - 0xfff, RW)),
+        Some(Status::Range),
+        "phys beyond what exists"
+    );
+    assert_eq!(
+        send(&mut v, &map(1, 0xfee0_0000, 0xfee0_0fff, 0, RW)),
+        Some(Status::Inval),
+        "over the MSI reserved region"
+    );
+    assert_eq!(
+        send(&mut v, &map(1, 0x1000, 0x2fff, 0, R)),
+        Some(Status::Ok)
+    );
+    assert_eq!(
+        send(&mut v, &map(1, 0x2000, 0x3fff, 0, R)),
+        Some(Status::Inval),
+        "overlap"
+    );
+    assert_eq!(v.domain_mappings(1), vec![(0x1000, 0, 0x2000, Perm::READ)]);
+    // MMIO only with F_MMIO negotiated.
+    assert_eq!(
+        send(&mut v, &map(1, 0x8000, 0x8fff, 0, VIRTIO_IOMMU_MAP_F_MMIO)),
+        Some(Status::Ok)
+    );
+    v.set_negotiated(v.offered_features() & !(1 << features::VIRTIO_IOMMU_F_MMIO));
+    assert_eq!(
+        send(&mut v, &map(1, 0x9000, 0x9fff, 0, VIRTIO_IOMMU_MAP_F_MMIO)),
+        Some(Status::Inval)
+    );
+}
+
+#[test]
+fn unmap_follows_the_spec_examples() {
+    // The seven examples of 5.13.6.4, in pages of 4 KiB.
+    let p = |n: u64| n * 0x1000;
+    let e = |n: u64| n * 0x1000 + 0xfff;
+    type Case = (Vec<(u64, u64)>, (u64, u64), Status, usize);
+    let cases: Vec<Case> = vec![
+        (vec![], (0, 4), Status::Ok, 0),
+        (vec![(0, 9)], (0, 9), Status::Ok, 0),
+        (vec![(0, 4), (5, 9)], (0, 9), Status::Ok, 0),
+        (vec![(0, 9)], (0, 4), Status::Range, 1),
+        (vec![(0, 4), (5, 9)], (0, 4), Status::Ok, 1),
+        (vec![(0, 4)], (0, 9), Status::Ok, 0),
+        (vec![(0, 4), (10, 14)], (0, 14), Status::Ok, 0),
+    ];
+    for (maps, (s, t), status, left) in cases {
+        let mut v = device();
+        assert_eq!(send(&mut v, &attach(1, 1, 0)), Some(Status::Ok));
+        for (a, b) in &maps {
+            assert_eq!(
+                send(&mut v, &map(1, p(*a), e(*b), p(*a), RW)),
+                Some(Status::Ok)
+            );
+        }
+        assert_eq!(
+            send(&mut v, &unmap(1, p(s), e(t))),
+            Some(status),
+            "{maps:?} unmap {s}-{t}"
+        );
+        assert_eq!(v.domain_mappings(1).len(), left, "{maps:?} unmap {s}-{t}");
+    }
+}
+
+#[test]
+fn unmap_errors_and_edges() {
+    let mut v = device();
+    assert_eq!(send(&mut v, &unmap(1, 0, 0xfff)), Some(Status::NoEnt));
+    assert_eq!(send(&mut v, &attach(1, 1, 0)), Some(Status::Ok));
+    assert_eq!(
+        send(&mut v, &map(1, 0x1000, 0x2fff, 0, RW)),
+        Some(Status::Ok)
+    );
+    assert_eq!(send(&mut v, &unmap(1, 0x2000, 0x1000)), Some(Status::Inval));
+    assert_eq!(
+        send(&mut v, &unmap(1, 0x1800, 0x2fff)),
+        Some(Status::Range),
+        "unaligned start inside"
+    );
+    assert_eq!(
+        send(&mut v, &unmap(1, 0x1000, 0x27ff)),
+        Some(Status::Range),
+        "unaligned end inside"
+    );
+    assert_eq!(v.domain_mappings(1).len(), 1);
+    assert_eq!(
+        send(&mut v, &unmap(1, 0x800, u64::MAX)),
+        Some(Status::Ok),
+        "to u64::MAX"
+    );
+    assert!(v.domain_mappings(1).is_empty());
+    assert_eq!(
+        send(&mut v, &unmap(1, u64::MAX, u64::MAX)),
+        Some(Status::Ok)
+    );
+    assert_eq!(send(&mut v, &unmap(1, 0, u64::MAX)), Some(Status::Ok));
+}
+
+#[test]
+fn probe_reports_reserved_regions() {
+    let mut v = device();
+    let req = probe(1);
+    let size = v.config().probe_size.get() as usize;
+    let r = Request {
+        readable: &req,
+        readable_len: req.len(),
+        writable_len: size + 4,
+    };
+    let Reply::Written {
+        status,
+        props,
+        tail_offset,
+        used_len,
+    } = v.process(&[r]).remove(0)
+    else {
+        panic!("unwritten");
+    };
+    assert_eq!(status, Status::Ok);
+    assert_eq!(tail_offset, size);
+    assert_eq!(used_len as usize, size + 4);
+    assert_eq!(props.len(), size);
+    let (p, _) = <ProbeResvMem as zerocopy::FromBytes>::read_from_prefix(&props[..]).unwrap();
+    assert_eq!(p.head.type_.get(), VIRTIO_IOMMU_PROBE_T_RESV_MEM);
+    assert_eq!(p.head.length.get(), 20);
+    assert_eq!(p.subtype, VIRTIO_IOMMU_RESV_MEM_T_MSI);
+    assert_eq!((p.start.get(), p.end.get()), (0xfee0_0000, 0xfeef_ffff));
+    assert!(props[24..].iter().all(|&b| b == 0));
+    // Too small a properties buffer: INVAL and no property written.
+    let r = Request {
+        readable: &req,
+        readable_len: req.len(),
+        writable_len: 20,
+    };
+    let reply = v.process(&[r]).remove(0);
+    assert_eq!(reply.status(), Some(Status::Inval));
+    let Reply::Written { props, .. } = reply else {
+        panic!()
+    };
+    assert!(props.is_empty());
+    let req = probe(42);
+    let r = Request {
+        readable: &req,
+        readable_len: req.len(),
+        writable_len: size + 4,
+    };
+    assert_eq!(v.process(&[r]).remove(0).status(), Some(Status::NoEnt));
+}
+
+#[test]
+fn malformed_requests() {
+    let mut v = device();
+    // Unknown type: nothing written, used length 0.
+    assert_eq!(send(&mut v, &[9, 0, 0, 0, 1, 2, 3, 4]), None);
+    assert_eq!(send(&mut v, &[0, 0, 0, 0]), None);
+    // No head.
+    assert_eq!(send(&mut v, &[1, 0]), None);
+    assert_eq!(send(&mut v, &[]), None);
+    // Truncated body with a tail: INVAL.
+    assert_eq!(send(&mut v, &attach(1, 1, 0)[..10]), Some(Status::Inval));
+    // No room for the tail: nothing written.
+    let req = attach(1, 1, 0);
+    let r = Request {
+        readable: &req,
+        readable_len: req.len(),
+        writable_len: 3,
+    };
+    assert_eq!(v.process(&[r]).remove(0), Reply::Unwritten);
+    // Oversized readable part: extra bytes ignored.
+    let mut big = attach(1, 1, 0);
+    big.resize(MAX_READABLE, 0xaa);
+    let r = Request {
+        readable: &big,
+        readable_len: 1 << 20,
+        writable_len: 1 << 20,
+    };
+    let reply = v.process(&[r]).remove(0);
+    assert_eq!(reply.status(), Some(Status::Ok));
+    let Reply::Written { tail_offset, .. } = reply else {
+        panic!()
+    };
+    assert_eq!(tail_offset, (1 << 20) - 4);
+}
+
+#[test]
+fn requests_after_reset_see_a_clean_device() {
+    let mut v = device();
+    assert_eq!(send(&mut v, &attach(1, 1, 0)), Some(Status::Ok));
+    assert_eq!(send(&mut v, &map(1, 0, 0xfff, 0, RW)), Some(Status::Ok));
+    v.reset();
+    assert!(v.domain_ids().is_empty());
+    assert_eq!(v.endpoint_domain(1), None);
+    assert_eq!(send(&mut v, &map(1, 0, 0xfff, 0, RW)), Some(Status::NoEnt));
+    assert_eq!(send(&mut v, &attach(1, 1, 0)), Some(Status::Ok));
+    assert!(v.domain_mappings(1).is_empty());
+}
+
+#[test]
+fn host_backend_follows_the_guest() {
+    let (mut v, log) = with_backend(BackendCaps::default());
+    assert_eq!(send(&mut v, &attach(1, 8, 0)), Some(Status::Ok));
+    assert_eq!(
+        send(&mut v, &map(1, 0x10000, 0x11fff, 0x5000, R)),
+        Some(Status::Ok)
+    );
+    assert_eq!(
+        log.lock().unwrap().calls,
+        vec![Call::Map(0x10000, 0x5000, 0x2000, Perm::READ)]
+    );
+    assert_eq!(send(&mut v, &unmap(1, 0, u64::MAX)), Some(Status::Ok));
+    assert!(log.lock().unwrap().pages.is_empty());
+    // Re-attach replays the domain's mappings into the backend.
+    assert_eq!(
+        send(&mut v, &map(1, 0x20000, 0x20fff, 0x9000, RW)),
+        Some(Status::Ok)
+    );
+    assert_eq!(send(&mut v, &attach(2, 2, 0)), Some(Status::Ok));
+    assert_eq!(
+        send(&mut v, &map(2, 0x40000, 0x40fff, 0xa000, RW)),
+        Some(Status::Ok)
+    );
+    assert_eq!(send(&mut v, &attach(2, 8, 0)), Some(Status::Ok));
+    assert_eq!(
+        log.lock().unwrap().host_pages(),
+        vec![(0x40, 0xa, Perm::RW)]
+    );
+    assert_eq!(send(&mut v, &detach(2, 8)), Some(Status::Ok));
+    assert!(log.lock().unwrap().pages.is_empty());
+}
+
+#[test]
+fn failed_host_map_rolls_back() {
+    let (mut v, log) = with_backend(BackendCaps::default());
+    assert_eq!(send(&mut v, &attach(1, 8, 0)), Some(Status::Ok));
+    log.lock().unwrap().fail_iova = Some(0x3000);
+    let st = batch(
+        &mut v,
+        &[
+            map(1, 0x1000, 0x1fff, 0x1000, RW),
+            map(1, 0x3000, 0x3fff, 0x3000, RW),
+            map(1, 0x5000, 0x5fff, 0x5000, RW),
+        ],
+    );
+    assert_eq!(
+        st,
+        vec![Some(Status::Ok), Some(Status::DevErr), Some(Status::Ok)]
+    );
+    let m: Vec<u64> = v.domain_mappings(1).iter().map(|m| m.0).collect();
+    assert_eq!(m, vec![0x1000, 0x5000], "the failed MAP left no mapping");
+    assert_eq!(log.lock().unwrap().host_pages().len(), 2);
+    // A failed host call during ATTACH leaves the endpoint where it was.
+    log.lock().unwrap().fail_iova = None;
+    assert_eq!(send(&mut v, &attach(2, 2, 0)), Some(Status::Ok));
+    assert_eq!(
+        send(&mut v, &map(2, 0x7000, 0x7fff, 0x7000, RW)),
+        Some(Status::Ok)
+    );
+    let attempts = log.lock().unwrap().attempts;
+    // unmap 0x1000, unmap 0x5000, then map 0x7000 fails.
+    log.lock().unwrap().fail_call = Some(attempts + 2);
+    assert_eq!(send(&mut v, &attach(2, 8, 0)), Some(Status::NoMem));
+    assert_eq!(v.endpoint_domain(8), Some(1));
+    let hp: Vec<u64> = log
+        .lock()
+        .unwrap()
+        .host_pages()
+        .iter()
+        .map(|p| p.0)
+        .collect();
+    assert_eq!(hp, vec![1, 5], "host content restored");
+}
+
+#[test]
+fn merged_host_maps_for_splittable_backends() {
+    let caps = BackendCaps {
+        merge_maps: true,
+        merge_unmaps: true,
+        ..Default::default()
+    };
+    let (mut v, log) = with_backend(caps);
+    assert_eq!(send(&mut v, &attach(1, 8, 0)), Some(Status::Ok));
+    let reqs: Vec<Vec<u8>> = (0..16u64)
+        .map(|i| {
+            map(
+                1,
+                0x100000 + i * 0x1000,
+                0x100fff + i * 0x1000,
+                0x200000 + i * 0x1000,
+                RW,
+            )
+        })
+        .collect();
+    assert!(batch(&mut v, &reqs).iter().all(|s| *s == Some(Status::Ok)));
+    assert_eq!(
+        log.lock().unwrap().map_calls(),
+        1,
+        "16 contiguous MAPs, one host call"
+    );
+    assert_eq!(v.domain_mappings(1).len(), 16, "still 16 guest mappings");
+    assert_eq!(
+        send(&mut v, &unmap(1, 0x105000, 0x105fff)),
+        Some(Status::Ok)
+    );
+    assert_eq!(log.lock().unwrap().host_pages().len(), 15);
+    // A failing page inside a merged run fails only its own request.
+    log.lock().unwrap().fail_iova = Some(0x304000);
+    let reqs: Vec<Vec<u8>> = (0..8u64)
+        .map(|i| {
+            map(
+                1,
+                0x300000 + i * 0x1000,
+                0x300fff + i * 0x1000,
+                0x400000 + i * 0x1000,
+                RW,
+            )
+        })
+        .collect();
+    let st = batch(&mut v, &reqs);
+    assert_eq!(st.iter().filter(|s| **s == Some(Status::Ok)).count(), 7);
+    assert_eq!(st[4], Some(Status::DevErr));
+}
+
+#[test]
+fn bypass_maps_guest_ram_into_backends() {
+    let (mut v, log) = with_backend(BackendCaps::default());
+    assert!(
+        log.lock().unwrap().pages.is_empty(),
+        "bypass off: nothing mapped"
+    );
+    v.set_bypass(1);
+    assert_eq!(log.lock().unwrap().pages.len(), (1 << 30) / 4096);
+    let mut out = Vec::new();
+    v.translate(1, 0x1234, 10, Access::Write, &mut out).unwrap();
+    assert_eq!(out, vec![(0x1234, 10)]);
+    assert_eq!(send(&mut v, &attach(1, 8, 0)), Some(Status::Ok));
+    assert!(
+        log.lock().unwrap().pages.is_empty(),
+        "attached: only the domain's mappings"
+    );
+    assert_eq!(
+        send(&mut v, &attach(2, 8, VIRTIO_IOMMU_ATTACH_F_BYPASS)),
+        Some(Status::Ok)
+    );
+    assert_eq!(log.lock().unwrap().pages.len(), (1 << 30) / 4096);
+    v.set_bypass(0);
+    v.reset();
+    assert!(log.lock().unwrap().pages.is_empty());
+}
+
+#[test]
+fn write_to_read_only_faults() {
+    let mut v = device();
+    assert_eq!(send(&mut v, &attach(1, 1, 0)), Some(Status::Ok));
+    assert_eq!(
+        send(&mut v, &map(1, 0, 0x1fff, 0x10000, R)),
+        Some(Status::Ok)
+    );
+    let mut out = Vec::new();
+    v.translate(1, 0x100, 0x1000, Access::Read, &mut out)
+        .unwrap();
+    let f = v
+        .translate(1, 0x100, 0x1000, Access::Write, &mut out)
+        .unwrap_err();
+    assert_eq!(f.reason, VIRTIO_IOMMU_FAULT_R_MAPPING);
+    assert_eq!(
+        f.flags.get() & VIRTIO_IOMMU_FAULT_F_WRITE,
+        VIRTIO_IOMMU_FAULT_F_WRITE
+    );
+    // A range running past the mapping faults at the first unmapped byte.
+    let f = v
+        .translate(1, 0x1800, 0x1000, Access::Read, &mut out)
+        .unwrap_err();
+    assert_eq!(f.address.get(), 0x2000);
+    assert_eq!(
+        v.translate(1, u64::MAX, 2, Access::Read, &mut out)
+            .unwrap_err()
+            .reason,
+        VIRTIO_IOMMU_FAULT_R_MAPPING
+    );
+    assert_eq!(v.counters().faults, 3);
+}
+
+#[test]
+fn shared_backend_endpoints_stay_together() {
+    let mut v = device();
+    let (b, _log) = RecordingBackend::new("shared", BackendCaps::default());
+    let id = v.add_backend(Box::new(b)).unwrap();
+    v.add_endpoint(10, Some(id), &[]).unwrap();
+    v.add_endpoint(11, Some(id), &[]).unwrap();
+    assert_eq!(send(&mut v, &attach(1, 10, 0)), Some(Status::Ok));
+    assert_eq!(send(&mut v, &attach(2, 11, 0)), Some(Status::Unsupp));
+    assert_eq!(send(&mut v, &attach(1, 11, 0)), Some(Status::Ok));
+}
+
+#[test]
+fn backend_caps_narrow_the_config() {
+    let mut v = device();
+    let caps = BackendCaps {
+        page_size_mask: 0x1000 | 0x20_0000,
+        iova_ranges: vec![(0, 0xfedf_ffff), (0xfef0_0000, (1 << 39) - 1)],
+        ..Default::default()
+    };
+    let (b, _) = RecordingBackend::new("narrow", caps);
+    let id = v.add_backend(Box::new(b)).unwrap();
+    v.add_endpoint(9, Some(id), &[]).unwrap();
+    let c = v.config();
+    assert_eq!(c.page_size_mask.get(), 0x1000 | 0x20_0000);
+    assert_eq!(c.input_range.end.get(), (1 << 39) - 1);
+    let (b, _) = RecordingBackend::new(
+        "big",
+        BackendCaps {
+            page_size_mask: 0x10000,
+            ..Default::default()
+        },
+    );
+    assert!(matches!(
+        v.add_backend(Box::new(b)),
+        Err(SetupError::PageSizes(..))
+    ));
+    // The hole becomes a RESERVED region of that endpoint.
+    assert_eq!(send(&mut v, &attach(1, 9, 0)), Some(Status::Ok));
+    assert_eq!(
+        send(&mut v, &map(1, 0xfee0_0000, 0xfeef_ffff, 0, RW)),
+        Some(Status::Inval)
+    );
+    assert_eq!(
+        send(&mut v, &map(1, 1 << 39, (1 << 39) + 0xfff, 0, RW)),
+        Some(Status::Range)
+    );
+}
+
+#[test]
+fn metadata_budget_gives_nomem() {
+    let mut v = Viommu::new(ViommuConfig {
+        metadata_budget: 64 << 10,
+        ..Default::default()
+    });
+    v.add_endpoint(1, None, &[]).unwrap();
+    assert_eq!(send(&mut v, &attach(1, 1, 0)), Some(Status::Ok));
+    let mut last = Status::Ok;
+    for i in 0..64u64 {
+        let s = send(&mut v, &map(1, i << 30, (i << 30) + 0xfff, 0, RW)).unwrap();
+        if s != Status::Ok {
+            last = s;
+            break;
+        }
+    }
+    assert_eq!(last, Status::NoMem);
+    assert!(v.metadata_bytes() <= 64 << 10);
+}
