@@ -546,3 +546,6 @@ fn pages_of(start: u64, end: u64) -> (u64, u64) {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod model_tests;
