@@ -4,6 +4,7 @@
 pub mod bus;
 pub mod exit;
 pub mod legacy;
+pub mod virtio;
 
 /// Guest memory as the VMM maps it: memfd-backed regions with a dirty bitmap that records the
 /// VMM's own writes (one bit per 4 KiB page).

@@ -10,6 +10,8 @@
 pub mod backend;
 pub mod pagetable;
 pub mod protocol;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;
 pub mod viommu;
 
 pub use backend::{BackendCaps, BackendError, DmaBackend};

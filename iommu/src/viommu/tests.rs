@@ -3,61 +3,12 @@
 
 use std::sync::{Arc, Mutex};
 
-use zerocopy::IntoBytes;
-
 use super::*;
 use crate::backend::{Call, RecordingBackend, RecordingLog};
 use crate::pagetable::Perm;
 use crate::protocol::*;
 
-pub(crate) fn attach(dom: u32, ep: u32, flags: u32) -> Vec<u8> {
-    let mut v = vec![VIRTIO_IOMMU_T_ATTACH, 0, 0, 0];
-    let mut b = AttachBody::default();
-    b.domain.set(dom);
-    b.endpoint.set(ep);
-    b.flags.set(flags);
-    v.extend_from_slice(b.as_bytes());
-    v
-}
-
-pub(crate) fn detach(dom: u32, ep: u32) -> Vec<u8> {
-    let mut v = vec![VIRTIO_IOMMU_T_DETACH, 0, 0, 0];
-    let mut b = DetachBody::default();
-    b.domain.set(dom);
-    b.endpoint.set(ep);
-    v.extend_from_slice(b.as_bytes());
-    v
-}
-
-pub(crate) fn map(dom: u32, start: u64, end: u64, phys: u64, flags: u32) -> Vec<u8> {
-    let mut v = vec![VIRTIO_IOMMU_T_MAP, 0, 0, 0];
-    let mut b = MapBody::default();
-    b.domain.set(dom);
-    b.virt_start.set(start);
-    b.virt_end.set(end);
-    b.phys_start.set(phys);
-    b.flags.set(flags);
-    v.extend_from_slice(b.as_bytes());
-    v
-}
-
-pub(crate) fn unmap(dom: u32, start: u64, end: u64) -> Vec<u8> {
-    let mut v = vec![VIRTIO_IOMMU_T_UNMAP, 0, 0, 0];
-    let mut b = UnmapBody::default();
-    b.domain.set(dom);
-    b.virt_start.set(start);
-    b.virt_end.set(end);
-    v.extend_from_slice(b.as_bytes());
-    v
-}
-
-pub(crate) fn probe(ep: u32) -> Vec<u8> {
-    let mut v = vec![VIRTIO_IOMMU_T_PROBE, 0, 0, 0];
-    let mut b = ProbeBody::default();
-    b.endpoint.set(ep);
-    v.extend_from_slice(b.as_bytes());
-    v
-}
+pub(crate) use crate::testing::{attach, detach, map, probe, unmap};
 
 const RW: u32 = VIRTIO_IOMMU_MAP_F_READ | VIRTIO_IOMMU_MAP_F_WRITE;
 const R: u32 = VIRTIO_IOMMU_MAP_F_READ;

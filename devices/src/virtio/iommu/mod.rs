@@ -1,0 +1,183 @@
+//! The virtio-iommu device model (virtio 1.3 section 5.13) around the `iommu` crate's state:
+//! a request queue whose requests of one notification are handled as a batch and answered
+//! with one interrupt, and an event queue that carries translation faults.
+
+mod handler;
+
+use std::sync::{Arc, Mutex};
+
+use iommu::protocol::{CONFIG_BYPASS_OFFSET, VIRTIO_ID_IOMMU};
+use iommu::Viommu;
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use zerocopy::IntoBytes;
+
+use super::{ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use crate::GuestMemoryMmap;
+
+/// Size of each of the two queues.
+pub const QUEUE_SIZE: u16 = 256;
+
+/// The IOMMU state shared with the devices behind it: emulated devices translate through it,
+/// passthrough devices report faults to it. After raising a fault, signal `fault_evt` so the
+/// event loop writes it to the event queue.
+#[derive(Clone)]
+pub struct IommuHandle {
+    /// The device state.
+    pub state: Arc<Mutex<Viommu>>,
+    /// Signalled when a fault is waiting for the event queue.
+    pub fault_evt: Arc<EventFd>,
+}
+
+impl IommuHandle {
+    /// Wraps `state`.
+    ///
+    /// # Errors
+    /// When the eventfd cannot be created.
+    pub fn new(state: Viommu) -> std::io::Result<Self> {
+        Ok(Self {
+            state: Arc::new(Mutex::new(state)),
+            fault_evt: Arc::new(EventFd::new(EFD_NONBLOCK)?),
+        })
+    }
+
+    /// Locks the state (a poisoned lock is still usable: the state has no invariant a
+    /// panic mid-update could break that the next request does not re-check).
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, Viommu> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Tells the event loop that faults are waiting.
+    pub fn notify_fault(&self) {
+        let _ = self.fault_evt.write(1);
+    }
+}
+
+/// The virtio-iommu device.
+pub struct VirtioIommu {
+    iommu: IommuHandle,
+    mem: Arc<GuestMemoryMmap>,
+    acked: u64,
+    queues: Vec<Queue>,
+    interrupt: Option<Arc<dyn VirtioInterrupt>>,
+    /// Chains whose memory could not be read or written (driver bugs), for the logs.
+    bad_chains: u64,
+}
+
+impl VirtioIommu {
+    /// A device for `iommu`, whose queues live in `mem` (the IOMMU itself is never behind an
+    /// IOMMU).
+    pub fn new(iommu: IommuHandle, mem: Arc<GuestMemoryMmap>) -> Self {
+        Self {
+            iommu,
+            mem,
+            acked: 0,
+            queues: Vec::new(),
+            interrupt: None,
+            bad_chains: 0,
+        }
+    }
+
+    /// The shared state.
+    pub fn handle(&self) -> &IommuHandle {
+        &self.iommu
+    }
+
+    /// Whether the driver activated the device.
+    pub fn is_active(&self) -> bool {
+        !self.queues.is_empty()
+    }
+
+    /// Chains the device could not access.
+    pub fn bad_chains(&self) -> u64 {
+        self.bad_chains
+    }
+}
+
+impl VirtioDevice for VirtioIommu {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_IOMMU
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn avail_features(&self) -> u64 {
+        (1 << VIRTIO_F_VERSION_1) | self.iommu.lock().offered_features()
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked = features & self.avail_features();
+        self.iommu.lock().set_negotiated(self.acked);
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let config = self.iommu.lock().config();
+        let bytes = config.as_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| bytes.get(o))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // 5.13.4: the driver MAY write `bypass` (with BYPASS_CONFIG negotiated) and MUST NOT
+        // write any other field; other writes are ignored.
+        let bypass_cfg = 1u64 << iommu::protocol::features::VIRTIO_IOMMU_F_BYPASS_CONFIG;
+        if offset == CONFIG_BYPASS_OFFSET as u64 && data.len() == 1 && self.acked & bypass_cfg != 0
+        {
+            self.iommu.lock().set_bypass(data[0]);
+        } else {
+            log::debug!("virtio-iommu: ignored config write at {offset:#x}");
+        }
+    }
+
+    fn activate(
+        &mut self,
+        queues: Vec<Queue>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+    ) -> Result<(), ActivateError> {
+        use virtio_queue::QueueT;
+        if queues.len() != 2 {
+            return Err(ActivateError::QueueCount {
+                expected: 2,
+                got: queues.len(),
+            });
+        }
+        for (i, q) in queues.iter().enumerate() {
+            if !q.is_valid(self.mem.as_ref()) {
+                return Err(ActivateError::InvalidQueue(i));
+            }
+        }
+        // The Linux driver refuses devices without MAP_UNMAP; we only need VERSION_1.
+        if self.acked & (1 << VIRTIO_F_VERSION_1) == 0 {
+            return Err(ActivateError::MissingFeature(VIRTIO_F_VERSION_1));
+        }
+        self.queues = queues;
+        self.interrupt = Some(interrupt);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.queues.clear();
+        self.interrupt = None;
+        self.acked = 0;
+        self.iommu.lock().reset();
+    }
+
+    fn queue_notify(&mut self, queue: usize) {
+        match queue {
+            0 => self.process_requests(),
+            1 => self.deliver_faults(),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
