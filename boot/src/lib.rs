@@ -4,9 +4,12 @@
 //!   command line and the zero page (`boot_params`, with the e820 map).
 //! - [`cpu`]: long-mode entry (identity page tables with 2 MiB pages, GDT), CPUID, MSRs, FPU
 //!   and LAPIC.
+//! - [`acpi`]: the ACPI tables (RSDP, XSDT, FADT, MADT, DSDT, MCFG, VIOT) built from a
+//!   [`acpi::PlatformDescription`] the VMM fills; this crate knows nothing of devices.
 //! - [`quirks`]: PVM host detection, command-line additions and the emulation fallback.
 //! - [`layout`]: the guest-physical address map.
 
+pub mod acpi;
 pub mod cpu;
 pub mod layout;
 pub mod loader;

@@ -5,6 +5,7 @@
 //! points outside guest memory is answered with a used length of 0, never a panic.
 
 pub mod iommu;
+pub mod pci;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 
