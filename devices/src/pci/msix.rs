@@ -151,7 +151,7 @@ impl Msix {
 
     /// Guest write of the vector table at `offset` (4 or 8 bytes).
     pub fn table_write(&mut self, offset: u64, data: &[u8]) {
-        if offset % 4 != 0 || (data.len() != 4 && data.len() != 8) {
+        if !offset.is_multiple_of(4) || (data.len() != 4 && data.len() != 8) {
             return;
         }
         for (k, chunk) in data.chunks(4).enumerate() {
