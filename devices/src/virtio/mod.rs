@@ -4,7 +4,9 @@
 //! Every guest-supplied address and length goes through checked arithmetic; a chain that
 //! points outside guest memory is answered with a used length of 0, never a panic.
 
+pub mod block;
 pub mod iommu;
+pub mod iova;
 pub mod pci;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
