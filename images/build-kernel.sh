@@ -2,20 +2,22 @@
 # Builds the guest kernel the tests use, from Debian packages only:
 #   linux-source-6.12 + `make tinyconfig` + images/kernel/config.fragment
 #   + the guest-side drivers under images/kernel/drivers (built in, not modules)
-# and a tiny initramfs (images/initramfs: a static /init and /dev/console).
+# a tiny initramfs (images/initramfs: a static /init and /dev/console), and a 16 MiB ext2
+# root disk holding the same /init (for the virtio-blk tests: root=/dev/vda).
 #
 # Installs its build dependencies with apt-get when they are missing. The result is cached
 # outside the work tree, keyed by a hash of every input, so a fresh clone reuses it:
 #   ${VMM_CACHE:-$HOME/.cache/vmm-viommu}/kernel/<hash>/vmlinux
 #   ${VMM_CACHE:-$HOME/.cache/vmm-viommu}/kernel/<hash>/initramfs.cpio
 #   ${VMM_CACHE:-$HOME/.cache/vmm-viommu}/kernel/<hash>/bzImage
-# The last line printed is the path of the vmlinux; the initramfs and bzImage sit beside it.
+#   ${VMM_CACHE:-$HOME/.cache/vmm-viommu}/kernel/<hash>/rootfs.ext2
+# The last line printed is the path of the vmlinux; the other files sit beside it.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${VMM_CACHE:-$HOME/.cache/vmm-viommu}
 jobs=${JOBS:-$(nproc)}
-deps=(linux-source-6.12 bc bison flex libelf-dev libssl-dev cpio xz-utils make gcc)
+deps=(linux-source-6.12 bc bison flex libelf-dev libssl-dev cpio xz-utils make gcc e2fsprogs)
 
 log() { printf 'build-kernel: %s\n' "$*" >&2; }
 
@@ -44,7 +46,7 @@ key=$( {
     fi
 } | sha256sum | cut -c1-16)
 out="$cache/kernel/$key"
-if [ -f "$out/vmlinux" ] && [ -f "$out/initramfs.cpio" ]; then
+if [ -f "$out/vmlinux" ] && [ -f "$out/initramfs.cpio" ] && [ -f "$out/rootfs.ext2" ]; then
     log "cached ($key)"
     echo "$out/vmlinux"
     exit 0
@@ -103,8 +105,19 @@ gcc -Os -static -nostdlib -fno-pie -no-pie -fno-stack-protector -Wl,--build-id=n
     -o "$out/init" "$here/initramfs/init.c"
 sed "s|@INIT@|$out/init|" "$here/initramfs/files.list" > "$out/files.list"
 "$tree/usr/gen_init_cpio" "$out/files.list" > "$out/initramfs.cpio"
+log "building the ext2 root disk"
+rootfs=$(mktemp -d)
+mkdir -p "$rootfs/dev" "$rootfs/proc" "$rootfs/sys" "$rootfs/sbin"
+cp "$out/init" "$rootfs/init"
+cp "$out/init" "$rootfs/sbin/init"
+rm -f "$out/rootfs.ext2"
+truncate -s 16M "$out/rootfs.ext2"
+mke2fs -q -t ext2 -L vmm-root -d "$rootfs" -F "$out/rootfs.ext2"
+rm -rf "$rootfs"
 cp "$tree/arch/x86/boot/bzImage" "$out/bzImage"
 cp "$tree/vmlinux" "$out/vmlinux.tmp"
 cp "$tree/.config" "$out/config"
 mv "$out/vmlinux.tmp" "$out/vmlinux"
+# Keep the three newest builds.
+ls -1dt "$cache"/kernel/*/ 2>/dev/null | tail -n +4 | xargs -r rm -rf
 echo "$out/vmlinux"

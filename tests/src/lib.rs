@@ -40,10 +40,30 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// The guest kernel and initramfs built by `images/build-kernel.sh` (cached), or the kernel
-/// named by `$VMM_TEST_KERNEL` (its initramfs beside it).
-pub fn guest_kernel() -> &'static (PathBuf, PathBuf) {
-    static KERNEL: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+/// The guest images `images/build-kernel.sh` builds.
+#[derive(Debug, Clone)]
+pub struct GuestImages {
+    /// The kernel (ELF).
+    pub vmlinux: PathBuf,
+    /// The initramfs.
+    pub initramfs: PathBuf,
+    /// A 16 MiB ext2 root disk with the same `/init`.
+    pub rootfs: PathBuf,
+}
+
+impl GuestImages {
+    /// A private copy of the root disk (the guest may write to it).
+    pub fn rootfs_copy(&self) -> PathBuf {
+        let p = scratch("rootfs.ext2");
+        std::fs::copy(&self.rootfs, &p).expect("copy the root disk");
+        p
+    }
+}
+
+/// The guest images built by `images/build-kernel.sh` (cached), or those beside the kernel
+/// named by `$VMM_TEST_KERNEL`.
+pub fn guest_kernel() -> &'static GuestImages {
+    static KERNEL: OnceLock<GuestImages> = OnceLock::new();
     KERNEL.get_or_init(|| {
         let vmlinux = match std::env::var_os("VMM_TEST_KERNEL") {
             Some(p) => PathBuf::from(p),
@@ -63,9 +83,12 @@ pub fn guest_kernel() -> &'static (PathBuf, PathBuf) {
                 )
             }
         };
-        let initramfs = vmlinux.with_file_name("initramfs.cpio");
         assert!(vmlinux.exists(), "no kernel at {}", vmlinux.display());
-        (vmlinux, initramfs)
+        GuestImages {
+            initramfs: vmlinux.with_file_name("initramfs.cpio"),
+            rootfs: vmlinux.with_file_name("rootfs.ext2"),
+            vmlinux,
+        }
     })
 }
 

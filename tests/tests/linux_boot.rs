@@ -9,7 +9,8 @@ const BOOT_DEADLINE: Duration = Duration::from_secs(600);
 
 #[test]
 fn linux_boots_to_init_and_the_vmm_exits_by_itself() {
-    let (vmlinux, initramfs) = guest_kernel();
+    let g = guest_kernel();
+    let (vmlinux, initramfs) = (&g.vmlinux, &g.initramfs);
     let run = run_vmm(
         &[
             "--kernel",

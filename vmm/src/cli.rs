@@ -42,9 +42,98 @@ pub struct Cli {
     #[arg(long, value_enum, value_name = "auto|pvm|none", default_value_t = QuirksArg::Auto)]
     pub host_quirks: QuirksArg,
 
+    /// Adds the virtio-iommu at PCI 00:01.0. `bypass=on` lets endpoints that are not attached
+    /// to a domain reach all of guest RAM (the config field's initial value).
+    #[arg(long, value_name = "[bypass=on|off]", num_args = 0..=1, default_missing_value = "",
+          value_parser = parse_iommu)]
+    pub iommu: Option<IommuArg>,
+
+    /// Attaches a virtio-blk disk backed by a raw image; `iommu=on` puts it behind the
+    /// virtio-iommu. Repeatable.
+    #[arg(long, value_name = "path=FILE[,iommu=on][,readonly=on]", value_parser = parse_disk)]
+    pub disk: Vec<DiskArg>,
+
+    /// Prints per-device counters (requests, statuses, faults, IOTLB) when the VM ends.
+    #[arg(long)]
+    pub counters: bool,
+
     /// Log level of the VMM's own messages (stderr): error, warn, info, debug, trace.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: log::LevelFilter,
+}
+
+/// `--iommu` options.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IommuArg {
+    /// Initial `bypass` value.
+    pub bypass: bool,
+}
+
+/// One `--disk`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskArg {
+    /// Raw image.
+    pub path: PathBuf,
+    /// Behind the virtio-iommu.
+    pub iommu: bool,
+    /// Read-only.
+    pub readonly: bool,
+}
+
+/// Splits `key=value,key=value`, refusing keys not in `allowed`.
+pub fn parse_kv(s: &str, allowed: &[&str]) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').filter(|p| !p.is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| format!("`{part}` is not key=value"))?;
+        if !allowed.contains(&k) {
+            return Err(format!(
+                "unknown key `{k}` (expected {})",
+                allowed.join(", ")
+            ));
+        }
+        out.push((k.to_string(), v.to_string()));
+    }
+    Ok(out)
+}
+
+fn on_off(key: &str, v: &str) -> Result<bool, String> {
+    match v {
+        "on" | "true" | "1" => Ok(true),
+        "off" | "false" | "0" => Ok(false),
+        _ => Err(format!("`{key}={v}`: expected on or off")),
+    }
+}
+
+fn parse_iommu(s: &str) -> Result<IommuArg, String> {
+    let mut a = IommuArg::default();
+    for (k, v) in parse_kv(s, &["bypass"])? {
+        if k == "bypass" {
+            a.bypass = on_off(&k, &v)?;
+        }
+    }
+    Ok(a)
+}
+
+fn parse_disk(s: &str) -> Result<DiskArg, String> {
+    let mut path = None;
+    let mut iommu = false;
+    let mut readonly = false;
+    for (k, v) in parse_kv(s, &["path", "iommu", "readonly"])? {
+        match k.as_str() {
+            "path" if !v.is_empty() => path = Some(PathBuf::from(v)),
+            "iommu" => iommu = on_off(&k, &v)?,
+            "readonly" => readonly = on_off(&k, &v)?,
+            _ => return Err(format!("`{k}=` needs a value")),
+        }
+    }
+    let path = path.ok_or("missing path=FILE")?;
+    Ok(DiskArg {
+        path,
+        iommu,
+        readonly,
+    })
 }
 
 /// `--serial` choices.
@@ -134,6 +223,31 @@ mod tests {
         );
         assert!(parse_serial("file=").is_err());
         assert!(parse_serial("tty").is_err());
+    }
+
+    #[test]
+    fn disks_and_iommu() {
+        assert_eq!(
+            parse_disk("path=/a.img,iommu=on"),
+            Ok(DiskArg {
+                path: "/a.img".into(),
+                iommu: true,
+                readonly: false
+            })
+        );
+        assert!(parse_disk("iommu=on").unwrap_err().contains("path"));
+        assert!(parse_disk("path=x,speed=fast")
+            .unwrap_err()
+            .contains("`speed`"));
+        assert!(parse_disk("path=x,iommu=maybe")
+            .unwrap_err()
+            .contains("on or off"));
+        assert_eq!(parse_iommu(""), Ok(IommuArg { bypass: false }));
+        assert_eq!(parse_iommu("bypass=on"), Ok(IommuArg { bypass: true }));
+        let cli =
+            Cli::try_parse_from(["vmm", "--kernel", "k", "--iommu", "--disk", "path=d"]).unwrap();
+        assert_eq!(cli.iommu, Some(IommuArg::default()));
+        assert_eq!(cli.disk.len(), 1);
     }
 
     #[test]

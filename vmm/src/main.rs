@@ -2,7 +2,9 @@
 //! devices. See the README for the command line.
 
 mod cli;
+mod device_manager;
 mod error;
+mod interrupts;
 mod memory;
 mod vcpu;
 mod vm;
@@ -29,6 +31,11 @@ fn main() -> ExitCode {
                 summary.wall.as_secs_f64(),
                 summary.fallbacks
             );
+            if cli.counters {
+                for line in &summary.counters {
+                    eprintln!("counters: {line}");
+                }
+            }
             if let ExitReason::Error(msg) = &summary.reason {
                 eprintln!("vmm: error: {msg}");
             }

@@ -21,6 +21,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::Killable;
 
 use crate::cli::{Cli, SerialArg};
+use crate::device_manager::DeviceManager;
 use crate::error::VmmError;
 use crate::memory::GuestRam;
 use crate::vcpu::{self, VcpuContext};
@@ -44,11 +45,14 @@ pub struct RunSummary {
     pub fallbacks: FallbackStats,
     /// Wall time from VM creation to exit.
     pub wall: Duration,
+    /// Per-device counter lines.
+    pub counters: Vec<String>,
 }
 
 /// A configured VM, ready to run.
 pub struct Vm {
     vm_fd: Arc<VmFd>,
+    devices: DeviceManager,
     ram: GuestRam,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
@@ -146,6 +150,11 @@ impl Vm {
         )
         .map_err(dev_err("the test-exit port"))?;
 
+        let vm_fd = Arc::new(vm_fd);
+        let devices =
+            DeviceManager::new(cli, vm_fd.clone(), ram.mem.clone(), ram.size, &pio, &mmio)?;
+        let rsdp = boot::acpi::write_acpi_tables(ram.mem.as_ref(), &devices.platform)?;
+
         // Kernel, initramfs, command line, boot params.
         let mem = ram.mem.as_ref();
         let kernel = boot::loader::load_kernel(mem, ram.size, &cli.kernel)?;
@@ -169,7 +178,7 @@ impl Vm {
             &kernel,
             initramfs.as_ref(),
             &cmdline,
-            None,
+            Some(rsdp),
         )?;
         log::info!(
             "loaded {:?} kernel, entry {:#x}; host quirks: {quirks}; cmdline: {}",
@@ -194,7 +203,8 @@ impl Vm {
         }
 
         Ok(Self {
-            vm_fd: Arc::new(vm_fd),
+            vm_fd,
+            devices,
             ram,
             pio,
             mmio,
@@ -227,6 +237,9 @@ impl Vm {
                 )
             })?;
         event_manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher(self.exit.clone()))));
+        for s in &self.devices.subscribers {
+            event_manager.add_subscriber(s.clone());
+        }
 
         let mut threads: Vec<JoinHandle<FallbackStats>> = Vec::new();
         for (id, vcpu) in self.vcpus.into_iter().enumerate() {
@@ -258,6 +271,7 @@ impl Vm {
             reason,
             fallbacks,
             wall: self.started.elapsed(),
+            counters: self.devices.counters_report(),
         })
     }
 }

@@ -5,7 +5,7 @@
 use zerocopy::byteorder::little_endian::{U32, U64};
 
 use super::*;
-use crate::pagetable::Perm;
+use crate::pagetable::{Perm, PAGE_SIZE};
 use crate::protocol::{
     VIRTIO_IOMMU_FAULT_F_ADDRESS, VIRTIO_IOMMU_FAULT_F_READ, VIRTIO_IOMMU_FAULT_F_WRITE,
     VIRTIO_IOMMU_FAULT_R_DOMAIN, VIRTIO_IOMMU_FAULT_R_MAPPING, VIRTIO_IOMMU_FAULT_R_UNKNOWN,
@@ -130,18 +130,26 @@ impl Viommu {
                 Some(e) => e,
                 None => {
                     all_hits = false;
-                    // Walk the table from `addr`; cache the run that starts there.
-                    let stop = domain.table.translate(addr, end - addr + 1, &mut runs);
-                    let Some(&(gpa, run_len, perm)) = runs.first() else {
+                    // Walk the table from the start of `addr`'s page to the end of the last
+                    // page needed, and cache the run that starts there: later accesses to
+                    // the same pages (ring entries, the next descriptor) then hit.
+                    let from = addr & !(PAGE_SIZE - 1);
+                    let to = end | (PAGE_SIZE - 1);
+                    let stop =
+                        domain
+                            .table
+                            .translate(from, (to - from).saturating_add(1), &mut runs);
+                    let Some(&(gpa, run_len, perm)) = runs.first().filter(|r| r.1 > addr - from)
+                    else {
                         return Err(self.fault(
                             ep,
                             VIRTIO_IOMMU_FAULT_R_MAPPING,
                             access,
-                            stop.or(Some(addr)),
+                            stop.map(|s| s.max(addr)).or(Some(addr)),
                         ));
                     };
                     let e = Entry {
-                        iova: addr,
+                        iova: from,
                         len: run_len,
                         gpa,
                         perm,

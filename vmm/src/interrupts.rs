@@ -1,0 +1,141 @@
+//! MSI through KVM: each vector is a GSI with an irqfd; routes are installed with
+//! `KVM_SET_GSI_ROUTING`, which replaces the whole table, so the table always carries KVM's
+//! default IOAPIC/PIC routes for GSIs 0-23 plus every enabled MSI route.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use devices::interrupt::{InterruptManager, MsiVector};
+use kvm_bindings::{
+    kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1, kvm_irq_routing_irqchip,
+    kvm_irq_routing_msi, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
+};
+use kvm_ioctls::VmFd;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// GSIs below this are the IOAPIC's pins.
+const FIRST_MSI_GSI: u32 = 24;
+
+struct Routes {
+    next_gsi: u32,
+    msi: BTreeMap<u32, (u64, u32)>,
+}
+
+/// Hands out KVM-backed MSI vectors.
+pub struct KvmInterrupts {
+    vm: Arc<VmFd>,
+    routes: Mutex<Routes>,
+}
+
+impl KvmInterrupts {
+    /// A manager for `vm`.
+    pub fn new(vm: Arc<VmFd>) -> Arc<Self> {
+        Arc::new(Self {
+            vm,
+            routes: Mutex::new(Routes {
+                next_gsi: FIRST_MSI_GSI,
+                msi: BTreeMap::new(),
+            }),
+        })
+    }
+
+    fn irqchip(gsi: u32, chip: u32, pin: u32) -> kvm_irq_routing_entry {
+        kvm_irq_routing_entry {
+            gsi,
+            type_: KVM_IRQ_ROUTING_IRQCHIP,
+            u: kvm_irq_routing_entry__bindgen_ty_1 {
+                irqchip: kvm_irq_routing_irqchip { irqchip: chip, pin },
+            },
+            ..Default::default()
+        }
+    }
+
+    fn install(&self, routes: &Routes) -> io::Result<()> {
+        let mut entries = Vec::new();
+        for gsi in 0..FIRST_MSI_GSI {
+            entries.push(Self::irqchip(gsi, KVM_IRQCHIP_IOAPIC, gsi));
+            if gsi < 16 {
+                let chip = if gsi < 8 {
+                    KVM_IRQCHIP_PIC_MASTER
+                } else {
+                    KVM_IRQCHIP_PIC_SLAVE
+                };
+                entries.push(Self::irqchip(gsi, chip, gsi % 8));
+            }
+        }
+        for (&gsi, &(addr, data)) in &routes.msi {
+            let mut e = kvm_irq_routing_entry {
+                gsi,
+                type_: KVM_IRQ_ROUTING_MSI,
+                ..Default::default()
+            };
+            e.u.msi = kvm_irq_routing_msi {
+                address_lo: addr as u32,
+                address_hi: (addr >> 32) as u32,
+                data,
+                ..Default::default()
+            };
+            entries.push(e);
+        }
+        let table = KvmIrqRouting::from_entries(&entries)
+            .map_err(|e| io::Error::other(format!("{e:?}")))?;
+        self.vm
+            .set_gsi_routing(&table)
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+    }
+}
+
+struct KvmMsi {
+    gsi: u32,
+    evt: EventFd,
+    mgr: Arc<KvmInterrupts>,
+}
+
+impl MsiVector for KvmMsi {
+    fn trigger(&self) {
+        let _ = self.evt.write(1);
+    }
+
+    fn update(&self, address: u64, data: u32, enabled: bool) -> io::Result<()> {
+        let mut routes = self.mgr.routes.lock().unwrap_or_else(|e| e.into_inner());
+        let changed = if enabled {
+            routes.msi.insert(self.gsi, (address, data)) != Some((address, data))
+        } else {
+            routes.msi.remove(&self.gsi).is_some()
+        };
+        if changed {
+            self.mgr.install(&routes)?;
+        }
+        Ok(())
+    }
+}
+
+/// A handle implementing the devices crate's trait.
+pub struct KvmInterruptManager(pub Arc<KvmInterrupts>);
+
+impl InterruptManager for KvmInterruptManager {
+    fn allocate_msi(&self, count: usize) -> io::Result<Vec<Arc<dyn MsiVector>>> {
+        let mut v: Vec<Arc<dyn MsiVector>> = Vec::with_capacity(count);
+        for _ in 0..count {
+            let gsi = {
+                let mut r = self.0.routes.lock().unwrap_or_else(|e| e.into_inner());
+                let g = r.next_gsi;
+                r.next_gsi += 1;
+                g
+            };
+            let evt = EventFd::new(EFD_NONBLOCK)?;
+            self.0
+                .vm
+                .register_irqfd(&evt, gsi)
+                .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+            v.push(Arc::new(KvmMsi {
+                gsi,
+                evt,
+                mgr: self.0.clone(),
+            }));
+        }
+        Ok(v)
+    }
+}
