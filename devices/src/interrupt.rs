@@ -1,5 +1,5 @@
 //! Message-signalled interrupts as the device models see them. The VMM implements these with
-//! KVM GSI routes and irqfds; tests use [`testing::RecordingMsi`].
+//! KVM GSI routes and irqfds; tests use the recording vectors of the `testing` module.
 
 use std::io;
 use std::sync::Arc;
