@@ -13,6 +13,9 @@ pub trait MsiVector: Send + Sync {
     /// # Errors
     /// When the route cannot be installed.
     fn update(&self, address: u64, data: u32, enabled: bool) -> io::Result<()>;
+    /// The eventfd that raises this vector when written (a KVM irqfd), for handing to a
+    /// device process; `None` when the vector has none.
+    fn irqfd(&self) -> Option<std::os::fd::RawFd>;
 }
 
 /// Hands out MSI vectors.
@@ -48,6 +51,9 @@ pub mod testing {
         fn update(&self, address: u64, data: u32, enabled: bool) -> io::Result<()> {
             *self.route.lock().unwrap() = Some((address, data, enabled));
             Ok(())
+        }
+        fn irqfd(&self) -> Option<std::os::fd::RawFd> {
+            None
         }
     }
 

@@ -5,7 +5,9 @@ pub mod bus;
 pub mod exit;
 pub mod interrupt;
 pub mod legacy;
+pub mod passthrough;
 pub mod pci;
+pub mod testdev;
 pub mod virtio;
 
 /// Guest memory as the VMM maps it: memfd-backed regions with a dirty bitmap that records the

@@ -53,6 +53,16 @@ pub struct Cli {
     #[arg(long, value_name = "path=FILE[,iommu=on][,readonly=on]", value_parser = parse_disk)]
     pub disk: Vec<DiskArg>,
 
+    /// Attaches a passthrough device served by a vfio-user process on `socket`; `iommu=on`
+    /// puts it behind the virtio-iommu (else all guest RAM is mapped at its GPA). Repeatable.
+    #[arg(long = "vfio-user", value_name = "socket=PATH[,iommu=on]", value_parser = parse_vfio_user)]
+    pub vfio_user: Vec<PassthroughArg>,
+
+    /// Attaches a host PCI device through VFIO (`path=/sys/bus/pci/devices/BDF`);
+    /// `backend=type1|iommufd` picks the host interface. Repeatable.
+    #[arg(long, value_name = "path=SYSFS[,iommu=on][,backend=type1|iommufd]", value_parser = parse_vfio)]
+    pub vfio: Vec<PassthroughArg>,
+
     /// Prints per-device counters (requests, statuses, faults, IOTLB) when the VM ends.
     #[arg(long)]
     pub counters: bool,
@@ -78,6 +88,62 @@ pub struct DiskArg {
     pub iommu: bool,
     /// Read-only.
     pub readonly: bool,
+}
+
+/// One `--vfio-user` or `--vfio`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PassthroughArg {
+    /// The socket (vfio-user) or sysfs device path (VFIO).
+    pub path: PathBuf,
+    /// Behind the virtio-iommu.
+    pub iommu: bool,
+    /// Host VFIO through iommufd instead of a type1 container.
+    pub iommufd: bool,
+}
+
+fn parse_vfio_user(s: &str) -> Result<PassthroughArg, String> {
+    let mut a = PassthroughArg {
+        path: PathBuf::new(),
+        iommu: false,
+        iommufd: false,
+    };
+    for (k, v) in parse_kv(s, &["socket", "iommu"])? {
+        match k.as_str() {
+            "socket" if !v.is_empty() => a.path = PathBuf::from(v),
+            "iommu" => a.iommu = on_off(&k, &v)?,
+            _ => return Err(format!("`{k}=` needs a value")),
+        }
+    }
+    if a.path.as_os_str().is_empty() {
+        return Err("missing socket=PATH".into());
+    }
+    Ok(a)
+}
+
+fn parse_vfio(s: &str) -> Result<PassthroughArg, String> {
+    let mut a = PassthroughArg {
+        path: PathBuf::new(),
+        iommu: false,
+        iommufd: false,
+    };
+    for (k, v) in parse_kv(s, &["path", "iommu", "backend"])? {
+        match k.as_str() {
+            "path" if !v.is_empty() => a.path = PathBuf::from(v),
+            "iommu" => a.iommu = on_off(&k, &v)?,
+            "backend" => {
+                a.iommufd = match v.as_str() {
+                    "type1" => false,
+                    "iommufd" => true,
+                    _ => return Err(format!("`backend={v}`: expected type1 or iommufd")),
+                }
+            }
+            _ => return Err(format!("`{k}=` needs a value")),
+        }
+    }
+    if a.path.as_os_str().is_empty() {
+        return Err("missing path=/sys/bus/pci/devices/BDF".into());
+    }
+    Ok(a)
 }
 
 /// Splits `key=value,key=value`, refusing keys not in `allowed`.

@@ -1,6 +1,7 @@
 //! Builds the PCI devices from the command line: the host bridge (00:00.0), the
-//! virtio-iommu (00:01.0), virtio-blk disks (00:02.0 on), wires their interrupts, ioeventfds
-//! and event-loop handlers, and describes the topology for the ACPI tables.
+//! virtio-iommu (00:01.0), then virtio-blk disks and passthrough devices in order; wires their
+//! interrupts, ioeventfds and event-loop handlers, and describes the topology for the ACPI
+//! tables.
 
 use std::io;
 use std::sync::{Arc, Mutex};
@@ -9,6 +10,8 @@ use boot::acpi::{IommuTopology, PlatformDescription};
 use boot::layout;
 use devices::bus::Bus;
 use devices::interrupt::InterruptManager;
+use devices::passthrough::pci::BarAllocator;
+use devices::passthrough::vfio_user_backend::SharedRam;
 use devices::pci::{HostBridge, PciBus, PciConfigIo, PciDevice, PciEcam, PciMmio};
 use devices::virtio::block::VirtioBlock;
 use devices::virtio::iommu::{IommuHandle, VirtioIommu};
@@ -24,11 +27,12 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::cli::Cli;
 use crate::error::VmmError;
 use crate::interrupts::{KvmInterruptManager, KvmInterrupts};
+use crate::passthrough::Passthrough;
 
 /// PCI device number of the virtio-iommu.
 pub const IOMMU_SLOT: u8 = 1;
-/// PCI device number of the first disk.
-pub const FIRST_DISK_SLOT: u8 = 2;
+/// PCI device number of the first disk or passthrough device.
+pub const FIRST_SLOT: u8 = 2;
 
 /// Registers ioeventfds with KVM.
 struct KvmIoEvents(Arc<VmFd>);
@@ -57,10 +61,7 @@ impl MutEventSubscriber for QueueNotifier {
         let q = events.data() as usize;
         if let Some(e) = self.evts.get(q) {
             let _ = e.read();
-            self.device
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .queue_notify(q);
+            self.device.lock().unwrap_or_else(|e| e.into_inner()).queue_notify(q);
         }
     }
     fn init(&mut self, ops: &mut EventOps) {
@@ -82,10 +83,7 @@ impl MutEventSubscriber for FaultNotifier {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
         let _ = self.evt.read();
         // Queue 1 is the event queue: a notification delivers waiting faults.
-        self.device
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .queue_notify(1);
+        self.device.lock().unwrap_or_else(|e| e.into_inner()).queue_notify(1);
     }
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(err) = ops.add(Events::new(self.evt.as_ref(), EventSet::IN)) {
@@ -97,41 +95,108 @@ impl MutEventSubscriber for FaultNotifier {
 /// A subscriber for the event loop.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
+/// BAR addresses from the 32-bit PCI window.
+pub struct WindowAllocator {
+    next: u64,
+    end: u64,
+}
+
+impl BarAllocator for WindowAllocator {
+    fn allocate(&mut self, size: u64) -> Option<u64> {
+        let at = self.next.checked_next_multiple_of(size)?;
+        let end = at.checked_add(size)?;
+        if end > self.end {
+            return None;
+        }
+        self.next = end;
+        Some(at)
+    }
+}
+
+/// Turns a device error into a [`VmmError`] naming the device.
+pub fn dev_err<E: std::error::Error + Send + Sync + 'static>(what: String) -> impl FnOnce(E) -> VmmError {
+    move |e| VmmError::Device(what, Box::new(e))
+}
+
+/// What device setup accumulates.
+pub struct Builder {
+    /// Bus 0 under construction.
+    pub pci: PciBus,
+    /// BAR addresses.
+    pub bars: WindowAllocator,
+    /// MSI vectors.
+    pub interrupts: KvmInterruptManager,
+    ioevents: Arc<dyn IoEventRegistrar>,
+    /// Event-loop handlers.
+    pub subscribers: Vec<Subscriber>,
+    /// Device numbers behind the vIOMMU (for the VIOT).
+    pub endpoints: Vec<u8>,
+    next_slot: u8,
+    /// The vIOMMU, if any.
+    pub iommu: Option<IommuHandle>,
+    /// Guest memory.
+    pub mem: Arc<GuestMemoryMmap>,
+    /// Guest RAM as device processes map it.
+    pub ram: SharedRam,
+}
+
+impl Builder {
+    /// The next free device number.
+    ///
+    /// # Errors
+    /// When the bus is full.
+    pub fn slot(&mut self, what: &str) -> Result<u8, VmmError> {
+        let s = self.next_slot;
+        if s >= 32 {
+            return Err(VmmError::Device(what.into(), "no free slot on PCI bus 0".into()));
+        }
+        self.next_slot += 1;
+        Ok(s)
+    }
+
+    fn add_virtio(&mut self, slot: u8, dev: Arc<Mutex<dyn VirtioDevice>>, name: &str) -> Result<(), VmmError> {
+        let nq = dev.lock().unwrap_or_else(|e| e.into_inner()).queue_max_sizes().len();
+        let vectors = self
+            .interrupts
+            .allocate_msi(nq + 1)
+            .map_err(dev_err(format!("{name} interrupts")))?;
+        let bar = self
+            .bars
+            .allocate(BAR0_SIZE)
+            .ok_or_else(|| VmmError::Device(name.into(), "the 32-bit PCI window is full".into()))?;
+        let pdev = VirtioPciDevice::new(dev.clone(), bar, vectors, Some(self.ioevents.clone()))
+            .map_err(dev_err(format!("{name} transport")))?;
+        self.subscribers.push(Arc::new(Mutex::new(QueueNotifier {
+            device: dev,
+            evts: pdev.queue_evts().to_vec(),
+        })));
+        self.add_pci(slot, Arc::new(Mutex::new(pdev)), name)
+    }
+
+    /// Puts `dev` in `slot`.
+    ///
+    /// # Errors
+    /// When the slot is taken.
+    pub fn add_pci(&mut self, slot: u8, dev: Arc<Mutex<dyn PciDevice>>, name: &str) -> Result<(), VmmError> {
+        if !self.pci.add_device(usize::from(slot), dev) {
+            return Err(VmmError::Device(name.into(), "PCI slot taken".into()));
+        }
+        Ok(())
+    }
+}
+
 /// The VM's PCI devices.
 pub struct DeviceManager {
     /// The virtio-iommu, if any.
     pub iommu: Option<(IommuHandle, Arc<Mutex<VirtioIommu>>)>,
     /// Disks: label and device.
     pub disks: Vec<(String, Arc<Mutex<VirtioBlock>>)>,
+    /// Passthrough devices.
+    pub passthrough: Vec<Passthrough>,
     /// Event-loop handlers to register.
     pub subscribers: Vec<Subscriber>,
     /// What the ACPI tables describe.
     pub platform: PlatformDescription,
-}
-
-struct BarAllocator {
-    next: u64,
-    end: u64,
-}
-
-impl BarAllocator {
-    fn alloc(&mut self, size: u64) -> Result<u64, VmmError> {
-        let at = self.next.next_multiple_of(size);
-        if at + size > self.end {
-            return Err(VmmError::Device(
-                "PCI devices".into(),
-                "the 32-bit PCI window is full".into(),
-            ));
-        }
-        self.next = at + size;
-        Ok(at)
-    }
-}
-
-fn dev_err<E: std::error::Error + Send + Sync + 'static>(
-    what: String,
-) -> impl FnOnce(E) -> VmmError {
-    move |e| VmmError::Device(what, Box::new(e))
 }
 
 impl DeviceManager {
@@ -143,47 +208,28 @@ impl DeviceManager {
         cli: &Cli,
         vm: Arc<VmFd>,
         mem: Arc<GuestMemoryMmap>,
+        ram: SharedRam,
         mem_size: u64,
         pio: &Bus,
         mmio: &Bus,
     ) -> Result<Self, VmmError> {
-        let interrupts = KvmInterruptManager(KvmInterrupts::new(vm.clone()));
-        let ioevents: Arc<dyn IoEventRegistrar> = Arc::new(KvmIoEvents(vm));
-        let mut bars = BarAllocator {
-            next: layout::PCI_MMIO_32_START,
-            end: layout::PCI_MMIO_32_START + layout::PCI_MMIO_32_SIZE,
+        let mut b = Builder {
+            pci: PciBus::new(),
+            bars: WindowAllocator {
+                next: layout::PCI_MMIO_32_START,
+                end: layout::PCI_MMIO_32_START + layout::PCI_MMIO_32_SIZE,
+            },
+            interrupts: KvmInterruptManager(KvmInterrupts::new(vm.clone())),
+            ioevents: Arc::new(KvmIoEvents(vm)),
+            subscribers: Vec::new(),
+            endpoints: Vec::new(),
+            next_slot: FIRST_SLOT,
+            iommu: None,
+            mem: mem.clone(),
+            ram,
         };
-        let mut pci = PciBus::new();
-        pci.add_device(0, Arc::new(Mutex::new(HostBridge::new())));
-        let mut subscribers: Vec<Subscriber> = Vec::new();
-        let mut add_virtio = |pci: &mut PciBus,
-                              slot: u8,
-                              dev: Arc<Mutex<dyn VirtioDevice>>,
-                              name: &str|
-         -> Result<(), VmmError> {
-            let nq = dev
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .queue_max_sizes()
-                .len();
-            let vectors = interrupts
-                .allocate_msi(nq + 1)
-                .map_err(dev_err(format!("{name} interrupts")))?;
-            let bar = bars.alloc(BAR0_SIZE)?;
-            let pdev = VirtioPciDevice::new(dev.clone(), bar, vectors, Some(ioevents.clone()))
-                .map_err(dev_err(format!("{name} transport")))?;
-            subscribers.push(Arc::new(Mutex::new(QueueNotifier {
-                device: dev,
-                evts: pdev.queue_evts().to_vec(),
-            })));
-            let pdev: Arc<Mutex<dyn PciDevice>> = Arc::new(Mutex::new(pdev));
-            if !pci.add_device(usize::from(slot), pdev) {
-                return Err(VmmError::Device(name.into(), "PCI slot taken".into()));
-            }
-            Ok(())
-        };
+        b.pci.add_device(0, Arc::new(Mutex::new(HostBridge::new())));
 
-        let mut fault_notifier = None;
         let iommu = match &cli.iommu {
             Some(arg) => {
                 let cfg = ViommuConfig {
@@ -191,48 +237,36 @@ impl DeviceManager {
                     guest_ram: layout::ram_ranges(mem_size),
                     ..Default::default()
                 };
-                let handle = IommuHandle::new(Viommu::new(cfg))
-                    .map_err(dev_err("the virtio-iommu".into()))?;
+                let handle = IommuHandle::new(Viommu::new(cfg)).map_err(dev_err("the virtio-iommu".into()))?;
                 let dev = Arc::new(Mutex::new(VirtioIommu::new(handle.clone(), mem.clone())));
-                add_virtio(&mut pci, IOMMU_SLOT, dev.clone(), "the virtio-iommu")?;
-                fault_notifier = Some(FaultNotifier {
+                b.add_virtio(IOMMU_SLOT, dev.clone(), "the virtio-iommu")?;
+                b.subscribers.push(Arc::new(Mutex::new(FaultNotifier {
                     device: dev.clone(),
                     evt: handle.fault_evt.clone(),
-                });
+                })));
+                b.iommu = Some(handle.clone());
                 Some((handle, dev))
             }
             None => None,
         };
 
         let mut disks = Vec::new();
-        let mut endpoints = Vec::new();
-        for (i, d) in cli.disk.iter().enumerate() {
-            let slot = FIRST_DISK_SLOT + i as u8;
-            if slot >= 32 {
-                return Err(VmmError::Device(
-                    "disks".into(),
-                    "too many devices for one PCI bus".into(),
-                ));
-            }
+        for d in &cli.disk {
             let name = format!("disk {}", d.path.display());
-            let behind = match (&iommu, d.iommu) {
-                (Some((h, _)), true) => {
+            let slot = b.slot(&name)?;
+            let behind = match (&b.iommu, d.iommu) {
+                (Some(h), true) => {
                     let ep = u32::from(slot) << 3;
-                    h.lock()
-                        .add_endpoint(ep, None, &[])
-                        .map_err(dev_err(name.clone()))?;
-                    endpoints.push(slot);
+                    h.lock().add_endpoint(ep, None, &[]).map_err(dev_err(name.clone()))?;
+                    b.endpoints.push(slot);
                     Some((h.clone(), ep))
                 }
-                (None, true) => {
-                    return Err(VmmError::Device(name, "iommu=on needs --iommu".into()))
-                }
+                (None, true) => return Err(VmmError::Device(name, "iommu=on needs --iommu".into())),
                 _ => None,
             };
-            let blk = VirtioBlock::new(&d.path, d.readonly, mem.clone(), behind)
-                .map_err(dev_err(name.clone()))?;
+            let blk = VirtioBlock::new(&d.path, d.readonly, mem.clone(), behind).map_err(dev_err(name.clone()))?;
             let blk = Arc::new(Mutex::new(blk));
-            add_virtio(&mut pci, slot, blk.clone(), &name)?;
+            b.add_virtio(slot, blk.clone(), &name)?;
             let label = format!(
                 "virtio-blk 00:{slot:02x}.0 ({}{})",
                 d.path.display(),
@@ -241,10 +275,15 @@ impl DeviceManager {
             disks.push((label, blk));
         }
 
-        if let Some(f) = fault_notifier {
-            subscribers.push(Arc::new(Mutex::new(f)));
+        let mut passthrough = Vec::new();
+        for p in &cli.vfio_user {
+            passthrough.push(Passthrough::vfio_user(&mut b, p)?);
         }
-        let pci = Arc::new(pci);
+        for p in &cli.vfio {
+            passthrough.push(Passthrough::vfio(&mut b, p)?);
+        }
+
+        let pci = Arc::new(b.pci);
         mmio.insert(
             Arc::new(Mutex::new(PciEcam(pci.clone()))),
             layout::PCI_ECAM_START,
@@ -258,7 +297,7 @@ impl DeviceManager {
         )
         .map_err(dev_err("the PCI window".into()))?;
         pio.insert(
-            Arc::new(Mutex::new(PciConfigIo::new(pci.clone()))),
+            Arc::new(Mutex::new(PciConfigIo::new(pci))),
             u64::from(layout::PCI_CONFIG_ADDRESS_PORT),
             8,
         )
@@ -267,19 +306,17 @@ impl DeviceManager {
         let platform = PlatformDescription {
             cpus: cli.cpus,
             pci_mmio32: (layout::PCI_MMIO_32_START, layout::PCI_MMIO_32_SIZE),
-            pci_mmio64: (
-                layout::pci_mmio_64_start(mem_size),
-                layout::PCI_MMIO_64_SIZE,
-            ),
+            pci_mmio64: (layout::pci_mmio_64_start(mem_size), layout::PCI_MMIO_64_SIZE),
             iommu: iommu.as_ref().map(|_| IommuTopology {
                 iommu_device: IOMMU_SLOT,
-                endpoints,
+                endpoints: b.endpoints.clone(),
             }),
         };
         Ok(Self {
             iommu,
             disks,
-            subscribers,
+            passthrough,
+            subscribers: b.subscribers,
             platform,
         })
     }
@@ -321,11 +358,7 @@ impl DeviceManager {
             ));
         }
         for (label, d) in &self.disks {
-            let c = d
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .counters()
-                .clone();
+            let c = d.lock().unwrap_or_else(|e| e.into_inner()).counters().clone();
             lines.push(format!(
                 "{label}: reads={} writes={} flushes={} bytes_read={} bytes_written={} io_errors={} \
                  translation_faults={} unsupported={}",
@@ -338,6 +371,9 @@ impl DeviceManager {
                 c.translation_faults,
                 c.unsupported
             ));
+        }
+        for p in &self.passthrough {
+            lines.push(p.counters_line());
         }
         lines
     }

@@ -98,6 +98,10 @@ impl MsiVector for KvmMsi {
         let _ = self.evt.write(1);
     }
 
+    fn irqfd(&self) -> Option<std::os::fd::RawFd> {
+        Some(std::os::fd::AsRawFd::as_raw_fd(&self.evt))
+    }
+
     fn update(&self, address: u64, data: u32, enabled: bool) -> io::Result<()> {
         let mut routes = self.mgr.routes.lock().unwrap_or_else(|e| e.into_inner());
         let changed = if enabled {

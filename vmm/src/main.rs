@@ -6,6 +6,7 @@ mod device_manager;
 mod error;
 mod interrupts;
 mod memory;
+mod passthrough;
 mod vcpu;
 mod vm;
 

@@ -16,7 +16,6 @@ pub struct GuestRam {
     /// The mapped memory (with the VMM's dirty bitmap).
     pub mem: Arc<GuestMemoryMmap>,
     /// The memfd; RAM range `i` starts at the sum of the sizes of ranges `0..i`.
-    #[allow(dead_code)] // shared with vfio-user device servers
     pub memfd: Arc<File>,
     /// Total bytes of RAM.
     pub size: u64,

@@ -22,6 +22,7 @@ use vmm_sys_util::signal::Killable;
 
 use crate::cli::{Cli, SerialArg};
 use crate::device_manager::DeviceManager;
+use devices::passthrough::vfio_user_backend::SharedRam;
 use crate::error::VmmError;
 use crate::memory::GuestRam;
 use crate::vcpu::{self, VcpuContext};
@@ -151,8 +152,11 @@ impl Vm {
         .map_err(dev_err("the test-exit port"))?;
 
         let vm_fd = Arc::new(vm_fd);
-        let devices =
-            DeviceManager::new(cli, vm_fd.clone(), ram.mem.clone(), ram.size, &pio, &mmio)?;
+        let shared = SharedRam {
+            memfd: ram.memfd.clone(),
+            ranges: ram.regions().iter().map(|&(gpa, len, _, off)| (gpa, len, off)).collect(),
+        };
+        let devices = DeviceManager::new(cli, vm_fd.clone(), ram.mem.clone(), shared, ram.size, &pio, &mmio)?;
         let rsdp = boot::acpi::write_acpi_tables(ram.mem.as_ref(), &devices.platform)?;
 
         // Kernel, initramfs, command line, boot params.

@@ -1,0 +1,74 @@
+//! Passthrough devices: a PCI device model whose config space, BARs, interrupts and DMA come
+//! from a backend (a vfio-user device process, or host VFIO).
+//!
+//! The model builds the guest-visible configuration space itself from the device's IDs and
+//! BAR sizes, with BARs at addresses the VMM allocated, and emulates MSI-X in a BAR of its own:
+//! each vector is a KVM irqfd handed to the device (`SET_IRQS`), routed as the guest programs
+//! the table. BAR accesses are forwarded to the backend. When the backend fails (the device
+//! process died), the device is marked failed: its BARs read all ones, writes are dropped and
+//! its DMA calls become no-ops, so the guest sees errors from that device only.
+
+pub mod pci;
+pub mod vfio;
+pub mod vfio_user;
+pub mod vfio_user_backend;
+
+use std::os::fd::RawFd;
+
+/// VFIO PCI region index of the configuration space.
+pub const VFIO_PCI_CONFIG_REGION_INDEX: u32 = 7;
+/// VFIO PCI IRQ index of MSI-X.
+pub const VFIO_PCI_MSIX_IRQ_INDEX: u32 = 2;
+/// VFIO PCI IRQ index of the error interrupt.
+pub const VFIO_PCI_ERR_IRQ_INDEX: u32 = 3;
+
+/// Why a passthrough backend call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PassthroughError {
+    /// The device (process) is gone: it is now failed.
+    #[error("device failed: {0}")]
+    Failed(String),
+    /// The device refused or the request was invalid.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// A region of the device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Region {
+    /// Bytes (0: absent).
+    pub size: u64,
+}
+
+/// The device side of a passthrough device (not its DMA, which is an `iommu::DmaBackend`).
+pub trait PassthroughBackend: Send {
+    /// For logs: `vfio-user /path` or `VFIO 0000:01:00.0`.
+    fn describe(&self) -> String;
+    /// Region `index`, if the device has it.
+    fn region(&self, index: u32) -> Option<Region>;
+    /// Reads region `index` at `offset`.
+    ///
+    /// # Errors
+    /// [`PassthroughError`].
+    fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), PassthroughError>;
+    /// Writes region `index` at `offset`.
+    ///
+    /// # Errors
+    /// [`PassthroughError`].
+    fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), PassthroughError>;
+    /// Vectors of IRQ index `index` (0 when absent).
+    ///
+    /// # Errors
+    /// [`PassthroughError`].
+    fn irq_count(&mut self, index: u32) -> Result<u32, PassthroughError>;
+    /// Makes vectors `start..` of IRQ index `index` signal `fds` (empty: disable).
+    ///
+    /// # Errors
+    /// [`PassthroughError`].
+    fn set_irqs(&mut self, index: u32, start: u32, fds: &[RawFd]) -> Result<(), PassthroughError>;
+    /// Resets the device.
+    ///
+    /// # Errors
+    /// [`PassthroughError`].
+    fn reset(&mut self) -> Result<(), PassthroughError>;
+}

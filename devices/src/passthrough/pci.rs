@@ -1,0 +1,204 @@
+//! The passthrough PCI function.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::interrupt::MsiVector;
+use crate::pci::msix::Msix;
+use crate::pci::{PciConfiguration, PciDevice, PciIds};
+
+use super::{PassthroughBackend, PassthroughError, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX};
+
+/// Size of the BAR that holds the emulated MSI-X table and PBA.
+pub const MSIX_BAR_SIZE: u64 = 0x1000;
+const MSIX_PBA_OFFSET: u64 = 0x800;
+
+/// Why a passthrough device could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// A backend call failed.
+    #[error(transparent)]
+    Backend(#[from] PassthroughError),
+    /// The device has no free BAR slot for the MSI-X table, or too many BARs.
+    #[error("{0}")]
+    Layout(String),
+}
+
+/// Allocates BAR addresses (the VMM's PCI window).
+pub trait BarAllocator {
+    /// An address for a BAR of `size` bytes (a power of two), aligned to its size.
+    fn allocate(&mut self, size: u64) -> Option<u64>;
+}
+
+/// A passthrough function on the guest's PCI bus.
+pub struct PassthroughPci {
+    config: PciConfiguration,
+    backend: Arc<Mutex<dyn PassthroughBackend>>,
+    /// BAR index -> device region index (the same index for PCI devices).
+    bars: Vec<usize>,
+    msix: Option<(usize, Msix)>,
+    failed: Arc<AtomicBool>,
+    name: String,
+}
+
+impl PassthroughPci {
+    /// Builds the function from `backend`: IDs from its config region, BARs sized as its
+    /// regions 0-5 at addresses from `alloc`, and MSI-X with `vectors` (at most as many as
+    /// the device has) handed to the device as irqfds.
+    ///
+    /// # Errors
+    /// [`SetupError`].
+    pub fn new(
+        name: String,
+        backend: Arc<Mutex<dyn PassthroughBackend>>,
+        alloc: &mut dyn BarAllocator,
+        make_vectors: &mut dyn FnMut(usize) -> std::io::Result<Vec<Arc<dyn MsiVector>>>,
+        failed: Arc<AtomicBool>,
+    ) -> Result<Self, SetupError> {
+        let mut b = backend.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cfg = [0u8; 64];
+        b.region_read(VFIO_PCI_CONFIG_REGION_INDEX, 0, &mut cfg)?;
+        let u16_at = |o: usize| u16::from_le_bytes([cfg[o], cfg[o + 1]]);
+        let class = u32::from(cfg[0x0b]) << 16 | u32::from(cfg[0x0a]) << 8 | u32::from(cfg[0x09]);
+        let mut config = PciConfiguration::new(PciIds {
+            vendor: u16_at(0),
+            device: u16_at(2),
+            class,
+            revision: cfg[8],
+            subsystem_vendor: u16_at(0x2c),
+            subsystem: u16_at(0x2e),
+        });
+        let mut bars = Vec::new();
+        for i in 0..6u32 {
+            let Some(r) = b.region(i).filter(|r| r.size > 0) else {
+                continue;
+            };
+            let size = r.size.next_power_of_two().max(0x1000);
+            let addr = alloc
+                .allocate(size)
+                .ok_or_else(|| SetupError::Layout(format!("no room for BAR {i} ({size:#x} bytes)")))?;
+            config.add_bar(i as usize, addr, size, false);
+            bars.push(i as usize);
+        }
+        let nvec = b.irq_count(VFIO_PCI_MSIX_IRQ_INDEX)?;
+        let msix = if nvec > 0 {
+            let slot = (0..6usize)
+                .find(|i| !bars.contains(i))
+                .ok_or_else(|| SetupError::Layout("no free BAR for the MSI-X table".into()))?;
+            let vectors = make_vectors(nvec.min(2048) as usize)
+                .map_err(|e| SetupError::Layout(format!("MSI-X vectors: {e}")))?;
+            let fds: Vec<i32> = vectors.iter().filter_map(|v| v.irqfd()).collect();
+            if !fds.is_empty() {
+                b.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, 0, &fds)?;
+            }
+            let m = Msix::new(vectors);
+            let (cap, writable) = m.capability(slot as u8, 0, MSIX_PBA_OFFSET as u32);
+            config.add_capability(&cap, &writable);
+            let addr = alloc
+                .allocate(MSIX_BAR_SIZE)
+                .ok_or_else(|| SetupError::Layout("no room for the MSI-X BAR".into()))?;
+            config.add_bar(slot, addr, MSIX_BAR_SIZE, false);
+            Some((slot, m))
+        } else {
+            None
+        };
+        drop(b);
+        Ok(Self {
+            config,
+            backend,
+            bars,
+            msix,
+            failed,
+            name,
+        })
+    }
+
+    /// Whether the device failed.
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    fn fail(&self, e: &PassthroughError) {
+        if !self.failed.swap(true, Ordering::AcqRel) {
+            log::error!("passthrough device {} failed: {e}; it now reads as all ones", self.name);
+        }
+    }
+
+    fn msix_cap_reg(&self) -> Option<usize> {
+        // The MSI-X capability is the only one: it sits at the first capability offset.
+        self.msix.as_ref().map(|_| usize::from(self.config.byte(0x34)) / 4)
+    }
+}
+
+impl PciDevice for PassthroughPci {
+    fn config(&self) -> &PciConfiguration {
+        &self.config
+    }
+
+    fn config_write(&mut self, reg: usize, offset: u64, data: &[u8]) {
+        self.config.write_reg(reg, offset, data);
+        if Some(reg) == self.msix_cap_reg() {
+            let ctrl = (self.config.read_reg(reg) >> 16) as u16;
+            if let Some((_, m)) = self.msix.as_mut() {
+                m.set_message_control(ctrl);
+            }
+        }
+    }
+
+    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        if let Some((slot, m)) = self.msix.as_ref() {
+            if *slot == bar {
+                if offset >= MSIX_PBA_OFFSET {
+                    m.pba_read(offset - MSIX_PBA_OFFSET, data);
+                } else {
+                    m.table_read(offset, data);
+                }
+                return;
+            }
+        }
+        if self.failed() || !self.bars.contains(&bar) {
+            data.fill(0xff);
+            return;
+        }
+        let r = self
+            .backend
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .region_read(bar as u32, offset, data);
+        match r {
+            Ok(()) => {}
+            Err(e @ PassthroughError::Failed(_)) => {
+                self.fail(&e);
+                data.fill(0xff);
+            }
+            Err(e) => {
+                log::debug!("{}: BAR {bar} read at {offset:#x}: {e}", self.name);
+                data.fill(0xff);
+            }
+        }
+    }
+
+    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        if let Some((slot, m)) = self.msix.as_mut() {
+            if *slot == bar {
+                if offset < MSIX_PBA_OFFSET {
+                    m.table_write(offset, data);
+                }
+                return;
+            }
+        }
+        if self.failed() || !self.bars.contains(&bar) {
+            return;
+        }
+        let r = self
+            .backend
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .region_write(bar as u32, offset, data);
+        match r {
+            Ok(()) => {}
+            Err(e @ PassthroughError::Failed(_)) => self.fail(&e),
+            Err(e) => log::debug!("{}: BAR {bar} write at {offset:#x}: {e}", self.name),
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! The DMA test device: a PCI device with a small DMA engine, served over vfio-user by the
+//! `dma-test-device` binary (on the `vfio_user` crate's server side).
+//!
+//! BAR 0 (region 0, 4 KiB) holds the registers of [`regs`]: source and destination IOVAs,
+//! length, operation (copy, fill, compare), a doorbell, status, the error with the faulting
+//! IOVA, and a per-chunk delay that keeps a transfer pending long enough to race an UNMAP.
+//! MSI-X vector 0 signals completion (and errors). The device reaches guest memory only
+//! through the IOVAs the VMM mapped for it, with their permissions; anything else is a DMA
+//! fault, recorded in the error registers, in the fault log (region 9) and signalled on the
+//! error IRQ (index 3) so that the VMM raises a virtio-iommu fault event. Region 10 exposes
+//! the dirty log of IOVA pages the device wrote.
+
+pub mod dma;
+mod engine;
+mod server;
+
+pub use engine::TestDevice;
+pub use server::serve;
+
+/// PCI vendor ID of the test device.
+pub const VENDOR_ID: u16 = 0x1234;
+/// PCI device ID of the test device.
+pub const DEVICE_ID: u16 = 0x7eed;
+/// Size of BAR 0.
+pub const BAR0_SIZE: u64 = 0x1000;
+/// Region of the fault log: `u32 count`, `u32 lost`, then `count` records of
+/// `{u64 iova, u32 flags (bit 0: write), u32 0}`. Writing offset 0 clears it.
+pub const REGION_FAULT_LOG: u32 = 9;
+/// Records the fault log holds.
+pub const FAULT_LOG_RECORDS: usize = 64;
+/// Region of the dirty log: control at 0 (`u32`: 1 starts tracking, clearing the log; 0
+/// stops), query at 8 (`u64 iova`, `u64 pages`, `u32 clear`), bitmap of the query from
+/// [`DIRTY_BITMAP_OFFSET`] (bit `i` = IOVA page `iova / 4096 + i`).
+pub const REGION_DIRTY_LOG: u32 = 10;
+/// Offset of the bitmap window in the dirty-log region.
+pub const DIRTY_BITMAP_OFFSET: u64 = 0x1000;
+/// Size of the bitmap window (32 GiB of IOVA per query).
+pub const DIRTY_BITMAP_SIZE: u64 = 1 << 20;
+/// Number of MSI-X vectors.
+pub const MSIX_VECTORS: u32 = 2;
+
+/// Register offsets of BAR 0 (little-endian; 64-bit registers may be accessed as two halves).
+pub mod regs {
+    /// `u32`, reads `0x7eed_d4a7`.
+    pub const ID: u64 = 0x00;
+    /// `u32` version, 1.
+    pub const VERSION: u64 = 0x04;
+    /// `u64` source IOVA.
+    pub const SRC: u64 = 0x08;
+    /// `u64` destination IOVA.
+    pub const DST: u64 = 0x10;
+    /// `u64` length in bytes (at most 64 MiB).
+    pub const LEN: u64 = 0x18;
+    /// `u32` operation: [`super::OP_COPY`], [`super::OP_FILL`], [`super::OP_COMPARE`].
+    pub const OP: u64 = 0x20;
+    /// `u32` fill value (its low byte is written).
+    pub const FILL: u64 = 0x24;
+    /// `u32`: writing 1 starts the operation.
+    pub const DOORBELL: u64 = 0x28;
+    /// `u32` status: [`super::STATUS_IDLE`] .. [`super::STATUS_ERROR`].
+    pub const STATUS: u64 = 0x2c;
+    /// `u32` error: [`super::ERR_NONE`] ..
+    pub const ERROR: u64 = 0x30;
+    /// `u64` the IOVA that faulted.
+    pub const FAULT_IOVA: u64 = 0x38;
+    /// `u64` compare result: 0 when equal, else 1 + the first differing offset.
+    pub const RESULT: u64 = 0x40;
+    /// `u32` microseconds to wait after each 4 KiB chunk.
+    pub const DELAY_US: u64 = 0x48;
+    /// `u64` operations completed.
+    pub const COMPLETED: u64 = 0x50;
+    /// `u64` bytes moved.
+    pub const BYTES: u64 = 0x58;
+    /// `u64` DMA faults.
+    pub const FAULTS: u64 = 0x60;
+    /// `u64` bytes done of the current operation.
+    pub const PROGRESS: u64 = 0x68;
+}
+
+/// Value of [`regs::ID`].
+pub const ID_VALUE: u32 = 0x7eed_d4a7;
+/// Copy `LEN` bytes from `SRC` to `DST`.
+pub const OP_COPY: u32 = 1;
+/// Write `LEN` bytes of the fill value at `DST`.
+pub const OP_FILL: u32 = 2;
+/// Compare `LEN` bytes at `SRC` and `DST`.
+pub const OP_COMPARE: u32 = 3;
+/// Idle.
+pub const STATUS_IDLE: u32 = 0;
+/// An operation is running.
+pub const STATUS_BUSY: u32 = 1;
+/// The last operation completed.
+pub const STATUS_DONE: u32 = 2;
+/// The last operation failed; see [`regs::ERROR`].
+pub const STATUS_ERROR: u32 = 3;
+/// No error.
+pub const ERR_NONE: u32 = 0;
+/// A read from an IOVA faulted.
+pub const ERR_FAULT_READ: u32 = 1;
+/// A write to an IOVA faulted.
+pub const ERR_FAULT_WRITE: u32 = 2;
+/// Unknown operation.
+pub const ERR_BAD_OP: u32 = 3;
+/// Length zero or above 64 MiB.
+pub const ERR_BAD_LEN: u32 = 4;
+/// Doorbell while busy.
+pub const ERR_BUSY: u32 = 5;
+/// Largest transfer.
+pub const MAX_LEN: u64 = 64 << 20;
