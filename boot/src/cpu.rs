@@ -80,10 +80,35 @@ fn segment_from_gdt(entry: u64, selector: u16) -> kvm_segment {
 ///
 /// # Errors
 /// [`BootError::Kvm`] if KVM cannot report its supported CPUID.
-pub fn cpuid_for(kvm: &Kvm, id: u8, count: u8) -> Result<CpuId, BootError> {
+pub fn cpuid_for(kvm: &Kvm, id: u8, count: u8, tsc_khz: Option<u32>) -> Result<CpuId, BootError> {
     let mut cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| BootError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+    // The hypervisor timing leaf (0x40000010): EAX = TSC kHz, EBX = LAPIC timer kHz.
+    if let Some(khz) = tsc_khz {
+        let mut entries: Vec<_> = cpuid.as_slice().to_vec();
+        let mut has_leaf = false;
+        for e in &mut entries {
+            if e.function == 0x4000_0000 {
+                e.eax = e.eax.max(0x4000_0010);
+            }
+            if e.function == 0x4000_0010 {
+                has_leaf = true;
+                e.eax = khz;
+                e.ebx = 1_000_000;
+            }
+        }
+        if !has_leaf {
+            entries.push(kvm_bindings::kvm_cpuid_entry2 {
+                function: 0x4000_0010,
+                eax: khz,
+                ebx: 1_000_000,
+                ..Default::default()
+            });
+        }
+        cpuid =
+            CpuId::from_entries(&entries).map_err(|_| BootError::WriteBootData("CPUID table"))?;
+    }
     for entry in cpuid.as_mut_slice() {
         match entry.function {
             1 => {
@@ -112,7 +137,8 @@ pub fn cpuid_for(kvm: &Kvm, id: u8, count: u8) -> Result<CpuId, BootError> {
 /// # Errors
 /// [`BootError::Kvm`] naming the ioctl that failed.
 pub fn configure_vcpu(kvm: &Kvm, vcpu: &VcpuFd, id: u8, count: u8) -> Result<(), BootError> {
-    let cpuid = cpuid_for(kvm, id, count)?;
+    let tsc_khz = vcpu.get_tsc_khz().ok().filter(|&k| k > 0);
+    let cpuid = cpuid_for(kvm, id, count, tsc_khz)?;
     vcpu.set_cpuid2(&cpuid)
         .map_err(|e| BootError::Kvm("KVM_SET_CPUID2", e))?;
 
@@ -198,6 +224,16 @@ pub fn write_boot_tables<M: GuestMemoryBackend>(mem: &M) -> Result<[u64; 5], Boo
     let err = |_| BootError::WriteBootData("page tables");
     mem.write_obj(PDPTE_START | 0x3, GuestAddress(PML4_START))
         .map_err(err)?;
+    // The top 2 GiB map the first 2 GiB, through the same page directories.
+    mem.write_obj(PDPTE_HIGH_START | 0x3, GuestAddress(PML4_START + 511 * 8))
+        .map_err(err)?;
+    mem.write_obj(PDE_START | 0x3, GuestAddress(PDPTE_HIGH_START + 510 * 8))
+        .map_err(err)?;
+    mem.write_obj(
+        (PDE_START + 0x1000) | 0x3,
+        GuestAddress(PDPTE_HIGH_START + 511 * 8),
+    )
+    .map_err(err)?;
     for gib in 0..IDENTITY_MAPPED_GIB {
         let pd = PDE_START + gib * 0x1000;
         mem.write_obj(pd | 0x3, GuestAddress(PDPTE_START + gib * 8))

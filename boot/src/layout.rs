@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! 0x0000_0500  GDT (4 entries)           0x0000_7000  boot_params (zero page)
-//! 0x0000_8ff0  boot stack top            0x0000_9000  PML4, PDPT, 4 PDs (2 MiB pages)
+//! 0x0000_8ff0  boot stack top            0x0000_9000  PML4, PDPT, 4 PDs, high PDPT
 //! 0x0002_0000  kernel command line       0x0009_fc00  EBDA (reserved) .. 1 MiB
 //! 0x000e_0000  ACPI tables (RSDP first)  0x0010_0000  RAM (kernel at 16 MiB for vmlinux)
 //! 0xc000_0000  32-bit MMIO hole: PCI BARs (0xc000_0000..0xe000_0000), ECAM at 0xe000_0000,
@@ -26,6 +26,10 @@ pub const PDPTE_START: u64 = 0xa000;
 pub const PDE_START: u64 = 0xb000;
 /// GiB of address space identity mapped with 2 MiB pages at entry.
 pub const IDENTITY_MAPPED_GIB: u64 = 4;
+/// GPA of the PDPT that maps the top 2 GiB of the address space (0xffff_ffff_8000_0000) to
+/// the first 2 GiB of physical memory, as Linux's kernel mapping does: PVM hosts run guest
+/// kernel code natively only there.
+pub const PDPTE_HIGH_START: u64 = 0xf000;
 /// GPA of the kernel command line.
 pub const CMDLINE_START: u64 = 0x20000;
 /// Largest command line, bytes including the NUL (x86 `COMMAND_LINE_SIZE`).

@@ -124,6 +124,10 @@ pub enum Fallback {
     Int3,
     /// `fwait`/`wait`: no unmasked x87 exception can be pending in our guests; skipped.
     Fwait,
+    /// `xorps`/`xorpd`/`pxor` between two XMM registers (compilers' register-zeroing
+    /// idiom): done on the vCPU's saved XMM state. KVM's emulator has no SSE logic ops, and
+    /// on PVM a guest that is not PVM-aware runs in that emulator.
+    SseXor,
 }
 
 impl Fallback {
@@ -132,6 +136,7 @@ impl Fallback {
         match self {
             Fallback::Int3 => "int3",
             Fallback::Fwait => "fwait",
+            Fallback::SseXor => "sse-xor",
         }
     }
 }
@@ -146,12 +151,32 @@ pub fn classify(failure: &EmulationFailure) -> Result<(Fallback, u64), BootError
     match insn.mnemonic() {
         Mnemonic::Int3 => Ok((Fallback::Int3, len)),
         Mnemonic::Wait => Ok((Fallback::Fwait, len)),
+        Mnemonic::Xorps | Mnemonic::Xorpd | Mnemonic::Pxor if xmm_pair(&insn).is_some() => {
+            Ok((Fallback::SseXor, len))
+        }
         _ => Err(BootError::UnhandledInstruction {
             rip: failure.rip,
             bytes: failure.hex(),
             disassembly: failure.disassembly(),
         }),
     }
+}
+
+/// The XMM register numbers of a two-register instruction (`op0`, `op1`).
+fn xmm_pair(insn: &Instruction) -> Option<(usize, usize)> {
+    use iced_x86::OpKind;
+    if insn.op_count() != 2
+        || insn.op0_kind() != OpKind::Register
+        || insn.op1_kind() != OpKind::Register
+    {
+        return None;
+    }
+    let (a, b) = (insn.op0_register(), insn.op1_register());
+    if !a.is_xmm() || !b.is_xmm() {
+        return None;
+    }
+    let n = |r: iced_x86::Register| r as usize - iced_x86::Register::XMM0 as usize;
+    Some((n(a), n(b)))
 }
 
 /// Reads the failing instruction from a `KVM_EXIT_INTERNAL_ERROR` exit: from the exit's data
@@ -207,7 +232,36 @@ pub fn emulation_failure<M: GuestMemoryBackend>(
 ///
 /// # Errors
 /// [`BootError::Kvm`] naming the ioctl that failed.
-pub fn apply(vcpu: &VcpuFd, fallback: Fallback, len: u64) -> Result<(), BootError> {
+pub fn apply(
+    vcpu: &VcpuFd,
+    failure: &EmulationFailure,
+    fallback: Fallback,
+    len: u64,
+) -> Result<(), BootError> {
+    if fallback == Fallback::SseXor {
+        let (d, s) =
+            xmm_pair(&failure.instruction()).ok_or_else(|| BootError::UnhandledInstruction {
+                rip: failure.rip,
+                bytes: failure.hex(),
+                disassembly: failure.disassembly(),
+            })?;
+        let mut fpu = vcpu
+            .get_fpu()
+            .map_err(|e| BootError::Kvm("KVM_GET_FPU", e))?;
+        if d >= fpu.xmm.len() || s >= fpu.xmm.len() {
+            return Err(BootError::UnhandledInstruction {
+                rip: failure.rip,
+                bytes: failure.hex(),
+                disassembly: failure.disassembly(),
+            });
+        }
+        let src = fpu.xmm[s];
+        for (x, y) in fpu.xmm[d].iter_mut().zip(src) {
+            *x ^= y;
+        }
+        vcpu.set_fpu(&fpu)
+            .map_err(|e| BootError::Kvm("KVM_SET_FPU", e))?;
+    }
     let mut regs = vcpu
         .get_regs()
         .map_err(|e| BootError::Kvm("KVM_GET_REGS", e))?;

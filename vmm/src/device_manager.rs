@@ -61,7 +61,10 @@ impl MutEventSubscriber for QueueNotifier {
         let q = events.data() as usize;
         if let Some(e) = self.evts.get(q) {
             let _ = e.read();
-            self.device.lock().unwrap_or_else(|e| e.into_inner()).queue_notify(q);
+            self.device
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .queue_notify(q);
         }
     }
     fn init(&mut self, ops: &mut EventOps) {
@@ -83,7 +86,10 @@ impl MutEventSubscriber for FaultNotifier {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
         let _ = self.evt.read();
         // Queue 1 is the event queue: a notification delivers waiting faults.
-        self.device.lock().unwrap_or_else(|e| e.into_inner()).queue_notify(1);
+        self.device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .queue_notify(1);
     }
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(err) = ops.add(Events::new(self.evt.as_ref(), EventSet::IN)) {
@@ -114,7 +120,9 @@ impl BarAllocator for WindowAllocator {
 }
 
 /// Turns a device error into a [`VmmError`] naming the device.
-pub fn dev_err<E: std::error::Error + Send + Sync + 'static>(what: String) -> impl FnOnce(E) -> VmmError {
+pub fn dev_err<E: std::error::Error + Send + Sync + 'static>(
+    what: String,
+) -> impl FnOnce(E) -> VmmError {
     move |e| VmmError::Device(what, Box::new(e))
 }
 
@@ -148,14 +156,26 @@ impl Builder {
     pub fn slot(&mut self, what: &str) -> Result<u8, VmmError> {
         let s = self.next_slot;
         if s >= 32 {
-            return Err(VmmError::Device(what.into(), "no free slot on PCI bus 0".into()));
+            return Err(VmmError::Device(
+                what.into(),
+                "no free slot on PCI bus 0".into(),
+            ));
         }
         self.next_slot += 1;
         Ok(s)
     }
 
-    fn add_virtio(&mut self, slot: u8, dev: Arc<Mutex<dyn VirtioDevice>>, name: &str) -> Result<(), VmmError> {
-        let nq = dev.lock().unwrap_or_else(|e| e.into_inner()).queue_max_sizes().len();
+    fn add_virtio(
+        &mut self,
+        slot: u8,
+        dev: Arc<Mutex<dyn VirtioDevice>>,
+        name: &str,
+    ) -> Result<(), VmmError> {
+        let nq = dev
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .queue_max_sizes()
+            .len();
         let vectors = self
             .interrupts
             .allocate_msi(nq + 1)
@@ -177,7 +197,12 @@ impl Builder {
     ///
     /// # Errors
     /// When the slot is taken.
-    pub fn add_pci(&mut self, slot: u8, dev: Arc<Mutex<dyn PciDevice>>, name: &str) -> Result<(), VmmError> {
+    pub fn add_pci(
+        &mut self,
+        slot: u8,
+        dev: Arc<Mutex<dyn PciDevice>>,
+        name: &str,
+    ) -> Result<(), VmmError> {
         if !self.pci.add_device(usize::from(slot), dev) {
             return Err(VmmError::Device(name.into(), "PCI slot taken".into()));
         }
@@ -237,7 +262,8 @@ impl DeviceManager {
                     guest_ram: layout::ram_ranges(mem_size),
                     ..Default::default()
                 };
-                let handle = IommuHandle::new(Viommu::new(cfg)).map_err(dev_err("the virtio-iommu".into()))?;
+                let handle = IommuHandle::new(Viommu::new(cfg))
+                    .map_err(dev_err("the virtio-iommu".into()))?;
                 let dev = Arc::new(Mutex::new(VirtioIommu::new(handle.clone(), mem.clone())));
                 b.add_virtio(IOMMU_SLOT, dev.clone(), "the virtio-iommu")?;
                 b.subscribers.push(Arc::new(Mutex::new(FaultNotifier {
@@ -257,14 +283,19 @@ impl DeviceManager {
             let behind = match (&b.iommu, d.iommu) {
                 (Some(h), true) => {
                     let ep = u32::from(slot) << 3;
-                    h.lock().add_endpoint(ep, None, &[]).map_err(dev_err(name.clone()))?;
+                    h.lock()
+                        .add_endpoint(ep, None, &[])
+                        .map_err(dev_err(name.clone()))?;
                     b.endpoints.push(slot);
                     Some((h.clone(), ep))
                 }
-                (None, true) => return Err(VmmError::Device(name, "iommu=on needs --iommu".into())),
+                (None, true) => {
+                    return Err(VmmError::Device(name, "iommu=on needs --iommu".into()))
+                }
                 _ => None,
             };
-            let blk = VirtioBlock::new(&d.path, d.readonly, mem.clone(), behind).map_err(dev_err(name.clone()))?;
+            let blk = VirtioBlock::new(&d.path, d.readonly, mem.clone(), behind)
+                .map_err(dev_err(name.clone()))?;
             let blk = Arc::new(Mutex::new(blk));
             b.add_virtio(slot, blk.clone(), &name)?;
             let label = format!(
@@ -306,7 +337,10 @@ impl DeviceManager {
         let platform = PlatformDescription {
             cpus: cli.cpus,
             pci_mmio32: (layout::PCI_MMIO_32_START, layout::PCI_MMIO_32_SIZE),
-            pci_mmio64: (layout::pci_mmio_64_start(mem_size), layout::PCI_MMIO_64_SIZE),
+            pci_mmio64: (
+                layout::pci_mmio_64_start(mem_size),
+                layout::PCI_MMIO_64_SIZE,
+            ),
             iommu: iommu.as_ref().map(|_| IommuTopology {
                 iommu_device: IOMMU_SLOT,
                 endpoints: b.endpoints.clone(),
@@ -358,7 +392,11 @@ impl DeviceManager {
             ));
         }
         for (label, d) in &self.disks {
-            let c = d.lock().unwrap_or_else(|e| e.into_inner()).counters().clone();
+            let c = d
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .counters()
+                .clone();
             lines.push(format!(
                 "{label}: reads={} writes={} flushes={} bytes_read={} bytes_written={} io_errors={} \
                  translation_faults={} unsupported={}",

@@ -30,10 +30,6 @@ pub struct Passthrough {
     pub dma_calls: Arc<Mutex<(u64, u64)>>,
     /// DMA faults the device reported.
     pub faults: Arc<Mutex<u64>>,
-    /// The vfio-user connection, when it is one.
-    pub vfio_user: Option<VfioUserDevice>,
-    /// Its IOMMU endpoint and backend, when behind the vIOMMU.
-    pub endpoint: Option<(u32, BackendId)>,
 }
 
 /// Turns the device's fault reports into virtio-iommu fault events, and notices a device
@@ -64,7 +60,11 @@ impl FaultForwarder {
                     }
                 } else {
                     for (iova, write) in faults {
-                        log::warn!("{}: DMA fault at IOVA {iova:#x} ({})", self.label, if write { "write" } else { "read" });
+                        log::warn!(
+                            "{}: DMA fault at IOVA {iova:#x} ({})",
+                            self.label,
+                            if write { "write" } else { "read" }
+                        );
                     }
                 }
             }
@@ -78,7 +78,10 @@ impl FaultForwarder {
         }
         self.reported_failure = true;
         self.dev.failed_flag().store(true, Ordering::Release);
-        log::error!("{}: the device process went away; the device is failed, the VM goes on", self.label);
+        log::error!(
+            "{}: the device process went away; the device is failed, the VM goes on",
+            self.label
+        );
         if let Some((h, _, backend)) = &self.iommu {
             h.lock().set_backend_failed(*backend);
         }
@@ -88,7 +91,10 @@ impl FaultForwarder {
 impl MutEventSubscriber for FaultForwarder {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         if events.fd() == self.socket_fd {
-            if events.event_set().intersects(EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::ERROR) {
+            if events
+                .event_set()
+                .intersects(EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::ERROR)
+            {
                 self.failed();
                 let _ = ops.remove(events);
             }
@@ -137,8 +143,11 @@ impl Passthrough {
         let endpoint = match (&b.iommu, arg.iommu) {
             (Some(h), true) => {
                 let mut s = h.lock();
-                let id = s.add_backend(Box::new(dma)).map_err(dev_err(name.clone()))?;
-                s.add_endpoint(ep, Some(id), &[]).map_err(dev_err(name.clone()))?;
+                let id = s
+                    .add_backend(Box::new(dma))
+                    .map_err(dev_err(name.clone()))?;
+                s.add_endpoint(ep, Some(id), &[])
+                    .map_err(dev_err(name.clone()))?;
                 b.endpoints.push(slot);
                 Some((ep, id))
             }
@@ -155,7 +164,10 @@ impl Passthrough {
             .unwrap_or_else(|e| e.into_inner())
             .set_irqs(VFIO_PCI_ERR_IRQ_INDEX, 0, &[evt.as_raw_fd()])
             .map_err(dev_err(name.clone()))?;
-        let label = format!("{name} at 00:{slot:02x}.0{}", if arg.iommu { " behind the vIOMMU" } else { "" });
+        let label = format!(
+            "{name} at 00:{slot:02x}.0{}",
+            if arg.iommu { " behind the vIOMMU" } else { "" }
+        );
         let faults = Arc::new(Mutex::new(0));
         b.subscribers.push(Arc::new(Mutex::new(FaultForwarder {
             evt,
@@ -171,8 +183,6 @@ impl Passthrough {
             failed,
             dma_calls,
             faults,
-            vfio_user: Some(dev),
-            endpoint,
         })
     }
 
@@ -182,7 +192,8 @@ impl Passthrough {
     /// [`VmmError::Device`]; on hosts without VFIO, a message saying so.
     pub fn vfio(b: &mut Builder, arg: &PassthroughArg) -> Result<Self, VmmError> {
         let name = format!("VFIO device {}", arg.path.display());
-        let host = devices::passthrough::vfio::HostVfio::open(&arg.path, arg.iommufd).map_err(dev_err(name.clone()))?;
+        let host = devices::passthrough::vfio::HostVfio::open(&arg.path, arg.iommufd)
+            .map_err(dev_err(name.clone()))?;
         let slot = b.slot(&name)?;
         let failed = Arc::new(AtomicBool::new(false));
         let backend: Arc<Mutex<dyn PassthroughBackend>> = Arc::new(Mutex::new(host.device()));
@@ -199,29 +210,29 @@ impl Passthrough {
         let mut dma = host.dma(b.ram.clone(), b.mem.clone());
         let dma_calls = dma.calls();
         let ep = u32::from(slot) << 3;
-        let endpoint = match (&b.iommu, arg.iommu) {
+        match (&b.iommu, arg.iommu) {
             (Some(h), true) => {
                 let mut s = h.lock();
-                let id = s.add_backend(Box::new(dma)).map_err(dev_err(name.clone()))?;
-                s.add_endpoint(ep, Some(id), &[]).map_err(dev_err(name.clone()))?;
+                let id = s
+                    .add_backend(Box::new(dma))
+                    .map_err(dev_err(name.clone()))?;
+                s.add_endpoint(ep, Some(id), &[])
+                    .map_err(dev_err(name.clone()))?;
                 b.endpoints.push(slot);
-                Some((ep, id))
             }
             (None, true) => return Err(VmmError::Device(name, "iommu=on needs --iommu".into())),
             _ => {
                 for (gpa, len, _) in b.ram.ranges.clone() {
-                    dma.map(gpa, gpa, len, iommu::Perm::RW).map_err(dev_err(name.clone()))?;
+                    dma.map(gpa, gpa, len, iommu::Perm::RW)
+                        .map_err(dev_err(name.clone()))?;
                 }
-                None
             }
-        };
+        }
         Ok(Self {
             label: format!("{name} at 00:{slot:02x}.0"),
             failed,
             dma_calls,
             faults: Arc::new(Mutex::new(0)),
-            vfio_user: None,
-            endpoint,
         })
     }
 

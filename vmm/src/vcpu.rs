@@ -161,7 +161,7 @@ fn emulation_failure(
         )));
     }
     let result = quirks::classify(&failure).and_then(|(fb, len)| {
-        quirks::apply(vcpu, fb, len)?;
+        quirks::apply(vcpu, &failure, fb, len)?;
         Ok(fb)
     });
     match result {

@@ -22,10 +22,10 @@ use vmm_sys_util::signal::Killable;
 
 use crate::cli::{Cli, SerialArg};
 use crate::device_manager::DeviceManager;
-use devices::passthrough::vfio_user_backend::SharedRam;
 use crate::error::VmmError;
 use crate::memory::GuestRam;
 use crate::vcpu::{self, VcpuContext};
+use devices::passthrough::vfio_user_backend::SharedRam;
 
 /// Address of the TSS KVM needs below 4 GiB on Intel hosts (three pages).
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -154,9 +154,21 @@ impl Vm {
         let vm_fd = Arc::new(vm_fd);
         let shared = SharedRam {
             memfd: ram.memfd.clone(),
-            ranges: ram.regions().iter().map(|&(gpa, len, _, off)| (gpa, len, off)).collect(),
+            ranges: ram
+                .regions()
+                .iter()
+                .map(|&(gpa, len, _, off)| (gpa, len, off))
+                .collect(),
         };
-        let devices = DeviceManager::new(cli, vm_fd.clone(), ram.mem.clone(), shared, ram.size, &pio, &mmio)?;
+        let devices = DeviceManager::new(
+            cli,
+            vm_fd.clone(),
+            ram.mem.clone(),
+            shared,
+            ram.size,
+            &pio,
+            &mmio,
+        )?;
         let rsdp = boot::acpi::write_acpi_tables(ram.mem.as_ref(), &devices.platform)?;
 
         // Kernel, initramfs, command line, boot params.

@@ -50,12 +50,22 @@ pub trait PassthroughBackend: Send {
     ///
     /// # Errors
     /// [`PassthroughError`].
-    fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), PassthroughError>;
+    fn region_read(
+        &mut self,
+        index: u32,
+        offset: u64,
+        data: &mut [u8],
+    ) -> Result<(), PassthroughError>;
     /// Writes region `index` at `offset`.
     ///
     /// # Errors
     /// [`PassthroughError`].
-    fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), PassthroughError>;
+    fn region_write(
+        &mut self,
+        index: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), PassthroughError>;
     /// Vectors of IRQ index `index` (0 when absent).
     ///
     /// # Errors

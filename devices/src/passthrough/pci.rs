@@ -7,7 +7,9 @@ use crate::interrupt::MsiVector;
 use crate::pci::msix::Msix;
 use crate::pci::{PciConfiguration, PciDevice, PciIds};
 
-use super::{PassthroughBackend, PassthroughError, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX};
+use super::{
+    PassthroughBackend, PassthroughError, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
+};
 
 /// Size of the BAR that holds the emulated MSI-X table and PBA.
 pub const MSIX_BAR_SIZE: u64 = 0x1000;
@@ -74,9 +76,9 @@ impl PassthroughPci {
                 continue;
             };
             let size = r.size.next_power_of_two().max(0x1000);
-            let addr = alloc
-                .allocate(size)
-                .ok_or_else(|| SetupError::Layout(format!("no room for BAR {i} ({size:#x} bytes)")))?;
+            let addr = alloc.allocate(size).ok_or_else(|| {
+                SetupError::Layout(format!("no room for BAR {i} ({size:#x} bytes)"))
+            })?;
             config.add_bar(i as usize, addr, size, false);
             bars.push(i as usize);
         }
@@ -120,13 +122,18 @@ impl PassthroughPci {
 
     fn fail(&self, e: &PassthroughError) {
         if !self.failed.swap(true, Ordering::AcqRel) {
-            log::error!("passthrough device {} failed: {e}; it now reads as all ones", self.name);
+            log::error!(
+                "passthrough device {} failed: {e}; it now reads as all ones",
+                self.name
+            );
         }
     }
 
     fn msix_cap_reg(&self) -> Option<usize> {
         // The MSI-X capability is the only one: it sits at the first capability offset.
-        self.msix.as_ref().map(|_| usize::from(self.config.byte(0x34)) / 4)
+        self.msix
+            .as_ref()
+            .map(|_| usize::from(self.config.byte(0x34)) / 4)
     }
 }
 

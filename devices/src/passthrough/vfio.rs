@@ -17,8 +17,9 @@ use std::sync::{Arc, Mutex};
 
 use iommu::{BackendCaps, BackendError, DmaBackend, Perm};
 use vfio_bindings::bindings::vfio::{
-    VFIO_BASE, VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE, VFIO_IOMMU_INFO_CAPS, VFIO_IOMMU_INFO_PGSIZES,
-    VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE, VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION, VFIO_TYPE,
+    VFIO_BASE, VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE, VFIO_IOMMU_INFO_CAPS,
+    VFIO_IOMMU_INFO_PGSIZES, VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE,
+    VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION, VFIO_TYPE,
 };
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioIommufd, VfioOps};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
@@ -87,7 +88,10 @@ pub fn parse_type1_info(buf: &[u8]) -> Option<Type1Info> {
         let mut hops = 0;
         while off != 0 && hops < 16 {
             hops += 1;
-            let (id, next) = (u32::from(u16::from_le_bytes(buf.get(off..off + 2)?.try_into().ok()?)), rd_u32(buf, off + 4)?);
+            let (id, next) = (
+                u32::from(u16::from_le_bytes(buf.get(off..off + 2)?.try_into().ok()?)),
+                rd_u32(buf, off + 4)?,
+            );
             match id {
                 VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE => {
                     let n = rd_u32(buf, off + 8)? as usize;
@@ -133,7 +137,8 @@ pub fn type1_map_request(iova: u64, vaddr: u64, size: u64, perm: Perm) -> [u8; 3
 /// `IOMMU_IOAS_MAP` flags for `perm`: fixed IOVA plus readable/writeable.
 pub fn iommufd_map_flags(perm: Perm) -> u32 {
     use iommufd_bindings::iommufd::{
-        iommufd_ioas_map_flags_IOMMU_IOAS_MAP_FIXED_IOVA as FIXED, iommufd_ioas_map_flags_IOMMU_IOAS_MAP_READABLE as R,
+        iommufd_ioas_map_flags_IOMMU_IOAS_MAP_FIXED_IOVA as FIXED,
+        iommufd_ioas_map_flags_IOMMU_IOAS_MAP_READABLE as R,
         iommufd_ioas_map_flags_IOMMU_IOAS_MAP_WRITEABLE as W,
     };
     let mut f = FIXED;
@@ -198,9 +203,11 @@ impl HostVfio {
     /// [`HostVfioError::Unavailable`] naming what the host lacks, or the VFIO failure.
     pub fn open(sysfs: &Path, iommufd: bool) -> Result<Self, HostVfioError> {
         check_host(sysfs, iommufd)?;
-        let err = |e: vfio_ioctls::VfioError| HostVfioError::Vfio(format!("{}: {e}", sysfs.display()));
+        let err =
+            |e: vfio_ioctls::VfioError| HostVfioError::Vfio(format!("{}: {e}", sysfs.display()));
         let (host, ops): (Host, Arc<dyn VfioOps>) = if iommufd {
-            let fd = iommufd_ioctls::IommuFd::new().map_err(|e| HostVfioError::Vfio(format!("/dev/iommu: {e}")))?;
+            let fd = iommufd_ioctls::IommuFd::new()
+                .map_err(|e| HostVfioError::Vfio(format!("/dev/iommu: {e}")))?;
             let i = Arc::new(VfioIommufd::new(Arc::new(fd), None, None).map_err(err)?);
             (Host::Iommufd(i.clone()), i)
         } else {
@@ -250,27 +257,47 @@ impl PassthroughBackend for HostVfioDevice {
             size: self.device.get_region_size(index),
         })
     }
-    fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), PassthroughError> {
+    fn region_read(
+        &mut self,
+        index: u32,
+        offset: u64,
+        data: &mut [u8],
+    ) -> Result<(), PassthroughError> {
         self.device.region_read(index, data, offset);
         Ok(())
     }
-    fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), PassthroughError> {
+    fn region_write(
+        &mut self,
+        index: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), PassthroughError> {
         self.device.region_write(index, data, offset);
         Ok(())
     }
     fn irq_count(&mut self, index: u32) -> Result<u32, PassthroughError> {
-        Ok(self.device.get_irq_info(index).map(|i| i.count).unwrap_or(0))
+        Ok(self
+            .device
+            .get_irq_info(index)
+            .map(|i| i.count)
+            .unwrap_or(0))
     }
     fn set_irqs(&mut self, index: u32, _start: u32, fds: &[RawFd]) -> Result<(), PassthroughError> {
-        let evts: Vec<vmm_sys_util::eventfd::EventFd> = fds
-            .iter()
-            // SAFETY: the fds are live eventfds owned by the caller; `dup` gives us our own.
-            .filter_map(|&fd| {
-                let d = unsafe { libc::dup(fd) };
-                // SAFETY: `d` is a fresh descriptor we own.
-                (d >= 0).then(|| unsafe { <vmm_sys_util::eventfd::EventFd as std::os::fd::FromRawFd>::from_raw_fd(d) })
-            })
-            .collect();
+        let mut evts = Vec::with_capacity(fds.len());
+        for &fd in fds {
+            // SAFETY: `fd` is a live eventfd owned by the caller; `dup` gives us our own.
+            let d = unsafe { libc::dup(fd) };
+            if d < 0 {
+                return Err(PassthroughError::Refused(format!(
+                    "dup: {}",
+                    std::io::Error::last_os_error()
+                )));
+            }
+            // SAFETY: `d` is a fresh descriptor that nothing else owns.
+            evts.push(unsafe {
+                <vmm_sys_util::eventfd::EventFd as std::os::fd::FromRawFd>::from_raw_fd(d)
+            });
+        }
         let refs: Vec<&vmm_sys_util::eventfd::EventFd> = evts.iter().collect();
         let r = if refs.is_empty() {
             self.device.disable_irq(index)
@@ -302,9 +329,17 @@ impl HostVfioDma {
 
     fn hva(&self, gpa: u64, len: u64) -> Result<u64, BackendError> {
         let bad = || BackendError::BadAddress(format!("GPA {gpa:#x}+{len:#x} is not RAM"));
-        let last = gpa.checked_add(len.checked_sub(1).ok_or_else(bad)?).ok_or_else(bad)?;
-        let a = self.mem.get_host_address(GuestAddress(gpa)).map_err(|_| bad())?;
-        let b = self.mem.get_host_address(GuestAddress(last)).map_err(|_| bad())?;
+        let last = gpa
+            .checked_add(len.checked_sub(1).ok_or_else(bad)?)
+            .ok_or_else(bad)?;
+        let a = self
+            .mem
+            .get_host_address(GuestAddress(gpa))
+            .map_err(|_| bad())?;
+        let b = self
+            .mem
+            .get_host_address(GuestAddress(last))
+            .map_err(|_| bad())?;
         if b as u64 - a as u64 != len - 1 {
             return Err(bad());
         }
@@ -358,7 +393,9 @@ impl DmaBackend for HostVfioDma {
                     let align = rd_u64(&buf, 24).unwrap_or(4096).max(4096);
                     caps.page_size_mask = !(align.next_power_of_two() - 1);
                     caps.iova_ranges = (0..n)
-                        .filter_map(|k| Some((rd_u64(&buf, 32 + 16 * k)?, rd_u64(&buf, 40 + 16 * k)?)))
+                        .filter_map(|k| {
+                            Some((rd_u64(&buf, 32 + 16 * k)?, rd_u64(&buf, 40 + 16 * k)?))
+                        })
                         .collect();
                 }
             }
@@ -372,7 +409,8 @@ impl DmaBackend for HostVfioDma {
         match self.host.as_ref() {
             Host::Type1(c) => {
                 let mut req = type1_map_request(iova, hva, len, perm);
-                ioctl_buf(c.as_raw_fd(), VFIO_IOMMU_MAP_DMA, &mut req).map_err(|e| errno_status(e, "VFIO_IOMMU_MAP_DMA"))
+                ioctl_buf(c.as_raw_fd(), VFIO_IOMMU_MAP_DMA, &mut req)
+                    .map_err(|e| errno_status(e, "VFIO_IOMMU_MAP_DMA"))
             }
             Host::Iommufd(i) => {
                 let map = iommufd_bindings::iommufd::iommu_ioas_map {
@@ -443,7 +481,10 @@ mod tests {
         caps.extend_from_slice(&[0u8; 24]);
         let i = parse_type1_info(&info(&caps)).unwrap();
         assert_eq!(i.pgsizes, 0x4020_1000);
-        assert_eq!(i.ranges, vec![(0, 0xfedf_ffff), (0xfef0_0000, (1 << 39) - 1)]);
+        assert_eq!(
+            i.ranges,
+            vec![(0, 0xfedf_ffff), (0xfef0_0000, (1 << 39) - 1)]
+        );
         assert!(i.dirty);
     }
 
@@ -468,7 +509,10 @@ mod tests {
     #[test]
     fn map_requests_carry_the_permissions() {
         let r = type1_map_request(0x1000, 0x7f00_0000_0000, 0x2000, Perm::READ);
-        assert_eq!(u32::from_le_bytes(r[4..8].try_into().unwrap()), VFIO_DMA_MAP_FLAG_READ);
+        assert_eq!(
+            u32::from_le_bytes(r[4..8].try_into().unwrap()),
+            VFIO_DMA_MAP_FLAG_READ
+        );
         assert_eq!(u64::from_le_bytes(r[16..24].try_into().unwrap()), 0x1000);
         let r = type1_map_request(0, 0, 0x1000, Perm::RW);
         assert_eq!(
@@ -481,7 +525,9 @@ mod tests {
 
     #[test]
     fn missing_vfio_is_named() {
-        let e = HostVfio::open(Path::new("/sys/bus/pci/devices/0000:00:00.0"), false).err().unwrap();
+        let e = HostVfio::open(Path::new("/sys/bus/pci/devices/0000:00:00.0"), false)
+            .err()
+            .unwrap();
         let msg = e.to_string();
         if !Path::new("/dev/vfio/vfio").exists() {
             assert!(msg.contains("/dev/vfio/vfio does not exist"), "{msg}");

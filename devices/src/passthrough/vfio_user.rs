@@ -155,9 +155,16 @@ impl VfioUserClient {
             device_flags: 0,
         };
         c.version()?;
-        let info = c.call(CMD_DEVICE_GET_INFO, &[16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[])?;
+        let info = c.call(
+            CMD_DEVICE_GET_INFO,
+            &[16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            &[],
+        )?;
         if info.len() < 16 {
-            return Err(Self::bad(CMD_DEVICE_GET_INFO, "reply shorter than the device info"));
+            return Err(Self::bad(
+                CMD_DEVICE_GET_INFO,
+                "reply shorter than the device info",
+            ));
         }
         c.device_flags = u32_at(&info, 4);
         let num_regions = u32_at(&info, 8);
@@ -165,7 +172,10 @@ impl VfioUserClient {
         if num_regions > MAX_REGIONS || c.num_irqs > MAX_REGIONS {
             return Err(Self::bad(
                 CMD_DEVICE_GET_INFO,
-                format!("{num_regions} regions and {} IRQ indexes is implausible", c.num_irqs),
+                format!(
+                    "{num_regions} regions and {} IRQ indexes is implausible",
+                    c.num_irqs
+                ),
             ));
         }
         for i in 0..num_regions {
@@ -193,7 +203,10 @@ impl VfioUserClient {
         }
         let major = u16::from_le_bytes([reply[0], reply[1]]);
         if major != 0 {
-            return Err(Self::bad(CMD_VERSION, format!("unsupported major version {major}")));
+            return Err(Self::bad(
+                CMD_VERSION,
+                format!("unsupported major version {major}"),
+            ));
         }
         Ok(())
     }
@@ -226,9 +239,12 @@ impl VfioUserClient {
         }
         let mut h = [0u8; HEADER_SIZE];
         self.stream.read_exact(&mut h)?;
-        let (rid, rcmd) = (u16::from_le_bytes([h[0], h[1]]), u16::from_le_bytes([h[2], h[3]]));
+        let (rid, rcmd) = (
+            u16::from_le_bytes([h[0], h[1]]),
+            u16::from_le_bytes([h[2], h[3]]),
+        );
         let (rsize, flags, errno) = (u32_at(&h, 4) as usize, u32_at(&h, 8), u32_at(&h, 12));
-        if rsize < HEADER_SIZE || rsize > MAX_REPLY {
+        if !(HEADER_SIZE..=MAX_REPLY).contains(&rsize) {
             return Err(Self::bad(cmd, format!("message size {rsize}")));
         }
         let mut rest = vec![0u8; rsize - HEADER_SIZE];
@@ -237,7 +253,10 @@ impl VfioUserClient {
             return Err(Self::bad(cmd, format!("not a reply (flags {flags:#x})")));
         }
         if rid != id || rcmd != cmd {
-            return Err(Self::bad(cmd, format!("reply to message {rid} command {rcmd}")));
+            return Err(Self::bad(
+                cmd,
+                format!("reply to message {rid} command {rcmd}"),
+            ));
         }
         if flags & FLAG_ERROR != 0 {
             return Err(VfioUserError::Refused {
@@ -254,10 +273,16 @@ impl VfioUserClient {
         body[8..12].copy_from_slice(&index.to_le_bytes());
         let r = self.call(CMD_DEVICE_GET_REGION_INFO, &body, &[])?;
         if r.len() < 32 {
-            return Err(Self::bad(CMD_DEVICE_GET_REGION_INFO, "reply shorter than the region info"));
+            return Err(Self::bad(
+                CMD_DEVICE_GET_REGION_INFO,
+                "reply shorter than the region info",
+            ));
         }
         if u32_at(&r, 8) != index {
-            return Err(Self::bad(CMD_DEVICE_GET_REGION_INFO, format!("info for region {}", u32_at(&r, 8))));
+            return Err(Self::bad(
+                CMD_DEVICE_GET_REGION_INFO,
+                format!("info for region {}", u32_at(&r, 8)),
+            ));
         }
         Ok(RegionInfo {
             flags: u32_at(&r, 4),
@@ -301,7 +326,12 @@ impl VfioUserClient {
     ///
     /// # Errors
     /// [`VfioUserError`]; an access outside the region is not sent.
-    pub fn region_read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> Result<(), VfioUserError> {
+    pub fn region_read(
+        &mut self,
+        region: u32,
+        offset: u64,
+        data: &mut [u8],
+    ) -> Result<(), VfioUserError> {
         self.check_access(region, offset, data.len())?;
         for (k, chunk) in data.chunks_mut(MAX_XFER).enumerate() {
             let off = offset + (k * MAX_XFER) as u64;
@@ -313,7 +343,11 @@ impl VfioUserClient {
             if r.len() != 16 + chunk.len() || u32_at(&r, 12) as usize != chunk.len() {
                 return Err(Self::bad(
                     CMD_REGION_READ,
-                    format!("{} bytes of data for {} asked", r.len().saturating_sub(16), chunk.len()),
+                    format!(
+                        "{} bytes of data for {} asked",
+                        r.len().saturating_sub(16),
+                        chunk.len()
+                    ),
                 ));
             }
             chunk.copy_from_slice(&r[16..]);
@@ -325,7 +359,12 @@ impl VfioUserClient {
     ///
     /// # Errors
     /// [`VfioUserError`]; an access outside the region is not sent.
-    pub fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), VfioUserError> {
+    pub fn region_write(
+        &mut self,
+        region: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), VfioUserError> {
         self.check_access(region, offset, data.len())?;
         for (k, chunk) in data.chunks(MAX_XFER).enumerate() {
             let off = offset + (k * MAX_XFER) as u64;
@@ -336,7 +375,10 @@ impl VfioUserClient {
             body.extend_from_slice(chunk);
             let r = self.call(CMD_REGION_WRITE, &body, &[])?;
             if r.len() < 16 || u32_at(&r, 12) as usize != chunk.len() {
-                return Err(Self::bad(CMD_REGION_WRITE, "reply does not confirm the write"));
+                return Err(Self::bad(
+                    CMD_REGION_WRITE,
+                    "reply does not confirm the write",
+                ));
             }
         }
         Ok(())
@@ -355,7 +397,10 @@ impl VfioUserClient {
         body[8..12].copy_from_slice(&index.to_le_bytes());
         let r = self.call(CMD_GET_IRQ_INFO, &body, &[])?;
         if r.len() < 16 || u32_at(&r, 8) != index {
-            return Err(Self::bad(CMD_GET_IRQ_INFO, "reply for another index or truncated"));
+            return Err(Self::bad(
+                CMD_GET_IRQ_INFO,
+                "reply for another index or truncated",
+            ));
         }
         Ok(IrqInfo {
             flags: u32_at(&r, 4),
@@ -389,7 +434,14 @@ impl VfioUserClient {
     ///
     /// # Errors
     /// [`VfioUserError`].
-    pub fn dma_map(&mut self, iova: u64, size: u64, fd: &impl AsRawFd, offset: u64, flags: u32) -> Result<(), VfioUserError> {
+    pub fn dma_map(
+        &mut self,
+        iova: u64,
+        size: u64,
+        fd: &impl AsRawFd,
+        offset: u64,
+        flags: u32,
+    ) -> Result<(), VfioUserError> {
         let mut body = Vec::with_capacity(32);
         body.extend_from_slice(&32u32.to_le_bytes());
         body.extend_from_slice(&flags.to_le_bytes());

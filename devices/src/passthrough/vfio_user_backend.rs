@@ -42,7 +42,10 @@ impl VfioUserDevice {
             client: Arc::new(Mutex::new(client)),
             path: socket.display().to_string(),
             failed: Arc::new(AtomicBool::new(false)),
-            ids: (u16::from_le_bytes([ids[0], ids[1]]), u16::from_le_bytes([ids[2], ids[3]])),
+            ids: (
+                u16::from_le_bytes([ids[0], ids[1]]),
+                u16::from_le_bytes([ids[2], ids[3]]),
+            ),
         })
     }
 
@@ -81,15 +84,22 @@ impl VfioUserDevice {
     /// [`PassthroughError`].
     pub fn take_faults(&self) -> Result<Vec<(u64, bool)>, PassthroughError> {
         let mut c = self.lock();
-        if c.regions().get(testdev::REGION_FAULT_LOG as usize).is_none_or(|r| r.size < 8) {
+        if c.regions()
+            .get(testdev::REGION_FAULT_LOG as usize)
+            .is_none_or(|r| r.size < 8)
+        {
             return Ok(Vec::new());
         }
         let mut head = [0u8; 8];
-        c.region_read(testdev::REGION_FAULT_LOG, 0, &mut head).map_err(|e| self.map_err(e))?;
-        let n = (u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize).min(testdev::FAULT_LOG_RECORDS);
+        c.region_read(testdev::REGION_FAULT_LOG, 0, &mut head)
+            .map_err(|e| self.map_err(e))?;
+        let n = (u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize)
+            .min(testdev::FAULT_LOG_RECORDS);
         let mut recs = vec![0u8; 16 * n];
-        c.region_read(testdev::REGION_FAULT_LOG, 8, &mut recs).map_err(|e| self.map_err(e))?;
-        c.region_write(testdev::REGION_FAULT_LOG, 0, &[0; 4]).map_err(|e| self.map_err(e))?;
+        c.region_read(testdev::REGION_FAULT_LOG, 8, &mut recs)
+            .map_err(|e| self.map_err(e))?;
+        c.region_write(testdev::REGION_FAULT_LOG, 0, &[0; 4])
+            .map_err(|e| self.map_err(e))?;
         Ok(recs
             .chunks(16)
             .map(|r| {
@@ -107,15 +117,28 @@ impl PassthroughBackend for VfioUserDevice {
     }
 
     fn region(&self, index: u32) -> Option<Region> {
-        self.lock().regions().get(index as usize).map(|r| Region { size: r.size })
+        self.lock()
+            .regions()
+            .get(index as usize)
+            .map(|r| Region { size: r.size })
     }
 
-    fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), PassthroughError> {
+    fn region_read(
+        &mut self,
+        index: u32,
+        offset: u64,
+        data: &mut [u8],
+    ) -> Result<(), PassthroughError> {
         let r = self.lock().region_read(index, offset, data);
         r.map_err(|e| self.map_err(e))
     }
 
-    fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), PassthroughError> {
+    fn region_write(
+        &mut self,
+        index: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), PassthroughError> {
         let r = self.lock().region_write(index, offset, data);
         r.map_err(|e| self.map_err(e))
     }
@@ -192,7 +215,9 @@ impl VfioUserDma {
 
     fn err(&self, e: VfioUserError) -> BackendError {
         match e {
-            VfioUserError::Refused { errno, .. } if errno == libc::ENOMEM as u32 || errno == libc::ENOSPC as u32 => {
+            VfioUserError::Refused { errno, .. }
+                if errno == libc::ENOMEM as u32 || errno == libc::ENOSPC as u32 =>
+            {
                 BackendError::NoMemory(e.to_string())
             }
             VfioUserError::Io(_) | VfioUserError::Protocol { .. } => {
@@ -242,7 +267,10 @@ impl DmaBackend for VfioUserDma {
             flags |= DMA_MAP_WRITE;
         }
         self.calls.lock().unwrap_or_else(|e| e.into_inner()).0 += 1;
-        let r = self.dev.lock().dma_map(iova, len, self.ram.memfd.as_ref(), offset, flags);
+        let r = self
+            .dev
+            .lock()
+            .dma_map(iova, len, self.ram.memfd.as_ref(), offset, flags);
         r.map_err(|e| self.err(e))
     }
 
@@ -259,14 +287,21 @@ impl DmaBackend for VfioUserDma {
         if !self.dev.is_test_device() {
             return Err(BackendError::Unsupported);
         }
-        let r = self
-            .dev
-            .lock()
-            .region_write(testdev::REGION_DIRTY_LOG, 0, &u32::from(enable).to_le_bytes());
+        let r = self.dev.lock().region_write(
+            testdev::REGION_DIRTY_LOG,
+            0,
+            &u32::from(enable).to_le_bytes(),
+        );
         r.map_err(|e| self.err(e))
     }
 
-    fn read_dirty(&mut self, iova: u64, len: u64, bitmap: &mut [u64], clear: bool) -> Result<(), BackendError> {
+    fn read_dirty(
+        &mut self,
+        iova: u64,
+        len: u64,
+        bitmap: &mut [u64],
+        clear: bool,
+    ) -> Result<(), BackendError> {
         if !self.dev.is_test_device() {
             return Err(BackendError::Unsupported);
         }
@@ -278,11 +313,19 @@ impl DmaBackend for VfioUserDma {
             let mut raw = vec![0u8; n.div_ceil(8) as usize];
             {
                 let mut c = self.dev.lock();
-                let q = |c: &mut VfioUserClient, off: u64, v: u64| c.region_write(testdev::REGION_DIRTY_LOG, off, &v.to_le_bytes());
+                let q = |c: &mut VfioUserClient, off: u64, v: u64| {
+                    c.region_write(testdev::REGION_DIRTY_LOG, off, &v.to_le_bytes())
+                };
                 q(&mut c, 8, iova + done * 4096)
                     .and_then(|()| q(&mut c, 16, n))
                     .and_then(|()| q(&mut c, 24, u64::from(clear)))
-                    .and_then(|()| c.region_read(testdev::REGION_DIRTY_LOG, testdev::DIRTY_BITMAP_OFFSET, &mut raw))
+                    .and_then(|()| {
+                        c.region_read(
+                            testdev::REGION_DIRTY_LOG,
+                            testdev::DIRTY_BITMAP_OFFSET,
+                            &mut raw,
+                        )
+                    })
                     .map_err(|e| self.err(e))?;
             }
             for (i, b) in raw.iter().enumerate() {

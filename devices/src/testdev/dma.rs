@@ -69,7 +69,15 @@ impl DmaSpace {
     ///
     /// # Errors
     /// When the range wraps, overlaps a mapping, or the file cannot be mapped.
-    pub fn map(&mut self, iova: u64, size: u64, file: File, offset: u64, read: bool, write: bool) -> io::Result<()> {
+    pub fn map(
+        &mut self,
+        iova: u64,
+        size: u64,
+        file: File,
+        offset: u64,
+        read: bool,
+        write: bool,
+    ) -> io::Result<()> {
         let end = iova
             .checked_add(size)
             .filter(|_| size > 0)
@@ -84,7 +92,7 @@ impl DmaSpace {
         if offset.checked_add(size).is_none_or(|e| e > meta.len()) {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
-        if !self.files.contains_key(&key) {
+        if let std::collections::btree_map::Entry::Vacant(slot) = self.files.entry(key) {
             let len = meta.len();
             // SAFETY: a fresh shared mapping of the whole file; the result is checked.
             let ptr = unsafe {
@@ -100,14 +108,11 @@ impl DmaSpace {
             if ptr == libc::MAP_FAILED {
                 return Err(io::Error::last_os_error());
             }
-            self.files.insert(
-                key,
-                FileMap {
-                    ptr: ptr.cast(),
-                    len,
-                    _file: file,
-                },
-            );
+            slot.insert(FileMap {
+                ptr: ptr.cast(),
+                len,
+                _file: file,
+            });
         }
         self.maps.insert(
             iova,
@@ -134,9 +139,17 @@ impl DmaSpace {
             .map(|(&s, _)| s)
             .collect();
         for s in touched {
-            let Some(m) = self.maps.remove(&s) else { continue };
+            let Some(m) = self.maps.remove(&s) else {
+                continue;
+            };
             if s < iova {
-                self.maps.insert(s, Mapping { size: iova - s, ..m });
+                self.maps.insert(
+                    s,
+                    Mapping {
+                        size: iova - s,
+                        ..m
+                    },
+                );
             }
             if s + m.size > end {
                 let cut = end - s;
@@ -172,7 +185,11 @@ impl DmaSpace {
     fn host(&self, iova: u64, len: u64, write: bool) -> Result<*mut u8, DmaFault> {
         let fault = DmaFault { iova, write };
         let (&s, m) = self.maps.range(..=iova).next_back().ok_or(fault)?;
-        if iova - s >= m.size || iova - s + len > m.size || (write && !m.write) || (!write && !m.read) {
+        if iova - s >= m.size
+            || iova - s + len > m.size
+            || (write && !m.write)
+            || (!write && !m.read)
+        {
             return Err(fault);
         }
         let f = self.files.get(&m.file).ok_or(fault)?;
@@ -191,7 +208,9 @@ impl DmaSpace {
     pub fn read(&self, iova: u64, out: &mut [u8]) -> Result<(), DmaFault> {
         let mut done = 0usize;
         while done < out.len() {
-            let a = iova.checked_add(done as u64).ok_or(DmaFault { iova, write: false })?;
+            let a = iova
+                .checked_add(done as u64)
+                .ok_or(DmaFault { iova, write: false })?;
             let n = ((PAGE - a % PAGE) as usize).min(out.len() - done);
             let p = self.host(a, n as u64, false)?;
             // SAFETY: `p` points at `n` readable bytes of the mapping (checked by `host`).
@@ -208,7 +227,9 @@ impl DmaSpace {
     pub fn write(&mut self, iova: u64, data: &[u8]) -> Result<(), DmaFault> {
         let mut done = 0usize;
         while done < data.len() {
-            let a = iova.checked_add(done as u64).ok_or(DmaFault { iova, write: true })?;
+            let a = iova
+                .checked_add(done as u64)
+                .ok_or(DmaFault { iova, write: true })?;
             let n = ((PAGE - a % PAGE) as usize).min(data.len() - done);
             let p = self.host(a, n as u64, true)?;
             // SAFETY: `p` points at `n` writable bytes of the mapping (checked by `host`).
@@ -237,7 +258,10 @@ impl DmaSpace {
         bitmap.fill(0);
         let Some(d) = self.dirty.as_mut() else { return };
         let first = iova / PAGE;
-        let hits: Vec<u64> = d.range(first..first.saturating_add(pages)).copied().collect();
+        let hits: Vec<u64> = d
+            .range(first..first.saturating_add(pages))
+            .copied()
+            .collect();
         for p in hits {
             let i = (p - first) as usize;
             if let Some(b) = bitmap.get_mut(i / 8) {
@@ -263,7 +287,13 @@ mod tests {
 
     fn memfile(len: usize) -> File {
         let p = std::env::temp_dir().join(format!("dma-{}-{len}", std::process::id()));
-        let mut f = File::options().read(true).write(true).create(true).truncate(true).open(&p).unwrap();
+        let mut f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .unwrap();
         f.write_all(&vec![0u8; len]).unwrap();
         std::fs::remove_file(p).unwrap();
         f
@@ -273,20 +303,38 @@ mod tests {
     fn permissions_splits_and_dirty_log() {
         let f = memfile(64 << 10);
         let mut d = DmaSpace::default();
-        d.map(0x10000, 0x4000, f.try_clone().unwrap(), 0, true, true).unwrap();
-        d.map(0x20000, 0x1000, f.try_clone().unwrap(), 0x8000, true, false).unwrap();
+        d.map(0x10000, 0x4000, f.try_clone().unwrap(), 0, true, true)
+            .unwrap();
+        d.map(0x20000, 0x1000, f.try_clone().unwrap(), 0x8000, true, false)
+            .unwrap();
         assert_eq!(
-            d.map(0x11000, 0x1000, f.try_clone().unwrap(), 0, true, true).unwrap_err().raw_os_error(),
+            d.map(0x11000, 0x1000, f.try_clone().unwrap(), 0, true, true)
+                .unwrap_err()
+                .raw_os_error(),
             Some(libc::EEXIST)
         );
-        assert!(d.map(0x30000, 0x1000, f.try_clone().unwrap(), 1 << 20, true, true).is_err());
+        assert!(d
+            .map(0x30000, 0x1000, f.try_clone().unwrap(), 1 << 20, true, true)
+            .is_err());
         d.set_tracking(true);
         d.write(0x10ff0, &[7u8; 32]).unwrap();
         let mut b = [0u8; 32];
         d.read(0x10ff0, &mut b).unwrap();
         assert_eq!(b, [7; 32]);
-        assert_eq!(d.write(0x20000, &[1]), Err(DmaFault { iova: 0x20000, write: true }));
-        assert_eq!(d.write(0x13ff0, &[1; 32]), Err(DmaFault { iova: 0x14000, write: true }));
+        assert_eq!(
+            d.write(0x20000, &[1]),
+            Err(DmaFault {
+                iova: 0x20000,
+                write: true
+            })
+        );
+        assert_eq!(
+            d.write(0x13ff0, &[1; 32]),
+            Err(DmaFault {
+                iova: 0x14000,
+                write: true
+            })
+        );
         let mut bm = [0u8; 1];
         d.dirty_bitmap(0x10000, 8, &mut bm, true);
         assert_eq!(bm[0], 0b1011, "pages 0x10, 0x11 and 0x13 were written");

@@ -98,7 +98,9 @@ impl TestDevice {
     /// Reads BAR 0.
     pub fn bar_read(&self, offset: u64, data: &mut [u8]) {
         let r = *lock(&self.shared.regs);
-        let reg64 = |base: u64, v: u64| (offset >= base && offset < base + 8).then(|| v >> (8 * (offset - base)));
+        let reg64 = |base: u64, v: u64| {
+            (offset >= base && offset < base + 8).then(|| v >> (8 * (offset - base)))
+        };
         let v = match offset {
             regs::ID => u64::from(ID_VALUE),
             regs::VERSION => 1,
@@ -135,7 +137,11 @@ impl TestDevice {
         let mut r = lock(&self.shared.regs);
         let set64 = |reg: &mut u64, base: u64| {
             let shift = 8 * (offset - base);
-            let mask = if n >= 8 { u64::MAX } else { ((1u64 << (8 * n)) - 1) << shift };
+            let mask = if n >= 8 {
+                u64::MAX
+            } else {
+                ((1u64 << (8 * n)) - 1) << shift
+            };
             *reg = (*reg & !mask) | ((v << shift) & mask);
         };
         match offset {
@@ -237,7 +243,11 @@ fn fault(s: &Shared, f: DmaFault) {
     {
         let mut r = lock(&s.regs);
         r.status = STATUS_ERROR;
-        r.error = if f.write { ERR_FAULT_WRITE } else { ERR_FAULT_READ };
+        r.error = if f.write {
+            ERR_FAULT_WRITE
+        } else {
+            ERR_FAULT_READ
+        };
         r.fault_iova = f.iova;
         r.faults += 1;
     }
@@ -296,14 +306,20 @@ fn run(s: &Shared, job: &Regs) -> Result<u64, Option<DmaFault>> {
         let at = job.dst.wrapping_add(done);
         let n = (PAGE - at % PAGE).min(job.len - done) as usize;
         let src = job.src.checked_add(done);
-        let dst = job.dst.checked_add(done).ok_or(Some(DmaFault { iova: job.dst, write: true }))?;
+        let dst = job.dst.checked_add(done).ok_or(Some(DmaFault {
+            iova: job.dst,
+            write: true,
+        }))?;
         {
             // One chunk under the lock: an UNMAP waits for it, and no later chunk can reach
             // what it removed.
             let mut dma = lock(&s.dma);
             match job.op {
                 OP_COPY => {
-                    let src = src.ok_or(Some(DmaFault { iova: job.src, write: false }))?;
+                    let src = src.ok_or(Some(DmaFault {
+                        iova: job.src,
+                        write: false,
+                    }))?;
                     dma.read(src, &mut a[..n]).map_err(Some)?;
                     dma.write(dst, &a[..n]).map_err(Some)?;
                 }
@@ -312,7 +328,10 @@ fn run(s: &Shared, job: &Regs) -> Result<u64, Option<DmaFault>> {
                     dma.write(dst, &a[..n]).map_err(Some)?;
                 }
                 OP_COMPARE => {
-                    let src = src.ok_or(Some(DmaFault { iova: job.src, write: false }))?;
+                    let src = src.ok_or(Some(DmaFault {
+                        iova: job.src,
+                        write: false,
+                    }))?;
                     dma.read(src, &mut a[..n]).map_err(Some)?;
                     dma.read(dst, &mut b[..n]).map_err(Some)?;
                     if let Some(i) = a[..n].iter().zip(&b[..n]).position(|(x, y)| x != y) {

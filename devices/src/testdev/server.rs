@@ -5,7 +5,8 @@ use std::io;
 use std::path::Path;
 
 use vfio_bindings::bindings::vfio::{
-    vfio_region_info, VFIO_IRQ_INFO_EVENTFD, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+    vfio_region_info, VFIO_IRQ_INFO_EVENTFD, VFIO_REGION_INFO_FLAG_READ,
+    VFIO_REGION_INFO_FLAG_WRITE,
 };
 use vfio_user::{DmaMapFlags, DmaUnmapFlags, IrqInfo, Server, ServerBackend, ServerRegion};
 
@@ -65,7 +66,9 @@ impl ServerBackend for Backend {
             REGION_DIRTY_LOG if offset >= DIRTY_BITMAP_OFFSET => {
                 let (iova, pages, clear) = self.query;
                 let max = (data.len() as u64) * 8;
-                self.dev.dma().dirty_bitmap(iova, pages.min(max), data, clear != 0);
+                self.dev
+                    .dma()
+                    .dirty_bitmap(iova, pages.min(max), data, clear != 0);
             }
             REGION_DIRTY_LOG => {
                 data.fill(0);
@@ -99,7 +102,14 @@ impl ServerBackend for Backend {
         Ok(())
     }
 
-    fn dma_map(&mut self, flags: DmaMapFlags, offset: u64, address: u64, size: u64, fd: Option<File>) -> Result<(), io::Error> {
+    fn dma_map(
+        &mut self,
+        flags: DmaMapFlags,
+        offset: u64,
+        address: u64,
+        size: u64,
+        fd: Option<File>,
+    ) -> Result<(), io::Error> {
         let fd = fd.ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
         self.dev.dma().map(
             address,
@@ -111,7 +121,12 @@ impl ServerBackend for Backend {
         )
     }
 
-    fn dma_unmap(&mut self, flags: DmaUnmapFlags, address: u64, size: u64) -> Result<(), io::Error> {
+    fn dma_unmap(
+        &mut self,
+        flags: DmaUnmapFlags,
+        address: u64,
+        size: u64,
+    ) -> Result<(), io::Error> {
         if flags.contains(DmaUnmapFlags::UNMAP_ALL) {
             self.dev.dma().clear();
         } else {
@@ -125,7 +140,14 @@ impl ServerBackend for Backend {
         Ok(())
     }
 
-    fn set_irqs(&mut self, index: u32, _flags: u32, start: u32, _count: u32, fds: Vec<File>) -> Result<(), io::Error> {
+    fn set_irqs(
+        &mut self,
+        index: u32,
+        _flags: u32,
+        start: u32,
+        _count: u32,
+        fds: Vec<File>,
+    ) -> Result<(), io::Error> {
         self.dev.set_irqs(index, start, fds);
         Ok(())
     }
@@ -140,13 +162,20 @@ pub fn serve(path: &Path) -> Result<(), vfio_user::Error> {
     regions[0] = region(0, BAR0_SIZE);
     regions[CONFIG_REGION as usize] = region(CONFIG_REGION, 256);
     regions[REGION_FAULT_LOG as usize] = region(REGION_FAULT_LOG, 0x1000);
-    regions[REGION_DIRTY_LOG as usize] = region(REGION_DIRTY_LOG, DIRTY_BITMAP_OFFSET + DIRTY_BITMAP_SIZE);
+    regions[REGION_DIRTY_LOG as usize] =
+        region(REGION_DIRTY_LOG, DIRTY_BITMAP_OFFSET + DIRTY_BITMAP_SIZE);
     let irq = |index: u32, count: u32| IrqInfo {
         index,
         flags: VFIO_IRQ_INFO_EVENTFD,
         count,
     };
-    let irqs = vec![irq(0, 0), irq(1, 0), irq(2, MSIX_VECTORS), irq(3, 1), irq(4, 0)];
+    let irqs = vec![
+        irq(0, 0),
+        irq(1, 0),
+        irq(2, MSIX_VECTORS),
+        irq(3, 1),
+        irq(4, 0),
+    ];
     let server = Server::new(path, true, irqs, regions)?;
     let mut backend = Backend {
         dev: TestDevice::new(),
@@ -157,6 +186,10 @@ pub fn serve(path: &Path) -> Result<(), vfio_user::Error> {
         let d = lock(&backend.dev.shared.dma);
         (d.map_calls, d.unmap_calls)
     };
-    log::info!("dma-test-device: client gone after {} DMA_MAP and {} DMA_UNMAP", calls.0, calls.1);
+    log::info!(
+        "dma-test-device: client gone after {} DMA_MAP and {} DMA_UNMAP",
+        calls.0,
+        calls.1
+    );
     r
 }

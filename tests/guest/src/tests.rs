@@ -1,0 +1,551 @@
+//! The test cases and their TAP output.
+
+use crate::acpi;
+use crate::dmadev::{self, DmaDev, Outcome};
+use crate::io::Hex;
+use crate::io::{cpuid, rd32, rd64, rd8, rdtsc};
+use crate::mem::{all_eq, alloc_pages, bytes, fill, pattern};
+use crate::pci::Func;
+use crate::say;
+use crate::viommu::{Req, Viommu, ATTACH_BYPASS, MAP_R, MAP_W};
+
+const OK: u8 = 0;
+const INVAL: u8 = 4;
+const R_MAPPING: u8 = 2;
+const F_WRITE: u32 = 2;
+const F_ADDRESS: u32 = 1 << 8;
+/// IOVAs the tests use (far from the GPAs, so that an IOVA is never mistaken for a GPA).
+const IOVA: u64 = 0x80_0000_0000;
+
+struct Ctx {
+    viommu: Option<Viommu>,
+    dev: Option<DmaDev>,
+    ep: u32,
+    behind: bool,
+}
+
+type Case = fn(&mut Ctx) -> Result<(), &'static str>;
+
+const CASES: &[(&str, Case)] = &[
+    ("probe", probe),
+    ("copy", copy),
+    ("fill", fill_case),
+    ("compare", compare),
+    ("ro_fault", ro_fault),
+    ("unmapped_fault", unmapped_fault),
+    ("unmap_pending", unmap_pending),
+    ("detach_reattach", detach_reattach),
+    ("bypass", bypass),
+    ("merge", merge),
+    ("no_iommu", no_iommu),
+    ("throughput", throughput),
+    ("device_death", device_death),
+];
+
+fn cmdline(bp: u64) -> &'static str {
+    let ptr = u64::from(rd32(bp + 0x228));
+    let size = rd32(bp + 0x238).min(2048) as u64;
+    let b = bytes(ptr, size);
+    let n = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    core::str::from_utf8(&b[..n]).unwrap_or("")
+}
+
+fn param<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
+    cmdline
+        .split(' ')
+        .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+}
+
+/// Runs the selected cases; returns the number that failed.
+pub fn run(bp: u64) -> u32 {
+    let cmd = cmdline(bp);
+    say!("# test-guest: cmdline `", cmd, "`");
+    let Some(platform) = acpi::platform(rd64(bp + 0x70)) else {
+        say!("Bail out! no ACPI MCFG");
+        return 100;
+    };
+    let mut ctx = Ctx {
+        viommu: None,
+        dev: None,
+        ep: 0,
+        behind: false,
+    };
+    for d in 0..32u8 {
+        let Some(f) = Func::probe(platform.ecam, d) else {
+            continue;
+        };
+        match f.ids() {
+            (0x1af4, 0x1057) => ctx.viommu = Viommu::new(&f),
+            ids if ids == dmadev::IDS => {
+                ctx.ep = u32::from(d) << 3;
+                ctx.behind = platform.endpoints & (1 << d) != 0;
+                ctx.dev = Some(DmaDev::new(&f));
+            }
+            _ => {}
+        }
+    }
+    say!(
+        "# devices: virtio-iommu ",
+        if ctx.viommu.is_some() {
+            "found"
+        } else {
+            "absent"
+        },
+        " (VIOT: 00:",
+        Hex(u64::from(platform.iommu_dev.unwrap_or(0xff))),
+        "), dma test device ",
+        if ctx.dev.is_some() { "found" } else { "absent" },
+        " (endpoint ",
+        Hex(u64::from(ctx.ep)),
+        ", ",
+        if ctx.behind {
+            "behind the vIOMMU"
+        } else {
+            "not behind the vIOMMU"
+        },
+        ")"
+    );
+    let selected = param(cmd, "tests");
+    let wanted = |name: &str| match selected {
+        Some(list) => list.split(',').any(|t| t == name),
+        None => name != "device_death" && name != "no_iommu" && name != "throughput",
+    };
+    let n = CASES.iter().filter(|(name, _)| wanted(name)).count();
+    say!("TAP version 13");
+    say!("1..", n);
+    let mut failures = 0;
+    let mut i = 0;
+    for (name, case) in CASES {
+        if !wanted(name) {
+            continue;
+        }
+        i += 1;
+        let needs_iommu = !matches!(*name, "no_iommu" | "throughput" | "device_death");
+        let r = if ctx.dev.is_none() {
+            Err("no DMA test device")
+        } else if needs_iommu && (ctx.viommu.is_none() || !ctx.behind) {
+            say!(
+                "ok ",
+                i,
+                " - ",
+                *name,
+                " # SKIP the device is not behind the vIOMMU"
+            );
+            continue;
+        } else {
+            case(&mut ctx)
+        };
+        match r {
+            Ok(()) => say!("ok ", i, " - ", *name),
+            Err(why) => {
+                failures += 1;
+                say!("not ok ", i, " - ", *name, " # ", why);
+            }
+        }
+    }
+    if let Some(v) = &ctx.viommu {
+        say!("# virtio-iommu requests sent: ", v.sent);
+    }
+    say!(
+        "# guest done: ",
+        n as u32 - failures,
+        " passed, ",
+        failures,
+        " failed"
+    );
+    failures
+}
+
+fn check(cond: bool, why: &'static str) -> Result<(), &'static str> {
+    if cond {
+        Ok(())
+    } else {
+        Err(why)
+    }
+}
+
+fn viommu(c: &mut Ctx) -> &mut Viommu {
+    c.viommu.as_mut().expect("checked by run()")
+}
+
+fn dev(c: &Ctx) -> &DmaDev {
+    c.dev.as_ref().expect("checked by run()")
+}
+
+/// Attaches the device to `dom` and maps `pages` pages at `iova` -> `gpa` with `flags`.
+fn setup(
+    c: &mut Ctx,
+    dom: u32,
+    iova: u64,
+    gpa: u64,
+    pages: u64,
+    flags: u32,
+) -> Result<(), &'static str> {
+    let ep = c.ep;
+    let v = viommu(c);
+    check(v.one(Req::Attach(dom, ep, 0)) == OK, "ATTACH failed")?;
+    check(
+        v.one(Req::Map(dom, iova, iova + pages * 4096 - 1, gpa, flags)) == OK,
+        "MAP failed",
+    )
+}
+
+fn unmap_all(c: &mut Ctx, dom: u32) {
+    viommu(c).one(Req::Unmap(dom, 0, u64::MAX));
+}
+
+fn expect_fault(c: &mut Ctx, out: Outcome, iova: u64) -> Result<(), &'static str> {
+    check(
+        out.status == dmadev::ERROR_STATUS,
+        "the device did not report an error",
+    )?;
+    check(
+        out.error == dmadev::ERR_FAULT_WRITE,
+        "the error is not a write fault",
+    )?;
+    check(out.fault_iova == iova, "wrong faulting IOVA in the device")?;
+    let ep = c.ep;
+    let f = viommu(c).wait_fault(20_000_000).ok_or("no fault event")?;
+    check(f.reason == R_MAPPING, "fault reason is not MAPPING")?;
+    check(f.endpoint == ep, "fault names another endpoint")?;
+    check(f.address == iova, "fault address")?;
+    check(f.flags == F_WRITE | F_ADDRESS, "fault flags")
+}
+
+fn probe(c: &mut Ctx) -> Result<(), &'static str> {
+    let ep = c.ep;
+    let v = viommu(c);
+    check(
+        v.page_size_mask & 0xfff == 0 && v.page_size_mask & 0x1000 != 0,
+        "granule is not 4 KiB",
+    )?;
+    let (st, (ty, subtype, start, end)) = v.probe(ep);
+    check(st == OK, "PROBE failed")?;
+    check(
+        ty == 1 && subtype == 1,
+        "first property is not RESV_MEM MSI",
+    )?;
+    check(start == 0xfee0_0000 && end == 0xfeef_ffff, "MSI region")?;
+    check(
+        v.probe(0xdead).0 == 6,
+        "PROBE of an unknown endpoint is not NOENT",
+    )
+}
+
+fn copy(c: &mut Ctx) -> Result<(), &'static str> {
+    let src = alloc_pages(16);
+    let dst = alloc_pages(18);
+    pattern(src, 65536, 7);
+    fill(dst, 18 * 4096, 0xcc);
+    setup(c, 1, IOVA, src, 16, MAP_R)?;
+    check(
+        viommu(c).one(Req::Map(
+            1,
+            IOVA + 0x10_0000,
+            IOVA + 0x10_0000 + 16 * 4096 - 1,
+            dst + 4096,
+            MAP_W | MAP_R,
+        )) == OK,
+        "MAP dst",
+    )?;
+    let out = dev(c).run(dmadev::OP_COPY, IOVA, IOVA + 0x10_0000, 65536, 0);
+    unmap_all(c, 1);
+    check(out.status == dmadev::DONE, "copy did not complete")?;
+    check(
+        bytes(dst + 4096, 65536) == bytes(src, 65536),
+        "copied bytes differ",
+    )?;
+    check(all_eq(dst, 4096, 0xcc), "page before dst touched")?;
+    check(
+        all_eq(dst + 17 * 4096, 4096, 0xcc),
+        "page after dst touched",
+    )
+}
+
+fn fill_case(c: &mut Ctx) -> Result<(), &'static str> {
+    let dst = alloc_pages(4);
+    fill(dst, 4 * 4096, 0x11);
+    setup(c, 1, IOVA, dst, 4, MAP_W)?;
+    let out = dev(c).run(dmadev::OP_FILL, 0, IOVA + 100, 10_000, 0xab);
+    unmap_all(c, 1);
+    check(out.status == dmadev::DONE, "fill did not complete")?;
+    check(all_eq(dst, 100, 0x11), "bytes before touched")?;
+    check(all_eq(dst + 100, 10_000, 0xab), "fill bytes")?;
+    check(
+        all_eq(dst + 10_100, 4 * 4096 - 10_100, 0x11),
+        "bytes after touched",
+    )
+}
+
+fn compare(c: &mut Ctx) -> Result<(), &'static str> {
+    let a = alloc_pages(2);
+    let b = alloc_pages(2);
+    pattern(a, 8192, 3);
+    pattern(b, 8192, 3);
+    setup(c, 1, IOVA, a, 2, MAP_R)?;
+    check(
+        viommu(c).one(Req::Map(1, IOVA + 0x4000, IOVA + 0x5fff, b, MAP_R)) == OK,
+        "MAP b",
+    )?;
+    let same = dev(c).run(dmadev::OP_COMPARE, IOVA, IOVA + 0x4000, 8192, 0);
+    bytes(b, 8192)[5000] ^= 1;
+    let diff = dev(c).run(dmadev::OP_COMPARE, IOVA, IOVA + 0x4000, 8192, 0);
+    unmap_all(c, 1);
+    check(
+        same.status == dmadev::DONE && same.result == 0,
+        "equal buffers compare different",
+    )?;
+    check(diff.result == 5001, "difference not at byte 5000")
+}
+
+fn ro_fault(c: &mut Ctx) -> Result<(), &'static str> {
+    let src = alloc_pages(1);
+    let dst = alloc_pages(1);
+    pattern(src, 4096, 9);
+    fill(dst, 4096, 0x77);
+    setup(c, 1, IOVA, src, 1, MAP_R)?;
+    // The destination is mapped read-only: the device may not write it.
+    check(
+        viommu(c).one(Req::Map(1, IOVA + 0x1000, IOVA + 0x1fff, dst, MAP_R)) == OK,
+        "MAP dst",
+    )?;
+    let out = dev(c).run(dmadev::OP_COPY, IOVA, IOVA + 0x1000, 4096, 0);
+    unmap_all(c, 1);
+    check(all_eq(dst, 4096, 0x77), "read-only memory was written")?;
+    expect_fault(c, out, IOVA + 0x1000)
+}
+
+fn unmapped_fault(c: &mut Ctx) -> Result<(), &'static str> {
+    let src = alloc_pages(1);
+    setup(c, 1, IOVA, src, 1, MAP_R)?;
+    let out = dev(c).run(dmadev::OP_FILL, 0, IOVA + 0x40_0000, 64, 0x42);
+    unmap_all(c, 1);
+    expect_fault(c, out, IOVA + 0x40_0000)
+}
+
+fn unmap_pending(c: &mut Ctx) -> Result<(), &'static str> {
+    const PAGES: u64 = 64;
+    let src = alloc_pages(PAGES);
+    let dst = alloc_pages(PAGES);
+    pattern(src, PAGES * 4096, 1);
+    setup(c, 1, IOVA, src, PAGES, MAP_R)?;
+    let d = IOVA + 0x100_0000;
+    check(
+        viommu(c).one(Req::Map(1, d, d + PAGES * 4096 - 1, dst, MAP_W)) == OK,
+        "MAP dst",
+    )?;
+    // A slow copy: 20 ms per page.
+    dev(c).start(dmadev::OP_COPY, IOVA, d, PAGES * 4096, 0, 20_000);
+    let mut spins = 0u64;
+    while dev(c).progress() < 4 * 4096 && spins < 100_000_000 {
+        spins += 1;
+        core::hint::spin_loop();
+    }
+    check(
+        dev(c).status() == dmadev::BUSY,
+        "the transfer ended before the UNMAP",
+    )?;
+    // Once the UNMAP completes the device must not reach those pages again.
+    check(
+        viommu(c).one(Req::Unmap(1, d, d + PAGES * 4096 - 1)) == OK,
+        "UNMAP dst",
+    )?;
+    fill(dst, PAGES * 4096, 0x5a);
+    let out = dev(c).wait();
+    unmap_all(c, 1);
+    check(
+        out.status == dmadev::ERROR_STATUS,
+        "the transfer did not fault after the UNMAP",
+    )?;
+    check(
+        all_eq(dst, PAGES * 4096, 0x5a),
+        "the device wrote after the UNMAP",
+    )?;
+    let f = viommu(c).wait_fault(20_000_000).ok_or("no fault event")?;
+    check(f.address == out.fault_iova, "fault event address")
+}
+
+fn detach_reattach(c: &mut Ctx) -> Result<(), &'static str> {
+    let buf = alloc_pages(2);
+    let ep = c.ep;
+    setup(c, 2, IOVA, buf, 2, MAP_R | MAP_W)?;
+    check(
+        dev(c).run(dmadev::OP_FILL, 0, IOVA, 8192, 1).status == dmadev::DONE,
+        "fill while attached",
+    )?;
+    check(viommu(c).one(Req::Detach(2, ep)) == OK, "DETACH")?;
+    let out = dev(c).run(dmadev::OP_FILL, 0, IOVA, 64, 2);
+    check(
+        out.status == dmadev::ERROR_STATUS,
+        "DMA works while detached",
+    )?;
+    let _ = viommu(c).wait_fault(20_000_000);
+    check(all_eq(buf, 64, 1), "memory written while detached")?;
+    // The domain died with its last endpoint: attach again and map again.
+    setup(c, 2, IOVA, buf, 2, MAP_R | MAP_W)?;
+    let out = dev(c).run(dmadev::OP_FILL, 0, IOVA, 8192, 3);
+    unmap_all(c, 2);
+    check(out.status == dmadev::DONE, "fill after re-attach")?;
+    check(all_eq(buf, 8192, 3), "fill bytes after re-attach")
+}
+
+fn bypass(c: &mut Ctx) -> Result<(), &'static str> {
+    let src = alloc_pages(1);
+    let dst = alloc_pages(1);
+    pattern(src, 4096, 5);
+    let ep = c.ep;
+    let v = viommu(c);
+    check(
+        v.one(Req::Attach(3, ep, ATTACH_BYPASS)) == OK,
+        "ATTACH bypass",
+    )?;
+    check(
+        v.one(Req::Map(3, 0, 0xfff, 0, MAP_R)) == INVAL,
+        "MAP on a bypass domain is not INVAL",
+    )?;
+    // In a bypass domain IOVA = GPA.
+    let out = dev(c).run(dmadev::OP_COPY, src, dst, 4096, 0);
+    check(out.status == dmadev::DONE, "copy through the bypass domain")?;
+    check(bytes(dst, 4096) == bytes(src, 4096), "bypass copy bytes")?;
+    // Back to a translated domain for later cases.
+    check(viommu(c).one(Req::Attach(1, ep, 0)) == OK, "ATTACH back")
+}
+
+fn merge(c: &mut Ctx) -> Result<(), &'static str> {
+    const PAGES: u64 = 64;
+    let src = alloc_pages(PAGES);
+    let dst = alloc_pages(PAGES);
+    pattern(src, PAGES * 4096, 11);
+    let ep = c.ep;
+    check(viommu(c).one(Req::Attach(1, ep, 0)) == OK, "ATTACH")?;
+    // 64 page-sized MAPs, contiguous in IOVA and GPA, in batches of 8 per notification.
+    for base in [(IOVA, src, MAP_R), (IOVA + 0x100_0000, dst, MAP_W)] {
+        for chunk in 0..PAGES / 8 {
+            let mut reqs = [Req::Unmap(0, 0, 0); 8];
+            for (k, r) in reqs.iter_mut().enumerate() {
+                let p = chunk * 8 + k as u64;
+                *r = Req::Map(
+                    1,
+                    base.0 + p * 4096,
+                    base.0 + p * 4096 + 4095,
+                    base.1 + p * 4096,
+                    base.2,
+                );
+            }
+            let st = viommu(c).batch(&reqs);
+            check(st.iter().all(|&s| s == OK), "a batched MAP failed")?;
+        }
+    }
+    let out = dev(c).run(dmadev::OP_COPY, IOVA, IOVA + 0x100_0000, PAGES * 4096, 0);
+    unmap_all(c, 1);
+    check(out.status == dmadev::DONE, "copy across 64 mappings")?;
+    check(
+        bytes(dst, PAGES * 4096) == bytes(src, PAGES * 4096),
+        "copied bytes",
+    )
+}
+
+fn no_iommu(c: &mut Ctx) -> Result<(), &'static str> {
+    check(!c.behind, "the device is behind the vIOMMU")?;
+    let src = alloc_pages(4);
+    let dst = alloc_pages(4);
+    pattern(src, 16384, 13);
+    let out = dev(c).run(dmadev::OP_COPY, src, dst, 16384, 0);
+    check(out.status == dmadev::DONE, "copy at GPAs")?;
+    check(bytes(dst, 16384) == bytes(src, 16384), "copied bytes")
+}
+
+/// TSC kHz from the VMM's timing leaf (0x40000010), if present.
+fn tsc_khz() -> u64 {
+    let (max, ..) = cpuid(0x4000_0000);
+    if max >= 0x4000_0010 {
+        u64::from(cpuid(0x4000_0010).0)
+    } else {
+        0
+    }
+}
+
+fn throughput(c: &mut Ctx) -> Result<(), &'static str> {
+    for &(size, rounds) in &[(4096u64, 64u64), (1 << 20, 8)] {
+        let pages = size / 4096;
+        let src = alloc_pages(pages);
+        let dst = alloc_pages(pages);
+        pattern(src, size, 17);
+        let (s, d) = if c.behind {
+            setup(c, 1, IOVA, src, pages, MAP_R)?;
+            let d = IOVA + 0x1000_0000;
+            check(
+                viommu(c).one(Req::Map(1, d, d + size - 1, dst, MAP_W)) == OK,
+                "MAP dst",
+            )?;
+            (IOVA, d)
+        } else {
+            (src, dst)
+        };
+        let t0 = rdtsc();
+        for _ in 0..rounds {
+            check(
+                dev(c).run(dmadev::OP_COPY, s, d, size, 0).status == dmadev::DONE,
+                "copy",
+            )?;
+        }
+        let cycles = rdtsc() - t0;
+        if c.behind {
+            unmap_all(c, 1);
+        }
+        let khz = tsc_khz();
+        let bytes_moved = size * rounds;
+        let mbps = if khz > 0 && cycles > 0 {
+            bytes_moved * khz / cycles / 1000
+        } else {
+            0
+        };
+        say!(
+            "# throughput: ",
+            size,
+            " bytes x ",
+            rounds,
+            ": ",
+            cycles,
+            " cycles, ",
+            mbps,
+            " MB/s (",
+            if c.behind {
+                "behind the vIOMMU"
+            } else {
+                "no vIOMMU"
+            },
+            ")"
+        );
+        check(bytes(dst, size) == bytes(src, size), "copied bytes")?;
+    }
+    Ok(())
+}
+
+fn device_death(c: &mut Ctx) -> Result<(), &'static str> {
+    check(dev(c).alive(), "the device is not there")?;
+    say!("# ready-for-kill");
+    let mut spins = 0u64;
+    while dev(c).alive() {
+        spins += 1;
+        if spins > 20_000_000_000 {
+            return Err("the device never went away");
+        }
+        core::hint::spin_loop();
+    }
+    crate::io::puts("# the device is gone (its registers read all ones); ");
+    // The rest of the platform still works.
+    if let Some(v) = c.viommu.as_mut() {
+        let st = v.one(Req::Attach(9, 0x7f8, 0));
+        say!(
+            "virtio-iommu still answers (ATTACH of a bad endpoint: status ",
+            st,
+            ")"
+        );
+        check(st == 6, "the virtio-iommu does not answer")?;
+    } else {
+        say!("no vIOMMU");
+    }
+    let _ = rd8(0);
+    Ok(())
+}
