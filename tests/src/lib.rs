@@ -183,3 +183,80 @@ pub fn run_vmm_env(args: &[&str], env: &[(&str, &str)], deadline: Duration) -> R
         wall: start.elapsed(),
     }
 }
+
+/// A DMA test device process serving one VMM on a fresh socket.
+pub struct DeviceProcess {
+    /// The process.
+    pub child: Child,
+    /// Its socket.
+    pub socket: PathBuf,
+}
+
+impl DeviceProcess {
+    /// Starts `dma-test-device` and waits for its socket.
+    pub fn start() -> DeviceProcess {
+        let socket = scratch("dma.sock");
+        let child = Command::new(bin("dma-test-device"))
+            .arg("--socket")
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn dma-test-device");
+        let start = Instant::now();
+        while !socket.exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the device never opened its socket"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        DeviceProcess { child, socket }
+    }
+
+    /// The `--vfio-user` argument for it.
+    pub fn arg(&self, iommu: bool) -> String {
+        format!(
+            "socket={}{}",
+            self.socket.display(),
+            if iommu { ",iommu=on" } else { "" }
+        )
+    }
+}
+
+impl Drop for DeviceProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// The value of `key=` in the `counters:` line of `device`.
+pub fn counter(run: &Run, device: &str, key: &str) -> u64 {
+    let line = run
+        .stderr
+        .lines()
+        .find(|l| l.starts_with(&format!("counters: {device}")))
+        .unwrap_or_else(|| panic!("no counters for {device}:\n{}", run.stderr));
+    let at = line
+        .find(&format!(" {key}="))
+        .unwrap_or_else(|| panic!("no {key} in {line}"));
+    line[at + key.len() + 2..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("bad {key} in {line}"))
+}
+
+/// TAP results on the console: `(ok, not ok)` counts, and the failing lines.
+pub fn tap(console: &str) -> (usize, usize, Vec<String>) {
+    let ok = console.lines().filter(|l| l.starts_with("ok ")).count();
+    let bad: Vec<String> = console
+        .lines()
+        .filter(|l| l.starts_with("not ok "))
+        .map(str::to_string)
+        .collect();
+    (ok, bad.len(), bad)
+}

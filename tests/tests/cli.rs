@@ -122,3 +122,89 @@ fn no_kvm_device() {
     std::fs::remove_file(&path).unwrap();
     assert_one_error_line(&run, &["cannot open /nonexistent/kvm", "KVM"]);
 }
+
+#[test]
+fn vfio_user_socket_missing() {
+    let path = scratch("tiny.elf");
+    std::fs::write(&path, tiny_elf()).unwrap();
+    let run = run_vmm(
+        &[
+            "--kernel",
+            path.to_str().unwrap(),
+            "--vfio-user",
+            "socket=/nonexistent/dev.sock",
+        ],
+        DEADLINE,
+    );
+    std::fs::remove_file(&path).unwrap();
+    assert_one_error_line(
+        &run,
+        &["vfio-user device /nonexistent/dev.sock", "No such file"],
+    );
+}
+
+#[test]
+fn vfio_user_server_sending_garbage() {
+    use std::io::{Read, Write};
+    let sock = scratch("garbage.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let _ = s.read(&mut [0u8; 256]);
+        // A reply header claiming a 2-byte message.
+        let _ = s.write_all(&[0, 0, 1, 0, 2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]);
+        std::thread::sleep(Duration::from_millis(200));
+    });
+    let path = scratch("tiny.elf");
+    std::fs::write(&path, tiny_elf()).unwrap();
+    let arg = format!("socket={}", sock.display());
+    let run = run_vmm(
+        &["--kernel", path.to_str().unwrap(), "--vfio-user", &arg],
+        DEADLINE,
+    );
+    server.join().unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let _ = std::fs::remove_file(&sock);
+    assert_one_error_line(&run, &["malformed reply to VERSION", "message size 2"]);
+}
+
+#[test]
+fn host_vfio_on_a_host_without_vfio() {
+    if std::path::Path::new("/dev/vfio/vfio").exists() {
+        eprintln!("this host has VFIO; nothing to check");
+        return;
+    }
+    let path = scratch("tiny.elf");
+    std::fs::write(&path, tiny_elf()).unwrap();
+    let run = run_vmm(
+        &[
+            "--kernel",
+            path.to_str().unwrap(),
+            "--vfio",
+            "path=/sys/bus/pci/devices/0000:00:00.0",
+        ],
+        DEADLINE,
+    );
+    std::fs::remove_file(&path).unwrap();
+    assert_one_error_line(
+        &run,
+        &["host VFIO unavailable", "/dev/vfio/vfio does not exist"],
+    );
+}
+
+#[test]
+fn passthrough_flags_are_checked() {
+    let run = run_vmm(&["--kernel", "/x", "--vfio-user", "iommu=on"], DEADLINE);
+    assert_eq!(run.code(), 2);
+    assert!(
+        run.stderr.contains("--vfio-user") && run.stderr.contains("socket=PATH"),
+        "{}",
+        run.stderr
+    );
+    let run = run_vmm(
+        &["--kernel", "/x", "--vfio", "path=/sys/x,backend=magic"],
+        DEADLINE,
+    );
+    assert_eq!(run.code(), 2);
+    assert!(run.stderr.contains("type1 or iommufd"), "{}", run.stderr);
+}

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use vmm_tests::{guest_kernel, run_vmm, Run};
+use vmm_tests::{counter, guest_kernel, run_vmm, Run};
 
 const BOOT_DEADLINE: Duration = Duration::from_secs(600);
 
@@ -36,23 +36,6 @@ fn boot(iommu: bool, extra_cmdline: &str) -> Run {
     let run = run_vmm(&args, BOOT_DEADLINE);
     let _ = std::fs::remove_file(disk);
     run
-}
-
-/// The value of `key=` in the counter line that starts with `device`.
-fn counter(run: &Run, device: &str, key: &str) -> u64 {
-    let line = run
-        .stderr
-        .lines()
-        .find(|l| l.starts_with(&format!("counters: {device}")))
-        .unwrap_or_else(|| panic!("no counters for {device}:\n{}", run.stderr));
-    let at = line
-        .find(&format!(" {key}="))
-        .unwrap_or_else(|| panic!("no {key} in {line}"));
-    line[at + key.len() + 2..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("bad {key} in {line}"))
 }
 
 #[test]

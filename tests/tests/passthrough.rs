@@ -1,0 +1,167 @@
+//! The fast test guest, the VMM and the DMA test device as three real processes: DMA through
+//! the virtio-iommu (attach, map, copy, fill, faults on read-only and unmapped IOVAs, unmap
+//! during a pending transfer, detach and re-attach, bypass), the device not behind the
+//! vIOMMU, and the device process dying mid-run.
+
+use std::time::{Duration, Instant};
+
+use vmm_tests::{bin, counter, run_vmm, tap, DeviceProcess};
+
+const DEADLINE: Duration = Duration::from_secs(300);
+
+fn guest() -> String {
+    bin("test-guest").display().to_string()
+}
+
+fn run_guest(dev: &DeviceProcess, iommu: bool, tests: Option<&str>) -> vmm_tests::Run {
+    let g = guest();
+    let vfio = dev.arg(iommu);
+    let cmdline = tests.map(|t| format!("tests={t}")).unwrap_or_default();
+    let mut args = vec![
+        "--kernel",
+        &g,
+        "--memory",
+        "128M",
+        "--counters",
+        "--vfio-user",
+        &vfio,
+    ];
+    if !cmdline.is_empty() {
+        args.extend(["--cmdline", &cmdline]);
+    }
+    if iommu {
+        args.push("--iommu");
+    }
+    run_vmm(&args, DEADLINE)
+}
+
+#[test]
+fn guest_dma_through_the_virtio_iommu() {
+    let dev = DeviceProcess::start();
+    let run = run_guest(&dev, true, None);
+    eprintln!("{}\n{}", run.console, run.stderr);
+    let (ok, bad, failing) = tap(&run.console);
+    assert_eq!(bad, 0, "{failing:?}");
+    assert_eq!(ok, 10);
+    for case in [
+        "probe",
+        "copy",
+        "fill",
+        "compare",
+        "ro_fault",
+        "unmapped_fault",
+        "unmap_pending",
+        "detach_reattach",
+        "bypass",
+        "merge",
+    ] {
+        assert!(
+            run.console
+                .lines()
+                .any(|l| l.starts_with("ok ") && l.ends_with(&format!("- {case}"))),
+            "{case}"
+        );
+    }
+    assert_eq!(run.code(), 0, "the guest's verdict is the exit status");
+    // Faults reached the guest's event queue (ro_fault, unmapped_fault, unmap_pending,
+    // detach_reattach), reported by the device process.
+    assert!(counter(&run, "virtio-iommu", "faults") >= 4);
+    assert!(counter(&run, "vfio-user", "dma_faults") >= 4);
+    let guest_maps = counter(&run, "virtio-iommu", "map");
+    let host_maps = counter(&run, "vfio-user", "dma_map_calls");
+    eprintln!(
+        "figure: {guest_maps} guest MAPs -> {host_maps} host DMA_MAP calls ({:.2} per guest MAP)",
+        host_maps as f64 / guest_maps as f64
+    );
+    assert!(
+        host_maps < guest_maps,
+        "contiguous MAPs are merged for the test device"
+    );
+}
+
+#[test]
+fn device_not_behind_the_virtio_iommu_and_throughput_ratio() {
+    let dev = DeviceProcess::start();
+    let plain = run_guest(&dev, false, Some("no_iommu,throughput"));
+    drop(dev);
+    let dev = DeviceProcess::start();
+    let behind = run_guest(&dev, true, Some("throughput"));
+    for run in [&plain, &behind] {
+        eprintln!("{}", run.console);
+        let (ok, bad, failing) = tap(&run.console);
+        assert_eq!(bad, 0, "{failing:?}");
+        assert!(ok >= 1);
+        assert_eq!(run.code(), 0);
+    }
+    assert!(plain.console.contains("not behind the vIOMMU"));
+    assert!(!plain.stderr.contains("counters: virtio-iommu"));
+    let mbps = |run: &vmm_tests::Run, size: &str| -> u64 {
+        run.console
+            .lines()
+            .find(|l| l.starts_with(&format!("# throughput: {size} bytes")))
+            .and_then(|l| l.split(", ").nth(1))
+            .and_then(|v| v.split(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    for size in ["4096", "1048576"] {
+        let (a, b) = (mbps(&behind, size), mbps(&plain, size));
+        eprintln!(
+            "figure: copy throughput {size} B: behind the vIOMMU {a} MB/s, without {b} MB/s, ratio {:.2}",
+            a as f64 / b.max(1) as f64
+        );
+    }
+}
+
+#[test]
+fn the_vm_survives_its_device_process() {
+    let mut dev = DeviceProcess::start();
+    let g = guest();
+    let vfio = dev.arg(true);
+    let console = vmm_tests::scratch("console.log");
+    let serial = format!("file={}", console.display());
+    let mut vmm = std::process::Command::new(bin("vmm"))
+        .args([
+            "--kernel",
+            &g,
+            "--memory",
+            "128M",
+            "--iommu",
+            "--vfio-user",
+            &vfio,
+            "--counters",
+            "--serial",
+            &serial,
+            "--cmdline",
+            "tests=copy,device_death",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !std::fs::read_to_string(&console)
+        .unwrap_or_default()
+        .contains("ready-for-kill")
+    {
+        assert!(start.elapsed() < DEADLINE, "the guest never got ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    dev.child.kill().unwrap();
+    dev.child.wait().unwrap();
+    let status = vmm_tests::wait_with_deadline(&mut vmm, DEADLINE);
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(vmm.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let out = std::fs::read_to_string(&console).unwrap_or_default();
+    let _ = std::fs::remove_file(&console);
+    eprintln!("{out}\n{stderr}");
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "the VMM kept running and the guest passed"
+    );
+    assert!(stderr.contains("the device process went away; the device is failed, the VM goes on"));
+    assert!(stderr.contains("failed=1"));
+    assert!(!stderr.contains("panicked"));
+    assert!(out.contains("ok 2 - device_death"));
+    assert!(out.contains("virtio-iommu still answers"));
+}
