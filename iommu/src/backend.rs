@@ -154,6 +154,8 @@ mod recording {
         pub dirty: std::collections::BTreeSet<u64>,
         /// Whether dirty tracking is on.
         pub tracking: bool,
+        /// Fail every dirty report.
+        pub fail_dirty: bool,
     }
 
     impl RecordingLog {
@@ -167,6 +169,19 @@ mod recording {
                 .iter()
                 .filter(|c| matches!(c, Call::Map(..)))
                 .count()
+        }
+        /// A device write to IOVA page `iova_page`: returns the GPA page written, or `None`
+        /// (a DMA fault) when the page is not mapped writable on the host. Marks the page
+        /// dirty when tracking.
+        pub fn device_write(&mut self, iova_page: u64) -> Option<u64> {
+            let (gpa, perm) = *self.pages.get(&iova_page)?;
+            if !perm.write() {
+                return None;
+            }
+            if self.tracking {
+                self.dirty.insert(iova_page);
+            }
+            Some(gpa)
         }
         /// Number of unmap calls.
         pub fn unmap_calls(&self) -> usize {
@@ -304,6 +319,9 @@ mod recording {
                 return Err(BackendError::Unsupported);
             }
             let mut log = self.log.lock().unwrap();
+            if log.fail_dirty {
+                return Err(BackendError::Failed("injected dirty report failure".into()));
+            }
             let first = iova / 4096;
             let pages = len / 4096;
             let hits: Vec<u64> = log.dirty.range(first..first + pages).copied().collect();

@@ -4,10 +4,12 @@
 //!
 //! - [`protocol`]: wire types of virtio 1.3 section 5.13.
 //! - [`pagetable`]: the per-domain I/O page table (4 KiB granule, ~4.8 bytes per page).
+//! - [`dirty`]: dirty bitmaps of guest pages (written by devices, harvested through the IOMMU).
 //! - [`backend`]: the host-side mapping trait and a recording backend for tests.
 //! - [`viommu`]: device state (endpoints, domains), request handling, translation, faults.
 
 pub mod backend;
+pub mod dirty;
 pub mod pagetable;
 pub mod protocol;
 #[cfg(any(test, feature = "test-utils"))]

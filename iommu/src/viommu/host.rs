@@ -130,6 +130,7 @@ impl Viommu {
                 .map(run.iova(), run.gpa(), run.len(), run.perm)
             {
                 for &u in &backends[..k] {
+                    self.harvest_runs(u, &[run]);
                     self.counters.host_unmaps += 1;
                     let _ = self.backends[u].backend.unmap(run.iova(), run.len());
                 }
@@ -176,6 +177,7 @@ impl Viommu {
                 .backend
                 .map(r.iova(), r.gpa(), r.len(), r.perm)
             {
+                self.harvest_runs(b, &ops[..k]);
                 for u in &ops[..k] {
                     self.counters.host_unmaps += 1;
                     let _ = self.backends[b].backend.unmap(u.iova(), u.len());
@@ -188,6 +190,8 @@ impl Viommu {
 
     /// Unmaps `runs` from backend `b`; on failure maps back what this call unmapped.
     fn unmap_runs(&mut self, b: BackendId, runs: &[Run]) -> Result<(), BackendError> {
+        // The device's dirty bits of these IOVAs mean nothing once they are unmapped.
+        self.harvest_runs(b, runs);
         if self.backends[b].failed {
             return Ok(());
         }
@@ -213,7 +217,7 @@ impl Viommu {
     }
 
     /// What `content` means as mappings.
-    fn content_runs(&self, content: Content) -> Vec<Run> {
+    pub(super) fn content_runs(&self, content: Content) -> Vec<Run> {
         match content {
             Content::Nothing => Vec::new(),
             Content::Identity => self

@@ -6,12 +6,14 @@
 //! mapped to a status at the request that caused them. Nothing a guest sends can panic
 //! this code: every address computation is checked and every count bounded.
 
+mod dirty;
 mod host;
 mod request;
 mod translate;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+pub use dirty::DirtyTrackingReport;
 pub use request::{Reply, Request, MAX_READABLE};
 pub use translate::{Access, Translation};
 
@@ -138,6 +140,10 @@ pub struct Counters {
     pub iotlb_misses: u64,
     /// Bytes translated for emulated devices.
     pub translated_bytes: u64,
+    /// Dirty reports read from backends (at harvests and before host unmaps).
+    pub dirty_reads: u64,
+    /// Dirty pages the backends reported (a page reported twice counts twice).
+    pub dirty_pages_reported: u64,
 }
 
 impl Counters {
@@ -194,6 +200,8 @@ pub struct Viommu {
     counters: Counters,
     /// Next domain generation number (shared so that a re-created ID never reuses one).
     next_generation: u64,
+    /// Dirty tracking, when on.
+    dirty: Option<dirty::DirtyState>,
 }
 
 /// Most fault events kept while the event queue has no buffers.
@@ -214,6 +222,7 @@ impl Viommu {
             faults: VecDeque::new(),
             counters: Counters::default(),
             next_generation: 1,
+            dirty: None,
         }
     }
 

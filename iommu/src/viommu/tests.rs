@@ -652,3 +652,113 @@ fn metadata_budget_gives_nomem() {
     assert_eq!(last, Status::NoMem);
     assert!(v.metadata_bytes() <= 64 << 10);
 }
+
+mod dirty {
+    use super::*;
+    use crate::dirty::DirtyBitmap;
+
+    fn tracked() -> (Viommu, Arc<Mutex<RecordingLog>>) {
+        let (mut v, log) = with_backend(BackendCaps {
+            dirty_tracking: true,
+            ..Default::default()
+        });
+        assert_eq!(v.start_dirty_tracking().tracked, vec!["rec".to_string()]);
+        assert!(log.lock().unwrap().tracking);
+        (v, log)
+    }
+
+    fn harvest(v: &mut Viommu) -> Vec<(u64, u64)> {
+        let mut b = DirtyBitmap::new(&[(0, 1 << 30)]);
+        v.harvest_dirty(&mut b);
+        b.runs()
+    }
+
+    #[test]
+    fn writes_are_reported_by_gpa() {
+        let (mut v, log) = tracked();
+        assert_eq!(send(&mut v, &attach(1, 8, 0)), Some(Status::Ok));
+        assert_eq!(
+            send(&mut v, &map(1, 0x10000, 0x13fff, 0x200000, RW)),
+            Some(Status::Ok)
+        );
+        assert_eq!(log.lock().unwrap().device_write(0x11), Some(0x201));
+        assert_eq!(log.lock().unwrap().device_write(0x12), Some(0x202));
+        assert_eq!(harvest(&mut v), vec![(0x201000, 0x2000)]);
+        // A harvest starts a new round.
+        assert_eq!(harvest(&mut v), vec![]);
+        assert!(v.counters().dirty_reads >= 2);
+        assert_eq!(v.counters().dirty_pages_reported, 2);
+    }
+
+    #[test]
+    fn an_unmap_harvests_before_the_iova_is_reused() {
+        let (mut v, log) = tracked();
+        send(&mut v, &attach(1, 8, 0));
+        send(&mut v, &map(1, 0x10000, 0x10fff, 0x300000, RW));
+        log.lock().unwrap().device_write(0x10);
+        // The guest moves the IOVA to other memory before anyone harvests.
+        assert_eq!(send(&mut v, &unmap(1, 0x10000, 0x10fff)), Some(Status::Ok));
+        send(&mut v, &map(1, 0x10000, 0x10fff, 0x500000, RW));
+        // The write is reported for the memory it went to, not where the IOVA points now.
+        assert_eq!(harvest(&mut v), vec![(0x300000, 0x1000)]);
+    }
+
+    #[test]
+    fn detach_harvests() {
+        let (mut v, log) = tracked();
+        send(&mut v, &attach(1, 8, 0));
+        send(&mut v, &map(1, 0x10000, 0x10fff, 0x300000, RW));
+        log.lock().unwrap().device_write(0x10);
+        assert_eq!(send(&mut v, &detach(1, 8)), Some(Status::Ok));
+        assert_eq!(harvest(&mut v), vec![(0x300000, 0x1000)]);
+    }
+
+    #[test]
+    fn bypass_writes_are_identity() {
+        let (mut v, log) = tracked();
+        v.set_bypass(1);
+        assert_eq!(log.lock().unwrap().device_write(0x777), Some(0x777));
+        assert_eq!(harvest(&mut v), vec![(0x777000, 0x1000)]);
+    }
+
+    #[test]
+    fn untracked_failed_or_failing_backends_count_writable_mappings_dirty() {
+        // A backend that cannot track.
+        let (mut v, _log) = with_backend(BackendCaps::default());
+        let r = v.start_dirty_tracking();
+        assert_eq!(r.untracked, vec!["rec".to_string()]);
+        send(&mut v, &attach(1, 8, 0));
+        send(&mut v, &map(1, 0x10000, 0x11fff, 0x300000, RW));
+        send(&mut v, &map(1, 0x20000, 0x20fff, 0x400000, R));
+        assert_eq!(harvest(&mut v), vec![(0x300000, 0x2000)]);
+        // Read-only mappings are never dirty; writable ones are, every round.
+        assert_eq!(harvest(&mut v), vec![(0x300000, 0x2000)]);
+
+        // A tracking backend whose device died.
+        let (mut v, _log) = tracked();
+        send(&mut v, &attach(1, 8, 0));
+        send(&mut v, &map(1, 0x10000, 0x10fff, 0x300000, RW));
+        v.set_backend_failed(0);
+        assert_eq!(harvest(&mut v), vec![(0x300000, 0x1000)]);
+
+        // A tracking backend whose report fails.
+        let (mut v, log) = tracked();
+        send(&mut v, &attach(1, 8, 0));
+        send(&mut v, &map(1, 0x10000, 0x10fff, 0x300000, RW));
+        log.lock().unwrap().fail_dirty = true;
+        assert_eq!(harvest(&mut v), vec![(0x300000, 0x1000)]);
+    }
+
+    #[test]
+    fn stop_returns_the_rest_and_turns_the_device_off() {
+        let (mut v, log) = tracked();
+        send(&mut v, &attach(1, 8, 0));
+        send(&mut v, &map(1, 0x10000, 0x10fff, 0x300000, RW));
+        log.lock().unwrap().device_write(0x10);
+        let rest = v.stop_dirty_tracking().unwrap();
+        assert_eq!(rest.runs(), vec![(0x300000, 0x1000)]);
+        assert!(!log.lock().unwrap().tracking);
+        assert!(!v.is_tracking_dirty());
+        assert!(v.stop_dirty_tracking().is_none());
+    }
+}

@@ -1,0 +1,173 @@
+//! Dirty tracking through the IOMMU: pages written by passthrough devices, reported by their
+//! backends by IOVA, translated to guest-physical pages through the domains' page tables.
+//!
+//! An IOVA means nothing once its mapping is gone (the guest may map it again to other
+//! memory), so the device's dirty bits of a range are harvested before every host unmap of
+//! it: a guest UNMAP, a DETACH, a bypass change, a rollback. Between harvests they stay in
+//! the device. A backend that cannot track (or that failed, or whose report failed) has all
+//! of its writable mappings counted dirty at every harvest, so no write is ever lost; only
+//! more pages are copied.
+
+use super::*;
+use crate::dirty::DirtyBitmap;
+use crate::pagetable::{Perm, Run};
+
+/// Most pages read from a backend per call (1 GiB of IOVA, a 32 KiB bitmap).
+const READ_CHUNK_PAGES: u64 = 1 << 18;
+
+/// Dirty tracking in progress.
+#[derive(Debug)]
+pub(super) struct DirtyState {
+    /// Pages found dirty and not harvested yet (those found at unmaps, mostly).
+    bitmap: DirtyBitmap,
+    /// Backends with tracking on in the device.
+    tracked: Vec<bool>,
+}
+
+/// Which backends track dirty pages themselves, from [`Viommu::start_dirty_tracking`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DirtyTrackingReport {
+    /// Backends whose devices report the pages they write.
+    pub tracked: Vec<String>,
+    /// Backends that cannot (or failed to start): every writable page mapped for them counts
+    /// as dirty at every harvest.
+    pub untracked: Vec<String>,
+}
+
+impl Viommu {
+    /// Starts tracking the pages passthrough devices write, over the guest RAM of
+    /// [`ViommuConfig::guest_ram`]. Restarting clears what was gathered.
+    pub fn start_dirty_tracking(&mut self) -> DirtyTrackingReport {
+        self.flush_pending(&mut []);
+        let mut report = DirtyTrackingReport::default();
+        let mut tracked = Vec::with_capacity(self.backends.len());
+        for slot in &mut self.backends {
+            let name = slot.backend.name();
+            let on = !slot.failed
+                && slot.caps.dirty_tracking
+                && match slot.backend.set_dirty_tracking(true) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        log::warn!("virtio-iommu: dirty tracking on {name}: {e}");
+                        false
+                    }
+                };
+            if on {
+                report.tracked.push(name);
+            } else {
+                report.untracked.push(name);
+            }
+            tracked.push(on);
+        }
+        self.dirty = Some(DirtyState {
+            bitmap: DirtyBitmap::new(&self.cfg.guest_ram),
+            tracked,
+        });
+        report
+    }
+
+    /// Whether dirty tracking is on.
+    pub fn is_tracking_dirty(&self) -> bool {
+        self.dirty.is_some()
+    }
+
+    /// ORs into `out` (by guest page) every page written by a passthrough device since the
+    /// last harvest, and starts a new round. Nothing is lost across unmaps: those were
+    /// harvested when they happened. Does nothing when tracking is off.
+    pub fn harvest_dirty(&mut self, out: &mut DirtyBitmap) {
+        if self.dirty.is_none() {
+            return;
+        }
+        self.flush_pending(&mut []);
+        for b in 0..self.backends.len() {
+            let runs = self.content_runs(self.backend_content(b));
+            self.harvest_runs(b, &runs);
+        }
+        if let Some(d) = self.dirty.as_mut() {
+            out.merge(&d.bitmap);
+            d.bitmap.clear();
+        }
+    }
+
+    /// Stops tracking; returns the pages dirtied since the last harvest.
+    pub fn stop_dirty_tracking(&mut self) -> Option<DirtyBitmap> {
+        let mut out = DirtyBitmap::new(&self.cfg.guest_ram);
+        self.harvest_dirty(&mut out);
+        let state = self.dirty.take()?;
+        for (slot, on) in self.backends.iter_mut().zip(state.tracked) {
+            if on && !slot.failed {
+                if let Err(e) = slot.backend.set_dirty_tracking(false) {
+                    log::warn!("virtio-iommu: stopping dirty tracking on {}: {e}", slot.backend.name());
+                }
+            }
+        }
+        Some(out)
+    }
+
+    /// What backend `b` has mapped on the host.
+    fn backend_content(&self, b: BackendId) -> Content {
+        let mut users = self.endpoints.iter().filter(|(_, e)| e.backend == Some(b));
+        let first = users.clone().next().map(|(&id, _)| id);
+        match users.find(|(_, e)| e.domain.is_some()) {
+            Some((&id, _)) => self.endpoint_content(id),
+            None => first.map_or(Content::Nothing, |id| self.endpoint_content(id)),
+        }
+    }
+
+    /// Moves the device's dirty bits of `runs` (mapped on backend `b`) into the bitmap,
+    /// clearing them in the device. Called before the runs are unmapped from the host.
+    pub(super) fn harvest_runs(&mut self, b: BackendId, runs: &[Run]) {
+        let Some(state) = self.dirty.as_mut() else {
+            return;
+        };
+        let Some(slot) = self.backends.get_mut(b) else {
+            return;
+        };
+        let reads_device = state.tracked.get(b).copied().unwrap_or(false) && !slot.failed;
+        let mut merged: Vec<Run> = Vec::new();
+        for r in runs
+            .iter()
+            .filter(|r| r.perm.write() && !r.perm.contains(Perm::MMIO))
+        {
+            match merged.last_mut() {
+                Some(l)
+                    if l.iova_page + l.pages == r.iova_page
+                        && l.gpa_page + l.pages == r.gpa_page =>
+                {
+                    l.pages += r.pages
+                }
+                _ => merged.push(*r),
+            }
+        }
+        for r in merged {
+            if !reads_device {
+                state.bitmap.mark(r.gpa_page, r.pages);
+                continue;
+            }
+            let mut done = 0;
+            while done < r.pages {
+                let n = (r.pages - done).min(READ_CHUNK_PAGES);
+                let mut bits = vec![0u64; n.div_ceil(64) as usize];
+                let iova = (r.iova_page + done) * PAGE_SIZE;
+                self.counters.dirty_reads += 1;
+                match slot.backend.read_dirty(iova, n * PAGE_SIZE, &mut bits, true) {
+                    Ok(()) => {
+                        let found: u64 = bits.iter().map(|w| u64::from(w.count_ones())).sum();
+                        self.counters.dirty_pages_reported += found;
+                        state.bitmap.mark_bits(r.gpa_page + done, &bits, n);
+                    }
+                    Err(e) => {
+                        log::warn!(
+                            "virtio-iommu: dirty report of IOVA {iova:#x}+{:#x} from {} \
+                             failed ({e}); counting the range dirty",
+                            n * PAGE_SIZE,
+                            slot.backend.name()
+                        );
+                        state.bitmap.mark(r.gpa_page + done, n);
+                    }
+                }
+                done += n;
+            }
+        }
+    }
+}
