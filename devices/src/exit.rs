@@ -17,13 +17,18 @@ pub enum ExitReason {
     Error(String),
     /// The VMM was asked to stop (signal or API).
     Stopped,
+    /// The guest now runs elsewhere: migrated to the destination named.
+    Migrated(String),
 }
 
 impl ExitReason {
     /// The process exit status for this reason.
     pub fn exit_code(&self) -> i32 {
         match self {
-            ExitReason::PowerOff | ExitReason::Reset | ExitReason::Stopped => 0,
+            ExitReason::PowerOff
+            | ExitReason::Reset
+            | ExitReason::Stopped
+            | ExitReason::Migrated(_) => 0,
             ExitReason::TestExit(code) => i32::try_from(*code).unwrap_or(i32::MAX),
             ExitReason::Error(_) => 1,
         }

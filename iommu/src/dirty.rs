@@ -158,7 +158,10 @@ impl DirtyBitmap {
             let mut run: Option<(u64, u64)> = None;
             let first_word = (r.bit / 64) as usize;
             let words = r.pages.div_ceil(64) as usize;
-            for (k, &word) in self.words[first_word..first_word + words].iter().enumerate() {
+            for (k, &word) in self.words[first_word..first_word + words]
+                .iter()
+                .enumerate()
+            {
                 if word == 0 {
                     if let Some((s, n)) = run.take() {
                         f(s * PAGE_SIZE, n * PAGE_SIZE);

@@ -67,6 +67,11 @@ pub struct Cli {
     #[arg(long)]
     pub counters: bool,
 
+    /// Tracks, from boot, the guest pages passthrough devices write (through the vIOMMU, or
+    /// directly for devices not behind it); --counters then reports them (`dirty log:`).
+    #[arg(long)]
+    pub track_dirty: bool,
+
     /// Log level of the VMM's own messages (stderr): error, warn, info, debug, trace.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: log::LevelFilter,

@@ -222,6 +222,10 @@ pub struct DeviceManager {
     pub subscribers: Vec<Subscriber>,
     /// What the ACPI tables describe.
     pub platform: PlatformDescription,
+    /// Guest RAM ranges `(GPA, bytes)`.
+    pub ram_ranges: Vec<(u64, u64)>,
+    /// With `--track-dirty`: pages passthrough devices wrote since tracking started.
+    pub dirty: Mutex<Option<iommu::dirty::DirtyBitmap>>,
 }
 
 impl DeviceManager {
@@ -352,6 +356,8 @@ impl DeviceManager {
             passthrough,
             subscribers: b.subscribers,
             platform,
+            ram_ranges: layout::ram_ranges(mem_size),
+            dirty: Mutex::new(None),
         })
     }
 
@@ -376,7 +382,8 @@ impl DeviceManager {
             lines.push(format!(
                 "virtio-iommu 00:{IOMMU_SLOT:02x}.0: {} batches={} {} host_maps={} host_unmaps={} \
                  faults={} faults_dropped={} iotlb_hits={} iotlb_misses={} translated_bytes={} \
-                 domains={} metadata_bytes={} bad_chains={bad}",
+                 domains={} metadata_bytes={} dirty_reads={} dirty_pages_reported={} \
+                 bad_chains={bad}",
                 req.join(" "),
                 c.batches,
                 st.join(" "),
@@ -389,6 +396,8 @@ impl DeviceManager {
                 c.translated_bytes,
                 s.domain_ids().len(),
                 s.metadata_bytes(),
+                c.dirty_reads,
+                c.dirty_pages_reported,
             ));
         }
         for (label, d) in &self.disks {
@@ -412,6 +421,13 @@ impl DeviceManager {
         }
         for p in &self.passthrough {
             lines.push(p.counters_line());
+        }
+        if let Some(pages) = self.dirty_since_boot() {
+            lines.push(format!(
+                "dirty log: pages={pages} bytes={} (guest pages written by passthrough devices \
+                 since boot)",
+                pages * 4096
+            ));
         }
         lines
     }

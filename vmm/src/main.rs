@@ -3,9 +3,11 @@
 
 mod cli;
 mod device_manager;
+mod dirty;
 mod error;
 mod interrupts;
 mod memory;
+mod migration;
 mod passthrough;
 mod vcpu;
 mod vm;
@@ -56,5 +58,6 @@ fn describe(reason: &ExitReason) -> String {
         ExitReason::TestExit(c) => format!("test exit code {c}"),
         ExitReason::Error(e) => format!("error: {e}"),
         ExitReason::Stopped => "stopped".into(),
+        ExitReason::Migrated(to) => format!("migrated to {to}"),
     }
 }

@@ -18,6 +18,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::cli::PassthroughArg;
 use crate::device_manager::{dev_err, Builder};
+use crate::dirty::DirectDirty;
 use crate::error::VmmError;
 
 /// A passthrough device the VMM set up.
@@ -30,6 +31,9 @@ pub struct Passthrough {
     pub dma_calls: Arc<Mutex<(u64, u64)>>,
     /// DMA faults the device reported.
     pub faults: Arc<Mutex<u64>>,
+    /// The DMA backend of a device not behind the vIOMMU (all guest RAM mapped at its GPA),
+    /// kept for dirty tracking.
+    pub direct: Option<DirectDirty>,
 }
 
 /// Turns the device's fault reports into virtio-iommu fault events, and notices a device
@@ -140,7 +144,7 @@ impl Passthrough {
         let mut dma = VfioUserDma::new(dev.clone(), b.ram.clone());
         let dma_calls = dma.calls.clone();
         let ep = u32::from(slot) << 3;
-        let endpoint = match (&b.iommu, arg.iommu) {
+        let (endpoint, direct) = match (&b.iommu, arg.iommu) {
             (Some(h), true) => {
                 let mut s = h.lock();
                 let id = s
@@ -149,12 +153,12 @@ impl Passthrough {
                 s.add_endpoint(ep, Some(id), &[])
                     .map_err(dev_err(name.clone()))?;
                 b.endpoints.push(slot);
-                Some((ep, id))
+                (Some((ep, id)), None)
             }
             (None, true) => return Err(VmmError::Device(name, "iommu=on needs --iommu".into())),
             _ => {
                 dma.map_all_ram().map_err(dev_err(name.clone()))?;
-                None
+                (None, Some(DirectDirty::new(Box::new(dma))))
             }
         };
 
@@ -183,6 +187,7 @@ impl Passthrough {
             failed,
             dma_calls,
             faults,
+            direct,
         })
     }
 
@@ -210,7 +215,7 @@ impl Passthrough {
         let mut dma = host.dma(b.ram.clone(), b.mem.clone());
         let dma_calls = dma.calls();
         let ep = u32::from(slot) << 3;
-        match (&b.iommu, arg.iommu) {
+        let direct = match (&b.iommu, arg.iommu) {
             (Some(h), true) => {
                 let mut s = h.lock();
                 let id = s
@@ -219,6 +224,7 @@ impl Passthrough {
                 s.add_endpoint(ep, Some(id), &[])
                     .map_err(dev_err(name.clone()))?;
                 b.endpoints.push(slot);
+                None
             }
             (None, true) => return Err(VmmError::Device(name, "iommu=on needs --iommu".into())),
             _ => {
@@ -226,13 +232,15 @@ impl Passthrough {
                     dma.map(gpa, gpa, len, iommu::Perm::RW)
                         .map_err(dev_err(name.clone()))?;
                 }
+                Some(DirectDirty::new(Box::new(dma)))
             }
-        }
+        };
         Ok(Self {
             label: format!("{name} at 00:{slot:02x}.0"),
             failed,
             dma_calls,
             faults: Arc::new(Mutex::new(0)),
+            direct,
         })
     }
 

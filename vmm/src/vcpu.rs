@@ -2,9 +2,10 @@
 //! for instructions KVM's emulator refuses.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use boot::quirks::{self, FallbackStats, HostQuirks};
 use devices::bus::Bus;
@@ -12,7 +13,9 @@ use devices::exit::{ExitReason, VmExit};
 use devices::GuestMemoryMmap;
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::migration::kvm_state::{KvmStateError, VcpuState};
 
 /// Signal used to kick a vCPU thread out of `KVM_RUN`.
 pub fn kick_signal() -> i32 {
@@ -41,6 +44,88 @@ pub struct VcpuContext {
     pub mem: Arc<GuestMemoryMmap>,
     /// Host quirks in force.
     pub quirks: HostQuirks,
+    /// Pausing and resuming.
+    pub pause: PauseControl,
+    /// MSRs to save with the vCPU state.
+    pub msr_indices: Vec<u32>,
+}
+
+/// What a parked vCPU thread can be asked to do.
+pub enum ParkedRequest {
+    /// Save the vCPU's state.
+    Save(Sender<Result<VcpuState, KvmStateError>>),
+}
+
+/// Parks vCPU threads (out of `KVM_RUN`, their pending I/O completed) and resumes them.
+#[derive(Default)]
+pub struct PauseControl {
+    requested: AtomicBool,
+    /// Number of parked threads.
+    parked: Mutex<usize>,
+    changed: Condvar,
+}
+
+impl PauseControl {
+    /// Whether a pause is requested.
+    pub fn requested(&self) -> bool {
+        self.requested.load(Ordering::Acquire)
+    }
+
+    /// Asks every vCPU thread to park and waits until `count` are parked (kicking them out
+    /// of `KVM_RUN` with [`kick_signal`]). Returns false when the VM ended meanwhile.
+    pub fn pause<T: Killable>(&self, threads: &[T], count: usize, stop: &AtomicBool) -> bool {
+        self.requested.store(true, Ordering::Release);
+        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        while *parked < count {
+            if stop.load(Ordering::Acquire) {
+                return false;
+            }
+            for t in threads {
+                let _ = t.kill(kick_signal());
+            }
+            parked = self
+                .changed
+                .wait_timeout(parked, Duration::from_millis(1))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// Lets parked threads run again.
+    pub fn resume(&self) {
+        self.requested.store(false, Ordering::Release);
+        let _g = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        self.changed.notify_all();
+    }
+
+    fn park(&self, vcpu: &mut VcpuFd, ctx: &VcpuContext, requests: &Receiver<ParkedRequest>) {
+        // Complete the instruction of the last exit (an MMIO or port read's value is only
+        // stored into the guest by the next KVM_RUN) without running the guest further.
+        vcpu.set_kvm_immediate_exit(1);
+        let _ = vcpu.run();
+        vcpu.set_kvm_immediate_exit(0);
+        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        *parked += 1;
+        self.changed.notify_all();
+        while self.requested() && !ctx.stop.load(Ordering::Acquire) {
+            drop(parked);
+            while let Ok(r) = requests.try_recv() {
+                match r {
+                    ParkedRequest::Save(reply) => {
+                        let _ = reply.send(VcpuState::save(vcpu, &ctx.msr_indices));
+                    }
+                }
+            }
+            parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+            parked = self
+                .changed
+                .wait_timeout(parked, Duration::from_millis(1))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        *parked -= 1;
+    }
 }
 
 enum Action {
@@ -54,12 +139,17 @@ pub fn spawn(
     id: u8,
     mut vcpu: VcpuFd,
     ctx: Arc<VcpuContext>,
+    requests: Receiver<ParkedRequest>,
 ) -> std::io::Result<JoinHandle<FallbackStats>> {
     std::thread::Builder::new()
         .name(format!("vcpu{id}"))
         .spawn(move || {
             let mut stats = FallbackStats::default();
             while !ctx.stop.load(Ordering::Acquire) {
+                if ctx.pause.requested() {
+                    ctx.pause.park(&mut vcpu, &ctx, &requests);
+                    continue;
+                }
                 let action = match vcpu.run() {
                     Ok(exit) => handle_exit(&ctx, exit),
                     Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {

@@ -170,6 +170,11 @@ impl Vm {
             &mmio,
         )?;
         let rsdp = boot::acpi::write_acpi_tables(ram.mem.as_ref(), &devices.platform)?;
+        if cli.track_dirty {
+            for name in devices.start_dirty_tracking() {
+                log::warn!("{name} cannot report the pages it writes: all count as dirty");
+            }
+        }
 
         // Kernel, initramfs, command line, boot params.
         let mem = ram.mem.as_ref();
@@ -244,6 +249,8 @@ impl Vm {
             stop: Default::default(),
             mem: self.ram.mem.clone(),
             quirks: self.quirks,
+            pause: Default::default(),
+            msr_indices: Vec::new(),
         });
         let mut event_manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
             .map_err(|e| {
@@ -259,7 +266,8 @@ impl Vm {
 
         let mut threads: Vec<JoinHandle<FallbackStats>> = Vec::new();
         for (id, vcpu) in self.vcpus.into_iter().enumerate() {
-            let t = vcpu::spawn(id as u8, vcpu, ctx.clone())
+            let (_tx, rx) = std::sync::mpsc::channel();
+            let t = vcpu::spawn(id as u8, vcpu, ctx.clone(), rx)
                 .map_err(|e| VmmError::Io("cannot start a vCPU thread".into(), e))?;
             threads.push(t);
         }

@@ -12,8 +12,29 @@ use super::*;
 use crate::dirty::DirtyBitmap;
 use crate::pagetable::{Perm, Run};
 
-/// Most pages read from a backend per call (1 GiB of IOVA, a 32 KiB bitmap).
-const READ_CHUNK_PAGES: u64 = 1 << 18;
+/// Default window of a harvest: pages read from a backend per call (1 GiB of IOVA, a
+/// 32 KiB bitmap), as the kernel's `iova_bitmap` walks a user bitmap in windows.
+pub const DEFAULT_WINDOW_PAGES: u64 = 1 << 18;
+
+/// How [`Viommu::harvest_dirty_with`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HarvestOptions {
+    /// Clear what was read, in the devices and here (a new round starts). Without it the
+    /// read is a peek (`IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR`): the next harvest sees the same
+    /// pages again.
+    pub clear: bool,
+    /// Pages per backend read (at least 64); the temporary bitmap is `window_pages / 8` bytes.
+    pub window_pages: u64,
+}
+
+impl Default for HarvestOptions {
+    fn default() -> Self {
+        Self {
+            clear: true,
+            window_pages: DEFAULT_WINDOW_PAGES,
+        }
+    }
+}
 
 /// Dirty tracking in progress.
 #[derive(Debug)]
@@ -75,17 +96,40 @@ impl Viommu {
     /// last harvest, and starts a new round. Nothing is lost across unmaps: those were
     /// harvested when they happened. Does nothing when tracking is off.
     pub fn harvest_dirty(&mut self, out: &mut DirtyBitmap) {
+        self.harvest_dirty_with(out, HarvestOptions::default());
+    }
+
+    /// [`Viommu::harvest_dirty`] with options: reading without clearing, and the window in
+    /// which backends' bitmaps are read. Clean 64-page words of a window are skipped when its
+    /// bits are translated to guest pages.
+    pub fn harvest_dirty_with(&mut self, out: &mut DirtyBitmap, opts: HarvestOptions) {
         if self.dirty.is_none() {
             return;
         }
         self.flush_pending(&mut []);
+        let window = opts.window_pages.max(64);
+        if opts.clear {
+            for b in 0..self.backends.len() {
+                let runs = self.content_runs(self.backend_content(b));
+                self.harvest_runs(b, &runs, window, true);
+            }
+            if let Some(d) = self.dirty.as_mut() {
+                out.merge(&d.bitmap);
+                d.bitmap.clear();
+            }
+            return;
+        }
+        // A peek: read into a scratch bitmap, leave the pending pages and the devices alone.
+        let Some(pending) = self.dirty.as_ref().map(|d| d.bitmap.clone()) else {
+            return;
+        };
         for b in 0..self.backends.len() {
             let runs = self.content_runs(self.backend_content(b));
-            self.harvest_runs(b, &runs);
+            self.harvest_runs(b, &runs, window, false);
         }
         if let Some(d) = self.dirty.as_mut() {
             out.merge(&d.bitmap);
-            d.bitmap.clear();
+            d.bitmap = pending;
         }
     }
 
@@ -97,7 +141,10 @@ impl Viommu {
         for (slot, on) in self.backends.iter_mut().zip(state.tracked) {
             if on && !slot.failed {
                 if let Err(e) = slot.backend.set_dirty_tracking(false) {
-                    log::warn!("virtio-iommu: stopping dirty tracking on {}: {e}", slot.backend.name());
+                    log::warn!(
+                        "virtio-iommu: stopping dirty tracking on {}: {e}",
+                        slot.backend.name()
+                    );
                 }
             }
         }
@@ -105,7 +152,7 @@ impl Viommu {
     }
 
     /// What backend `b` has mapped on the host.
-    fn backend_content(&self, b: BackendId) -> Content {
+    pub(super) fn backend_content(&self, b: BackendId) -> Content {
         let mut users = self.endpoints.iter().filter(|(_, e)| e.backend == Some(b));
         let first = users.clone().next().map(|(&id, _)| id);
         match users.find(|(_, e)| e.domain.is_some()) {
@@ -116,7 +163,7 @@ impl Viommu {
 
     /// Moves the device's dirty bits of `runs` (mapped on backend `b`) into the bitmap,
     /// clearing them in the device. Called before the runs are unmapped from the host.
-    pub(super) fn harvest_runs(&mut self, b: BackendId, runs: &[Run]) {
+    pub(super) fn harvest_runs(&mut self, b: BackendId, runs: &[Run], window: u64, clear: bool) {
         let Some(state) = self.dirty.as_mut() else {
             return;
         };
@@ -146,11 +193,14 @@ impl Viommu {
             }
             let mut done = 0;
             while done < r.pages {
-                let n = (r.pages - done).min(READ_CHUNK_PAGES);
+                let n = (r.pages - done).min(window);
                 let mut bits = vec![0u64; n.div_ceil(64) as usize];
                 let iova = (r.iova_page + done) * PAGE_SIZE;
                 self.counters.dirty_reads += 1;
-                match slot.backend.read_dirty(iova, n * PAGE_SIZE, &mut bits, true) {
+                match slot
+                    .backend
+                    .read_dirty(iova, n * PAGE_SIZE, &mut bits, clear)
+                {
                     Ok(()) => {
                         let found: u64 = bits.iter().map(|w| u64::from(w.count_ones())).sum();
                         self.counters.dirty_pages_reported += found;

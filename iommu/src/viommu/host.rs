@@ -2,6 +2,7 @@
 //! and merged host maps, unmaps, and rollback when a host call fails part way (the guest then
 //! sees an error status and the state is as before its request).
 
+use super::dirty::DEFAULT_WINDOW_PAGES;
 use super::*;
 use crate::pagetable::{Perm, Run};
 
@@ -130,7 +131,7 @@ impl Viommu {
                 .map(run.iova(), run.gpa(), run.len(), run.perm)
             {
                 for &u in &backends[..k] {
-                    self.harvest_runs(u, &[run]);
+                    self.harvest_runs(u, &[run], DEFAULT_WINDOW_PAGES, true);
                     self.counters.host_unmaps += 1;
                     let _ = self.backends[u].backend.unmap(run.iova(), run.len());
                 }
@@ -177,7 +178,7 @@ impl Viommu {
                 .backend
                 .map(r.iova(), r.gpa(), r.len(), r.perm)
             {
-                self.harvest_runs(b, &ops[..k]);
+                self.harvest_runs(b, &ops[..k], DEFAULT_WINDOW_PAGES, true);
                 for u in &ops[..k] {
                     self.counters.host_unmaps += 1;
                     let _ = self.backends[b].backend.unmap(u.iova(), u.len());
@@ -191,7 +192,7 @@ impl Viommu {
     /// Unmaps `runs` from backend `b`; on failure maps back what this call unmapped.
     fn unmap_runs(&mut self, b: BackendId, runs: &[Run]) -> Result<(), BackendError> {
         // The device's dirty bits of these IOVAs mean nothing once they are unmapped.
-        self.harvest_runs(b, runs);
+        self.harvest_runs(b, runs, DEFAULT_WINDOW_PAGES, true);
         if self.backends[b].failed {
             return Ok(());
         }

@@ -9,12 +9,14 @@
 mod dirty;
 mod host;
 mod request;
+mod state;
 mod translate;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-pub use dirty::DirtyTrackingReport;
+pub use dirty::{DirtyTrackingReport, HarvestOptions, DEFAULT_WINDOW_PAGES};
 pub use request::{Reply, Request, MAX_READABLE};
+pub use state::{DomainState, RestoreError, ViommuState, STATE_VERSION};
 pub use translate::{Access, Translation};
 
 use crate::backend::{BackendCaps, BackendError, DmaBackend};

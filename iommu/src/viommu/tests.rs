@@ -762,3 +762,122 @@ mod dirty {
         assert!(v.stop_dirty_tracking().is_none());
     }
 }
+
+mod state {
+    use super::*;
+
+    #[test]
+    fn save_and_restore_recreate_host_mappings() {
+        let (mut a, log_a) = with_backend(BackendCaps::default());
+        send(&mut a, &attach(1, 8, 0));
+        send(&mut a, &attach(2, 1, 0));
+        send(&mut a, &map(1, 0x10000, 0x13fff, 0x200000, RW));
+        send(&mut a, &map(1, 0x20000, 0x20fff, 0x300000, R));
+        send(&mut a, &map(2, 0x0, 0xfff, 0x1000, RW));
+        let saved = a.save_state();
+        // Through JSON, as a snapshot would.
+        let json = serde_json::to_string(&saved).unwrap();
+        let saved: ViommuState = serde_json::from_str(&json).unwrap();
+
+        let (mut b, log_b) = with_backend(BackendCaps::default());
+        b.restore_state(&saved).unwrap();
+        assert_eq!(
+            log_b.lock().unwrap().host_pages(),
+            log_a.lock().unwrap().host_pages()
+        );
+        assert_eq!(b.endpoint_domain(8), Some(1));
+        assert_eq!(b.endpoint_domain(1), Some(2));
+        let mut out = Vec::new();
+        b.translate(1, 0x0800, 8, Access::Write, &mut out).unwrap();
+        assert_eq!(out, vec![(0x1800, 8)]);
+        // Mapping boundaries survive: a partial UNMAP of the 4-page mapping is refused the
+        // same way on both sides (the spec's "split" rule).
+        assert_eq!(
+            send(&mut a, &unmap(1, 0x10000, 0x10fff)),
+            send(&mut b, &unmap(1, 0x10000, 0x10fff))
+        );
+        assert_eq!(send(&mut b, &unmap(1, 0x10000, 0x13fff)), Some(Status::Ok));
+        assert_eq!(log_b.lock().unwrap().host_pages().len(), 1);
+    }
+
+    #[test]
+    fn a_corrupt_state_changes_nothing() {
+        let (mut a, log) = with_backend(BackendCaps::default());
+        send(&mut a, &attach(1, 8, 0));
+        send(&mut a, &map(1, 0x10000, 0x10fff, 0x200000, RW));
+        let before = log.lock().unwrap().host_pages();
+        let mut bad = a.save_state();
+        bad.domains[0].mappings.push((0x10, 0x999, 1, 3)); // overlaps
+        assert!(matches!(
+            a.restore_state(&bad),
+            Err(RestoreError::BadMapping(1, 0x10000, 1))
+        ));
+        let mut unknown = a.save_state();
+        unknown.attached.push((0x99, 1));
+        assert_eq!(
+            a.restore_state(&unknown),
+            Err(RestoreError::UnknownEndpoint(0x99))
+        );
+        let mut old = a.save_state();
+        old.version = 99;
+        assert_eq!(a.restore_state(&old), Err(RestoreError::Version(99)));
+        assert_eq!(log.lock().unwrap().host_pages(), before);
+        assert_eq!(a.endpoint_domain(8), Some(1));
+    }
+
+    #[test]
+    fn a_refused_host_map_rolls_back() {
+        let (mut a, _) = with_backend(BackendCaps::default());
+        send(&mut a, &attach(1, 8, 0));
+        send(&mut a, &map(1, 0x10000, 0x10fff, 0x200000, RW));
+        let saved = a.save_state();
+        let (mut b, log) = with_backend(BackendCaps::default());
+        log.lock().unwrap().fail_iova = Some(0x10000);
+        assert!(matches!(
+            b.restore_state(&saved),
+            Err(RestoreError::Backend(..))
+        ));
+        assert_eq!(b.endpoint_domain(8), None);
+        assert!(log.lock().unwrap().host_pages().is_empty());
+    }
+}
+
+mod harvest_options {
+    use super::*;
+    use crate::dirty::DirtyBitmap;
+
+    #[test]
+    fn peek_does_not_clear_and_small_windows_see_everything() {
+        let (mut v, log) = with_backend(BackendCaps {
+            dirty_tracking: true,
+            ..Default::default()
+        });
+        v.start_dirty_tracking();
+        send(&mut v, &attach(1, 8, 0));
+        send(&mut v, &map(1, 0x100000, 0x1fffff, 0x4000000, RW)); // 256 pages
+        for p in [0x100, 0x13f, 0x140, 0x1ff] {
+            log.lock().unwrap().device_write(p);
+        }
+        // Pending bits from an unmap are peeked too.
+        send(&mut v, &map(1, 0x300000, 0x300fff, 0x5000000, RW));
+        log.lock().unwrap().device_write(0x300);
+        send(&mut v, &unmap(1, 0x300000, 0x300fff));
+        let peek = HarvestOptions {
+            clear: false,
+            window_pages: 64,
+        };
+        let ram = [(0, 1u64 << 30)];
+        let mut a = DirtyBitmap::new(&ram);
+        v.harvest_dirty_with(&mut a, peek);
+        let mut b = DirtyBitmap::new(&ram);
+        v.harvest_dirty_with(&mut b, peek);
+        assert_eq!(a, b);
+        assert_eq!(a.count(), 5);
+        let mut c = DirtyBitmap::new(&ram);
+        v.harvest_dirty(&mut c);
+        assert_eq!(c, a);
+        let mut d = DirtyBitmap::new(&ram);
+        v.harvest_dirty(&mut d);
+        assert!(d.is_clean());
+    }
+}

@@ -1,0 +1,3 @@
+//! Snapshots and live migration.
+
+pub mod kvm_state;
