@@ -56,6 +56,13 @@ impl Write for SerialOutput {
     }
 }
 
+/// Saved UART registers (DLL, DLH, IER, IIR, LCR, LSR, MCR, MSR, SCR) and receive FIFO.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SerialSaved {
+    regs: [u8; 9],
+    in_buffer: Vec<u8>,
+}
+
 /// The UART as a bus device (8 registers).
 pub struct Serial {
     inner: vm_superio::Serial<IrqTrigger, vm_superio::serial::NoEvents, SerialOutput>,
@@ -68,6 +75,78 @@ impl Serial {
         Self {
             inner: vm_superio::Serial::new(IrqTrigger(irq), out),
             output_error_logged: false,
+        }
+    }
+
+    /// The UART's registers and receive FIFO, for a snapshot.
+    pub fn save_state(&self) -> serde_json::Value {
+        let st = self.inner.state();
+        crate::state::to_value(&SerialSaved {
+            regs: [
+                st.baud_divisor_low,
+                st.baud_divisor_high,
+                st.interrupt_enable,
+                st.interrupt_identification,
+                st.line_control,
+                st.line_status,
+                st.modem_control,
+                st.modem_status,
+                st.scratch,
+            ],
+            in_buffer: st.in_buffer,
+        })
+    }
+
+    /// Restores [`Serial::save_state`]'s registers (the output and interrupt stay this
+    /// UART's).
+    ///
+    /// # Errors
+    /// [`crate::state::StateError`]; the UART is then unchanged.
+    pub fn restore_state(&mut self, v: &serde_json::Value) -> Result<(), crate::state::StateError> {
+        let saved: SerialSaved = crate::state::from_value("serial port", v)?;
+        if saved.in_buffer.len() > self.inner.fifo_capacity() + self.inner.state().in_buffer.len()
+            || saved.in_buffer.len() > 64
+        {
+            return Err(crate::state::StateError::Mismatch(
+                "serial port".into(),
+                "receive FIFO overflows".into(),
+            ));
+        }
+        let [dll, dlh, ier, iir, lcr, lsr, mcr, msr, scr] = saved.regs;
+        let st = vm_superio::serial::SerialState {
+            baud_divisor_low: dll,
+            baud_divisor_high: dlh,
+            interrupt_enable: ier,
+            interrupt_identification: iir,
+            line_control: lcr,
+            line_status: lsr,
+            modem_control: mcr,
+            modem_status: msr,
+            scratch: scr,
+            in_buffer: saved.in_buffer,
+        };
+        let err = |e: String| crate::state::StateError::Device("serial port".into(), e);
+        let irq = self
+            .inner
+            .interrupt_evt()
+            .0
+            .try_clone()
+            .map_err(|e| err(e.to_string()))?;
+        let out = std::mem::replace(self.inner.writer_mut(), SerialOutput::Sink);
+        match vm_superio::Serial::from_state(
+            &st,
+            IrqTrigger(irq),
+            vm_superio::serial::NoEvents,
+            out,
+        ) {
+            Ok(inner) => {
+                self.inner = inner;
+                Ok(())
+            }
+            Err(e) => Err(crate::state::StateError::Mismatch(
+                "serial port".into(),
+                format!("{e:?}"),
+            )),
         }
     }
 

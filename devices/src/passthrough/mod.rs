@@ -81,4 +81,46 @@ pub trait PassthroughBackend: Send {
     /// # Errors
     /// [`PassthroughError`].
     fn reset(&mut self) -> Result<(), PassthroughError>;
+
+    /// Whether the device can be migrated (VFIO migration v2 states, see
+    /// [`crate::testdev::REGION_MIGRATION`] for the test device's interface).
+    fn supports_migration(&self) -> bool {
+        false
+    }
+
+    /// Moves the device to migration state `state` (`enum vfio_device_mig_state`: 1 STOP,
+    /// 2 RUNNING, 3 STOP_COPY, 4 RESUMING).
+    ///
+    /// # Errors
+    /// [`PassthroughError::Refused`] for an unsupported arc or device.
+    fn set_migration_state(&mut self, state: u32) -> Result<(), PassthroughError> {
+        let _ = state;
+        Err(PassthroughError::Refused(format!(
+            "{} does not support migration",
+            self.describe()
+        )))
+    }
+
+    /// Reads the device data (in STOP_COPY).
+    ///
+    /// # Errors
+    /// [`PassthroughError`].
+    fn read_migration_data(&mut self) -> Result<Vec<u8>, PassthroughError> {
+        Err(PassthroughError::Refused(format!(
+            "{} does not support migration",
+            self.describe()
+        )))
+    }
+
+    /// Writes device data (in RESUMING).
+    ///
+    /// # Errors
+    /// [`PassthroughError`].
+    fn write_migration_data(&mut self, data: &[u8]) -> Result<(), PassthroughError> {
+        let _ = data;
+        Err(PassthroughError::Refused(format!(
+            "{} does not support migration",
+            self.describe()
+        )))
+    }
 }

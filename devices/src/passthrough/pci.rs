@@ -7,6 +7,7 @@ use crate::interrupt::MsiVector;
 use crate::pci::msix::Msix;
 use crate::pci::{PciConfiguration, PciDevice, PciIds};
 
+use crate::state::StateError;
 use super::{
     PassthroughBackend, PassthroughError, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
 };
@@ -137,9 +138,39 @@ impl PassthroughPci {
     }
 }
 
+/// What [`PassthroughPci`] saves: its emulated configuration space and MSI-X table (the
+/// device's own state travels through its migration interface).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PassthroughState {
+    config: Vec<u32>,
+    msix: Option<crate::pci::msix::MsixState>,
+}
+
 impl PciDevice for PassthroughPci {
     fn config(&self) -> &PciConfiguration {
         &self.config
+    }
+
+    fn save_state(&mut self) -> Result<serde_json::Value, StateError> {
+        let st = PassthroughState {
+            config: self.config.save_regs(),
+            msix: self.msix.as_ref().map(|(_, m)| m.save()),
+        };
+        Ok(crate::state::to_value(&st))
+    }
+
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), StateError> {
+        let st: PassthroughState = crate::state::from_value(&self.name, state)?;
+        let bad = |m: String| StateError::Mismatch(self.name.clone(), m);
+        if st.msix.is_some() != self.msix.is_some() {
+            return Err(bad("MSI-X presence differs".into()));
+        }
+        self.config.restore_regs(&st.config).map_err(bad)?;
+        if let (Some((_, m)), Some(saved)) = (self.msix.as_mut(), st.msix.as_ref()) {
+            m.restore(saved)
+                .map_err(|e| StateError::Mismatch(self.name.clone(), e))?;
+        }
+        Ok(())
     }
 
     fn config_write(&mut self, reg: usize, offset: u64, data: &[u8]) {

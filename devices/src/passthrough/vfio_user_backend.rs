@@ -162,6 +162,65 @@ impl PassthroughBackend for VfioUserDevice {
         let r = self.lock().reset();
         r.map_err(|e| self.map_err(e))
     }
+
+    fn supports_migration(&self) -> bool {
+        self.is_test_device()
+    }
+
+    fn set_migration_state(&mut self, state: u32) -> Result<(), PassthroughError> {
+        if !self.is_test_device() {
+            return Err(PassthroughError::Refused(format!(
+                "{} does not support migration",
+                self.describe()
+            )));
+        }
+        let r = self
+            .lock()
+            .region_write(testdev::REGION_MIGRATION, 0, &state.to_le_bytes());
+        r.map_err(|e| self.map_err(e))
+    }
+
+    fn read_migration_data(&mut self) -> Result<Vec<u8>, PassthroughError> {
+        let mut size = [0u8; 8];
+        let r = self
+            .lock()
+            .region_read(testdev::REGION_MIGRATION, 8, &mut size);
+        r.map_err(|e| self.map_err(e))?;
+        let size = u64::from_le_bytes(size);
+        if size > testdev::MIGRATION_DATA_SIZE {
+            return Err(PassthroughError::Refused(format!(
+                "device data of {size} bytes is larger than its window"
+            )));
+        }
+        let mut data = vec![0u8; size as usize];
+        for (k, chunk) in data.chunks_mut(4096).enumerate() {
+            let r = self.lock().region_read(
+                testdev::REGION_MIGRATION,
+                testdev::MIGRATION_DATA_OFFSET + 4096 * k as u64,
+                chunk,
+            );
+            r.map_err(|e| self.map_err(e))?;
+        }
+        Ok(data)
+    }
+
+    fn write_migration_data(&mut self, data: &[u8]) -> Result<(), PassthroughError> {
+        if data.len() as u64 > testdev::MIGRATION_DATA_SIZE {
+            return Err(PassthroughError::Refused(format!(
+                "device data of {} bytes is larger than the window",
+                data.len()
+            )));
+        }
+        for (k, chunk) in data.chunks(4096).enumerate() {
+            let r = self.lock().region_write(
+                testdev::REGION_MIGRATION,
+                testdev::MIGRATION_DATA_OFFSET + 4096 * k as u64,
+                chunk,
+            );
+            r.map_err(|e| self.map_err(e))?;
+        }
+        Ok(())
+    }
 }
 
 /// Guest RAM as a device process maps it: `(GPA, bytes, memfd offset)` ranges of one memfd.

@@ -159,6 +159,34 @@ impl PciConfiguration {
             .unwrap_or(0)
     }
 
+    /// The registers, for a snapshot.
+    pub fn save_regs(&self) -> Vec<u32> {
+        self.regs.to_vec()
+    }
+
+    /// Restores registers saved by [`PciConfiguration::save_regs`] from a function built the
+    /// same way. Read-only bits must match (they describe the function).
+    ///
+    /// # Errors
+    /// A message when the length or a read-only bit differs.
+    pub fn restore_regs(&mut self, regs: &[u32]) -> Result<(), String> {
+        if regs.len() != NUM_REGS {
+            return Err(format!("{} config registers, expected {NUM_REGS}", regs.len()));
+        }
+        for (i, (&new, &old)) in regs.iter().zip(self.regs.iter()).enumerate() {
+            let ro = !self.writable[i];
+            // BAR type bits and IDs are read-only; status bits may differ (write-1-to-clear).
+            if i != COMMAND / 4 && (new & ro) != (old & ro) {
+                return Err(format!(
+                    "config register {:#x} reads {new:#x}, this function has {old:#x}",
+                    i * 4
+                ));
+            }
+        }
+        self.regs.copy_from_slice(regs);
+        Ok(())
+    }
+
     /// Reads register `reg` (a dword index); `0xffff_ffff` past the header.
     pub fn read_reg(&self, reg: usize) -> u32 {
         self.regs.get(reg).copied().unwrap_or(0xffff_ffff)

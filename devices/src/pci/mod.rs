@@ -28,6 +28,18 @@ pub trait PciDevice: Send {
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]);
     /// Writes BAR `bar` at `offset`.
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]);
+    /// The function's state for a snapshot (configuration space and device registers).
+    ///
+    /// # Errors
+    /// [`crate::state::StateError`] when the device cannot report it.
+    fn save_state(&mut self) -> Result<serde_json::Value, crate::state::StateError> {
+        Ok(crate::state::to_value(&self.config().save_regs()))
+    }
+    /// Restores what [`PciDevice::save_state`] saved, on a function built the same way.
+    ///
+    /// # Errors
+    /// [`crate::state::StateError`]; the function then keeps its state.
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), crate::state::StateError>;
 }
 
 /// A shared PCI function.
@@ -76,6 +88,13 @@ impl PciBus {
 
     fn lock(dev: &SharedPciDevice) -> std::sync::MutexGuard<'_, dyn PciDevice + 'static> {
         dev.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Recomputes the BARs of every slot (after a restore changed configuration spaces).
+    pub fn refresh_all(&self) {
+        for slot in 0..SLOTS {
+            self.refresh(slot);
+        }
     }
 
     /// Recomputes the BARs `slot` decodes.
@@ -292,6 +311,12 @@ impl PciDevice for HostBridge {
         data.fill(0);
     }
     fn bar_write(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), crate::state::StateError> {
+        let regs: Vec<u32> = crate::state::from_value("PCI host bridge", state)?;
+        self.config
+            .restore_regs(&regs)
+            .map_err(|e| crate::state::StateError::Mismatch("PCI host bridge".into(), e))
+    }
 }
 
 #[cfg(test)]
@@ -314,6 +339,9 @@ mod tests {
         }
         fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
             self.last = Some((bar, offset, data.to_vec()));
+        }
+        fn restore_state(&mut self, _: &serde_json::Value) -> Result<(), crate::state::StateError> {
+            Ok(())
         }
     }
 

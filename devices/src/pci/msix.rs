@@ -20,6 +20,20 @@ struct Entry {
     ctrl: u32,
 }
 
+/// What [`Msix::save`] returns: every entry `(addr_lo, addr_hi, data, ctrl)`, the pending
+/// bits and the two control bits.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MsixState {
+    /// Table entries.
+    pub entries: Vec<(u32, u32, u32, u32)>,
+    /// Pending bit array.
+    pub pending: Vec<u64>,
+    /// MSI-X enable.
+    pub enabled: bool,
+    /// Function mask.
+    pub function_mask: bool,
+}
+
 /// MSI-X state of a function.
 pub struct Msix {
     entries: Vec<Entry>,
@@ -108,6 +122,49 @@ impl Msix {
             self.pending[w] &= !(1 << b);
             self.vectors[i].trigger();
         }
+    }
+
+    /// The table and control state.
+    pub fn save(&self) -> MsixState {
+        MsixState {
+            entries: self
+                .entries
+                .iter()
+                .map(|e| (e.addr_lo, e.addr_hi, e.data, e.ctrl))
+                .collect(),
+            pending: self.pending.clone(),
+            enabled: self.enabled,
+            function_mask: self.function_mask,
+        }
+    }
+
+    /// Restores a saved table and re-programs every vector's route.
+    ///
+    /// # Errors
+    /// A message when the number of vectors differs.
+    pub fn restore(&mut self, s: &MsixState) -> Result<(), String> {
+        if s.entries.len() != self.entries.len() || s.pending.len() != self.pending.len() {
+            return Err(format!(
+                "{} MSI-X vectors saved, this function has {}",
+                s.entries.len(),
+                self.entries.len()
+            ));
+        }
+        for (e, &(addr_lo, addr_hi, data, ctrl)) in self.entries.iter_mut().zip(&s.entries) {
+            *e = Entry {
+                addr_lo,
+                addr_hi,
+                data,
+                ctrl,
+            };
+        }
+        self.pending.clone_from(&s.pending);
+        self.enabled = s.enabled;
+        self.function_mask = s.function_mask;
+        for i in 0..self.entries.len() {
+            self.update_route(i);
+        }
+        Ok(())
     }
 
     /// Raises vector `i`: delivered, or left pending while masked.

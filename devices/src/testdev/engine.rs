@@ -4,14 +4,14 @@ use std::fs::File;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::dma::{DmaFault, DmaSpace, PAGE};
 use super::*;
 
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Regs {
     pub src: u64,
     pub dst: u64,
@@ -42,6 +42,34 @@ pub(crate) struct Shared {
     /// `(iova, write)` records, and how many were lost to a full log.
     pub fault_log: Mutex<(Vec<(u64, bool)>, u32)>,
     pub stop: AtomicBool,
+    /// Migration state (`mig::*`) and, in STOP_COPY/RESUMING, the device data.
+    pub mig: Mutex<(u32, Vec<u8>)>,
+    /// Signalled when the migration state changes (the engine waits in STOP).
+    pub mig_changed: Condvar,
+}
+
+/// Everything the device carries to another instance of itself.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct MigrationData {
+    version: u32,
+    regs: Regs,
+    fault_log: (Vec<(u64, bool)>, u32),
+}
+
+/// A refused migration transition or bad device data.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MigrationError {
+    /// The arc is not supported from the current state.
+    #[error("migration state {from} -> {to} is not supported")]
+    Arc {
+        /// Current state.
+        from: u32,
+        /// Requested state.
+        to: u32,
+    },
+    /// The data written in RESUMING is not this device's.
+    #[error("bad device data: {0}")]
+    BadData(String),
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -76,6 +104,8 @@ impl TestDevice {
             irqs: Mutex::new(Irqs::default()),
             fault_log: Mutex::new((Vec::new(), 0)),
             stop: AtomicBool::new(false),
+            mig: Mutex::new((mig::RUNNING, Vec::new())),
+            mig_changed: Condvar::new(),
         });
         let (tx, rx) = channel();
         let s = shared.clone();
@@ -153,6 +183,10 @@ impl TestDevice {
                     r.error = ERR_BUSY;
                     return;
                 }
+                if self.migration_state() != mig::RUNNING {
+                    // Stopped: no new work (the guest is paused; this is a stray write).
+                    return;
+                }
                 r.status = STATUS_BUSY;
                 r.error = ERR_NONE;
                 r.result = 0;
@@ -226,6 +260,112 @@ impl TestDevice {
     pub fn fault_log_clear(&self) {
         *lock(&self.shared.fault_log) = (Vec::new(), 0);
     }
+
+    /// The migration state (`mig::*`).
+    pub fn migration_state(&self) -> u32 {
+        lock(&self.shared.mig).0
+    }
+
+    /// Moves to migration state `to` (see [`REGION_MIGRATION`]).
+    ///
+    /// # Errors
+    /// [`MigrationError`]; the state is then unchanged.
+    pub fn set_migration_state(&self, to: u32) -> Result<(), MigrationError> {
+        let from = self.migration_state();
+        if from == to {
+            return Ok(());
+        }
+        match (from, to) {
+            (mig::RUNNING, mig::STOP) => {
+                lock(&self.shared.mig).0 = mig::STOP;
+                // The engine checks the state under the DMA lock before each chunk: once we
+                // have held the lock, no chunk runs until RUNNING again.
+                drop(lock(&self.shared.dma));
+            }
+            (mig::STOP, mig::RUNNING) => {
+                lock(&self.shared.mig).0 = mig::RUNNING;
+                self.shared.mig_changed.notify_all();
+            }
+            (mig::STOP, mig::STOP_COPY) => {
+                let data = MigrationData {
+                    version: 1,
+                    regs: *lock(&self.shared.regs),
+                    fault_log: lock(&self.shared.fault_log).clone(),
+                };
+                let bytes = serde_json::to_vec(&data).unwrap_or_default();
+                *lock(&self.shared.mig) = (mig::STOP_COPY, bytes);
+            }
+            (mig::STOP, mig::RESUMING) => *lock(&self.shared.mig) = (mig::RESUMING, Vec::new()),
+            (mig::STOP_COPY, mig::STOP) => *lock(&self.shared.mig) = (mig::STOP, Vec::new()),
+            (mig::RESUMING, mig::STOP) => {
+                let bytes = std::mem::take(&mut lock(&self.shared.mig).1);
+                let data: MigrationData = serde_json::from_slice(&bytes)
+                    .map_err(|e| MigrationError::BadData(e.to_string()))?;
+                if data.version != 1 {
+                    return Err(MigrationError::BadData(format!("version {}", data.version)));
+                }
+                *lock(&self.shared.regs) = data.regs;
+                *lock(&self.shared.fault_log) = data.fault_log;
+                lock(&self.shared.mig).0 = mig::STOP;
+                // A transfer that was in progress continues from where it stopped once the
+                // device runs.
+                if data.regs.status == STATUS_BUSY && self.jobs.send(data.regs).is_err() {
+                    lock(&self.shared.regs).status = STATUS_ERROR;
+                }
+            }
+            _ => return Err(MigrationError::Arc { from, to }),
+        }
+        Ok(())
+    }
+
+    /// Reads the device data (STOP_COPY) at `offset`; past its end reads 0.
+    pub fn migration_data_read(&self, offset: u64, data: &mut [u8]) {
+        let m = lock(&self.shared.mig);
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = if m.0 == mig::STOP_COPY {
+                usize::try_from(offset)
+                    .ok()
+                    .and_then(|o| m.1.get(o + i))
+                    .copied()
+                    .unwrap_or(0)
+            } else {
+                0
+            };
+        }
+    }
+
+    /// Size of the device data (STOP_COPY).
+    pub fn migration_data_size(&self) -> u64 {
+        let m = lock(&self.shared.mig);
+        if m.0 == mig::STOP_COPY {
+            m.1.len() as u64
+        } else {
+            0
+        }
+    }
+
+    /// Writes device data (RESUMING) at `offset`.
+    ///
+    /// # Errors
+    /// [`MigrationError::Arc`] outside RESUMING, `BadData` past the window.
+    pub fn migration_data_write(&self, offset: u64, data: &[u8]) -> Result<(), MigrationError> {
+        let mut m = lock(&self.shared.mig);
+        if m.0 != mig::RESUMING {
+            return Err(MigrationError::Arc {
+                from: m.0,
+                to: mig::RESUMING,
+            });
+        }
+        let end = offset
+            .checked_add(data.len() as u64)
+            .filter(|&e| e <= MIGRATION_DATA_SIZE)
+            .ok_or_else(|| MigrationError::BadData("past the data window".into()))?;
+        if m.1.len() < end as usize {
+            m.1.resize(end as usize, 0);
+        }
+        m.1[offset as usize..end as usize].copy_from_slice(data);
+        Ok(())
+    }
 }
 
 impl Drop for TestDevice {
@@ -277,6 +417,12 @@ fn engine(s: &Shared, jobs: &Receiver<Regs>) {
             continue;
         }
         let outcome = run(s, &job);
+        // The end of a transfer (status, counters, interrupt) happens while RUNNING only, under
+        // the DMA lock as chunks do: a device stopped for migration keeps the transfer BUSY
+        // with all its bytes done, and the device that resumes it reports the end.
+        let Some(_dma) = running_dma(s) else {
+            return;
+        };
         match outcome {
             Ok(result) => {
                 let mut r = lock(&s.regs);
@@ -297,9 +443,33 @@ fn engine(s: &Shared, jobs: &Receiver<Regs>) {
     }
 }
 
+/// The DMA lock, taken while the device is RUNNING (waiting through a migration stop), or
+/// `None` when the device is being dropped.
+fn running_dma(s: &Shared) -> Option<MutexGuard<'_, DmaSpace>> {
+    loop {
+        let dma = lock(&s.dma);
+        if lock(&s.mig).0 == mig::RUNNING {
+            return Some(dma);
+        }
+        drop(dma);
+        let mut m = lock(&s.mig);
+        while m.0 != mig::RUNNING && !s.stop.load(Ordering::Acquire) {
+            m = s
+                .mig_changed
+                .wait_timeout(m, Duration::from_millis(50))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+        if s.stop.load(Ordering::Acquire) {
+            return None;
+        }
+    }
+}
+
 /// Executes one operation in chunks that never cross a destination page.
 fn run(s: &Shared, job: &Regs) -> Result<u64, Option<DmaFault>> {
-    let mut done = 0u64;
+    // A transfer resumed after migration starts where it stopped.
+    let mut done = job.progress.min(job.len);
     let mut a = vec![0u8; PAGE as usize];
     let mut b = vec![0u8; PAGE as usize];
     while done < job.len {
@@ -313,7 +483,10 @@ fn run(s: &Shared, job: &Regs) -> Result<u64, Option<DmaFault>> {
         {
             // One chunk under the lock: an UNMAP waits for it, and no later chunk can reach
             // what it removed.
-            let mut dma = lock(&s.dma);
+            // Stopped for migration: parked here, between chunks, until RUNNING.
+            let Some(mut dma) = running_dma(s) else {
+                return Err(None);
+            };
             match job.op {
                 OP_COPY => {
                     let src = src.ok_or(Some(DmaFault {
@@ -340,9 +513,9 @@ fn run(s: &Shared, job: &Regs) -> Result<u64, Option<DmaFault>> {
                 }
                 _ => return Err(None),
             }
+            done += n as u64;
+            lock(&s.regs).progress = done;
         }
-        done += n as u64;
-        lock(&s.regs).progress = done;
         if job.delay_us > 0 {
             std::thread::sleep(Duration::from_micros(u64::from(job.delay_us)));
         }
@@ -351,4 +524,109 @@ fn run(s: &Shared, job: &Regs) -> Result<u64, Option<DmaFault>> {
         }
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Seek, SeekFrom, Write as _};
+
+    use super::*;
+
+    fn memfile(len: usize) -> File {
+        let p = std::env::temp_dir().join(format!("mig-{}-{len}", std::process::id()));
+        let mut f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .unwrap();
+        f.write_all(&vec![0u8; len]).unwrap();
+        std::fs::remove_file(p).unwrap();
+        f
+    }
+
+    fn w64(d: &TestDevice, reg: u64, v: u64) {
+        d.bar_write(reg, &v.to_le_bytes());
+    }
+
+    fn r32(d: &TestDevice, reg: u64) -> u32 {
+        let mut b = [0u8; 4];
+        d.bar_read(reg, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    #[test]
+    fn a_stopped_transfer_moves_to_another_device_and_finishes_there() {
+        let mut mem = memfile(64 << 10);
+        let a = TestDevice::new();
+        a.dma()
+            .map(0x10000, 64 << 10, mem.try_clone().unwrap(), 0, true, true)
+            .unwrap();
+        // A 16-page fill with 20 ms per page: stop it in the middle.
+        w64(&a, regs::DST, 0x10000);
+        w64(&a, regs::LEN, 64 << 10);
+        a.bar_write(regs::OP, &OP_FILL.to_le_bytes());
+        a.bar_write(regs::FILL, &0x5au32.to_le_bytes());
+        a.bar_write(regs::DELAY_US, &20_000u32.to_le_bytes());
+        a.bar_write(regs::DOORBELL, &1u32.to_le_bytes());
+        std::thread::sleep(Duration::from_millis(70));
+        a.set_migration_state(mig::STOP).unwrap();
+        let progress_at_stop = lock(&a.shared.regs).progress;
+        std::thread::sleep(Duration::from_millis(60));
+        // Stopped means stopped: no chunk after STOP.
+        assert_eq!(lock(&a.shared.regs).progress, progress_at_stop);
+        assert!(progress_at_stop > 0 && progress_at_stop < 64 << 10);
+        assert_eq!(r32(&a, regs::STATUS), STATUS_BUSY);
+        assert!(matches!(
+            a.set_migration_state(mig::RUNNING + 10),
+            Err(MigrationError::Arc { .. })
+        ));
+        a.set_migration_state(mig::STOP_COPY).unwrap();
+        let size = a.migration_data_size() as usize;
+        let mut data = vec![0u8; size];
+        a.migration_data_read(0, &mut data);
+        a.set_migration_state(mig::STOP).unwrap();
+        drop(a);
+
+        let b = TestDevice::new();
+        b.dma()
+            .map(0x10000, 64 << 10, mem.try_clone().unwrap(), 0, true, true)
+            .unwrap();
+        assert_eq!(
+            b.set_migration_state(mig::STOP_COPY),
+            Err(MigrationError::Arc { from: mig::RUNNING, to: mig::STOP_COPY })
+        );
+        b.set_migration_state(mig::STOP).unwrap();
+        b.set_migration_state(mig::RESUMING).unwrap();
+        b.migration_data_write(0, &data).unwrap();
+        b.set_migration_state(mig::STOP).unwrap();
+        b.bar_write(regs::DELAY_US, &0u32.to_le_bytes());
+        b.set_migration_state(mig::RUNNING).unwrap();
+        let start = std::time::Instant::now();
+        while r32(&b, regs::STATUS) == STATUS_BUSY {
+            assert!(start.elapsed() < Duration::from_secs(10));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(r32(&b, regs::STATUS), STATUS_DONE);
+        let mut all = vec![0u8; 64 << 10];
+        mem.seek(SeekFrom::Start(0)).unwrap();
+        mem.read_exact(&mut all).unwrap();
+        assert!(all.iter().all(|&x| x == 0x5a));
+    }
+
+    #[test]
+    fn bad_device_data_is_refused() {
+        let d = TestDevice::new();
+        d.set_migration_state(mig::STOP).unwrap();
+        d.set_migration_state(mig::RESUMING).unwrap();
+        d.migration_data_write(0, b"{not json").unwrap();
+        assert!(matches!(
+            d.set_migration_state(mig::STOP),
+            Err(MigrationError::BadData(_))
+        ));
+        assert!(d
+            .migration_data_write(MIGRATION_DATA_SIZE, &[1])
+            .is_err());
+    }
 }

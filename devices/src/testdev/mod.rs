@@ -14,7 +14,7 @@ pub mod dma;
 mod engine;
 mod server;
 
-pub use engine::TestDevice;
+pub use engine::{MigrationError, TestDevice};
 pub use server::serve;
 
 /// PCI vendor ID of the test device.
@@ -36,6 +36,33 @@ pub const REGION_DIRTY_LOG: u32 = 10;
 pub const DIRTY_BITMAP_OFFSET: u64 = 0x1000;
 /// Size of the bitmap window (32 GiB of IOVA per query).
 pub const DIRTY_BITMAP_SIZE: u64 = 1 << 20;
+/// Region of the migration interface, modelled on VFIO migration v2 (`enum
+/// vfio_device_mig_state` in `linux/vfio.h`): `u32` device state at 0 (written to move
+/// between states, read back), `u64` size of the device data at 8 (valid in STOP_COPY), and
+/// the data window from [`MIGRATION_DATA_OFFSET`]: read in STOP_COPY, written in RESUMING.
+/// Supported arcs: RUNNING <-> STOP, STOP <-> STOP_COPY, STOP <-> RESUMING; others are
+/// refused and leave the state unchanged. In STOP the device does no DMA and raises no
+/// interrupt; a transfer in progress is parked between two chunks and is part of the data.
+pub const REGION_MIGRATION: u32 = 11;
+/// Offset of the data window in the migration region.
+pub const MIGRATION_DATA_OFFSET: u64 = 0x1000;
+/// Size of the data window.
+pub const MIGRATION_DATA_SIZE: u64 = 0x1_0000;
+
+/// Device states of [`REGION_MIGRATION`], with the values of `enum vfio_device_mig_state`.
+pub mod mig {
+    /// The device failed a transition.
+    pub const ERROR: u32 = 0;
+    /// No DMA, no interrupts, registers frozen.
+    pub const STOP: u32 = 1;
+    /// Normal operation.
+    pub const RUNNING: u32 = 2;
+    /// Stopped, and the device data can be read.
+    pub const STOP_COPY: u32 = 3;
+    /// Stopped, and device data is being written.
+    pub const RESUMING: u32 = 4;
+}
+
 /// Number of MSI-X vectors.
 pub const MSIX_VECTORS: u32 = 2;
 

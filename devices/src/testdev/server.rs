@@ -76,6 +76,19 @@ impl ServerBackend for Backend {
                     data[0] = u8::from(self.dev.dma().tracking());
                 }
             }
+            REGION_MIGRATION if offset >= MIGRATION_DATA_OFFSET => self
+                .dev
+                .migration_data_read(offset - MIGRATION_DATA_OFFSET, data),
+            REGION_MIGRATION => {
+                let v = match offset {
+                    0 => u64::from(self.dev.migration_state()),
+                    8 => self.dev.migration_data_size(),
+                    _ => 0,
+                };
+                for (i, b) in data.iter_mut().enumerate() {
+                    *b = v.checked_shr(8 * i as u32).unwrap_or(0) as u8;
+                }
+            }
             _ => data.fill(0),
         }
         Ok(())
@@ -97,6 +110,14 @@ impl ServerBackend for Backend {
                 24 => self.query.2 = le(data) as u32,
                 _ => {}
             },
+            REGION_MIGRATION if offset >= MIGRATION_DATA_OFFSET => self
+                .dev
+                .migration_data_write(offset - MIGRATION_DATA_OFFSET, data)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?,
+            REGION_MIGRATION if offset == 0 => self
+                .dev
+                .set_migration_state(le(data) as u32)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?,
             _ => {}
         }
         Ok(())
@@ -164,6 +185,8 @@ pub fn serve(path: &Path) -> Result<(), vfio_user::Error> {
     regions[REGION_FAULT_LOG as usize] = region(REGION_FAULT_LOG, 0x1000);
     regions[REGION_DIRTY_LOG as usize] =
         region(REGION_DIRTY_LOG, DIRTY_BITMAP_OFFSET + DIRTY_BITMAP_SIZE);
+    regions[REGION_MIGRATION as usize] =
+        region(REGION_MIGRATION, MIGRATION_DATA_OFFSET + MIGRATION_DATA_SIZE);
     let irq = |index: u32, count: u32| IrqInfo {
         index,
         flags: VFIO_IRQ_INFO_EVENTFD,

@@ -75,6 +75,11 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// The driver notified queue `queue`.
     fn queue_notify(&mut self, queue: usize);
+    /// `(next_avail, next_used)` of each active queue, for a snapshot (empty before
+    /// activation).
+    fn queue_positions(&self) -> Vec<(u16, u16)> {
+        Vec::new()
+    }
 }
 
 /// One descriptor of a chain: `(GPA, length)`.

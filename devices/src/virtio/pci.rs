@@ -7,6 +7,8 @@ use std::io;
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::{Queue, QueueT};
+
+use crate::state::StateError;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{VirtioDevice, VirtioInterrupt};
@@ -51,7 +53,7 @@ const STATUS_NEEDS_RESET: u8 = 0x40;
 /// "No vector" in `msix_config` and `queue_msix_vector`.
 pub const NO_VECTOR: u16 = 0xffff;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct QueueConfig {
     max_size: u16,
     size: u16,
@@ -102,6 +104,23 @@ impl VirtioInterrupt for PciInterrupt {
     fn signal_config(&self) {
         self.fire(self.config_vector);
     }
+}
+
+/// The transport's saved state: everything the driver wrote, and where each queue stands.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct TransportState {
+    config: Vec<u32>,
+    msix: crate::pci::msix::MsixState,
+    device_feature_select: u32,
+    driver_feature_select: u32,
+    driver_features: u64,
+    status: u8,
+    config_msix_vector: u16,
+    queue_select: u16,
+    queues: Vec<QueueConfig>,
+    activated: bool,
+    /// `(next_avail, next_used)` per queue when activated.
+    positions: Vec<(u16, u16)>,
 }
 
 /// A virtio device on PCI.
@@ -286,14 +305,7 @@ impl VirtioPciDevice {
             }
         }
         if newly & STATUS_DRIVER_OK != 0 && !self.activated {
-            let queues: Vec<Queue> = self.queues.iter().map(Self::make_queue).collect();
-            let interrupt = Arc::new(PciInterrupt {
-                msix: self.msix.clone(),
-                queue_vectors: self.queues.iter().map(|q| q.msix_vector).collect(),
-                config_vector: self.config_msix_vector,
-            });
-            let result = self.lock_device().activate(queues, interrupt);
-            match result {
+            match self.activate_device(&[]) {
                 Ok(()) => self.activated = true,
                 Err(e) => {
                     log::warn!(
@@ -305,6 +317,28 @@ impl VirtioPciDevice {
             }
         }
         self.status = value;
+    }
+
+    fn activate_device(&mut self, positions: &[(u16, u16)]) -> Result<(), super::ActivateError> {
+        let queues: Vec<Queue> = self
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let mut q = Self::make_queue(c);
+                if let Some(&(avail, used)) = positions.get(i) {
+                    q.set_next_avail(avail);
+                    q.set_next_used(used);
+                }
+                q
+            })
+            .collect();
+        let interrupt = Arc::new(PciInterrupt {
+            msix: self.msix.clone(),
+            queue_vectors: self.queues.iter().map(|q| q.msix_vector).collect(),
+            config_vector: self.config_msix_vector,
+        });
+        self.lock_device().activate(queues, interrupt)
     }
 
     fn make_queue(c: &QueueConfig) -> Queue {
@@ -417,6 +451,71 @@ fn to_u64(data: &[u8]) -> u64 {
 impl PciDevice for VirtioPciDevice {
     fn config(&self) -> &PciConfiguration {
         &self.config
+    }
+
+    fn save_state(&mut self) -> Result<serde_json::Value, StateError> {
+        let positions = if self.activated {
+            self.lock_device().queue_positions()
+        } else {
+            Vec::new()
+        };
+        let st = TransportState {
+            config: self.config.save_regs(),
+            msix: self.msix.lock().unwrap_or_else(|e| e.into_inner()).save(),
+            device_feature_select: self.device_feature_select,
+            driver_feature_select: self.driver_feature_select,
+            driver_features: self.driver_features,
+            status: self.status,
+            config_msix_vector: self.config_msix_vector,
+            queue_select: self.queue_select,
+            queues: self.queues.clone(),
+            activated: self.activated,
+            positions,
+        };
+        Ok(crate::state::to_value(&st))
+    }
+
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), StateError> {
+        let who = format!("virtio device type {}", self.device_type);
+        let st: TransportState = crate::state::from_value(&who, state)?;
+        let bad = |m: String| StateError::Mismatch(who.clone(), m);
+        if st.queues.len() != self.queues.len()
+            || st.queues.iter().zip(&self.queues).any(|(a, b)| a.max_size != b.max_size)
+        {
+            return Err(bad("queue layout differs".into()));
+        }
+        if st.driver_features & !self.features != 0 {
+            return Err(bad(format!(
+                "features {:#x} not offered here",
+                st.driver_features & !self.features
+            )));
+        }
+        self.lock_device().reset();
+        self.activated = false;
+        self.config.restore_regs(&st.config).map_err(bad)?;
+        self.msix
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore(&st.msix)
+            .map_err(bad)?;
+        self.device_feature_select = st.device_feature_select;
+        self.driver_feature_select = st.driver_feature_select;
+        self.driver_features = st.driver_features;
+        self.status = st.status;
+        self.config_msix_vector = st.config_msix_vector;
+        self.queue_select = st.queue_select;
+        self.queues = st.queues;
+        if self.status & STATUS_FEATURES_OK != 0 {
+            let f = self.driver_features;
+            self.lock_device().set_acked_features(f);
+        }
+        self.register_ioevents();
+        if st.activated {
+            self.activate_device(&st.positions)
+                .map_err(|e| StateError::Device(who.clone(), e.to_string()))?;
+            self.activated = true;
+        }
+        Ok(())
     }
 
     fn config_write(&mut self, reg: usize, offset: u64, data: &[u8]) {

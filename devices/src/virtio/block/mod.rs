@@ -200,6 +200,13 @@ impl VirtioDevice for VirtioBlock {
         self.acked = 0;
     }
 
+    fn queue_positions(&self) -> Vec<(u16, u16)> {
+        self.queues
+            .iter()
+            .map(|q| (q.next_avail(), q.next_used()))
+            .collect()
+    }
+
     fn queue_notify(&mut self, queue: usize) {
         if queue == 0 {
             self.process_queue();

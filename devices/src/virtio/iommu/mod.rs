@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use iommu::protocol::{CONFIG_BYPASS_OFFSET, VIRTIO_ID_IOMMU};
 use iommu::Viommu;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use zerocopy::IntoBytes;
 
@@ -168,6 +168,13 @@ impl VirtioDevice for VirtioIommu {
         self.interrupt = None;
         self.acked = 0;
         self.iommu.lock().reset();
+    }
+
+    fn queue_positions(&self) -> Vec<(u16, u16)> {
+        self.queues
+            .iter()
+            .map(|q| (q.next_avail(), q.next_used()))
+            .collect()
     }
 
     fn queue_notify(&mut self, queue: usize) {
