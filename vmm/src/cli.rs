@@ -12,9 +12,10 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 #[derive(Parser, Debug, Clone)]
 #[command(name = "vmm", version, about, max_term_width = 100)]
 pub struct Cli {
-    /// Kernel to boot: an uncompressed ELF `vmlinux` (or bare-metal ELF) or a bzImage.
-    #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    /// Kernel to boot: an uncompressed ELF `vmlinux` (or bare-metal ELF) or a bzImage. Not
+    /// needed with --incoming or --restore.
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["incoming", "restore"])]
+    pub kernel: Option<PathBuf>,
 
     /// Initramfs (cpio archive) handed to the kernel.
     #[arg(long, value_name = "PATH")]
@@ -72,9 +73,41 @@ pub struct Cli {
     #[arg(long)]
     pub track_dirty: bool,
 
+    /// Serves the control API (JSON lines: pause, resume, snapshot, migrate, ...) on this
+    /// Unix socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+
+    /// Instead of booting, waits for a migrated guest on `unix:PATH` or `tcp:HOST:PORT`, or
+    /// (`defer`) for the API's `restore` or `receive`. The other flags must describe the same
+    /// machine as the source's.
+    #[arg(long, value_name = "unix:PATH|tcp:HOST:PORT|defer", value_parser = parse_incoming,
+          conflicts_with = "restore")]
+    pub incoming: Option<IncomingArg>,
+
+    /// Instead of booting, restores the snapshot in DIR (written by the API's `snapshot`).
+    #[arg(long, value_name = "DIR")]
+    pub restore: Option<PathBuf>,
+
     /// Log level of the VMM's own messages (stderr): error, warn, info, debug, trace.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: log::LevelFilter,
+}
+
+/// `--incoming`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IncomingArg {
+    /// Listen on this address.
+    Listen(crate::migration::Address),
+    /// Wait for the API.
+    Defer,
+}
+
+fn parse_incoming(s: &str) -> Result<IncomingArg, String> {
+    if s == "defer" {
+        return Ok(IncomingArg::Defer);
+    }
+    s.parse().map(IncomingArg::Listen)
 }
 
 /// `--iommu` options.

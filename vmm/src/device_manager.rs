@@ -4,6 +4,7 @@
 //! tables.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use boot::acpi::{IommuTopology, PlatformDescription};
@@ -54,6 +55,7 @@ impl IoEventRegistrar for KvmIoEvents {
 pub struct QueueNotifier {
     device: Arc<Mutex<dyn VirtioDevice>>,
     evts: Vec<Arc<EventFd>>,
+    frozen: Arc<AtomicBool>,
 }
 
 impl MutEventSubscriber for QueueNotifier {
@@ -61,6 +63,11 @@ impl MutEventSubscriber for QueueNotifier {
         let q = events.data() as usize;
         if let Some(e) = self.evts.get(q) {
             let _ = e.read();
+            // Frozen for a snapshot: the request stays in the queue; whoever runs the guest
+            // next notifies every queue again.
+            if self.frozen.load(Ordering::Acquire) {
+                return;
+            }
             self.device
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -80,11 +87,15 @@ impl MutEventSubscriber for QueueNotifier {
 pub struct FaultNotifier {
     device: Arc<Mutex<dyn VirtioDevice>>,
     evt: Arc<EventFd>,
+    frozen: Arc<AtomicBool>,
 }
 
 impl MutEventSubscriber for FaultNotifier {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
         let _ = self.evt.read();
+        if self.frozen.load(Ordering::Acquire) {
+            return;
+        }
         // Queue 1 is the event queue: a notification delivers waiting faults.
         self.device
             .lock()
@@ -146,6 +157,12 @@ pub struct Builder {
     pub mem: Arc<GuestMemoryMmap>,
     /// Guest RAM as device processes map it.
     pub ram: SharedRam,
+    /// Set while the devices are frozen for a snapshot.
+    pub frozen: Arc<AtomicBool>,
+    /// PCI functions in slot order: `(slot, kind, device)`.
+    pub functions: Vec<(u8, String, Arc<Mutex<dyn PciDevice>>)>,
+    /// Virtio devices and their queue counts.
+    pub virtio: Vec<(Arc<Mutex<dyn VirtioDevice>>, usize)>,
 }
 
 impl Builder {
@@ -187,9 +204,11 @@ impl Builder {
         let pdev = VirtioPciDevice::new(dev.clone(), bar, vectors, Some(self.ioevents.clone()))
             .map_err(dev_err(format!("{name} transport")))?;
         self.subscribers.push(Arc::new(Mutex::new(QueueNotifier {
-            device: dev,
+            device: dev.clone(),
             evts: pdev.queue_evts().to_vec(),
+            frozen: self.frozen.clone(),
         })));
+        self.virtio.push((dev, nq));
         self.add_pci(slot, Arc::new(Mutex::new(pdev)), name)
     }
 
@@ -203,9 +222,10 @@ impl Builder {
         dev: Arc<Mutex<dyn PciDevice>>,
         name: &str,
     ) -> Result<(), VmmError> {
-        if !self.pci.add_device(usize::from(slot), dev) {
+        if !self.pci.add_device(usize::from(slot), dev.clone()) {
             return Err(VmmError::Device(name.into(), "PCI slot taken".into()));
         }
+        self.functions.push((slot, name.to_string(), dev));
         Ok(())
     }
 }
@@ -226,6 +246,14 @@ pub struct DeviceManager {
     pub ram_ranges: Vec<(u64, u64)>,
     /// With `--track-dirty`: pages passthrough devices wrote since tracking started.
     pub dirty: Mutex<Option<iommu::dirty::DirtyBitmap>>,
+    /// Bus 0.
+    pub pci: Arc<PciBus>,
+    /// PCI functions in slot order: `(slot, kind, device)`.
+    pub functions: Vec<(u8, String, Arc<Mutex<dyn PciDevice>>)>,
+    /// Virtio devices and their queue counts.
+    pub virtio: Vec<(Arc<Mutex<dyn VirtioDevice>>, usize)>,
+    /// Set while the devices are frozen for a snapshot.
+    pub frozen: Arc<AtomicBool>,
 }
 
 impl DeviceManager {
@@ -256,8 +284,11 @@ impl DeviceManager {
             iommu: None,
             mem: mem.clone(),
             ram,
+            frozen: Arc::new(AtomicBool::new(false)),
+            functions: Vec::new(),
+            virtio: Vec::new(),
         };
-        b.pci.add_device(0, Arc::new(Mutex::new(HostBridge::new())));
+        b.add_pci(0, Arc::new(Mutex::new(HostBridge::new())), "host bridge")?;
 
         let iommu = match &cli.iommu {
             Some(arg) => {
@@ -273,6 +304,7 @@ impl DeviceManager {
                 b.subscribers.push(Arc::new(Mutex::new(FaultNotifier {
                     device: dev.clone(),
                     evt: handle.fault_evt.clone(),
+                    frozen: b.frozen.clone(),
                 })));
                 b.iommu = Some(handle.clone());
                 Some((handle, dev))
@@ -332,7 +364,7 @@ impl DeviceManager {
         )
         .map_err(dev_err("the PCI window".into()))?;
         pio.insert(
-            Arc::new(Mutex::new(PciConfigIo::new(pci))),
+            Arc::new(Mutex::new(PciConfigIo::new(pci.clone()))),
             u64::from(layout::PCI_CONFIG_ADDRESS_PORT),
             8,
         )
@@ -358,6 +390,10 @@ impl DeviceManager {
             platform,
             ram_ranges: layout::ram_ranges(mem_size),
             dirty: Mutex::new(None),
+            pci: pci.clone(),
+            functions: b.functions,
+            virtio: b.virtio,
+            frozen: b.frozen,
         })
     }
 

@@ -32,6 +32,9 @@ pub enum VmmError {
     /// An I/O error with context.
     #[error("{0}")]
     Io(String, #[source] std::io::Error),
+    /// Restoring or receiving a guest failed.
+    #[error("{0}")]
+    Migration(String),
 }
 
 /// Formats an error with its chain of causes on one line: `a: b: c`.

@@ -34,6 +34,8 @@ pub struct Passthrough {
     /// The DMA backend of a device not behind the vIOMMU (all guest RAM mapped at its GPA),
     /// kept for dirty tracking.
     pub direct: Option<DirectDirty>,
+    /// The device side (regions, interrupts, migration states).
+    pub backend: Arc<Mutex<dyn PassthroughBackend>>,
 }
 
 /// Turns the device's fault reports into virtio-iommu fault events, and notices a device
@@ -188,6 +190,7 @@ impl Passthrough {
             dma_calls,
             faults,
             direct,
+            backend,
         })
     }
 
@@ -205,7 +208,7 @@ impl Passthrough {
         let interrupts = &b.interrupts;
         let pci = PassthroughPci::new(
             name.clone(),
-            backend,
+            backend.clone(),
             &mut b.bars,
             &mut |n| interrupts.allocate_msi(n),
             failed.clone(),
@@ -241,6 +244,7 @@ impl Passthrough {
             dma_calls,
             faults: Arc::new(Mutex::new(0)),
             direct,
+            backend,
         })
     }
 

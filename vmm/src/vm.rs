@@ -4,7 +4,6 @@
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use boot::layout;
@@ -20,10 +19,12 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::Killable;
 
-use crate::cli::{Cli, SerialArg};
+use crate::cli::{Cli, IncomingArg, SerialArg};
 use crate::device_manager::DeviceManager;
 use crate::error::VmmError;
 use crate::memory::GuestRam;
+use crate::migration::api::{ApiTarget, IncomingRequest};
+use crate::migration::{self, Lifecycle, Machine, MachineConfig, Source};
 use crate::vcpu::{self, VcpuContext};
 use devices::passthrough::vfio_user_backend::SharedRam;
 
@@ -61,6 +62,12 @@ pub struct Vm {
     vcpus: Vec<kvm_ioctls::VcpuFd>,
     quirks: HostQuirks,
     started: Instant,
+    serial: Arc<Mutex<Serial>>,
+    msr_indices: Vec<u32>,
+    config: MachineConfig,
+    incoming: Option<IncomingArg>,
+    restore: Option<std::path::PathBuf>,
+    api_socket: Option<std::path::PathBuf>,
 }
 
 fn dev_err<E: std::error::Error + Send + Sync + 'static>(
@@ -130,7 +137,7 @@ impl Vm {
             .register_irqfd(&serial_irq, layout::SERIAL_GSI)
             .map_err(|e| VmmError::Kvm("KVM_IRQFD", e))?;
         let serial = Arc::new(Mutex::new(Serial::new(serial_irq, serial_out)));
-        pio.insert(serial, u64::from(layout::SERIAL_PORT), 8)
+        pio.insert(serial.clone(), u64::from(layout::SERIAL_PORT), 8)
             .map_err(dev_err("the serial port"))?;
         pio.insert(
             Arc::new(Mutex::new(I8042Reset::new(exit.clone()))),
@@ -176,9 +183,62 @@ impl Vm {
             }
         }
 
-        // Kernel, initramfs, command line, boot params.
+        let incoming = cli.incoming.is_some() || cli.restore.is_some();
+        let entry = match (&cli.kernel, incoming) {
+            (Some(k), false) => Some(Self::load(cli, &ram, k, rsdp, quirks)?),
+            _ => None,
+        };
+
+        let mut vcpus = Vec::new();
+        for id in 0..cli.cpus {
+            let vcpu = vm_fd
+                .create_vcpu(u64::from(id))
+                .map_err(|e| VmmError::Kvm("KVM_CREATE_VCPU", e))?;
+            boot::cpu::configure_vcpu(&kvm, &vcpu, id, cli.cpus)?;
+            if let (0, Some(entry)) = (id, entry) {
+                boot::cpu::setup_boot_vcpu(ram.mem.as_ref(), &vcpu, entry)?;
+            }
+            vcpus.push(vcpu);
+        }
+        let config = MachineConfig {
+            memory: ram.size,
+            cpus: cli.cpus,
+            functions: devices
+                .functions
+                .iter()
+                .map(|(slot, name, _)| (*slot, crate::migration::kind_of(name)))
+                .collect(),
+        };
+
+        Ok(Self {
+            vm_fd,
+            devices,
+            ram,
+            pio,
+            mmio,
+            exit,
+            vcpus,
+            quirks,
+            started,
+            serial,
+            msr_indices: crate::migration::kvm_state::saveable_msrs(&kvm),
+            config,
+            incoming: cli.incoming.clone(),
+            restore: cli.restore.clone(),
+            api_socket: cli.api_socket.clone(),
+        })
+    }
+
+    /// Loads the kernel, initramfs, command line and boot parameters; returns the entry.
+    fn load(
+        cli: &Cli,
+        ram: &GuestRam,
+        kernel_path: &std::path::Path,
+        rsdp: u64,
+        quirks: HostQuirks,
+    ) -> Result<vm_memory::GuestAddress, VmmError> {
         let mem = ram.mem.as_ref();
-        let kernel = boot::loader::load_kernel(mem, ram.size, &cli.kernel)?;
+        let kernel = boot::loader::load_kernel(mem, ram.size, kernel_path)?;
         let initramfs = match &cli.initramfs {
             Some(p) => Some(boot::loader::load_initramfs(mem, ram.size, &kernel, p)?),
             None => None,
@@ -210,30 +270,7 @@ impl Vm {
                 .map(|c| c.to_string_lossy().into_owned())
                 .unwrap_or_default()
         );
-
-        let mut vcpus = Vec::new();
-        for id in 0..cli.cpus {
-            let vcpu = vm_fd
-                .create_vcpu(u64::from(id))
-                .map_err(|e| VmmError::Kvm("KVM_CREATE_VCPU", e))?;
-            boot::cpu::configure_vcpu(&kvm, &vcpu, id, cli.cpus)?;
-            if id == 0 {
-                boot::cpu::setup_boot_vcpu(mem, &vcpu, kernel.entry)?;
-            }
-            vcpus.push(vcpu);
-        }
-
-        Ok(Self {
-            vm_fd,
-            devices,
-            ram,
-            pio,
-            mmio,
-            exit,
-            vcpus,
-            quirks,
-            started,
-        })
+        Ok(kernel.entry)
     }
 
     /// Runs the guest until it ends. Returns why, with the fallback statistics.
@@ -250,7 +287,7 @@ impl Vm {
             mem: self.ram.mem.clone(),
             quirks: self.quirks,
             pause: Default::default(),
-            msr_indices: Vec::new(),
+            msr_indices: self.msr_indices.clone(),
         });
         let mut event_manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
             .map_err(|e| {
@@ -263,14 +300,89 @@ impl Vm {
         for s in &self.devices.subscribers {
             event_manager.add_subscriber(s.clone());
         }
-
-        let mut threads: Vec<JoinHandle<FallbackStats>> = Vec::new();
-        for (id, vcpu) in self.vcpus.into_iter().enumerate() {
-            let (_tx, rx) = std::sync::mpsc::channel();
-            let t = vcpu::spawn(id as u8, vcpu, ctx.clone(), rx)
-                .map_err(|e| VmmError::Io("cannot start a vCPU thread".into(), e))?;
-            threads.push(t);
+        let vcpus = self.vcpus;
+        let machine = Arc::new(Machine {
+            vm_fd: self.vm_fd,
+            devices: self.devices,
+            ram: self.ram,
+            exit: self.exit.clone(),
+            ctx: ctx.clone(),
+            threads: Mutex::new(Vec::new()),
+            requests: Mutex::new(Vec::new()),
+            serial: self.serial,
+            config: self.config,
+            lifecycle: Mutex::new(Lifecycle::Running),
+            busy: Mutex::new(()),
+        });
+        let api = Arc::new(ApiTarget::default());
+        if let Some(path) = &self.api_socket {
+            migration::api::start(path, api.clone()).map_err(|e| {
+                VmmError::Io(format!("cannot serve the API on {}", path.display()), e)
+            })?;
         }
+
+        // A guest from elsewhere: restored before any vCPU runs.
+        let source = match (&self.incoming, &self.restore) {
+            (_, Some(dir)) => Some(Source::Snapshot(dir.clone())),
+            (Some(IncomingArg::Listen(a)), _) => Some(Source::Listen(a.clone())),
+            (Some(IncomingArg::Defer), _) => {
+                let (tx, rx) = std::sync::mpsc::channel::<IncomingRequest>();
+                *api.incoming.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+                log::info!("waiting for a guest: the API's restore or receive");
+                loop {
+                    let Ok((src, reply)) = rx.recv() else {
+                        return Err(VmmError::Migration("the API went away".into()));
+                    };
+                    match migration::receive(&machine, &vcpus, &src) {
+                        Ok(()) => {
+                            let _ = reply.send(Ok(()));
+                            break;
+                        }
+                        Err(e) => {
+                            log::error!("{e}");
+                            let _ = reply.send(Err(e.to_string()));
+                        }
+                    }
+                }
+                *api.incoming.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                None
+            }
+            (None, None) => None,
+        };
+        let restored = match &source {
+            Some(src) => {
+                migration::receive(&machine, &vcpus, src)
+                    .map_err(|e| VmmError::Migration(e.to_string()))?;
+                true
+            }
+            None => self.incoming.is_some(),
+        };
+
+        {
+            let mut threads = machine.threads.lock().unwrap_or_else(|e| e.into_inner());
+            let mut requests = machine.requests.lock().unwrap_or_else(|e| e.into_inner());
+            for (id, vcpu) in vcpus.into_iter().enumerate() {
+                let (tx, rx) = std::sync::mpsc::channel();
+                let t = vcpu::spawn(id as u8, vcpu, ctx.clone(), rx)
+                    .map_err(|e| VmmError::Io("cannot start a vCPU thread".into(), e))?;
+                threads.push(t);
+                requests.push(tx);
+            }
+        }
+        if restored {
+            for p in &machine.devices.passthrough {
+                let r = p
+                    .backend
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .set_migration_state(migration::device_state::RUNNING);
+                if let Err(e) = r {
+                    log::error!("{}: cannot restart after restore: {e}", p.label);
+                }
+            }
+            machine.kick_queues();
+        }
+        *api.machine.lock().unwrap_or_else(|e| e.into_inner()) = Some(machine.clone());
 
         while self.exit.reason().is_none() {
             if let Err(e) = event_manager.run_with_timeout(1000) {
@@ -278,8 +390,12 @@ impl Vm {
             }
         }
         let reason = self.exit.reason().unwrap_or(ExitReason::Stopped);
+        *api.machine.lock().unwrap_or_else(|e| e.into_inner()) = None;
 
         ctx.stop.store(true, Ordering::Release);
+        ctx.pause.resume();
+        let threads =
+            std::mem::take(&mut *machine.threads.lock().unwrap_or_else(|e| e.into_inner()));
         let mut fallbacks = FallbackStats::default();
         for t in threads {
             while !t.is_finished() {
@@ -290,12 +406,16 @@ impl Vm {
                 fallbacks.merge(&stats);
             }
         }
-        let _ = &self.vm_fd;
+        let counters = if matches!(reason, ExitReason::Migrated(_)) {
+            Vec::new()
+        } else {
+            machine.devices.counters_report()
+        };
         Ok(RunSummary {
             reason,
             fallbacks,
             wall: self.started.elapsed(),
-            counters: self.devices.counters_report(),
+            counters,
         })
     }
 }

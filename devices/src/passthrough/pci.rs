@@ -7,10 +7,10 @@ use crate::interrupt::MsiVector;
 use crate::pci::msix::Msix;
 use crate::pci::{PciConfiguration, PciDevice, PciIds};
 
-use crate::state::StateError;
 use super::{
     PassthroughBackend, PassthroughError, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
 };
+use crate::state::StateError;
 
 /// Size of the BAR that holds the emulated MSI-X table and PBA.
 pub const MSIX_BAR_SIZE: u64 = 0x1000;

@@ -171,7 +171,10 @@ impl PciConfiguration {
     /// A message when the length or a read-only bit differs.
     pub fn restore_regs(&mut self, regs: &[u32]) -> Result<(), String> {
         if regs.len() != NUM_REGS {
-            return Err(format!("{} config registers, expected {NUM_REGS}", regs.len()));
+            return Err(format!(
+                "{} config registers, expected {NUM_REGS}",
+                regs.len()
+            ));
         }
         for (i, (&new, &old)) in regs.iter().zip(self.regs.iter()).enumerate() {
             let ro = !self.writable[i];

@@ -595,7 +595,10 @@ mod tests {
             .unwrap();
         assert_eq!(
             b.set_migration_state(mig::STOP_COPY),
-            Err(MigrationError::Arc { from: mig::RUNNING, to: mig::STOP_COPY })
+            Err(MigrationError::Arc {
+                from: mig::RUNNING,
+                to: mig::STOP_COPY
+            })
         );
         b.set_migration_state(mig::STOP).unwrap();
         b.set_migration_state(mig::RESUMING).unwrap();
@@ -625,8 +628,6 @@ mod tests {
             d.set_migration_state(mig::STOP),
             Err(MigrationError::BadData(_))
         ));
-        assert!(d
-            .migration_data_write(MIGRATION_DATA_SIZE, &[1])
-            .is_err());
+        assert!(d.migration_data_write(MIGRATION_DATA_SIZE, &[1]).is_err());
     }
 }

@@ -185,8 +185,10 @@ pub fn serve(path: &Path) -> Result<(), vfio_user::Error> {
     regions[REGION_FAULT_LOG as usize] = region(REGION_FAULT_LOG, 0x1000);
     regions[REGION_DIRTY_LOG as usize] =
         region(REGION_DIRTY_LOG, DIRTY_BITMAP_OFFSET + DIRTY_BITMAP_SIZE);
-    regions[REGION_MIGRATION as usize] =
-        region(REGION_MIGRATION, MIGRATION_DATA_OFFSET + MIGRATION_DATA_SIZE);
+    regions[REGION_MIGRATION as usize] = region(
+        REGION_MIGRATION,
+        MIGRATION_DATA_OFFSET + MIGRATION_DATA_SIZE,
+    );
     let irq = |index: u32, count: u32| IrqInfo {
         index,
         flags: VFIO_IRQ_INFO_EVENTFD,

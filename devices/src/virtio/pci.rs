@@ -480,7 +480,11 @@ impl PciDevice for VirtioPciDevice {
         let st: TransportState = crate::state::from_value(&who, state)?;
         let bad = |m: String| StateError::Mismatch(who.clone(), m);
         if st.queues.len() != self.queues.len()
-            || st.queues.iter().zip(&self.queues).any(|(a, b)| a.max_size != b.max_size)
+            || st
+                .queues
+                .iter()
+                .zip(&self.queues)
+                .any(|(a, b)| a.max_size != b.max_size)
         {
             return Err(bad("queue layout differs".into()));
         }

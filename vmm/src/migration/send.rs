@@ -1,0 +1,409 @@
+//! The sending side: pre-copy rounds, stop-and-copy, and snapshots.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use iommu::dirty::DirtyBitmap;
+use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::stream::{Kind, StreamReader, StreamWriter, MAX_RAM_RECORD};
+use super::*;
+
+/// Knobs of a migration (the API's `migrate` arguments).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MigrateOptions {
+    /// Destination, `unix:PATH` or `tcp:HOST:PORT`.
+    pub to: String,
+    /// Most pre-copy rounds after the first full copy.
+    pub max_rounds: u32,
+    /// Stop and copy once at most this many pages are dirty.
+    pub max_dirty_pages: u64,
+    /// Harvest passthrough devices' dirty pages. Turning this off is unsafe (device writes
+    /// during migration are lost); it exists to show that they would be.
+    pub device_dirty_tracking: bool,
+}
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        Self {
+            to: String::new(),
+            max_rounds: 30,
+            max_dirty_pages: 256,
+            device_dirty_tracking: true,
+        }
+    }
+}
+
+/// One pre-copy round.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Round {
+    /// 0 is the full copy.
+    pub round: u32,
+    /// Pages sent.
+    pub pages: u64,
+    /// Milliseconds it took.
+    pub ms: u64,
+    /// Pages found dirty at its end.
+    pub dirty_after: u64,
+    /// Milliseconds the harvest at its end took.
+    pub harvest_ms: f64,
+}
+
+/// What a finished migration or snapshot reports.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MigrationReport {
+    /// Pre-copy rounds (empty for a snapshot).
+    pub rounds: Vec<Round>,
+    /// Pages sent in the stop-and-copy phase.
+    pub final_pages: u64,
+    /// Milliseconds the guest was paused.
+    pub downtime_ms: u64,
+    /// Milliseconds from start to end.
+    pub total_ms: u64,
+    /// Pages sent in all.
+    pub pages: u64,
+    /// Stream bytes.
+    pub bytes: u64,
+    /// Passthrough devices that could not report their dirty pages.
+    pub untracked_devices: Vec<String>,
+}
+
+/// Sends every page of `pages` (or all RAM when `None`); returns the count.
+fn send_pages<W: Write>(
+    m: &Machine,
+    w: &mut StreamWriter<W>,
+    pages: Option<&DirtyBitmap>,
+) -> Result<u64, MigrationError> {
+    let mut runs = Vec::new();
+    match pages {
+        Some(b) => b.for_each_run(|gpa, len| runs.push((gpa, len))),
+        None => runs.extend(m.devices.ram_ranges.iter().copied()),
+    }
+    let mut sent = 0;
+    let mut buf = vec![0u8; MAX_RAM_RECORD as usize];
+    for (gpa, len) in runs {
+        let mut off = 0;
+        while off < len {
+            let n = (len - off).min(MAX_RAM_RECORD);
+            let chunk = &mut buf[..n as usize];
+            m.ram
+                .mem
+                .read_slice(chunk, GuestAddress(gpa + off))
+                .map_err(|e| state_err(format!("reading guest RAM at {:#x}: {e}", gpa + off)))?;
+            w.record(Kind::Ram, &[&(gpa + off).to_le_bytes(), chunk])?;
+            sent += n / 4096;
+            off += n;
+        }
+    }
+    Ok(sent)
+}
+
+fn connect(to: &str) -> Result<Box<dyn Conn>, MigrationError> {
+    let addr: Address = to.parse().map_err(MigrationError::Busy)?;
+    match &addr {
+        Address::Unix(p) => std::os::unix::net::UnixStream::connect(p)
+            .map(|s| Box::new(s) as Box<dyn Conn>)
+            .map_err(|e| MigrationError::Transport(format!("cannot connect to {addr}"), e)),
+        Address::Tcp(hp) => std::net::TcpStream::connect(hp)
+            .map(|s| {
+                let _ = s.set_nodelay(true);
+                Box::new(s) as Box<dyn Conn>
+            })
+            .map_err(|e| MigrationError::Transport(format!("cannot connect to {addr}"), e)),
+    }
+}
+
+/// Stops everything that changes guest state: vCPUs parked, device queues frozen,
+/// passthrough devices in STOP (their transfers parked between chunks).
+fn quiesce(m: &Machine) -> Result<(), MigrationError> {
+    m.pause_vcpus()?;
+    m.freeze();
+    if let Err(e) = m.passthrough_state(device_state::STOP) {
+        m.thaw();
+        let _ = m.passthrough_state(device_state::RUNNING);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Undoes [`quiesce`] (after a failed migration, or a snapshot).
+fn unquiesce(m: &Machine, keep_paused: bool) {
+    if let Err(e) = m.passthrough_state(device_state::RUNNING) {
+        log::error!("cannot restart a passthrough device: {e}");
+    }
+    m.thaw();
+    if !keep_paused {
+        m.resume_vcpus();
+    }
+}
+
+/// Writes the stop-and-copy part: device data, then the machine state, then END.
+fn send_final_state<W: Write>(m: &Machine, w: &mut StreamWriter<W>) -> Result<(), MigrationError> {
+    for p in &m.devices.passthrough {
+        let mut b = p.backend.lock().unwrap_or_else(|e| e.into_inner());
+        b.set_migration_state(device_state::STOP_COPY)
+            .map_err(|e| state_err(format!("{}: {e}", p.label)))?;
+        let data = b.read_migration_data();
+        let back = b.set_migration_state(device_state::STOP);
+        let data = data.map_err(|e| state_err(format!("{}: {e}", p.label)))?;
+        back.map_err(|e| state_err(format!("{}: {e}", p.label)))?;
+        let slot = slot_of(m, &p.label);
+        w.record(Kind::DeviceData, &[&u32::from(slot).to_le_bytes(), &data])?;
+    }
+    let st = m.save_state()?;
+    w.json(Kind::State, &st)?;
+    w.record(Kind::End, &[])?;
+    w.flush()?;
+    Ok(())
+}
+
+/// The PCI slot of the passthrough device labelled `label`.
+pub(super) fn slot_of(m: &Machine, label: &str) -> u8 {
+    label
+        .split(" at 00:")
+        .nth(1)
+        .and_then(|s| u8::from_str_radix(s.get(..2)?, 16).ok())
+        .unwrap_or_else(|| {
+            m.devices
+                .functions
+                .iter()
+                .find(|f| label.starts_with(&f.1))
+                .map_or(0, |f| f.0)
+        })
+}
+
+/// Migrates the running guest to `opts.to`. On success the guest runs there and this VMM
+/// ends; on failure the guest keeps running here.
+///
+/// # Errors
+/// [`MigrationError`].
+pub fn migrate(m: &Machine, opts: &MigrateOptions) -> Result<MigrationReport, MigrationError> {
+    let _busy = m
+        .busy
+        .try_lock()
+        .map_err(|_| MigrationError::Busy("a snapshot or migration is in progress".into()))?;
+    if *m.lifecycle.lock().unwrap_or_else(|e| e.into_inner()) == Lifecycle::Paused {
+        return Err(MigrationError::Busy(
+            "the VM is paused; resume it first (or take a snapshot)".into(),
+        ));
+    }
+    m.check_migratable()?;
+    let start = Instant::now();
+    let conn = connect(&opts.to)?;
+    let mut w = StreamWriter::new(std::io::BufWriter::with_capacity(1 << 20, conn))?;
+    w.json(Kind::Config, &m.config)?;
+
+    let mut report = MigrationReport {
+        untracked_devices: m.start_tracking(opts.device_dirty_tracking)?,
+        ..Default::default()
+    };
+    let result = precopy_and_stop(m, opts, &mut w, &mut report, start);
+    match result {
+        Ok(downtime_start) => {
+            // Wait for the destination's verdict.
+            w.flush()?;
+            let conn = w.get_mut().get_mut();
+            conn.set_timeout(Some(Duration::from_secs(120)));
+            let ack = StreamReader::new(&mut *conn)
+                .and_then(|mut r| r.next())
+                .map_err(MigrationError::from);
+            let verdict = match ack {
+                Ok((Kind::Ack, payload)) => {
+                    let v: serde_json::Value =
+                        serde_json::from_slice(&payload).unwrap_or(serde_json::Value::Null);
+                    if v.get("ok").and_then(|o| o.as_bool()) == Some(true) {
+                        Ok(())
+                    } else {
+                        Err(MigrationError::Refused(
+                            v.get("error")
+                                .and_then(|e| e.as_str())
+                                .unwrap_or("no reason given")
+                                .to_string(),
+                        ))
+                    }
+                }
+                Ok((k, _)) => Err(MigrationError::Refused(format!("unexpected {k:?} record"))),
+                Err(e) => Err(e),
+            };
+            match verdict {
+                Ok(()) => {
+                    report.downtime_ms = downtime_start.elapsed().as_millis() as u64;
+                    report.total_ms = start.elapsed().as_millis() as u64;
+                    report.bytes = w.bytes;
+                    log::info!(
+                        "migration to {} done: {} pages in {} ms, downtime {} ms",
+                        opts.to,
+                        report.pages,
+                        report.total_ms,
+                        report.downtime_ms
+                    );
+                    m.exit
+                        .request(devices::exit::ExitReason::Migrated(opts.to.clone()));
+                    Ok(report)
+                }
+                Err(e) => {
+                    log::error!("migration failed: {e}; the guest keeps running here");
+                    m.stop_tracking();
+                    unquiesce(m, false);
+                    Err(e)
+                }
+            }
+        }
+        Err((e, quiesced)) => {
+            log::error!("migration failed: {e}; the guest keeps running here");
+            m.stop_tracking();
+            if quiesced {
+                unquiesce(m, false);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Pre-copy rounds, then the stop-and-copy phase. Returns when the guest was paused.
+fn precopy_and_stop<W: Write>(
+    m: &Machine,
+    opts: &MigrateOptions,
+    w: &mut StreamWriter<W>,
+    report: &mut MigrationReport,
+    start: Instant,
+) -> Result<Instant, (MigrationError, bool)> {
+    let ram = &m.devices.ram_ranges;
+    // Round 0: everything.
+    let t = Instant::now();
+    let pages = send_pages(m, w, None).map_err(|e| (e, false))?;
+    let mut dirty = DirtyBitmap::new(ram);
+    let h = Instant::now();
+    m.harvest(&mut dirty).map_err(|e| (e, false))?;
+    let mut last = Round {
+        round: 0,
+        pages,
+        ms: t.elapsed().as_millis() as u64,
+        dirty_after: dirty.count(),
+        harvest_ms: h.elapsed().as_secs_f64() * 1e3,
+    };
+    report.pages += pages;
+    progress(&last, start);
+    report.rounds.push(last.clone());
+    let _ = w.json(Kind::Round, &last);
+    let mut round = 1;
+    while dirty.count() > opts.max_dirty_pages && round <= opts.max_rounds {
+        let t = Instant::now();
+        let pages = send_pages(m, w, Some(&dirty)).map_err(|e| (e, false))?;
+        dirty.clear();
+        let h = Instant::now();
+        m.harvest(&mut dirty).map_err(|e| (e, false))?;
+        last = Round {
+            round,
+            pages,
+            ms: t.elapsed().as_millis() as u64,
+            dirty_after: dirty.count(),
+            harvest_ms: h.elapsed().as_secs_f64() * 1e3,
+        };
+        report.pages += pages;
+        progress(&last, start);
+        report.rounds.push(last.clone());
+        let _ = w.json(Kind::Round, &last);
+        round += 1;
+    }
+    // Stop and copy.
+    let paused_at = Instant::now();
+    quiesce(m).map_err(|e| (e, false))?;
+    let fin = (|| {
+        // After STOP no device writes anymore: this harvest is the last.
+        m.harvest(&mut dirty)?;
+        let pages = send_pages(m, w, Some(&dirty))?;
+        report.final_pages = pages;
+        report.pages += pages;
+        send_final_state(m, w)?;
+        Ok::<_, MigrationError>(())
+    })();
+    fin.map_err(|e| (e, true))?;
+    log::info!(
+        "migration: stop-and-copy sent {} pages and the device state in {} ms",
+        report.final_pages,
+        paused_at.elapsed().as_millis()
+    );
+    Ok(paused_at)
+}
+
+fn progress(r: &Round, start: Instant) {
+    let rate = if r.ms > 0 {
+        r.dirty_after * 1000 / r.ms
+    } else {
+        r.dirty_after
+    };
+    // Pages per millisecond of this round give the downtime estimate for what is left.
+    let per_page_ms = if r.pages > 0 {
+        r.ms as f64 / r.pages as f64
+    } else {
+        0.0
+    };
+    log::info!(
+        "migration: round {}: sent {} pages ({} MiB) in {} ms; {} pages dirty after it \
+         ({} pages/s), harvest {:.2} ms; estimated downtime {:.0} ms; {:.1} s so far",
+        r.round,
+        r.pages,
+        r.pages * 4096 >> 20,
+        r.ms,
+        r.dirty_after,
+        rate,
+        r.harvest_ms,
+        r.dirty_after as f64 * per_page_ms + 5.0,
+        start.elapsed().as_secs_f64()
+    );
+}
+
+/// Writes a snapshot of the guest into `dir/snapshot.vmm`: the guest is paused for the
+/// copy and then continues (or stays paused if it was).
+///
+/// # Errors
+/// [`MigrationError`]; the guest keeps running either way.
+pub fn snapshot(m: &Machine, dir: &std::path::Path) -> Result<MigrationReport, MigrationError> {
+    let _busy = m
+        .busy
+        .try_lock()
+        .map_err(|_| MigrationError::Busy("a snapshot or migration is in progress".into()))?;
+    m.check_migratable()?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| MigrationError::Transport(format!("cannot create {}", dir.display()), e))?;
+    let path = dir.join("snapshot.vmm");
+    let tmp = dir.join("snapshot.vmm.partial");
+    let start = Instant::now();
+    let was_paused = *m.lifecycle.lock().unwrap_or_else(|e| e.into_inner()) == Lifecycle::Paused;
+    quiesce(m)?;
+    let result = (|| {
+        let f = std::fs::File::create(&tmp).map_err(|e| {
+            MigrationError::Transport(format!("cannot create {}", tmp.display()), e)
+        })?;
+        let mut w = StreamWriter::new(std::io::BufWriter::with_capacity(1 << 20, f))?;
+        w.json(Kind::Config, &m.config)?;
+        let pages = send_pages(m, &mut w, None)?;
+        send_final_state(m, &mut w)?;
+        w.flush()?;
+        let bytes = w.bytes;
+        let f = w
+            .get_mut()
+            .get_ref()
+            .sync_all()
+            .map_err(|e| MigrationError::Transport("cannot sync the snapshot".into(), e));
+        f?;
+        std::fs::rename(&tmp, &path).map_err(|e| {
+            MigrationError::Transport(format!("cannot write {}", path.display()), e)
+        })?;
+        Ok(MigrationReport {
+            pages,
+            bytes,
+            downtime_ms: start.elapsed().as_millis() as u64,
+            total_ms: start.elapsed().as_millis() as u64,
+            ..Default::default()
+        })
+    })();
+    unquiesce(m, was_paused);
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}

@@ -1,0 +1,338 @@
+//! The snapshot and migration stream: a header, then checked records.
+//!
+//! ```text
+//! header:  "VMMVIOMU" (8 bytes), u32 version = 1, u32 0            (little-endian)
+//! record:  u8 kind, 3 bytes 0, u32 CRC-32 of the payload, u64 payload length, payload
+//! ```
+//!
+//! Kinds: `CONFIG` (JSON: what the VM is made of, checked by the receiver), `RAM` (u64 GPA,
+//! then whole 4 KiB pages), `ROUND` (JSON: pre-copy progress, informational), `DEVICE_DATA`
+//! (u32 PCI slot, then a passthrough device's own data), `STATE` (JSON: vCPUs, irqchip and
+//! every device), `END`, and `ACK` (receiver to sender, JSON: `{"ok":true}` or
+//! `{"error":"..."}`). A record longer than its kind allows, a bad checksum, an unknown kind
+//! or a stream that ends early is refused with a [`StreamError`] naming the record.
+
+use std::io::{self, Read, Write};
+
+/// Magic at the start of every stream.
+pub const MAGIC: &[u8; 8] = b"VMMVIOMU";
+/// Version of the format written and read.
+pub const VERSION: u32 = 1;
+
+/// Record kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// JSON machine configuration.
+    Config = 1,
+    /// Guest pages: u64 GPA, then the bytes.
+    Ram = 2,
+    /// JSON progress of one pre-copy round.
+    Round = 3,
+    /// A passthrough device's data: u32 slot, then the bytes.
+    DeviceData = 4,
+    /// JSON machine state.
+    State = 5,
+    /// End of the stream.
+    End = 6,
+    /// The receiver's answer.
+    Ack = 7,
+}
+
+impl Kind {
+    fn from_u8(v: u8) -> Option<Kind> {
+        Some(match v {
+            1 => Kind::Config,
+            2 => Kind::Ram,
+            3 => Kind::Round,
+            4 => Kind::DeviceData,
+            5 => Kind::State,
+            6 => Kind::End,
+            7 => Kind::Ack,
+            _ => return None,
+        })
+    }
+
+    /// Largest payload of this kind.
+    fn max_len(self) -> u64 {
+        match self {
+            Kind::Ram => 8 + MAX_RAM_RECORD,
+            Kind::State => 64 << 20,
+            Kind::DeviceData => 4 + (16 << 20),
+            Kind::End => 0,
+            Kind::Config | Kind::Round | Kind::Ack => 1 << 20,
+        }
+    }
+}
+
+/// Most page bytes in one RAM record.
+pub const MAX_RAM_RECORD: u64 = 4 << 20;
+
+/// Why a stream was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// Reading or writing failed (the peer went away, the disk is full).
+    #[error("I/O: {0}")]
+    Io(#[from] io::Error),
+    /// The stream ended in the middle of something.
+    #[error("the stream is truncated ({0})")]
+    Truncated(String),
+    /// Not a stream of this VMM.
+    #[error("not a VMM snapshot or migration stream (bad magic)")]
+    BadMagic,
+    /// Another format version.
+    #[error("stream format version {0}; this VMM reads version {VERSION}")]
+    Version(u32),
+    /// A record failed its check.
+    #[error("record #{index} ({kind}): {what}")]
+    BadRecord {
+        /// Position in the stream, from 0.
+        index: u64,
+        /// Kind byte as read.
+        kind: String,
+        /// What is wrong.
+        what: String,
+    },
+}
+
+/// Writes a stream.
+pub struct StreamWriter<W: Write> {
+    w: W,
+    /// Payload bytes written so far.
+    pub bytes: u64,
+}
+
+impl<W: Write> StreamWriter<W> {
+    /// Writes the header.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn new(mut w: W) -> Result<Self, StreamError> {
+        w.write_all(MAGIC)?;
+        w.write_all(&VERSION.to_le_bytes())?;
+        w.write_all(&0u32.to_le_bytes())?;
+        Ok(Self { w, bytes: 16 })
+    }
+
+    /// Writes one record whose payload is the concatenation of `parts`.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn record(&mut self, kind: Kind, parts: &[&[u8]]) -> Result<(), StreamError> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let mut crc = crc32fast::Hasher::new();
+        for p in parts {
+            crc.update(p);
+        }
+        let mut head = [0u8; 16];
+        head[0] = kind as u8;
+        head[4..8].copy_from_slice(&crc.finalize().to_le_bytes());
+        head[8..16].copy_from_slice(&(len as u64).to_le_bytes());
+        self.w.write_all(&head)?;
+        for p in parts {
+            self.w.write_all(p)?;
+        }
+        self.bytes += 16 + len as u64;
+        Ok(())
+    }
+
+    /// Writes a JSON record.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn json<T: serde::Serialize>(&mut self, kind: Kind, v: &T) -> Result<(), StreamError> {
+        let bytes = serde_json::to_vec(v).map_err(|e| StreamError::Io(io::Error::other(e)))?;
+        self.record(kind, &[&bytes])
+    }
+
+    /// Flushes the underlying writer.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn flush(&mut self) -> Result<(), StreamError> {
+        self.w.flush()?;
+        Ok(())
+    }
+
+    /// The underlying writer.
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.w
+    }
+}
+
+/// Reads a stream.
+pub struct StreamReader<R: Read> {
+    r: R,
+    index: u64,
+}
+
+fn read_exact_or<R: Read>(r: &mut R, buf: &mut [u8], what: &str) -> Result<(), StreamError> {
+    r.read_exact(buf).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            StreamError::Truncated(what.to_string())
+        } else {
+            StreamError::Io(e)
+        }
+    })
+}
+
+impl<R: Read> StreamReader<R> {
+    /// Reads and checks the header.
+    ///
+    /// # Errors
+    /// [`StreamError::BadMagic`], [`StreamError::Version`], truncation or I/O.
+    pub fn new(mut r: R) -> Result<Self, StreamError> {
+        let mut head = [0u8; 16];
+        read_exact_or(&mut r, &mut head, "in the header")?;
+        if &head[..8] != MAGIC {
+            return Err(StreamError::BadMagic);
+        }
+        let version = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
+        if version != VERSION {
+            return Err(StreamError::Version(version));
+        }
+        Ok(Self { r, index: 0 })
+    }
+
+    /// Reads the next record and checks it.
+    ///
+    /// # Errors
+    /// [`StreamError`].
+    pub fn next(&mut self) -> Result<(Kind, Vec<u8>), StreamError> {
+        let index = self.index;
+        let mut head = [0u8; 16];
+        read_exact_or(
+            &mut self.r,
+            &mut head,
+            &format!("record #{index}: no header"),
+        )?;
+        let bad = |kind: String, what: String| StreamError::BadRecord { index, kind, what };
+        let Some(kind) = Kind::from_u8(head[0]) else {
+            return Err(bad(
+                format!("kind {}", head[0]),
+                "unknown record kind".into(),
+            ));
+        };
+        if head[1..4] != [0, 0, 0] {
+            return Err(bad(
+                format!("{kind:?}"),
+                "reserved bytes are not zero".into(),
+            ));
+        }
+        let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+        let mut lb = [0u8; 8];
+        lb.copy_from_slice(&head[8..16]);
+        let len = u64::from_le_bytes(lb);
+        if len > kind.max_len() {
+            return Err(bad(
+                format!("{kind:?}"),
+                format!("{len} bytes, at most {} allowed", kind.max_len()),
+            ));
+        }
+        let mut payload = vec![0u8; len as usize];
+        read_exact_or(
+            &mut self.r,
+            &mut payload,
+            &format!("record #{index} ({kind:?}) has fewer than its {len} bytes"),
+        )?;
+        if crc32fast::hash(&payload) != crc {
+            return Err(bad(format!("{kind:?}"), "checksum mismatch".into()));
+        }
+        self.index += 1;
+        Ok((kind, payload))
+    }
+
+    /// Records read so far.
+    pub fn records(&self) -> u64 {
+        self.index
+    }
+}
+
+/// Parses a JSON payload, naming `what` in the error.
+///
+/// # Errors
+/// [`StreamError::BadRecord`].
+pub fn parse<T: serde::de::DeserializeOwned>(
+    what: &str,
+    index: u64,
+    payload: &[u8],
+) -> Result<T, StreamError> {
+    serde_json::from_slice(payload).map_err(|e| StreamError::BadRecord {
+        index,
+        kind: what.to_string(),
+        what: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<u8> {
+        let mut w = StreamWriter::new(Vec::new()).unwrap();
+        w.json(Kind::Config, &serde_json::json!({"memory": 1}))
+            .unwrap();
+        w.record(Kind::Ram, &[&0x1000u64.to_le_bytes(), &[7u8; 4096]])
+            .unwrap();
+        w.record(Kind::End, &[]).unwrap();
+        w.w
+    }
+
+    #[test]
+    fn round_trip() {
+        let bytes = sample();
+        let mut r = StreamReader::new(&bytes[..]).unwrap();
+        assert_eq!(r.next().unwrap().0, Kind::Config);
+        let (k, p) = r.next().unwrap();
+        assert_eq!((k, p.len()), (Kind::Ram, 8 + 4096));
+        assert_eq!(r.next().unwrap().0, Kind::End);
+    }
+
+    #[test]
+    fn corruption_and_truncation_are_named() {
+        let good = sample();
+        assert!(matches!(
+            StreamReader::new(&b"not a stream at all"[..]),
+            Err(StreamError::BadMagic)
+        ));
+        let mut v = good.clone();
+        v[8] = 9;
+        assert!(matches!(
+            StreamReader::new(&v[..]),
+            Err(StreamError::Version(9))
+        ));
+        // Flip one page byte: the RAM record's checksum fails.
+        let mut v = good.clone();
+        let at = v.len() - 16 - 100;
+        v[at] ^= 1;
+        let mut r = StreamReader::new(&v[..]).unwrap();
+        r.next().unwrap();
+        let e = r.next().unwrap_err().to_string();
+        assert_eq!(e, "record #1 (Ram): checksum mismatch");
+        // Cut the stream inside the RAM record.
+        let v = &good[..good.len() - 1000];
+        let mut r = StreamReader::new(v).unwrap();
+        r.next().unwrap();
+        assert!(r
+            .next()
+            .unwrap_err()
+            .to_string()
+            .starts_with("the stream is truncated (record #1 (Ram)"));
+        // A huge length is refused before anything is allocated.
+        let mut v = good.clone();
+        let config_len = u64::from_le_bytes(v[24..32].try_into().unwrap());
+        let ram_head = 16 + 16 + config_len as usize;
+        v[ram_head + 8..ram_head + 16].copy_from_slice(&u64::MAX.to_le_bytes());
+        let mut r = StreamReader::new(&v[..]).unwrap();
+        r.next().unwrap();
+        assert!(r.next().unwrap_err().to_string().contains("at most"));
+        // An unknown kind.
+        let mut v = good;
+        v[16] = 99;
+        let mut r = StreamReader::new(&v[..]).unwrap();
+        assert_eq!(
+            r.next().unwrap_err().to_string(),
+            "record #0 (kind 99): unknown record kind"
+        );
+    }
+}
