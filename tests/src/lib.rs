@@ -260,3 +260,120 @@ pub fn tap(console: &str) -> (usize, usize, Vec<String>) {
         .collect();
     (ok, bad.len(), bad)
 }
+
+/// A `vmm` running in the background (for tests that talk to it while it runs).
+pub struct VmmProcess {
+    child: Child,
+    console_path: PathBuf,
+    stderr: Option<std::thread::JoinHandle<String>>,
+    start: Instant,
+}
+
+impl VmmProcess {
+    /// Starts `vmm` with `args` plus `--serial file=...`.
+    pub fn start(args: &[&str]) -> VmmProcess {
+        let console_path = scratch("console.log");
+        let serial = format!("file={}", console_path.display());
+        let mut child = Command::new(bin("vmm"))
+            .args(args)
+            .arg("--serial")
+            .arg(&serial)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn vmm");
+        let mut pipe = child.stderr.take().expect("stderr piped");
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = pipe.read_to_string(&mut s);
+            s
+        });
+        VmmProcess {
+            child,
+            console_path,
+            stderr: Some(stderr),
+            start: Instant::now(),
+        }
+    }
+
+    /// The console so far.
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(&self.console_path).unwrap_or_default()
+    }
+
+    /// Waits until the console contains `needle`; panics after `deadline`.
+    pub fn wait_console(&mut self, needle: &str, deadline: Duration) {
+        let start = Instant::now();
+        while !self.console().contains(needle) {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                let run = self.finish_with(Some(s));
+                panic!(
+                    "vmm exited ({s}) before {needle:?}\n--- console ---\n{}\n--- stderr ---\n{}",
+                    run.console, run.stderr
+                );
+            }
+            assert!(
+                start.elapsed() < deadline,
+                "no {needle:?} on the console after {deadline:?}:\n{}",
+                self.console()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the exit (killing it after `deadline`).
+    pub fn wait(mut self, deadline: Duration) -> Run {
+        let status = wait_with_deadline(&mut self.child, deadline);
+        self.finish_with(status)
+    }
+
+    fn finish_with(&mut self, status: Option<ExitStatus>) -> Run {
+        let stderr = self
+            .stderr
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default();
+        let console = self.console();
+        let _ = std::fs::remove_file(&self.console_path);
+        Run {
+            status,
+            console,
+            stderr,
+            wall: self.start.elapsed(),
+        }
+    }
+}
+
+impl Drop for VmmProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends one request to the control API at `socket`; returns the JSON answer.
+pub fn api(socket: &Path, request: &str) -> serde_json::Value {
+    use std::io::{BufRead, Write};
+    let start = Instant::now();
+    let stream = loop {
+        match std::os::unix::net::UnixStream::connect(socket) {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "cannot reach the API at {}: {e}",
+                    socket.display()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    let mut w = stream.try_clone().expect("clone");
+    writeln!(w, "{request}").expect("send the request");
+    let mut line = String::new();
+    std::io::BufReader::new(stream)
+        .read_line(&mut line)
+        .expect("read the answer");
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad answer {line:?}: {e}"))
+}

@@ -252,6 +252,13 @@ pub fn migrate(m: &Machine, opts: &MigrateOptions) -> Result<MigrationReport, Mi
             }
         }
         Err((e, quiesced)) => {
+            // A destination that refuses says why before it hangs up.
+            let e = match e {
+                MigrationError::Stream(stream::StreamError::Io(_)) => {
+                    refusal(w.get_mut().get_mut()).unwrap_or(e)
+                }
+                e => e,
+            };
             log::error!("migration failed: {e}; the guest keeps running here");
             m.stop_tracking();
             if quiesced {
@@ -260,6 +267,21 @@ pub fn migrate(m: &Machine, opts: &MigrateOptions) -> Result<MigrationReport, Mi
             Err(e)
         }
     }
+}
+
+/// The destination's refusal, if it sent one.
+fn refusal(conn: &mut Box<dyn Conn>) -> Option<MigrationError> {
+    conn.set_timeout(Some(Duration::from_secs(2)));
+    let (kind, payload) = StreamReader::new(&mut *conn)
+        .and_then(|mut r| r.next())
+        .ok()?;
+    if kind != Kind::Ack {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&payload).ok()?;
+    Some(MigrationError::Refused(
+        v.get("error")?.as_str()?.to_string(),
+    ))
 }
 
 /// Pre-copy rounds, then the stop-and-copy phase. Returns when the guest was paused.
