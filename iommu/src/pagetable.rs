@@ -647,6 +647,28 @@ impl IoPageTable {
         slot2.as_deref_mut().expect("l1 just ensured")
     }
 
+    /// Calls `f(first_page, pages)` for each maximal span of IOVA pages covered by populated
+    /// leaves or huge entries (of 512 pages each), in IOVA order: where something may be
+    /// mapped. Cheap: it walks directories only, not pages.
+    pub fn populated_spans(&self, mut f: impl FnMut(u64, u64)) {
+        let mut cur: Option<(u64, u64)> = None;
+        self.visit(0, u64::MAX, |chunk, _| {
+            match cur.as_mut() {
+                Some((s, n)) if *s + *n == chunk => *n += LEAF_PAGES,
+                _ => {
+                    if let Some((s, n)) = cur.take() {
+                        f(s, n);
+                    }
+                    cur = Some((chunk, LEAF_PAGES));
+                }
+            }
+            true
+        });
+        if let Some((s, n)) = cur {
+            f(s, n);
+        }
+    }
+
     /// Calls `f` with every guest mapping that intersects `[first, last]`, in IOVA order, each
     /// clipped to the range. Returns early when `f` returns `false`.
     pub fn mappings(&self, first: u64, last: u64, mut f: impl FnMut(Run) -> bool) {

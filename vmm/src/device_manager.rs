@@ -109,6 +109,9 @@ impl MutEventSubscriber for FaultNotifier {
     }
 }
 
+/// A PCI function: `(slot, name, device)`.
+pub type Function = (u8, String, Arc<Mutex<dyn PciDevice>>);
+
 /// A subscriber for the event loop.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
@@ -160,7 +163,7 @@ pub struct Builder {
     /// Set while the devices are frozen for a snapshot.
     pub frozen: Arc<AtomicBool>,
     /// PCI functions in slot order: `(slot, kind, device)`.
-    pub functions: Vec<(u8, String, Arc<Mutex<dyn PciDevice>>)>,
+    pub functions: Vec<Function>,
     /// Virtio devices and their queue counts.
     pub virtio: Vec<(Arc<Mutex<dyn VirtioDevice>>, usize)>,
 }
@@ -249,7 +252,7 @@ pub struct DeviceManager {
     /// Bus 0.
     pub pci: Arc<PciBus>,
     /// PCI functions in slot order: `(slot, kind, device)`.
-    pub functions: Vec<(u8, String, Arc<Mutex<dyn PciDevice>>)>,
+    pub functions: Vec<Function>,
     /// Virtio devices and their queue counts.
     pub virtio: Vec<(Arc<Mutex<dyn VirtioDevice>>, usize)>,
     /// Set while the devices are frozen for a snapshot.

@@ -110,8 +110,7 @@ impl Viommu {
         let window = opts.window_pages.max(64);
         if opts.clear {
             for b in 0..self.backends.len() {
-                let runs = self.content_runs(self.backend_content(b));
-                self.harvest_runs(b, &runs, window, true);
+                self.harvest_backend(b, window, true);
             }
             if let Some(d) = self.dirty.as_mut() {
                 out.merge(&d.bitmap);
@@ -124,8 +123,7 @@ impl Viommu {
             return;
         };
         for b in 0..self.backends.len() {
-            let runs = self.content_runs(self.backend_content(b));
-            self.harvest_runs(b, &runs, window, false);
+            self.harvest_backend(b, window, false);
         }
         if let Some(d) = self.dirty.as_mut() {
             out.merge(&d.bitmap);
@@ -149,6 +147,85 @@ impl Viommu {
             }
         }
         Some(out)
+    }
+
+    /// Harvests everything backend `b` has mapped. For a domain, the device is read in
+    /// windows over the IOVA spans the page table populates, and each dirty bit is translated
+    /// through the table (clean 64-page words skipped); identity content is read as runs.
+    fn harvest_backend(&mut self, b: BackendId, window: u64, clear: bool) {
+        let content = self.backend_content(b);
+        let dom = match content {
+            Content::Domain(d) if self.domains.get(&d).is_some_and(|d| !d.bypass) => d,
+            _ => {
+                let runs = self.content_runs(content);
+                self.harvest_runs(b, &runs, window, clear);
+                return;
+            }
+        };
+        let reads_device = self.dirty.as_ref().and_then(|s| s.tracked.get(b).copied())
+            == Some(true)
+            && !self.backends[b].failed;
+        if !reads_device {
+            let runs = self.content_runs(content);
+            self.harvest_runs(b, &runs, window, clear);
+            return;
+        }
+        let mut spans = Vec::new();
+        if let Some(d) = self.domains.get(&dom) {
+            d.table
+                .populated_spans(|first, pages| spans.push((first, pages)));
+        }
+        for (first, pages) in spans {
+            let mut done = 0;
+            while done < pages {
+                let n = (pages - done).min(window);
+                let iova_page = first + done;
+                let mut bits = vec![0u64; n.div_ceil(64) as usize];
+                self.counters.dirty_reads += 1;
+                let r = self.backends[b].backend.read_dirty(
+                    iova_page * PAGE_SIZE,
+                    n * PAGE_SIZE,
+                    &mut bits,
+                    clear,
+                );
+                let (Some(state), Some(d)) = (self.dirty.as_mut(), self.domains.get(&dom)) else {
+                    return;
+                };
+                match r {
+                    Ok(()) => {
+                        for (w, &word) in bits.iter().enumerate() {
+                            let mut word = word;
+                            while word != 0 {
+                                let bit = u64::from(word.trailing_zeros());
+                                word &= word - 1;
+                                let page = iova_page + w as u64 * 64 + bit;
+                                self.counters.dirty_pages_reported += 1;
+                                if let Some(pte) = d.table.get(page) {
+                                    if pte.perm.write() && !pte.perm.contains(Perm::MMIO) {
+                                        state.bitmap.mark(pte.gpa_page, 1);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        log::warn!(
+                            "virtio-iommu: dirty report of IOVA {:#x}+{:#x} failed ({e}); \
+                             counting its writable mappings dirty",
+                            iova_page * PAGE_SIZE,
+                            n * PAGE_SIZE
+                        );
+                        d.table.mappings(iova_page, iova_page + n - 1, |r| {
+                            if r.perm.write() && !r.perm.contains(Perm::MMIO) {
+                                state.bitmap.mark(r.gpa_page, r.pages);
+                            }
+                            true
+                        });
+                    }
+                }
+                done += n;
+            }
+        }
     }
 
     /// What backend `b` has mapped on the host.

@@ -20,6 +20,12 @@ pub fn alloc_pages(pages: u64) -> u64 {
     a
 }
 
+/// `pages` 4 KiB pages, not cleared (RAM the guest never wrote reads as zero); returns
+/// their GPA.
+pub fn reserve_pages(pages: u64) -> u64 {
+    NEXT.fetch_add(pages * 4096, Ordering::Relaxed)
+}
+
 /// Fills `[gpa, gpa + len)` with `v`.
 pub fn fill(gpa: u64, len: u64, v: u8) {
     // SAFETY: the guest is identity mapped and the range is RAM it allocated.

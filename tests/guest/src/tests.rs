@@ -4,7 +4,7 @@ use crate::acpi;
 use crate::dmadev::{self, DmaDev, Outcome};
 use crate::io::Hex;
 use crate::io::{cpuid, rd32, rd64, rd8, rdtsc};
-use crate::mem::{all_eq, alloc_pages, bytes, fill, pattern};
+use crate::mem::{all_eq, alloc_pages, bytes, fill, pattern, reserve_pages};
 use crate::pci::Func;
 use crate::say;
 use crate::viommu::{Req, Viommu, ATTACH_BYPASS, MAP_R, MAP_W};
@@ -564,7 +564,8 @@ fn device_death(c: &mut Ctx) -> Result<(), &'static str> {
 /// last fill (none lost, none stale) and the device must still reach the canary.
 ///
 /// Parameters: `iters=` (400), `ready=` (iteration after which `# migrate-ready` is
-/// printed, 5), `delay=` (1500).
+/// printed, 5), `delay=` (1500), `touch=` (MiB of RAM the device fills first, so that a
+/// migration has that much to copy; 0).
 fn migrate_dma(c: &mut Ctx) -> Result<(), &'static str> {
     const PAGES: u64 = 256;
     const WIN: u64 = 16;
@@ -584,6 +585,26 @@ fn migrate_dma(c: &mut Ctx) -> Result<(), &'static str> {
         viommu(c).one(Req::Map(1, CANARY, CANARY + 4095, canary, MAP_R | MAP_W)) == OK,
         "MAP of the canary failed",
     )?;
+    // Bulk RAM for the migration to copy, written by the device (the CPU would take minutes
+    // in the emulator): 64 MiB per transfer through a temporary mapping.
+    let touch = num("touch", 0) << 20;
+    if touch > 0 {
+        let base = reserve_pages(touch / 4096);
+        let mut done = 0;
+        while done < touch {
+            let n = (touch - done).min(64 << 20);
+            let iova = IOVA + 0x40_0000_0000;
+            check(
+                viommu(c).one(Req::Map(1, iova, iova + n - 1, base + done, MAP_W)) == OK,
+                "MAP of the bulk area failed",
+            )?;
+            let out = dev(c).run(dmadev::OP_FILL, 0, iova, n, 0x5a);
+            viommu(c).one(Req::Unmap(1, iova, iova + n - 1));
+            check(out.status == dmadev::DONE, "bulk fill failed")?;
+            done += n;
+        }
+        say!("# migrate_dma: device filled ", touch >> 20, " MiB");
+    }
     let t0 = rdtsc();
     let mut stale = 0u64;
     for it in 0..iters {

@@ -30,7 +30,10 @@ impl std::fmt::Display for Source {
     }
 }
 
-fn accept(addr: &Address) -> Result<(Box<dyn Read + Send>, Box<dyn Write + Send>), MigrationError> {
+/// The two directions of a connection.
+type Halves = (Box<dyn Read + Send>, Box<dyn Write + Send>);
+
+fn accept(addr: &Address) -> Result<Halves, MigrationError> {
     let err = |what: String| move |e| MigrationError::Transport(what, e);
     match addr {
         Address::Unix(p) => {

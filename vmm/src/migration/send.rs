@@ -79,7 +79,7 @@ fn send_pages<W: Write>(
     let mut runs = Vec::new();
     match pages {
         Some(b) => b.for_each_run(|gpa, len| runs.push((gpa, len))),
-        None => runs.extend(m.devices.ram_ranges.iter().copied()),
+        None => runs = allocated_ram(m),
     }
     let mut sent = 0;
     let mut buf = vec![0u8; MAX_RAM_RECORD as usize];
@@ -98,6 +98,47 @@ fn send_pages<W: Write>(
         }
     }
     Ok(sent)
+}
+
+/// The parts of guest RAM that hold data: the memfd's extents (`SEEK_DATA`/`SEEK_HOLE`).
+/// Pages never touched read as zero and are zero on a fresh destination, so the full copy
+/// skips them (touching them would also allocate them on both sides).
+fn allocated_ram(m: &Machine) -> Vec<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    let fd = m.ram.memfd.as_raw_fd();
+    let mut out = Vec::new();
+    for (gpa, len, _, file_off) in m.ram.regions() {
+        let end = file_off + len;
+        let mut pos = file_off;
+        while pos < end {
+            // SAFETY: lseek on a file descriptor we own; the results are checked.
+            let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+            if data < 0 {
+                let errno = std::io::Error::last_os_error().raw_os_error();
+                if errno != Some(libc::ENXIO) {
+                    // No SEEK_DATA here: send the whole rest.
+                    out.push((gpa + (pos - file_off), end - pos));
+                }
+                break;
+            }
+            let data = (data as u64).min(end);
+            if data >= end {
+                break;
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+            let hole = if hole < 0 {
+                end
+            } else {
+                (hole as u64).min(end)
+            };
+            let start = data & !4095;
+            let stop = hole.next_multiple_of(4096).min(end);
+            out.push((gpa + (start - file_off), stop - start));
+            pos = stop;
+        }
+    }
+    out
 }
 
 fn connect(to: &str) -> Result<Box<dyn Conn>, MigrationError> {
@@ -352,11 +393,9 @@ fn precopy_and_stop<W: Write>(
 }
 
 fn progress(r: &Round, start: Instant) {
-    let rate = if r.ms > 0 {
-        r.dirty_after * 1000 / r.ms
-    } else {
-        r.dirty_after
-    };
+    let rate = (r.dirty_after * 1000)
+        .checked_div(r.ms)
+        .unwrap_or(r.dirty_after);
     // Pages per millisecond of this round give the downtime estimate for what is left.
     let per_page_ms = if r.pages > 0 {
         r.ms as f64 / r.pages as f64
@@ -368,7 +407,7 @@ fn progress(r: &Round, start: Instant) {
          ({} pages/s), harvest {:.2} ms; estimated downtime {:.0} ms; {:.1} s so far",
         r.round,
         r.pages,
-        r.pages * 4096 >> 20,
+        (r.pages * 4096) >> 20,
         r.ms,
         r.dirty_after,
         rate,
