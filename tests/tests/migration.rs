@@ -21,7 +21,9 @@ fn source(dev: &DeviceProcess, api_socket: &Path, iters: u32) -> VmmProcess {
     let g = guest();
     let vfio = dev.arg(true);
     let api = api_socket.display().to_string();
-    let cmdline = format!("tests=migrate_dma iters={iters}");
+    // The device first fills 192 MiB so that the full copy takes a while (about a second):
+    // the guest keeps writing through changing mappings meanwhile.
+    let cmdline = format!("tests=migrate_dma iters={iters} touch=192");
     VmmProcess::start(&[
         "--kernel",
         &g,
@@ -87,7 +89,11 @@ fn live_migration_loses_no_device_write() {
     assert_eq!(report["ok"], true, "{report}");
     let rounds = report["rounds"].as_array().expect("rounds");
     assert!(!rounds.is_empty());
-    assert_eq!(rounds[0]["pages"], 65536, "round 0 sends all of RAM");
+    let first = rounds[0]["pages"].as_u64().unwrap();
+    assert!(
+        (49152..=65536).contains(&first),
+        "round 0 sends all RAM that holds data: {first} pages"
+    );
     assert!(report["downtime_ms"].as_u64().unwrap() < report["total_ms"].as_u64().unwrap() + 1);
 
     let src = src.wait(DEADLINE);

@@ -50,6 +50,93 @@ pub const VFIO_IOMMU_MAP_DMA: u64 = io(13);
 pub const VFIO_IOMMU_UNMAP_DMA: u64 = io(14);
 /// `IOMMU_IOAS_IOVA_RANGES` (`_IO(';', 0x84)`).
 pub const IOMMU_IOAS_IOVA_RANGES: u64 = (59 << 8) | 0x84;
+/// `VFIO_IOMMU_DIRTY_PAGES` (`_IO(';', 100 + 17)`).
+pub const VFIO_IOMMU_DIRTY_PAGES: u64 = io(17);
+/// `IOMMU_HWPT_SET_DIRTY_TRACKING` (`_IO(';', 0x8b)`).
+pub const IOMMU_HWPT_SET_DIRTY_TRACKING: u64 = (59 << 8) | 0x8b;
+/// `IOMMU_HWPT_GET_DIRTY_BITMAP` (`_IO(';', 0x8c)`).
+pub const IOMMU_HWPT_GET_DIRTY_BITMAP: u64 = (59 << 8) | 0x8c;
+/// `VFIO_IOMMU_DIRTY_PAGES_FLAG_START`.
+pub const DIRTY_PAGES_START: u32 = 1 << 0;
+/// `VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP`.
+pub const DIRTY_PAGES_STOP: u32 = 1 << 1;
+/// `VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP`.
+pub const DIRTY_PAGES_GET_BITMAP: u32 = 1 << 2;
+/// `VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP`.
+pub const DMA_UNMAP_GET_DIRTY_BITMAP: u32 = 1 << 0;
+
+/// Bytes of a dirty bitmap for `len` bytes of IOVA at 4 KiB per bit, rounded to whole
+/// `u64`s as the type1 driver requires.
+pub fn bitmap_bytes(len: u64) -> u64 {
+    (len / 4096).div_ceil(64) * 8
+}
+
+/// `VFIO_IOMMU_DIRTY_PAGES` with START or STOP (`struct vfio_iommu_type1_dirty_bitmap`).
+pub fn type1_dirty_control(start: bool) -> [u8; 8] {
+    let mut r = [0u8; 8];
+    r[0..4].copy_from_slice(&8u32.to_le_bytes());
+    let flags = if start {
+        DIRTY_PAGES_START
+    } else {
+        DIRTY_PAGES_STOP
+    };
+    r[4..8].copy_from_slice(&flags.to_le_bytes());
+    r
+}
+
+/// `VFIO_IOMMU_DIRTY_PAGES` with GET_BITMAP: `struct vfio_iommu_type1_dirty_bitmap` followed
+/// by `struct vfio_iommu_type1_dirty_bitmap_get { iova, size, struct vfio_bitmap { pgsize,
+/// size, data } }`. The kernel writes the bits of `[iova, iova + size)` to `data` and clears
+/// them.
+pub fn type1_dirty_get(iova: u64, size: u64, data: u64) -> [u8; 48] {
+    let mut r = [0u8; 48];
+    r[0..4].copy_from_slice(&48u32.to_le_bytes());
+    r[4..8].copy_from_slice(&DIRTY_PAGES_GET_BITMAP.to_le_bytes());
+    r[8..16].copy_from_slice(&iova.to_le_bytes());
+    r[16..24].copy_from_slice(&size.to_le_bytes());
+    r[24..32].copy_from_slice(&4096u64.to_le_bytes());
+    r[32..40].copy_from_slice(&bitmap_bytes(size).to_le_bytes());
+    r[40..48].copy_from_slice(&data.to_le_bytes());
+    r
+}
+
+/// `VFIO_IOMMU_UNMAP_DMA` with `VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP`: `struct
+/// vfio_iommu_type1_dma_unmap { argsz, flags, iova, size }` followed by `struct vfio_bitmap`.
+/// The kernel unmaps and returns, atomically, the pages written until then.
+pub fn type1_unmap_dirty(iova: u64, size: u64, data: u64) -> [u8; 48] {
+    let mut r = [0u8; 48];
+    r[0..4].copy_from_slice(&48u32.to_le_bytes());
+    r[4..8].copy_from_slice(&DMA_UNMAP_GET_DIRTY_BITMAP.to_le_bytes());
+    r[8..16].copy_from_slice(&iova.to_le_bytes());
+    r[16..24].copy_from_slice(&size.to_le_bytes());
+    r[24..32].copy_from_slice(&4096u64.to_le_bytes());
+    r[32..40].copy_from_slice(&bitmap_bytes(size).to_le_bytes());
+    r[40..48].copy_from_slice(&data.to_le_bytes());
+    r
+}
+
+/// `IOMMU_HWPT_SET_DIRTY_TRACKING` (`struct iommu_hwpt_set_dirty_tracking`).
+pub fn iommufd_dirty_control(hwpt: u32, enable: bool) -> [u8; 16] {
+    let mut r = [0u8; 16];
+    r[0..4].copy_from_slice(&16u32.to_le_bytes());
+    r[4..8].copy_from_slice(&u32::from(enable).to_le_bytes());
+    r[8..12].copy_from_slice(&hwpt.to_le_bytes());
+    r
+}
+
+/// `IOMMU_HWPT_GET_DIRTY_BITMAP` (`struct iommu_hwpt_get_dirty_bitmap`); `clear: false` sets
+/// `IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR`.
+pub fn iommufd_dirty_get(hwpt: u32, iova: u64, length: u64, data: u64, clear: bool) -> [u8; 48] {
+    let mut r = [0u8; 48];
+    r[0..4].copy_from_slice(&48u32.to_le_bytes());
+    r[4..8].copy_from_slice(&hwpt.to_le_bytes());
+    r[8..12].copy_from_slice(&u32::from(!clear).to_le_bytes());
+    r[16..24].copy_from_slice(&iova.to_le_bytes());
+    r[24..32].copy_from_slice(&length.to_le_bytes());
+    r[32..40].copy_from_slice(&4096u64.to_le_bytes());
+    r[40..48].copy_from_slice(&data.to_le_bytes());
+    r
+}
 
 /// What the host's type1 IOMMU reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -437,11 +524,121 @@ impl DmaBackend for HostVfioDma {
         };
         r.map_err(|e| BackendError::Failed(format!("unmap: {e}")))
     }
+
+    // Type1 only: iommufd's dirty tracking needs a HWPT allocated with
+    // IOMMU_HWPT_ALLOC_DIRTY_TRACKING, and vfio-ioctls attaches the device to the IOAS (its
+    // automatic HWPT has no ID here), so iommufd reports no dirty tracking (caps) and its
+    // writable pages count as dirty. The request builders above are ready for it.
+    fn set_dirty_tracking(&mut self, enable: bool) -> Result<(), BackendError> {
+        match self.host.as_ref() {
+            Host::Type1(c) => {
+                let mut req = type1_dirty_control(enable);
+                ioctl_buf(c.as_raw_fd(), VFIO_IOMMU_DIRTY_PAGES, &mut req)
+                    .map_err(|e| errno_status(e, "VFIO_IOMMU_DIRTY_PAGES"))
+            }
+            Host::Iommufd(_) => Err(BackendError::Unsupported),
+        }
+    }
+
+    fn read_dirty(
+        &mut self,
+        iova: u64,
+        len: u64,
+        bitmap: &mut [u64],
+        clear: bool,
+    ) -> Result<(), BackendError> {
+        let Host::Type1(c) = self.host.as_ref() else {
+            return Err(BackendError::Unsupported);
+        };
+        // Type1 always clears what it reports: a peek is not possible.
+        if !clear {
+            return Err(BackendError::Unsupported);
+        }
+        let mut bits = vec![0u64; (bitmap_bytes(len) / 8) as usize];
+        let mut req = type1_dirty_get(iova, len, bits.as_mut_ptr() as u64);
+        ioctl_buf(c.as_raw_fd(), VFIO_IOMMU_DIRTY_PAGES, &mut req)
+            .map_err(|e| errno_status(e, "VFIO_IOMMU_DIRTY_PAGES"))?;
+        for (o, b) in bitmap.iter_mut().zip(&bits) {
+            *o |= b;
+        }
+        Ok(())
+    }
+
+    fn unmap_read_dirty(
+        &mut self,
+        iova: u64,
+        len: u64,
+        bitmap: &mut [u64],
+    ) -> Result<(), BackendError> {
+        let Host::Type1(c) = self.host.as_ref() else {
+            self.unmap(iova, len)?;
+            iommu::backend::set_all(bitmap, len / 4096);
+            return Ok(());
+        };
+        self.calls.lock().unwrap_or_else(|e| e.into_inner()).1 += 1;
+        let mut bits = vec![0u64; (bitmap_bytes(len) / 8) as usize];
+        let mut req = type1_unmap_dirty(iova, len, bits.as_mut_ptr() as u64);
+        ioctl_buf(c.as_raw_fd(), VFIO_IOMMU_UNMAP_DMA, &mut req)
+            .map_err(|e| errno_status(e, "VFIO_IOMMU_UNMAP_DMA"))?;
+        for (o, b) in bitmap.iter_mut().zip(&bits) {
+            *o |= b;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dirty_requests_follow_the_uapi_layouts() {
+        // include/uapi/linux/vfio.h and iommufd.h.
+        assert_eq!(VFIO_IOMMU_DIRTY_PAGES, 0x3b75);
+        assert_eq!(IOMMU_HWPT_SET_DIRTY_TRACKING, 0x3b8b);
+        assert_eq!(IOMMU_HWPT_GET_DIRTY_BITMAP, 0x3b8c);
+        assert_eq!(
+            std::mem::size_of::<iommufd_bindings::iommufd::iommu_hwpt_get_dirty_bitmap>(),
+            48
+        );
+        assert_eq!(
+            std::mem::size_of::<iommufd_bindings::iommufd::iommu_hwpt_set_dirty_tracking>(),
+            16
+        );
+        // One bit per page, whole u64s: 65 pages need 16 bytes.
+        assert_eq!(bitmap_bytes(65 * 4096), 16);
+        assert_eq!(bitmap_bytes(64 * 4096), 8);
+        let start = type1_dirty_control(true);
+        assert_eq!(rd_u32(&start, 0), Some(8));
+        assert_eq!(rd_u32(&start, 4), Some(DIRTY_PAGES_START));
+        assert_eq!(
+            rd_u32(&type1_dirty_control(false), 4),
+            Some(DIRTY_PAGES_STOP)
+        );
+        let get = type1_dirty_get(0x10_0000, 0x40_0000, 0xdead_b000);
+        assert_eq!(rd_u32(&get, 0), Some(48));
+        assert_eq!(rd_u32(&get, 4), Some(DIRTY_PAGES_GET_BITMAP));
+        assert_eq!(rd_u64(&get, 8), Some(0x10_0000));
+        assert_eq!(rd_u64(&get, 16), Some(0x40_0000));
+        assert_eq!(rd_u64(&get, 24), Some(4096));
+        assert_eq!(rd_u64(&get, 32), Some(128)); // 1024 pages
+        assert_eq!(rd_u64(&get, 40), Some(0xdead_b000));
+        let unmap = type1_unmap_dirty(0x2000, 0x1000, 0x1234_0000);
+        assert_eq!(rd_u32(&unmap, 4), Some(DMA_UNMAP_GET_DIRTY_BITMAP));
+        assert_eq!(rd_u64(&unmap, 8), Some(0x2000));
+        assert_eq!(rd_u64(&unmap, 32), Some(8));
+        let ctl = iommufd_dirty_control(7, true);
+        assert_eq!(
+            (rd_u32(&ctl, 0), rd_u32(&ctl, 4), rd_u32(&ctl, 8)),
+            (Some(16), Some(1), Some(7))
+        );
+        let peek = iommufd_dirty_get(7, 0x1000, 0x2000, 0x5000, false);
+        assert_eq!(rd_u32(&peek, 8), Some(
+            iommufd_bindings::iommufd::iommufd_hwpt_get_dirty_bitmap_flags_IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR
+        ));
+        assert_eq!(rd_u64(&peek, 32), Some(4096));
+        assert_eq!(rd_u32(&iommufd_dirty_get(7, 0, 4096, 0, true), 8), Some(0));
+    }
 
     #[test]
     fn ioctl_numbers_match_the_uapi() {

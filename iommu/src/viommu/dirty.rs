@@ -162,10 +162,7 @@ impl Viommu {
                 return;
             }
         };
-        let reads_device = self.dirty.as_ref().and_then(|s| s.tracked.get(b).copied())
-            == Some(true)
-            && !self.backends[b].failed;
-        if !reads_device {
+        if !self.reads_device_dirty(b) {
             let runs = self.content_runs(content);
             self.harvest_runs(b, &runs, window, clear);
             return;
@@ -226,6 +223,43 @@ impl Viommu {
                 done += n;
             }
         }
+    }
+
+    /// Whether backend `b`'s own dirty reports are used (tracking on, device alive).
+    pub(super) fn reads_device_dirty(&self, b: BackendId) -> bool {
+        self.dirty
+            .as_ref()
+            .and_then(|s| s.tracked.get(b).copied())
+            .unwrap_or(false)
+            && self.backends.get(b).is_some_and(|s| !s.failed)
+    }
+
+    /// Marks the guest pages behind the bits of `bits` (bit `i` = IOVA page `iova / 4096 +
+    /// i`, over `len` bytes) that `runs` map writable.
+    pub(super) fn mark_unmapped(&mut self, runs: &[Run], iova: u64, len: u64, bits: &[u64]) {
+        let Some(state) = self.dirty.as_mut() else {
+            return;
+        };
+        let (first, end) = (iova / PAGE_SIZE, (iova + len) / PAGE_SIZE);
+        let mut found = 0;
+        for r in runs
+            .iter()
+            .filter(|r| r.perm.write() && !r.perm.contains(Perm::MMIO))
+        {
+            let lo = r.iova_page.max(first);
+            let hi = (r.iova_page + r.pages).min(end);
+            for page in lo..hi {
+                let i = page - first;
+                if bits
+                    .get((i / 64) as usize)
+                    .is_some_and(|w| w & (1 << (i % 64)) != 0)
+                {
+                    state.bitmap.mark(r.gpa_page + (page - r.iova_page), 1);
+                    found += 1;
+                }
+            }
+        }
+        self.counters.dirty_pages_reported += found;
     }
 
     /// What backend `b` has mapped on the host.

@@ -189,17 +189,35 @@ impl Viommu {
         Ok(())
     }
 
-    /// Unmaps `runs` from backend `b`; on failure maps back what this call unmapped.
+    /// Unmaps `runs` from backend `b`; on failure maps back what this call unmapped. While
+    /// dirty tracking is on, the device's dirty bits of each range are collected with its
+    /// unmap (see [`DmaBackend::unmap_read_dirty`]): an IOVA means nothing once unmapped.
     fn unmap_runs(&mut self, b: BackendId, runs: &[Run]) -> Result<(), BackendError> {
-        // The device's dirty bits of these IOVAs mean nothing once they are unmapped.
-        self.harvest_runs(b, runs, DEFAULT_WINDOW_PAGES, true);
+        let reads_device = self.reads_device_dirty(b);
+        if !reads_device {
+            // Untracked or failed: its writable pages count as dirty.
+            self.harvest_runs(b, runs, DEFAULT_WINDOW_PAGES, true);
+        }
         if self.backends[b].failed {
             return Ok(());
         }
         let ops = self.unmap_ops(b, runs);
         for (k, &(iova, len)) in ops.iter().enumerate() {
             self.counters.host_unmaps += 1;
-            if let Err(e) = self.backends[b].backend.unmap(iova, len) {
+            let r = if reads_device {
+                let mut bits = vec![0u64; (len / PAGE_SIZE).div_ceil(64) as usize];
+                self.counters.dirty_reads += 1;
+                let r = self.backends[b]
+                    .backend
+                    .unmap_read_dirty(iova, len, &mut bits);
+                if r.is_ok() {
+                    self.mark_unmapped(runs, iova, len, &bits);
+                }
+                r
+            } else {
+                self.backends[b].backend.unmap(iova, len)
+            };
+            if let Err(e) = r {
                 let done_end = ops[..k].last().map(|&(i, l)| i + l).unwrap_or(0);
                 let undo: Vec<Run> = runs
                     .iter()
