@@ -133,6 +133,24 @@ pub trait DmaBackend: Send {
     }
 }
 
+/// [`DmaBackend::unmap_read_dirty`] for backends whose dirty log is by IOVA and survives the
+/// unmap (the project's test device): unmap first, then read, so no write falls in between.
+///
+/// # Errors
+/// The unmap's error; nothing was unmapped then.
+pub fn unmap_then_read_dirty<B: DmaBackend + ?Sized>(
+    b: &mut B,
+    iova: u64,
+    len: u64,
+    bitmap: &mut [u64],
+) -> Result<(), BackendError> {
+    b.unmap(iova, len)?;
+    if b.read_dirty(iova, len, bitmap, true).is_err() {
+        set_all(bitmap, len / 4096);
+    }
+    Ok(())
+}
+
 /// Sets the first `bits` bits of `bitmap`.
 pub fn set_all(bitmap: &mut [u64], bits: u64) {
     for (i, w) in bitmap.iter_mut().enumerate() {
@@ -342,11 +360,7 @@ mod recording {
         ) -> Result<(), BackendError> {
             // Like the project's test device: the dirty log is by IOVA and outlives the
             // mapping, so the bits are read after the unmap and nothing is lost.
-            self.unmap(iova, len)?;
-            if self.read_dirty(iova, len, bitmap, true).is_err() {
-                set_all(bitmap, len / 4096);
-            }
-            Ok(())
+            super::unmap_then_read_dirty(self, iova, len, bitmap)
         }
 
         fn set_dirty_tracking(&mut self, enable: bool) -> Result<(), BackendError> {

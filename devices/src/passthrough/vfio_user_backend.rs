@@ -362,11 +362,7 @@ impl DmaBackend for VfioUserDma {
     ) -> Result<(), BackendError> {
         // The test device logs writes by IOVA and keeps the log across an unmap: unmapping
         // first and reading after leaves no window for a lost write.
-        self.unmap(iova, len)?;
-        if self.read_dirty(iova, len, bitmap, true).is_err() {
-            iommu::backend::set_all(bitmap, len / 4096);
-        }
-        Ok(())
+        iommu::backend::unmap_then_read_dirty(self, iova, len, bitmap)
     }
 
     fn read_dirty(

@@ -280,12 +280,13 @@ impl DmaSpace {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::io::Write;
 
     use super::*;
 
-    fn memfile(len: usize) -> File {
+    /// A zeroed file of `len` bytes, unlinked (for DMA tests).
+    pub(crate) fn memfile(len: usize) -> File {
         let p = std::env::temp_dir().join(format!("dma-{}-{len}", std::process::id()));
         let mut f = File::options()
             .read(true)

@@ -528,23 +528,10 @@ fn run(s: &Shared, job: &Regs) -> Result<u64, Option<DmaFault>> {
 
 #[cfg(test)]
 mod tests {
-    use std::io::{Read, Seek, SeekFrom, Write as _};
+    use std::io::{Read, Seek, SeekFrom};
 
+    use super::super::dma::tests::memfile;
     use super::*;
-
-    fn memfile(len: usize) -> File {
-        let p = std::env::temp_dir().join(format!("mig-{}-{len}", std::process::id()));
-        let mut f = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&p)
-            .unwrap();
-        f.write_all(&vec![0u8; len]).unwrap();
-        std::fs::remove_file(p).unwrap();
-        f
-    }
 
     fn w64(d: &TestDevice, reg: u64, v: u64) {
         d.bar_write(reg, &v.to_le_bytes());
