@@ -235,25 +235,28 @@ impl Viommu {
     }
 
     /// Marks the guest pages behind the bits of `bits` (bit `i` = IOVA page `iova / 4096 +
-    /// i`, over `len` bytes) that `runs` map writable.
+    /// i`, over `len` bytes) that `runs` (sorted by IOVA) map writable. Only set bits cost
+    /// work: each finds its run by binary search.
     pub(super) fn mark_unmapped(&mut self, runs: &[Run], iova: u64, len: u64, bits: &[u64]) {
         let Some(state) = self.dirty.as_mut() else {
             return;
         };
-        let (first, end) = (iova / PAGE_SIZE, (iova + len) / PAGE_SIZE);
+        let (first, pages) = (iova / PAGE_SIZE, len / PAGE_SIZE);
         let mut found = 0;
-        for r in runs
-            .iter()
-            .filter(|r| r.perm.write() && !r.perm.contains(Perm::MMIO))
-        {
-            let lo = r.iova_page.max(first);
-            let hi = (r.iova_page + r.pages).min(end);
-            for page in lo..hi {
-                let i = page - first;
-                if bits
-                    .get((i / 64) as usize)
-                    .is_some_and(|w| w & (1 << (i % 64)) != 0)
-                {
+        for (w, &word) in bits.iter().enumerate() {
+            let mut word = word;
+            while word != 0 {
+                let i = w as u64 * 64 + u64::from(word.trailing_zeros());
+                word &= word - 1;
+                if i >= pages {
+                    break;
+                }
+                let page = first + i;
+                let k = runs.partition_point(|r| r.iova_page + r.pages <= page);
+                let Some(r) = runs.get(k).filter(|r| r.iova_page <= page) else {
+                    continue;
+                };
+                if r.perm.write() && !r.perm.contains(Perm::MMIO) {
                     state.bitmap.mark(r.gpa_page + (page - r.iova_page), 1);
                     found += 1;
                 }

@@ -156,10 +156,19 @@ impl Viommu {
     /// The host calls `(iova, len)` that unmap `runs` (whole guest mappings) on backend `b`.
     fn unmap_ops(&self, b: BackendId, runs: &[Run]) -> Vec<(u64, u64)> {
         let merge = self.backends[b].caps.merge_unmaps || self.backends[b].caps.merge_maps;
+        // While dirty bits are collected with each unmap, a merged call stays within one
+        // harvest window, so its bitmap stays small whatever the guest mapped.
+        let cap = if self.reads_device_dirty(b) {
+            DEFAULT_WINDOW_PAGES * PAGE_SIZE
+        } else {
+            u64::MAX
+        };
         let mut v: Vec<(u64, u64)> = Vec::new();
         for r in runs {
             match v.last_mut() {
-                Some((i, l)) if merge && *i + *l == r.iova() => *l += r.len(),
+                Some((i, l)) if merge && *i + *l == r.iova() && *l + r.len() <= cap => {
+                    *l += r.len()
+                }
                 _ => v.push((r.iova(), r.len())),
             }
         }
