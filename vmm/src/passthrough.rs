@@ -121,6 +121,64 @@ impl MutEventSubscriber for FaultForwarder {
     }
 }
 
+/// Puts the PCI model of a passthrough device in `slot`.
+fn add_function(
+    b: &mut Builder,
+    name: &str,
+    slot: u8,
+    backend: Arc<Mutex<dyn PassthroughBackend>>,
+    failed: Arc<AtomicBool>,
+) -> Result<(), VmmError> {
+    let interrupts = &b.interrupts;
+    let pci = PassthroughPci::new(
+        name.to_string(),
+        backend,
+        &mut b.bars,
+        &mut |n| interrupts.allocate_msi(n),
+        failed,
+    )
+    .map_err(dev_err(name.to_string()))?;
+    b.add_pci(slot, Arc::new(Mutex::new(pci)), name)
+}
+
+/// Where a device's DMA went: `(endpoint, backend ID)` in the vIOMMU, or the backend itself
+/// (all RAM mapped) for dirty tracking.
+type DmaAttachment = (Option<(u32, BackendId)>, Option<DirectDirty>);
+
+/// Gives a device's DMA backend to the vIOMMU (`iommu=on`: returns its endpoint and backend
+/// IDs), or maps all guest RAM at IOVA = GPA on it (returns it for dirty tracking).
+fn attach_dma(
+    b: &mut Builder,
+    name: &str,
+    slot: u8,
+    behind: bool,
+    mut dma: Box<dyn DmaBackend>,
+) -> Result<DmaAttachment, VmmError> {
+    let ep = u32::from(slot) << 3;
+    match (&b.iommu, behind) {
+        (Some(h), true) => {
+            let mut s = h.lock();
+            let id = s.add_backend(dma).map_err(dev_err(name.to_string()))?;
+            s.add_endpoint(ep, Some(id), &[])
+                .map_err(dev_err(name.to_string()))?;
+            drop(s);
+            b.endpoints.push(slot);
+            Ok((Some((ep, id)), None))
+        }
+        (None, true) => Err(VmmError::Device(
+            name.to_string(),
+            "iommu=on needs --iommu".into(),
+        )),
+        _ => {
+            for (gpa, len, _) in b.ram.ranges.clone() {
+                dma.map(gpa, gpa, len, iommu::Perm::RW)
+                    .map_err(dev_err(name.to_string()))?;
+            }
+            Ok((None, Some(DirectDirty::new(dma))))
+        }
+    }
+}
+
 impl Passthrough {
     /// Connects a vfio-user device and puts it on the bus.
     ///
@@ -132,37 +190,11 @@ impl Passthrough {
         let dev = VfioUserDevice::connect(&arg.path).map_err(dev_err(name.clone()))?;
         let failed = dev.failed_flag();
         let backend: Arc<Mutex<dyn PassthroughBackend>> = Arc::new(Mutex::new(dev.clone()));
-        let interrupts = &b.interrupts;
-        let pci = PassthroughPci::new(
-            name.clone(),
-            backend.clone(),
-            &mut b.bars,
-            &mut |n| interrupts.allocate_msi(n),
-            failed.clone(),
-        )
-        .map_err(dev_err(name.clone()))?;
-        b.add_pci(slot, Arc::new(Mutex::new(pci)), &name)?;
+        add_function(b, &name, slot, backend.clone(), failed.clone())?;
 
-        let mut dma = VfioUserDma::new(dev.clone(), b.ram.clone());
+        let dma = VfioUserDma::new(dev.clone(), b.ram.clone());
         let dma_calls = dma.calls.clone();
-        let ep = u32::from(slot) << 3;
-        let (endpoint, direct) = match (&b.iommu, arg.iommu) {
-            (Some(h), true) => {
-                let mut s = h.lock();
-                let id = s
-                    .add_backend(Box::new(dma))
-                    .map_err(dev_err(name.clone()))?;
-                s.add_endpoint(ep, Some(id), &[])
-                    .map_err(dev_err(name.clone()))?;
-                b.endpoints.push(slot);
-                (Some((ep, id)), None)
-            }
-            (None, true) => return Err(VmmError::Device(name, "iommu=on needs --iommu".into())),
-            _ => {
-                dma.map_all_ram().map_err(dev_err(name.clone()))?;
-                (None, Some(DirectDirty::new(Box::new(dma))))
-            }
-        };
+        let (endpoint, direct) = attach_dma(b, &name, slot, arg.iommu, Box::new(dma))?;
 
         let evt = EventFd::new(EFD_NONBLOCK).map_err(dev_err(name.clone()))?;
         backend
@@ -205,39 +237,10 @@ impl Passthrough {
         let slot = b.slot(&name)?;
         let failed = Arc::new(AtomicBool::new(false));
         let backend: Arc<Mutex<dyn PassthroughBackend>> = Arc::new(Mutex::new(host.device()));
-        let interrupts = &b.interrupts;
-        let pci = PassthroughPci::new(
-            name.clone(),
-            backend.clone(),
-            &mut b.bars,
-            &mut |n| interrupts.allocate_msi(n),
-            failed.clone(),
-        )
-        .map_err(dev_err(name.clone()))?;
-        b.add_pci(slot, Arc::new(Mutex::new(pci)), &name)?;
-        let mut dma = host.dma(b.ram.clone(), b.mem.clone());
+        add_function(b, &name, slot, backend.clone(), failed.clone())?;
+        let dma = host.dma(b.ram.clone(), b.mem.clone());
         let dma_calls = dma.calls();
-        let ep = u32::from(slot) << 3;
-        let direct = match (&b.iommu, arg.iommu) {
-            (Some(h), true) => {
-                let mut s = h.lock();
-                let id = s
-                    .add_backend(Box::new(dma))
-                    .map_err(dev_err(name.clone()))?;
-                s.add_endpoint(ep, Some(id), &[])
-                    .map_err(dev_err(name.clone()))?;
-                b.endpoints.push(slot);
-                None
-            }
-            (None, true) => return Err(VmmError::Device(name, "iommu=on needs --iommu".into())),
-            _ => {
-                for (gpa, len, _) in b.ram.ranges.clone() {
-                    dma.map(gpa, gpa, len, iommu::Perm::RW)
-                        .map_err(dev_err(name.clone()))?;
-                }
-                Some(DirectDirty::new(Box::new(dma)))
-            }
-        };
+        let (_, direct) = attach_dma(b, &name, slot, arg.iommu, Box::new(dma))?;
         Ok(Self {
             label: format!("{name} at 00:{slot:02x}.0"),
             failed,

@@ -441,6 +441,24 @@ impl HostVfioDma {
     }
 }
 
+/// Runs a type1 ioctl that fills a dirty bitmap for `len` bytes of IOVA (`request` builds it
+/// around the bitmap's address), then ORs the bits into `bitmap`.
+fn type1_bitmap_call(
+    fd: RawFd,
+    len: u64,
+    bitmap: &mut [u64],
+    what: &str,
+    request: impl FnOnce(u64) -> (u64, [u8; 48]),
+) -> Result<(), BackendError> {
+    let mut bits = vec![0u64; (bitmap_bytes(len) / 8) as usize];
+    let (nr, mut req) = request(bits.as_mut_ptr() as u64);
+    ioctl_buf(fd, nr, &mut req).map_err(|e| errno_status(e, what))?;
+    for (o, b) in bitmap.iter_mut().zip(&bits) {
+        *o |= b;
+    }
+    Ok(())
+}
+
 fn errno_status(e: std::io::Error, what: &str) -> BackendError {
     match e.raw_os_error() {
         Some(libc::ENOMEM) | Some(libc::ENOSPC) => BackendError::NoMemory(format!("{what}: {e}")),
@@ -554,14 +572,13 @@ impl DmaBackend for HostVfioDma {
         if !clear {
             return Err(BackendError::Unsupported);
         }
-        let mut bits = vec![0u64; (bitmap_bytes(len) / 8) as usize];
-        let mut req = type1_dirty_get(iova, len, bits.as_mut_ptr() as u64);
-        ioctl_buf(c.as_raw_fd(), VFIO_IOMMU_DIRTY_PAGES, &mut req)
-            .map_err(|e| errno_status(e, "VFIO_IOMMU_DIRTY_PAGES"))?;
-        for (o, b) in bitmap.iter_mut().zip(&bits) {
-            *o |= b;
-        }
-        Ok(())
+        type1_bitmap_call(
+            c.as_raw_fd(),
+            len,
+            bitmap,
+            "VFIO_IOMMU_DIRTY_PAGES",
+            |data| (VFIO_IOMMU_DIRTY_PAGES, type1_dirty_get(iova, len, data)),
+        )
     }
 
     fn unmap_read_dirty(
@@ -576,14 +593,9 @@ impl DmaBackend for HostVfioDma {
             return Ok(());
         };
         self.calls.lock().unwrap_or_else(|e| e.into_inner()).1 += 1;
-        let mut bits = vec![0u64; (bitmap_bytes(len) / 8) as usize];
-        let mut req = type1_unmap_dirty(iova, len, bits.as_mut_ptr() as u64);
-        ioctl_buf(c.as_raw_fd(), VFIO_IOMMU_UNMAP_DMA, &mut req)
-            .map_err(|e| errno_status(e, "VFIO_IOMMU_UNMAP_DMA"))?;
-        for (o, b) in bitmap.iter_mut().zip(&bits) {
-            *o |= b;
-        }
-        Ok(())
+        type1_bitmap_call(c.as_raw_fd(), len, bitmap, "VFIO_IOMMU_UNMAP_DMA", |data| {
+            (VFIO_IOMMU_UNMAP_DMA, type1_unmap_dirty(iova, len, data))
+        })
     }
 }
 

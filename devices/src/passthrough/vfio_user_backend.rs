@@ -261,17 +261,6 @@ impl VfioUserDma {
         }
     }
 
-    /// Maps every RAM range at its GPA (a device not behind the vIOMMU).
-    ///
-    /// # Errors
-    /// [`BackendError`].
-    pub fn map_all_ram(&mut self) -> Result<(), BackendError> {
-        for (gpa, len, _) in self.ram.ranges.clone() {
-            self.map(gpa, gpa, len, Perm::RW)?;
-        }
-        Ok(())
-    }
-
     fn err(&self, e: VfioUserError) -> BackendError {
         match e {
             VfioUserError::Refused { errno, .. }

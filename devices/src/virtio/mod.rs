@@ -82,6 +82,15 @@ pub trait VirtioDevice: Send {
     }
 }
 
+/// `(next_avail, next_used)` of each queue, for [`VirtioDevice::queue_positions`].
+pub fn positions(queues: &[Queue]) -> Vec<(u16, u16)> {
+    use virtio_queue::QueueT;
+    queues
+        .iter()
+        .map(|q| (q.next_avail(), q.next_used()))
+        .collect()
+}
+
 /// One descriptor of a chain: `(GPA, length)`.
 pub type Buf = (u64, u32);
 

@@ -55,6 +55,9 @@ pub enum RestoreError {
     /// A domain's mappings do not fit a page table (corrupt state).
     #[error("domain {0}: mapping {1:#x}+{2} pages cannot be restored")]
     BadMapping(DomainId, u64, u64),
+    /// More domains than this device allows.
+    #[error("{0} domains saved, more than this device allows")]
+    TooManyDomains(usize),
     /// A host backend refused to map what the guest had mapped.
     #[error("host mappings of backend {0}: {1}")]
     Backend(String, BackendError),
@@ -111,6 +114,9 @@ impl Viommu {
         {
             return Err(RestoreError::UnknownEndpoint(ep));
         }
+        if s.domains.len() > self.cfg.max_domains {
+            return Err(RestoreError::TooManyDomains(s.domains.len()));
+        }
         self.flush_pending(&mut []);
         // Build the new domains aside first: a corrupt state changes nothing.
         let mut domains = BTreeMap::new();
@@ -130,7 +136,11 @@ impl Viommu {
                             .is_ok()
                     });
                 if !ok {
-                    return Err(RestoreError::BadMapping(d.id, iova * PAGE_SIZE, pages));
+                    return Err(RestoreError::BadMapping(
+                        d.id,
+                        iova.saturating_mul(PAGE_SIZE),
+                        pages,
+                    ));
                 }
             }
             let generation = self.new_generation();

@@ -201,10 +201,7 @@ impl VirtioDevice for VirtioBlock {
     }
 
     fn queue_positions(&self) -> Vec<(u16, u16)> {
-        self.queues
-            .iter()
-            .map(|q| (q.next_avail(), q.next_used()))
-            .collect()
+        super::positions(&self.queues)
     }
 
     fn queue_notify(&mut self, queue: usize) {

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use iommu::protocol::{CONFIG_BYPASS_OFFSET, VIRTIO_ID_IOMMU};
 use iommu::Viommu;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use zerocopy::IntoBytes;
 
@@ -171,10 +171,7 @@ impl VirtioDevice for VirtioIommu {
     }
 
     fn queue_positions(&self) -> Vec<(u16, u16)> {
-        self.queues
-            .iter()
-            .map(|q| (q.next_avail(), q.next_used()))
-            .collect()
+        super::positions(&self.queues)
     }
 
     fn queue_notify(&mut self, queue: usize) {
