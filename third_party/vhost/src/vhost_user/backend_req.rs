@@ -198,6 +198,12 @@ impl VhostUserFrontendReqHandler for Backend {
         }
         Ok(guard.send_message(BackendReq::SHMEM_UNMAP, req, None)?)
     }
+
+    /// Forward a device IOTLB message (a `MISS`) to the frontend.
+    fn handle_iotlb_msg(&self, msg: &VhostUserIotlb) -> HandlerResult<u64> {
+        let mut guard = self.inner.lock().unwrap();
+        Ok(guard.send_message(BackendReq::IOTLB_MSG, msg, None)?)
+    }
 }
 
 #[cfg(test)]

@@ -74,6 +74,14 @@ pub trait VhostUserFrontend: VhostBackend {
     /// Set shared buffer for inflight I/O tracking.
     fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, fd: RawFd) -> Result<()>;
 
+    /// Sends a device IOTLB message (`UPDATE` or `INVALIDATE`) on the main channel. With
+    /// `VHOST_USER_PROTOCOL_F_REPLY_ACK` negotiated the message always asks for a reply and
+    /// this waits for the backend's acknowledgement, so that an `INVALIDATE` has taken effect
+    /// when it returns.
+    ///
+    /// Needs `VIRTIO_F_ACCESS_PLATFORM` negotiated with [`VhostBackend::set_features`].
+    fn send_iotlb_msg(&self, msg: &VhostUserIotlb) -> Result<()>;
+
     /// Query the maximum amount of memory slots supported by the backend.
     fn get_max_mem_slots(&mut self) -> Result<u64>;
 
@@ -604,6 +612,35 @@ impl VhostUserFrontend for Frontend {
 
         let hdr =
             node.send_request_with_body(FrontendReq::SET_INFLIGHT_FD, inflight, Some(&[fd]))?;
+        node.wait_for_ack(&hdr).map_err(|e| e.into())
+    }
+
+    fn send_iotlb_msg(&self, msg: &VhostUserIotlb) -> Result<()> {
+        let mut node = self.node();
+        if node.acked_virtio_features & VhostUserVirtioFeatures::ACCESS_PLATFORM.bits() == 0 {
+            return error_code(VhostUserError::InactiveFeature(
+                VhostUserVirtioFeatures::ACCESS_PLATFORM,
+            ));
+        }
+        if !msg.is_valid()
+            || !matches!(
+                msg.iotlb_type(),
+                Some(VhostUserIotlbType::Update | VhostUserIotlbType::Invalidate)
+            )
+        {
+            return error_code(VhostUserError::InvalidParam);
+        }
+        let mut flags = node.hdr_flags.bits();
+        if node.acked_protocol_features & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0 {
+            flags |= VhostUserHeaderFlag::NEED_REPLY.bits();
+        }
+        let saved = mem::replace(
+            &mut node.hdr_flags,
+            VhostUserHeaderFlag::from_bits_retain(flags),
+        );
+        let sent = node.send_request_with_body(FrontendReq::IOTLB_MSG, msg, None);
+        node.hdr_flags = saved;
+        let hdr = sent?;
         node.wait_for_ack(&hdr).map_err(|e| e.into())
     }
 
@@ -1139,6 +1176,56 @@ mod tests {
         let msg = 0x15u32;
         peer.send_message(&hdr, &msg, None).unwrap();
         assert!(frontend.get_features().is_err());
+    }
+
+    #[test]
+    fn test_iotlb_msg() {
+        let path = temp_path();
+        let (mut frontend, mut peer) = create_pair(path);
+        let msg = VhostUserIotlb::new(VhostUserIotlbType::Update, 0x1000, 0x3000, 0x7f00_0000, 1);
+
+        let vfeatures = (VhostUserVirtioFeatures::PROTOCOL_FEATURES
+            | VhostUserVirtioFeatures::ACCESS_PLATFORM)
+            .bits();
+        let hdr = VhostUserMsgHeader::new(FrontendReq::GET_FEATURES, 0x4, 8);
+        peer.send_message(&hdr, &VhostUserU64::new(vfeatures), None)
+            .unwrap();
+        frontend.get_features().unwrap();
+        let _ = peer.recv_header().unwrap();
+        // Not before ACCESS_PLATFORM is negotiated.
+        assert!(frontend.send_iotlb_msg(&msg).is_err());
+        frontend.set_features(vfeatures).unwrap();
+        let _ = peer.recv_body::<VhostUserU64>().unwrap();
+        let pfeatures =
+            VhostUserProtocolFeatures::BACKEND_REQ | VhostUserProtocolFeatures::REPLY_ACK;
+        let hdr = VhostUserMsgHeader::new(FrontendReq::GET_PROTOCOL_FEATURES, 0x4, 8);
+        peer.send_message(&hdr, &VhostUserU64::new(pfeatures.bits()), None)
+            .unwrap();
+        frontend.get_protocol_features().unwrap();
+        let _ = peer.recv_header().unwrap();
+        frontend.set_protocol_features(pfeatures).unwrap();
+        let _ = peer.recv_body::<VhostUserU64>().unwrap();
+
+        // The message asks for a reply and waits for it.
+        let ack = VhostUserMsgHeader::new(FrontendReq::IOTLB_MSG, 0x4, 8);
+        peer.send_message(&ack, &VhostUserU64::new(0), None)
+            .unwrap();
+        frontend.send_iotlb_msg(&msg).unwrap();
+        let (hdr, body, rfds) = peer.recv_body::<VhostUserIotlb>().unwrap();
+        assert_eq!(hdr.get_code().unwrap(), FrontendReq::IOTLB_MSG);
+        assert!(hdr.is_need_reply());
+        assert!(rfds.is_none());
+        assert_eq!(body, msg);
+
+        // A failure reported by the backend is an error.
+        peer.send_message(&ack, &VhostUserU64::new(1), None)
+            .unwrap();
+        assert!(frontend.send_iotlb_msg(&msg).is_err());
+        let _ = peer.recv_body::<VhostUserIotlb>().unwrap();
+
+        // Only UPDATE and INVALIDATE go from the frontend.
+        let miss = VhostUserIotlb::new(VhostUserIotlbType::Miss, 0x1000, 0, 0, 1);
+        assert!(frontend.send_iotlb_msg(&miss).is_err());
     }
 
     #[test]

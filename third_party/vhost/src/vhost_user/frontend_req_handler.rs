@@ -62,7 +62,15 @@ pub trait VhostUserFrontendReqHandler {
         Err(std::io::Error::from_raw_os_error(libc::ENOSYS))
     }
 
-    // fn handle_iotlb_msg(&mut self, iotlb: VhostUserIotlb);
+    /// Handle a device IOTLB message from the backend (a `MISS`, or an `ACCESS_FAIL`). A
+    /// `MISS` is answered with an `UPDATE` on the main channel
+    /// ([`VhostUserFrontend::send_iotlb_msg`]), or not at all when there is no translation.
+    ///
+    /// [`VhostUserFrontend::send_iotlb_msg`]: crate::vhost_user::VhostUserFrontend::send_iotlb_msg
+    fn handle_iotlb_msg(&self, _msg: &VhostUserIotlb) -> HandlerResult<u64> {
+        Err(std::io::Error::from_raw_os_error(libc::ENOSYS))
+    }
+
     // fn handle_vring_host_notifier(&mut self, area: VhostUserVringArea, fd: &dyn AsRawFd);
 }
 
@@ -104,7 +112,11 @@ pub trait VhostUserFrontendReqHandlerMut {
         Err(std::io::Error::from_raw_os_error(libc::ENOSYS))
     }
 
-    // fn handle_iotlb_msg(&mut self, iotlb: VhostUserIotlb);
+    /// Handle a device IOTLB message from the backend (a `MISS`, or an `ACCESS_FAIL`).
+    fn handle_iotlb_msg(&mut self, _msg: &VhostUserIotlb) -> HandlerResult<u64> {
+        Err(std::io::Error::from_raw_os_error(libc::ENOSYS))
+    }
+
     // fn handle_vring_host_notifier(&mut self, area: VhostUserVringArea, fd: RawFd);
 }
 
@@ -138,6 +150,10 @@ impl<S: VhostUserFrontendReqHandlerMut> VhostUserFrontendReqHandler for Mutex<S>
 
     fn shmem_unmap(&self, req: &VhostUserMMap) -> HandlerResult<u64> {
         self.lock().unwrap().shmem_unmap(req)
+    }
+
+    fn handle_iotlb_msg(&self, msg: &VhostUserIotlb) -> HandlerResult<u64> {
+        self.lock().unwrap().handle_iotlb_msg(msg)
     }
 }
 
@@ -275,6 +291,12 @@ impl<S: VhostUserFrontendReqHandler> FrontendReqHandler<S> {
                     .shmem_map(&msg, &files.unwrap()[0])
                     .map_err(Error::ReqHandlerError)
             }
+            Ok(BackendReq::IOTLB_MSG) => {
+                let msg = self.extract_msg_body::<VhostUserIotlb>(&hdr, size, &buf)?;
+                self.backend
+                    .handle_iotlb_msg(&msg)
+                    .map_err(Error::ReqHandlerError)
+            }
             Ok(BackendReq::SHMEM_UNMAP) => {
                 let msg = self.extract_msg_body::<VhostUserMMap>(&hdr, size, &buf)?;
                 self.backend
@@ -408,6 +430,7 @@ mod tests {
     struct MockFrontendReqHandler {
         shared_objects: HashSet<Uuid>,
         shmem_mappings: HashSet<(u64, u64)>,
+        iotlb: Vec<VhostUserIotlb>,
     }
 
     impl MockFrontendReqHandler {
@@ -415,6 +438,7 @@ mod tests {
             Self {
                 shared_objects: HashSet::new(),
                 shmem_mappings: HashSet::new(),
+                iotlb: Vec::new(),
             }
         }
     }
@@ -454,6 +478,41 @@ mod tests {
             }
             Ok(1)
         }
+
+        fn handle_iotlb_msg(&mut self, msg: &VhostUserIotlb) -> HandlerResult<u64> {
+            self.iotlb.push(*msg);
+            Ok(0)
+        }
+    }
+
+    #[test]
+    fn test_iotlb_msg_reaches_the_handler() {
+        let mock = Arc::new(Mutex::new(MockFrontendReqHandler::new()));
+        let mut handler = FrontendReqHandler::new(mock.clone()).unwrap();
+        // SAFETY: `handler` holds a valid tx fd; the result is checked.
+        let fd = unsafe { libc::dup(handler.get_tx_raw_fd()) };
+        assert!(fd >= 0);
+        // SAFETY: `fd` is a fresh descriptor owned by nothing else.
+        let stream = unsafe { <UnixStream as std::os::unix::io::FromRawFd>::from_raw_fd(fd) };
+        let mut peer = Endpoint::<VhostUserMsgHeader<BackendReq>>::from_stream(stream);
+
+        let miss = VhostUserIotlb::new(VhostUserIotlbType::Miss, 0xfeed_0000, 0, 0, 2);
+        let hdr = VhostUserMsgHeader::new(BackendReq::IOTLB_MSG, 0x1, 32);
+        peer.send_message(&hdr, &miss, None).unwrap();
+        assert_eq!(handler.handle_request().unwrap(), 0);
+        assert_eq!(mock.lock().unwrap().iotlb, vec![miss]);
+
+        // A payload of the wrong size or an unknown type is refused.
+        let hdr = VhostUserMsgHeader::new(BackendReq::IOTLB_MSG, 0x1, 8);
+        peer.send_message(&hdr, &VhostUserU64::new(1), None)
+            .unwrap();
+        assert!(handler.handle_request().is_err());
+        let mut bad = miss;
+        bad.msg_type = 0;
+        let hdr = VhostUserMsgHeader::new(BackendReq::IOTLB_MSG, 0x1, 32);
+        peer.send_message(&hdr, &bad, None).unwrap();
+        assert!(handler.handle_request().is_err());
+        assert_eq!(mock.lock().unwrap().iotlb.len(), 1);
     }
 
     #[test]

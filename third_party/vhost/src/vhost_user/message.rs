@@ -392,6 +392,9 @@ bitflags! {
         const LOG_ALL = 0x400_0000;
         /// Feature flag for the protocol feature.
         const PROTOCOL_FEATURES = 0x4000_0000;
+        /// `VIRTIO_F_ACCESS_PLATFORM`: ring and buffer addresses are I/O virtual addresses,
+        /// translated through the device IOTLB (`IOTLB_MSG`).
+        const ACCESS_PLATFORM = 0x2_0000_0000;
     }
 }
 
@@ -762,6 +765,93 @@ bitflags! {
         /// Support log of vring operations.
         /// Modifications to "used" vring should be logged.
         const VHOST_VRING_F_LOG = 0x1;
+    }
+}
+
+/// Type of a device IOTLB message (`VHOST_IOTLB_*` of the Linux vhost uAPI,
+/// `include/uapi/linux/vhost_types.h`).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum VhostUserIotlbType {
+    /// Backend to frontend: no translation for `iova` with `perm`.
+    Miss = 1,
+    /// Frontend to backend: `[iova, iova + size)` translates to `uaddr` with `perm`.
+    Update = 2,
+    /// Frontend to backend: drop every translation overlapping `[iova, iova + size)`.
+    Invalidate = 3,
+    /// Backend to frontend: an access through a cached translation failed.
+    AccessFail = 4,
+}
+
+impl TryFrom<u8> for VhostUserIotlbType {
+    type Error = u8;
+
+    fn try_from(v: u8) -> std::result::Result<Self, u8> {
+        match v {
+            1 => Ok(Self::Miss),
+            2 => Ok(Self::Update),
+            3 => Ok(Self::Invalidate),
+            4 => Ok(Self::AccessFail),
+            _ => Err(v),
+        }
+    }
+}
+
+/// Access a device IOTLB entry allows (`VHOST_ACCESS_*`).
+pub const VHOST_ACCESS_RO: u8 = 0x1;
+/// Write-only access.
+pub const VHOST_ACCESS_WO: u8 = 0x2;
+/// Read and write access.
+pub const VHOST_ACCESS_RW: u8 = 0x3;
+
+/// The payload of `FrontendReq::IOTLB_MSG` and `BackendReq::IOTLB_MSG`: the Linux uAPI's
+/// `struct vhost_iotlb_msg` (32 bytes, naturally aligned, 6 bytes of tail padding).
+///
+/// Used when `VHOST_USER_PROTOCOL_F_IOTLB` is negotiated and the device has
+/// `VIRTIO_F_ACCESS_PLATFORM`: ring and buffer addresses are then I/O virtual addresses the
+/// backend translates through its device IOTLB, filled by the frontend's `UPDATE` messages
+/// (in answer to the backend's `MISS` messages) and emptied by `INVALIDATE` messages.
+#[repr(C)]
+#[derive(Copy, Clone, Default, Debug, PartialEq, Eq)]
+pub struct VhostUserIotlb {
+    /// I/O virtual address.
+    pub iova: u64,
+    /// Bytes covered (0 in a `MISS`).
+    pub size: u64,
+    /// Address in the frontend's address space (as in `SET_MEM_TABLE`'s `user_addr`).
+    pub uaddr: u64,
+    /// `VHOST_ACCESS_RO`, `_WO` or `_RW`.
+    pub perm: u8,
+    /// A [`VhostUserIotlbType`].
+    pub msg_type: u8,
+    padding: [u8; 6],
+}
+
+impl VhostUserIotlb {
+    /// A message of type `msg_type`.
+    pub fn new(msg_type: VhostUserIotlbType, iova: u64, size: u64, uaddr: u64, perm: u8) -> Self {
+        Self {
+            iova,
+            size,
+            uaddr,
+            perm,
+            msg_type: msg_type as u8,
+            padding: [0; 6],
+        }
+    }
+
+    /// The message type, if known.
+    pub fn iotlb_type(&self) -> Option<VhostUserIotlbType> {
+        VhostUserIotlbType::try_from(self.msg_type).ok()
+    }
+}
+
+// SAFETY: Safe because all fields of VhostUserIotlb are POD and the padding is explicit.
+unsafe impl ByteValued for VhostUserIotlb {}
+
+impl VhostUserMsgValidator for VhostUserIotlb {
+    fn is_valid(&self) -> bool {
+        self.iotlb_type().is_some() && self.perm & !VHOST_ACCESS_RW == 0
     }
 }
 
@@ -1458,6 +1548,21 @@ mod tests {
         let a = addr.log;
         assert_eq!(a, 0x4000);
         assert!(addr.is_valid());
+    }
+
+    #[test]
+    fn check_iotlb_msg() {
+        assert_eq!(mem::size_of::<VhostUserIotlb>(), 32);
+        let m = VhostUserIotlb::new(VhostUserIotlbType::Update, 0x1000, 0x2000, 0x7f00, 3);
+        assert!(m.is_valid());
+        assert_eq!(m.as_slice()[24], 3);
+        assert_eq!(m.as_slice()[25], 2);
+        let mut bad = m;
+        bad.msg_type = 9;
+        assert!(!bad.is_valid());
+        bad = m;
+        bad.perm = 4;
+        assert!(!bad.is_valid());
     }
 
     #[test]
