@@ -296,7 +296,19 @@ pub struct ProbeResvMem {
 }
 
 /// `struct virtio_iommu_fault`, written to the event queue.
-#[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    KnownLayout,
+    Immutable,
+    Unaligned,
+)]
 #[repr(C)]
 pub struct Fault {
     /// `FAULT_R_*`.

@@ -6,6 +6,7 @@
 //! mapped to a status at the request that caused them. Nothing a guest sends can panic
 //! this code: every address computation is checked and every count bounded.
 
+mod device_iotlb;
 mod dirty;
 mod host;
 mod request;
@@ -14,6 +15,7 @@ mod translate;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+pub use device_iotlb::{IotlbEntry, MAX_IOTLB_ENTRY};
 pub use dirty::{DirtyTrackingReport, HarvestOptions, DEFAULT_WINDOW_PAGES};
 pub use request::{Reply, Request, MAX_READABLE};
 pub use state::{DomainState, RestoreError, ViommuState, STATE_VERSION};

@@ -192,7 +192,7 @@ impl Viommu {
         self.fault(ep, reason, access, address);
     }
 
-    fn fault(
+    pub(super) fn fault(
         &mut self,
         ep: EndpointId,
         reason: u8,
