@@ -377,3 +377,152 @@ pub fn api(socket: &Path, request: &str) -> serde_json::Value {
         .expect("read the answer");
     serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad answer {line:?}: {e}"))
 }
+
+/// A `dpdk-testpmd` process serving vhost-user net ports (DPDK's vhost PMD, server mode,
+/// with a device IOTLB) and looping every frame back with its MAC addresses swapped
+/// (`--forward-mode=macswap`, each port to itself). Started by the tests that need a
+/// vhost-user back end nobody here wrote; `tests/run.sh` installs Debian's `dpdk-dev`.
+pub struct Testpmd {
+    child: Child,
+    stdin: Option<std::process::ChildStdin>,
+    /// One socket per port, in port order.
+    pub sockets: Vec<PathBuf>,
+    log: PathBuf,
+}
+
+/// Where `dpdk-testpmd` is, if installed.
+pub fn testpmd_path() -> Option<PathBuf> {
+    ["/usr/bin/dpdk-testpmd", "/usr/local/bin/dpdk-testpmd"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+impl Testpmd {
+    /// Starts testpmd with `ports` vhost-user ports (sockets `<name>-<i>.sock` in the temp
+    /// dir) and waits until every socket exists. Runs without hugepages, both lcores on CPU 0.
+    ///
+    /// # Panics
+    /// When testpmd is not installed or does not start: the tests that use it are meant to
+    /// run (`tests/run.sh` installs it).
+    pub fn start(name: &str, ports: usize) -> Testpmd {
+        let sockets: Vec<PathBuf> = (0..ports)
+            .map(|i| scratch(&format!("{name}-{i}.sock")))
+            .collect();
+        Self::start_on(name, sockets)
+    }
+
+    /// Starts testpmd serving `sockets` (paths that may be reused after an earlier testpmd
+    /// went away).
+    pub fn start_on(name: &str, sockets: Vec<PathBuf>) -> Testpmd {
+        let bin = testpmd_path()
+            .expect("dpdk-testpmd is missing: install Debian's dpdk-dev (tests/run.sh does it)");
+        for s in &sockets {
+            let _ = std::fs::remove_file(s);
+        }
+        let log = scratch(&format!("{name}-testpmd.log"));
+        let mut cmd = Command::new(bin);
+        cmd.args(["--no-huge", "-m", "512", "--no-pci", "--lcores", "0@0,1@0"])
+            .arg(format!(
+                "--file-prefix=vmm-{}-{}",
+                std::process::id(),
+                log.file_name().unwrap().to_string_lossy()
+            ));
+        for (i, s) in sockets.iter().enumerate() {
+            cmd.arg("--vdev").arg(format!(
+                "net_vhost{i},iface={},iommu-support=1,queues=1",
+                s.display()
+            ));
+        }
+        cmd.args([
+            "--",
+            "--total-num-mbufs=8192",
+            "--nb-cores=1",
+            "--forward-mode=macswap",
+            "--port-topology=loop",
+            "--auto-start",
+        ]);
+        let out = std::fs::File::create(&log).expect("testpmd log");
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(out.try_clone().expect("dup"))
+            .stderr(out)
+            .spawn()
+            .expect("spawn dpdk-testpmd");
+        let stdin = child.stdin.take();
+        let start = Instant::now();
+        while !sockets.iter().all(|s| s.exists()) {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!(
+                    "dpdk-testpmd exited ({st}):\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "dpdk-testpmd did not open its sockets:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Testpmd {
+            child,
+            stdin,
+            sockets,
+            log,
+        }
+    }
+
+    /// The `--vhost-user-net` argument for port `i`.
+    pub fn arg(&self, i: usize, iommu: bool) -> String {
+        format!(
+            "socket={}{}",
+            self.sockets[i].display(),
+            if iommu { ",iommu=on" } else { "" }
+        )
+    }
+
+    /// Kills testpmd at once (the back end "crashes").
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Stops testpmd (as its operator would: Enter) and returns everything it printed,
+    /// forwarding statistics last.
+    pub fn stop(mut self) -> String {
+        use std::io::Write;
+        if let Some(mut s) = self.stdin.take() {
+            let _ = s.write_all(b"\n");
+        }
+        let _ = wait_with_deadline(&mut self.child, Duration::from_secs(20));
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Testpmd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for s in &self.sockets {
+            let _ = std::fs::remove_file(s);
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// `(RX-packets, TX-packets, TX-dropped)` of port `port` in testpmd's final statistics.
+pub fn testpmd_port_stats(log: &str, port: usize) -> Option<(u64, u64, u64)> {
+    let head = format!("Forward statistics for port {port} ");
+    let at = log.find(&head)?;
+    let block = &log[at..];
+    let num = |key: &str| -> Option<u64> {
+        let i = block.find(key)? + key.len();
+        block[i..].split_whitespace().next()?.parse().ok()
+    };
+    Some((
+        num("RX-packets:")?,
+        num("TX-packets:")?,
+        num("TX-dropped:")?,
+    ))
+}

@@ -16,6 +16,7 @@ use devices::passthrough::vfio_user_backend::SharedRam;
 use devices::pci::{HostBridge, PciBus, PciConfigIo, PciDevice, PciEcam, PciMmio};
 use devices::virtio::block::VirtioBlock;
 use devices::virtio::iommu::{IommuHandle, VirtioIommu};
+use devices::virtio::net::{IotlbMode, NetConfig, VhostUserNet};
 use devices::virtio::pci::{IoEventRegistrar, VirtioPciDevice, BAR0_SIZE};
 use devices::virtio::VirtioDevice;
 use devices::GuestMemoryMmap;
@@ -25,7 +26,7 @@ use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::cli::Cli;
+use crate::cli::{Cli, NetArg};
 use crate::error::VmmError;
 use crate::interrupts::{KvmInterruptManager, KvmInterrupts};
 use crate::passthrough::Passthrough;
@@ -75,7 +76,12 @@ impl MutEventSubscriber for QueueNotifier {
         }
     }
     fn init(&mut self, ops: &mut EventOps) {
+        let dev = self.device.lock().unwrap_or_else(|e| e.into_inner());
         for (i, e) in self.evts.iter().enumerate() {
+            // A vhost-user back end reads its own kicks.
+            if dev.notified_outside(i) {
+                continue;
+            }
             if let Err(err) = ops.add(Events::with_data(e.as_ref(), i as u32, EventSet::IN)) {
                 log::error!("cannot watch queue {i}: {err:?}");
             }
@@ -233,12 +239,65 @@ impl Builder {
     }
 }
 
+/// Puts a vhost-user net device on the bus: connects to its back end and, behind the vIOMMU,
+/// registers it as an endpoint whose host side turns unmaps into IOTLB invalidations.
+fn add_vhost_user_net(
+    b: &mut Builder,
+    arg: &NetArg,
+    index: usize,
+) -> Result<(String, Arc<Mutex<VhostUserNet>>), VmmError> {
+    let name = format!("vhost-user-net {}", arg.socket.display());
+    let slot = b.slot(&name)?;
+    let ep = u32::from(slot) << 3;
+    let iommu = match (&b.iommu, arg.iommu) {
+        (Some(h), true) => Some((h.clone(), ep)),
+        (None, true) => return Err(VmmError::Device(name, "iommu=on needs --iommu".into())),
+        _ => None,
+    };
+    let label = format!(
+        "vhost-user-net 00:{slot:02x}.0 ({}{})",
+        arg.socket.display(),
+        if arg.iommu { ", behind the vIOMMU" } else { "" }
+    );
+    let mut mac: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+    mac[5] = mac[5].wrapping_add(index as u8);
+    let cfg = NetConfig {
+        label: label.clone(),
+        socket: arg.socket.clone(),
+        mac: arg.mac.unwrap_or(mac),
+        queue_pairs: arg.queues,
+        reconnect: arg.reconnect.map(std::time::Duration::from_secs),
+        iommu: iommu.clone(),
+        iotlb: if arg.prefetch {
+            IotlbMode::Prefetch
+        } else {
+            IotlbMode::Miss
+        },
+    };
+    let dev = VhostUserNet::new(cfg, b.mem.clone()).map_err(dev_err(name.clone()))?;
+    if let Some((h, ep)) = &iommu {
+        let mut s = h.lock();
+        let id = s
+            .add_backend(Box::new(dev.device_iotlb()))
+            .map_err(dev_err(name.clone()))?;
+        s.add_endpoint(*ep, Some(id), &[])
+            .map_err(dev_err(name.clone()))?;
+        drop(s);
+        b.endpoints.push(slot);
+    }
+    let dev = Arc::new(Mutex::new(dev));
+    b.add_virtio(slot, dev.clone(), &name)?;
+    Ok((label, dev))
+}
+
 /// The VM's PCI devices.
 pub struct DeviceManager {
     /// The virtio-iommu, if any.
     pub iommu: Option<(IommuHandle, Arc<Mutex<VirtioIommu>>)>,
     /// Disks: label and device.
     pub disks: Vec<(String, Arc<Mutex<VirtioBlock>>)>,
+    /// vhost-user net devices: label and device.
+    pub nets: Vec<(String, Arc<Mutex<VhostUserNet>>)>,
     /// Passthrough devices.
     pub passthrough: Vec<Passthrough>,
     /// Event-loop handlers to register.
@@ -353,6 +412,11 @@ impl DeviceManager {
             passthrough.push(Passthrough::vfio(&mut b, p)?);
         }
 
+        let mut nets = Vec::new();
+        for (i, n) in cli.vhost_user_net.iter().enumerate() {
+            nets.push(add_vhost_user_net(&mut b, n, i)?);
+        }
+
         let pci = Arc::new(b.pci);
         mmio.insert(
             Arc::new(Mutex::new(PciEcam(pci.clone()))),
@@ -388,6 +452,7 @@ impl DeviceManager {
         Ok(Self {
             iommu,
             disks,
+            nets,
             passthrough,
             subscribers: b.subscribers,
             platform,
@@ -456,6 +521,28 @@ impl DeviceManager {
                 c.io_errors,
                 c.translation_faults,
                 c.unsupported
+            ));
+        }
+        for (label, n) in &self.nets {
+            let n = n.lock().unwrap_or_else(|e| e.into_inner());
+            let c = n.counters();
+            let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+            lines.push(format!(
+                "{label}: link={} misses={} updates={} prefetches={} update_pages={} \
+                 invalidations={} resent={} faults={} reconnects={} disconnects={} \
+                 bad_messages={} ctrl_commands={}",
+                if n.link_up() { "up" } else { "down" },
+                get(&c.misses),
+                get(&c.updates),
+                get(&c.prefetches),
+                get(&c.update_pages),
+                get(&c.invalidations),
+                get(&c.resent),
+                get(&c.faults),
+                get(&c.connects),
+                get(&c.disconnects),
+                get(&c.bad_messages),
+                get(&c.ctrl_commands),
             ));
         }
         for p in &self.passthrough {

@@ -67,6 +67,12 @@ impl Msix {
         self.entries.len()
     }
 
+    /// The eventfd that raises vector `i` when written, if it has one (see
+    /// [`MsiVector::irqfd`]).
+    pub fn irqfd(&self, i: usize) -> Option<std::os::fd::RawFd> {
+        self.vectors.get(i)?.irqfd()
+    }
+
     /// Whether there are no vectors.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()

@@ -7,14 +7,17 @@
 pub mod block;
 pub mod iommu;
 pub mod iova;
+pub mod net;
 pub mod pci;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 
+use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
+use vmm_sys_util::eventfd::EventFd;
 
 /// `VIRTIO_F_VERSION_1`.
 pub const VIRTIO_F_VERSION_1: u32 = 32;
@@ -27,6 +30,10 @@ pub trait VirtioInterrupt: Send + Sync {
     fn signal_queue(&self, queue: u16);
     /// The device's configuration changed.
     fn signal_config(&self);
+    /// The eventfd that raises queue `queue`'s interrupt when written (a KVM irqfd), for a
+    /// device whose queues are served outside the VMM (vhost-user `SET_VRING_CALL`); `None`
+    /// when the queue has no vector or the vector no eventfd.
+    fn queue_irqfd(&self, queue: u16) -> Option<RawFd>;
 }
 
 /// Why a device could not be activated.
@@ -79,6 +86,18 @@ pub trait VirtioDevice: Send {
     /// activation).
     fn queue_positions(&self) -> Vec<(u16, u16)> {
         Vec::new()
+    }
+    /// The transport's notification eventfds (one per queue, signalled by the hypervisor when
+    /// the driver notifies), given once before activation. A device whose queues are served
+    /// outside the VMM (a vhost-user back end) hands them over as kick descriptors.
+    fn set_notifiers(&mut self, evts: &[Arc<EventFd>]) {
+        let _ = evts;
+    }
+    /// Whether notifications of `queue` are served outside the VMM: the VMM's event loop then
+    /// leaves its eventfd alone.
+    fn notified_outside(&self, queue: usize) -> bool {
+        let _ = queue;
+        false
     }
 }
 

@@ -104,6 +104,16 @@ impl VirtioInterrupt for PciInterrupt {
     fn signal_config(&self) {
         self.fire(self.config_vector);
     }
+    fn queue_irqfd(&self, queue: u16) -> Option<std::os::fd::RawFd> {
+        let v = *self.queue_vectors.get(usize::from(queue))?;
+        if v == NO_VECTOR {
+            return None;
+        }
+        self.msix
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .irqfd(usize::from(v))
+    }
 }
 
 /// The transport's saved state: everything the driver wrote, and where each queue stands.
@@ -170,6 +180,7 @@ impl VirtioPciDevice {
             (d.device_type(), d.queue_max_sizes(), d.avail_features())
         };
         let class = match device_type {
+            1 => 0x02_00_00,  // network: Ethernet controller
             2 => 0x01_80_00,  // block: mass storage
             23 => 0x08_06_00, // IOMMU
             _ => 0xff_00_00,
@@ -224,6 +235,7 @@ impl VirtioPciDevice {
             activated: false,
         };
         dev.register_ioevents();
+        dev.lock_device().set_notifiers(&dev.queue_evts);
         Ok(dev)
     }
 

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::VirtioInterrupt;
 use crate::GuestMemoryMmap;
@@ -103,19 +104,27 @@ impl TestQueue {
     }
 }
 
-/// Counts interrupts per queue.
-#[derive(Debug, Default)]
+/// Counts interrupts per queue, and gives each queue an eventfd standing for its irqfd.
+#[derive(Debug)]
 pub struct CountingInterrupt {
     /// Signals of queues 0..4.
     pub queues: [AtomicU64; 4],
     /// Configuration change signals.
     pub config: AtomicU64,
+    /// The "irqfd" of queues 0..4 (what a vhost-user back end would write).
+    pub irqfds: Vec<EventFd>,
 }
 
 impl CountingInterrupt {
     /// A shared counter.
     pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
+        Arc::new(Self {
+            queues: Default::default(),
+            config: AtomicU64::new(0),
+            irqfds: (0..4)
+                .map(|_| EventFd::new(EFD_NONBLOCK).expect("eventfd"))
+                .collect(),
+        })
     }
     /// Signals of `queue` so far.
     pub fn count(&self, queue: usize) -> u64 {
@@ -132,9 +141,40 @@ impl VirtioInterrupt for CountingInterrupt {
     fn signal_config(&self) {
         self.config.fetch_add(1, Ordering::SeqCst);
     }
+    fn queue_irqfd(&self, queue: u16) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.irqfds.get(usize::from(queue)).map(|e| e.as_raw_fd())
+    }
 }
 
 /// Guest memory of `size` bytes at GPA 0, for tests.
 pub fn test_memory(size: usize) -> Arc<GuestMemoryMmap> {
     Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).expect("test memory"))
+}
+
+/// Guest memory of `size` bytes at GPA 0 backed by an unlinked file, so that it can be shared
+/// by file descriptor (as vhost-user back ends and device processes map it).
+pub fn shared_test_memory(size: usize) -> Arc<GuestMemoryMmap> {
+    use std::io::{Seek, SeekFrom, Write};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let p = std::env::temp_dir().join(format!(
+        "vmm-test-mem-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let mut f = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&p)
+        .expect("memory file");
+    std::fs::remove_file(&p).expect("unlink the memory file");
+    f.seek(SeekFrom::Start(size as u64 - 1)).expect("seek");
+    f.write_all(&[0]).expect("size the memory file");
+    let fo = vm_memory::FileOffset::new(f, 0);
+    Arc::new(
+        GuestMemoryMmap::from_ranges_with_files(&[(GuestAddress(0), size, Some(fo))])
+            .expect("shared test memory"),
+    )
 }

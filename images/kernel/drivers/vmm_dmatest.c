@@ -40,6 +40,8 @@
 #include <linux/string.h>
 #include <linux/vmalloc.h>
 
+#include "vmm_tests.h"
+
 #define DT_VENDOR	0x1234
 #define DT_DEVICE	0x7eed
 #define DT_ID		0x7eedd4a7
@@ -68,7 +70,6 @@
 #define ERR_FAULT_READ	1
 #define ERR_FAULT_WRITE	2
 
-#define TEST_EXIT_PORT	0x604
 
 static char *cases = "all";
 module_param(cases, charp, 0444);
@@ -178,73 +179,6 @@ static void dt_written(struct dt *d, const void *va, size_t len)
 	}
 }
 
-/*
- * Bulk memory helpers. On PVM hosts this code runs in KVM's instruction emulator, which
- * executes a string instruction one element at a time, a loop one instruction at a time: the
- * bulk goes as 8-byte string elements, the tail as bytes.
- */
-static bool dt_same(const void *a, const void *b, size_t n)
-{
-	size_t left = n / 8;
-	u8 eq = 1;
-
-	if (left)
-		asm volatile("repe cmpsq\n\tsete %0"
-			     : "=r"(eq), "+c"(left), "+S"(a), "+D"(b)
-			     :
-			     : "memory", "cc");
-	if (!eq)
-		return false;
-	left = n % 8;
-	if (left)
-		asm volatile("repe cmpsb\n\tsete %0"
-			     : "=r"(eq), "+c"(left), "+S"(a), "+D"(b)
-			     :
-			     : "memory", "cc");
-	return eq;
-}
-
-static bool dt_all(const void *p, u8 v, size_t n)
-{
-	size_t left = n / 8;
-	u8 eq = 1;
-
-	if (left)
-		asm volatile("repe scasq\n\tsete %0"
-			     : "=r"(eq), "+c"(left), "+D"(p)
-			     : "a"(v * 0x0101010101010101ULL)
-			     : "memory", "cc");
-	if (!eq)
-		return false;
-	left = n % 8;
-	if (left)
-		asm volatile("repe scasb\n\tsete %0"
-			     : "=r"(eq), "+c"(left), "+D"(p)
-			     : "a"(v)
-			     : "memory", "cc");
-	return eq;
-}
-
-static void dt_set(void *p, u8 v, size_t n)
-{
-	size_t q = n / 8, b = n % 8;
-
-	asm volatile("rep stosq\n\tmov %3, %%rcx\n\trep stosb"
-		     : "+c"(q), "+D"(p)
-		     : "a"(v * 0x0101010101010101ULL), "r"(b)
-		     : "memory");
-}
-
-static void dt_copy(void *dst, const void *src, size_t n)
-{
-	size_t q = n / 8, b = n % 8;
-
-	asm volatile("rep movsq\n\tmov %3, %%rcx\n\trep movsb"
-		     : "+c"(q), "+D"(dst), "+S"(src)
-		     : "r"(b)
-		     : "memory");
-}
-
 /* A pattern different in every byte of a page and in every page. */
 static void dt_pattern(u8 *p, size_t n, u8 seed)
 {
@@ -253,7 +187,7 @@ static void dt_pattern(u8 *p, size_t n, u8 seed)
 	for (i = 0; i < min_t(size_t, n, PAGE_SIZE); i++)
 		p[i] = (u8)(i * 31 + seed);
 	for (off = PAGE_SIZE; off < n; off += PAGE_SIZE)
-		dt_copy(p + off, p, min_t(size_t, n - off, PAGE_SIZE));
+		vmm_copy(p + off, p, min_t(size_t, n - off, PAGE_SIZE));
 	for (off = 0; off + 8 <= n; off += PAGE_SIZE)
 		*(u64 *)(p + off) = ((off / PAGE_SIZE) << 8) | seed;
 }
@@ -331,7 +265,7 @@ static int case_copy(struct dt *d, size_t size, const char **why)
 
 	CHECK(src && dst, "out of memory");
 	dt_pattern(src, size, (u8)size);
-	dt_set(dst, 0xcc, size + guard);
+	vmm_set(dst, 0xcc, size + guard);
 	s = dma_map_single(d->dev, src, size, DMA_TO_DEVICE);
 	t = dma_map_single(d->dev, dst, size, DMA_FROM_DEVICE);
 	CHECK(!dma_mapping_error(d->dev, s) && !dma_mapping_error(d->dev, t), "dma_map_single failed");
@@ -346,8 +280,8 @@ static int case_copy(struct dt *d, size_t size, const char **why)
 	dma_unmap_single(d->dev, t, size, DMA_FROM_DEVICE);
 	t = DMA_MAPPING_ERROR;
 	d->unmaps++;
-	CHECK(dt_same(src, dst, size), "copied bytes differ");
-	CHECK(dt_all(dst + size, 0xcc, guard), "bytes after the buffer were written");
+	CHECK(vmm_same(src, dst, size), "copied bytes differ");
+	CHECK(vmm_all(dst + size, 0xcc, guard), "bytes after the buffer were written");
 out:
 	if (!dma_mapping_error(d->dev, t)) {
 		dma_unmap_single(d->dev, t, size, DMA_FROM_DEVICE);
@@ -373,7 +307,7 @@ static int case_fill(struct dt *d, size_t size, const char **why)
 	int ret = 0;
 
 	CHECK(dst, "out of memory");
-	dt_set(dst, 0x11, size + guard);
+	vmm_set(dst, 0x11, size + guard);
 	t = dma_map_single(d->dev, dst, size, DMA_FROM_DEVICE);
 	CHECK(!dma_mapping_error(d->dev, t), "dma_map_single failed");
 	d->maps++;
@@ -388,8 +322,8 @@ static int case_fill(struct dt *d, size_t size, const char **why)
 	t = DMA_MAPPING_ERROR;
 	d->unmaps++;
 	CHECK(r.status == ST_DONE, "fill did not complete");
-	CHECK(dt_all(dst, 0xa5, size), "filled bytes differ");
-	CHECK(dt_all(dst + size, 0x11, guard), "bytes after the buffer were written");
+	CHECK(vmm_all(dst, 0xa5, size), "filled bytes differ");
+	CHECK(vmm_all(dst + size, 0x11, guard), "bytes after the buffer were written");
 out:
 	if (!dma_mapping_error(d->dev, t)) {
 		dma_unmap_single(d->dev, t, size, DMA_FROM_DEVICE);
@@ -444,7 +378,7 @@ static int case_sg(struct dt *d, const char **why)
 	t = DMA_MAPPING_ERROR;
 	d->unmaps++;
 	for (i = 0; i < PAGES; i++)
-		CHECK(dt_same(dst + i * PAGE_SIZE, page_address(pages[i]), PAGE_SIZE),
+		CHECK(vmm_same(dst + i * PAGE_SIZE, page_address(pages[i]), PAGE_SIZE),
 		      "a page of the list differs");
 out:
 	if (!dma_mapping_error(d->dev, t)) {
@@ -478,12 +412,12 @@ static int case_coherent(struct dt *d, const char **why)
 	ret = dt_op(d, OP_FILL, 0, a, size, 0x3c, &r);
 	CHECK(!ret && r.status == ST_DONE, "fill of a coherent buffer failed");
 	dt_written(d, x, size);
-	CHECK(dt_all(x, 0x3c, size), "the CPU does not see the device's fill");
+	CHECK(vmm_all(x, 0x3c, size), "the CPU does not see the device's fill");
 	dt_pattern(x, size, 0x42);
 	ret = dt_op(d, OP_COPY, a, b, size, 0, &r);
 	CHECK(!ret && r.status == ST_DONE, "copy between coherent buffers failed");
 	dt_written(d, y, size);
-	CHECK(dt_same(x, y, size), "coherent copy differs");
+	CHECK(vmm_same(x, y, size), "coherent copy differs");
 	ret = dt_op(d, OP_COMPARE, a, b, size, 0, &r);
 	CHECK(!ret && r.result == 0, "the device compares them different");
 out:
@@ -523,7 +457,7 @@ static int case_map_unmap(struct dt *d, const char **why)
 		dma_unmap_page(d->dev, a, PAGE_SIZE, DMA_BIDIRECTIONAL);
 		d->unmaps++;
 		if (!(i & 1023))
-			CHECK(dt_all(p + (i & 0xf00), (u8)i, 8), "device write lost");
+			CHECK(vmm_all(p + (i & 0xf00), (u8)i, 8), "device write lost");
 	}
 	pr_info("# map_unmap: %u cycles in %llu ms\n", cycles,
 		(ktime_get_ns() - t0) / NSEC_PER_MSEC);
@@ -547,7 +481,7 @@ static int case_fault_ro(struct dt *d, const char **why)
 	pg = alloc_page(GFP_KERNEL);
 	p = pg ? page_address(pg) : NULL;
 	CHECK(p, "out of memory");
-	dt_set(p, 0x77, PAGE_SIZE);
+	vmm_set(p, 0x77, PAGE_SIZE);
 	a = dma_map_page(d->dev, pg, 0, PAGE_SIZE, DMA_TO_DEVICE);
 	CHECK(!dma_mapping_error(d->dev, a), "dma_map_page failed");
 	d->maps++;
@@ -555,7 +489,7 @@ static int case_fault_ro(struct dt *d, const char **why)
 	CHECK(!ret, "device timeout");
 	CHECK(r.status == ST_ERROR && r.error == ERR_FAULT_WRITE, "the write was not refused");
 	CHECK(r.fault_iova == a, "wrong faulting IOVA");
-	CHECK(dt_all(p, 0x77, PAGE_SIZE), "read-only memory was written");
+	CHECK(vmm_all(p, 0x77, PAGE_SIZE), "read-only memory was written");
 	pr_info("# fault_ro: expect a virtio-iommu fault event for IOVA %#llx\n", (u64)a);
 out:
 	if (!dma_mapping_error(d->dev, a)) {
@@ -612,11 +546,11 @@ static int case_fault_stale(struct dt *d, const char **why)
 	d->unmaps++;
 	if (d->lazy)
 		msleep(100);
-	dt_set(p, 0x44, PAGE_SIZE);
+	vmm_set(p, 0x44, PAGE_SIZE);
 	ret = dt_op(d, OP_FILL, 0, a, 64, 0x55, &r);
 	CHECK(!ret, "device timeout");
 	CHECK(r.status == ST_ERROR && r.error == ERR_FAULT_WRITE, "DMA to an unmapped IOVA was not refused");
-	CHECK(dt_all(p, 0x44, PAGE_SIZE), "memory behind a stale IOVA was written");
+	CHECK(vmm_all(p, 0x44, PAGE_SIZE), "memory behind a stale IOVA was written");
 	pr_info("# fault_stale: expect a virtio-iommu fault event for IOVA %#llx\n", (u64)a);
 out:
 	if (p)
@@ -864,22 +798,19 @@ static int __init dt_init(void)
 }
 device_initcall(dt_init);
 
-/* After deferred probes: report and end the VM. */
+/* After deferred probes: report (the VM's verdict is written by vmm_verdict.c). */
 static int __init dt_finish(void)
 {
 	struct dt *d = the_dt;
-	u32 verdict;
 
 	if (!d) {
 		if (!required)
 			return 0;
 		pr_info("KTAP version 1\n1..1\nnot ok 1 probe # no DMA test device found\n");
-		verdict = 1;
-	} else {
-		verdict = min(d->failed, 255u);
+		vmm_tests_done("vmm_dmatest", 1, exit_vm);
+		return 0;
 	}
-	if (exit_vm)
-		outl(verdict, TEST_EXIT_PORT);
+	vmm_tests_done("vmm_dmatest", d->failed, exit_vm);
 	return 0;
 }
 late_initcall_sync(dt_finish);

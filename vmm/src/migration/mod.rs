@@ -116,6 +116,8 @@ pub fn kind_of(name: &str) -> String {
         "vfio-user"
     } else if name.starts_with("VFIO") {
         "vfio"
+    } else if name.starts_with("vhost-user-net") {
+        "vhost-user-net"
     } else if name.contains("virtio-iommu") {
         "virtio-iommu"
     } else {
@@ -235,6 +237,11 @@ impl Machine {
 
     /// Refuses early when a passthrough device cannot migrate.
     fn check_migratable(&self) -> Result<(), MigrationError> {
+        if let Some((label, _)) = self.devices.nets.first() {
+            return Err(MigrationError::Busy(format!(
+                "{label} cannot be migrated yet (vhost-user dirty logging is not wired)"
+            )));
+        }
         for p in &self.devices.passthrough {
             let b = p.backend.lock().unwrap_or_else(|e| e.into_inner());
             if !b.supports_migration() {

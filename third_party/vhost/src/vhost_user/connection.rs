@@ -172,10 +172,10 @@ impl<H: MsgHeader> Endpoint<H> {
             match sent {
                 Ok(0) => return Ok(data_sent),
                 Ok(n) => data_sent += n,
-                Err(e) => match e {
-                    Error::SocketRetry(_) => {}
-                    _ => return Err(e),
-                },
+                // Retry after a signal only: EAGAIN means the socket's send timeout
+                // expired (or it is non-blocking), and retrying would spin for ever.
+                Err(Error::SocketRetry(e)) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => return Err(e),
             }
         }
         Ok(data_sent)
@@ -403,10 +403,11 @@ impl<H: MsgHeader> Endpoint<H> {
                     }
                     data_read += n;
                 }
-                Err(e) => match e {
-                    Error::SocketRetry(_) => {}
-                    _ => return Err(e),
-                },
+                // Retry after a signal only: EAGAIN means the socket's receive timeout
+                // expired (or it is non-blocking), and a peer that sent part of a message
+                // and stopped would otherwise keep the caller spinning for ever.
+                Err(Error::SocketRetry(e)) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => return Err(e),
             }
         }
         Ok((data_read, rfds))

@@ -1179,6 +1179,26 @@ mod tests {
     }
 
     #[test]
+    fn test_partial_reply_times_out() {
+        let path = temp_path();
+        let listener = Listener::new(&path, true).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let sock = UnixStream::connect(&path).unwrap();
+        sock.set_read_timeout(Some(std::time::Duration::from_millis(100)))
+            .unwrap();
+        let frontend = Frontend::from_stream(sock, 2);
+        let mut peer = Endpoint::<VhostUserMsgHeader<FrontendReq>>::from_stream(
+            listener.accept().unwrap().unwrap(),
+        );
+        // A reply header and then nothing: the read timeout ends the wait.
+        let hdr = VhostUserMsgHeader::new(FrontendReq::GET_FEATURES, 0x4, 8);
+        peer.send_header(&hdr, None).unwrap();
+        let start = std::time::Instant::now();
+        assert!(frontend.get_features().is_err());
+        assert!(start.elapsed() < std::time::Duration::from_secs(5));
+    }
+
+    #[test]
     fn test_iotlb_msg() {
         let path = temp_path();
         let (mut frontend, mut peer) = create_pair(path);

@@ -1,0 +1,82 @@
+# Shared by the scripts in images/ (sourced, not run).
+
+# need_cargo NAME: cargo on PATH (from ~/.cargo/env if needed), or a clear error.
+need_cargo() {
+    if ! command -v cargo >/dev/null 2>&1; then
+        [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+    fi
+    command -v cargo >/dev/null 2>&1 || {
+        echo "$1: cargo not found; install a Rust toolchain (https://rustup.rs)" >&2
+        exit 1
+    }
+}
+
+# install_packages NAME PKG...: installs the Debian packages that are missing.
+install_packages() {
+    local who=$1 missing=() p
+    shift
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' ||
+            missing+=("$p")
+    done
+    ((${#missing[@]})) || return 0
+    echo "$who: installing ${missing[*]}" >&2
+    local sudo_cmd=()
+    [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+    "${sudo_cmd[@]}" apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq \
+        --no-install-recommends "${missing[@]}" >&2
+}
+
+# follow_ktap FILE: streams the KTAP lines of a guest console as they come (background).
+follow_ktap() {
+    tail -F -n +1 "$1" 2>/dev/null |
+        sed -un 's/^\[ *[0-9.]*\] //; /^\(KTAP\|ok \|not ok \|1\.\.\|# \)/p; /page fault from EP/p' &
+    follower=$!
+}
+
+# stop_following: ends follow_ktap.
+stop_following() {
+    sleep 0.3
+    kill "${follower:-}" 2>/dev/null || true
+}
+
+# ktap_summary CONSOLE VMM_LOG: one line per KTAP suite on the console (timestamps already
+# stripped) and the guest's verdict. Succeeds only when every suite's plan ran to its end with
+# no failure and the guest gave its verdict through the test-exit port with 0 failures: a
+# panic, a reset, a hang or a short plan fails, and the console's tail is shown.
+ktap_summary() {
+    local console=$1 vmmlog=$2 ok=0 ended
+    awk '
+        function flush() {
+            if (!started) return
+            printf "suite %s: %d passed, %d failed, %d skipped of %s planned\n",
+                name, pass, fail, skip, plan == "" ? "?" : plan
+            if (plan == "" || fail || pass + skip + fail != plan + 0) bad = 1
+        }
+        /^KTAP version/ { flush(); started = 1; name = "?"; plan = ""; pass = fail = skip = 0; next }
+        !started { next }
+        /^# [a-z_]+:/ && name == "?" { name = $2; sub(/:$/, "", name); next }
+        /^1\.\./ && plan == "" { plan = substr($0, 4) + 0; next }
+        /^not ok / { fail++; next }
+        /^ok .*# SKIP/ { skip++; next }
+        /^ok / { pass++; next }
+        END {
+            flush()
+            if (!started) { print "no KTAP suite on the console"; bad = 1 }
+            exit bad
+        }' <<<"$console" || ok=1
+    ended=$(grep -o 'guest ended ([^)]*)' "$vmmlog" | tail -1 || true)
+    case "$ended" in
+    "guest ended (test exit code 0)") echo "verdict: 0 failed (test-exit port)" ;;
+    "guest ended (test exit code "*) echo "verdict: ${ended#guest ended (test exit code } failed (test-exit port)" | tr -d ')'; ok=1 ;;
+    "") echo "verdict: none (the VMM ended without one; see its log)"; ok=1 ;;
+    *) echo "verdict: none, ${ended#guest ended } (a panic or a reset is not a verdict)"; ok=1 ;;
+    esac
+    if [ $ok -ne 0 ]; then
+        echo "--- the console's last lines:"
+        tail -15 <<<"$console"
+        echo "---"
+    fi
+    return $ok
+}
