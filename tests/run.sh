@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command. On a fresh Debian 12 machine with a Rust toolchain it installs
-# what it needs (kernel build dependencies via apt-get, crates via cargo), builds the guest
-# kernel (cached outside the tree), checks formatting and lints, builds everything and runs
-# every test: unit, device, property, process-level and guest tests.
+# what it needs (kernel build dependencies and DPDK's testpmd via apt-get, crates via cargo),
+# builds the guest kernel (cached outside the tree), checks formatting and lints, builds
+# everything and runs every test: unit, device, property, process-level and guest tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +16,11 @@ command -v cargo >/dev/null 2>&1 || {
 
 step() { printf '\n=== %s\n' "$*"; }
 start=$(date +%s)
+
+step "packages: dpdk-dev (dpdk-testpmd, the vhost-user back end of the net tests)"
+. ./images/common.sh
+install_packages tests/run.sh dpdk-dev
+command -v dpdk-testpmd
 
 step "guest kernel (images/build-kernel.sh)"
 kernel=$(./images/build-kernel.sh | tail -1)

@@ -208,3 +208,52 @@ fn passthrough_flags_are_checked() {
     assert_eq!(run.code(), 2);
     assert!(run.stderr.contains("type1 or iommufd"), "{}", run.stderr);
 }
+
+#[test]
+fn vhost_user_net_bad_back_ends() {
+    let elf = scratch("tiny.elf");
+    std::fs::write(&elf, tiny_elf()).unwrap();
+    let kernel = elf.to_str().unwrap();
+    // No socket.
+    let run = run_vmm(
+        &[
+            "--kernel",
+            kernel,
+            "--vhost-user-net",
+            "socket=/nonexistent/vu.sock",
+        ],
+        DEADLINE,
+    );
+    assert_one_error_line(
+        &run,
+        &["vhost-user-net /nonexistent/vu.sock", "No such file"],
+    );
+    // Garbage instead of a vhost-user reply.
+    let sock = scratch("garbage.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let server = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        if let Ok((mut s, _)) = listener.accept() {
+            let mut b = [0u8; 12];
+            let _ = s.read_exact(&mut b);
+            let _ = s.write_all(b"this is not vhost-user, not at all");
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    });
+    let arg = format!("socket={}", sock.display());
+    let run = run_vmm(&["--kernel", kernel, "--vhost-user-net", &arg], DEADLINE);
+    assert_one_error_line(
+        &run,
+        &[
+            &format!("vhost-user-net {}", sock.display()),
+            "GET_FEATURES",
+        ],
+    );
+    let _ = server.join();
+    // Behind the vIOMMU without --iommu.
+    let arg = format!("socket={},iommu=on", sock.display());
+    let run = run_vmm(&["--kernel", kernel, "--vhost-user-net", &arg], DEADLINE);
+    assert_one_error_line(&run, &["vhost-user-net", "iommu=on needs --iommu"]);
+    let _ = std::fs::remove_file(&sock);
+    let _ = std::fs::remove_file(&elf);
+}

@@ -5,9 +5,11 @@
  * Binds to the project's DMA test device (PCI 1234:7eed, served by the VMM's
  * dma-test-device process over vfio-user) and runs DMA through the Linux DMA
  * API, so that every mapping goes through the IOMMU driver in front of the
- * device (virtio-iommu in the project's VMs). Results are printed in KTAP on
- * the console; then the VM ends through the VMM's test-exit port (I/O port
- * 0x604) with the number of failed cases as the VMM's exit status.
+ * device (virtio-iommu in the project's VMs). The suite runs after deferred
+ * probes and after the net suite (late_initcall_sync). Results are printed in
+ * KTAP on the console; then the VM's verdict (vmm_verdict.c) ends the VM
+ * through the VMM's test-exit port (I/O port 0x604) with the number of failed
+ * cases as the VMM's exit status.
  *
  * Guest user space cannot run on the development hosts, so the suite runs in
  * the kernel. The hosts run this code in KVM's instruction emulator: bulk
@@ -777,7 +779,6 @@ static int dt_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	}
 	dev_info(d->dev, "DMA test device, completion %s\n", d->irq >= 0 ? "by MSI-X" : "polled");
 	the_dt = d;
-	dt_run_suite(d);
 	return 0;
 }
 
@@ -798,7 +799,10 @@ static int __init dt_init(void)
 }
 device_initcall(dt_init);
 
-/* After deferred probes: report (the VM's verdict is written by vmm_verdict.c). */
+/*
+ * After deferred probes (the virtio-iommu's endpoints probe late), and after the net suite
+ * (vmm_nettest.o is linked first): run the suite and report (vmm_verdict.c ends the VM).
+ */
 static int __init dt_finish(void)
 {
 	struct dt *d = the_dt;
@@ -810,6 +814,7 @@ static int __init dt_finish(void)
 		vmm_tests_done("vmm_dmatest", 1, exit_vm);
 		return 0;
 	}
+	dt_run_suite(d);
 	vmm_tests_done("vmm_dmatest", d->failed, exit_vm);
 	return 0;
 }

@@ -92,6 +92,33 @@ impl Viommu {
         }
     }
 
+    /// What endpoint `ep` may reach now, as at most `max` runs (touching guest mappings
+    /// contiguous in GPA with one permission merged), lowest IOVAs first: for filling a
+    /// device IOTLB ahead of use when the device starts. Empty when the endpoint reaches
+    /// nothing (not attached, bypass off).
+    pub fn endpoint_runs(&self, ep: EndpointId, max: usize) -> Vec<Run> {
+        if !self.endpoints.contains_key(&ep) {
+            return Vec::new();
+        }
+        let mut out: Vec<Run> = Vec::new();
+        for r in self.content_runs(self.endpoint_content(ep)) {
+            if let Some(l) = out.last_mut() {
+                if l.iova_page + l.pages == r.iova_page
+                    && l.gpa_page + l.pages == r.gpa_page
+                    && l.perm == r.perm
+                {
+                    l.pages += r.pages;
+                    continue;
+                }
+            }
+            if out.len() == max {
+                break;
+            }
+            out.push(r);
+        }
+        out
+    }
+
     /// The RAM range holding GPA page `gpa_page`, as `(first page, last page)`.
     fn ram_range_of(&self, gpa_page: u64) -> Option<(u64, u64)> {
         self.cfg.guest_ram.iter().find_map(|&(start, len)| {
@@ -346,6 +373,41 @@ mod tests {
             .iotlb_entry(1, 0x2000_0000 + 1000 * 0x1000, Perm::READ)
             .unwrap();
         assert_eq!(e.len, 2 * MAX_MERGED_MAPPINGS as u64 * 0x1000);
+    }
+
+    #[test]
+    fn endpoint_runs_merge_and_stop_at_max() {
+        let mut v = device();
+        for i in 0..4u64 {
+            let iova = 0x10_0000 + i * 0x1000;
+            assert_eq!(
+                send(
+                    &mut v,
+                    &map(1, iova, iova + 0xfff, 0x80_0000 + i * 0x1000, RW)
+                ),
+                Status::Ok
+            );
+        }
+        assert_eq!(
+            send(&mut v, &map(1, 0x20_0000, 0x20_0fff, 0x90_0000, R)),
+            Status::Ok
+        );
+        assert_eq!(
+            send(&mut v, &map(1, 0x30_0000, 0x30_0fff, 0x90_1000, R)),
+            Status::Ok
+        );
+        let runs = v.endpoint_runs(1, 8);
+        let got: Vec<(u64, u64, u64)> = runs.iter().map(|r| (r.iova(), r.gpa(), r.len())).collect();
+        assert_eq!(
+            got,
+            vec![
+                (0x10_0000, 0x80_0000, 0x4000),
+                (0x20_0000, 0x90_0000, 0x1000),
+                (0x30_0000, 0x90_1000, 0x1000)
+            ]
+        );
+        assert_eq!(v.endpoint_runs(1, 2).len(), 2);
+        assert!(v.endpoint_runs(9, 8).is_empty(), "unknown endpoint");
     }
 
     #[test]

@@ -18,6 +18,7 @@ mod acpi;
 mod dmadev;
 mod io;
 mod mem;
+mod net;
 mod pci;
 mod tests;
 mod viommu;

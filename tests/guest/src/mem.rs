@@ -20,6 +20,11 @@ pub fn alloc_pages(pages: u64) -> u64 {
     a
 }
 
+/// The GPA the next allocation starts at.
+pub fn next_page() -> u64 {
+    NEXT.load(Ordering::Relaxed)
+}
+
 /// `pages` 4 KiB pages, not cleared (RAM the guest never wrote reads as zero); returns
 /// their GPA.
 pub fn reserve_pages(pages: u64) -> u64 {

@@ -5,6 +5,7 @@ use crate::dmadev::{self, DmaDev, Outcome};
 use crate::io::Hex;
 use crate::io::{cpuid, rd32, rd64, rd8, rdtsc};
 use crate::mem::{all_eq, alloc_pages, bytes, fill, pattern, reserve_pages};
+use crate::net::NetCtx;
 use crate::pci::Func;
 use crate::say;
 use crate::viommu::{Req, Viommu, ATTACH_BYPASS, MAP_R, MAP_W};
@@ -20,6 +21,7 @@ const IOVA: u64 = 0x80_0000_0000;
 struct Ctx {
     viommu: Option<Viommu>,
     dev: Option<DmaDev>,
+    net: Option<NetCtx>,
     ep: u32,
     behind: bool,
     cmdline: &'static str,
@@ -42,6 +44,8 @@ const CASES: &[(&str, Case)] = &[
     ("throughput", throughput),
     ("device_death", device_death),
     ("migrate_dma", migrate_dma),
+    ("net_echo", net_echo),
+    ("net_fault", net_fault),
 ];
 
 fn cmdline(bp: u64) -> &'static str {
@@ -69,6 +73,7 @@ pub fn run(bp: u64) -> u32 {
     let mut ctx = Ctx {
         viommu: None,
         dev: None,
+        net: None,
         ep: 0,
         behind: false,
         cmdline: cmd,
@@ -79,6 +84,10 @@ pub fn run(bp: u64) -> u32 {
         };
         match f.ids() {
             (0x1af4, 0x1057) => ctx.viommu = Viommu::new(&f),
+            (0x1af4, 0x1041) => {
+                let ep = u32::from(d) << 3;
+                ctx.net = Some(NetCtx::new(f, ep, platform.endpoints & (1 << d) != 0));
+            }
             ids if ids == dmadev::IDS => {
                 ctx.ep = u32::from(d) << 3;
                 ctx.behind = platform.endpoints & (1 << d) != 0;
@@ -111,10 +120,12 @@ pub fn run(bp: u64) -> u32 {
     let selected = param(cmd, "tests");
     let wanted = |name: &str| match selected {
         Some(list) => list.split(',').any(|t| t == name),
-        None => !matches!(
-            name,
-            "device_death" | "no_iommu" | "throughput" | "migrate_dma"
-        ),
+        None => {
+            !matches!(
+                name,
+                "device_death" | "no_iommu" | "throughput" | "migrate_dma"
+            ) && !name.starts_with("net_")
+        }
     };
     let n = CASES.iter().filter(|(name, _)| wanted(name)).count();
     say!("TAP version 13");
@@ -126,8 +137,26 @@ pub fn run(bp: u64) -> u32 {
             continue;
         }
         i += 1;
-        let needs_iommu = !matches!(*name, "no_iommu" | "throughput" | "device_death");
-        let r = if ctx.dev.is_none() {
+        let needs_iommu = !matches!(
+            *name,
+            "no_iommu" | "throughput" | "device_death" | "net_echo"
+        );
+        let r = if name.starts_with("net_") {
+            match &ctx.net {
+                None => Err("no virtio-net device"),
+                Some(n) if needs_iommu && (ctx.viommu.is_none() || !n.behind) => {
+                    say!(
+                        "ok ",
+                        i,
+                        " - ",
+                        *name,
+                        " # SKIP the device is not behind the vIOMMU"
+                    );
+                    continue;
+                }
+                Some(_) => case(&mut ctx),
+            }
+        } else if ctx.dev.is_none() {
             Err("no DMA test device")
         } else if needs_iommu && (ctx.viommu.is_none() || !ctx.behind) {
             say!(
@@ -462,7 +491,7 @@ fn no_iommu(c: &mut Ctx) -> Result<(), &'static str> {
 }
 
 /// TSC kHz from the VMM's timing leaf (0x40000010), if present.
-fn tsc_khz() -> u64 {
+pub(crate) fn tsc_khz() -> u64 {
     let (max, ..) = cpuid(0x4000_0000);
     if max >= 0x4000_0010 {
         u64::from(cpuid(0x4000_0010).0)
@@ -703,4 +732,20 @@ fn migrate_dma(c: &mut Ctx) -> Result<(), &'static str> {
     )?;
     unmap_all(c, 1);
     check(viommu(c).one(Req::Detach(1, ep)) == OK, "DETACH failed")
+}
+
+fn net_echo(c: &mut Ctx) -> Result<(), &'static str> {
+    let frames = param(c.cmdline, "net_frames")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let khz = tsc_khz();
+    let n = c.net.as_mut().ok_or("no virtio-net device")?;
+    let v = if n.behind { c.viommu.as_mut() } else { None };
+    crate::net::echo(n, v, frames, khz)
+}
+
+fn net_fault(c: &mut Ctx) -> Result<(), &'static str> {
+    let n = c.net.as_mut().ok_or("no virtio-net device")?;
+    let v = c.viommu.as_mut().ok_or("no virtio-iommu")?;
+    crate::net::fault(n, v)
 }

@@ -168,14 +168,20 @@ impl VirtioPci {
 
     /// Sets up queue `index` (no interrupt vector: polled).
     pub fn queue(&self, index: u16) -> Queue {
+        self.queue_at(index, 0)
+    }
+
+    /// Sets up queue `index`, telling the device its rings are at GPA + `offset` (an IOVA
+    /// the caller maps, for a device behind the vIOMMU).
+    pub fn queue_at(&self, index: u16, offset: u64) -> Queue {
         wr16(self.common + 0x16, index);
         wr16(self.common + 0x18, QUEUE_SIZE);
         wr16(self.common + 0x1a, 0xffff);
         let mem = alloc_pages(2);
         let (desc, avail, used) = (mem, mem + 16 * u64::from(QUEUE_SIZE), mem + 4096);
-        wr64(self.common + 0x20, desc);
-        wr64(self.common + 0x28, avail);
-        wr64(self.common + 0x30, used);
+        wr64(self.common + 0x20, desc + offset);
+        wr64(self.common + 0x28, avail + offset);
+        wr64(self.common + 0x30, used + offset);
         let off = u64::from(rd16(self.common + 0x1e));
         wr16(self.common + 0x1c, 1);
         Queue {

@@ -349,6 +349,7 @@ impl VirtioDevice for VhostUserNet {
         self.interrupt = Some(interrupt);
         self.active_pairs = 1;
         self.start_pairs(0, 1);
+        self.shared.replay();
         Ok(())
     }
 

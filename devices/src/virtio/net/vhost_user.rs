@@ -5,7 +5,7 @@
 //! end that went away (and, with `reconnect=`, coming back to it).
 //!
 //! Lock order: the `Viommu` (when an IOTLB message is sent on its behalf) before
-//! [`Shared::state`]; nothing that holds `state` takes the `Viommu`.
+//! the device's link state; nothing that holds `state` takes the `Viommu`.
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
@@ -37,6 +37,9 @@ use crate::GuestMemoryMmap;
 /// How long the VMM waits for any reply of the back end (an ack, a feature word) before it
 /// gives up on it: the VMM must not hang behind a back end that hangs.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Most runs sent ahead when the device starts (DPDK keeps 2048 entries per queue).
+pub const REPLAY_MAX: usize = 1024;
 
 /// `VHOST_USER_F_PROTOCOL_FEATURES`.
 const PROTOCOL_FEATURES: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
@@ -421,6 +424,24 @@ impl Shared {
         }
     }
 
+    /// In [`IotlbMode::Prefetch`], sends what the endpoint may reach now (at most
+    /// [`REPLAY_MAX`] runs): the rings and buffers the driver mapped before the device
+    /// started, or before a new back end came. Takes the vIOMMU, then the link state: call
+    /// with neither held.
+    pub(super) fn replay(&self) {
+        let Some((h, ep)) = &self.iommu else {
+            return;
+        };
+        if self.iotlb_mode != IotlbMode::Prefetch {
+            return;
+        }
+        let v = h.lock();
+        for r in v.endpoint_runs(*ep, REPLAY_MAX) {
+            self.prefetch(r.iova(), r.gpa(), r.len(), r.perm);
+        }
+        drop(v);
+    }
+
     /// The VMM's address of `[gpa, gpa + len)` when it lies in one region of guest RAM.
     fn host_range(&self, gpa: u64, len: u64) -> Option<u64> {
         let last = gpa.checked_add(len.checked_sub(1)?)?;
@@ -479,6 +500,13 @@ impl Shared {
             entry.len,
             uaddr,
             vhost_perm(entry.perm),
+        );
+        log::trace!(
+            "{}: IOTLB update {:#x}+{:#x} perm {}",
+            self.label,
+            update.iova,
+            update.size,
+            update.perm
         );
         let mut st = self.lock();
         if self.send_iotlb(&mut st, &update) {
@@ -548,6 +576,7 @@ impl Shared {
             self.counters.connects.fetch_add(1, Ordering::Relaxed);
             drop(st);
             log::info!("{}: back end reconnected; link up", self.label);
+            self.replay();
             if let Some(p) = plan {
                 p.interrupt.signal_config();
             }
@@ -558,6 +587,13 @@ impl Shared {
 
 impl VhostUserFrontendReqHandler for Shared {
     fn handle_iotlb_msg(&self, msg: &VhostUserIotlb) -> std::io::Result<u64> {
+        log::trace!(
+            "{}: IOTLB message type {} IOVA {:#x} perm {}",
+            self.label,
+            msg.msg_type,
+            msg.iova,
+            msg.perm
+        );
         match msg.iotlb_type() {
             Some(VhostUserIotlbType::Miss) => self.serve_miss(msg),
             Some(VhostUserIotlbType::AccessFail) => {

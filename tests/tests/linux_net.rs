@@ -1,0 +1,272 @@
+//! Linux's virtio-net driver on the vhost-user net device, with DPDK's vhost-user back end
+//! (dpdk-testpmd, device IOTLB on, frames looped back with their MACs swapped): the guest's
+//! `vmm_nettest` suite sends frames of 60 to 1514 bytes (some as chains of descriptors) and
+//! checks every byte that comes back; behind the virtio-iommu with lazy and strict
+//! invalidation (10,000 frames each) and without it. Then testpmd is killed mid-traffic: the
+//! VMM and the DMA test device behind the same vIOMMU keep running, and with `reconnect=`
+//! traffic resumes once testpmd is back.
+//!
+//! Verdicts come from the suites: every KTAP plan complete with no failure, and the guest's
+//! verdict through the test-exit port (`guest ended (test exit code 0)`), never from the exit
+//! status alone (a panic resets the guest, which also exits 0).
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use vmm_tests::{counter, guest_kernel, run_vmm, DeviceProcess, Run, Testpmd, VmmProcess};
+
+const DEADLINE: Duration = Duration::from_secs(1800);
+
+/// One testpmd at a time: each busy-polls a CPU.
+static TESTPMD: Mutex<()> = Mutex::new(());
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Lazy,
+    Strict,
+    NoIommu,
+}
+
+fn net_args(mode: Mode, net: &str, frames: u32, extra_cmdline: &str) -> Vec<String> {
+    let g = guest_kernel();
+    let mut cmdline = format!(
+        "console=ttyS0 reboot=k panic=1 vmm_nettest.required=1 vmm_nettest.frames={frames}{extra_cmdline}"
+    );
+    if mode == Mode::Strict {
+        cmdline += " iommu.strict=1";
+    }
+    let mut args: Vec<String> = [
+        "--kernel",
+        g.vmlinux.to_str().unwrap(),
+        "--initramfs",
+        g.initramfs.to_str().unwrap(),
+        "--memory",
+        "256M",
+        "--counters",
+        "--cmdline",
+        &cmdline,
+        "--vhost-user-net",
+        net,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if mode != Mode::NoIommu {
+        args.push("--iommu".into());
+    }
+    args
+}
+
+/// The console without printk timestamps.
+fn console(run: &Run) -> String {
+    run.console
+        .lines()
+        .map(|l| match l.strip_prefix('[') {
+            Some(rest) => rest.split_once("] ").map_or(l, |(_, t)| t),
+            None => l,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Every KTAP suite on the console ran its whole plan with no failure, the suites in
+/// `suites` among them, and the guest gave its verdict (0 failed) through the test-exit port.
+fn check_suites(name: &str, run: &Run, suites: &[&str]) {
+    let con = console(run);
+    let tail: String = con.lines().rev().take(25).collect::<Vec<_>>().join("\n");
+    let mut found = Vec::new();
+    for block in con.split("KTAP version 1").skip(1) {
+        let suite = block
+            .lines()
+            .find_map(|l| l.strip_prefix("# ").and_then(|r| r.split(':').next()))
+            .unwrap_or("?")
+            .to_string();
+        let plan: usize = block
+            .lines()
+            .find_map(|l| l.strip_prefix("1.."))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name}: {suite} has no plan:\n{tail}"));
+        let ok = block.lines().filter(|l| l.starts_with("ok ")).count();
+        let bad: Vec<&str> = block.lines().filter(|l| l.starts_with("not ok ")).collect();
+        assert!(
+            bad.is_empty() && ok == plan,
+            "{name}: {suite}: {ok} ok of {plan}, failing {bad:?}\n{con}\n{}",
+            run.stderr
+        );
+        found.push(suite);
+    }
+    for s in suites {
+        assert!(
+            found.iter().any(|f| f == s),
+            "{name}: suite {s} did not run (ran {found:?}):\n{tail}\n{}",
+            run.stderr
+        );
+    }
+    assert!(
+        run.stderr.contains("guest ended (test exit code 0)"),
+        "{name}: no passing verdict from the guest:\n{tail}\n{}",
+        run.stderr
+    );
+}
+
+/// The `key=` value on the console line starting with `prefix`.
+fn console_value(run: &Run, prefix: &str, key: &str) -> u64 {
+    let con = console(run);
+    let line = con
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} line:\n{con}"));
+    let at = line
+        .find(&format!(" {key}="))
+        .unwrap_or_else(|| panic!("no {key} in {line}"));
+    line[at + key.len() + 2..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("bad {key} in {line}"))
+}
+
+#[test]
+fn frames_checked_byte_for_byte_lazy_strict_and_without_the_viommu() {
+    let _one = TESTPMD.lock().unwrap_or_else(|e| e.into_inner());
+    let pmd = Testpmd::start("linux-net", 3);
+    let runs: Vec<(Mode, Run)> = std::thread::scope(|s| {
+        let handles: Vec<_> = [
+            (Mode::Lazy, 10_000),
+            (Mode::Strict, 10_000),
+            (Mode::NoIommu, 3_000),
+        ]
+        .into_iter()
+        .enumerate()
+        .map(|(port, (mode, frames))| {
+            let pmd = &pmd;
+            s.spawn(move || {
+                let net = pmd.arg(port, mode != Mode::NoIommu);
+                let args = net_args(mode, &net, frames, "");
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                (mode, run_vmm(&args, DEADLINE))
+            })
+        })
+        .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let stats = pmd.stop();
+    for (port, (mode, run)) in runs.iter().enumerate() {
+        let name = format!("{mode:?}");
+        let con = console(run);
+        eprintln!(
+            "{name}: {} s\n{}\n{}",
+            run.wall.as_secs(),
+            con.lines()
+                .filter(|l| l.starts_with("# net"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            run.stderr
+                .lines()
+                .filter(|l| l.starts_with("counters: vhost-user-net"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        check_suites(&name, run, &["vmm_nettest"]);
+        let frames = if *mode == Mode::NoIommu {
+            3_000
+        } else {
+            10_000
+        };
+        let received = console_value(run, "# net: sent=", "received");
+        assert!(received >= frames, "{name}: {received} frames back");
+        assert_eq!(console_value(run, "# net: sent=", "corrupt"), 0, "{name}");
+        assert!(
+            console_value(run, "# net: sent=", "chains_received") > 0,
+            "{name}: chained frames came back"
+        );
+        // testpmd saw every frame the guest sent and sent back every one it received.
+        let (rx, tx, _) = vmm_tests::testpmd_port_stats(&stats, port)
+            .unwrap_or_else(|| panic!("no statistics for port {port}:\n{stats}"));
+        assert!(
+            rx >= console_value(run, "# net: sent=", "sent")
+                - console_value(run, "# net: sent=", "xmit_errors")
+        );
+        assert!(tx >= received, "{name}: testpmd sent {tx}");
+        let dev = "vhost-user-net";
+        if *mode == Mode::NoIommu {
+            assert_eq!(
+                counter(run, dev, "misses"),
+                0,
+                "{name}: no IOTLB without the vIOMMU"
+            );
+            assert_eq!(counter(run, dev, "invalidations"), 0, "{name}");
+            continue;
+        }
+        // Behind the vIOMMU: every miss answered (none on an unmapped IOVA), guest mappings
+        // sent ahead, and every buffer the guest unmapped invalidated before the unmap
+        // completed.
+        let misses = counter(run, dev, "misses");
+        assert_eq!(
+            misses,
+            counter(run, dev, "updates"),
+            "{name}: every miss answered"
+        );
+        assert_eq!(counter(run, dev, "faults"), 0, "{name}");
+        assert!(counter(run, dev, "prefetches") >= received, "{name}");
+        let unmaps = counter(run, "virtio-iommu", "unmap");
+        let invalidations = counter(run, dev, "invalidations");
+        assert!(unmaps > frames, "{name}: buffers are unmapped");
+        assert!(
+            invalidations > frames && invalidations + 64 >= unmaps,
+            "{name}: {invalidations} invalidations for {unmaps} UNMAPs"
+        );
+        eprintln!(
+            "figure {name}: {} misses per 1,000 frames, {} pages per UPDATE",
+            misses * 1000 / received,
+            counter(run, dev, "update_pages") as f64
+                / (counter(run, dev, "updates") + counter(run, dev, "prefetches")) as f64
+        );
+    }
+}
+
+#[test]
+fn testpmd_killed_mid_traffic_the_vmm_goes_on_and_traffic_resumes() {
+    let _one = TESTPMD.lock().unwrap_or_else(|e| e.into_inner());
+    let mut pmd = Testpmd::start("linux-kill", 1);
+    let dma = DeviceProcess::start();
+    let net = format!("{},reconnect=1", pmd.arg(0, true));
+    let mut args = net_args(
+        Mode::Lazy,
+        &net,
+        3_000,
+        " vmm_dmatest.required=1 vmm_dmatest.cycles=2000 vmm_dmatest.samples=200",
+    );
+    let vfio = dma.arg(true);
+    args.extend(["--vfio-user".to_string(), vfio]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut vmm = VmmProcess::start(&args);
+    // Mid-traffic: the suite reports progress every 2,000 frames.
+    vmm.wait_console("# net: ", DEADLINE);
+    let sockets = pmd.sockets.clone();
+    pmd.kill();
+    std::thread::sleep(Duration::from_secs(3));
+    let pmd2 = Testpmd::start_on("linux-kill-2", sockets);
+    let run = vmm.wait(DEADLINE);
+    drop(pmd2);
+    eprintln!(
+        "{}\n{}",
+        console(&run)
+            .lines()
+            .filter(|l| l.starts_with("# ") || l.starts_with("ok") || l.starts_with("not ok"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        run.stderr
+    );
+    // Both suites passed after the outage: the net suite got its frames back once the new
+    // testpmd came, and the DMA suite (run after it) used the DMA device behind the same
+    // vIOMMU.
+    check_suites("kill", &run, &["vmm_nettest", "vmm_dmatest"]);
+    assert!(console_value(&run, "# net: sent=", "received") >= 3_000);
+    assert_eq!(counter(&run, "vhost-user-net", "disconnects"), 1);
+    assert_eq!(counter(&run, "vhost-user-net", "reconnects"), 1);
+    assert!(run
+        .stderr
+        .contains("the back end went away; link down, reconnecting every 1 s"));
+    assert!(run.stderr.contains("back end reconnected; link up"));
+}
