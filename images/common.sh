@@ -56,7 +56,11 @@ ktap_summary() {
         }
         /^KTAP version/ { flush(); started = 1; name = "?"; plan = ""; pass = fail = skip = 0; next }
         !started { next }
-        /^# [a-z_]+:/ && name == "?" { name = $2; sub(/:$/, "", name); next }
+        /^# [a-z_]+:/ && name == "?" {
+            name = $2; sub(/:$/, "", name)
+            if ($3 ~ /^[0-9a-f]+:[0-9a-f]+:[0-9a-f]+\.[0-9]/) name = name " " $3
+            next
+        }
         /^1\.\./ && plan == "" { plan = substr($0, 4) + 0; next }
         /^not ok / { fail++; next }
         /^ok .*# SKIP/ { skip++; next }
@@ -79,4 +83,35 @@ ktap_summary() {
         echo "---"
     fi
     return $ok
+}
+
+# expand_pages: reads FIRST+COUNT hex runs (one per word) and prints one page number per line
+# (decimal), sorted as text (for comm).
+expand_pages() {
+    tr -d '\r' | tr ' ' '\n' | awk -F+ 'NF == 2 {
+        first = 0; count = 0
+        for (i = 1; i <= length($1); i++) first = first * 16 + index("0123456789abcdef", substr($1, i, 1)) - 1
+        for (i = 1; i <= length($2); i++) count = count * 16 + index("0123456789abcdef", substr($2, i, 1)) - 1
+        for (p = first; p < first + count; p++) print p
+    }' | sort
+}
+
+# compare_written CONSOLE DIRTY_LOG: the set of pages the guest suite says its devices wrote
+# (`# written ranges:` lines) against the VMM's dirty log (`--dirty-log-out`). Prints one line;
+# succeeds only when the sets are equal.
+compare_written() {
+    local console=$1 log=$2 dir want got missing extra
+    dir=$(mktemp -d)
+    grep -o '# written ranges:.*' "$console" | sed 's/# written ranges://' | expand_pages > "$dir/want"
+    if [ -f "$log" ]; then tail -n +2 "$log" | expand_pages > "$dir/got"; else : > "$dir/got"; fi
+    want=$(wc -l < "$dir/want"); got=$(wc -l < "$dir/got")
+    missing=$(comm -23 "$dir/want" "$dir/got" | wc -l)
+    extra=$(comm -13 "$dir/want" "$dir/got" | wc -l)
+    rm -rf "$dir"
+    if [ "$missing" -eq 0 ] && [ "$extra" -eq 0 ] && [ "$want" -gt 0 ]; then
+        echo "pages the devices wrote: $want by the suite's account, the same $got pages in the VMM's dirty log"
+        return 0
+    fi
+    echo "pages the devices wrote: $want by the suite's account, $got in the VMM's dirty log: $missing missing, $extra extra (DIFFER)"
+    return 1
 }

@@ -90,7 +90,7 @@ echo >&3 # Enter: testpmd stops and prints its statistics
 exec 3>&-
 for _ in $(seq 100); do kill -0 $testpmd 2>/dev/null || break; sleep 0.1; done
 
-console=$(sed 's/^\[ *[0-9.]*\] //' "$logs/console.log")
+console=$(sed 's/^\[ *[0-9.]*\] //' "$logs/console.log" | tr -d '\r')
 echo
 echo "== summary ($mode)"
 verdict=0

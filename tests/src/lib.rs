@@ -526,3 +526,141 @@ pub fn testpmd_port_stats(log: &str, port: usize) -> Option<(u64, u64, u64)> {
         num("TX-dropped:")?,
     ))
 }
+
+/// The console without printk timestamps.
+pub fn console_text(run: &Run) -> String {
+    run.console
+        .lines()
+        .map(|l| match l.strip_prefix('[') {
+            Some(rest) => rest.split_once("] ").map_or(l, |(_, t)| t),
+            None => l,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The `key=` value on the first console line starting with `prefix` (timestamps stripped).
+pub fn console_value(run: &Run, prefix: &str, key: &str) -> u64 {
+    let con = console_text(run);
+    let line = con
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} line:\n{con}"));
+    let at = line
+        .find(&format!(" {key}="))
+        .unwrap_or_else(|| panic!("no {key} in {line}"));
+    line[at + key.len() + 2..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("bad {key} in {line}"))
+}
+
+/// Checks a guest test run the way its suites mean it: every KTAP suite on the console ran
+/// its whole plan with no failure, the suites named in `suites` are among them (each at least
+/// once), and the guest gave its verdict, 0 failed, through the test-exit port. A panic or a
+/// reset (which also ends the VMM with status 0), a hang or a short plan fails, with the
+/// console's tail in the message. Returns the suites found, in order.
+pub fn check_suites(name: &str, run: &Run, suites: &[&str]) -> Vec<String> {
+    let con = console_text(run);
+    let tail: String = {
+        let lines: Vec<&str> = con.lines().collect();
+        lines[lines.len().saturating_sub(25)..].join("\n")
+    };
+    let mut found = Vec::new();
+    for block in con.split("KTAP version 1").skip(1) {
+        let suite = block
+            .lines()
+            .find_map(|l| l.strip_prefix("# ").and_then(|r| r.split(':').next()))
+            .unwrap_or("?")
+            .to_string();
+        let plan: usize = block
+            .lines()
+            .find_map(|l| l.strip_prefix("1.."))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name}: {suite} has no plan:\n{tail}\n{}", run.stderr));
+        let ok = block.lines().filter(|l| l.starts_with("ok ")).count();
+        let bad: Vec<&str> = block.lines().filter(|l| l.starts_with("not ok ")).collect();
+        assert!(
+            bad.is_empty() && ok == plan,
+            "{name}: {suite}: {ok} ok of {plan}, failing {bad:?}\n--- console tail ---\n{tail}\n--- stderr ---\n{}",
+            run.stderr
+        );
+        found.push(suite);
+    }
+    for s in suites {
+        assert!(
+            found.iter().any(|f| f == s),
+            "{name}: suite {s} did not run (ran {found:?}):\n{tail}\n{}",
+            run.stderr
+        );
+    }
+    assert!(
+        run.stderr.contains("guest ended (test exit code 0)"),
+        "{name}: no passing verdict from the guest (a panic or a reset is not one):\n--- console tail ---\n{tail}\n--- stderr ---\n{}",
+        run.stderr
+    );
+    found
+}
+
+/// Page frame numbers from `FIRST+COUNT` hex runs (the guest's `# written ranges:` lines, the
+/// VMM's `--dirty-log-out` file).
+pub fn page_set<'a>(runs: impl Iterator<Item = &'a str>) -> std::collections::BTreeSet<u64> {
+    let mut set = std::collections::BTreeSet::new();
+    for r in runs {
+        let Some((first, count)) = r.split_once('+') else {
+            continue;
+        };
+        let (Ok(first), Ok(count)) = (
+            u64::from_str_radix(first, 16),
+            u64::from_str_radix(count, 16),
+        ) else {
+            panic!("bad page run {r:?}");
+        };
+        set.extend(first..first + count);
+    }
+    set
+}
+
+/// The pages the guest suite says its devices wrote (`# written ranges:` lines).
+pub fn guest_written_pages(run: &Run) -> std::collections::BTreeSet<u64> {
+    let con = console_text(run);
+    page_set(
+        con.lines()
+            .filter_map(|l| l.strip_prefix("# written ranges:"))
+            .flat_map(str::split_whitespace),
+    )
+}
+
+/// The pages in a `--dirty-log-out` file.
+pub fn dirty_log_pages(path: &Path) -> std::collections::BTreeSet<u64> {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("no dirty log at {}: {e}", path.display()));
+    page_set(text.lines().skip(1))
+}
+
+/// Panics unless the two page sets are equal, naming pages missing from and extra in `got`.
+pub fn assert_same_pages(
+    what: &str,
+    want: &std::collections::BTreeSet<u64>,
+    got: &std::collections::BTreeSet<u64>,
+) {
+    let missing: Vec<String> = want
+        .difference(got)
+        .take(20)
+        .map(|p| format!("{p:#x}"))
+        .collect();
+    let extra: Vec<String> = got
+        .difference(want)
+        .take(20)
+        .map(|p| format!("{p:#x}"))
+        .collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "{what}: {} pages expected, {} found; missing {} (first: {missing:?}), extra {} (first: {extra:?})",
+        want.len(),
+        got.len(),
+        want.difference(got).count(),
+        got.difference(want).count()
+    );
+}

@@ -13,7 +13,10 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use vmm_tests::{counter, guest_kernel, run_vmm, DeviceProcess, Run, Testpmd, VmmProcess};
+use vmm_tests::{
+    check_suites, console_text as console, console_value, counter, guest_kernel, run_vmm,
+    DeviceProcess, Run, Testpmd, VmmProcess,
+};
 
 const DEADLINE: Duration = Duration::from_secs(1800);
 
@@ -55,75 +58,6 @@ fn net_args(mode: Mode, net: &str, frames: u32, extra_cmdline: &str) -> Vec<Stri
         args.push("--iommu".into());
     }
     args
-}
-
-/// The console without printk timestamps.
-fn console(run: &Run) -> String {
-    run.console
-        .lines()
-        .map(|l| match l.strip_prefix('[') {
-            Some(rest) => rest.split_once("] ").map_or(l, |(_, t)| t),
-            None => l,
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-/// Every KTAP suite on the console ran its whole plan with no failure, the suites in
-/// `suites` among them, and the guest gave its verdict (0 failed) through the test-exit port.
-fn check_suites(name: &str, run: &Run, suites: &[&str]) {
-    let con = console(run);
-    let tail: String = con.lines().rev().take(25).collect::<Vec<_>>().join("\n");
-    let mut found = Vec::new();
-    for block in con.split("KTAP version 1").skip(1) {
-        let suite = block
-            .lines()
-            .find_map(|l| l.strip_prefix("# ").and_then(|r| r.split(':').next()))
-            .unwrap_or("?")
-            .to_string();
-        let plan: usize = block
-            .lines()
-            .find_map(|l| l.strip_prefix("1.."))
-            .and_then(|n| n.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{name}: {suite} has no plan:\n{tail}"));
-        let ok = block.lines().filter(|l| l.starts_with("ok ")).count();
-        let bad: Vec<&str> = block.lines().filter(|l| l.starts_with("not ok ")).collect();
-        assert!(
-            bad.is_empty() && ok == plan,
-            "{name}: {suite}: {ok} ok of {plan}, failing {bad:?}\n{con}\n{}",
-            run.stderr
-        );
-        found.push(suite);
-    }
-    for s in suites {
-        assert!(
-            found.iter().any(|f| f == s),
-            "{name}: suite {s} did not run (ran {found:?}):\n{tail}\n{}",
-            run.stderr
-        );
-    }
-    assert!(
-        run.stderr.contains("guest ended (test exit code 0)"),
-        "{name}: no passing verdict from the guest:\n{tail}\n{}",
-        run.stderr
-    );
-}
-
-/// The `key=` value on the console line starting with `prefix`.
-fn console_value(run: &Run, prefix: &str, key: &str) -> u64 {
-    let con = console(run);
-    let line = con
-        .lines()
-        .find(|l| l.starts_with(prefix))
-        .unwrap_or_else(|| panic!("no {prefix:?} line:\n{con}"));
-    let at = line
-        .find(&format!(" {key}="))
-        .unwrap_or_else(|| panic!("no {key} in {line}"));
-    line[at + key.len() + 2..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("bad {key} in {line}"))
 }
 
 #[test]

@@ -84,6 +84,12 @@ pub struct Cli {
     #[arg(long)]
     pub track_dirty: bool,
 
+    /// With --track-dirty: writes the set of guest pages passthrough devices wrote since
+    /// boot to this file when the VM ends (`pages=N`, then `FIRST+COUNT` page frame numbers
+    /// in hex, one run per line).
+    #[arg(long, value_name = "FILE", requires = "track_dirty")]
+    pub dirty_log_out: Option<PathBuf>,
+
     /// Serves the control API (JSON lines: pause, resume, snapshot, migrate, ...) on this
     /// Unix socket.
     #[arg(long, value_name = "PATH")]

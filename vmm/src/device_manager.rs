@@ -308,6 +308,8 @@ pub struct DeviceManager {
     pub ram_ranges: Vec<(u64, u64)>,
     /// With `--track-dirty`: pages passthrough devices wrote since tracking started.
     pub dirty: Mutex<Option<iommu::dirty::DirtyBitmap>>,
+    /// Devices that could not report their writes when tracking last started.
+    pub untracked: Mutex<Vec<String>>,
     /// Bus 0.
     pub pci: Arc<PciBus>,
     /// PCI functions in slot order: `(slot, kind, device)`.
@@ -458,6 +460,7 @@ impl DeviceManager {
             platform,
             ram_ranges: layout::ram_ranges(mem_size),
             dirty: Mutex::new(None),
+            untracked: Mutex::new(Vec::new()),
             pci: pci.clone(),
             functions: b.functions,
             virtio: b.virtio,
@@ -548,11 +551,14 @@ impl DeviceManager {
         for p in &self.passthrough {
             lines.push(p.counters_line());
         }
-        if let Some(pages) = self.dirty_since_boot() {
+        if let Some(log) = self.dirty_since_boot() {
+            let pages = log.count();
+            let untracked = self.untracked.lock().unwrap_or_else(|e| e.into_inner());
             lines.push(format!(
-                "dirty log: pages={pages} bytes={} (guest pages written by passthrough devices \
-                 since boot)",
-                pages * 4096
+                "dirty log: pages={pages} bytes={} untracked={} (guest pages written by \
+                 passthrough devices since boot; untracked devices count every writable page)",
+                pages * 4096,
+                untracked.len()
             ));
         }
         lines

@@ -87,6 +87,10 @@ impl DeviceManager {
         }
         *self.dirty.lock().unwrap_or_else(|e| e.into_inner()) =
             Some(DirtyBitmap::new(&self.ram_ranges));
+        self.untracked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone_from(&untracked);
         untracked
     }
 
@@ -119,12 +123,31 @@ impl DeviceManager {
     }
 
     /// With `--track-dirty`: the pages written by passthrough devices since boot.
-    pub fn dirty_since_boot(&self) -> Option<u64> {
+    pub fn dirty_since_boot(&self) -> Option<DirtyBitmap> {
         let mut guard = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
         let acc = guard.as_mut()?;
         let mut round = DirtyBitmap::new(&self.ram_ranges);
         self.harvest_dirty(&mut round);
         acc.merge(&round);
-        Some(acc.count())
+        Some(acc.clone())
+    }
+
+    /// Writes the pages passthrough devices wrote since boot (`--dirty-log-out`): a line
+    /// `pages=N`, then one line `FIRST+COUNT` (page frame numbers, hex) per run.
+    ///
+    /// # Errors
+    /// When the file cannot be written.
+    pub fn write_dirty_log(&self, path: &std::path::Path) -> std::io::Result<()> {
+        use std::fmt::Write as _;
+        let Some(log) = self.dirty_since_boot() else {
+            return Err(std::io::Error::other(
+                "dirty tracking is off (--track-dirty)",
+            ));
+        };
+        let mut out = format!("pages={}\n", log.count());
+        log.for_each_run(|gpa, bytes| {
+            let _ = writeln!(out, "{:x}+{:x}", gpa / PAGE_SIZE, bytes / PAGE_SIZE);
+        });
+        std::fs::write(path, out)
     }
 }

@@ -68,6 +68,7 @@ pub struct Vm {
     incoming: Option<IncomingArg>,
     restore: Option<std::path::PathBuf>,
     api_socket: Option<std::path::PathBuf>,
+    dirty_log_out: Option<std::path::PathBuf>,
 }
 
 fn dev_err<E: std::error::Error + Send + Sync + 'static>(
@@ -226,6 +227,7 @@ impl Vm {
             incoming: cli.incoming.clone(),
             restore: cli.restore.clone(),
             api_socket: cli.api_socket.clone(),
+            dirty_log_out: cli.dirty_log_out.clone(),
         })
     }
 
@@ -411,6 +413,11 @@ impl Vm {
         } else {
             machine.devices.counters_report()
         };
+        if let Some(path) = &self.dirty_log_out {
+            if let Err(e) = machine.devices.write_dirty_log(path) {
+                log::error!("cannot write the dirty log to {}: {e}", path.display());
+            }
+        }
         Ok(RunSummary {
             reason,
             fallbacks,

@@ -16,7 +16,9 @@
  * compares and fills use string instructions (one emulated instruction each).
  *
  * Parameters (kernel command line, vmm_dmatest.<name>=):
- *   cases      comma-separated case names, or "all" (default)
+ *   cases      comma-separated case names, or "all" (default): copy, fill,
+ *              dirty_sparse, sg, coherent, map_unmap, fault_ro, fault_unmapped,
+ *              fault_stale, latency, throughput
  *   max_size   largest copy/fill in bytes (default 4 MiB)
  *   cycles     map/unmap cycles of the many-small-mappings case (default 100000)
  *   samples    map+unmap latency samples (default 10000)
@@ -97,13 +99,15 @@ struct dt {
 	unsigned long irqs;
 	/* The suite's own account of its traffic, to compare with the VMM's counters. */
 	u64 transfers, bytes, maps, unmaps;
-	/* Guest page frames the device wrote (by the suite's account), one bit per PFN. */
-	unsigned long *written;
-	unsigned long written_bits;
 	unsigned int n, failed, skipped;
 };
 
-static struct dt *the_dt;
+#define MAX_DEVICES 8
+static struct dt *dts[MAX_DEVICES];
+static unsigned int ndts;
+/* Guest page frames the devices wrote (by the suite's account), one bit per PFN. */
+static unsigned long *written;
+static unsigned long written_bits;
 
 struct dt_result {
 	u32 status, error;
@@ -169,15 +173,15 @@ static void dt_written(struct dt *d, const void *va, size_t len)
 {
 	unsigned long p, end;
 
-	if (!d->written || !len)
+	if (!written || !len)
 		return;
 	end = (unsigned long)va + len - 1;
 	for (p = (unsigned long)va & PAGE_MASK; p <= end; p += PAGE_SIZE) {
 		unsigned long pfn = is_vmalloc_addr((void *)p) ? vmalloc_to_pfn((void *)p) :
 								    PHYS_PFN(virt_to_phys((void *)p));
 
-		if (pfn < d->written_bits)
-			set_bit(pfn, d->written);
+		if (pfn < written_bits)
+			set_bit(pfn, written);
 	}
 }
 
@@ -332,6 +336,53 @@ out:
 		d->unmaps++;
 	}
 	dt_free(dst, dp, droom);
+	return ret;
+}
+
+/*
+ * The device writes three of the sixteen pages of one writable mapping: a dirty log that
+ * counts whole writable mappings (a device that cannot report its writes) shows sixteen, and
+ * the page-set comparison with the VMM's dirty log tells them apart.
+ */
+static int case_dirty_sparse(struct dt *d, const char **why)
+{
+	enum { PAGES = 16 };
+	static const unsigned int hit[] = { 0, 5, 11 };
+	struct page *pg;
+	size_t room;
+	u8 *buf = dt_alloc(PAGES * PAGE_SIZE, &pg, &room);
+	dma_addr_t a = DMA_MAPPING_ERROR;
+	struct dt_result r;
+	int i, k, ret = 0;
+
+	CHECK(buf, "out of memory");
+	vmm_set(buf, 0x5e, PAGES * PAGE_SIZE);
+	a = dma_map_single(d->dev, buf, PAGES * PAGE_SIZE, DMA_FROM_DEVICE);
+	CHECK(!dma_mapping_error(d->dev, a), "dma_map_single failed");
+	d->maps++;
+	for (i = 0; i < ARRAY_SIZE(hit); i++) {
+		ret = dt_op(d, OP_FILL, 0, a + hit[i] * PAGE_SIZE, PAGE_SIZE, 0xd0 + i, &r);
+		CHECK(!ret && r.status == ST_DONE, "fill of one page failed");
+		dt_written(d, buf + hit[i] * PAGE_SIZE, PAGE_SIZE);
+	}
+	dma_unmap_single(d->dev, a, PAGES * PAGE_SIZE, DMA_FROM_DEVICE);
+	a = DMA_MAPPING_ERROR;
+	d->unmaps++;
+	for (i = 0; i < PAGES; i++) {
+		u8 want = 0x5e;
+
+		for (k = 0; k < ARRAY_SIZE(hit); k++)
+			if (hit[k] == i)
+				want = 0xd0 + k;
+		CHECK(vmm_all(buf + i * PAGE_SIZE, want, PAGE_SIZE),
+		      "a page holds what the device did not write there");
+	}
+out:
+	if (!dma_mapping_error(d->dev, a)) {
+		dma_unmap_single(d->dev, a, PAGES * PAGE_SIZE, DMA_FROM_DEVICE);
+		d->unmaps++;
+	}
+	dt_free(buf, pg, room);
 	return ret;
 }
 
@@ -693,11 +744,13 @@ static void dt_run_suite(struct dt *d)
 	for (i = 0; i < ARRAY_SIZE(sizes); i++)
 		if (sizes[i] <= max_size)
 			planned += dt_selected("copy") + dt_selected("fill");
-	planned += dt_selected("sg") + dt_selected("coherent") + dt_selected("map_unmap") +
+	planned += dt_selected("dirty_sparse") + dt_selected("sg") + dt_selected("coherent") +
+		   dt_selected("map_unmap") +
 		   dt_selected("fault_ro") + dt_selected("fault_unmapped") +
 		   dt_selected("fault_stale") + dt_selected("latency") + dt_selected("throughput");
 	pr_info("KTAP version 1\n");
-	pr_info("# vmm_dmatest: %s, cases=%s max_size=%u cycles=%u samples=%u\n",
+	pr_info("# vmm_dmatest: %s %s, cases=%s max_size=%u cycles=%u samples=%u\n",
+		dev_name(d->dev),
 		d->iommu ? (d->lazy ? "behind an IOMMU, lazy invalidation" :
 				      "behind an IOMMU, strict invalidation") : "no IOMMU",
 		cases, max_size, cycles, samples);
@@ -724,6 +777,7 @@ static void dt_run_suite(struct dt *d)
 		snprintf(name, sizeof(name), "fill_%zu", sizes[i]);
 		RUN("fill", name, case_fill(d, sizes[i], &why));
 	}
+	RUN("dirty_sparse", "dirty_sparse", case_dirty_sparse(d, &why));
 	RUN("sg", "scatter_gather", case_sg(d, &why));
 	RUN("coherent", "coherent", case_coherent(d, &why));
 	RUN("map_unmap", "map_unmap", case_map_unmap(d, &why));
@@ -733,9 +787,8 @@ static void dt_run_suite(struct dt *d)
 	RUN("latency", "latency", case_latency(d, &why));
 	RUN("throughput", "throughput", case_throughput(d, &why));
 
-	pr_info("# traffic: transfers=%llu bytes=%llu dma_maps=%llu dma_unmaps=%llu irqs=%lu written_pages=%lu\n",
-		d->transfers, d->bytes, d->maps, d->unmaps, d->irqs,
-		d->written ? (unsigned long)bitmap_weight(d->written, d->written_bits) : 0UL);
+	pr_info("# traffic: transfers=%llu bytes=%llu dma_maps=%llu dma_unmaps=%llu irqs=%lu\n",
+		d->transfers, d->bytes, d->maps, d->unmaps, d->irqs);
 	pr_info("# device: completed=%llu bytes=%llu\n", dt_r64(d, REG_COMPLETED),
 		dt_r64(d, REG_BYTES));
 	pr_info("# vmm_dmatest: %u passed, %u failed, %u skipped\n",
@@ -769,8 +822,12 @@ static int dt_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 		return ret;
 	/* The device takes any length up to 64 MiB; without this, 64 KiB segments. */
 	dma_set_max_seg_size(d->dev, SZ_64M);
-	d->written_bits = max_pfn;
-	d->written = bitmap_zalloc(max_pfn, GFP_KERNEL);
+	if (!written) {
+		written_bits = max_pfn;
+		written = bitmap_zalloc(max_pfn, GFP_KERNEL);
+	}
+	if (ndts == MAX_DEVICES)
+		return -ENOSPC;
 	d->irq = -1;
 	if (pci_alloc_irq_vectors(pdev, 1, 1, PCI_IRQ_MSIX) == 1) {
 		d->irq = pci_irq_vector(pdev, 0);
@@ -778,7 +835,7 @@ static int dt_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 			d->irq = -1;
 	}
 	dev_info(d->dev, "DMA test device, completion %s\n", d->irq >= 0 ? "by MSI-X" : "polled");
-	the_dt = d;
+	dts[ndts++] = d;
 	return 0;
 }
 
@@ -800,22 +857,57 @@ static int __init dt_init(void)
 device_initcall(dt_init);
 
 /*
+ * The set of guest pages the devices wrote, by the suite's account: its size, then its
+ * ranges of page frame numbers (first+count, hex) a few dozen to a line, for comparison with
+ * the VMM's dirty log (--dirty-log-out).
+ */
+static void dt_print_written(void)
+{
+	unsigned long start = 0, end, pages = written ? bitmap_weight(written, written_bits) : 0;
+	char line[900];
+	int len = 0;
+
+	pr_info("# written: pages=%lu\n", pages);
+	if (!written)
+		return;
+	for (;;) {
+		start = find_next_bit(written, written_bits, start);
+		if (start >= written_bits)
+			break;
+		end = find_next_zero_bit(written, written_bits, start);
+		len += scnprintf(line + len, sizeof(line) - len, " %lx+%lx", start, end - start);
+		if (len > sizeof(line) - 40) {
+			pr_info("# written ranges:%s\n", line);
+			len = 0;
+		}
+		start = end;
+	}
+	if (len)
+		pr_info("# written ranges:%s\n", line);
+}
+
+/*
  * After deferred probes (the virtio-iommu's endpoints probe late), and after the net suite
- * (vmm_nettest.o is linked first): run the suite and report (vmm_verdict.c ends the VM).
+ * (vmm_nettest.o is linked first): run the suite on every DMA test device, print the pages
+ * they wrote, and report (vmm_verdict.c ends the VM).
  */
 static int __init dt_finish(void)
 {
-	struct dt *d = the_dt;
+	unsigned int i, failed = 0;
 
-	if (!d) {
+	if (!ndts) {
 		if (!required)
 			return 0;
 		pr_info("KTAP version 1\n1..1\nnot ok 1 probe # no DMA test device found\n");
 		vmm_tests_done("vmm_dmatest", 1, exit_vm);
 		return 0;
 	}
-	dt_run_suite(d);
-	vmm_tests_done("vmm_dmatest", d->failed, exit_vm);
+	for (i = 0; i < ndts; i++) {
+		dt_run_suite(dts[i]);
+		failed += dts[i]->failed;
+	}
+	dt_print_written();
+	vmm_tests_done("vmm_dmatest", failed, exit_vm);
 	return 0;
 }
 late_initcall_sync(dt_finish);
