@@ -163,5 +163,9 @@ fn the_vm_survives_its_device_process() {
     assert!(stderr.contains("failed=1"));
     assert!(!stderr.contains("panicked"));
     assert!(out.contains("ok 2 - device_death"));
+    assert!(
+        out.contains("# ready-for-kill (transfer in flight: "),
+        "killed with a transfer in flight"
+    );
     assert!(out.contains("virtio-iommu still answers"));
 }

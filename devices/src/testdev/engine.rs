@@ -557,12 +557,15 @@ mod tests {
         a.bar_write(regs::FILL, &0x5au32.to_le_bytes());
         a.bar_write(regs::DELAY_US, &20_000u32.to_le_bytes());
         a.bar_write(regs::DOORBELL, &1u32.to_le_bytes());
-        std::thread::sleep(Duration::from_millis(70));
+        // Stop once the transfer has made progress (a condition, not a delay; the deadline
+        // only catches a hang).
+        let start = std::time::Instant::now();
+        while lock(&a.shared.regs).progress == 0 {
+            assert!(start.elapsed() < Duration::from_secs(10), "no progress");
+            std::thread::yield_now();
+        }
         a.set_migration_state(mig::STOP).unwrap();
         let progress_at_stop = lock(&a.shared.regs).progress;
-        std::thread::sleep(Duration::from_millis(60));
-        // Stopped means stopped: no chunk after STOP.
-        assert_eq!(lock(&a.shared.regs).progress, progress_at_stop);
         assert!(progress_at_stop > 0 && progress_at_stop < 64 << 10);
         assert_eq!(r32(&a, regs::STATUS), STATUS_BUSY);
         assert!(matches!(
@@ -574,7 +577,18 @@ mod tests {
         let mut data = vec![0u8; size];
         a.migration_data_read(0, &mut data);
         a.set_migration_state(mig::STOP).unwrap();
+        // Dropping the device joins its engine: whatever it would still write is written.
         drop(a);
+        // Stopped means stopped: what was saved is where the transfer stood at STOP, and not
+        // a byte past it was written.
+        let saved: MigrationData = serde_json::from_slice(&data).unwrap();
+        assert_eq!(saved.regs.progress, progress_at_stop);
+        let mut before = vec![0u8; 64 << 10];
+        mem.seek(SeekFrom::Start(0)).unwrap();
+        mem.read_exact(&mut before).unwrap();
+        let at = progress_at_stop as usize;
+        assert!(before[..at].iter().all(|&x| x == 0x5a));
+        assert!(before[at..].iter().all(|&x| x == 0), "written after STOP");
 
         let b = TestDevice::new();
         b.dma()

@@ -559,7 +559,23 @@ fn throughput(c: &mut Ctx) -> Result<(), &'static str> {
 
 fn device_death(c: &mut Ctx) -> Result<(), &'static str> {
     check(dev(c).alive(), "the device is not there")?;
-    say!("# ready-for-kill");
+    // A transfer in flight when the device dies: a 64-page fill at 20 ms per page, mapped
+    // behind the vIOMMU when there is one.
+    let buf = alloc_pages(64);
+    let dst = if c.behind && c.viommu.is_some() {
+        setup(c, 7, IOVA, buf, 64, MAP_W)?;
+        IOVA
+    } else {
+        buf
+    };
+    dev(c).start(dmadev::OP_FILL, 0, dst, 64 * 4096, 0x6d, 20_000);
+    let mut spins = 0u64;
+    while dev(c).progress() == 0 {
+        spins += 1;
+        check(spins < 2_000_000_000, "the transfer never started")?;
+        core::hint::spin_loop();
+    }
+    say!("# ready-for-kill (transfer in flight: ", dev(c).progress(), " bytes done)");
     let mut spins = 0u64;
     while dev(c).alive() {
         spins += 1;
