@@ -664,3 +664,159 @@ pub fn assert_same_pages(
         got.difference(want).count()
     );
 }
+
+/// How a [`HostileProxy`] misbehaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Misbehaviour {
+    /// Half of a reply, then the connection closes.
+    Truncated,
+    /// A reply header claiming a 1 GiB message.
+    Oversized,
+    /// The previous reply again instead of this one (out of order).
+    OutOfOrder,
+    /// The reply with another message ID.
+    WrongId,
+    /// No reply, ever (the connection stays open).
+    Hang,
+    /// The connection closes instead of a reply.
+    Close,
+}
+
+/// A vfio-user man in the middle: relays messages (and their file descriptors) between the
+/// VMM and a real device process, and from the `after`-th reply on misbehaves as told. Stands
+/// for a device server that goes wrong mid-session.
+pub struct HostileProxy {
+    /// The socket the VMM connects to.
+    pub socket: PathBuf,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+fn recv_vfio_user(s: &std::os::unix::net::UnixStream) -> Option<(Vec<u8>, Vec<std::fs::File>)> {
+    use std::os::fd::FromRawFd;
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let mut h = [0u8; 16];
+    let mut fds = [-1; 16];
+    let mut iov = [libc::iovec {
+        iov_base: h.as_mut_ptr().cast(),
+        iov_len: 16,
+    }];
+    // SAFETY: `iov` points at `h`, which outlives the call.
+    let (n, nfds) = unsafe { s.recv_with_fds(&mut iov, &mut fds) }.ok()?;
+    let files: Vec<std::fs::File> = fds[..nfds]
+        .iter()
+        // SAFETY: descriptors just received, owned by nobody else.
+        .map(|&fd| unsafe { std::fs::File::from_raw_fd(fd) })
+        .collect();
+    if n == 0 {
+        return None;
+    }
+    let mut msg = h[..n].to_vec();
+    let mut rd = s;
+    if n < 16 {
+        let mut rest = vec![0u8; 16 - n];
+        rd.read_exact(&mut rest).ok()?;
+        msg.extend_from_slice(&rest);
+    }
+    let size = u32::from_le_bytes([msg[4], msg[5], msg[6], msg[7]]) as usize;
+    if size > 16 {
+        let mut body = vec![0u8; size.min(64 << 20) - 16];
+        rd.read_exact(&mut body).ok()?;
+        msg.extend_from_slice(&body);
+    }
+    Some((msg, files))
+}
+
+fn send_vfio_user(s: &std::os::unix::net::UnixStream, msg: &[u8], files: &[std::fs::File]) -> bool {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    if files.is_empty() {
+        let mut w = s;
+        return w.write_all(msg).is_ok();
+    }
+    let fds: Vec<i32> = files.iter().map(|f| f.as_raw_fd()).collect();
+    match s.send_with_fds(&[msg], &fds) {
+        Ok(n) if n < msg.len() => {
+            let mut w = s;
+            w.write_all(&msg[n..]).is_ok()
+        }
+        Ok(_) => true,
+        Err(_) => false,
+    }
+}
+
+impl HostileProxy {
+    /// Listens on a fresh socket and relays to `upstream`, misbehaving (`how`) at the
+    /// `after`-th reply (counting from 1).
+    pub fn start(upstream: &Path, how: Misbehaviour, after: u64) -> HostileProxy {
+        let socket = scratch("hostile.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+        let upstream = upstream.to_path_buf();
+        let thread = std::thread::spawn(move || {
+            let Ok((vmm, _)) = listener.accept() else {
+                return;
+            };
+            let dev = std::os::unix::net::UnixStream::connect(&upstream).expect("upstream");
+            let mut replies = 0u64;
+            let mut last: Option<Vec<u8>> = None;
+            while let Some((req, fds)) = recv_vfio_user(&vmm) {
+                if !send_vfio_user(&dev, &req, &fds) {
+                    return;
+                }
+                let Some((mut reply, rfds)) = recv_vfio_user(&dev) else {
+                    return;
+                };
+                replies += 1;
+                if replies < after {
+                    if !send_vfio_user(&vmm, &reply, &rfds) {
+                        return;
+                    }
+                    last = Some(reply);
+                    continue;
+                }
+                match how {
+                    Misbehaviour::Truncated => {
+                        let half = (reply.len() / 2).max(8);
+                        let _ = send_vfio_user(&vmm, &reply[..half.min(reply.len())], &[]);
+                    }
+                    Misbehaviour::Oversized => {
+                        reply[4..8].copy_from_slice(&(1u32 << 30).to_le_bytes());
+                        let _ = send_vfio_user(&vmm, &reply[..16], &[]);
+                        std::thread::park();
+                    }
+                    Misbehaviour::OutOfOrder => {
+                        let _ = send_vfio_user(&vmm, last.as_deref().unwrap_or(&reply), &[]);
+                        std::thread::park();
+                    }
+                    Misbehaviour::WrongId => {
+                        reply[0] ^= 0x55;
+                        reply[1] ^= 0x55;
+                        let _ = send_vfio_user(&vmm, &reply, &[]);
+                        std::thread::park();
+                    }
+                    Misbehaviour::Hang => std::thread::park(),
+                    Misbehaviour::Close => {}
+                }
+                let _ = vmm.shutdown(std::net::Shutdown::Both);
+                let _ = dev.shutdown(std::net::Shutdown::Both);
+                return;
+            }
+        });
+        HostileProxy {
+            socket,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for HostileProxy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.socket);
+        // A parked relay thread stays parked; the process ends it.
+        if let Some(t) = self.thread.take() {
+            if t.is_finished() {
+                let _ = t.join();
+            }
+        }
+    }
+}

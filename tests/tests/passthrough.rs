@@ -169,3 +169,74 @@ fn the_vm_survives_its_device_process() {
     );
     assert!(out.contains("virtio-iommu still answers"));
 }
+
+#[test]
+fn a_device_server_going_wrong_mid_session_fails_that_device_only() {
+    use vmm_tests::{HostileProxy, Misbehaviour};
+    let modes = [
+        Misbehaviour::Truncated,
+        Misbehaviour::Oversized,
+        Misbehaviour::OutOfOrder,
+        Misbehaviour::WrongId,
+        Misbehaviour::Hang,
+        Misbehaviour::Close,
+    ];
+    std::thread::scope(|s| {
+        for how in modes {
+            s.spawn(move || {
+                let (bad, good) = (DeviceProcess::start(), DeviceProcess::start());
+                // Mid-session: well after the connection and the guest's setup.
+                let proxy = HostileProxy::start(&bad.socket, how, 400);
+                let g = guest();
+                let a = format!("socket={},iommu=on", proxy.socket.display());
+                let b = good.arg(true);
+                let run = run_vmm(
+                    &[
+                        "--kernel",
+                        &g,
+                        "--memory",
+                        "128M",
+                        "--iommu",
+                        "--counters",
+                        "--vfio-user",
+                        &a,
+                        "--vfio-user",
+                        &b,
+                        "--cmdline",
+                        "tests=hostile_peer",
+                    ],
+                    DEADLINE,
+                );
+                let name = format!("{how:?}");
+                eprintln!("{name}:\n{}\n{}", run.console, run.stderr);
+                assert!(!run.stderr.contains("panicked"), "{name}");
+                assert!(
+                    run.console.contains("ok 1 - hostile_peer"),
+                    "{name}: {}",
+                    run.console
+                );
+                assert!(
+                    run.stderr.contains("guest ended (test exit code 0)"),
+                    "{name}: the guest's verdict"
+                );
+                // The device behind the misbehaving server is failed, the other is not.
+                let failed = |sock: &std::path::Path| {
+                    let line = run
+                        .stderr
+                        .lines()
+                        .find(|l| {
+                            l.starts_with("counters: vfio-user")
+                                && l.contains(&*sock.to_string_lossy())
+                        })
+                        .unwrap_or_else(|| panic!("{name}: no counters for {}", sock.display()));
+                    line.contains("failed=1")
+                };
+                assert!(
+                    failed(&proxy.socket),
+                    "{name}: the misbehaving device is failed"
+                );
+                assert!(!failed(&good.socket), "{name}: the healthy device is not");
+            });
+        }
+    });
+}

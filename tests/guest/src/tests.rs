@@ -21,6 +21,8 @@ const IOVA: u64 = 0x80_0000_0000;
 struct Ctx {
     viommu: Option<Viommu>,
     dev: Option<DmaDev>,
+    /// A second DMA test device, if any: `(device, endpoint)`.
+    dev2: Option<(DmaDev, u32)>,
     net: Option<NetCtx>,
     ep: u32,
     behind: bool,
@@ -46,6 +48,7 @@ const CASES: &[(&str, Case)] = &[
     ("migrate_dma", migrate_dma),
     ("net_echo", net_echo),
     ("net_fault", net_fault),
+    ("hostile_peer", hostile_peer),
 ];
 
 fn cmdline(bp: u64) -> &'static str {
@@ -73,6 +76,7 @@ pub fn run(bp: u64) -> u32 {
     let mut ctx = Ctx {
         viommu: None,
         dev: None,
+        dev2: None,
         net: None,
         ep: 0,
         behind: false,
@@ -87,6 +91,9 @@ pub fn run(bp: u64) -> u32 {
             (0x1af4, 0x1041) => {
                 let ep = u32::from(d) << 3;
                 ctx.net = Some(NetCtx::new(f, ep, platform.endpoints & (1 << d) != 0));
+            }
+            ids if ids == dmadev::IDS && ctx.dev.is_some() => {
+                ctx.dev2 = Some((DmaDev::new(&f), u32::from(d) << 3));
             }
             ids if ids == dmadev::IDS => {
                 ctx.ep = u32::from(d) << 3;
@@ -575,7 +582,11 @@ fn device_death(c: &mut Ctx) -> Result<(), &'static str> {
         check(spins < 2_000_000_000, "the transfer never started")?;
         core::hint::spin_loop();
     }
-    say!("# ready-for-kill (transfer in flight: ", dev(c).progress(), " bytes done)");
+    say!(
+        "# ready-for-kill (transfer in flight: ",
+        dev(c).progress(),
+        " bytes done)"
+    );
     let mut spins = 0u64;
     while dev(c).alive() {
         spins += 1;
@@ -764,4 +775,73 @@ fn net_fault(c: &mut Ctx) -> Result<(), &'static str> {
     let n = c.net.as_mut().ok_or("no virtio-net device")?;
     let v = c.viommu.as_mut().ok_or("no virtio-iommu")?;
     crate::net::fault(n, v)
+}
+
+/// Two DMA test devices behind the vIOMMU, each in its own domain, copying in turn; the first
+/// one's server goes wrong mid-session (the test harness puts a misbehaving proxy in front of
+/// it). The first device's operations start failing; the second keeps copying correctly, and
+/// the vIOMMU keeps answering.
+fn hostile_peer(c: &mut Ctx) -> Result<(), &'static str> {
+    const SIZE: u64 = 8192;
+    let (ep_a, ep_b) = (c.ep, c.dev2.as_ref().ok_or("no second DMA test device")?.1);
+    let (sa, da, sb, db) = (
+        alloc_pages(2),
+        alloc_pages(2),
+        alloc_pages(2),
+        alloc_pages(2),
+    );
+    pattern(sa, SIZE, 1);
+    pattern(sb, SIZE, 2);
+    let v = viommu(c);
+    for (dom, ep, s, d) in [(11, ep_a, sa, da), (12, ep_b, sb, db)] {
+        check(v.one(Req::Attach(dom, ep, 0)) == OK, "ATTACH failed")?;
+        check(
+            v.one(Req::Map(dom, IOVA, IOVA + SIZE - 1, s, MAP_R)) == OK,
+            "MAP of a source failed",
+        )?;
+        check(
+            v.one(Req::Map(dom, IOVA + SIZE, IOVA + 2 * SIZE - 1, d, MAP_W)) == OK,
+            "MAP of a destination failed",
+        )?;
+    }
+    let mut a_failed_at = None;
+    let mut b_after = 0u32;
+    for i in 0..2000u32 {
+        if a_failed_at.is_none() {
+            fill(da, SIZE, 0);
+            let out = dev(c).run(dmadev::OP_COPY, IOVA, IOVA + SIZE, SIZE, 0);
+            if out.status != dmadev::DONE || bytes(da, SIZE) != bytes(sa, SIZE) {
+                a_failed_at = Some(i);
+            }
+        }
+        fill(db, SIZE, 0);
+        let b = &c.dev2.as_ref().ok_or("no second device")?.0;
+        let out = b.run(dmadev::OP_COPY, IOVA, IOVA + SIZE, SIZE, 0);
+        check(
+            out.status == dmadev::DONE,
+            "the healthy device's copy failed",
+        )?;
+        check(
+            bytes(db, SIZE) == bytes(sb, SIZE),
+            "the healthy device copied wrong bytes",
+        )?;
+        if a_failed_at.is_some() {
+            b_after += 1;
+            if b_after == 20 {
+                break;
+            }
+        }
+    }
+    let at = a_failed_at.ok_or("the first device never failed")?;
+    say!(
+        "# hostile_peer: the first device failed at copy ",
+        at,
+        "; the second did ",
+        b_after,
+        " good copies after that"
+    );
+    check(at > 0, "the first device failed before any copy")?;
+    check(b_after == 20, "the second device stopped")?;
+    let st = viommu(c).one(Req::Attach(9, 0x7f8, 0));
+    check(st == 6, "the virtio-iommu does not answer")
 }
