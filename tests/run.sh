@@ -42,4 +42,7 @@ cargo build --workspace --release --quiet
 step "cargo test --release"
 cargo test --workspace --release
 
+step "fuzz smoke: every target for 10 s (tests/fuzz.sh; longer runs: tests/fuzz.sh 600)"
+./tests/fuzz.sh 10
+
 step "all tests passed in $(( $(date +%s) - start )) s"

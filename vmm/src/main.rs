@@ -1,16 +1,7 @@
 //! `vmm`: boot a guest under KVM with an emulated virtio-iommu in front of passthrough
 //! devices. See the README for the command line.
 
-mod cli;
-mod device_manager;
-mod dirty;
-mod error;
-mod interrupts;
-mod memory;
-mod migration;
-mod passthrough;
-mod vcpu;
-mod vm;
+use vmm::{cli, error, vm};
 
 use std::process::ExitCode;
 

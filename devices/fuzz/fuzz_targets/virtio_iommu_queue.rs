@@ -5,7 +5,6 @@
 //! may panic, and every chain must be returned.
 #![no_main]
 
-
 use devices::virtio::iommu::{IommuHandle, VirtioIommu};
 use devices::virtio::testing::{test_memory, CountingInterrupt, TestQueue};
 use devices::virtio::VirtioDevice;
@@ -40,7 +39,10 @@ fuzz_target!(|data: &[u8]| {
     let mut evt = TestQueue::new(&mem, 0x3000, 8);
     dev.set_acked_features(dev.avail_features() & !u64::from(data.get(1).copied().unwrap_or(0)));
     let irq = CountingInterrupt::new();
-    if dev.activate(vec![req.queue(), evt.queue()], irq.clone()).is_err() {
+    if dev
+        .activate(vec![req.queue(), evt.queue()], irq.clone())
+        .is_err()
+    {
         return;
     }
     for i in 0..4u64 {
@@ -55,8 +57,16 @@ fuzz_target!(|data: &[u8]| {
         let body = &rest[..len.min(rest.len())];
         rest = &rest[body.len()..];
         mem.write_slice(body, GuestAddress(buf)).unwrap();
-        let rlen = if flags & 1 != 0 { u32::MAX } else { body.len() as u32 };
-        let waddr = if flags & 2 != 0 { u64::MAX - 8 } else { buf + 128 };
+        let rlen = if flags & 1 != 0 {
+            u32::MAX
+        } else {
+            body.len() as u32
+        };
+        let waddr = if flags & 2 != 0 {
+            u64::MAX - 8
+        } else {
+            buf + 128
+        };
         req.add(&mem, &[(buf, rlen, false), (waddr, wlen * 4, true)]);
         queued += 1;
         buf += 0x1000;
@@ -68,7 +78,9 @@ fuzz_target!(|data: &[u8]| {
         }
         if flags & 8 != 0 {
             let mut out = Vec::new();
-            let _ = handle.lock().translate(8, buf & 0xff_ffff, 64, Access::Write, &mut out);
+            let _ = handle
+                .lock()
+                .translate(8, buf & 0xff_ffff, 64, Access::Write, &mut out);
             dev.queue_notify(1);
         }
         if flags & 16 != 0 {

@@ -35,7 +35,7 @@ use crate::memory::GuestRam;
 use crate::vcpu::{ParkedRequest, VcpuContext};
 use kvm_state::{VcpuState, VmState};
 
-pub use recv::{receive, Source};
+pub use recv::{read_stream, receive, Incoming, Source};
 pub use send::{migrate, snapshot, MigrateOptions};
 
 /// Version of [`MachineState`].

@@ -108,21 +108,60 @@ fn receive_stream(
     vcpus: &[VcpuFd],
     reader: Box<dyn Read + Send>,
 ) -> Result<(), MigrationError> {
-    let mut r = StreamReader::new(BufReader::with_capacity(1 << 20, reader))?;
-    let (kind, payload) = r.next()?;
+    let incoming = read_stream(
+        BufReader::with_capacity(1 << 20, reader),
+        &m.config,
+        &m.devices.ram_ranges,
+        |gpa, bytes| {
+            m.ram
+                .mem
+                .write_slice(bytes, GuestAddress(gpa))
+                .map_err(|e| state_err(format!("writing guest RAM: {e}")))
+        },
+    )?;
+    log::info!("received {} pages and the machine state", incoming.pages);
+    restore(m, vcpus, &incoming.state, &incoming.device_data)
+}
+
+/// What a stream carried besides guest RAM.
+pub struct Incoming {
+    /// The machine state (`STATE` record).
+    pub state: MachineState,
+    /// `(PCI slot, data)` of each passthrough device (`DEVICE_DATA` records).
+    pub device_data: Vec<(u8, Vec<u8>)>,
+    /// Guest pages received.
+    pub pages: u64,
+}
+
+/// Reads a whole stream (snapshot or migration) for a VM configured as `ours` with RAM
+/// `ram_ranges` (`(GPA, bytes)`): checks the configuration, hands every `RAM` record's pages
+/// to `write_ram(gpa, bytes)` (inside guest RAM, whole pages), and returns the rest. No KVM:
+/// this is what a hostile stream meets first (`devices/fuzz`'s `migration_stream` target).
+///
+/// # Errors
+/// [`MigrationError`]: a corrupt, truncated, foreign or incompatible stream, a record out of
+/// place, pages outside guest RAM, no machine state, or `write_ram`'s error.
+pub fn read_stream<R: Read>(
+    reader: R,
+    ours: &MachineConfig,
+    ram_ranges: &[(u64, u64)],
+    mut write_ram: impl FnMut(u64, &[u8]) -> Result<(), MigrationError>,
+) -> Result<Incoming, MigrationError> {
+    let mut r = StreamReader::new(reader)?;
+    let (kind, payload) = r.next_record()?;
     if kind != Kind::Config {
         return Err(MigrationError::Incompatible(format!(
             "the stream starts with {kind:?}, not the machine configuration"
         )));
     }
     let theirs: MachineConfig = parse("Config", 0, &payload)?;
-    check_config(&theirs, &m.config)?;
+    check_config(&theirs, ours)?;
     let mut state: Option<MachineState> = None;
     let mut device_data: Vec<(u8, Vec<u8>)> = Vec::new();
     let mut pages = 0u64;
     loop {
         let index = r.records();
-        let (kind, payload) = r.next()?;
+        let (kind, payload) = r.next_record()?;
         match kind {
             Kind::Ram => {
                 if payload.len() < 8 || (payload.len() - 8) % 4096 != 0 {
@@ -130,10 +169,12 @@ fn receive_stream(
                 }
                 let gpa = u64::from_le_bytes(payload[..8].try_into().unwrap_or_default());
                 let len = (payload.len() - 8) as u64;
-                let inside =
-                    m.devices.ram_ranges.iter().any(|&(s, l)| {
-                        gpa >= s && gpa.checked_add(len).is_some_and(|e| e <= s + l)
-                    });
+                let inside = ram_ranges.iter().any(|&(s, l)| {
+                    gpa >= s
+                        && gpa
+                            .checked_add(len)
+                            .is_some_and(|e| s.checked_add(l).is_some_and(|end| e <= end))
+                });
                 if gpa % 4096 != 0 || !inside {
                     return Err(bad(
                         index,
@@ -141,10 +182,7 @@ fn receive_stream(
                         &format!("pages at {gpa:#x}+{len:#x} are not guest RAM"),
                     ));
                 }
-                m.ram
-                    .mem
-                    .write_slice(&payload[8..], GuestAddress(gpa))
-                    .map_err(|e| state_err(format!("writing guest RAM: {e}")))?;
+                write_ram(gpa, &payload[8..])?;
                 pages += len / 4096;
             }
             Kind::Round => {
@@ -173,8 +211,11 @@ fn receive_stream(
         }
     }
     let state = state.ok_or_else(|| state_err("the stream has no machine state"))?;
-    log::info!("received {pages} pages and the machine state");
-    restore(m, vcpus, &state, &device_data)
+    Ok(Incoming {
+        state,
+        device_data,
+        pages,
+    })
 }
 
 fn bad(index: u64, kind: &str, what: &str) -> MigrationError {
@@ -283,4 +324,93 @@ fn restore(
         b.set_migration_state(device_state::STOP).map_err(err)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migration::kvm_state::VmState;
+
+    fn config() -> MachineConfig {
+        MachineConfig {
+            memory: 64 << 20,
+            cpus: 1,
+            functions: vec![(0, "host bridge".into()), (1, "virtio-iommu".into())],
+        }
+    }
+
+    /// A small stream as a source writes it: one page, device data, a machine state with a
+    /// virtio-iommu domain, the end.
+    fn minimal_stream() -> (Vec<u8>, usize) {
+        let mut out = Vec::new();
+        let mut w = StreamWriter::new(&mut out).unwrap();
+        w.json(Kind::Config, &config()).unwrap();
+        w.flush().unwrap();
+        let prefix = w.bytes as usize;
+        let mut ram = 0x1000u64.to_le_bytes().to_vec();
+        ram.extend_from_slice(&[0x5a; 4096]);
+        w.record(Kind::Ram, &[&ram]).unwrap();
+        w.record(Kind::DeviceData, &[&2u32.to_le_bytes(), b"{}"])
+            .unwrap();
+        let state = MachineState {
+            version: STATE_VERSION,
+            vcpus: Vec::new(),
+            vm: VmState {
+                irqchips: Vec::new(),
+                pit: Default::default(),
+                clock: Default::default(),
+            },
+            serial: serde_json::Value::Null,
+            functions: Vec::new(),
+            viommu: Some(iommu::viommu::ViommuState {
+                version: iommu::viommu::STATE_VERSION,
+                negotiated: 0,
+                bypass: false,
+                attached: vec![(0x10, 1)],
+                domains: vec![iommu::viommu::DomainState {
+                    id: 1,
+                    bypass: false,
+                    mappings: vec![(0x100, 0x200, 4, 3)],
+                }],
+                faults: Vec::new(),
+            }),
+        };
+        w.json(Kind::State, &state).unwrap();
+        w.record(Kind::End, &[]).unwrap();
+        w.flush().unwrap();
+        drop(w);
+        (out, prefix)
+    }
+
+    #[test]
+    fn a_minimal_stream_reads_and_every_truncation_is_refused() {
+        let (stream, prefix) = minimal_stream();
+        let mut written = Vec::new();
+        let got = read_stream(&stream[..], &config(), &[(0, 64 << 20)], |gpa, b| {
+            written.push((gpa, b.len()));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(written, vec![(0x1000, 4096)]);
+        assert_eq!(got.pages, 1);
+        assert_eq!(got.device_data, vec![(2, b"{}".to_vec())]);
+        assert!(got.state.viommu.is_some());
+        // The fuzz target starts from the records after the configuration (tests/fuzz.sh).
+        if let Some(dir) = std::env::var_os("VMM_FUZZ_SEED_DIR") {
+            let dir = std::path::Path::new(&dir).join("migration_stream");
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("minimal"), &stream[prefix..]).unwrap();
+        }
+        for cut in (0..stream.len()).step_by(97) {
+            let r = read_stream(&stream[..cut], &config(), &[(0, 64 << 20)], |_, _| Ok(()));
+            assert!(r.is_err(), "cut at {cut}");
+        }
+        // Pages outside guest RAM are refused.
+        let e = read_stream(&stream[..], &config(), &[(0x10_0000, 1 << 20)], |_, _| {
+            Ok(())
+        })
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("not guest RAM"), "{e}");
+    }
 }

@@ -248,7 +248,7 @@ pub fn migrate(m: &Machine, opts: &MigrateOptions) -> Result<MigrationReport, Mi
             let conn = w.get_mut().get_mut();
             conn.set_timeout(Some(Duration::from_secs(120)));
             let ack = StreamReader::new(&mut *conn)
-                .and_then(|mut r| r.next())
+                .and_then(|mut r| r.next_record())
                 .map_err(MigrationError::from);
             let verdict = match ack {
                 Ok((Kind::Ack, payload)) => {
@@ -314,7 +314,7 @@ pub fn migrate(m: &Machine, opts: &MigrateOptions) -> Result<MigrationReport, Mi
 fn refusal(conn: &mut Box<dyn Conn>) -> Option<MigrationError> {
     conn.set_timeout(Some(Duration::from_secs(2)));
     let (kind, payload) = StreamReader::new(&mut *conn)
-        .and_then(|mut r| r.next())
+        .and_then(|mut r| r.next_record())
         .ok()?;
     if kind != Kind::Ack {
         return None;

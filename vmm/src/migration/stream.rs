@@ -198,7 +198,7 @@ impl<R: Read> StreamReader<R> {
     ///
     /// # Errors
     /// [`StreamError`].
-    pub fn next(&mut self) -> Result<(Kind, Vec<u8>), StreamError> {
+    pub fn next_record(&mut self) -> Result<(Kind, Vec<u8>), StreamError> {
         let index = self.index;
         let mut head = [0u8; 16];
         read_exact_or(
@@ -282,10 +282,10 @@ mod tests {
     fn round_trip() {
         let bytes = sample();
         let mut r = StreamReader::new(&bytes[..]).unwrap();
-        assert_eq!(r.next().unwrap().0, Kind::Config);
-        let (k, p) = r.next().unwrap();
+        assert_eq!(r.next_record().unwrap().0, Kind::Config);
+        let (k, p) = r.next_record().unwrap();
         assert_eq!((k, p.len()), (Kind::Ram, 8 + 4096));
-        assert_eq!(r.next().unwrap().0, Kind::End);
+        assert_eq!(r.next_record().unwrap().0, Kind::End);
     }
 
     #[test]
@@ -306,15 +306,15 @@ mod tests {
         let at = v.len() - 16 - 100;
         v[at] ^= 1;
         let mut r = StreamReader::new(&v[..]).unwrap();
-        r.next().unwrap();
-        let e = r.next().unwrap_err().to_string();
+        r.next_record().unwrap();
+        let e = r.next_record().unwrap_err().to_string();
         assert_eq!(e, "record #1 (Ram): checksum mismatch");
         // Cut the stream inside the RAM record.
         let v = &good[..good.len() - 1000];
         let mut r = StreamReader::new(v).unwrap();
-        r.next().unwrap();
+        r.next_record().unwrap();
         assert!(r
-            .next()
+            .next_record()
             .unwrap_err()
             .to_string()
             .starts_with("the stream is truncated (record #1 (Ram)"));
@@ -324,14 +324,14 @@ mod tests {
         let ram_head = 16 + 16 + config_len as usize;
         v[ram_head + 8..ram_head + 16].copy_from_slice(&u64::MAX.to_le_bytes());
         let mut r = StreamReader::new(&v[..]).unwrap();
-        r.next().unwrap();
-        assert!(r.next().unwrap_err().to_string().contains("at most"));
+        r.next_record().unwrap();
+        assert!(r.next_record().unwrap_err().to_string().contains("at most"));
         // An unknown kind.
         let mut v = good;
         v[16] = 99;
         let mut r = StreamReader::new(&v[..]).unwrap();
         assert_eq!(
-            r.next().unwrap_err().to_string(),
+            r.next_record().unwrap_err().to_string(),
             "record #0 (kind 99): unknown record kind"
         );
     }

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Builds and runs every fuzz target (devices/fuzz) for SECONDS each (default 60), starting from
+# seeds the unit tests write (a whole vfio-user conversation, a minimal migration stream) and
+# from the corpus kept in devices/fuzz/corpus/<target>. Prints the executions of each target;
+# fails on the first crash (its input is in devices/fuzz/artifacts/<target>).
+#
+# Installs cargo-fuzz when missing. libFuzzer needs nightly features: RUSTC_BOOTSTRAP=1 lets
+# the stable toolchain build them.
+#
+# Usage: tests/fuzz.sh [SECONDS] [TARGET...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+secs=${1:-60}
+shift || true
+[[ "$secs" =~ ^[0-9]+$ ]] || { echo "fuzz.sh: '$secs' is not a number of seconds" >&2; exit 2; }
+all=(virtio_iommu_queue migration_stream vfio_user_replies virtio_blk)
+targets=("$@")
+((${#targets[@]})) || targets=("${all[@]}")
+
+if ! command -v cargo >/dev/null 2>&1; then
+    [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+fi
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "fuzz.sh: installing cargo-fuzz" >&2
+    cargo install cargo-fuzz --locked --quiet
+fi
+export RUSTC_BOOTSTRAP=1
+
+seeds=$(mktemp -d "${TMPDIR:-/tmp}/vmm-fuzz-seeds.XXXXXX")
+trap 'rm -rf "$seeds"' EXIT
+echo "fuzz.sh: writing seeds" >&2
+VMM_FUZZ_SEED_DIR=$seeds cargo test --quiet -p devices --lib a_whole_conversation >/dev/null
+VMM_FUZZ_SEED_DIR=$seeds cargo test --quiet -p vmm --lib a_minimal_stream >/dev/null
+
+cd devices/fuzz
+status=0
+for t in "${targets[@]}"; do
+    corpus=corpus/$t
+    mkdir -p "$corpus" "$seeds/$t"
+    echo "fuzz.sh: $t for $secs s" >&2
+    log=$(mktemp)
+    if cargo fuzz run "$t" "$corpus" "$seeds/$t" -- -max_total_time="$secs" \
+        -print_final_stats=1 > "$log" 2>&1; then
+        runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo '?')
+        echo "fuzz: $t: $runs executions in $secs s, no crash"
+    else
+        echo "fuzz: $t: CRASHED (input in devices/fuzz/artifacts/$t); the fuzzer's last lines:"
+        tail -30 "$log"
+        status=1
+    fi
+    rm -f "$log"
+done
+exit $status
