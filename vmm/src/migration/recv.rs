@@ -378,7 +378,6 @@ mod tests {
         w.json(Kind::State, &state).unwrap();
         w.record(Kind::End, &[]).unwrap();
         w.flush().unwrap();
-        drop(w);
         (out, prefix)
     }
 
