@@ -58,3 +58,12 @@ pub fn probe(ep: u32) -> Vec<u8> {
     v.extend_from_slice(b.as_bytes());
     v
 }
+
+/// Property-test cases: `default`, or `$PROPTEST_CASES` when set (tests/mutants.sh lowers it
+/// to keep each mutant's test run short).
+pub fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}

@@ -336,7 +336,7 @@ fn run(ops: &[Op], batch_size: usize, merge: bool) -> Result<(), TestCaseError> 
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: crate::testing::cases(400), ..ProptestConfig::default() })]
 
     #[test]
     fn device_matches_model_one_request_per_batch(ops in prop::collection::vec(op(), 1..120)) {
@@ -383,7 +383,7 @@ mod table {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: crate::testing::cases(300), ..ProptestConfig::default() })]
         #[test]
         fn table_matches_page_map(ops in prop::collection::vec(top(), 1..40)) {
             let mut t = IoPageTable::default();
@@ -508,7 +508,7 @@ mod dirty {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: crate::testing::cases(300), ..ProptestConfig::default() })]
 
         #[test]
         fn no_device_write_is_lost(ops in prop::collection::vec(dop(), 1..150), merge in any::<bool>()) {

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Mutation testing (cargo-mutants): every mutant of the mapping core (iommu/) and of the
+# virtio-iommu device (devices/src/virtio/iommu/) must be caught by a test, or be listed in
+# tests/README.md as equivalent with the reason. With `all`, also the dirty-tracking and
+# migration paths (vmm/src/dirty.rs, vmm/src/migration/, the vfio-user DMA backend).
+#
+# Not part of the test command (it takes most of an hour on 2 cores). Installs cargo-mutants
+# when missing. Property tests run with PROPTEST_CASES=16 (default here) to keep each
+# mutant's test run short. Results: target/mutants/<part>/mutants.out/{caught,missed}.txt.
+#
+# Usage: tests/mutants.sh [all]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v cargo >/dev/null 2>&1; then
+    [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+fi
+if ! cargo mutants --version >/dev/null 2>&1; then
+    echo "mutants.sh: installing cargo-mutants" >&2
+    cargo install cargo-mutants --locked --quiet
+fi
+export PROPTEST_CASES=${PROPTEST_CASES:-16}
+out=${MUTANTS_OUT:-target/mutants}
+jobs=${JOBS:-2}
+# Test helpers (the recording backend, request builders) and Debug impls are not product code.
+skip='RecordingBackend|RecordingLog|impl Debug|impl fmt::Debug|<impl Debug'
+
+run() { # run NAME cargo-mutants-args...
+    local name=$1
+    shift
+    echo "mutants.sh: $name" >&2
+    cargo mutants --jobs "$jobs" --output "$out/$name" --exclude-re "$skip" "$@" \
+        > "$out/$name.log" 2>&1 || true
+    local d="$out/$name/mutants.out" caught missed timeout unviable
+    caught=$(wc -l < "$d/caught.txt"); missed=$(wc -l < "$d/missed.txt")
+    timeout=$(wc -l < "$d/timeout.txt"); unviable=$(wc -l < "$d/unviable.txt")
+    echo "mutants: $name: $caught caught, $missed missed, $timeout timed out, $unviable unviable;" \
+        "score $(( 100 * (caught + timeout) / (caught + missed + timeout) ))% (missed: $d/missed.txt)"
+}
+
+mkdir -p "$out"
+run iommu --package iommu --exclude iommu/src/testing.rs
+run virtio-iommu --package devices --file 'devices/src/virtio/iommu/*.rs'
+if [ "${1:-}" = all ]; then
+    run vmm-dirty-migration --package vmm --file vmm/src/dirty.rs --file 'vmm/src/migration/*.rs'
+    run vfio-user-dma --package devices --file devices/src/passthrough/vfio_user_backend.rs
+fi
