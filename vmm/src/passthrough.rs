@@ -10,7 +10,6 @@ use devices::passthrough::vfio_user_backend::{VfioUserDevice, VfioUserDma};
 use devices::passthrough::{PassthroughBackend, VFIO_PCI_ERR_IRQ_INDEX};
 use devices::virtio::iommu::IommuHandle;
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use iommu::protocol::VIRTIO_IOMMU_FAULT_R_MAPPING;
 use iommu::viommu::BackendId;
 use iommu::DmaBackend;
 use vmm_sys_util::epoll::EventSet;
@@ -58,7 +57,7 @@ impl FaultForwarder {
                 if let Some((h, ep, _)) = &self.iommu {
                     let mut s = h.lock();
                     for &(iova, write) in &faults {
-                        s.report_fault(*ep, VIRTIO_IOMMU_FAULT_R_MAPPING, write, Some(iova));
+                        s.report_device_fault(*ep, write, Some(iova));
                     }
                     drop(s);
                     if !faults.is_empty() {

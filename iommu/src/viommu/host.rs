@@ -333,8 +333,18 @@ impl Viommu {
             if clash {
                 return Err(Status::Unsupp);
             }
-        } else if self.domains.len() >= self.cfg.max_domains {
-            return Err(Status::NoMem);
+        } else {
+            // A move frees the old domain when this endpoint is its last one, as the DETACH it
+            // stands for would (5.13.6.1: "the device SHOULD behave as if the driver issued a
+            // DETACH request with this endpoint, followed by the ATTACH request").
+            let freed = old.is_some_and(|o| {
+                self.domains
+                    .get(&o)
+                    .is_some_and(|d| d.endpoints.len() == 1 && d.endpoints.contains(&ep))
+            });
+            if self.domains.len() - usize::from(freed) >= self.cfg.max_domains {
+                return Err(Status::NoMem);
+            }
         }
         let from = self.endpoint_content(ep);
         let to = if bypass {
@@ -358,8 +368,16 @@ impl Viommu {
             // The host content changes before the state does; a domain created by this
             // request has no mappings yet.
             if others.is_empty() {
-                self.switch_backend(b, from, to)
-                    .map_err(|e| status_of(&e))?;
+                self.switch_backend(b, from, to).map_err(|e| {
+                    // A move the host cannot make leaves the endpoint where it was; the
+                    // spec's answer for that is UNSUPP ("If the device cannot do so, it MUST
+                    // reject the request and set status to VIRTIO_IOMMU_S_UNSUPP").
+                    if old.is_some() {
+                        Status::Unsupp
+                    } else {
+                        status_of(&e)
+                    }
+                })?;
             }
         }
         // "If the endpoint identified by endpoint is already attached to another domain,

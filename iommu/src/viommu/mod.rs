@@ -116,6 +116,9 @@ pub enum SetupError {
     /// The backend has no usable IOVA range inside the device's input range.
     #[error("backend {0} has no usable IOVA range")]
     NoIovaRange(String),
+    /// Two fixed reserved regions of an endpoint overlap.
+    #[error("reserved regions {0:x?} and {1:x?} overlap")]
+    ReservedOverlap(ResvRegion, ResvRegion),
     /// A host call failed while setting up bypass mappings.
     #[error("backend {0}")]
     Backend(String, #[source] BackendError),
@@ -290,10 +293,23 @@ impl Viommu {
         }
         let mut resv: Vec<ResvRegion> = self.cfg.reserved.clone();
         resv.extend_from_slice(extra_resv);
-        if let Some(b) = backend.and_then(|b| self.backends.get(b)) {
-            resv.extend(host_holes(&b.caps.iova_ranges, self.cfg.input_range));
+        resv.sort_by_key(|r| (r.start, r.end));
+        // 5.13.6.6.1: "The device SHOULD NOT present multiple RESV_MEM properties that overlap
+        // each other for the same endpoint." Fixed regions that overlap are a configuration
+        // error; the host's holes yield to them (a hole is only "reserved", and an MSI
+        // doorbell inside one keeps its meaning).
+        if let Some(w) = resv
+            .windows(2)
+            .find(|w| w[0].overlaps(w[1].start, w[1].end))
+        {
+            return Err(SetupError::ReservedOverlap(w[0], w[1]));
         }
-        resv.sort_by_key(|r| r.start);
+        if let Some(b) = backend.and_then(|b| self.backends.get(b)) {
+            let holes = host_holes(&b.caps.iova_ranges, self.cfg.input_range);
+            let split = subtract_regions(&holes, &resv);
+            resv.extend(split);
+            resv.sort_by_key(|r| (r.start, r.end));
+        }
         self.endpoints.insert(
             id,
             Endpoint {
@@ -541,6 +557,36 @@ fn host_holes(ranges: &[(u64, u64)], input: (u64, u64)) -> Vec<ResvRegion> {
         });
     }
     holes
+}
+
+/// `regions` without the addresses of `remove` (sorted, non-overlapping): each region split
+/// into the pieces outside every removed one.
+fn subtract_regions(regions: &[ResvRegion], remove: &[ResvRegion]) -> Vec<ResvRegion> {
+    let mut out = Vec::new();
+    for r in regions {
+        let mut start = r.start;
+        let mut covered_to_end = false;
+        for x in remove.iter().filter(|x| x.overlaps(r.start, r.end)) {
+            if x.start > start {
+                out.push(ResvRegion {
+                    start,
+                    end: x.start - 1,
+                    subtype: r.subtype,
+                });
+            }
+            match x.end.checked_add(1) {
+                Some(next) if x.end < r.end => start = next.max(start),
+                _ => {
+                    covered_to_end = true;
+                    break;
+                }
+            }
+        }
+        if !covered_to_end {
+            out.push(ResvRegion { start, ..*r });
+        }
+    }
+    out
 }
 
 fn status_of(e: &BackendError) -> Status {

@@ -32,11 +32,17 @@ pub enum Reply {
     /// zero").
     Unwritten,
     /// Write `props` at the start of the writable part and the tail (`status`, 3 zero bytes)
-    /// at `tail_offset`; the used length is `used_len`.
+    /// right after them, at `tail_offset`; the used length is `used_len`, which is exactly
+    /// the bytes written (`tail_offset + 4`): 2.7.8.2, "the device MUST have written at least
+    /// `len` bytes". The positions are those of the request structs (5.13.6.1-5): the tail
+    /// starts the writable part, except for PROBE, where it follows `probe_size` bytes of
+    /// properties (fewer when the driver gave less room; the request is then INVAL and the
+    /// properties are zeros). Writable bytes past the tail are not the request's and are
+    /// left alone.
     Written {
         /// Status in the tail.
         status: Status,
-        /// PROBE properties, `probe_size` bytes; empty for other requests.
+        /// PROBE properties (or zeros), `tail_offset` bytes; empty for other requests.
         props: Vec<u8>,
         /// Offset of the tail in the writable part.
         tail_offset: usize,
@@ -83,7 +89,7 @@ impl Viommu {
                 self.counters.requests[5] += 1;
                 continue;
             };
-            let Some(size) = request_size(type_) else {
+            let Some(size) = request_size(type_).filter(|_| self.recognizes(type_)) else {
                 self.counters.requests[5] += 1;
                 continue;
             };
@@ -127,6 +133,7 @@ impl Viommu {
             };
         }
         self.flush_pending(&mut statuses);
+        let probe_size = self.probe_size() as usize;
         let mut replies = Vec::with_capacity(reqs.len());
         for (i, r) in reqs.iter().enumerate() {
             if !answered[i] {
@@ -134,14 +141,36 @@ impl Viommu {
                 continue;
             }
             self.counters.statuses[statuses[i] as usize] += 1;
+            let mut p = std::mem::take(&mut props[i]);
+            if r.readable.first() == Some(&VIRTIO_IOMMU_T_PROBE) {
+                // Whatever the status, the properties field is written (zeros when there is
+                // nothing to report) so that the used length covers what precedes the tail.
+                p.resize((r.writable_len - 4).min(probe_size), 0);
+            }
+            let tail_offset = p.len();
             replies.push(Reply::Written {
                 status: statuses[i],
-                props: std::mem::take(&mut props[i]),
-                tail_offset: r.writable_len - 4,
-                used_len: u32::try_from(r.writable_len).unwrap_or(u32::MAX),
+                props: p,
+                tail_offset,
+                used_len: u32::try_from(tail_offset + 4).unwrap_or(u32::MAX),
             });
         }
         replies
+    }
+
+    /// Whether requests of `type_` exist on this device as negotiated: MAP and UNMAP only
+    /// with `VIRTIO_IOMMU_F_MAP_UNMAP` (5.13.6.3-4: "This request is only available when
+    /// VIRTIO_IOMMU_F_MAP_UNMAP has been negotiated"), PROBE only with `VIRTIO_IOMMU_F_PROBE`
+    /// (5.13.6.5: "If the device does not offer the VIRTIO_IOMMU_F_PROBE feature, and if the
+    /// driver sends a VIRTIO_IOMMU_T_PROBE request, then the device SHOULD NOT write the
+    /// buffer and SHOULD set the used length to zero"). Others are answered like unknown
+    /// types.
+    fn recognizes(&self, type_: u8) -> bool {
+        match type_ {
+            VIRTIO_IOMMU_T_MAP | VIRTIO_IOMMU_T_UNMAP => self.has(VIRTIO_IOMMU_F_MAP_UNMAP),
+            VIRTIO_IOMMU_T_PROBE => self.has(VIRTIO_IOMMU_F_PROBE),
+            _ => true,
+        }
     }
 
     fn domain_in_range(&self, domain: DomainId) -> bool {

@@ -341,7 +341,7 @@ fn probe_reports_reserved_regions() {
     let Reply::Written { props, .. } = reply else {
         panic!()
     };
-    assert!(props.is_empty());
+    assert_eq!(props, vec![0; 16], "no property, only zeros up to the tail");
     let req = probe(42);
     let r = Request {
         readable: &req,
@@ -380,10 +380,19 @@ fn malformed_requests() {
     };
     let reply = v.process(&[r]).remove(0);
     assert_eq!(reply.status(), Some(Status::Ok));
-    let Reply::Written { tail_offset, .. } = reply else {
+    let Reply::Written {
+        tail_offset,
+        used_len,
+        ..
+    } = reply
+    else {
         panic!()
     };
-    assert_eq!(tail_offset, (1 << 20) - 4);
+    assert_eq!(
+        (tail_offset, used_len),
+        (0, 4),
+        "the tail starts the writable part"
+    );
 }
 
 #[test]
@@ -462,7 +471,8 @@ fn failed_host_map_rolls_back() {
     let attempts = log.lock().unwrap().attempts;
     // unmap 0x1000, unmap 0x5000, then map 0x7000 fails.
     log.lock().unwrap().fail_call = Some(attempts + 2);
-    assert_eq!(send(&mut v, &attach(2, 8, 0)), Some(Status::NoMem));
+    // A move the host cannot make is UNSUPP (5.13.6.1).
+    assert_eq!(send(&mut v, &attach(2, 8, 0)), Some(Status::Unsupp));
     assert_eq!(v.endpoint_domain(8), Some(1));
     let hp: Vec<u64> = log
         .lock()
@@ -879,5 +889,88 @@ mod harvest_options {
         let mut d = DirtyBitmap::new(&ram);
         v.harvest_dirty(&mut d);
         assert!(d.is_clean());
+    }
+}
+
+mod resv_split {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn region(start: u64, len: u64, subtype: u8) -> ResvRegion {
+        ResvRegion {
+            start,
+            end: start + (len - 1),
+            subtype,
+        }
+    }
+
+    #[test]
+    fn edges() {
+        let hole = region(10, 11, 0); // 10..=20
+        let cut = |remove: &[ResvRegion]| subtract_regions(&[hole], remove);
+        assert_eq!(cut(&[]), vec![hole]);
+        assert_eq!(cut(&[region(10, 11, 1)]), vec![], "covered exactly");
+        assert_eq!(cut(&[region(0, 100, 1)]), vec![], "covered more");
+        assert_eq!(
+            cut(&[region(10, 1, 1)]),
+            vec![region(11, 10, 0)],
+            "first address"
+        );
+        assert_eq!(
+            cut(&[region(20, 1, 1)]),
+            vec![region(10, 10, 0)],
+            "last address"
+        );
+        assert_eq!(
+            cut(&[region(12, 2, 1), region(16, 1, 1)]),
+            vec![region(10, 2, 0), region(14, 2, 0), region(17, 4, 0)]
+        );
+        let top = ResvRegion {
+            start: u64::MAX - 9,
+            end: u64::MAX,
+            subtype: 0,
+        };
+        assert_eq!(subtract_regions(&[top], &[top]), vec![]);
+        assert_eq!(
+            subtract_regions(&[top], &[region(u64::MAX - 4, 5, 1)]),
+            vec![region(u64::MAX - 9, 5, 0)]
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: crate::testing::cases(256),
+            ..ProptestConfig::default()
+        })]
+
+        /// Against a per-address model: the pieces cover exactly the addresses of the
+        /// regions outside the removed ones, keep their subtype, and do not overlap.
+        #[test]
+        fn subtraction_matches_a_model(
+            holes in proptest::collection::vec((0u64..64, 1u64..16), 0..4),
+            fixed in proptest::collection::vec((0u64..64, 1u64..16), 0..4),
+        ) {
+            let disjoint = |v: &[(u64, u64)], subtype: u8| {
+                let mut out: Vec<ResvRegion> = Vec::new();
+                let mut sorted = v.to_vec();
+                sorted.sort();
+                for &(s, l) in &sorted {
+                    if out.last().is_none_or(|r| r.end < s) {
+                        out.push(region(s, l, subtype));
+                    }
+                }
+                out
+            };
+            let holes = disjoint(&holes, 0);
+            let fixed = disjoint(&fixed, 1);
+            let got = subtract_regions(&holes, &fixed);
+            let inside = |rs: &[ResvRegion], a: u64| rs.iter().any(|r| r.start <= a && a <= r.end);
+            for a in 0..100u64 {
+                prop_assert_eq!(inside(&got, a), inside(&holes, a) && !inside(&fixed, a), "address {}", a);
+            }
+            prop_assert!(got.iter().all(|r| r.subtype == 0 && r.start <= r.end));
+            prop_assert!(got.windows(2).all(|w| w[0].end < w[1].start));
+        }
     }
 }

@@ -185,11 +185,26 @@ impl Viommu {
         Ok(())
     }
 
-    /// Records a fault raised outside the IOMMU (by a passthrough device's DMA engine) for the
-    /// event queue.
-    pub fn report_fault(&mut self, ep: EndpointId, reason: u8, write: bool, address: Option<u64>) {
+    /// Records a fault raised outside the IOMMU (a passthrough device's DMA to `address` was
+    /// refused by the host) for the event queue, with the reason the endpoint's state gives
+    /// (5.13.6.7): `R_UNKNOWN` for an endpoint the device does not know, `R_DOMAIN` when it
+    /// is not attached to a domain (and not in bypass), otherwise `R_MAPPING`. Returns the
+    /// event.
+    pub fn report_device_fault(
+        &mut self,
+        ep: EndpointId,
+        write: bool,
+        address: Option<u64>,
+    ) -> protocol::Fault {
         let access = if write { Access::Write } else { Access::Read };
-        self.fault(ep, reason, access, address);
+        let reason = if !self.endpoints.contains_key(&ep) {
+            VIRTIO_IOMMU_FAULT_R_UNKNOWN
+        } else if self.endpoint_content(ep) == Content::Nothing {
+            VIRTIO_IOMMU_FAULT_R_DOMAIN
+        } else {
+            VIRTIO_IOMMU_FAULT_R_MAPPING
+        };
+        self.fault(ep, reason, access, address)
     }
 
     pub(super) fn fault(

@@ -184,4 +184,6 @@ impl VirtioDevice for VirtioIommu {
 }
 
 #[cfg(test)]
+mod regressions;
+#[cfg(test)]
 mod tests;

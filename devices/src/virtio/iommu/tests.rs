@@ -12,32 +12,44 @@ use zerocopy::FromBytes;
 use super::*;
 use crate::virtio::testing::{test_memory, CountingInterrupt, TestQueue};
 
-const MEM: usize = 16 << 20;
+pub(super) const MEM: usize = 16 << 20;
 /// Where request buffers go.
 const BUFS: u64 = 0x10_0000;
 
-struct Driver {
-    mem: Arc<GuestMemoryMmap>,
-    dev: VirtioIommu,
-    req: TestQueue,
-    evt: TestQueue,
-    irq: Arc<CountingInterrupt>,
+/// A guest driver of the device: its memory, both queues and the interrupts it received.
+pub(super) struct Driver {
+    pub(super) mem: Arc<GuestMemoryMmap>,
+    pub(super) dev: VirtioIommu,
+    pub(super) req: TestQueue,
+    pub(super) evt: TestQueue,
+    pub(super) irq: Arc<CountingInterrupt>,
     next_buf: u64,
 }
 
 impl Driver {
-    fn new() -> Self {
-        let mem = test_memory(MEM);
-        let mut state = Viommu::new(ViommuConfig {
-            guest_ram: vec![(0, MEM as u64)],
-            ..Default::default()
-        });
+    /// Endpoints 8 and 9 (emulated), every offered feature accepted.
+    pub(super) fn new() -> Self {
+        let mut state = Viommu::new(Self::config());
         state.add_endpoint(8, None, &[]).unwrap();
         state.add_endpoint(9, None, &[]).unwrap();
+        Self::with(state, None)
+    }
+
+    /// The configuration [`Driver::new`] uses: guest RAM is the test memory.
+    pub(super) fn config() -> ViommuConfig {
+        ViommuConfig {
+            guest_ram: vec![(0, MEM as u64)],
+            ..Default::default()
+        }
+    }
+
+    /// A driver of a device around `state` that accepts `features` (`None`: all offered).
+    pub(super) fn with(state: Viommu, features: Option<u64>) -> Self {
+        let mem = test_memory(MEM);
         let mut dev = VirtioIommu::new(IommuHandle::new(state).unwrap(), mem.clone());
         let req = TestQueue::new(&mem, 0x1000, 64);
         let evt = TestQueue::new(&mem, 0x4000, 64);
-        dev.set_acked_features(dev.avail_features());
+        dev.set_acked_features(features.unwrap_or(dev.avail_features()));
         let irq = CountingInterrupt::new();
         dev.activate(vec![req.queue(), evt.queue()], irq.clone())
             .unwrap();
@@ -51,19 +63,24 @@ impl Driver {
         }
     }
 
-    fn alloc(&mut self, len: u64) -> u64 {
+    pub(super) fn alloc(&mut self, len: u64) -> u64 {
         let a = self.next_buf;
         self.next_buf += len.next_multiple_of(64);
         a
     }
 
     /// Queues `req` with a `writable`-byte writable part; returns (head, writable GPA).
-    fn queue(&mut self, req: &[u8], writable: u32) -> (u16, u64) {
+    pub(super) fn queue(&mut self, req: &[u8], writable: u32) -> (u16, u64) {
+        self.queue_poisoned(req, writable, 0xee)
+    }
+
+    /// As [`Driver::queue`], with the writable part filled with `poison` first.
+    pub(super) fn queue_poisoned(&mut self, req: &[u8], writable: u32, poison: u8) -> (u16, u64) {
         let r = self.alloc(req.len() as u64);
         self.mem.write_slice(req, GuestAddress(r)).unwrap();
         let w = self.alloc(u64::from(writable));
         self.mem
-            .write_slice(&vec![0xee; writable as usize], GuestAddress(w))
+            .write_slice(&vec![poison; writable as usize], GuestAddress(w))
             .unwrap();
         let head = self.req.add(
             &self.mem,
@@ -73,7 +90,7 @@ impl Driver {
     }
 
     /// Sends requests as one notification; returns (status byte, used length) of each.
-    fn send(&mut self, reqs: &[Vec<u8>]) -> Vec<(Option<u8>, u32)> {
+    pub(super) fn send(&mut self, reqs: &[Vec<u8>]) -> Vec<(Option<u8>, u32)> {
         let queued: Vec<(u16, u64)> = reqs.iter().map(|r| self.queue(r, 4)).collect();
         self.dev.queue_notify(0);
         let used = self.req.used(&self.mem);
@@ -89,13 +106,13 @@ impl Driver {
             .collect()
     }
 
-    fn status(&mut self, req: Vec<u8>) -> Option<u8> {
+    pub(super) fn status(&mut self, req: Vec<u8>) -> Option<u8> {
         self.send(&[req])[0].0
     }
 }
 
-const RW: u32 = VIRTIO_IOMMU_MAP_F_READ | VIRTIO_IOMMU_MAP_F_WRITE;
-const OK: Option<u8> = Some(Status::Ok as u8);
+pub(super) const RW: u32 = VIRTIO_IOMMU_MAP_F_READ | VIRTIO_IOMMU_MAP_F_WRITE;
+pub(super) const OK: Option<u8> = Some(Status::Ok as u8);
 
 #[test]
 fn a_batch_is_answered_with_one_interrupt() {
