@@ -108,6 +108,13 @@ fn bad_flag_value_names_the_flag() {
     let run = run_vmm(&["--kernel", "/x", "--host-quirks", "maybe"], DEADLINE);
     assert_eq!(run.code(), 2);
     assert!(run.stderr.contains("--host-quirks"), "{}", run.stderr);
+    for bad in ["aw-bits=70", "domains=0", "boot-bypass=perhaps", "granule=4k"] {
+        let run = run_vmm(&["--kernel", "/x", "--iommu", bad], DEADLINE);
+        assert_eq!(run.code(), 2, "{bad}");
+        assert!(run.stderr.contains("--iommu"), "{bad}: {}", run.stderr);
+        let key = bad.split('=').next().unwrap();
+        assert!(run.stderr.contains(key), "{bad}: {}", run.stderr);
+    }
 }
 
 #[test]

@@ -43,10 +43,15 @@ pub struct Cli {
     #[arg(long, value_enum, value_name = "auto|pvm|none", default_value_t = QuirksArg::Auto)]
     pub host_quirks: QuirksArg,
 
-    /// Adds the virtio-iommu at PCI 00:01.0. `bypass=on` lets endpoints that are not attached
-    /// to a domain reach all of guest RAM (the config field's initial value).
-    #[arg(long, value_name = "[bypass=on|off]", num_args = 0..=1, default_missing_value = "",
-          value_parser = parse_iommu)]
+    /// Adds the virtio-iommu at PCI 00:01.0. `boot-bypass=on` (or `bypass=on`) lets endpoints
+    /// that are not attached to a domain reach all of guest RAM (the initial value of the
+    /// config field `bypass`; default off). `aw-bits=N` (32-64, default 48) sets the width
+    /// of the IOVA input range advertised in `input_range`; widths above 48 are narrowed to
+    /// the 48 bits the page table translates, and host backends may narrow it further.
+    /// `domains=N` (1-4294967296, default 65536) makes the domain IDs 0..N-1
+    /// (`domain_range`).
+    #[arg(long, value_name = "[boot-bypass=on|off][,aw-bits=N][,domains=N]", num_args = 0..=1,
+          default_missing_value = "", value_parser = parse_iommu)]
     pub iommu: Option<IommuArg>,
 
     /// Attaches a virtio-blk disk backed by a raw image; `iommu=on` puts it behind the
@@ -127,11 +132,25 @@ fn parse_incoming(s: &str) -> Result<IncomingArg, String> {
     s.parse().map(IncomingArg::Listen)
 }
 
-/// `--iommu` options.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// `--iommu` options (QEMU's virtio-iommu has `boot-bypass` and `aw-bits` too).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IommuArg {
     /// Initial `bypass` value.
     pub bypass: bool,
+    /// Width of the input range in bits, 32..=64.
+    pub aw_bits: u32,
+    /// Number of domain IDs (`domain_range` is `[0, domains - 1]`), 1..=2^32.
+    pub domains: u64,
+}
+
+impl Default for IommuArg {
+    fn default() -> Self {
+        Self {
+            bypass: false,
+            aw_bits: iommu::pagetable::IOVA_BITS,
+            domains: 0x1_0000,
+        }
+    }
 }
 
 /// One `--disk`.
@@ -315,9 +334,23 @@ fn on_off(key: &str, v: &str) -> Result<bool, String> {
 
 fn parse_iommu(s: &str) -> Result<IommuArg, String> {
     let mut a = IommuArg::default();
-    for (k, v) in parse_kv(s, &["bypass"])? {
-        if k == "bypass" {
-            a.bypass = on_off(&k, &v)?;
+    for (k, v) in parse_kv(s, &["boot-bypass", "bypass", "aw-bits", "domains"])? {
+        match k.as_str() {
+            "aw-bits" => {
+                a.aw_bits = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (32..=64).contains(n))
+                    .ok_or_else(|| format!("`aw-bits={v}`: expected a width from 32 to 64"))?
+            }
+            "domains" => {
+                a.domains = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=1 << 32).contains(n))
+                    .ok_or_else(|| format!("`domains={v}`: expected 1 to 4294967296"))?
+            }
+            _ => a.bypass = on_off(&k, &v)?,
         }
     }
     Ok(a)
@@ -449,8 +482,42 @@ mod tests {
         assert!(parse_disk("path=x,iommu=maybe")
             .unwrap_err()
             .contains("on or off"));
-        assert_eq!(parse_iommu(""), Ok(IommuArg { bypass: false }));
-        assert_eq!(parse_iommu("bypass=on"), Ok(IommuArg { bypass: true }));
+        assert_eq!(parse_iommu(""), Ok(IommuArg::default()));
+        let on = IommuArg {
+            bypass: true,
+            ..Default::default()
+        };
+        assert_eq!(parse_iommu("bypass=on"), Ok(on.clone()));
+        assert_eq!(parse_iommu("boot-bypass=on"), Ok(on));
+        assert_eq!(
+            parse_iommu("aw-bits=39,domains=8,boot-bypass=off"),
+            Ok(IommuArg {
+                bypass: false,
+                aw_bits: 39,
+                domains: 8
+            })
+        );
+        assert_eq!(
+            parse_iommu("aw-bits=64,domains=4294967296")
+                .unwrap()
+                .domains,
+            1 << 32
+        );
+        for bad in [
+            "aw-bits=31",
+            "aw-bits=65",
+            "aw-bits=x",
+            "domains=0",
+            "domains=4294967297",
+        ] {
+            let key = bad.split('=').next().unwrap();
+            let e = parse_iommu(bad).unwrap_err();
+            assert!(e.contains(&format!("`{bad}`")), "{bad}: {e}");
+            assert!(e.contains(key));
+        }
+        assert!(parse_iommu("boot-bypass=maybe")
+            .unwrap_err()
+            .contains("boot-bypass"));
         let cli =
             Cli::try_parse_from(["vmm", "--kernel", "k", "--iommu", "--disk", "path=d"]).unwrap();
         assert_eq!(cli.iommu, Some(IommuArg::default()));

@@ -359,7 +359,7 @@ impl DeviceManager {
                 let cfg = ViommuConfig {
                     bypass: arg.bypass,
                     guest_ram: layout::ram_ranges(mem_size),
-                    ..Default::default()
+                    ..ViommuConfig::default().with_widths(arg.aw_bits, arg.domains)
                 };
                 let handle = IommuHandle::new(Viommu::new(cfg))
                     .map_err(dev_err("the virtio-iommu".into()))?;

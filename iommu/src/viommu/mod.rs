@@ -101,6 +101,25 @@ impl Default for ViommuConfig {
     }
 }
 
+impl ViommuConfig {
+    /// This configuration with an input range `aw_bits` wide (`[0, 2^aw_bits - 1]`, narrowed
+    /// to the [`MAX_IOVA`] the page table translates) and `domains` domain IDs
+    /// (`domain_range = [0, domains - 1]`, at most 2^32; the live-domain limit becomes the
+    /// smaller of `domains` and the current one). QEMU calls the first `aw-bits`.
+    pub fn with_widths(mut self, aw_bits: u32, domains: u64) -> Self {
+        let top = 1u64
+            .checked_shl(aw_bits)
+            .map_or(u64::MAX, |v| v.wrapping_sub(1));
+        self.input_range = (0, top.min(MAX_IOVA));
+        let last = domains.clamp(1, 1 << 32) - 1;
+        self.domain_range = (0, u32::try_from(last).unwrap_or(u32::MAX));
+        self.max_domains = self
+            .max_domains
+            .min(usize::try_from(domains).unwrap_or(usize::MAX));
+        self
+    }
+}
+
 /// Errors while setting the device up (VMM side, not guest-visible).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SetupError {

@@ -173,7 +173,7 @@ impl Viommu {
         }
     }
 
-    fn domain_in_range(&self, domain: DomainId) -> bool {
+    pub(super) fn domain_in_range(&self, domain: DomainId) -> bool {
         domain >= self.cfg.domain_range.0 && domain <= self.cfg.domain_range.1
     }
 

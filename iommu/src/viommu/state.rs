@@ -55,6 +55,9 @@ pub enum RestoreError {
     /// A domain's mappings do not fit a page table (corrupt state).
     #[error("domain {0}: mapping {1:#x}+{2} pages cannot be restored")]
     BadMapping(DomainId, u64, u64),
+    /// A domain ID outside this device's domain range.
+    #[error("domain {0} of the saved state is outside this device's domain range")]
+    DomainOutOfRange(DomainId),
     /// More domains than this device allows.
     #[error("{0} domains saved, more than this device allows")]
     TooManyDomains(usize),
@@ -120,20 +123,31 @@ impl Viommu {
         self.flush_pending(&mut []);
         // Build the new domains aside first: a corrupt state changes nothing.
         let mut domains = BTreeMap::new();
+        let (lo, hi) = (
+            self.cfg.input_range.0 / PAGE_SIZE,
+            self.cfg.input_range.1 / PAGE_SIZE,
+        );
         for d in &s.domains {
+            // A destination started with a narrower `domains=` or `aw-bits=` cannot take
+            // what the guest has: refused, not truncated.
+            if !self.domain_in_range(d.id) {
+                return Err(RestoreError::DomainOutOfRange(d.id));
+            }
             let mut table = IoPageTable::new(self.cfg.metadata_budget);
             for &(iova, gpa, pages, perm) in &d.mappings {
                 let ok = pages > 0
                     && Perm::from_bits(u32::from(perm)).is_some()
+                    && iova >= lo
                     && iova.checked_add(pages - 1).is_some_and(|last| {
-                        table
-                            .map(
-                                iova,
-                                last,
-                                gpa,
-                                Perm::from_bits(u32::from(perm)).unwrap_or_default(),
-                            )
-                            .is_ok()
+                        last <= hi
+                            && table
+                                .map(
+                                    iova,
+                                    last,
+                                    gpa,
+                                    Perm::from_bits(u32::from(perm)).unwrap_or_default(),
+                                )
+                                .is_ok()
                     });
                 if !ok {
                     return Err(RestoreError::BadMapping(

@@ -974,3 +974,63 @@ mod resv_split {
         }
     }
 }
+
+/// `aw-bits` and `domains` (the VMM's `--iommu` options) reach the config space and bound
+/// what the guest may use; a saved state that does not fit them is refused.
+#[test]
+fn input_width_and_domain_count_are_advertised_and_enforced() {
+    let cfg = |aw, doms| ViommuConfig::default().with_widths(aw, doms);
+    let c = Viommu::new(cfg(39, 8)).config();
+    assert_eq!(c.input_range.start.get(), 0);
+    assert_eq!(c.input_range.end.get(), (1 << 39) - 1);
+    assert_eq!(
+        (c.domain_range.start.get(), c.domain_range.end.get()),
+        (0, 7)
+    );
+    let c = Viommu::new(cfg(64, 1 << 32)).config();
+    assert_eq!(
+        c.input_range.end.get(),
+        MAX_IOVA,
+        "narrowed to the table's width"
+    );
+    assert_eq!(c.domain_range.end.get(), u32::MAX);
+    assert_eq!(
+        Viommu::new(cfg(32, 1)).config().input_range.end.get(),
+        0xffff_ffff
+    );
+
+    let mut wide = Viommu::new(ViommuConfig::default());
+    wide.add_endpoint(8, None, &[]).unwrap();
+    assert_eq!(send(&mut wide, &attach(9, 8, 0)), Some(Status::Ok));
+    assert_eq!(
+        send(&mut wide, &map(9, 1 << 40, (1 << 40) + 0xfff, 0, RW)),
+        Some(Status::Ok)
+    );
+
+    let mut v = Viommu::new(cfg(39, 8));
+    v.add_endpoint(8, None, &[]).unwrap();
+    assert_eq!(send(&mut v, &attach(8, 8, 0)), Some(Status::Range));
+    assert_eq!(send(&mut v, &attach(7, 8, 0)), Some(Status::Ok));
+    assert_eq!(
+        send(&mut v, &map(7, 1 << 39, (1 << 39) + 0xfff, 0, RW)),
+        Some(Status::Range)
+    );
+    assert_eq!(
+        send(&mut v, &map(7, (1 << 39) - 0x1000, (1 << 39) - 1, 0, RW)),
+        Some(Status::Ok)
+    );
+    // Migrating the wide device's state here: domain 9 does not exist on this side.
+    let saved = wide.save_state();
+    assert_eq!(
+        v.restore_state(&saved),
+        Err(RestoreError::DomainOutOfRange(9))
+    );
+    let mut in_range = saved.clone();
+    in_range.domains[0].id = 1;
+    in_range.attached[0].1 = 1;
+    assert!(matches!(
+        v.restore_state(&in_range),
+        Err(RestoreError::BadMapping(1, _, 1))
+    ));
+    assert_eq!(v.domain_ids(), vec![7], "refused restores change nothing");
+}
