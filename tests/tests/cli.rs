@@ -108,7 +108,12 @@ fn bad_flag_value_names_the_flag() {
     let run = run_vmm(&["--kernel", "/x", "--host-quirks", "maybe"], DEADLINE);
     assert_eq!(run.code(), 2);
     assert!(run.stderr.contains("--host-quirks"), "{}", run.stderr);
-    for bad in ["aw-bits=70", "domains=0", "boot-bypass=perhaps", "granule=4k"] {
+    for bad in [
+        "aw-bits=70",
+        "domains=0",
+        "boot-bypass=perhaps",
+        "granule=4k",
+    ] {
         let run = run_vmm(&["--kernel", "/x", "--iommu", bad], DEADLINE);
         assert_eq!(run.code(), 2, "{bad}");
         assert!(run.stderr.contains("--iommu"), "{bad}: {}", run.stderr);

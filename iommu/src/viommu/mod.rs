@@ -138,6 +138,9 @@ pub enum SetupError {
     /// Two fixed reserved regions of an endpoint overlap.
     #[error("reserved regions {0:x?} and {1:x?} overlap")]
     ReservedOverlap(ResvRegion, ResvRegion),
+    /// An endpoint would have two MSI doorbell regions.
+    #[error("endpoint {0:#x} would have more than one MSI reserved region")]
+    SecondMsiRegion(EndpointId),
     /// A host call failed while setting up bypass mappings.
     #[error("backend {0}")]
     Backend(String, #[source] BackendError),
@@ -322,6 +325,12 @@ impl Viommu {
             .find(|w| w[0].overlaps(w[1].start, w[1].end))
         {
             return Err(SetupError::ReservedOverlap(w[0], w[1]));
+        }
+        // "The device SHOULD NOT present more than one VIRTIO_IOMMU_RESV_MEM_T_MSI property
+        // per endpoint."
+        let msi = protocol::VIRTIO_IOMMU_RESV_MEM_T_MSI;
+        if resv.iter().filter(|r| r.subtype == msi).count() > 1 {
+            return Err(SetupError::SecondMsiRegion(id));
         }
         if let Some(b) = backend.and_then(|b| self.backends.get(b)) {
             let holes = host_holes(&b.caps.iova_ranges, self.cfg.input_range);

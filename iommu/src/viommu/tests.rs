@@ -1034,3 +1034,133 @@ fn input_width_and_domain_count_are_advertised_and_enforced() {
     ));
     assert_eq!(v.domain_ids(), vec![7], "refused restores change nothing");
 }
+
+/// Device-side statements of 5.13.3-4 and 5.13.6.6-7 that are about what the device
+/// presents: features offered, `bypass` values and resets, one MSI region, reserved fields
+/// of fault reports.
+#[test]
+fn what_the_device_presents() {
+    use features::*;
+    let v = device();
+    let f = v.offered_features();
+    // 5.13.3: "The device SHOULD offer feature bit VIRTIO_IOMMU_F_MAP_UNMAP." "New devices
+    // SHOULD NOT offer VIRTIO_IOMMU_F_BYPASS." "Devices SHOULD NOT offer both."
+    assert_ne!(f & (1 << VIRTIO_IOMMU_F_MAP_UNMAP), 0);
+    assert_eq!(f & (1 << VIRTIO_IOMMU_F_BYPASS), 0);
+    assert_ne!(f & (1 << VIRTIO_IOMMU_F_BYPASS_CONFIG), 0);
+    // 5.13.4: "The device MUST set at least one bit in page_size_mask."
+    assert_ne!(v.config().page_size_mask.get(), 0);
+    // "The device MUST NOT present a value different than 0 or 1 in bypass." "bypass SHOULD
+    // NOT change on device reset, but SHOULD be restored to its initial value on system
+    // reset."
+    let mut v = device();
+    v.set_bypass(0xff);
+    assert_eq!(v.config().bypass, 1);
+    v.reset();
+    assert_eq!(v.config().bypass, 1, "device reset keeps bypass");
+    v.system_reset();
+    assert_eq!(v.config().bypass, 0, "system reset restores it");
+    // 5.13.6.6.1: "The device SHOULD NOT present more than one VIRTIO_IOMMU_RESV_MEM_T_MSI
+    // property per endpoint."
+    let second = ResvRegion {
+        start: 0x1000_0000,
+        end: 0x1000_0fff,
+        subtype: VIRTIO_IOMMU_RESV_MEM_T_MSI,
+    };
+    assert_eq!(
+        v.add_endpoint(7, None, &[second]),
+        Err(SetupError::SecondMsiRegion(7))
+    );
+    // 5.13.6.7: "The device SHOULD set reserved and reserved1 to zero." "The device SHOULD
+    // set undefined flags to zero." "The device SHOULD write a valid endpoint ID."
+    let mut out = Translation::default();
+    assert!(v.translate(1, 0x1000, 4, Access::Read, &mut out).is_err());
+    let fault = v.pop_fault().unwrap();
+    assert_eq!((fault.reserved, fault.reserved1), ([0; 3], [0; 4]));
+    assert_eq!(
+        fault.flags.get()
+            & !(VIRTIO_IOMMU_FAULT_F_READ
+                | VIRTIO_IOMMU_FAULT_F_WRITE
+                | VIRTIO_IOMMU_FAULT_F_ADDRESS),
+        0
+    );
+    assert_eq!(fault.endpoint.get(), 1);
+}
+
+/// 5.13.6.1: "If properties of the endpoint (obtained with a PROBE request) are compatible
+/// with properties of other endpoints already attached to the requested domain, then the
+/// device SHOULD attach the endpoint. Otherwise the device SHOULD reject the request and set
+/// status to VIRTIO_IOMMU_S_UNSUPP." A domain that maps inside the endpoint's reserved region
+/// is incompatible; one that does not is compatible.
+#[test]
+fn attach_refuses_a_domain_mapping_the_endpoint_reserved_region() {
+    let mut v = device();
+    let resv = ResvRegion {
+        start: 0x1000_0000,
+        end: 0x1000_ffff,
+        subtype: VIRTIO_IOMMU_RESV_MEM_T_RESERVED,
+    };
+    v.add_endpoint(20, None, &[resv]).unwrap();
+    assert_eq!(send(&mut v, &attach(1, 1, 0)), Some(Status::Ok));
+    assert_eq!(send(&mut v, &attach(2, 2, 0)), Some(Status::Ok));
+    assert_eq!(
+        send(&mut v, &map(1, 0x1000_f000, 0x1001_0fff, 0, RW)),
+        Some(Status::Ok)
+    );
+    assert_eq!(
+        send(&mut v, &map(2, 0x1001_0000, 0x1001_0fff, 0, RW)),
+        Some(Status::Ok)
+    );
+    assert_eq!(send(&mut v, &attach(1, 20, 0)), Some(Status::Unsupp));
+    assert_eq!(v.endpoint_domain(20), None);
+    assert_eq!(send(&mut v, &attach(2, 20, 0)), Some(Status::Ok));
+    // And the reserved region now refuses MAPs in that domain.
+    assert_eq!(
+        send(&mut v, &map(2, 0x1000_0000, 0x1000_0fff, 0, RW)),
+        Some(Status::Inval)
+    );
+}
+
+/// Reserved fields the device ignores (UNMAP MAY, PROBE MUST), and fault events beyond
+/// [`MAX_PENDING_FAULTS`] dropped and counted ("If no buffer is available, the device can
+/// either wait for one to be consumed, or drop the event").
+#[test]
+fn ignored_reserved_fields_and_bounded_fault_queue() {
+    let mut v = device();
+    assert_eq!(send(&mut v, &attach(1, 1, 0)), Some(Status::Ok));
+    assert_eq!(send(&mut v, &map(1, 0, 0xfff, 0, RW)), Some(Status::Ok));
+    let mut u = unmap(1, 0, 0xfff);
+    let n = u.len();
+    u[n - 4..].copy_from_slice(&[1, 2, 3, 4]);
+    assert_eq!(send(&mut v, &u), Some(Status::Ok));
+    assert!(
+        v.domain_mappings(1).is_empty(),
+        "UNMAP with reserved bytes still unmaps"
+    );
+    let mut p = probe(1);
+    p[8..72].fill(0xff);
+    let size = v.config().probe_size.get() as usize;
+    let r = Request {
+        readable: &p,
+        readable_len: p.len(),
+        writable_len: size + 4,
+    };
+    assert_eq!(v.process(&[r])[0].status(), Some(Status::Ok));
+
+    let mut out = Translation::default();
+    for i in 0..MAX_PENDING_FAULTS as u64 + 5 {
+        let _ = v.translate(1, 0x10_0000 + i * 0x1000, 1, Access::Read, &mut out);
+    }
+    assert_eq!(v.counters().faults, MAX_PENDING_FAULTS as u64 + 5);
+    assert_eq!(v.counters().faults_dropped, 5);
+    let mut kept = 0;
+    while let Some(f) = v.pop_fault() {
+        assert_eq!(
+            f.address.get(),
+            0x10_0000 + kept * 0x1000,
+            "the oldest are kept"
+        );
+        kept += 1;
+    }
+    assert_eq!(kept, MAX_PENDING_FAULTS as u64);
+}

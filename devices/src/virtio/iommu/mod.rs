@@ -1,6 +1,9 @@
 //! The virtio-iommu device model (virtio 1.3 section 5.13) around the `iommu` crate's state:
 //! a request queue whose requests of one notification are handled as a batch and answered
 //! with one interrupt, and an event queue that carries translation faults.
+//!
+//! Every device-normative statement of 5.13, with the code that enforces it and the test
+//! that shows it, is in `iommu/CONFORMANCE.md`.
 
 mod handler;
 
