@@ -115,6 +115,14 @@ pub enum VfioError {
     VfioDeviceGetInfoOther,
     #[error("failed to get vfio device's region info: {0}")]
     VfioDeviceGetRegionInfo(#[source] SysError),
+    #[error("region {0} access at offset {1:#x}, {2} bytes: no such region, or outside it")]
+    VfioRegionAccessInvalid(u32, u64, u64),
+    #[error("region {0} is not writable")]
+    VfioRegionNotWritable(u32),
+    #[error("failed to read region {0} at offset {1:#x}: {2}")]
+    VfioRegionRead(u32, u64, #[source] std::io::Error),
+    #[error("failed to write region {0} at offset {1:#x}: {2}")]
+    VfioRegionWrite(u32, u64, #[source] std::io::Error),
     #[error("invalid file path")]
     InvalidPath,
     #[error("failed to add guest memory map into iommu table: {0}")]

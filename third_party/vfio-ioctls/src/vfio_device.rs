@@ -1778,24 +1778,34 @@ impl VfioDevice {
     /// * `index`: region num
     /// * `buf`: data destination and buf length is read size
     /// * `addr`: offset in the region
+    ///
+    /// Failures are logged; use [`VfioDevice::try_region_read`] to handle them.
     pub fn region_read(&self, index: u32, buf: &mut [u8], addr: u64) {
-        let region: &VfioRegion = match self.regions.get(index as usize) {
-            Some(v) => v,
-            None => {
-                warn!("region read with invalid index: {index}");
-                return;
-            }
-        };
+        if let Err(e) = self.try_region_read(index, buf, addr) {
+            warn!("{e}");
+        }
+    }
 
+    /// Read region's data from VFIO device into buf, reporting failures.
+    ///
+    /// # Arguments
+    /// * `index`: region num
+    /// * `buf`: data destination and buf length is read size
+    /// * `addr`: offset in the region
+    ///
+    /// # Errors
+    /// `VfioRegionAccessInvalid` when the region does not exist or the access does not fit in
+    /// it, `VfioRegionRead` when the device read fails (a short read included).
+    pub fn try_region_read(&self, index: u32, buf: &mut [u8], addr: u64) -> Result<()> {
         let size = buf.len() as u64;
-        if size > region.size || addr + size > region.size {
-            warn!("region read with invalid parameter, add: {addr}, size: {size}");
-            return;
-        }
-
-        if let Err(e) = self.device.read_exact_at(buf, region.offset + addr) {
-            warn!("Failed to read region in index: {index}, addr: {addr}, error: {e}");
-        }
+        let region = self
+            .regions
+            .get(index as usize)
+            .filter(|r| size <= r.size && addr.checked_add(size).is_some_and(|e| e <= r.size))
+            .ok_or(VfioError::VfioRegionAccessInvalid(index, addr, size))?;
+        self.device
+            .read_exact_at(buf, region.offset + addr)
+            .map_err(|e| VfioError::VfioRegionRead(index, addr, e))
     }
 
     /// Write the data from buf into a vfio device region
@@ -1804,27 +1814,38 @@ impl VfioDevice {
     /// * `index`: region num
     /// * `buf`: data src and buf length is write size
     /// * `addr`: offset in the region
+    ///
+    /// Failures are logged; use [`VfioDevice::try_region_write`] to handle them.
     pub fn region_write(&self, index: u32, buf: &[u8], addr: u64) {
-        let stub: &VfioRegion = match self.regions.get(index as usize) {
-            Some(v) => v,
-            None => {
-                warn!("region write with invalid index: {index}");
-                return;
-            }
-        };
+        if let Err(e) = self.try_region_write(index, buf, addr) {
+            warn!("{e}");
+        }
+    }
 
+    /// Write the data from buf into a vfio device region, reporting failures.
+    ///
+    /// # Arguments
+    /// * `index`: region num
+    /// * `buf`: data src and buf length is write size
+    /// * `addr`: offset in the region
+    ///
+    /// # Errors
+    /// `VfioRegionAccessInvalid` when the region does not exist or the access does not fit in
+    /// it, `VfioRegionNotWritable` for a read-only region, `VfioRegionWrite` when the device
+    /// write fails.
+    pub fn try_region_write(&self, index: u32, buf: &[u8], addr: u64) -> Result<()> {
         let size = buf.len() as u64;
-        if size > stub.size
-            || addr + size > stub.size
-            || (stub.flags & VFIO_REGION_INFO_FLAG_WRITE) == 0
-        {
-            warn!("region write with invalid parameter, add: {addr}, size: {size}");
-            return;
+        let region = self
+            .regions
+            .get(index as usize)
+            .filter(|r| size <= r.size && addr.checked_add(size).is_some_and(|e| e <= r.size))
+            .ok_or(VfioError::VfioRegionAccessInvalid(index, addr, size))?;
+        if region.flags & VFIO_REGION_INFO_FLAG_WRITE == 0 {
+            return Err(VfioError::VfioRegionNotWritable(index));
         }
-
-        if let Err(e) = self.device.write_all_at(buf, stub.offset + addr) {
-            warn!("Failed to write region in index: {index}, addr: {addr}, error: {e}");
-        }
+        self.device
+            .write_all_at(buf, region.offset + addr)
+            .map_err(|e| VfioError::VfioRegionWrite(index, addr, e))
     }
 
     /// Return the maximum numner of interrupts a VFIO device can request.
