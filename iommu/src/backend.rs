@@ -24,6 +24,11 @@ pub struct BackendCaps {
     /// One unmap call may remove several adjacent host mappings (VFIO type1 and iommufd
     /// accept any range that covers whole mappings).
     pub merge_unmaps: bool,
+    /// A dirty report ([`DmaBackend::read_dirty`]) must cover whole host mappings: VFIO
+    /// type1's `VFIO_IOMMU_DIRTY_PAGES` with `GET_BITMAP` refuses (`EINVAL`) a range that
+    /// starts or ends inside a mapping (`vfio_iova_dirty_bitmap` in
+    /// `drivers/vfio/vfio_iommu_type1.c`). Harvest windows then never split a mapping.
+    pub dirty_whole_mappings: bool,
 }
 
 impl Default for BackendCaps {
@@ -34,6 +39,7 @@ impl Default for BackendCaps {
             dirty_tracking: false,
             merge_maps: false,
             merge_unmaps: false,
+            dirty_whole_mappings: false,
         }
     }
 }
@@ -210,6 +216,9 @@ mod recording {
         pub tracking: bool,
         /// Fail every dirty report.
         pub fail_dirty: bool,
+        /// Dirty reports refused because they split a host mapping (with
+        /// `dirty_whole_mappings`).
+        pub split_dirty_reads: usize,
     }
 
     impl RecordingLog {
@@ -386,6 +395,23 @@ mod recording {
             let mut log = self.log.lock().unwrap();
             if log.fail_dirty {
                 return Err(BackendError::Failed("injected dirty report failure".into()));
+            }
+            if self.caps.dirty_whole_mappings {
+                // As type1: the range starts at a mapping's first byte and ends at a
+                // mapping's last byte.
+                let end = iova + len;
+                let starts = self.host_maps.contains_key(&iova);
+                let ends = self
+                    .host_maps
+                    .range(..end)
+                    .next_back()
+                    .is_some_and(|(&s, &l)| s + l == end);
+                if !starts || !ends {
+                    log.split_dirty_reads += 1;
+                    return Err(BackendError::Range(format!(
+                        "dirty report {iova:#x}+{len:#x} splits a host mapping"
+                    )));
+                }
             }
             let first = iova / 4096;
             let pages = len / 4096;

@@ -237,7 +237,9 @@ impl Passthrough {
         let failed = Arc::new(AtomicBool::new(false));
         let backend: Arc<Mutex<dyn PassthroughBackend>> = Arc::new(Mutex::new(host.device()));
         add_function(b, &name, slot, backend.clone(), failed.clone())?;
-        let dma = host.dma(b.ram.clone(), b.mem.clone());
+        let dma = host
+            .dma(b.ram.clone(), b.mem.clone())
+            .map_err(dev_err(name.clone()))?;
         let dma_calls = dma.calls();
         let (_, direct) = attach_dma(b, &name, slot, arg.iommu, Box::new(dma))?;
         Ok(Self {

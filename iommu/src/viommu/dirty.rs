@@ -162,7 +162,8 @@ impl Viommu {
                 return;
             }
         };
-        if !self.reads_device_dirty(b) {
+        if !self.reads_device_dirty(b) || self.backends[b].caps.dirty_whole_mappings {
+            // Untracked, or a backend whose reports must follow host mappings: by mapping.
             let runs = self.content_runs(content);
             self.harvest_runs(b, &runs, window, clear);
             return;
@@ -275,8 +276,10 @@ impl Viommu {
         }
     }
 
-    /// Moves the device's dirty bits of `runs` (mapped on backend `b`) into the bitmap,
-    /// clearing them in the device. Called before the runs are unmapped from the host.
+    /// Moves the device's dirty bits of `runs` (mapped on backend `b`, sorted by IOVA) into
+    /// the bitmap, clearing them in the device. Called before the runs are unmapped from the
+    /// host, and by harvests. The device is read in windows of at most `window` pages (see
+    /// [`dirty_windows`]); each set bit is translated through the run that maps it.
     pub(super) fn harvest_runs(&mut self, b: BackendId, runs: &[Run], window: u64, clear: bool) {
         let Some(state) = self.dirty.as_mut() else {
             return;
@@ -285,53 +288,131 @@ impl Viommu {
             return;
         };
         let reads_device = state.tracked.get(b).copied().unwrap_or(false) && !slot.failed;
-        let mut merged: Vec<Run> = Vec::new();
-        for r in runs
+        let writable: Vec<Run> = runs
             .iter()
             .filter(|r| r.perm.write() && !r.perm.contains(Perm::MMIO))
-        {
-            match merged.last_mut() {
-                Some(l)
-                    if l.iova_page + l.pages == r.iova_page
-                        && l.gpa_page + l.pages == r.gpa_page =>
-                {
-                    l.pages += r.pages
-                }
-                _ => merged.push(*r),
-            }
-        }
-        for r in merged {
-            if !reads_device {
+            .copied()
+            .collect();
+        if !reads_device {
+            for r in &writable {
                 state.bitmap.mark(r.gpa_page, r.pages);
-                continue;
             }
-            let mut done = 0;
-            while done < r.pages {
-                let n = (r.pages - done).min(window);
-                let mut bits = vec![0u64; n.div_ceil(64) as usize];
-                let iova = (r.iova_page + done) * PAGE_SIZE;
-                self.counters.dirty_reads += 1;
-                match slot
-                    .backend
-                    .read_dirty(iova, n * PAGE_SIZE, &mut bits, clear)
-                {
-                    Ok(()) => {
-                        let found: u64 = bits.iter().map(|w| u64::from(w.count_ones())).sum();
-                        self.counters.dirty_pages_reported += found;
-                        state.bitmap.mark_bits(r.gpa_page + done, &bits, n);
-                    }
-                    Err(e) => {
-                        log::warn!(
-                            "virtio-iommu: dirty report of IOVA {iova:#x}+{:#x} from {} \
-                             failed ({e}); counting the range dirty",
-                            n * PAGE_SIZE,
-                            slot.backend.name()
-                        );
-                        state.bitmap.mark(r.gpa_page + done, n);
+            return;
+        }
+        let whole = slot.caps.dirty_whole_mappings;
+        for (first, pages) in dirty_windows(&writable, window, whole) {
+            let mut bits = vec![0u64; pages.div_ceil(64) as usize];
+            let iova = first * PAGE_SIZE;
+            self.counters.dirty_reads += 1;
+            match slot
+                .backend
+                .read_dirty(iova, pages * PAGE_SIZE, &mut bits, clear)
+            {
+                Ok(()) => {
+                    self.counters.dirty_pages_reported +=
+                        mark_through_runs(&mut state.bitmap, &writable, first, pages, &bits);
+                }
+                Err(e) => {
+                    log::warn!(
+                        "virtio-iommu: dirty report of IOVA {iova:#x}+{:#x} from {} \
+                         failed ({e}); counting the range dirty",
+                        pages * PAGE_SIZE,
+                        slot.backend.name()
+                    );
+                    for r in runs_in(&writable, first, pages) {
+                        let from = r.iova_page.max(first);
+                        let to = (r.iova_page + r.pages).min(first + pages);
+                        state
+                            .bitmap
+                            .mark(r.gpa_page + (from - r.iova_page), to - from);
                     }
                 }
-                done += n;
             }
         }
     }
+}
+
+/// The runs of `runs` (sorted, disjoint) that overlap pages `[first, first + pages)`.
+fn runs_in(runs: &[Run], first: u64, pages: u64) -> impl Iterator<Item = &Run> {
+    let k = runs.partition_point(|r| r.iova_page + r.pages <= first);
+    runs[k..]
+        .iter()
+        .take_while(move |r| r.iova_page < first + pages)
+}
+
+/// Marks, in `bitmap`, the GPA page behind each set bit of `bits` (bit `i` = IOVA page
+/// `first + i`, `i < pages`) that one of `runs` (sorted by IOVA) maps; returns how many.
+fn mark_through_runs(
+    bitmap: &mut crate::dirty::DirtyBitmap,
+    runs: &[Run],
+    first: u64,
+    pages: u64,
+    bits: &[u64],
+) -> u64 {
+    let mut found = 0;
+    for (w, &word) in bits.iter().enumerate() {
+        let mut word = word;
+        while word != 0 {
+            let i = w as u64 * 64 + u64::from(word.trailing_zeros());
+            word &= word - 1;
+            if i >= pages {
+                break;
+            }
+            let page = first + i;
+            let k = runs.partition_point(|r| r.iova_page + r.pages <= page);
+            if let Some(r) = runs.get(k).filter(|r| r.iova_page <= page) {
+                bitmap.mark(r.gpa_page + (page - r.iova_page), 1);
+                found += 1;
+            }
+        }
+    }
+    found
+}
+
+/// The IOVA windows `(first page, pages)` in which the dirty bits of `runs` (sorted by IOVA,
+/// disjoint) are read: runs that touch in IOVA share windows of at most `window` pages.
+/// With `whole` (the backend's reports must cover whole host mappings, each run being one),
+/// a window starts at a run's first page and ends at a run's last page: runs are grouped
+/// while they fit, and a run larger than `window` is read in one window of its own.
+/// Otherwise windows cut runs wherever `window` falls.
+pub(super) fn dirty_windows(runs: &[Run], window: u64, whole: bool) -> Vec<(u64, u64)> {
+    let window = window.max(1);
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut open: Option<(u64, u64)> = None; // (first, pages) of the window being built
+    for r in runs {
+        if whole {
+            match open.as_mut() {
+                Some((f, n)) if *f + *n == r.iova_page && *n + r.pages <= window => {
+                    *n += r.pages;
+                }
+                _ => {
+                    out.extend(open.take());
+                    open = Some((r.iova_page, r.pages));
+                }
+            }
+            continue;
+        }
+        // Cut anywhere: continue the open window when the run touches it.
+        let (mut at, mut left) = (r.iova_page, r.pages);
+        if let Some((f, n)) = open.as_mut() {
+            if *f + *n == at {
+                let take = left.min(window - *n);
+                *n += take;
+                at += take;
+                left -= take;
+            }
+        }
+        while left > 0 {
+            out.extend(open.take());
+            let take = left.min(window);
+            open = Some((at, take));
+            at += take;
+            left -= take;
+        }
+        if open.is_some_and(|(_, n)| n == window) {
+            out.extend(open.take());
+        }
+    }
+    out.extend(open);
+    out
 }

@@ -892,6 +892,110 @@ mod harvest_options {
     }
 }
 
+mod whole_mapping_windows {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::dirty::DirtyBitmap;
+    use crate::pagetable::Run;
+    use crate::viommu::dirty::dirty_windows;
+
+    /// A backend whose dirty reports must cover whole host mappings (VFIO type1): with
+    /// 64-page windows, mappings of 1 to 200 pages side by side, a harvest reads every
+    /// written page and never asks for a range that splits a mapping; in both modes
+    /// (whole-mapping reads, and the peeking vfio-user kind of read) the result is the same.
+    #[test]
+    fn type1_harvests_never_split_a_mapping() {
+        for whole in [true, false] {
+            let (mut v, log) = with_backend(BackendCaps {
+                dirty_tracking: true,
+                dirty_whole_mappings: whole,
+                ..Default::default()
+            });
+            v.start_dirty_tracking();
+            assert_eq!(send(&mut v, &attach(1, 8, 0)), Some(Status::Ok));
+            let mut iova = 0x10_0000u64;
+            let mut written = Vec::new();
+            for (k, pages) in [1u64, 63, 64, 65, 200, 3, 128].into_iter().enumerate() {
+                let gpa = 0x400_0000 + (k as u64) * 0x100_0000;
+                let end = iova + pages * PAGE_SIZE - 1;
+                assert_eq!(send(&mut v, &map(1, iova, end, gpa, RW)), Some(Status::Ok));
+                for p in [0, pages / 2, pages - 1] {
+                    log.lock().unwrap().device_write(iova / PAGE_SIZE + p);
+                    written.push(gpa / PAGE_SIZE + p);
+                }
+                iova = end + 1;
+            }
+            let opts = HarvestOptions {
+                clear: true,
+                window_pages: 64,
+            };
+            let mut got = DirtyBitmap::new(&[(0, 1 << 30)]);
+            v.harvest_dirty_with(&mut got, opts);
+            assert_eq!(log.lock().unwrap().split_dirty_reads, 0, "whole={whole}");
+            written.sort();
+            written.dedup();
+            let pages: Vec<u64> = got
+                .runs()
+                .iter()
+                .flat_map(|&(gpa, len)| gpa / PAGE_SIZE..(gpa + len) / PAGE_SIZE)
+                .collect();
+            assert_eq!(pages, written, "whole={whole}");
+        }
+    }
+
+    fn runs_from(spec: &[(u64, u64)]) -> Vec<Run> {
+        // (gap before, pages) -> runs at increasing IOVAs.
+        let mut at = 0;
+        spec.iter()
+            .map(|&(gap, pages)| {
+                at += gap;
+                let r = Run {
+                    iova_page: at,
+                    gpa_page: 1000 + at,
+                    pages,
+                    perm: Perm::RW,
+                };
+                at += pages;
+                r
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: crate::testing::cases(256),
+            ..ProptestConfig::default()
+        })]
+
+        /// Windows cover exactly the runs' pages, once; none is larger than `window` unless
+        /// it is one run (whole mode); in whole mode each starts at a run's first page and
+        /// ends at a run's last page.
+        #[test]
+        fn windows_cover_runs_and_respect_mapping_edges(
+            spec in proptest::collection::vec((0u64..3, 1u64..150), 0..12),
+            window in 1u64..130,
+            whole in any::<bool>(),
+        ) {
+            let runs = runs_from(&spec);
+            let windows = dirty_windows(&runs, window, whole);
+            let mut covered = Vec::new();
+            for &(f, n) in &windows {
+                prop_assert!(n > 0);
+                covered.extend(f..f + n);
+                let single = runs.iter().any(|r| r.iova_page == f && r.pages == n);
+                prop_assert!(n <= window || (whole && single), "window {f}+{n}");
+                if whole {
+                    prop_assert!(runs.iter().any(|r| r.iova_page == f));
+                    prop_assert!(runs.iter().any(|r| r.iova_page + r.pages == f + n));
+                }
+            }
+            let expected: Vec<u64> = runs.iter().flat_map(|r| r.iova_page..r.iova_page + r.pages).collect();
+            prop_assert_eq!(covered, expected);
+        }
+    }
+}
+
 mod resv_split {
     use proptest::prelude::*;
 

@@ -748,6 +748,7 @@ impl DmaBackend for DeviceIotlb {
             // Nothing is mapped on the host: any range may be invalidated at once.
             merge_maps: true,
             merge_unmaps: true,
+            dirty_whole_mappings: false,
         }
     }
 
