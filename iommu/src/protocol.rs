@@ -1,12 +1,14 @@
 //! Wire types of the virtio-iommu device (virtio 1.3, section 5.13 "IOMMU Device";
 //! Linux `include/uapi/linux/virtio_iommu.h`). Every multi-byte field is little-endian; byte
-//! conversions are derived with `zerocopy`, never hand-cast.
+//! conversions are derived with `zerocopy`, never hand-cast. Generic virtio constants (the
+//! device ID, `VIRTIO_F_VERSION_1`) come from `virtio-bindings`; it has no
+//! `virtio_iommu.h`, so the device's own definitions are kept here, each with its section.
 
 use zerocopy::byteorder::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// virtio device ID of the IOMMU (5.13.1).
-pub const VIRTIO_ID_IOMMU: u32 = 23;
+pub use virtio_bindings::virtio_ids::VIRTIO_ID_IOMMU;
 /// Index of the request virtqueue (5.13.2).
 pub const REQUEST_QUEUE: usize = 0;
 /// Index of the event virtqueue (5.13.2).
@@ -29,7 +31,7 @@ pub mod features {
     /// The `bypass` config field and `ATTACH_F_BYPASS` are available.
     pub const VIRTIO_IOMMU_F_BYPASS_CONFIG: u32 = 6;
     /// virtio 1.x device.
-    pub const VIRTIO_F_VERSION_1: u32 = 32;
+    pub use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 }
 
 /// Request types (5.13.6).

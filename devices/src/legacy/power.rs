@@ -6,10 +6,22 @@ use std::sync::Arc;
 use crate::bus::BusDevice;
 use crate::exit::{ExitReason, VmExit};
 
-/// The i8042 keyboard controller, as far as `reboot=k` needs it: status reads as "input
-/// buffer empty", and command `0xfe` on port 0x64 (offset 4) pulses the reset line.
+/// Ends the VM with [`ExitReason::Reset`] when triggered.
+pub struct ResetTrigger(Arc<VmExit>);
+
+impl vm_superio::Trigger for ResetTrigger {
+    type E = std::convert::Infallible;
+
+    fn trigger(&self) -> Result<(), Self::E> {
+        self.0.request(ExitReason::Reset);
+        Ok(())
+    }
+}
+
+/// The i8042 keyboard controller as far as `reboot=k` needs it, from `vm-superio`: reads are
+/// 0 ("input buffer empty"), and command `0xfe` on port 0x64 (offset 4) pulses the reset line.
 pub struct I8042Reset {
-    exit: Arc<VmExit>,
+    inner: vm_superio::I8042Device<ResetTrigger>,
 }
 
 impl I8042Reset {
@@ -18,17 +30,20 @@ impl I8042Reset {
 
     /// A controller that ends the VM with [`ExitReason::Reset`].
     pub fn new(exit: Arc<VmExit>) -> Self {
-        Self { exit }
+        Self {
+            inner: vm_superio::I8042Device::new(ResetTrigger(exit)),
+        }
     }
 }
 
 impl BusDevice for I8042Reset {
-    fn read(&mut self, _base: u64, _offset: u64, data: &mut [u8]) {
-        data.fill(0);
+    fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+        let v = self.inner.read(u8::try_from(offset).unwrap_or(u8::MAX));
+        data.fill(v);
     }
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
-        if offset == 4 && data.first() == Some(&Self::CMD_RESET) {
-            self.exit.request(ExitReason::Reset);
+        if let (Ok(offset), Some(&v)) = (u8::try_from(offset), data.first()) {
+            let Ok(()) = self.inner.write(offset, v);
         }
     }
 }

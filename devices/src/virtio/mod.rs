@@ -15,14 +15,12 @@ pub mod testing;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, Queue};
-use vm_memory::{Bytes, GuestAddress, GuestMemory};
+use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
-/// `VIRTIO_F_VERSION_1`.
-pub const VIRTIO_F_VERSION_1: u32 = 32;
-/// `VIRTIO_F_ACCESS_PLATFORM`: the device's DMA goes through the platform IOMMU.
-pub const VIRTIO_F_ACCESS_PLATFORM: u32 = 33;
+/// `VIRTIO_F_VERSION_1`, and `VIRTIO_F_ACCESS_PLATFORM` (the device's DMA goes through the
+/// platform IOMMU), from `virtio-bindings`.
+pub use virtio_bindings::virtio_config::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
 
 /// How a device raises its interrupts (MSI-X vectors on PCI).
 pub trait VirtioInterrupt: Send + Sync {
@@ -108,126 +106,4 @@ pub fn positions(queues: &[Queue]) -> Vec<(u16, u16)> {
         .iter()
         .map(|q| (q.next_avail(), q.next_used()))
         .collect()
-}
-
-/// One descriptor of a chain: `(GPA, length)`.
-pub type Buf = (u64, u32);
-
-/// A descriptor chain split into its device-readable and device-writable buffers.
-#[derive(Debug, Default, Clone)]
-pub struct Chain {
-    /// Head index, for `add_used`.
-    pub head: u16,
-    /// Device-readable buffers in order.
-    pub readable: Vec<Buf>,
-    /// Device-writable buffers in order.
-    pub writable: Vec<Buf>,
-}
-
-impl Chain {
-    /// Splits `chain`. Readable buffers after a writable one (a driver error) are ignored.
-    pub fn from_desc_chain<M>(chain: DescriptorChain<M>) -> Chain
-    where
-        M: std::ops::Deref,
-        M::Target: GuestMemory,
-    {
-        let mut c = Chain {
-            head: chain.head_index(),
-            ..Default::default()
-        };
-        for d in chain {
-            let buf = (d.addr().0, d.len());
-            if d.is_write_only() {
-                c.writable.push(buf);
-            } else if c.writable.is_empty() {
-                c.readable.push(buf);
-            }
-        }
-        c
-    }
-
-    /// Total bytes of the readable buffers.
-    pub fn readable_len(&self) -> u64 {
-        self.readable.iter().map(|b| u64::from(b.1)).sum()
-    }
-
-    /// Total bytes of the writable buffers.
-    pub fn writable_len(&self) -> u64 {
-        self.writable.iter().map(|b| u64::from(b.1)).sum()
-    }
-
-    /// Reads up to `max` bytes from the start of the readable part.
-    ///
-    /// # Errors
-    /// When a buffer lies outside `mem`.
-    pub fn read_prefix<M: GuestMemory + ?Sized>(
-        &self,
-        mem: &M,
-        max: usize,
-    ) -> Result<Vec<u8>, vm_memory::GuestMemoryError> {
-        let mut out = Vec::new();
-        for &(addr, len) in &self.readable {
-            if out.len() >= max {
-                break;
-            }
-            let n = (len as usize).min(max - out.len());
-            let start = out.len();
-            out.resize(start + n, 0);
-            mem.read_slice(&mut out[start..], GuestAddress(addr))?;
-        }
-        Ok(out)
-    }
-
-    /// Writes `data` at byte `offset` of the writable part.
-    ///
-    /// # Errors
-    /// When the range does not fit in the writable buffers or a buffer lies outside `mem`.
-    pub fn write_at<M: GuestMemory + ?Sized>(
-        &self,
-        mem: &M,
-        offset: u64,
-        data: &[u8],
-    ) -> Result<(), vm_memory::GuestMemoryError> {
-        write_bufs(mem, &self.writable, offset, data)
-    }
-}
-
-/// Writes `data` at byte `offset` of the concatenation of `bufs`.
-///
-/// # Errors
-/// When the range does not fit in `bufs` or a buffer lies outside `mem`.
-pub fn write_bufs<M: GuestMemory + ?Sized>(
-    mem: &M,
-    bufs: &[Buf],
-    offset: u64,
-    data: &[u8],
-) -> Result<(), vm_memory::GuestMemoryError> {
-    let mut pos = 0u64;
-    let mut written = 0usize;
-    let end = offset
-        .checked_add(data.len() as u64)
-        .ok_or(vm_memory::GuestMemoryError::InvalidBackendAddress)?;
-    for &(addr, len) in bufs {
-        let len = u64::from(len);
-        let buf_end = pos + len;
-        if buf_end > offset && pos < end {
-            let from = offset.max(pos);
-            let to = end.min(buf_end);
-            let n = (to - from) as usize;
-            let gpa = addr
-                .checked_add(from - pos)
-                .ok_or(vm_memory::GuestMemoryError::InvalidBackendAddress)?;
-            mem.write_slice(&data[written..written + n], GuestAddress(gpa))?;
-            written += n;
-        }
-        pos = buf_end;
-        if pos >= end {
-            break;
-        }
-    }
-    if written == data.len() {
-        Ok(())
-    } else {
-        Err(vm_memory::GuestMemoryError::InvalidBackendAddress)
-    }
 }

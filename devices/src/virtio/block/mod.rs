@@ -19,15 +19,14 @@ use super::{
 };
 use crate::GuestMemoryMmap;
 
-/// virtio device ID of a block device.
-pub const VIRTIO_ID_BLOCK: u32 = 2;
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
+};
+pub use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+
 /// Queue size.
 pub const QUEUE_SIZE: u16 = 256;
 const SECTOR_SIZE: u64 = 512;
-const VIRTIO_BLK_F_SEG_MAX: u32 = 2;
-const VIRTIO_BLK_F_RO: u32 = 5;
-const VIRTIO_BLK_F_BLK_SIZE: u32 = 6;
-const VIRTIO_BLK_F_FLUSH: u32 = 9;
 
 /// What the device counted, for the VMM's statistics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -1,10 +1,12 @@
-//! Queue processing of the virtio-iommu: requests in batches, fault events.
+//! Queue processing of the virtio-iommu: requests in batches, fault events. Chains are read
+//! with `virtio-queue`'s `Reader` and written with its `Writer`.
 
-use virtio_queue::QueueT;
+use std::io::{Read, Write};
+
+use virtio_queue::{QueueT, Reader, Writer};
 use zerocopy::IntoBytes;
 
 use super::VirtioIommu;
-use crate::virtio::Chain;
 use iommu::protocol::ReqTail;
 use iommu::viommu::{Reply, Request, MAX_READABLE};
 
@@ -13,12 +15,26 @@ impl VirtioIommu {
     /// replies, and signals the guest once.
     pub fn process_requests(&mut self) {
         let mem = self.mem.clone();
+        let m = mem.as_ref();
         let Some(queue) = self.queues.get_mut(0) else {
             return;
         };
+        // Per chain: head, the first bytes of the readable part (None when it cannot be
+        // read), its length, and a writer over the writable part (None when it is not all in
+        // guest memory: such a request has nowhere to put its tail).
         let mut chains = Vec::new();
-        while let Some(c) = queue.pop_descriptor_chain(mem.as_ref()) {
-            chains.push(Chain::from_desc_chain(c));
+        while let Some(c) = queue.pop_descriptor_chain(m) {
+            let head = c.head_index();
+            let readable = Reader::new(m, c.clone()).ok().and_then(|mut r| {
+                let len = r.available_bytes();
+                let mut buf = vec![0u8; len.min(MAX_READABLE)];
+                r.read_exact(&mut buf).ok().map(|()| (buf, len))
+            });
+            let writer = Writer::new(m, c).ok();
+            if writer.is_none() {
+                self.bad_chains += 1;
+            }
+            chains.push((head, readable, writer));
             if chains.len() > usize::from(super::QUEUE_SIZE) {
                 break;
             }
@@ -26,43 +42,35 @@ impl VirtioIommu {
         if chains.is_empty() {
             return;
         }
-        // Read what each request says; an unreadable one is answered as unparsable.
-        let readable: Vec<Option<Vec<u8>>> = chains
-            .iter()
-            .map(|c| c.read_prefix(mem.as_ref(), MAX_READABLE).ok())
-            .collect();
         let empty = Vec::new();
         let reqs: Vec<Request> = chains
             .iter()
-            .zip(&readable)
-            .map(|(c, r)| Request {
-                readable: r.as_ref().unwrap_or(&empty),
-                readable_len: if r.is_some() {
-                    usize::try_from(c.readable_len()).unwrap_or(usize::MAX)
-                } else {
-                    0
-                },
-                writable_len: usize::try_from(c.writable_len()).unwrap_or(0),
+            .map(|(_, r, w)| Request {
+                readable: r.as_ref().map_or(&empty, |(b, _)| b),
+                readable_len: r.as_ref().map_or(0, |(_, len)| *len),
+                writable_len: w.as_ref().map_or(0, |w| w.available_bytes()),
             })
             .collect();
         let replies = self.iommu.lock().process(&reqs);
         let queue = &mut self.queues[0];
-        for (c, reply) in chains.iter().zip(replies) {
-            let used = match reply {
-                Reply::Unwritten => 0,
-                Reply::Written {
-                    status,
-                    props,
-                    tail_offset,
-                    used_len,
-                } => {
+        for ((head, _, writer), reply) in chains.into_iter().zip(replies) {
+            let used = match (reply, writer) {
+                (
+                    Reply::Written {
+                        status,
+                        props,
+                        tail_offset,
+                        used_len,
+                    },
+                    Some(mut w),
+                ) => {
                     let tail = ReqTail {
                         status: status as u8,
                         reserved: [0; 3],
                     };
-                    let ok = (props.is_empty() || c.write_at(mem.as_ref(), 0, &props).is_ok())
-                        && c.write_at(mem.as_ref(), tail_offset as u64, tail.as_bytes())
-                            .is_ok();
+                    let ok = w.split_at(tail_offset).is_ok_and(|mut t| {
+                        w.write_all(&props).is_ok() && t.write_all(tail.as_bytes()).is_ok()
+                    });
                     if ok {
                         used_len
                     } else {
@@ -70,12 +78,13 @@ impl VirtioIommu {
                         0
                     }
                 }
+                _ => 0,
             };
-            if queue.add_used(mem.as_ref(), c.head, used).is_err() {
+            if queue.add_used(m, head, used).is_err() {
                 self.bad_chains += 1;
             }
         }
-        let notify = queue.needs_notification(mem.as_ref()).unwrap_or(true);
+        let notify = queue.needs_notification(m).unwrap_or(true);
         if notify {
             if let Some(i) = &self.interrupt {
                 i.signal_queue(0);
@@ -89,6 +98,7 @@ impl VirtioIommu {
     /// buffer the events wait (up to a bound; older ones are then dropped and counted).
     pub fn deliver_faults(&mut self) {
         let mem = self.mem.clone();
+        let m = mem.as_ref();
         let Some(queue) = self.queues.get_mut(1) else {
             return;
         };
@@ -97,27 +107,28 @@ impl VirtioIommu {
             let Some(fault) = self.iommu.lock().pop_fault() else {
                 break;
             };
-            let Some(chain) = queue.pop_descriptor_chain(mem.as_ref()) else {
+            let Some(chain) = queue.pop_descriptor_chain(m) else {
                 self.iommu.lock().unpop_fault(fault);
                 break;
             };
-            let c = Chain::from_desc_chain(chain);
+            let head = chain.head_index();
             let bytes = fault.as_bytes();
             // 5.13.6.7: a buffer too small for the report is not combined with others.
-            let used = if c.writable_len() >= bytes.len() as u64
-                && c.write_at(mem.as_ref(), 0, bytes).is_ok()
-            {
+            let written = Writer::new(m, chain).is_ok_and(|mut w| {
+                w.available_bytes() >= bytes.len() && w.write_all(bytes).is_ok()
+            });
+            let used = if written {
                 bytes.len() as u32
             } else {
                 self.bad_chains += 1;
                 0
             };
-            if queue.add_used(mem.as_ref(), c.head, used).is_err() {
+            if queue.add_used(m, head, used).is_err() {
                 self.bad_chains += 1;
             }
             used_any = true;
         }
-        if used_any && queue.needs_notification(mem.as_ref()).unwrap_or(true) {
+        if used_any && queue.needs_notification(m).unwrap_or(true) {
             if let Some(i) = &self.interrupt {
                 i.signal_queue(1);
             }
