@@ -429,3 +429,152 @@ mod recording {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A backend with only what the trait requires, recording calls; `dirty` makes it report
+    /// (and fail to report) dirty bits.
+    #[derive(Default)]
+    struct Minimal {
+        calls: Vec<String>,
+        fail_unmap: bool,
+        bits: Option<u64>,
+    }
+
+    impl DmaBackend for Minimal {
+        fn name(&self) -> String {
+            "minimal".into()
+        }
+        fn caps(&self) -> BackendCaps {
+            BackendCaps::default()
+        }
+        fn map(&mut self, _: u64, _: u64, _: u64, _: Perm) -> Result<(), BackendError> {
+            Ok(())
+        }
+        fn unmap(&mut self, iova: u64, len: u64) -> Result<(), BackendError> {
+            self.calls.push(format!("unmap {iova:#x}+{len:#x}"));
+            if self.fail_unmap {
+                Err(BackendError::Failed("no".into()))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    struct Reporting(Minimal);
+
+    impl DmaBackend for Reporting {
+        fn name(&self) -> String {
+            self.0.name()
+        }
+        fn caps(&self) -> BackendCaps {
+            self.0.caps()
+        }
+        fn map(&mut self, i: u64, g: u64, l: u64, p: Perm) -> Result<(), BackendError> {
+            self.0.map(i, g, l, p)
+        }
+        fn unmap(&mut self, iova: u64, len: u64) -> Result<(), BackendError> {
+            self.0.unmap(iova, len)
+        }
+        fn read_dirty(
+            &mut self,
+            iova: u64,
+            len: u64,
+            bitmap: &mut [u64],
+            clear: bool,
+        ) -> Result<(), BackendError> {
+            self.0
+                .calls
+                .push(format!("read {iova:#x}+{len:#x} clear={clear}"));
+            match self.0.bits {
+                Some(b) => {
+                    bitmap[0] |= b;
+                    Ok(())
+                }
+                None => Err(BackendError::Failed("no log".into())),
+            }
+        }
+    }
+
+    #[test]
+    fn set_all_sets_exactly_the_first_bits() {
+        for (bits, want) in [
+            (0u64, [0u64, 0, 0]),
+            (1, [1, 0, 0]),
+            (63, [u64::MAX >> 1, 0, 0]),
+            (64, [u64::MAX, 0, 0]),
+            (65, [u64::MAX, 1, 0]),
+            (130, [u64::MAX, u64::MAX, 3]),
+            (1000, [u64::MAX; 3]),
+        ] {
+            let mut b = [0u64; 3];
+            set_all(&mut b, bits);
+            assert_eq!(b, want, "{bits} bits");
+        }
+    }
+
+    #[test]
+    fn default_methods() {
+        let mut m = Minimal::default();
+        assert_eq!(m.set_dirty_tracking(true), Err(BackendError::Unsupported));
+        let mut bits = [0u64; 2];
+        assert_eq!(
+            m.read_dirty(0, 0x1000, &mut bits, true),
+            Err(BackendError::Unsupported)
+        );
+        // No dirty log: every page of the range counts as written, and it is unmapped.
+        assert_eq!(m.unmap_read_dirty(0x4000, 66 * 4096, &mut bits), Ok(()));
+        assert_eq!(bits, [u64::MAX, 3]);
+        assert_eq!(m.calls, vec!["unmap 0x4000+0x42000"]);
+        // A log: read (clearing) before the unmap, bits as reported.
+        let mut r = Reporting(Minimal {
+            bits: Some(0b101),
+            ..Default::default()
+        });
+        let mut bits = [0u64; 1];
+        assert_eq!(r.unmap_read_dirty(0x2000, 0x3000, &mut bits), Ok(()));
+        assert_eq!(bits, [0b101]);
+        assert_eq!(
+            r.0.calls,
+            vec!["read 0x2000+0x3000 clear=true", "unmap 0x2000+0x3000"]
+        );
+    }
+
+    #[test]
+    fn unmap_then_read_dirty_reads_after_the_unmap() {
+        let mut r = Reporting(Minimal {
+            bits: Some(0b10),
+            ..Default::default()
+        });
+        let mut bits = [0u64; 1];
+        assert_eq!(
+            unmap_then_read_dirty(&mut r, 0x1000, 0x2000, &mut bits),
+            Ok(())
+        );
+        assert_eq!(bits, [0b10]);
+        assert_eq!(
+            r.0.calls,
+            vec!["unmap 0x1000+0x2000", "read 0x1000+0x2000 clear=true"]
+        );
+        // The log cannot be read: every page counts.
+        let mut r = Reporting(Minimal::default());
+        let mut bits = [0u64; 1];
+        assert_eq!(
+            unmap_then_read_dirty(&mut r, 0, 5 * 4096, &mut bits),
+            Ok(())
+        );
+        assert_eq!(bits, [0b11111]);
+        // The unmap fails: nothing read, the error returned.
+        let mut r = Reporting(Minimal {
+            fail_unmap: true,
+            bits: Some(1),
+            ..Default::default()
+        });
+        let mut bits = [0u64; 1];
+        assert!(unmap_then_read_dirty(&mut r, 0, 0x1000, &mut bits).is_err());
+        assert_eq!(bits, [0]);
+        assert_eq!(r.0.calls, vec!["unmap 0x0+0x1000"]);
+    }
+}

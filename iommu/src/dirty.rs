@@ -275,17 +275,39 @@ mod tests {
     }
 
     proptest! {
+        /// `mark_bits` marks the pages of the set bits among the first `nbits`, and no other.
+        #[test]
+        fn mark_bits_matches_a_set_of_bits(
+            words in proptest::collection::vec(any::<u64>(), 1..4),
+            nbits in 0u64..256,
+            first in 0u64..300,
+        ) {
+            let mut b = DirtyBitmap::new(&[(0, 4 * MIB)]);
+            b.mark_bits(first, &words, nbits);
+            let want: BTreeSet<u64> = (0..nbits.min(words.len() as u64 * 64))
+                .filter(|&i| words[(i / 64) as usize] & (1 << (i % 64)) != 0)
+                .map(|i| first + i)
+                .collect();
+            let got: BTreeSet<u64> = (0..1024).filter(|&p| b.is_dirty(p)).collect();
+            prop_assert_eq!(got, want);
+        }
+
         #[test]
         fn matches_a_set_of_pages(marks in proptest::collection::vec((0u64..2000, 0u64..200), 0..40)) {
             let ram = [(0, 2 * MIB), (3 * MIB, 4 * MIB)];
             let mut b = DirtyBitmap::new(&ram);
             let mut set = BTreeSet::new();
             let in_ram = |p: u64| p < 512 || (768..1792).contains(&p);
+            let mut outside = 0;
+            prop_assert!(b.is_clean());
             for (first, n) in marks {
                 b.mark(first, n);
                 set.extend((first..first + n).filter(|&p| in_ram(p)));
+                outside += (first..first + n).filter(|&p| !in_ram(p)).count() as u64;
             }
             prop_assert_eq!(b.count(), set.len() as u64);
+            prop_assert_eq!(b.is_clean(), set.is_empty());
+            prop_assert_eq!(b.outside(), outside);
             let mut walked = BTreeSet::new();
             b.for_each_run(|g, l| walked.extend(g / 4096..(g + l) / 4096));
             prop_assert_eq!(walked, set);

@@ -896,6 +896,10 @@ enum Slot<'a> {
 }
 
 #[cfg(test)]
+#[path = "pagetable_model_tests.rs"]
+mod model_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
