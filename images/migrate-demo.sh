@@ -9,13 +9,13 @@
 # Usage: images/migrate-demo.sh [--memory SIZE] [--touch MIB] [--iters N] [--unsafe-no-device-dirty]
 #   --memory   guest RAM (1G)
 #   --touch    MiB the device fills before the run, so that there is RAM to copy (960)
-#   --iters    fills of the run (300)
+#   --iters    fills after the guest lands on the destination (40); before, it fills until migrated
 #   --unsafe-no-device-dirty   migrate without the device's dirty pages: the guest then
 #              finds stale pages (shows that the tracking matters)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-memory=1G touch=960 iters=300 extra=""
+memory=1G touch=960 iters=40 extra=""
 while (($#)); do
     case "$1" in
     --memory) memory=${2:?}; shift ;;
@@ -49,7 +49,7 @@ $b/vmm "${common[@]}" --vfio-user "socket=$d/dev-b.sock,iommu=on" \
 dst=$!
 pids+=($dst)
 $b/vmm "${common[@]}" --vfio-user "socket=$d/dev-a.sock,iommu=on" --kernel $b/test-guest \
-    --cmdline "tests=migrate_dma iters=$iters touch=$touch" --api-socket "$d/api.sock" \
+    --cmdline "tests=migrate_dma until_migrated=1 iters=$iters touch=$touch" --api-socket "$d/api.sock" \
     --serial "file=$d/source.console" 2> "$d/source.log" &
 src=$!
 pids+=($src)

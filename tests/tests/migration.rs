@@ -16,14 +16,19 @@ fn guest() -> String {
     bin("test-guest").display().to_string()
 }
 
-/// Starts a source VM running `migrate_dma` with an API socket.
-fn source(dev: &DeviceProcess, api_socket: &Path, iters: u32) -> VmmProcess {
+/// The guest keeps DMA-ing until it finds itself on another device process (migrated or
+/// restored), then does 40 more iterations there: enough to revisit every window of its
+/// area, whatever the time the migration takes.
+const UNTIL_MIGRATED: &str = "until_migrated=1 iters=40";
+
+/// Starts a source VM running `migrate_dma` (with `params`) with an API socket.
+fn source(dev: &DeviceProcess, api_socket: &Path, params: &str) -> VmmProcess {
     let g = guest();
     let vfio = dev.arg(true);
     let api = api_socket.display().to_string();
     // The device first fills 192 MiB so that the full copy takes a while (about a second):
     // the guest keeps writing through changing mappings meanwhile.
-    let cmdline = format!("tests=migrate_dma iters={iters} touch=192");
+    let cmdline = format!("tests=migrate_dma {params} touch=192");
     VmmProcess::start(&[
         "--kernel",
         &g,
@@ -81,20 +86,18 @@ fn live_migration_loses_no_device_write() {
     let (api_sock, mig_sock) = (scratch("api.sock"), scratch("mig.sock"));
     let to = format!("unix:{}", mig_sock.display());
     let dst = destination(&dev_b, MEMORY, &["--incoming", &to]);
-    let mut src = source(&dev_a, &api_sock, 300);
+    let mut src = source(&dev_a, &api_sock, UNTIL_MIGRATED);
     wait_for(&mig_sock);
     src.wait_console("# migrate-ready", DEADLINE);
     let report = migrate(&api_sock, &mig_sock, "");
     eprintln!("migration report: {report}");
     assert_eq!(report["ok"], true, "{report}");
     let rounds = report["rounds"].as_array().expect("rounds");
-    assert!(!rounds.is_empty());
     let first = rounds[0]["pages"].as_u64().unwrap();
     assert!(
         (49152..=65536).contains(&first),
         "round 0 sends all RAM that holds data: {first} pages"
     );
-    assert!(report["downtime_ms"].as_u64().unwrap() < report["total_ms"].as_u64().unwrap() + 1);
 
     let src = src.wait(DEADLINE);
     assert_eq!(src.code(), 0, "{}", src.stderr);
@@ -107,6 +110,7 @@ fn live_migration_loses_no_device_write() {
     eprintln!("{}\n{}", dst.console, dst.stderr);
     assert_eq!(dst.code(), 0, "the guest's verdict on the destination");
     dst.assert_console("ok 1 - migrate_dma");
+    dst.assert_console("# migrate_dma: migrated after iteration");
     dst.assert_console("0 stale pages seen before a refill, 0 of 256 pages wrong at the end");
     // The guest went on mapping and DMA-ing on the destination, through its new device.
     assert!(counter(&dst, "virtio-iommu", "map") > 10);
@@ -119,7 +123,7 @@ fn without_device_dirty_tracking_writes_are_lost() {
     let (api_sock, mig_sock) = (scratch("api.sock"), scratch("mig.sock"));
     let to = format!("unix:{}", mig_sock.display());
     let dst = destination(&dev_b, MEMORY, &["--incoming", &to]);
-    let mut src = source(&dev_a, &api_sock, 300);
+    let mut src = source(&dev_a, &api_sock, UNTIL_MIGRATED);
     wait_for(&mig_sock);
     src.wait_console("# migrate-ready", DEADLINE);
     let report = migrate(&api_sock, &mig_sock, r#","device_dirty_tracking":false"#);
@@ -143,7 +147,7 @@ fn snapshot_then_restore_resumes_with_the_iommu_state() {
     );
     let (api_sock, api_b) = (scratch("api.sock"), scratch("api-b.sock"));
     let dir = scratch("snapshot");
-    let mut src = source(&dev_a, &api_sock, 250);
+    let mut src = source(&dev_a, &api_sock, UNTIL_MIGRATED);
     src.wait_console("# migrate-ready", DEADLINE);
     let snap = api(
         &api_sock,
@@ -207,7 +211,7 @@ fn a_refused_migration_leaves_the_guest_running() {
     let to = format!("unix:{}", mig_sock.display());
     // The destination has less memory: it refuses the stream's configuration.
     let dst = destination(&dev_b, "128M", &["--incoming", &to]);
-    let mut src = source(&dev_a, &api_sock, 200);
+    let mut src = source(&dev_a, &api_sock, "iters=200");
     wait_for(&mig_sock);
     src.wait_console("# migrate-ready", DEADLINE);
     let r = migrate(&api_sock, &mig_sock, "");

@@ -148,6 +148,7 @@ impl TestDevice {
                 .or_else(|| reg64(regs::BYTES, r.bytes))
                 .or_else(|| reg64(regs::FAULTS, r.faults))
                 .or_else(|| reg64(regs::PROGRESS, r.progress))
+                .or_else(|| reg64(regs::INSTANCE, u64::from(std::process::id())))
                 .unwrap_or_else(|| {
                     let _ = o;
                     0

@@ -102,6 +102,9 @@ pub mod regs {
     pub const FAULTS: u64 = 0x60;
     /// `u64` bytes done of the current operation.
     pub const PROGRESS: u64 = 0x68;
+    /// `u64` identifies the device process (its PID). Not part of the migrated device state:
+    /// a guest that reads it before and after sees it change when it was migrated.
+    pub const INSTANCE: u64 = 0x70;
 }
 
 /// Value of [`regs::ID`].

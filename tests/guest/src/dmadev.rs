@@ -17,6 +17,7 @@ const FAULT_IOVA: u64 = 0x38;
 const RESULT: u64 = 0x40;
 const DELAY_US: u64 = 0x48;
 const PROGRESS: u64 = 0x68;
+const INSTANCE: u64 = 0x70;
 /// Copy.
 pub const OP_COPY: u32 = 1;
 /// Fill.
@@ -81,6 +82,11 @@ impl DmaDev {
     /// Bytes done of the running operation.
     pub fn progress(&self) -> u64 {
         rd64(self.bar + PROGRESS)
+    }
+
+    /// Which device process serves the device (changes when the VM is migrated).
+    pub fn instance(&self) -> u64 {
+        rd64(self.bar + INSTANCE)
     }
 
     /// Waits until the operation ends.

@@ -621,7 +621,10 @@ fn device_death(c: &mut Ctx) -> Result<(), &'static str> {
 ///
 /// Parameters: `iters=` (400), `ready=` (iteration after which `# migrate-ready` is
 /// printed, 5), `delay=` (1500), `touch=` (MiB of RAM the device fills first, so that a
-/// migration has that much to copy; 0).
+/// migration has that much to copy; 0), `until_migrated=1`: keep going until the device's
+/// instance register changes (the VM now runs on another VMM with another device process),
+/// then do `iters` more iterations there, so that a migration always lands mid-run however
+/// long it takes (at most 200,000 iterations in all).
 fn migrate_dma(c: &mut Ctx) -> Result<(), &'static str> {
     const PAGES: u64 = 256;
     const WIN: u64 = 16;
@@ -663,7 +666,12 @@ fn migrate_dma(c: &mut Ctx) -> Result<(), &'static str> {
     }
     let t0 = rdtsc();
     let mut stale = 0u64;
-    for it in 0..iters {
+    let until_migrated = num("until_migrated", 0) == 1;
+    let instance = dev(c).instance();
+    let mut end = if until_migrated { 200_000 } else { iters };
+    let mut migrated_at = None;
+    let mut it = 0;
+    while it < end {
         let w = (it * 7) % (PAGES / WIN);
         let iova = IOVA + ((it % 97) << 20);
         let gpa = area + w * WIN * 4096;
@@ -720,7 +728,17 @@ fn migrate_dma(c: &mut Ctx) -> Result<(), &'static str> {
         if it % 100 == 0 {
             say!("# migrate_dma: iteration ", it);
         }
+        if until_migrated && migrated_at.is_none() && dev(c).instance() != instance {
+            say!("# migrate_dma: migrated after iteration ", it);
+            migrated_at = Some(it);
+            end = it + 1 + iters;
+        }
+        it += 1;
     }
+    check(
+        !until_migrated || migrated_at.is_some(),
+        "never migrated",
+    )?;
     let mut wrong = 0u64;
     for p in 0..PAGES {
         let want = bytes(expect + p, 1)[0];
@@ -740,7 +758,7 @@ fn migrate_dma(c: &mut Ctx) -> Result<(), &'static str> {
     }
     say!(
         "# migrate_dma: ",
-        iters,
+        it,
         " fills in ",
         (rdtsc() - t0) >> 20,
         " Mcycles; ",
