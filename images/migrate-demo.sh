@@ -3,26 +3,29 @@
 # machine: two DMA test device processes, a source VMM running the bare-metal test guest's
 # `migrate_dma` case (the device keeps filling guest memory through mappings that change
 # every iteration) and a destination VMM waiting with --incoming. When the guest is under
-# way the script asks the source's API to migrate, prints the report, and waits for the
-# guest's verdict on the destination (every page must hold its last write).
+# way the script asks the source's API to migrate with "verify" (every RAM page of both
+# sides compared before the guest runs again), prints the report with the dirty pages each
+# source found, and waits for the guest's verdict on the destination (every page must hold
+# its last write).
 #
 # Usage: images/migrate-demo.sh [--memory SIZE] [--touch MIB] [--iters N] [--unsafe-no-device-dirty]
 #   --memory   guest RAM (1G)
 #   --touch    MiB the device fills before the run, so that there is RAM to copy (960)
 #   --iters    fills after the guest lands on the destination (40); before, it fills until migrated
-#   --unsafe-no-device-dirty   migrate without the device's dirty pages: the guest then
-#              finds stale pages (shows that the tracking matters)
+#   --unsafe-no-device-dirty   migrate without the device's dirty pages: verify then finds
+#              the pages the device wrote meanwhile and the migration fails (the guest goes
+#              on at the source; shows that the tracking matters)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-memory=1G touch=960 iters=40 extra=""
+memory=1G touch=960 iters=40 extra=',"verify":true'
 while (($#)); do
     case "$1" in
     --memory) memory=${2:?}; shift ;;
     --touch) touch=${2:?}; shift ;;
     --iters) iters=${2:?}; shift ;;
-    --unsafe-no-device-dirty) extra=',"device_dirty_tracking":false' ;;
-    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --unsafe-no-device-dirty) extra=',"verify":true,"device_dirty_tracking":false' ;;
+    -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "migrate-demo: unknown option '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -73,6 +76,12 @@ for x in r["rounds"]:
           (x["round"], x["pages"], x["ms"], x["dirty_after"], x["harvest_ms"]))
 print("stop-and-copy: %d pages; downtime %d ms; total %d ms; %d MiB sent" %
       (r["final_pages"], r["downtime_ms"], r["total_ms"], r["bytes"] >> 20))
+by = r["dirty_by_source"]
+print("dirty pages by source over all harvests: vCPUs (KVM) %d, VMM devices %d, "
+      "passthrough devices %d (%d device dirty reads); untracked devices: %s" %
+      (by["kvm"], by["vmm_devices"], by["passthrough"], r["device_dirty_reads"],
+       ", ".join(r["untracked_devices"]) or "none"))
+print("verify: %d RAM pages identical on both sides" % r["verified_pages"])
 EOF
 wait $src || true
 set +e

@@ -4,7 +4,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// The workspace root.
@@ -195,10 +195,16 @@ pub struct DeviceProcess {
 impl DeviceProcess {
     /// Starts `dma-test-device` and waits for its socket.
     pub fn start() -> DeviceProcess {
+        Self::start_with(&[])
+    }
+
+    /// Starts `dma-test-device` with extra arguments (`--dirty-log off`, ...).
+    pub fn start_with(args: &[&str]) -> DeviceProcess {
         let socket = scratch("dma.sock");
         let child = Command::new(bin("dma-test-device"))
             .arg("--socket")
             .arg(&socket)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -266,35 +272,82 @@ pub struct VmmProcess {
     child: Child,
     console_path: PathBuf,
     stderr: Option<std::thread::JoinHandle<String>>,
+    stderr_so_far: Arc<Mutex<String>>,
     start: Instant,
 }
 
 impl VmmProcess {
     /// Starts `vmm` with `args` plus `--serial file=...`.
     pub fn start(args: &[&str]) -> VmmProcess {
+        Self::start_env(args, &[])
+    }
+
+    /// [`VmmProcess::start`] with environment variables set for it.
+    pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> VmmProcess {
         let console_path = scratch("console.log");
         let serial = format!("file={}", console_path.display());
         let mut child = Command::new(bin("vmm"))
             .args(args)
             .arg("--serial")
             .arg(&serial)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn vmm");
         let mut pipe = child.stderr.take().expect("stderr piped");
+        let so_far = Arc::new(Mutex::new(String::new()));
+        let sink = so_far.clone();
         let stderr = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = pipe.read_to_string(&mut s);
+            let mut buf = [0u8; 4096];
+            loop {
+                match pipe.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => sink
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push_str(&String::from_utf8_lossy(&buf[..n])),
+                }
+            }
+            let s = sink.lock().unwrap_or_else(|e| e.into_inner()).clone();
             s
         });
         VmmProcess {
             child,
             console_path,
             stderr: Some(stderr),
+            stderr_so_far: so_far,
             start: Instant::now(),
         }
+    }
+
+    /// What the VMM wrote on stderr so far.
+    pub fn stderr_so_far(&self) -> String {
+        self.stderr_so_far
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Waits until stderr contains `needle`; panics after `deadline` (a hang).
+    pub fn wait_stderr(&mut self, needle: &str, deadline: Duration) {
+        let start = Instant::now();
+        while !self.stderr_so_far().contains(needle) {
+            assert!(
+                start.elapsed() < deadline,
+                "no {needle:?} on stderr after {deadline:?}:\n{}",
+                self.stderr_so_far()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the VMM (SIGKILL) and returns what it left.
+    pub fn kill(mut self) -> Run {
+        let _ = self.child.kill();
+        let status = self.child.wait().ok();
+        self.finish_with(status)
     }
 
     /// The console so far.

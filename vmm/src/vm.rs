@@ -335,7 +335,7 @@ impl Vm {
                     let Ok((src, reply)) = rx.recv() else {
                         return Err(VmmError::Migration("the API went away".into()));
                     };
-                    match migration::receive(&machine, &vcpus, &src) {
+                    match migration::receive(&machine, &vcpus, &src, api.as_ref()) {
                         Ok(()) => {
                             let _ = reply.send(Ok(()));
                             break;
@@ -353,13 +353,31 @@ impl Vm {
         };
         let restored = match &source {
             Some(src) => {
-                migration::receive(&machine, &vcpus, src)
+                migration::receive(&machine, &vcpus, src, api.as_ref())
                     .map_err(|e| VmmError::Migration(e.to_string()))?;
                 true
             }
             None => self.incoming.is_some(),
         };
 
+        if restored {
+            // Devices run again before any vCPU does: a guest must never find its
+            // passthrough devices stopped. A device that cannot is a failed restore.
+            for p in &machine.devices.passthrough {
+                let r = p
+                    .backend
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .set_migration_state(migration::device_state::RUNNING);
+                if let Err(e) = r {
+                    return Err(VmmError::Migration(format!(
+                        "{}: cannot be put back in RUNNING after the restore: {e}",
+                        p.label
+                    )));
+                }
+            }
+            machine.kick_queues();
+        }
         {
             let mut threads = machine.threads.lock().unwrap_or_else(|e| e.into_inner());
             let mut requests = machine.requests.lock().unwrap_or_else(|e| e.into_inner());
@@ -370,19 +388,6 @@ impl Vm {
                 threads.push(t);
                 requests.push(tx);
             }
-        }
-        if restored {
-            for p in &machine.devices.passthrough {
-                let r = p
-                    .backend
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .set_migration_state(migration::device_state::RUNNING);
-                if let Err(e) = r {
-                    log::error!("{}: cannot restart after restore: {e}", p.label);
-                }
-            }
-            machine.kick_queues();
         }
         *api.machine.lock().unwrap_or_else(|e| e.into_inner()) = Some(machine.clone());
 

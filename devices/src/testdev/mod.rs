@@ -15,7 +15,7 @@ mod engine;
 mod server;
 
 pub use engine::{MigrationError, TestDevice};
-pub use server::serve;
+pub use server::{serve, DirtyLogMode};
 
 /// PCI vendor ID of the test device.
 pub const VENDOR_ID: u16 = 0x1234;

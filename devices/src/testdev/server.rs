@@ -31,6 +31,35 @@ fn config_space() -> [u8; 256] {
 struct Backend {
     dev: TestDevice,
     query: (u64, u64, u32),
+    dirty_log: DirtyLogMode,
+}
+
+/// How the device's dirty log behaves (`dma-test-device --dirty-log`): a correct log, none
+/// (enabling it is refused, so the VMM knows the device is untracked), or one that claims to
+/// track and always reports nothing (a broken device the VMM cannot tell from an idle one;
+/// only a RAM comparison at switch-over shows it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DirtyLogMode {
+    /// Pages written by DMA are reported.
+    #[default]
+    On,
+    /// Dirty tracking cannot be enabled.
+    Off,
+    /// Tracking can be enabled; every report is empty.
+    Empty,
+}
+
+impl std::str::FromStr for DirtyLogMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "on" => Ok(Self::On),
+            "off" => Ok(Self::Off),
+            "empty" => Ok(Self::Empty),
+            other => Err(format!("`{other}`: expected on, off or empty")),
+        }
+    }
 }
 
 fn region(index: u32, size: u64) -> ServerRegion {
@@ -69,6 +98,9 @@ impl ServerBackend for Backend {
                 self.dev
                     .dma()
                     .dirty_bitmap(iova, pages.min(max), data, clear != 0);
+                if self.dirty_log == DirtyLogMode::Empty {
+                    data.fill(0);
+                }
             }
             REGION_DIRTY_LOG => {
                 data.fill(0);
@@ -104,6 +136,12 @@ impl ServerBackend for Backend {
             0 => self.dev.bar_write(offset, data),
             REGION_FAULT_LOG => self.dev.fault_log_clear(),
             REGION_DIRTY_LOG => match offset {
+                0 if self.dirty_log == DirtyLogMode::Off && le(data) & 1 == 1 => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::Unsupported,
+                        "this device has no dirty log (--dirty-log off)",
+                    ))
+                }
                 0 => self.dev.dma().set_tracking(le(data) & 1 == 1),
                 8 => self.query.0 = le(data),
                 16 => self.query.1 = le(data),
@@ -178,7 +216,7 @@ impl ServerBackend for Backend {
 ///
 /// # Errors
 /// When the socket cannot be bound or the connection fails.
-pub fn serve(path: &Path) -> Result<(), vfio_user::Error> {
+pub fn serve(path: &Path, dirty_log: DirtyLogMode) -> Result<(), vfio_user::Error> {
     let mut regions: Vec<ServerRegion> = (0..12u32).map(|i| region(i, 0)).collect();
     regions[0] = region(0, BAR0_SIZE);
     regions[CONFIG_REGION as usize] = region(CONFIG_REGION, 256);
@@ -205,6 +243,7 @@ pub fn serve(path: &Path) -> Result<(), vfio_user::Error> {
     let mut backend = Backend {
         dev: TestDevice::new(),
         query: (0, 0, 0),
+        dirty_log,
     };
     let r = server.run(&mut backend);
     let calls = {

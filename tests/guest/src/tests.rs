@@ -735,10 +735,7 @@ fn migrate_dma(c: &mut Ctx) -> Result<(), &'static str> {
         }
         it += 1;
     }
-    check(
-        !until_migrated || migrated_at.is_some(),
-        "never migrated",
-    )?;
+    check(!until_migrated || migrated_at.is_some(), "never migrated")?;
     let mut wrong = 0u64;
     for p in 0..PAGES {
         let want = bytes(expect + p, 1)[0];

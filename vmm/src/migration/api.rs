@@ -3,21 +3,32 @@
 //!
 //! | request | answer |
 //! | --- | --- |
-//! | `{"cmd":"status"}` | `{"ok":true,"state":"running"\|"paused"\|"waiting","memory":N,"cpus":N}` |
-//! | `{"cmd":"pause"}`, `{"cmd":"resume"}` | `{"ok":true}` |
-//! | `{"cmd":"snapshot","dir":"PATH"}` | `{"ok":true,"path":..,"pages":N,"bytes":N,"total_ms":N}` |
+//! | `{"cmd":"status"}` | `{"ok":true,"state":"running"\|"paused"\|"waiting"\|"awaiting-commit"\|"handover-unconfirmed","memory":N,"cpus":N}` |
+//! | `{"cmd":"pause"}`, `{"cmd":"resume"}` | `{"ok":true}` (`resume` of a handed-over guest needs `"force":true`) |
+//! | `{"cmd":"snapshot","dir":"PATH"[,"verify":true]}` | `{"ok":true,"path":..,"pages":N,"bytes":N,"total_ms":N}` |
 //! | `{"cmd":"migrate","to":"unix:PATH"\|"tcp:HOST:PORT", ...}` | the migration report |
 //! | `{"cmd":"restore","dir":"PATH"}` | `{"ok":true}` (only with `--incoming defer`) |
 //! | `{"cmd":"receive","from":"unix:PATH"\|"tcp:HOST:PORT"}` | `{"ok":true}` (same) |
+//! | `{"cmd":"commit"}`, `{"cmd":"discard"}` | `{"ok":true}`: a destination whose hand-over was not confirmed runs, or drops, the guest |
 //! | `{"cmd":"quit"}` | `{"ok":true}`, then the VM stops |
 //!
-//! `migrate` also takes `max_rounds` (30), `max_dirty_pages` (256) and
-//! `device_dirty_tracking` (true; false is unsafe and only shows that device writes would be
-//! lost). Errors answer `{"ok":false,"error":"..."}` and change nothing.
+//! `migrate` also takes `max_rounds` (30), `max_dirty_pages` (256), `verify` (false: compare
+//! every RAM page of both sides before the guest runs again), `timeout_ms` (30000: how long
+//! each side waits for the other during the hand-over) and `device_dirty_tracking` (true;
+//! false is unsafe and only shows that device writes would be lost). Errors answer
+//! `{"ok":false,"error":"..."}` and change nothing.
+//!
+//! The hand-over is fenced: the destination runs the guest only after the source's COMMIT,
+//! which the source sends only after the destination's ACK (and a matching verify). A source
+//! that gets no ACK in time resumes (the destination discards on its ABORT, or waits for the
+//! user); a source that sent COMMIT but got no DONE stays stopped in `handover-unconfirmed`;
+//! a destination that got no COMMIT waits in `awaiting-commit`. Neither ever runs the guest
+//! on its own then: `status` on both says which command resolves it.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
@@ -35,6 +46,24 @@ pub struct ApiTarget {
     pub machine: Mutex<Option<Arc<Machine>>>,
     /// Set while the VM waits for `restore` or `receive`.
     pub incoming: Mutex<Option<Sender<IncomingRequest>>>,
+    /// Set while a received guest waits for the user to `commit` or `discard` it: why, and
+    /// where the decision goes.
+    pub handover: Mutex<Option<(String, Sender<bool>)>>,
+    /// Whether the API socket is served (someone can decide).
+    pub serving: std::sync::atomic::AtomicBool,
+}
+
+impl HandoverResolver for ApiTarget {
+    fn wait(&self, why: &str) -> Option<bool> {
+        if !self.serving.load(Ordering::Acquire) {
+            return None;
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        *self.handover.lock().unwrap_or_else(|e| e.into_inner()) = Some((why.to_string(), tx));
+        let decision = rx.recv().ok();
+        *self.handover.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        decision
+    }
 }
 
 /// Starts serving `path` on a thread of its own.
@@ -47,6 +76,7 @@ pub fn start(path: &Path, target: Arc<ApiTarget>) -> std::io::Result<()> {
         let _ = std::fs::remove_file(path);
     }
     let listener = UnixListener::bind(path)?;
+    target.serving.store(true, Ordering::Release);
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
@@ -94,14 +124,18 @@ fn handle(req: &Value, target: &ApiTarget) -> Result<Value, String> {
     };
     match cmd {
         "status" => {
-            let state = match *m.lifecycle.lock().unwrap_or_else(|e| e.into_inner()) {
+            let l = *m.lifecycle.lock().unwrap_or_else(|e| e.into_inner());
+            let mut v = json!({"ok": true, "memory": m.config.memory, "cpus": m.config.cpus});
+            let state = match l {
                 Lifecycle::Running => "running",
                 Lifecycle::Paused => "paused",
+                Lifecycle::HandoverUnconfirmed => {
+                    v["resolve"] = json!(UNCONFIRMED_HELP);
+                    "handover-unconfirmed"
+                }
             };
-            Ok(
-                json!({"ok": true, "state": state, "memory": m.config.memory,
-                      "cpus": m.config.cpus}),
-            )
+            v["state"] = json!(state);
+            Ok(v)
         }
         "pause" => {
             let mut l = m.lifecycle.lock().unwrap_or_else(|e| e.into_inner());
@@ -113,9 +147,20 @@ fn handle(req: &Value, target: &ApiTarget) -> Result<Value, String> {
         }
         "resume" => {
             let mut l = m.lifecycle.lock().unwrap_or_else(|e| e.into_inner());
-            if *l == Lifecycle::Paused {
-                m.resume_vcpus();
-                *l = Lifecycle::Running;
+            match *l {
+                Lifecycle::Paused => {
+                    m.resume_vcpus();
+                    *l = Lifecycle::Running;
+                }
+                Lifecycle::HandoverUnconfirmed => {
+                    if req.get("force").and_then(Value::as_bool) != Some(true) {
+                        return Err(format!("resume: {UNCONFIRMED_HELP}"));
+                    }
+                    log::warn!("resuming a guest whose hand-over was not confirmed (forced)");
+                    super::send::resume_after_handover(&m);
+                    *l = Lifecycle::Running;
+                }
+                Lifecycle::Running => {}
             }
             Ok(json!({"ok": true}))
         }
@@ -124,7 +169,8 @@ fn handle(req: &Value, target: &ApiTarget) -> Result<Value, String> {
                 .get("dir")
                 .and_then(Value::as_str)
                 .ok_or("snapshot needs \"dir\"")?;
-            let r = snapshot(&m, Path::new(dir)).map_err(|e| e.to_string())?;
+            let verify = req.get("verify").and_then(Value::as_bool).unwrap_or(false);
+            let r = snapshot(&m, Path::new(dir), verify).map_err(|e| e.to_string())?;
             Ok(
                 json!({"ok": true, "path": Path::new(dir).join("snapshot.vmm"),
                       "pages": r.pages, "bytes": r.bytes, "total_ms": r.total_ms}),
@@ -154,11 +200,37 @@ fn handle(req: &Value, target: &ApiTarget) -> Result<Value, String> {
         "restore" | "receive" => Err(format!(
             "{cmd}: the VM is already running (start vmm with --incoming defer to {cmd} into it)"
         )),
+        "commit" | "discard" => Err(format!("{cmd}: no hand-over is waiting here")),
         other => Err(format!("unknown command \"{other}\"")),
     }
 }
 
+/// What a source whose hand-over was not confirmed tells the user.
+const UNCONFIRMED_HELP: &str = "the guest was handed over (COMMIT sent) but the destination \
+     did not confirm: it may run there. Ask the destination: if it runs the guest (or waits \
+     in \"awaiting-commit\": then \"commit\" there), \"quit\" here; if it discarded it, \
+     resume here with \"force\":true";
+
 fn handle_waiting(cmd: &str, req: &Value, target: &ApiTarget) -> Result<Value, String> {
+    let pending = target
+        .handover
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    if let Some((why, decide)) = pending {
+        return match cmd {
+            "status" => Ok(json!({"ok": true, "state": "awaiting-commit", "resolve": why})),
+            "commit" | "discard" | "quit" => {
+                decide
+                    .send(cmd == "commit")
+                    .map_err(|_| "the hand-over is over".to_string())?;
+                Ok(json!({"ok": true}))
+            }
+            other => Err(format!(
+                "{other}: a received guest waits for \"commit\" or \"discard\" ({why})"
+            )),
+        };
+    }
     let source = match cmd {
         "status" => return Ok(json!({"ok": true, "state": "waiting"})),
         "restore" => Source::Snapshot(

@@ -35,7 +35,7 @@ use crate::memory::GuestRam;
 use crate::vcpu::{ParkedRequest, VcpuContext};
 use kvm_state::{VcpuState, VmState};
 
-pub use recv::{read_stream, receive, Incoming, Source};
+pub use recv::{read_stream, read_stream_from, receive, HandoverResolver, Incoming, Source};
 pub use send::{migrate, snapshot, MigrateOptions};
 
 /// Version of [`MachineState`].
@@ -74,6 +74,15 @@ pub enum MigrationError {
     /// The VM is not in a state that allows it.
     #[error("{0}")]
     Busy(String),
+    /// RAM differs between the two sides after the last copy.
+    #[error("verify: {0}")]
+    Verify(String),
+    /// The source aborted the hand-over (it runs the guest).
+    #[error("the source aborted the migration ({0}); this side discards the guest")]
+    Aborted(String),
+    /// The hand-over could not be confirmed: neither side runs the guest on its own.
+    #[error("hand-over unconfirmed: {0}")]
+    Unconfirmed(String),
 }
 
 fn state_err(e: impl std::fmt::Display) -> MigrationError {
@@ -133,6 +142,112 @@ pub enum Lifecycle {
     Running,
     /// Paused through the API.
     Paused,
+    /// The guest was handed over (COMMIT sent) but the destination did not confirm: it may
+    /// run there. Stopped here for good unless the user resumes with `"force":true`.
+    HandoverUnconfirmed,
+}
+
+/// Dirty pages by where they were found: vCPU writes (KVM's dirty log), the VMM's own
+/// device models (vm-memory's bitmap), passthrough devices (their logs, through the vIOMMU
+/// or directly).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirtySources {
+    /// From KVM's dirty log.
+    pub kvm: u64,
+    /// From vm-memory's bitmap.
+    pub vmm_devices: u64,
+    /// From passthrough devices' dirty logs.
+    pub passthrough: u64,
+}
+
+impl DirtySources {
+    fn add(&mut self, o: DirtySources) {
+        self.kvm += o.kvm;
+        self.vmm_devices += o.vmm_devices;
+        self.passthrough += o.passthrough;
+    }
+}
+
+/// How the hand-over at the end of a migration goes (the `HANDOVER` record), and for a
+/// snapshot whether it carries RAM hashes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handover {
+    /// Compare every RAM page of both sides (by hash) before the guest runs again.
+    pub verify: bool,
+    /// Milliseconds each side waits for the other's next hand-over message.
+    pub timeout_ms: u64,
+}
+
+/// Hash of every 4 KiB page of `ram_ranges` (`(GPA, bytes)`) in `mem`, in GPA order (the
+/// order both sides walk). Both sides run the same VMM, so the same hash function.
+///
+/// # Errors
+/// When a page cannot be read.
+pub fn page_hashes(
+    mem: &devices::GuestMemoryMmap,
+    ram_ranges: &[(u64, u64)],
+) -> Result<Vec<u64>, MigrationError> {
+    use std::hash::{DefaultHasher, Hasher};
+    use vm_memory::{Bytes, GuestAddress};
+    const CHUNK: u64 = 2 << 20;
+    let pages: u64 = ram_ranges.iter().map(|r| r.1 / 4096).sum();
+    let mut out = Vec::with_capacity(pages as usize);
+    let mut buf = vec![0u8; CHUNK as usize];
+    for &(gpa, len) in ram_ranges {
+        let mut off = 0;
+        while off < len {
+            let n = (len - off).min(CHUNK);
+            let b = &mut buf[..n as usize];
+            mem.read_slice(b, GuestAddress(gpa + off))
+                .map_err(|e| state_err(format!("hashing RAM at {:#x}: {e}", gpa + off)))?;
+            for page in b.chunks(4096) {
+                let mut h = DefaultHasher::new();
+                h.write(page);
+                out.push(h.finish());
+            }
+            off += n;
+        }
+    }
+    Ok(out)
+}
+
+/// GPAs of the pages whose hashes differ between `ours` and `theirs` (both from
+/// [`page_hashes`] over `ram_ranges`); pages one side lacks count as differing.
+pub fn differing_pages(ours: &[u64], theirs: &[u64], ram_ranges: &[(u64, u64)]) -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut i = 0usize;
+    for &(gpa, len) in ram_ranges {
+        for p in 0..len / 4096 {
+            if ours.get(i) != theirs.get(i) || ours.get(i).is_none() {
+                out.push(gpa + p * 4096);
+            }
+            i += 1;
+        }
+    }
+    out
+}
+
+/// A verify failure's message: how many pages differ and the first GPAs.
+fn verify_failure(gpas: &[u64]) -> String {
+    let shown: Vec<String> = gpas.iter().take(32).map(|g| format!("{g:#x}")).collect();
+    format!(
+        "{} pages differ between source and destination: {}{}",
+        gpas.len(),
+        shown.join(" "),
+        if gpas.len() > shown.len() { " ..." } else { "" }
+    )
+}
+
+/// A fault the tests inject into the hand-over (test only): `VMM_TEST_HANDOVER_FAULT` holds
+/// comma-separated `name` or `name=N` entries: `drop-ack`, `delay-ack=MS` (destination),
+/// `drop-commit`, `stall-before-commit=MS` (source), `drop-done` (destination). Returns
+/// `Some(N)` (0 without a value) when `name` is set.
+pub(crate) fn test_fault(name: &str) -> Option<u64> {
+    let v = std::env::var("VMM_TEST_HANDOVER_FAULT").ok()?;
+    v.split(',').find_map(|e| {
+        let (k, n) = e.split_once('=').unwrap_or((e, "0"));
+        (k.trim() == name).then(|| n.trim().parse().unwrap_or(0))
+    })
 }
 
 /// The VM, shared by the event loop, the control API and migration.
@@ -300,20 +415,37 @@ impl Machine {
 
     /// ORs into `out` every page written since the last harvest: vCPUs (KVM), the VMM's
     /// devices (vm-memory), passthrough devices (their dirty logs, through the vIOMMU).
-    fn harvest(&self, out: &mut DirtyBitmap) -> Result<(), MigrationError> {
+    /// Returns how many pages each source reported (a page two sources report counts in
+    /// both).
+    fn harvest(&self, out: &mut DirtyBitmap) -> Result<DirtySources, MigrationError> {
+        let ones = |w: &[u64]| w.iter().map(|x| u64::from(x.count_ones())).sum::<u64>();
+        let mut n = DirtySources::default();
         for (slot, (gpa, size, _, _)) in self.ram.regions().into_iter().enumerate() {
             let bits = self
                 .vm_fd
                 .get_dirty_log(slot as u32, size as usize)
                 .map_err(|e| state_err(format!("KVM_GET_DIRTY_LOG of slot {slot}: {e}")))?;
+            n.kvm += ones(&bits);
             out.mark_bits(gpa / 4096, &bits, size / 4096);
         }
         for r in self.ram.mem.iter() {
             let words = std::ops::Deref::deref(r).bitmap().get_and_reset();
+            n.vmm_devices += ones(&words);
             out.mark_bits(r.start_addr().0 / 4096, &words, r.len() / 4096);
         }
-        self.devices.harvest_dirty(out);
-        Ok(())
+        let mut devices = DirtyBitmap::new(&self.devices.ram_ranges);
+        self.devices.harvest_dirty(&mut devices);
+        n.passthrough = devices.count();
+        out.merge(&devices);
+        Ok(n)
+    }
+
+    /// Dirty reports read from passthrough devices so far (the vIOMMU's counter).
+    fn device_dirty_reads(&self) -> u64 {
+        self.devices
+            .iommu
+            .as_ref()
+            .map_or(0, |(h, _)| h.lock().counters().dirty_reads)
     }
 
     /// Saves everything but RAM; vCPUs parked, devices frozen and stopped.
@@ -424,6 +556,50 @@ mod tests {
         assert!("tcp:nohost".parse::<Address>().is_err());
         assert!("unix:".parse::<Address>().is_err());
         assert!("ftp:x".parse::<Address>().is_err());
+    }
+
+    #[test]
+    fn differing_pages_are_named_by_gpa() {
+        let ram = [(0u64, 3 * 4096u64), (0x10_0000, 2 * 4096)];
+        let ours = [1, 2, 3, 4, 5];
+        assert!(differing_pages(&ours, &ours, &ram).is_empty());
+        assert_eq!(
+            differing_pages(&ours, &[1, 9, 3, 4, 0], &ram),
+            vec![0x1000, 0x10_1000]
+        );
+        // Hashes one side lacks count as differing.
+        assert_eq!(
+            differing_pages(&ours, &[1, 2, 3], &ram),
+            vec![0x10_0000, 0x10_1000]
+        );
+        let msg = verify_failure(&(0..40).map(|p| p * 4096).collect::<Vec<_>>());
+        assert!(
+            msg.starts_with("40 pages differ") && msg.ends_with(" ..."),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn hashes_records_go_in_order_and_stay_inside_ram() {
+        let mut w = stream::StreamWriter::new(Vec::new()).unwrap();
+        let hashes: Vec<u64> = (0..(stream::MAX_HASHES_RECORD + 5)).collect();
+        w.hashes(&hashes).unwrap();
+        let bytes = w.get_mut().clone();
+        let mut r = stream::StreamReader::new(&bytes[..]).unwrap();
+        let mut got = Vec::new();
+        for i in 0..2 {
+            let (k, payload) = r.next_record().unwrap();
+            assert_eq!(k, stream::Kind::Hashes);
+            stream::add_hashes(&mut got, &payload, hashes.len() as u64, i).unwrap();
+        }
+        assert_eq!(got, hashes);
+        // Out of order, past RAM, or ragged: refused.
+        let mut again = got.clone();
+        let mut rec = 0u64.to_le_bytes().to_vec();
+        rec.extend(7u64.to_le_bytes());
+        assert!(stream::add_hashes(&mut again, &rec, u64::MAX, 0).is_err());
+        assert!(stream::add_hashes(&mut Vec::new(), &rec, 0, 0).is_err());
+        assert!(stream::add_hashes(&mut Vec::new(), &rec[..12], 10, 0).is_err());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::io::{BufReader, Read, Write};
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress};
@@ -30,8 +30,8 @@ impl std::fmt::Display for Source {
     }
 }
 
-/// The two directions of a connection.
-type Halves = (Box<dyn Read + Send>, Box<dyn Write + Send>);
+/// The two directions of a connection (the read half takes timeouts).
+type Halves = (Box<dyn Conn>, Box<dyn Write + Send>);
 
 fn accept(addr: &Address) -> Result<Halves, MigrationError> {
     let err = |what: String| move |e| MigrationError::Transport(what, e);
@@ -61,15 +61,31 @@ fn accept(addr: &Address) -> Result<Halves, MigrationError> {
     }
 }
 
+/// How a destination waiting for the source's COMMIT is resolved by the user (the API's
+/// `commit` or `discard`, with `--api-socket`): `wait(why)` shows `why` and returns whether
+/// to run the guest.
+pub trait HandoverResolver {
+    /// Blocks until the user decides; `None` when nobody can (no API).
+    fn wait(&self, why: &str) -> Option<bool>;
+}
+
 /// Receives the guest from `src` into `m` (built from the same command line, vCPUs not
-/// running) and restores it. With a migration, the sender gets the verdict.
+/// running) and restores it. With a migration, the sender gets the verdict (and, when it
+/// asked to verify, this side's RAM hashes); the guest is then only run once the sender
+/// COMMITs. An ABORT discards it; a connection lost or silent before the COMMIT leaves the
+/// decision to the user through `resolver`.
 ///
 /// # Errors
-/// [`MigrationError`]: a corrupt, truncated or incompatible stream, or state that does not
-/// fit this VM.
-pub fn receive(m: &Machine, vcpus: &[VcpuFd], src: &Source) -> Result<(), MigrationError> {
+/// [`MigrationError`]: a corrupt, truncated or incompatible stream, state that does not
+/// fit this VM, a verify failure, an abort, or an unresolved hand-over.
+pub fn receive(
+    m: &Machine,
+    vcpus: &[VcpuFd],
+    src: &Source,
+    resolver: &dyn HandoverResolver,
+) -> Result<(), MigrationError> {
     let start = Instant::now();
-    let (reader, mut ack): (Box<dyn Read + Send>, Option<Box<dyn Write + Send>>) = match src {
+    let (mut conn, mut ack): (Box<dyn Conn>, Option<Box<dyn Write + Send>>) = match src {
         Source::Listen(addr) => {
             let (r, w) = accept(addr)?;
             (r, Some(w))
@@ -79,48 +95,162 @@ pub fn receive(m: &Machine, vcpus: &[VcpuFd], src: &Source) -> Result<(), Migrat
             let f = std::fs::File::open(&path).map_err(|e| {
                 MigrationError::Transport(format!("cannot open {}", path.display()), e)
             })?;
-            (Box::new(f), None)
+            (Box::new(FileConn(f)), None)
         }
     };
-    let result = receive_stream(m, vcpus, reader);
-    if let Some(w) = ack.as_mut() {
-        let verdict = match &result {
-            Ok(()) => serde_json::json!({"ok": true}),
-            Err(e) => serde_json::json!({"ok": false, "error": e.to_string()}),
-        };
-        let sent = StreamWriter::new(&mut *w)
-            .and_then(|mut s| s.json(Kind::Ack, &verdict).and_then(|()| s.flush()));
-        if let Err(e) = sent {
-            log::warn!("cannot answer the migration source: {e}");
+    let mut reader = match StreamReader::new(BufReader::with_capacity(1 << 20, &mut conn)) {
+        Ok(r) => r,
+        Err(e) => return Err(answer(ack.as_mut(), Err(e.into()))),
+    };
+    let result = receive_stream(m, vcpus, &mut reader);
+    let Some(w) = ack.as_mut() else {
+        // A snapshot: verified against the hashes it carries.
+        let incoming = result?;
+        if incoming.handover.is_some_and(|h| h.verify) {
+            let ours = page_hashes(&m.ram.mem, &m.devices.ram_ranges)?;
+            let diff = differing_pages(&ours, &incoming.hashes, &m.devices.ram_ranges);
+            if !diff.is_empty() {
+                return Err(MigrationError::Verify(verify_failure(&diff)));
+            }
+            log::info!("verify: all {} RAM pages match the snapshot", ours.len());
         }
-    }
-    if result.is_ok() {
         log::info!(
             "restored the guest from {src} in {} ms",
             start.elapsed().as_millis()
         );
+        return Ok(());
+    };
+    let incoming = match result {
+        Ok(i) => i,
+        Err(e) => return Err(answer(Some(w), Err(e))),
+    };
+    let handover = incoming.handover.unwrap_or(Handover {
+        verify: false,
+        timeout_ms: 30_000,
+    });
+    // The verdict, then (verifying) this side's hashes, on the way back.
+    let mut back = StreamWriter::new(&mut **w)?;
+    if let Some(ms) = test_fault("delay-ack") {
+        std::thread::sleep(Duration::from_millis(ms));
     }
-    result
+    if test_fault("drop-ack").is_some() {
+        log::warn!("test fault: not sending ACK");
+    } else {
+        let hashes = if handover.verify {
+            Some(page_hashes(&m.ram.mem, &m.devices.ram_ranges)?)
+        } else {
+            None
+        };
+        let sent = back
+            .json(Kind::Ack, &serde_json::json!({"ok": true}))
+            .and_then(|()| match &hashes {
+                Some(h) => back.hashes(h),
+                None => Ok(()),
+            })
+            .and_then(|()| back.flush());
+        if let Err(e) = sent {
+            log::warn!("cannot answer the migration source: {e}");
+        }
+        log::info!("migration: ACK sent; waiting for the source's COMMIT");
+    }
+    // Only a COMMIT lets the guest run here.
+    reader
+        .get_mut()
+        .get_mut()
+        .set_timeout(Some(Duration::from_millis(
+            handover.timeout_ms.saturating_mul(2),
+        )));
+    let why = match reader.next_record() {
+        Ok((Kind::Commit, _)) => {
+            if test_fault("drop-done").is_some() {
+                log::warn!("test fault: not sending DONE");
+            } else if let Err(e) = back.record(Kind::Done, &[]).and_then(|()| back.flush()) {
+                log::warn!("cannot confirm the COMMIT: {e}");
+            }
+            log::info!(
+                "migration: committed; the guest runs here ({} ms after the connection)",
+                start.elapsed().as_millis()
+            );
+            return Ok(());
+        }
+        Ok((Kind::Abort, payload)) => {
+            let why = String::from_utf8_lossy(&payload).to_string();
+            return Err(MigrationError::Aborted(why));
+        }
+        Ok((k, _)) => format!("the source sent {k:?} instead of COMMIT"),
+        Err(e) => format!("no COMMIT from the source ({e})"),
+    };
+    let why = format!(
+        "{why}: the source may have resumed the guest, or stopped for good. Ask it (status: \
+         \"handover-unconfirmed\" means it stopped): then \"commit\" here to run the guest, \
+         or \"discard\" here if the source runs it"
+    );
+    log::error!("migration: {why}");
+    match resolver.wait(&why) {
+        Some(true) => {
+            log::info!("migration: committed through the API; the guest runs here");
+            Ok(())
+        }
+        Some(false) => Err(MigrationError::Aborted("discarded through the API".into())),
+        None => Err(MigrationError::Unconfirmed(format!(
+            "{why} (no --api-socket to decide: the guest is not run)"
+        ))),
+    }
 }
 
-fn receive_stream(
+/// Sends the refusal `e` on the back channel (if any); returns `e`.
+fn answer(w: Option<&mut Box<dyn Write + Send>>, e: Result<(), MigrationError>) -> MigrationError {
+    let e = match e {
+        Err(e) => e,
+        Ok(()) => return state_err("no error"),
+    };
+    if let Some(w) = w {
+        let verdict = serde_json::json!({"ok": false, "error": e.to_string()});
+        let sent = StreamWriter::new(&mut **w)
+            .and_then(|mut s| s.json(Kind::Ack, &verdict).and_then(|()| s.flush()));
+        if let Err(e2) = sent {
+            log::warn!("cannot answer the migration source: {e2}");
+        }
+    }
+    e
+}
+
+/// A snapshot file as a connection (no timeouts).
+struct FileConn(std::fs::File);
+
+impl Read for FileConn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl Write for FileConn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl Conn for FileConn {
+    fn set_timeout(&self, _: Option<Duration>) {}
+}
+
+fn receive_stream<R: Read>(
     m: &Machine,
     vcpus: &[VcpuFd],
-    reader: Box<dyn Read + Send>,
-) -> Result<(), MigrationError> {
-    let incoming = read_stream(
-        BufReader::with_capacity(1 << 20, reader),
-        &m.config,
-        &m.devices.ram_ranges,
-        |gpa, bytes| {
-            m.ram
-                .mem
-                .write_slice(bytes, GuestAddress(gpa))
-                .map_err(|e| state_err(format!("writing guest RAM: {e}")))
-        },
-    )?;
+    reader: &mut StreamReader<R>,
+) -> Result<Incoming, MigrationError> {
+    let incoming = read_stream_from(reader, &m.config, &m.devices.ram_ranges, |gpa, bytes| {
+        m.ram
+            .mem
+            .write_slice(bytes, GuestAddress(gpa))
+            .map_err(|e| state_err(format!("writing guest RAM: {e}")))
+    })?;
     log::info!("received {} pages and the machine state", incoming.pages);
-    restore(m, vcpus, &incoming.state, &incoming.device_data)
+    restore(m, vcpus, &incoming.state, &incoming.device_data)?;
+    Ok(incoming)
 }
 
 /// What a stream carried besides guest RAM.
@@ -131,6 +261,10 @@ pub struct Incoming {
     pub device_data: Vec<(u8, Vec<u8>)>,
     /// Guest pages received.
     pub pages: u64,
+    /// The sender's hand-over options (`HANDOVER`), if it sent them.
+    pub handover: Option<Handover>,
+    /// RAM page hashes the stream carried (a snapshot taken with `verify`).
+    pub hashes: Vec<u64>,
 }
 
 /// Reads a whole stream (snapshot or migration) for a VM configured as `ours` with RAM
@@ -145,9 +279,23 @@ pub fn read_stream<R: Read>(
     reader: R,
     ours: &MachineConfig,
     ram_ranges: &[(u64, u64)],
-    mut write_ram: impl FnMut(u64, &[u8]) -> Result<(), MigrationError>,
+    write_ram: impl FnMut(u64, &[u8]) -> Result<(), MigrationError>,
 ) -> Result<Incoming, MigrationError> {
     let mut r = StreamReader::new(reader)?;
+    read_stream_from(&mut r, ours, ram_ranges, write_ram)
+}
+
+/// [`read_stream`] from a reader whose header was read; stops after `END`, so that the
+/// hand-over can go on reading.
+///
+/// # Errors
+/// As [`read_stream`].
+pub fn read_stream_from<R: Read>(
+    r: &mut StreamReader<R>,
+    ours: &MachineConfig,
+    ram_ranges: &[(u64, u64)],
+    mut write_ram: impl FnMut(u64, &[u8]) -> Result<(), MigrationError>,
+) -> Result<Incoming, MigrationError> {
     let (kind, payload) = r.next_record()?;
     if kind != Kind::Config {
         return Err(MigrationError::Incompatible(format!(
@@ -159,6 +307,9 @@ pub fn read_stream<R: Read>(
     let mut state: Option<MachineState> = None;
     let mut device_data: Vec<(u8, Vec<u8>)> = Vec::new();
     let mut pages = 0u64;
+    let mut handover = None;
+    let mut hashes = Vec::new();
+    let total_pages: u64 = ram_ranges.iter().map(|r| r.1 / 4096).sum();
     loop {
         let index = r.records();
         let (kind, payload) = r.next_record()?;
@@ -204,8 +355,10 @@ pub fn read_stream<R: Read>(
                 device_data.push((slot, payload[4..].to_vec()));
             }
             Kind::State => state = Some(parse("State", index, &payload)?),
+            Kind::Handover => handover = Some(parse("Handover", index, &payload)?),
+            Kind::Hashes => stream::add_hashes(&mut hashes, &payload, total_pages, index)?,
             Kind::End => break,
-            Kind::Config | Kind::Ack => {
+            Kind::Config | Kind::Ack | Kind::Commit | Kind::Abort | Kind::Done => {
                 return Err(bad(index, &format!("{kind:?}"), "unexpected record"));
             }
         }
@@ -215,6 +368,8 @@ pub fn read_stream<R: Read>(
         state,
         device_data,
         pages,
+        handover,
+        hashes,
     })
 }
 

@@ -23,6 +23,11 @@ pub struct MigrateOptions {
     /// Harvest passthrough devices' dirty pages. Turning this off is unsafe (device writes
     /// during migration are lost); it exists to show that they would be.
     pub device_dirty_tracking: bool,
+    /// After the last copy, compare every RAM page of both sides (by hash) before the guest
+    /// runs again; a difference fails the migration (the guest resumes here).
+    pub verify: bool,
+    /// Milliseconds each side waits for the other during the hand-over.
+    pub timeout_ms: u64,
 }
 
 impl Default for MigrateOptions {
@@ -32,6 +37,8 @@ impl Default for MigrateOptions {
             max_rounds: 30,
             max_dirty_pages: 256,
             device_dirty_tracking: true,
+            verify: false,
+            timeout_ms: 30_000,
         }
     }
 }
@@ -68,6 +75,12 @@ pub struct MigrationReport {
     pub bytes: u64,
     /// Passthrough devices that could not report their dirty pages.
     pub untracked_devices: Vec<String>,
+    /// RAM pages found identical on both sides (0 without `verify`).
+    pub verified_pages: u64,
+    /// Dirty pages each source reported, over every harvest.
+    pub dirty_by_source: DirtySources,
+    /// Dirty reports read from passthrough devices during the migration.
+    pub device_dirty_reads: u64,
 }
 
 /// Sends every page of `pages` (or all RAM when `None`); returns the count.
@@ -235,63 +248,20 @@ pub fn migrate(m: &Machine, opts: &MigrateOptions) -> Result<MigrationReport, Mi
     let conn = connect(&opts.to)?;
     let mut w = StreamWriter::new(std::io::BufWriter::with_capacity(1 << 20, conn))?;
     w.json(Kind::Config, &m.config)?;
+    w.json(
+        Kind::Handover,
+        &Handover {
+            verify: opts.verify,
+            timeout_ms: opts.timeout_ms,
+        },
+    )?;
 
     let mut report = MigrationReport {
         untracked_devices: m.start_tracking(opts.device_dirty_tracking)?,
         ..Default::default()
     };
-    let result = precopy_and_stop(m, opts, &mut w, &mut report, start);
-    match result {
-        Ok(downtime_start) => {
-            // Wait for the destination's verdict.
-            w.flush()?;
-            let conn = w.get_mut().get_mut();
-            conn.set_timeout(Some(Duration::from_secs(120)));
-            let ack = StreamReader::new(&mut *conn)
-                .and_then(|mut r| r.next_record())
-                .map_err(MigrationError::from);
-            let verdict = match ack {
-                Ok((Kind::Ack, payload)) => {
-                    let v: serde_json::Value =
-                        serde_json::from_slice(&payload).unwrap_or(serde_json::Value::Null);
-                    if v.get("ok").and_then(|o| o.as_bool()) == Some(true) {
-                        Ok(())
-                    } else {
-                        Err(MigrationError::Refused(
-                            v.get("error")
-                                .and_then(|e| e.as_str())
-                                .unwrap_or("no reason given")
-                                .to_string(),
-                        ))
-                    }
-                }
-                Ok((k, _)) => Err(MigrationError::Refused(format!("unexpected {k:?} record"))),
-                Err(e) => Err(e),
-            };
-            match verdict {
-                Ok(()) => {
-                    report.downtime_ms = downtime_start.elapsed().as_millis() as u64;
-                    report.total_ms = start.elapsed().as_millis() as u64;
-                    report.bytes = w.bytes;
-                    log::info!(
-                        "migration to {} done: {} pages in {} ms, downtime {} ms",
-                        opts.to,
-                        report.pages,
-                        report.total_ms,
-                        report.downtime_ms
-                    );
-                    m.exit
-                        .request(devices::exit::ExitReason::Migrated(opts.to.clone()));
-                    Ok(report)
-                }
-                Err(e) => {
-                    log::error!("migration failed: {e}; the guest keeps running here");
-                    m.stop_tracking();
-                    unquiesce(m, false);
-                    Err(e)
-                }
-            }
-        }
+    let downtime_start = match precopy_and_stop(m, opts, &mut w, &mut report, start) {
+        Ok(t) => t,
         Err((e, quiesced)) => {
             // A destination that refuses says why before it hangs up.
             let e = match e {
@@ -305,9 +275,147 @@ pub fn migrate(m: &Machine, opts: &MigrateOptions) -> Result<MigrationReport, Mi
             if quiesced {
                 unquiesce(m, false);
             }
+            return Err(e);
+        }
+    };
+    match hand_over(m, opts, &mut w, &mut report) {
+        Ok(()) => {
+            report.downtime_ms = downtime_start.elapsed().as_millis() as u64;
+            report.total_ms = start.elapsed().as_millis() as u64;
+            report.bytes = w.bytes;
+            log::info!(
+                "migration to {} done: {} pages in {} ms, downtime {} ms",
+                opts.to,
+                report.pages,
+                report.total_ms,
+                report.downtime_ms
+            );
+            m.exit
+                .request(devices::exit::ExitReason::Migrated(opts.to.clone()));
+            Ok(report)
+        }
+        Err(HandOver::Resume(e)) => {
+            log::error!("migration failed: {e}; the guest keeps running here");
+            let reason = serde_json::json!({"error": e.to_string()});
+            let _ = w.json(Kind::Abort, &reason).and_then(|()| w.flush());
+            m.stop_tracking();
+            unquiesce(m, false);
+            Err(e)
+        }
+        Err(HandOver::Unconfirmed(e)) => {
+            log::error!("migration: {e}; the guest stays stopped here");
+            m.stop_tracking();
+            *m.lifecycle.lock().unwrap_or_else(|e| e.into_inner()) = Lifecycle::HandoverUnconfirmed;
             Err(e)
         }
     }
+}
+
+/// How a hand-over failed.
+enum HandOver {
+    /// Before COMMIT: the guest resumes here (the destination discards it on ABORT).
+    Resume(MigrationError),
+    /// After COMMIT, unconfirmed: the guest may run there; it stays stopped here.
+    Unconfirmed(MigrationError),
+}
+
+/// The fenced hand-over once the destination has everything: its ACK (and, verifying, its
+/// RAM hashes, compared with ours), then COMMIT, then its DONE.
+fn hand_over(
+    m: &Machine,
+    opts: &MigrateOptions,
+    w: &mut StreamWriter<std::io::BufWriter<Box<dyn Conn>>>,
+    report: &mut MigrationReport,
+) -> Result<(), HandOver> {
+    let resume = |e: MigrationError| HandOver::Resume(e);
+    let ram = &m.devices.ram_ranges;
+    w.flush().map_err(|e| resume(e.into()))?;
+    let ours = if opts.verify {
+        Some(page_hashes(&m.ram.mem, ram).map_err(resume)?)
+    } else {
+        None
+    };
+    let conn = w.get_mut().get_mut();
+    conn.set_timeout(Some(Duration::from_millis(opts.timeout_ms)));
+    let mut back = StreamReader::new(&mut *conn).map_err(|e| resume(no_ack(e)))?;
+    match back.next_record() {
+        Ok((Kind::Ack, payload)) => {
+            let v: serde_json::Value =
+                serde_json::from_slice(&payload).unwrap_or(serde_json::Value::Null);
+            if v.get("ok").and_then(|o| o.as_bool()) != Some(true) {
+                return Err(resume(MigrationError::Refused(
+                    v.get("error")
+                        .and_then(|e| e.as_str())
+                        .unwrap_or("no reason given")
+                        .to_string(),
+                )));
+            }
+        }
+        Ok((k, _)) => {
+            return Err(resume(MigrationError::Refused(format!(
+                "unexpected {k:?} record"
+            ))))
+        }
+        Err(e) => return Err(resume(no_ack(e))),
+    }
+    if let Some(ours) = &ours {
+        let mut theirs = Vec::with_capacity(ours.len());
+        while theirs.len() < ours.len() {
+            let index = back.records();
+            match back.next_record() {
+                Ok((Kind::Hashes, payload)) => {
+                    stream::add_hashes(&mut theirs, &payload, ours.len() as u64, index)
+                        .map_err(|e| resume(e.into()))?
+                }
+                Ok((k, _)) => {
+                    return Err(resume(MigrationError::Verify(format!(
+                        "the destination sent {k:?} instead of its RAM hashes"
+                    ))))
+                }
+                Err(e) => return Err(resume(MigrationError::Verify(format!("{e}")))),
+            }
+        }
+        let diff = differing_pages(ours, &theirs, ram);
+        if !diff.is_empty() {
+            return Err(resume(MigrationError::Verify(verify_failure(&diff))));
+        }
+        report.verified_pages = ours.len() as u64;
+        log::info!("verify: all {} RAM pages match", ours.len());
+    }
+    let index = back.records();
+    if let Some(ms) = test_fault("stall-before-commit") {
+        log::warn!("test fault: ACK received; committing in {ms} ms");
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+    // From here on the guest may run there: it never resumes here on its own.
+    if test_fault("drop-commit").is_some() {
+        log::warn!("test fault: not sending COMMIT");
+    } else if let Err(e) = w.record(Kind::Commit, &[]).and_then(|()| w.flush()) {
+        return Err(HandOver::Unconfirmed(MigrationError::Unconfirmed(format!(
+            "COMMIT could not be sent ({e})"
+        ))));
+    }
+    let conn = w.get_mut().get_mut();
+    let mut back = StreamReader::resume(&mut *conn, index);
+    match back.next_record() {
+        Ok((Kind::Done, _)) => Ok(()),
+        Ok((k, _)) => Err(HandOver::Unconfirmed(MigrationError::Unconfirmed(format!(
+            "the destination sent {k:?} instead of DONE"
+        )))),
+        Err(e) => Err(HandOver::Unconfirmed(MigrationError::Unconfirmed(format!(
+            "no DONE from the destination ({e})"
+        )))),
+    }
+}
+
+/// The error for an ACK that did not come.
+fn no_ack(e: stream::StreamError) -> MigrationError {
+    MigrationError::Refused(format!("no ACK from the destination ({e})"))
+}
+
+/// Resumes a guest whose hand-over was not confirmed (the user forced it).
+pub(super) fn resume_after_handover(m: &Machine) {
+    unquiesce(m, false);
 }
 
 /// The destination's refusal, if it sent one.
@@ -334,12 +442,15 @@ fn precopy_and_stop<W: Write>(
     start: Instant,
 ) -> Result<Instant, (MigrationError, bool)> {
     let ram = &m.devices.ram_ranges;
+    let reads_before = m.device_dirty_reads();
     // Round 0: everything.
     let t = Instant::now();
     let pages = send_pages(m, w, None).map_err(|e| (e, false))?;
     let mut dirty = DirtyBitmap::new(ram);
     let h = Instant::now();
-    m.harvest(&mut dirty).map_err(|e| (e, false))?;
+    report
+        .dirty_by_source
+        .add(m.harvest(&mut dirty).map_err(|e| (e, false))?);
     let mut last = Round {
         round: 0,
         pages,
@@ -357,7 +468,9 @@ fn precopy_and_stop<W: Write>(
         let pages = send_pages(m, w, Some(&dirty)).map_err(|e| (e, false))?;
         dirty.clear();
         let h = Instant::now();
-        m.harvest(&mut dirty).map_err(|e| (e, false))?;
+        report
+            .dirty_by_source
+            .add(m.harvest(&mut dirty).map_err(|e| (e, false))?);
         last = Round {
             round,
             pages,
@@ -376,7 +489,8 @@ fn precopy_and_stop<W: Write>(
     quiesce(m).map_err(|e| (e, false))?;
     let fin = (|| {
         // After STOP no device writes anymore: this harvest is the last.
-        m.harvest(&mut dirty)?;
+        report.dirty_by_source.add(m.harvest(&mut dirty)?);
+        report.device_dirty_reads = m.device_dirty_reads() - reads_before;
         let pages = send_pages(m, w, Some(&dirty))?;
         report.final_pages = pages;
         report.pages += pages;
@@ -418,11 +532,16 @@ fn progress(r: &Round, start: Instant) {
 }
 
 /// Writes a snapshot of the guest into `dir/snapshot.vmm`: the guest is paused for the
-/// copy and then continues (or stays paused if it was).
+/// copy and then continues (or stays paused if it was). With `verify`, the snapshot also
+/// carries a hash of every RAM page, which a restore compares with what it loaded.
 ///
 /// # Errors
 /// [`MigrationError`]; the guest keeps running either way.
-pub fn snapshot(m: &Machine, dir: &std::path::Path) -> Result<MigrationReport, MigrationError> {
+pub fn snapshot(
+    m: &Machine,
+    dir: &std::path::Path,
+    verify: bool,
+) -> Result<MigrationReport, MigrationError> {
     let _busy = m
         .busy
         .try_lock()
@@ -442,6 +561,17 @@ pub fn snapshot(m: &Machine, dir: &std::path::Path) -> Result<MigrationReport, M
         let mut w = StreamWriter::new(std::io::BufWriter::with_capacity(1 << 20, f))?;
         w.json(Kind::Config, &m.config)?;
         let pages = send_pages(m, &mut w, None)?;
+        if verify {
+            // The restore compares its RAM with these.
+            w.json(
+                Kind::Handover,
+                &Handover {
+                    verify: true,
+                    timeout_ms: 0,
+                },
+            )?;
+            w.hashes(&page_hashes(&m.ram.mem, &m.devices.ram_ranges)?)?;
+        }
         send_final_state(m, &mut w)?;
         w.flush()?;
         let bytes = w.bytes;

@@ -8,9 +8,15 @@
 //! Kinds: `CONFIG` (JSON: what the VM is made of, checked by the receiver), `RAM` (u64 GPA,
 //! then whole 4 KiB pages), `ROUND` (JSON: pre-copy progress, informational), `DEVICE_DATA`
 //! (u32 PCI slot, then a passthrough device's own data), `STATE` (JSON: vCPUs, irqchip and
-//! every device), `END`, and `ACK` (receiver to sender, JSON: `{"ok":true}` or
-//! `{"error":"..."}`). A record longer than its kind allows, a bad checksum, an unknown kind
-//! or a stream that ends early is refused with a [`StreamError`] naming the record.
+//! every device), `HANDOVER` (JSON: `{"verify":bool,"timeout_ms":N}`, how the hand-over
+//! goes), `HASHES` (u64 index of the first RAM page, then one u64 hash per 4 KiB page of
+//! RAM in GPA order: a snapshot's own RAM, or the destination's after the migration), `END`,
+//! and on a migration's way back and forth after `END`: `ACK` (receiver to sender, JSON:
+//! `{"ok":true}` or `{"error":"..."}`, then the receiver's `HASHES` when verifying),
+//! `COMMIT` (sender: it stopped for good, run the guest), `ABORT` (sender, JSON reason: it
+//! resumes, discard) and `DONE` (receiver: committed). A record longer than its kind allows,
+//! a bad checksum, an unknown kind or a stream that ends early is refused with a
+//! [`StreamError`] naming the record.
 
 use std::io::{self, Read, Write};
 
@@ -37,7 +43,20 @@ pub enum Kind {
     End = 6,
     /// The receiver's answer.
     Ack = 7,
+    /// JSON hand-over options, from the sender.
+    Handover = 8,
+    /// u64 first page index, then u64 hashes of RAM pages.
+    Hashes = 9,
+    /// The sender stopped for good: the receiver runs the guest.
+    Commit = 10,
+    /// JSON reason: the sender resumes the guest, the receiver discards it.
+    Abort = 11,
+    /// The receiver took the guest over.
+    Done = 12,
 }
+
+/// Most page hashes in one `HASHES` record.
+pub const MAX_HASHES_RECORD: u64 = 1 << 17;
 
 impl Kind {
     fn from_u8(v: u8) -> Option<Kind> {
@@ -49,6 +68,11 @@ impl Kind {
             5 => Kind::State,
             6 => Kind::End,
             7 => Kind::Ack,
+            8 => Kind::Handover,
+            9 => Kind::Hashes,
+            10 => Kind::Commit,
+            11 => Kind::Abort,
+            12 => Kind::Done,
             _ => return None,
         })
     }
@@ -59,8 +83,9 @@ impl Kind {
             Kind::Ram => 8 + MAX_RAM_RECORD,
             Kind::State => 64 << 20,
             Kind::DeviceData => 4 + (16 << 20),
-            Kind::End => 0,
-            Kind::Config | Kind::Round | Kind::Ack => 1 << 20,
+            Kind::End | Kind::Commit | Kind::Done => 0,
+            Kind::Hashes => 8 + 8 * MAX_HASHES_RECORD,
+            Kind::Config | Kind::Round | Kind::Ack | Kind::Handover | Kind::Abort => 1 << 20,
         }
     }
 }
@@ -145,6 +170,23 @@ impl<W: Write> StreamWriter<W> {
         self.record(kind, &[&bytes])
     }
 
+    /// Writes `hashes` (page hashes from [`super::page_hashes`]) as `HASHES` records.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn hashes(&mut self, hashes: &[u64]) -> Result<(), StreamError> {
+        for (k, chunk) in hashes.chunks(MAX_HASHES_RECORD as usize).enumerate() {
+            let first = (k as u64) * MAX_HASHES_RECORD;
+            let mut bytes = Vec::with_capacity(8 + 8 * chunk.len());
+            bytes.extend_from_slice(&first.to_le_bytes());
+            for h in chunk {
+                bytes.extend_from_slice(&h.to_le_bytes());
+            }
+            self.record(Kind::Hashes, &[&bytes])?;
+        }
+        Ok(())
+    }
+
     /// Flushes the underlying writer.
     ///
     /// # Errors
@@ -192,6 +234,12 @@ impl<R: Read> StreamReader<R> {
             return Err(StreamError::Version(version));
         }
         Ok(Self { r, index: 0 })
+    }
+
+    /// A reader that goes on after `index` records of a stream whose header was already read
+    /// (by an earlier reader on the same connection).
+    pub fn resume(r: R, index: u64) -> Self {
+        Self { r, index }
     }
 
     /// Reads the next record and checks it.
@@ -246,6 +294,43 @@ impl<R: Read> StreamReader<R> {
     pub fn records(&self) -> u64 {
         self.index
     }
+
+    /// The underlying reader.
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.r
+    }
+}
+
+/// Adds a `HASHES` record's payload to `hashes` (which must hold exactly the hashes before
+/// its first index), refusing one that does not continue them or would pass `total`.
+///
+/// # Errors
+/// [`StreamError::BadRecord`].
+pub fn add_hashes(
+    hashes: &mut Vec<u64>,
+    payload: &[u8],
+    total: u64,
+    index: u64,
+) -> Result<(), StreamError> {
+    let bad = |what: &str| StreamError::BadRecord {
+        index,
+        kind: "Hashes".into(),
+        what: what.into(),
+    };
+    if payload.len() < 8 || !(payload.len() - 8).is_multiple_of(8) {
+        return Err(bad("not a page index and whole hashes"));
+    }
+    let first = u64::from_le_bytes(payload[..8].try_into().unwrap_or_default());
+    let n = ((payload.len() - 8) / 8) as u64;
+    if first != hashes.len() as u64 || first + n > total {
+        return Err(bad("hashes out of order or beyond guest RAM"));
+    }
+    hashes.extend(
+        payload[8..]
+            .chunks(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default())),
+    );
+    Ok(())
 }
 
 /// Parses a JSON payload, naming `what` in the error.
