@@ -48,6 +48,8 @@ pub struct VcpuContext {
     pub pause: PauseControl,
     /// MSRs to save with the vCPU state.
     pub msr_indices: Vec<u32>,
+    /// Bytes of the host's XSAVE area (0: no XSAVE).
+    pub xsave_size: usize,
 }
 
 /// What a parked vCPU thread can be asked to do.
@@ -113,7 +115,7 @@ impl PauseControl {
             while let Ok(r) = requests.try_recv() {
                 match r {
                     ParkedRequest::Save(reply) => {
-                        let _ = reply.send(VcpuState::save(vcpu, &ctx.msr_indices));
+                        let _ = reply.send(VcpuState::save(vcpu, &ctx.msr_indices, ctx.xsave_size));
                     }
                 }
             }

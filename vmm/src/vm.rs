@@ -290,6 +290,7 @@ impl Vm {
             quirks: self.quirks,
             pause: Default::default(),
             msr_indices: self.msr_indices.clone(),
+            xsave_size: crate::migration::kvm_state::xsave_size(&self.vm_fd),
         });
         let mut event_manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
             .map_err(|e| {

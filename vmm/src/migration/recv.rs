@@ -433,7 +433,7 @@ fn restore(
     }
     st.vm.restore(&m.vm_fd).map_err(state_err)?;
     for (i, (s, v)) in st.vcpus.iter().zip(vcpus).enumerate() {
-        s.restore(v)
+        s.restore(v, m.ctx.xsave_size)
             .map_err(|e| state_err(format!("vCPU {i}: {e}")))?;
     }
     m.serial
