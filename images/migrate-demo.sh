@@ -18,13 +18,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-memory=1G touch=960 iters=40 extra=',"verify":true'
+memory=1G touch=960 iters=40 extra=""
 while (($#)); do
     case "$1" in
     --memory) memory=${2:?}; shift ;;
     --touch) touch=${2:?}; shift ;;
     --iters) iters=${2:?}; shift ;;
-    --unsafe-no-device-dirty) extra=',"verify":true,"device_dirty_tracking":false' ;;
+    --unsafe-no-device-dirty) extra=unsafe ;;
     -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "migrate-demo: unknown option '$1' (see --help)" >&2; exit 2 ;;
     esac
@@ -61,28 +61,10 @@ for _ in $(seq 600); do
     sleep 0.1
 done
 echo "migrate-demo: the guest runs; migrating (logs in $d)"
-python3 - "$d/api.sock" "unix:$d/migration.sock" "$extra" <<'EOF'
-import json, socket, sys
-s = socket.socket(socket.AF_UNIX)
-s.connect(sys.argv[1])
-s.sendall(('{"cmd":"migrate","to":"%s"%s}\n' % (sys.argv[2], sys.argv[3])).encode())
-line = s.makefile().readline()
-r = json.loads(line)
-if not r.get("ok"):
-    print("migration failed:", r.get("error"))
-    sys.exit(1)
-for x in r["rounds"]:
-    print("round %d: %d pages in %d ms, %d dirty after it, harvest %.2f ms" %
-          (x["round"], x["pages"], x["ms"], x["dirty_after"], x["harvest_ms"]))
-print("stop-and-copy: %d pages; downtime %d ms; total %d ms; %d MiB sent" %
-      (r["final_pages"], r["downtime_ms"], r["total_ms"], r["bytes"] >> 20))
-by = r["dirty_by_source"]
-print("dirty pages by source over all harvests: vCPUs (KVM) %d, VMM devices %d, "
-      "passthrough devices %d (%d device dirty reads); untracked devices: %s" %
-      (by["kvm"], by["vmm_devices"], by["passthrough"], r["device_dirty_reads"],
-       ", ".join(r["untracked_devices"]) or "none"))
-print("verify: %d RAM pages identical on both sides" % r["verified_pages"])
-EOF
+verify=(--verify)
+[ -n "$extra" ] && verify=(--verify --no-device-dirty-tracking)
+# vmm-ctl draws a progress bar while it runs (on a terminal) and prints the report.
+$b/vmm-ctl --socket "$d/api.sock" migrate "unix:$d/migration.sock" "${verify[@]}"
 wait $src || true
 set +e
 wait $dst

@@ -539,3 +539,60 @@ fn garbage_on_the_incoming_socket_is_refused() {
         run.stderr
     );
 }
+
+/// `vmm-ctl` drives a whole migration: status, a verified migrate with its readable report,
+/// and a non-zero exit status for a refused command.
+#[test]
+fn the_control_client_drives_a_migration() {
+    let ctl = |sock: &Path, args: &[&str]| {
+        let out = std::process::Command::new(vmm_tests::bin("vmm-ctl"))
+            .arg("--socket")
+            .arg(sock)
+            .args(args)
+            .output()
+            .expect("run vmm-ctl");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (dev_a, dev_b) = (DeviceProcess::start(), DeviceProcess::start());
+    let (api_sock, mig_sock) = (scratch("api.sock"), scratch("mig.sock"));
+    let to = format!("unix:{}", mig_sock.display());
+    let dst = destination(&dev_b, MEMORY, &["--incoming", &to]);
+    let mut src = source(&dev_a, &api_sock, UNTIL_MIGRATED);
+    wait_for(&mig_sock);
+    src.wait_console("# migrate-ready", DEADLINE);
+    let (code, out, _) = ctl(&api_sock, &["status"]);
+    assert_eq!(code, Some(0));
+    assert!(out.starts_with("running: 256 MiB, 1 vCPUs"), "{out}");
+    let (code, out, _) = ctl(&api_sock, &["--json", "status"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["state"],
+        "running"
+    );
+    let (code, _, err) = ctl(&api_sock, &["restore", "/nonexistent"]);
+    assert_eq!(code, Some(1), "a refused command fails");
+    assert!(err.contains("the VM is already running"), "{err}");
+    let (code, out, err) = ctl(&api_sock, &["migrate", &to, "--verify"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(
+        out.contains(&format!("verify: {PAGES} RAM pages identical")),
+        "{out}"
+    );
+    assert!(
+        out.contains("round 0: ") && out.ends_with("migrated\n"),
+        "{out}"
+    );
+    assert!(out.contains("untracked devices: none"), "{out}");
+    assert_eq!(src.wait(DEADLINE).code(), 0);
+    let dst = dst.wait(DEADLINE);
+    assert_eq!(dst.code(), 0);
+    dst.assert_console("ok 1 - migrate_dma");
+    // Nobody listens any more.
+    let (code, _, err) = ctl(&api_sock, &["status"]);
+    assert_eq!(code, Some(1));
+    assert!(err.starts_with("vmm-ctl: cannot connect to"), "{err}");
+}

@@ -316,6 +316,7 @@ impl Vm {
             config: self.config,
             lifecycle: Mutex::new(Lifecycle::Running),
             busy: Mutex::new(()),
+            progress: Default::default(),
         });
         let api = Arc::new(ApiTarget::default());
         if let Some(path) = &self.api_socket {

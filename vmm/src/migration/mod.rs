@@ -274,6 +274,68 @@ pub struct Machine {
     pub lifecycle: Mutex<Lifecycle>,
     /// One snapshot or migration at a time.
     pub busy: Mutex<()>,
+    /// Where a running migration is, for the API's `status`.
+    pub progress: MigrationProgress,
+}
+
+/// A migration's progress as `status` shows it while `migrate` runs.
+#[derive(Default)]
+pub struct MigrationProgress {
+    /// Pages sent so far (all rounds).
+    pub pages_sent: std::sync::atomic::AtomicU64,
+    /// Phase, round, pages to send in this round, dirty pages and rate, estimated downtime.
+    pub state: Mutex<Option<ProgressState>>,
+}
+
+/// The slower-changing part of [`MigrationProgress`].
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ProgressState {
+    /// `copy`, `stop-and-copy`, `hand-over`.
+    pub phase: &'static str,
+    /// Pre-copy round (0: the full copy).
+    pub round: u32,
+    /// Pages sent before this round.
+    pub round_start: u64,
+    /// Pages this round sends.
+    pub round_pages: u64,
+    /// Pages dirty after the last round.
+    pub dirty_pages: u64,
+    /// Pages dirtied per second in the last round.
+    pub dirty_rate: u64,
+    /// Downtime the last round predicts, in milliseconds.
+    pub expected_downtime_ms: u64,
+}
+
+impl MigrationProgress {
+    /// `{"phase":..,"round":..,"pages_sent":..,"round_pages":..,"round_sent":..,..}` while a
+    /// migration runs.
+    pub fn json(&self) -> Option<serde_json::Value> {
+        let st = self
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()?;
+        let sent = self.pages_sent.load(Ordering::Relaxed);
+        let mut v = serde_json::to_value(&st).ok()?;
+        v["pages_sent"] = serde_json::json!(sent);
+        v["round_sent"] = serde_json::json!(sent.saturating_sub(st.round_start));
+        Some(v)
+    }
+
+    pub(crate) fn set(&self, st: Option<ProgressState>) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = st;
+    }
+
+    pub(crate) fn update(&self, f: impl FnOnce(&mut ProgressState)) {
+        if let Some(st) = self
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            f(st);
+        }
+    }
 }
 
 impl Machine {

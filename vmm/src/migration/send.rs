@@ -107,6 +107,9 @@ fn send_pages<W: Write>(
                 .map_err(|e| state_err(format!("reading guest RAM at {:#x}: {e}", gpa + off)))?;
             w.record(Kind::Ram, &[&(gpa + off).to_le_bytes(), chunk])?;
             sent += n / 4096;
+            m.progress
+                .pages_sent
+                .fetch_add(n / 4096, std::sync::atomic::Ordering::Relaxed);
             off += n;
         }
     }
@@ -271,6 +274,7 @@ pub fn migrate(m: &Machine, opts: &MigrateOptions) -> Result<MigrationReport, Mi
                 e => e,
             };
             log::error!("migration failed: {e}; the guest keeps running here");
+            m.progress.set(None);
             m.stop_tracking();
             if quiesced {
                 unquiesce(m, false);
@@ -278,7 +282,10 @@ pub fn migrate(m: &Machine, opts: &MigrateOptions) -> Result<MigrationReport, Mi
             return Err(e);
         }
     };
-    match hand_over(m, opts, &mut w, &mut report) {
+    m.progress.update(|p| p.phase = "hand-over");
+    let outcome = hand_over(m, opts, &mut w, &mut report);
+    m.progress.set(None);
+    match outcome {
         Ok(()) => {
             report.downtime_ms = downtime_start.elapsed().as_millis() as u64;
             report.total_ms = start.elapsed().as_millis() as u64;
@@ -445,6 +452,15 @@ fn precopy_and_stop<W: Write>(
     let reads_before = m.device_dirty_reads();
     // Round 0: everything.
     let t = Instant::now();
+    let round0: u64 = allocated_ram(m).iter().map(|r| r.1 / 4096).sum();
+    m.progress
+        .pages_sent
+        .store(0, std::sync::atomic::Ordering::Relaxed);
+    m.progress.set(Some(ProgressState {
+        phase: "copy",
+        round_pages: round0,
+        ..Default::default()
+    }));
     let pages = send_pages(m, w, None).map_err(|e| (e, false))?;
     let mut dirty = DirtyBitmap::new(ram);
     let h = Instant::now();
@@ -459,12 +475,22 @@ fn precopy_and_stop<W: Write>(
         harvest_ms: h.elapsed().as_secs_f64() * 1e3,
     };
     report.pages += pages;
-    progress(&last, start);
+    progress(m, &last, start);
     report.rounds.push(last.clone());
     let _ = w.json(Kind::Round, &last);
     let mut round = 1;
     while dirty.count() > opts.max_dirty_pages && round <= opts.max_rounds {
         let t = Instant::now();
+        let start_at = m
+            .progress
+            .pages_sent
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let n = dirty.count();
+        m.progress.update(|p| {
+            p.round = round;
+            p.round_start = start_at;
+            p.round_pages = n;
+        });
         let pages = send_pages(m, w, Some(&dirty)).map_err(|e| (e, false))?;
         dirty.clear();
         let h = Instant::now();
@@ -479,12 +505,21 @@ fn precopy_and_stop<W: Write>(
             harvest_ms: h.elapsed().as_secs_f64() * 1e3,
         };
         report.pages += pages;
-        progress(&last, start);
+        progress(m, &last, start);
         report.rounds.push(last.clone());
         let _ = w.json(Kind::Round, &last);
         round += 1;
     }
     // Stop and copy.
+    let start_at = m
+        .progress
+        .pages_sent
+        .load(std::sync::atomic::Ordering::Relaxed);
+    m.progress.update(|p| {
+        p.phase = "stop-and-copy";
+        p.round_start = start_at;
+        p.round_pages = dirty.count();
+    });
     let paused_at = Instant::now();
     quiesce(m).map_err(|e| (e, false))?;
     let fin = (|| {
@@ -506,7 +541,7 @@ fn precopy_and_stop<W: Write>(
     Ok(paused_at)
 }
 
-fn progress(r: &Round, start: Instant) {
+fn progress(m: &Machine, r: &Round, start: Instant) {
     let rate = (r.dirty_after * 1000)
         .checked_div(r.ms)
         .unwrap_or(r.dirty_after);
@@ -516,6 +551,11 @@ fn progress(r: &Round, start: Instant) {
     } else {
         0.0
     };
+    m.progress.update(|p| {
+        p.dirty_pages = r.dirty_after;
+        p.dirty_rate = rate;
+        p.expected_downtime_ms = (r.dirty_after as f64 * per_page_ms + 5.0) as u64;
+    });
     log::info!(
         "migration: round {}: sent {} pages ({} MiB) in {} ms; {} pages dirty after it \
          ({} pages/s), harvest {:.2} ms; estimated downtime {:.0} ms; {:.1} s so far",
