@@ -249,6 +249,8 @@ pub struct VfioUserDma {
     ram: SharedRam,
     /// Host (device-side) mapping calls made.
     pub calls: Arc<Mutex<(u64, u64)>>,
+    /// Merge contiguous guest maps when the device allows it.
+    merge: bool,
 }
 
 impl VfioUserDma {
@@ -258,7 +260,14 @@ impl VfioUserDma {
             dev,
             ram,
             calls: Arc::new(Mutex::new((0, 0))),
+            merge: true,
         }
+    }
+
+    /// The same backend with one host map per guest MAP, even where merging is allowed.
+    pub fn without_merging(mut self) -> Self {
+        self.merge = false;
+        self
     }
 
     fn err(&self, e: VfioUserError) -> BackendError {
@@ -292,8 +301,8 @@ impl DmaBackend for VfioUserDma {
         let ours = self.dev.is_test_device();
         BackendCaps {
             dirty_tracking: ours,
-            merge_maps: ours,
-            merge_unmaps: ours,
+            merge_maps: ours && self.merge,
+            merge_unmaps: ours && self.merge,
             ..Default::default()
         }
     }

@@ -18,8 +18,8 @@ use zerocopy::IntoBytes;
 use super::{ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::GuestMemoryMmap;
 
-/// Size of each of the two queues.
-pub const QUEUE_SIZE: u16 = 256;
+/// Size of each of the two queues: room for 256 requests of two descriptors in one batch.
+pub const QUEUE_SIZE: u16 = 512;
 
 /// The IOMMU state shared with the devices behind it: emulated devices translate through it,
 /// passthrough devices report faults to it. After raising a fault, signal `fault_evt` so the
