@@ -128,6 +128,10 @@ pub enum Fallback {
     /// idiom): done on the vCPU's saved XMM state. KVM's emulator has no SSE logic ops, and
     /// on PVM a guest that is not PVM-aware runs in that emulator.
     SseXor,
+    /// `pcmpeqb`/`pcmpeqw`/`pcmpeqd` between two XMM registers (with the same register
+    /// twice, compilers' all-ones idiom): each lane set to all ones where equal, else zero,
+    /// on the saved XMM state.
+    SseCompare,
 }
 
 impl Fallback {
@@ -137,6 +141,7 @@ impl Fallback {
             Fallback::Int3 => "int3",
             Fallback::Fwait => "fwait",
             Fallback::SseXor => "sse-xor",
+            Fallback::SseCompare => "sse-pcmpeq",
         }
     }
 }
@@ -153,6 +158,9 @@ pub fn classify(failure: &EmulationFailure) -> Result<(Fallback, u64), BootError
         Mnemonic::Wait => Ok((Fallback::Fwait, len)),
         Mnemonic::Xorps | Mnemonic::Xorpd | Mnemonic::Pxor if xmm_pair(&insn).is_some() => {
             Ok((Fallback::SseXor, len))
+        }
+        Mnemonic::Pcmpeqb | Mnemonic::Pcmpeqw | Mnemonic::Pcmpeqd if xmm_pair(&insn).is_some() => {
+            Ok((Fallback::SseCompare, len))
         }
         _ => Err(BootError::UnhandledInstruction {
             rip: failure.rip,
@@ -238,7 +246,8 @@ pub fn apply(
     fallback: Fallback,
     len: u64,
 ) -> Result<(), BootError> {
-    if fallback == Fallback::SseXor {
+    if matches!(fallback, Fallback::SseXor | Fallback::SseCompare) {
+        let insn = failure.instruction();
         let (d, s) =
             xmm_pair(&failure.instruction()).ok_or_else(|| BootError::UnhandledInstruction {
                 rip: failure.rip,
@@ -256,8 +265,17 @@ pub fn apply(
             });
         }
         let src = fpu.xmm[s];
-        for (x, y) in fpu.xmm[d].iter_mut().zip(src) {
-            *x ^= y;
+        if fallback == Fallback::SseXor {
+            for (x, y) in fpu.xmm[d].iter_mut().zip(src) {
+                *x ^= y;
+            }
+        } else {
+            let lane = match insn.mnemonic() {
+                Mnemonic::Pcmpeqb => 1,
+                Mnemonic::Pcmpeqw => 2,
+                _ => 4,
+            };
+            sse_compare(&mut fpu.xmm[d], &src, lane);
         }
         vcpu.set_fpu(&fpu)
             .map_err(|e| BootError::Kvm("KVM_SET_FPU", e))?;
@@ -282,6 +300,15 @@ pub fn apply(
             .map_err(|e| BootError::Kvm("KVM_SET_VCPU_EVENTS", e))?;
     }
     Ok(())
+}
+
+/// `pcmpeq` on lanes of `lane` bytes: each lane of `d` becomes all ones where it equals the
+/// same lane of `s`, else zero.
+fn sse_compare(d: &mut [u8; 16], s: &[u8; 16], lane: usize) {
+    for (a, b) in d.chunks_mut(lane).zip(s.chunks(lane)) {
+        let v = if a == b { 0xff } else { 0 };
+        a.fill(v);
+    }
 }
 
 /// How often each fallback fired and the time spent in them.
@@ -348,6 +375,33 @@ mod tests {
             classify(&failure(&[0x9b, 0xdb])).unwrap(),
             (Fallback::Fwait, 1)
         );
+    }
+
+    #[test]
+    fn sse_idioms_are_recognised_and_computed() {
+        // pcmpeqd xmm0,xmm0; pcmpeqb xmm1,xmm2
+        assert_eq!(
+            classify(&failure(&[0x66, 0x0f, 0x76, 0xc0])).unwrap(),
+            (Fallback::SseCompare, 4)
+        );
+        assert_eq!(
+            classify(&failure(&[0x66, 0x0f, 0x74, 0xca])).unwrap(),
+            (Fallback::SseCompare, 4)
+        );
+        let mut d = [7u8; 16];
+        sse_compare(&mut d, &[7u8; 16], 4);
+        assert_eq!(d, [0xff; 16], "the all-ones idiom");
+        let mut d = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16];
+        let mut s = d;
+        s[5] = 0;
+        sse_compare(&mut d, &s, 4);
+        assert_eq!(&d[..8], &[0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0]);
+        assert_eq!(&d[8..], &[0xff; 8]);
+        let mut d = [1u8; 16];
+        let mut s = [1u8; 16];
+        s[3] = 9;
+        sse_compare(&mut d, &s, 2);
+        assert_eq!(&d[..4], &[0xff, 0xff, 0, 0]);
     }
 
     #[test]

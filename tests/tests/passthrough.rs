@@ -240,3 +240,21 @@ fn a_device_server_going_wrong_mid_session_fails_that_device_only() {
         }
     });
 }
+
+/// The guest measures the VMM's cost per request (cycles from the notification to the
+/// used-ring update) against a no-op request on the same transport; the figures are printed
+/// (and quoted in the README), not asserted.
+#[test]
+fn request_cost_is_measured() {
+    let dev = DeviceProcess::start();
+    let run = run_guest(&dev, true, Some("request_cost"));
+    eprintln!("{}", run.console);
+    assert_eq!(run.code(), 0, "{}", run.stderr);
+    for what in ["no-op", "MAP", "UNMAP", "16 MAPs", "16 UNMAPs"] {
+        assert!(
+            run.console.contains(&format!("# request_cost: {what} ")),
+            "{what} missing:\n{}",
+            run.console
+        );
+    }
+}

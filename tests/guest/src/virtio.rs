@@ -10,7 +10,7 @@ const NOTIFY: u8 = 2;
 const DEVICE: u8 = 4;
 /// `VIRTIO_F_VERSION_1`.
 pub const F_VERSION_1: u64 = 1 << 32;
-const QUEUE_SIZE: u16 = 16;
+const QUEUE_SIZE: u16 = 32;
 
 /// One split virtqueue, polled.
 pub struct Queue {
