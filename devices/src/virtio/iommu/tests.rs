@@ -350,3 +350,83 @@ fn activation_is_checked() {
         ))
     );
 }
+
+#[test]
+fn identity_features_positions_and_counters() {
+    let mem = test_memory(MEM);
+    let dev = VirtioIommu::new(
+        IommuHandle::new(Viommu::new(ViommuConfig::default())).unwrap(),
+        mem,
+    );
+    assert_eq!(dev.device_type(), 23, "virtio 1.3 5.13.1");
+    assert_eq!(dev.queue_max_sizes(), vec![QUEUE_SIZE, QUEUE_SIZE]);
+    assert_eq!(
+        dev.avail_features(),
+        (1 << crate::virtio::VIRTIO_F_VERSION_1) | ViommuConfig::default().features
+    );
+    assert!(!dev.is_active());
+    assert!(dev.queue_positions().is_empty());
+
+    let mut d = Driver::new();
+    assert!(d.dev.is_active());
+    assert_eq!(d.status(attach(1, 8, 0)), OK);
+    assert_eq!(d.status(map(1, 0, 0xfff, 0, RW)), OK);
+    assert_eq!(d.dev.queue_positions(), vec![(2, 2), (0, 0)]);
+    assert_eq!(d.dev.bad_chains(), 0);
+    // A chain whose writable part is outside memory, and a fault report's buffer that is
+    // too small, are counted. (A descriptor running past the end of memory ends the chain
+    // in virtio-queue: that request has no writable part and is only left unanswered.)
+    d.req
+        .add(&d.mem, &[(BUFS, 20, false), (MEM as u64 + 0x1000, 4, true)]);
+    d.req
+        .add(&d.mem, &[(BUFS, 20, false), (BUFS, u32::MAX, true)]);
+    d.dev.queue_notify(0);
+    assert_eq!(
+        d.req.used(&d.mem).iter().map(|u| u.1).collect::<Vec<_>>(),
+        vec![0, 0]
+    );
+    assert_eq!(d.dev.bad_chains(), 1);
+    let mut out = Vec::new();
+    assert!(d
+        .dev
+        .handle()
+        .lock()
+        .translate(9, 0, 1, Access::Read, &mut out)
+        .is_err());
+    let small = d.alloc(64);
+    d.evt.add(&d.mem, &[(small, 8, true)]);
+    d.dev.queue_notify(1);
+    assert_eq!(d.dev.bad_chains(), 2);
+    // Device faults wake the event loop through the handle's eventfd.
+    let h = d.dev.handle().clone();
+    h.notify_fault();
+    assert_eq!(h.fault_evt.read().unwrap(), 1);
+}
+
+#[test]
+fn bypass_is_written_only_where_and_when_allowed() {
+    let read_bypass = |d: &Driver| {
+        let mut b = [0u8; 1];
+        d.dev.read_config(CONFIG_BYPASS_OFFSET as u64, &mut b);
+        b[0]
+    };
+    // Not at another offset, not two bytes at once.
+    let mut d = Driver::new();
+    d.dev.write_config(0, &[1]);
+    d.dev.write_config(CONFIG_BYPASS_OFFSET as u64, &[1, 1]);
+    assert_eq!(read_bypass(&d), 0);
+    // Not without BYPASS_CONFIG negotiated.
+    let mut state = Viommu::new(Driver::config());
+    state.add_endpoint(8, None, &[]).unwrap();
+    let offered = (1 << crate::virtio::VIRTIO_F_VERSION_1) | state.offered_features();
+    let mut d = Driver::with(
+        state,
+        Some(offered & !(1 << features::VIRTIO_IOMMU_F_BYPASS_CONFIG)),
+    );
+    d.dev.write_config(CONFIG_BYPASS_OFFSET as u64, &[1]);
+    assert_eq!(read_bypass(&d), 0);
+    // With it: written.
+    let mut d = Driver::new();
+    d.dev.write_config(CONFIG_BYPASS_OFFSET as u64, &[1]);
+    assert_eq!(read_bypass(&d), 1);
+}
