@@ -258,3 +258,51 @@ fn request_cost_is_measured() {
         );
     }
 }
+
+/// Two passthrough endpoints in one domain (each device its own process, so every guest
+/// mapping is made on both): shared mappings, UNMAP from both, DETACH of one.
+#[test]
+fn two_endpoints_share_one_domain() {
+    let (a, b) = (DeviceProcess::start(), DeviceProcess::start());
+    let g = guest();
+    let (va, vb) = (a.arg(true), b.arg(true));
+    let run = run_vmm(
+        &[
+            "--kernel",
+            &g,
+            "--memory",
+            "128M",
+            "--iommu",
+            "--counters",
+            "--vfio-user",
+            &va,
+            "--vfio-user",
+            &vb,
+            "--cmdline",
+            "tests=shared_domain",
+        ],
+        DEADLINE,
+    );
+    eprintln!("{}\n{}", run.console, run.stderr);
+    assert!(
+        run.console.contains("ok 1 - shared_domain"),
+        "{}",
+        run.console
+    );
+    assert!(run.stderr.contains("guest ended (test exit code 0)"));
+    // Both device processes got every host map.
+    let maps: Vec<u64> = run
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("counters: vfio-user"))
+        .map(|l| {
+            l.split("dma_map_calls=")
+                .nth(1)
+                .and_then(|v| v.split(' ').next())
+                .and_then(|v| v.parse().ok())
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(maps.len(), 2);
+    assert!(maps.iter().all(|&m| m == maps[0] && m >= 2), "{maps:?}");
+}

@@ -50,6 +50,7 @@ const CASES: &[(&str, Case)] = &[
     ("net_echo", net_echo),
     ("net_fault", net_fault),
     ("hostile_peer", hostile_peer),
+    ("shared_domain", shared_domain),
 ];
 
 fn cmdline(bp: u64) -> &'static str {
@@ -947,4 +948,78 @@ fn hostile_peer(c: &mut Ctx) -> Result<(), &'static str> {
     check(b_after == 20, "the second device stopped")?;
     let st = viommu(c).one(Req::Attach(9, 0x7f8, 0));
     check(st == 6, "the virtio-iommu does not answer")
+}
+
+/// Two endpoints in one domain (5.13.6.1: "Multiple endpoints can be attached to the same
+/// domain"): both devices reach the same mappings. The first fills a buffer through the
+/// shared IOVA, the second copies it through the same IOVA to another shared mapping; an
+/// UNMAP takes the mapping from both; DETACH of one leaves the other working in the domain.
+fn shared_domain(c: &mut Ctx) -> Result<(), &'static str> {
+    const SIZE: u64 = 16384;
+    let ep_b = c.dev2.as_ref().ok_or("no second DMA test device")?.1;
+    let (ep_a, dom) = (c.ep, 13);
+    let (src, dst) = (alloc_pages(4), alloc_pages(4));
+    fill(src, SIZE, 0);
+    fill(dst, SIZE, 0);
+    let v = viommu(c);
+    check(
+        v.one(Req::Attach(dom, ep_a, 0)) == OK,
+        "ATTACH of the first failed",
+    )?;
+    check(
+        v.one(Req::Attach(dom, ep_b, 0)) == OK,
+        "ATTACH of the second failed",
+    )?;
+    check(
+        v.one(Req::Map(dom, IOVA, IOVA + SIZE - 1, src, MAP_R | MAP_W)) == OK,
+        "MAP of the source failed",
+    )?;
+    check(
+        v.one(Req::Map(dom, IOVA + SIZE, IOVA + 2 * SIZE - 1, dst, MAP_W)) == OK,
+        "MAP of the destination failed",
+    )?;
+    let out = dev(c).run(dmadev::OP_FILL, 0, IOVA, SIZE, 0x3c);
+    check(
+        out.status == dmadev::DONE && all_eq(src, SIZE, 0x3c),
+        "fill through the domain",
+    )?;
+    fn b<'a>(c: &'a Ctx) -> &'a DmaDev {
+        &c.dev2.as_ref().expect("checked above").0
+    }
+    let out = b(c).run(dmadev::OP_COPY, IOVA, IOVA + SIZE, SIZE, 0);
+    check(
+        out.status == dmadev::DONE && all_eq(dst, SIZE, 0x3c),
+        "the second device did not see the first one's mapping",
+    )?;
+    // UNMAP takes the source from both devices.
+    check(
+        viommu(c).one(Req::Unmap(dom, IOVA, IOVA + SIZE - 1)) == OK,
+        "UNMAP failed",
+    )?;
+    check(
+        b(c).run(dmadev::OP_COPY, IOVA, IOVA + SIZE, SIZE, 0).status != dmadev::DONE,
+        "the second device still reaches an unmapped IOVA",
+    )?;
+    check(
+        dev(c).run(dmadev::OP_FILL, 0, IOVA, SIZE, 1).status != dmadev::DONE,
+        "the first device still reaches an unmapped IOVA",
+    )?;
+    // The first leaves the domain; the second keeps its mappings.
+    check(
+        viommu(c).one(Req::Detach(dom, ep_a)) == OK,
+        "DETACH of the first failed",
+    )?;
+    let out = b(c).run(dmadev::OP_FILL, 0, IOVA + SIZE, SIZE, 0x5d);
+    check(
+        out.status == dmadev::DONE && all_eq(dst, SIZE, 0x5d),
+        "the second device lost the domain's mapping",
+    )?;
+    check(
+        dev(c).run(dmadev::OP_FILL, 0, IOVA + SIZE, SIZE, 1).status != dmadev::DONE,
+        "the detached device still reaches the domain",
+    )?;
+    check(
+        viommu(c).one(Req::Detach(dom, ep_b)) == OK,
+        "DETACH of the second failed",
+    )
 }
