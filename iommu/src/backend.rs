@@ -208,6 +208,8 @@ mod recording {
         pub fail_call: Option<usize>,
         /// Fail every map touching this IOVA.
         pub fail_iova: Option<u64>,
+        /// Fail every unmap touching this IOVA.
+        pub fail_unmap_iova: Option<u64>,
         /// Calls attempted (including failed ones).
         pub attempts: usize,
         /// Dirty IOVA pages (set by tests to simulate device writes).
@@ -330,6 +332,11 @@ mod recording {
             log.attempts += 1;
             if log.fail_call == Some(n) {
                 return Err(BackendError::Failed("injected failure".into()));
+            }
+            if let Some(f) = log.fail_unmap_iova {
+                if f >= iova && f - iova < len {
+                    return Err(BackendError::Failed("injected unmap failure".into()));
+                }
             }
             let end = iova + len;
             // Host mappings touched by the range.

@@ -15,6 +15,16 @@ pub(super) struct PendingMap {
     parts: Vec<(usize, Run)>,
 }
 
+/// The host side of a successful UNMAP, deferred while the next requests of the batch are
+/// UNMAPs too, so that their host calls merge.
+#[derive(Debug)]
+pub(super) struct PendingUnmap {
+    req: usize,
+    domain: DomainId,
+    first: u64,
+    last: u64,
+}
+
 /// Adds `next` to `runs`, merging it into the last run when contiguous in IOVA and GPA with
 /// the same permissions.
 fn push_merged(runs: &mut Vec<Run>, next: Run) {
@@ -77,10 +87,75 @@ impl Viommu {
         });
     }
 
-    /// Issues the deferred host maps. A failed merged call is retried request by request so
-    /// that only the requests whose own call fails get the error (in `statuses`) and lose
-    /// their mapping.
+    /// Whether a deferred UNMAP of `dom` touches pages `[first, last]`.
+    pub(super) fn pending_unmaps_overlap(&self, dom: DomainId, first: u64, last: u64) -> bool {
+        self.pending_unmaps
+            .iter()
+            .any(|u| u.domain == dom && u.first <= last && first <= u.last)
+    }
+
+    /// Defers the host side (and the table removal) of an UNMAP of pages `[first, last]` of
+    /// `dom`, already checked. An UNMAP that overlaps one already deferred settles those
+    /// first.
+    pub(super) fn queue_unmap(
+        &mut self,
+        req: usize,
+        dom: DomainId,
+        first: u64,
+        last: u64,
+        statuses: &mut [Status],
+    ) {
+        if self.pending_unmaps_overlap(dom, first, last) || !self.pending.is_empty() {
+            self.flush_pending(statuses);
+        }
+        self.pending_unmaps.push(PendingUnmap {
+            req,
+            domain: dom,
+            first,
+            last,
+        });
+    }
+
+    /// Issues the deferred host unmaps, the UNMAPs of one domain in one go (merged where the
+    /// backends allow), then removes their mappings from the tables. When the merged calls
+    /// fail, each UNMAP is retried on its own so that only those whose own call fails get
+    /// the error (in `statuses`) and keep their mappings.
+    fn flush_unmaps(&mut self, statuses: &mut [Status]) {
+        let ops = std::mem::take(&mut self.pending_unmaps);
+        let mut i = 0;
+        while i < ops.len() {
+            let dom = ops[i].domain;
+            let n = ops[i..].iter().take_while(|u| u.domain == dom).count();
+            let group = &ops[i..i + n];
+            i += n;
+            let mut runs = Vec::new();
+            if let Some(d) = self.domains.get(&dom) {
+                for u in group {
+                    d.table.mappings(u.first, u.last, |r| {
+                        runs.push(r);
+                        true
+                    });
+                }
+            }
+            runs.sort_by_key(|r| r.iova_page);
+            let together = n > 1 && self.unmap_on_all(dom, &runs).is_ok();
+            for u in group {
+                if together {
+                    self.remove_from_table(dom, u.first, u.last);
+                } else if let Err(e) = self.unmap_range(dom, u.first, u.last) {
+                    if let Some(s) = statuses.get_mut(u.req) {
+                        *s = status_of(&e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Issues the deferred host maps and unmaps. A failed merged map is retried request by
+    /// request so that only the requests whose own call fails get the error (in `statuses`)
+    /// and lose their mapping.
     pub(super) fn flush_pending(&mut self, statuses: &mut [Status]) {
+        self.flush_unmaps(statuses);
         for op in std::mem::take(&mut self.pending) {
             let backends = self.live_backends(op.domain);
             let r = op.run;
@@ -475,11 +550,19 @@ impl Viommu {
         if runs.is_empty() {
             return Ok(());
         }
+        self.unmap_on_all(dom, &runs)?;
+        self.remove_from_table(dom, first, last);
+        Ok(())
+    }
+
+    /// Unmaps `runs` (whole mappings of `dom`, in IOVA order) from every working backend of
+    /// the domain; on failure the backends already done get them back.
+    fn unmap_on_all(&mut self, dom: DomainId, runs: &[Run]) -> Result<(), BackendError> {
         let backends = self.live_backends(dom);
         for (k, &b) in backends.iter().enumerate() {
-            if let Err(e) = self.unmap_runs(b, &runs) {
+            if let Err(e) = self.unmap_runs(b, runs) {
                 for &u in &backends[..k] {
-                    if let Err(e2) = self.map_runs(u, &runs) {
+                    if let Err(e2) = self.map_runs(u, runs) {
                         log::error!(
                             "virtio-iommu: cannot restore host mappings after a failed unmap: {e2}"
                         );
@@ -488,11 +571,15 @@ impl Viommu {
                 return Err(e);
             }
         }
+        Ok(())
+    }
+
+    /// Drops pages `[first, last]` of `dom` from its table (after the host unmaps).
+    fn remove_from_table(&mut self, dom: DomainId, first: u64, last: u64) {
         let generation = self.new_generation();
         if let Some(d) = self.domains.get_mut(&dom) {
             d.table.remove(first, last, |_| {});
             d.generation = generation;
         }
-        Ok(())
     }
 }

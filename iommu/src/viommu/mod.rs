@@ -225,6 +225,7 @@ pub struct Viommu {
     domains: BTreeMap<DomainId, Domain>,
     backends: Vec<BackendSlot>,
     pending: Vec<host::PendingMap>,
+    pending_unmaps: Vec<host::PendingUnmap>,
     faults: VecDeque<protocol::Fault>,
     counters: Counters,
     /// Next domain generation number (shared so that a re-created ID never reuses one).
@@ -248,6 +249,7 @@ impl Viommu {
             domains: BTreeMap::new(),
             backends: Vec::new(),
             pending: Vec::new(),
+            pending_unmaps: Vec::new(),
             faults: VecDeque::new(),
             counters: Counters::default(),
             next_generation: 1,
@@ -426,6 +428,7 @@ impl Viommu {
     /// not attached to any domain", 5.13.5); `bypass` keeps its value (5.13.4).
     pub fn reset(&mut self) {
         self.pending.clear();
+        self.pending_unmaps.clear();
         let attached: Vec<(EndpointId, DomainId)> = self
             .endpoints
             .iter()

@@ -116,15 +116,21 @@ impl Viommu {
                 statuses[i] = Status::Inval;
                 continue;
             };
-            // Keep deferred host maps in order with anything that is not a MAP.
-            if !matches!(parsed, Parsed::Map(_)) {
+            // Keep deferred host calls in order: consecutive MAPs are deferred together, and
+            // consecutive UNMAPs; anything else settles them first.
+            let settle = match parsed {
+                Parsed::Map(_) => !self.pending_unmaps.is_empty(),
+                Parsed::Unmap(_) => !self.pending.is_empty(),
+                _ => true,
+            };
+            if settle {
                 self.flush_pending(&mut statuses);
             }
             statuses[i] = match parsed {
                 Parsed::Attach(b) => self.attach_req(&b),
                 Parsed::Detach(b) => self.detach_req(&b),
                 Parsed::Map(b) => self.map_req(i, &b, &mut statuses),
-                Parsed::Unmap(b) => self.unmap_req(&b),
+                Parsed::Unmap(b) => self.unmap_req(i, &b, &mut statuses),
                 Parsed::Probe(b) => {
                     let (status, p) = self.probe_req(&b, r.writable_len - 4);
                     props[i] = p;
@@ -324,9 +330,15 @@ impl Viommu {
         d.table.map(first, last, gpa_page, perm)
     }
 
-    fn unmap_req(&mut self, b: &UnmapBody) -> Status {
+    fn unmap_req(&mut self, idx: usize, b: &UnmapBody, statuses: &mut [Status]) -> Status {
         let dom = b.domain.get();
         let (start, end) = (b.virt_start.get(), b.virt_end.get());
+        // The checks below read the table: UNMAPs of the same pages still deferred in this
+        // batch are settled first, so that this one sees the table as the guest expects.
+        let (lo, hi) = pages_of(start.min(end), end.max(start));
+        if self.pending_unmaps_overlap(dom, lo, hi) {
+            self.flush_pending(statuses);
+        }
         // 5.13.6.4: "If domain does not exist, the device SHOULD set the request status to
         // VIRTIO_IOMMU_S_NOENT." (The reserved field MAY give INVAL; it is ignored here.)
         let Some(d) = self.domains.get(&dom) else {
@@ -367,11 +379,13 @@ impl Viommu {
         }
         // "If part of the range or the full range is not covered by an existing mapping,
         // then the device SHOULD remove all mappings affected by the range and set the
-        // request status to VIRTIO_IOMMU_S_OK."
-        match self.unmap_range(dom, first, last) {
-            Ok(()) => Status::Ok,
-            Err(e) => status_of(&e),
+        // request status to VIRTIO_IOMMU_S_OK." The host side is deferred to the end of the
+        // run of UNMAPs (a failure there sets this request's status).
+        if d.table.is_range_empty(first, last) {
+            return Status::Ok;
         }
+        self.queue_unmap(idx, dom, first, last, statuses);
+        Status::Ok
     }
 
     fn probe_req(&mut self, b: &ProbeBody, props_len: usize) -> (Status, Vec<u8>) {

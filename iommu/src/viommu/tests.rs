@@ -1268,3 +1268,72 @@ fn ignored_reserved_fields_and_bounded_fault_queue() {
     }
     assert_eq!(kept, MAX_PENDING_FAULTS as u64);
 }
+
+/// A run of UNMAPs in one batch is one host call where the backend can merge unmaps; when
+/// that call fails, each UNMAP is retried alone and only the one whose own call fails gets
+/// the error and keeps its mapping. An UNMAP of pages an earlier UNMAP of the batch still
+/// holds sees the table as if that one were done.
+#[test]
+fn consecutive_unmaps_merge_and_fail_alone() {
+    let caps = BackendCaps {
+        merge_unmaps: true,
+        ..Default::default()
+    };
+    let (mut v, log) = with_backend(caps);
+    assert_eq!(send(&mut v, &attach(1, 8, 0)), Some(Status::Ok));
+    let maps: Vec<Vec<u8>> = (0..16u64)
+        .map(|i| {
+            map(
+                1,
+                i * 0x1000,
+                i * 0x1000 + 0xfff,
+                0x10_0000 + i * 0x1000,
+                RW,
+            )
+        })
+        .collect();
+    assert!(batch(&mut v, &maps).iter().all(|s| *s == Some(Status::Ok)));
+    let unmaps: Vec<Vec<u8>> = (0..16u64)
+        .map(|i| unmap(1, i * 0x1000, i * 0x1000 + 0xfff))
+        .collect();
+    let before = log.lock().unwrap().unmap_calls();
+    assert!(batch(&mut v, &unmaps)
+        .iter()
+        .all(|s| *s == Some(Status::Ok)));
+    assert_eq!(
+        log.lock().unwrap().unmap_calls() - before,
+        1,
+        "one host call for 16"
+    );
+    assert!(v.domain_mappings(1).is_empty());
+    assert!(log.lock().unwrap().host_pages().is_empty());
+
+    // A failing page: the merged call fails, the retries fail only request 5.
+    assert!(batch(&mut v, &maps).iter().all(|s| *s == Some(Status::Ok)));
+    log.lock().unwrap().fail_unmap_iova = Some(5 * 0x1000);
+    let st = batch(&mut v, &unmaps);
+    for (i, s) in st.iter().enumerate() {
+        let want = if i == 5 { Status::DevErr } else { Status::Ok };
+        assert_eq!(*s, Some(want), "request {i}");
+    }
+    assert_eq!(
+        v.domain_mappings(1),
+        vec![(0x5000, 0x10_5000, 0x1000, Perm::RW)]
+    );
+    assert_eq!(log.lock().unwrap().host_pages(), vec![(5, 0x105, Perm::RW)]);
+    log.lock().unwrap().fail_unmap_iova = None;
+
+    // UNMAP, MAP again and UNMAP the same page in one batch: in order.
+    let st = batch(
+        &mut v,
+        &[
+            unmap(1, 0x5000, 0x5fff),
+            unmap(1, 0x5000, 0x5fff),
+            map(1, 0x5000, 0x5fff, 0x20_0000, R),
+            unmap(1, 0x4000, 0x6fff),
+        ],
+    );
+    assert_eq!(st, vec![Some(Status::Ok); 4]);
+    assert!(v.domain_mappings(1).is_empty());
+    assert!(log.lock().unwrap().host_pages().is_empty());
+}
