@@ -983,7 +983,7 @@ fn shared_domain(c: &mut Ctx) -> Result<(), &'static str> {
         out.status == dmadev::DONE && all_eq(src, SIZE, 0x3c),
         "fill through the domain",
     )?;
-    fn b<'a>(c: &'a Ctx) -> &'a DmaDev {
+    fn b(c: &Ctx) -> &DmaDev {
         &c.dev2.as_ref().expect("checked above").0
     }
     let out = b(c).run(dmadev::OP_COPY, IOVA, IOVA + SIZE, SIZE, 0);
