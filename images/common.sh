@@ -115,3 +115,32 @@ compare_written() {
     echo "pages the devices wrote: $want by the suite's account, $got in the VMM's dirty log: $missing missing, $extra extra (DIFFER)"
     return 1
 }
+
+# plot_svg WHO OUT.svg TITLE XLABEL YLABEL DATA [STYLE]: draws DATA (whitespace columns, a
+# header line naming them; column 1 is x, one series per further column) as an SVG with
+# gnuplot (installed from Debian when missing). STYLE: "histogram" (clustered bars, log
+# scale) or "lines" (default).
+plot_svg() {
+    local who=$1 out=$2 title=$3 xlabel=$4 ylabel=$5 data=$6 style=${7:-lines}
+    install_packages "$who" gnuplot-nox
+    local cols plot extra=""
+    cols=$(head -1 "$data" | wc -w)
+    if [ "$style" = histogram ]; then
+        plot="plot for [i=2:$cols] '$data' using i:xtic(1) title columnheader(i)"
+        extra="set style data histograms; set style histogram clustered gap 1; set style fill solid 0.8 border -1; set logscale y"
+    else
+        plot="plot for [i=2:$cols] '$data' using 1:i with linespoints title columnheader(i)"
+    fi
+    gnuplot <<EOF_GNUPLOT
+set terminal svg size 900,500 dynamic enhanced font "sans,12" background rgb "white"
+set output "$out"
+set title "$title"
+set xlabel "$xlabel"
+set ylabel "$ylabel"
+set key outside right
+set grid ytics
+$extra
+$plot
+EOF_GNUPLOT
+}
+

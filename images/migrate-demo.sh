@@ -33,6 +33,8 @@ done
 if ! command -v cargo >/dev/null 2>&1; then
     [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 fi
+. ./images/common.sh
+install_packages migrate-demo gnuplot-nox
 cargo build --release --quiet -p vmm -p devices -p test-guest
 b=target/release
 d=$(mktemp -d "${TMPDIR:-/tmp}/vmm-migrate.XXXXXX")
@@ -63,8 +65,48 @@ done
 echo "migrate-demo: the guest runs; migrating (logs in $d)"
 verify=(--verify)
 [ -n "$extra" ] && verify=(--verify --no-device-dirty-tracking)
-# vmm-ctl draws a progress bar while it runs (on a terminal) and prints the report.
-$b/vmm-ctl --socket "$d/api.sock" migrate "unix:$d/migration.sock" "${verify[@]}"
+# vmm-ctl draws a progress bar while it runs (on a terminal); the JSON report is printed
+# readably here and drawn as an SVG of the pages each dirty source found, round by round.
+set +e
+$b/vmm-ctl --socket "$d/api.sock" --json migrate "unix:$d/migration.sock" "${verify[@]}" \
+    > "$d/report.json"
+migrated=$?
+set -e
+python3 - "$d/report.json" "$d/rounds.dat" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+if not r.get("ok"):
+    print("migration failed:", r.get("error"))
+    sys.exit(0)
+with open(sys.argv[2], "w") as out:
+    out.write("round sent vCPUs VMM-devices passthrough\n")
+    for x in r["rounds"]:
+        s = x["dirty_by_source"]
+        out.write("%d %d %d %d %d\n" % (x["round"], x["pages"], s["kvm"], s["vmm_devices"],
+                                        s["passthrough"]))
+        print("round %d: %d pages in %d ms, %d dirty after it (vCPUs %d, VMM devices %d, "
+              "passthrough %d), harvest %.2f ms" % (x["round"], x["pages"], x["ms"],
+              x["dirty_after"], s["kvm"], s["vmm_devices"], s["passthrough"], x["harvest_ms"]))
+    f = r["final_by_source"]
+    out.write("stop %d %d %d %d\n" % (r["final_pages"], f["kvm"], f["vmm_devices"],
+                                     f["passthrough"]))
+print("stop-and-copy: %d pages; downtime %d ms; total %d ms; %d MiB sent" %
+      (r["final_pages"], r["downtime_ms"], r["total_ms"], r["bytes"] >> 20))
+by = r["dirty_by_source"]
+print("dirty pages by source over all harvests: vCPUs (KVM) %d, VMM devices %d, "
+      "passthrough devices %d (%d device dirty reads); untracked devices: %s" %
+      (by["kvm"], by["vmm_devices"], by["passthrough"], r["device_dirty_reads"],
+       ", ".join(r["untracked_devices"]) or "none"))
+print("verify: %d RAM pages identical on both sides" % r["verified_pages"])
+EOF
+if [ $migrated -ne 0 ]; then
+    echo "migrate-demo: the migration failed; the guest goes on at the source (logs in $d)"
+    exit 1
+fi
+svg="$d/migration-rounds.svg"
+plot_svg migrate-demo "$svg" "Pages per pre-copy round: sent, and found dirty by each source" \
+    "round" "pages (log scale)" "$d/rounds.dat" histogram
+echo "migrate-demo: pages per round and per dirty source drawn in $svg"
 wait $src || true
 set +e
 wait $dst

@@ -56,6 +56,9 @@ pub struct Round {
     pub dirty_after: u64,
     /// Milliseconds the harvest at its end took.
     pub harvest_ms: f64,
+    /// What each dirty source reported in that harvest.
+    #[serde(default)]
+    pub dirty_by_source: DirtySources,
 }
 
 /// What a finished migration or snapshot reports.
@@ -79,6 +82,8 @@ pub struct MigrationReport {
     pub verified_pages: u64,
     /// Dirty pages each source reported, over every harvest.
     pub dirty_by_source: DirtySources,
+    /// What each source reported in the last harvest (the stop-and-copy).
+    pub final_by_source: DirtySources,
     /// Dirty reports read from passthrough devices during the migration.
     pub device_dirty_reads: u64,
 }
@@ -464,15 +469,15 @@ fn precopy_and_stop<W: Write>(
     let pages = send_pages(m, w, None).map_err(|e| (e, false))?;
     let mut dirty = DirtyBitmap::new(ram);
     let h = Instant::now();
-    report
-        .dirty_by_source
-        .add(m.harvest(&mut dirty).map_err(|e| (e, false))?);
+    let sources = m.harvest(&mut dirty).map_err(|e| (e, false))?;
+    report.dirty_by_source.add(sources);
     let mut last = Round {
         round: 0,
         pages,
         ms: t.elapsed().as_millis() as u64,
         dirty_after: dirty.count(),
         harvest_ms: h.elapsed().as_secs_f64() * 1e3,
+        dirty_by_source: sources,
     };
     report.pages += pages;
     progress(m, &last, start);
@@ -494,15 +499,15 @@ fn precopy_and_stop<W: Write>(
         let pages = send_pages(m, w, Some(&dirty)).map_err(|e| (e, false))?;
         dirty.clear();
         let h = Instant::now();
-        report
-            .dirty_by_source
-            .add(m.harvest(&mut dirty).map_err(|e| (e, false))?);
+        let sources = m.harvest(&mut dirty).map_err(|e| (e, false))?;
+        report.dirty_by_source.add(sources);
         last = Round {
             round,
             pages,
             ms: t.elapsed().as_millis() as u64,
             dirty_after: dirty.count(),
             harvest_ms: h.elapsed().as_secs_f64() * 1e3,
+            dirty_by_source: sources,
         };
         report.pages += pages;
         progress(m, &last, start);
@@ -524,7 +529,9 @@ fn precopy_and_stop<W: Write>(
     quiesce(m).map_err(|e| (e, false))?;
     let fin = (|| {
         // After STOP no device writes anymore: this harvest is the last.
-        report.dirty_by_source.add(m.harvest(&mut dirty)?);
+        let sources = m.harvest(&mut dirty)?;
+        report.dirty_by_source.add(sources);
+        report.final_by_source = sources;
         report.device_dirty_reads = m.device_dirty_reads() - reads_before;
         let pages = send_pages(m, w, Some(&dirty))?;
         report.final_pages = pages;
