@@ -127,12 +127,12 @@ plot_svg() {
     cols=$(head -1 "$data" | wc -w)
     if [ "$style" = histogram ]; then
         plot="plot for [i=2:$cols] '$data' using i:xtic(1) title columnheader(i)"
-        extra="set style data histograms; set style histogram clustered gap 1; set style fill solid 0.8 border -1; set logscale y"
+        extra="set style data histograms; set style histogram clustered gap 1; set style fill solid 0.8 border -1; set logscale y; set xtics rotate by -25"
     else
         plot="plot for [i=2:$cols] '$data' using 1:i with linespoints title columnheader(i)"
     fi
     gnuplot <<EOF_GNUPLOT
-set terminal svg size 900,500 dynamic enhanced font "sans,12" background rgb "white"
+set terminal svg size 900,500 dynamic noenhanced font "sans,12" background rgb "white"
 set output "$out"
 set title "$title"
 set xlabel "$xlabel"

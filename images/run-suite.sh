@@ -22,10 +22,16 @@
 #   --max-size BYTES  largest copy/fill (default 4194304)
 #   --memory SIZE     guest RAM (default 256M)
 #   --logs DIR        where the console and VMM logs go (default a new temporary directory)
+#   --compare DIR     the logs of an earlier run (say with --no-iommu): its throughput is drawn
+#                     next to this run's in throughput.svg
+#
+# Pictures (gnuplot from Debian): LOGS/latency.svg, the map+unmap latency histogram, and
+# LOGS/throughput.svg, the DMA throughput of each copy size (with --compare, both runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 iommu=1 strict=0 cycles=5000 samples=2000 cases=all max_size=4194304 memory=256M logs= devices=1
+compare=
 extra=()
 while (($#)); do
     case "$1" in
@@ -39,8 +45,9 @@ while (($#)); do
     --max-size) max_size=${2:?--max-size needs a number}; shift ;;
     --memory) memory=${2:?--memory needs a size}; shift ;;
     --logs) logs=${2:?--logs needs a directory}; shift ;;
+    --compare) compare=${2:?--compare needs a directory}; shift ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "run-suite: unknown option '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -131,6 +138,35 @@ if [ "${untracked:-1}" != 0 ]; then
     verdict=1
 fi
 compare_written "$logs/console.log" "$logs/dirty.log" || verdict=1
+
+# Pictures.
+label=$([ $iommu -eq 1 ] && echo "vIOMMU-$([ $strict -eq 1 ] && echo strict || echo lazy)" || echo "no-IOMMU")
+hist=$(grep -m1 '^# latency histogram:' <<<"$console" | sed 's/^# latency histogram://' || true)
+if [ -n "$hist" ]; then
+    { echo "bound_us $label"
+      for b in $hist; do echo "$(( ${b%%:*} / 1000 )) ${b##*:}"; done; } > "$logs/latency.dat"
+    plot_svg run-suite "$logs/latency.svg" \
+        "map+unmap latency of one 4 KiB page ($mode)" \
+        "latency below (us, powers of two)" "samples (log scale)" "$logs/latency.dat" histogram
+    echo "latency histogram: $logs/latency.svg"
+fi
+grep '^# throughput:' <<<"$console" |
+    sed -n 's/^# throughput: \([0-9]*\) B \(.*\): \([0-9.]*\) MB\/s .*/\1 B \2\t\3/p' |
+    awk -F'\t' '{ gsub(/[ ,]+/, "_", $1); print $1 "\t" $2 }' > "$logs/throughput.raw" || true
+if [ -s "$logs/throughput.raw" ]; then
+    if [ -n "$compare" ] && [ -s "$compare/throughput.raw" ]; then
+        other=$(cat "$compare/label" 2>/dev/null || echo earlier)
+        { echo "case $label $other"
+          join -t $'\t' <(sort "$logs/throughput.raw") <(sort "$compare/throughput.raw") |
+              tr '\t' ' '; } > "$logs/throughput.dat"
+    else
+        { echo "case $label"; tr '\t' ' ' < "$logs/throughput.raw"; } > "$logs/throughput.dat"
+    fi
+    echo "$label" > "$logs/label"
+    plot_svg run-suite "$logs/throughput.svg" "DMA throughput (MB/s) by copy size and mapping" \
+        "" "MB/s (log scale)" "$logs/throughput.dat" histogram
+    echo "throughput: $logs/throughput.svg"
+fi
 echo "wall time: $(( $(date +%s) - start )) s; logs in $logs"
 if [ $verdict -ne 0 ]; then
     echo "run-suite: FAILED (vmm exit status $status); the last lines of its log:" >&2

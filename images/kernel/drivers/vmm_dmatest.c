@@ -511,6 +511,13 @@ static int case_map_unmap(struct dt *d, const char **why)
 		d->unmaps++;
 		if (!(i & 1023))
 			CHECK(vmm_all(p + (i & 0xf00), (u8)i, 8), "device write lost");
+		/* Progress of a long run: cycles so far and the rate. */
+		if (i && !(i % 10000)) {
+			u64 ms = (ktime_get_ns() - t0) / NSEC_PER_MSEC;
+
+			pr_info("# map_unmap: %u of %u cycles, %llu per second so far\n", i, cycles,
+				ms ? (u64)i * 1000 / ms : 0);
+		}
 	}
 	pr_info("# map_unmap: %u cycles in %llu ms\n", cycles,
 		(ktime_get_ns() - t0) / NSEC_PER_MSEC);
@@ -618,6 +625,33 @@ static int cmp_u64(const void *a, const void *b)
 	return x < y ? -1 : x > y;
 }
 
+/*
+ * The distribution of sorted samples (ns) in power-of-two buckets, one line:
+ * "# latency histogram: <bucket upper bound ns>:<count> ..." (empty buckets left out).
+ */
+static void dt_histogram(const u64 *lat, unsigned int n)
+{
+	char line[512] = "";
+	int len = 0;
+	unsigned int i = 0;
+	u64 bound = 1024;
+
+	while (i < n && len < (int)sizeof(line) - 32) {
+		unsigned int c = 0;
+
+		while (i < n && lat[i] < bound) {
+			c++;
+			i++;
+		}
+		if (c)
+			len += scnprintf(line + len, sizeof(line) - len, " %llu:%u", bound, c);
+		if (bound > (U64_MAX >> 1))
+			break;
+		bound <<= 1;
+	}
+	pr_info("# latency histogram:%s\n", line);
+}
+
 /* map+unmap latency of one page, in the spirit of dma_map_benchmark. */
 static int case_latency(struct dt *d, const char **why)
 {
@@ -643,6 +677,7 @@ static int case_latency(struct dt *d, const char **why)
 	pr_info("# latency: map+unmap of 4 KiB (%s): avg %llu ns, p99 %llu ns over %u samples\n",
 		d->iommu ? (d->lazy ? "lazy" : "strict") : "no IOMMU", sum / samples,
 		lat[samples * 99 / 100], samples);
+	dt_histogram(lat, samples);
 out:
 	kvfree(lat);
 	if (pg)
