@@ -532,14 +532,15 @@ impl DeviceManager {
             let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
             lines.push(format!(
                 "{label}: link={} misses={} updates={} prefetches={} update_pages={} \
-                 invalidations={} resent={} faults={} reconnects={} disconnects={} \
-                 bad_messages={} ctrl_commands={}",
+                 invalidations={} invalidated_pages={} resent={} faults={} reconnects={} \
+                 disconnects={} bad_messages={} ctrl_commands={}",
                 if n.link_up() { "up" } else { "down" },
                 get(&c.misses),
                 get(&c.updates),
                 get(&c.prefetches),
                 get(&c.update_pages),
                 get(&c.invalidations),
+                get(&c.invalidated_pages),
                 get(&c.resent),
                 get(&c.faults),
                 get(&c.connects),

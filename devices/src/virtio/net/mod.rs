@@ -73,6 +73,9 @@ pub struct NetCounters {
     pub update_pages: AtomicU64,
     /// `INVALIDATE`s acknowledged by the back end.
     pub invalidations: AtomicU64,
+    /// 4 KiB pages the acknowledged `INVALIDATE`s covered (consecutive guest UNMAPs merged
+    /// by the vIOMMU arrive as one `INVALIDATE`).
+    pub invalidated_pages: AtomicU64,
     /// Entries sent again after an invalidation that DPDK widens by one entry.
     pub resent: AtomicU64,
     /// Misses on IOVAs the endpoint may not reach (each a fault event, no `UPDATE`).

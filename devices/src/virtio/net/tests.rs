@@ -580,6 +580,11 @@ fn unmap_invalidates_before_the_request_completes() {
     );
     drop(v);
     assert_eq!(r.dev.counters().invalidations.load(Ordering::Relaxed), 2);
+    // 4 pages, then the 1 MiB the detach removed.
+    assert_eq!(
+        r.dev.counters().invalidated_pages.load(Ordering::Relaxed),
+        4 + 256
+    );
 }
 
 #[test]

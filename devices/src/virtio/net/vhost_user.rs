@@ -391,6 +391,9 @@ impl Shared {
         });
         if self.send_iotlb(&mut st, &msg) {
             self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .invalidated_pages
+                .fetch_add(len.div_ceil(4096), Ordering::Relaxed);
             if let Some(next) = next {
                 if self.send_iotlb(&mut st, &next) {
                     self.counters.resent.fetch_add(1, Ordering::Relaxed);
