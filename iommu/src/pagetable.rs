@@ -314,6 +314,8 @@ struct L1 {
 
 struct Dir<T> {
     slots: [Option<Box<T>>; FANOUT],
+    /// Occupied slots, so that an emptied L2 directory is freed (not kept for the root,
+    /// which is never freed).
     count: u16,
 }
 
@@ -634,7 +636,6 @@ impl IoPageTable {
         let slot3 = &mut self.root.slots[idx(page, 3)];
         if slot3.is_none() {
             *slot3 = Some(Dir::new());
-            self.root.count += 1;
             self.metadata_bytes += DIR_BYTES;
         }
         let l2 = slot3.as_deref_mut().expect("l2 just ensured");
@@ -842,7 +843,6 @@ impl IoPageTable {
             }
             if free_l2 {
                 self.root.slots[i3] = None;
-                self.root.count -= 1;
                 self.metadata_bytes -= DIR_BYTES;
             }
             page = hi + 1;
@@ -910,6 +910,125 @@ mod tests {
             true
         });
         v
+    }
+
+    #[test]
+    fn translate_merges_only_contiguous_runs_of_one_permission() {
+        let mut t = IoPageTable::default();
+        t.map(0, 1, 100, Perm::RW).unwrap();
+        // Contiguous in GPA with the same permission: one run across the mappings.
+        t.map(2, 2, 102, Perm::RW).unwrap();
+        // Contiguous in GPA, another permission: a new run.
+        t.map(3, 3, 103, Perm::READ).unwrap();
+        // The same permission, a GPA jump: a new run.
+        t.map(4, 4, 200, Perm::READ).unwrap();
+        let mut out = Vec::new();
+        assert_eq!(t.translate(0x800, 5 * PAGE_SIZE - 0x900, &mut out), None);
+        assert_eq!(
+            out,
+            vec![
+                ((100 << PAGE_SHIFT) | 0x800, 3 * PAGE_SIZE - 0x800, Perm::RW),
+                (103 << PAGE_SHIFT, PAGE_SIZE, Perm::READ),
+                (200 << PAGE_SHIFT, PAGE_SIZE - 0x100, Perm::READ),
+            ]
+        );
+        // Stops at the first unmapped page.
+        assert_eq!(t.translate(0x4800, 0x2000, &mut out), Some(0x5000));
+        assert_eq!(out, vec![((200 << PAGE_SHIFT) | 0x800, 0x800, Perm::READ)]);
+    }
+
+    #[test]
+    fn clear_all_empties_the_table_and_its_metadata() {
+        let mut t = IoPageTable::default();
+        t.map(0, 1000, 0, Perm::RW).unwrap();
+        t.map(1 << 30, (1 << 30) + 3, 0, Perm::READ).unwrap();
+        t.clear_all();
+        assert!(t.is_empty());
+        assert_eq!(t.mapped_pages(), 0);
+        assert_eq!(t.metadata_bytes(), DIR_BYTES);
+        assert_eq!(t.get(5), None);
+        assert!(runs(&t).is_empty());
+    }
+
+    #[test]
+    fn empty_range_queries_inside_a_leaf_and_at_directory_edges() {
+        let mut t = IoPageTable::default();
+        let chunk = 3 * LEAF_PAGES;
+        t.map(chunk + 3, chunk + 3, 0, Perm::RW).unwrap();
+        t.map(chunk + 10, chunk + 10, 1, Perm::RW).unwrap();
+        assert!(!t.is_range_empty(chunk, chunk + 5));
+        assert!(t.is_range_empty(chunk + 4, chunk + 9));
+        assert!(t.is_range_empty(chunk + 11, chunk + 511));
+        // The last page under an L1 directory, and under an L2 directory, seen from a range
+        // that ends on the first page of the next one.
+        let l1_span = LEAF_PAGES * FANOUT as u64;
+        let l2_span = l1_span * FANOUT as u64;
+        for span in [l1_span, l2_span] {
+            let mut t = IoPageTable::default();
+            t.map(span - 1, span - 1, 0, Perm::RW).unwrap();
+            assert!(!t.is_range_empty(0, span), "span {span:#x}");
+            assert!(!t.is_range_empty(span - 1, span));
+            assert!(t.is_range_empty(0, span - 2));
+            assert!(t.is_range_empty(span, 2 * span));
+            let mut found = Vec::new();
+            t.mappings(0, span, |r| {
+                found.push(r.iova_page);
+                true
+            });
+            assert_eq!(found, vec![span - 1]);
+        }
+    }
+
+    #[test]
+    fn mappings_in_a_window_are_clipped_and_keep_their_boundaries() {
+        let mut t = IoPageTable::default();
+        // Two mappings contiguous in IOVA and GPA with one permission stay two; a third
+        // crosses a leaf edge.
+        t.map(10, 19, 100, Perm::RW).unwrap();
+        t.map(20, 29, 110, Perm::RW).unwrap();
+        t.map(500, 600, 1000, Perm::READ).unwrap();
+        assert_eq!(
+            runs(&t),
+            vec![(10, 100, 10), (20, 110, 10), (500, 1000, 101)]
+        );
+        let window = |first, last| {
+            let mut v = Vec::new();
+            t.mappings(first, last, |r| {
+                v.push((r.iova_page, r.gpa_page, r.pages, r.perm));
+                true
+            });
+            v
+        };
+        assert_eq!(
+            window(15, 24),
+            vec![(15, 105, 5, Perm::RW), (20, 110, 5, Perm::RW)]
+        );
+        assert_eq!(window(510, 515), vec![(510, 1010, 6, Perm::READ)]);
+        assert_eq!(window(505, 1000), vec![(505, 1005, 96, Perm::READ)]);
+        assert_eq!(window(30, 499), vec![]);
+        // Stopping after the first run.
+        let mut n = 0;
+        t.mappings(0, u64::MAX, |_| {
+            n += 1;
+            false
+        });
+        assert_eq!(n, 1);
+    }
+
+    #[test]
+    fn permission_union_and_the_top_of_the_space() {
+        assert_eq!(Perm::READ.union(Perm::WRITE), Perm::RW);
+        assert_eq!(Perm::RW.union(Perm::READ), Perm::RW);
+        let top = MAX_IOVA >> PAGE_SHIFT;
+        let mut t = IoPageTable::default();
+        assert_eq!(t.map(top, top, 0, Perm::RW), Ok(()));
+        assert_eq!(
+            t.map(top, top + 1, 5, Perm::RW),
+            Err(TableError::OutOfRange)
+        );
+        let gtop = MAX_GPA >> PAGE_SHIFT;
+        assert_eq!(t.map(0, 1, gtop - 1, Perm::RW), Ok(()));
+        assert_eq!(t.map(5, 6, gtop, Perm::RW), Err(TableError::OutOfRange));
     }
 
     #[test]

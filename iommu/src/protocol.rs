@@ -348,6 +348,31 @@ mod tests {
     use super::*;
     use std::mem::size_of;
 
+    /// Status names and values as `include/uapi/linux/virtio_iommu.h` defines them, and the
+    /// fault flag values of 5.13.6.7.
+    #[test]
+    fn status_values_names_and_fault_flags_match_the_spec() {
+        let spec = [
+            (0u8, "OK"),
+            (1, "IOERR"),
+            (2, "UNSUPP"),
+            (3, "DEVERR"),
+            (4, "INVAL"),
+            (5, "RANGE"),
+            (6, "NOENT"),
+            (7, "FAULT"),
+            (8, "NOMEM"),
+        ];
+        for (v, name) in spec {
+            let s = Status::from_u8(v).unwrap();
+            assert_eq!((s as u8, s.name()), (v, name));
+        }
+        assert_eq!(Status::from_u8(9), None);
+        assert_eq!(VIRTIO_IOMMU_FAULT_F_READ, 1);
+        assert_eq!(VIRTIO_IOMMU_FAULT_F_WRITE, 2);
+        assert_eq!(VIRTIO_IOMMU_FAULT_F_ADDRESS, 0x100);
+    }
+
     #[test]
     fn sizes_match_the_spec() {
         assert_eq!(size_of::<Config>(), 40);

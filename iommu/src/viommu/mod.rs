@@ -269,7 +269,8 @@ impl Viommu {
         if mask == 0 {
             return Err(SetupError::PageSizes(name, caps.page_size_mask));
         }
-        if mask.trailing_zeros() > 12 || caps.page_size_mask.trailing_zeros() > 12 {
+        // The common mask is a subset of the backend's: its lowest size is 4 KiB or more.
+        if mask.trailing_zeros() > 12 {
             return Err(SetupError::Granule(name));
         }
         let (lo, hi) = self.cfg.input_range;
@@ -350,9 +351,14 @@ impl Viommu {
             },
         );
         if let Some(b) = backend {
+            // A backend another endpoint already uses holds what that endpoint needs
+            // (identity too when it is unattached): only a backend's first endpoint maps.
             if self.bypass
                 && self.endpoint_content(id) == Content::Identity
-                && !self.backend_shared_in_use(b, id)
+                && !self
+                    .endpoints
+                    .iter()
+                    .any(|(&other, e)| other != id && e.backend == Some(b))
             {
                 self.switch_backend(b, Content::Nothing, Content::Identity)
                     .map_err(|e| SetupError::Backend(self.backends[b].backend.name(), e))?;
@@ -399,21 +405,23 @@ impl Viommu {
             return;
         }
         self.flush_pending(&mut []);
-        let unattached: Vec<(EndpointId, BackendId)> = self
-            .endpoints
-            .iter()
-            .filter(|(_, e)| e.domain.is_none())
-            .filter_map(|(&id, e)| e.backend.map(|b| (id, b)))
-            .collect();
+        // Backends whose endpoints are all unattached, each once (endpoints may share one).
+        let mut unattached: Vec<BackendId> =
+            self.endpoints.values().filter_map(|e| e.backend).collect();
+        unattached.sort_unstable();
+        unattached.dedup();
+        unattached.retain(|&b| {
+            !self
+                .endpoints
+                .values()
+                .any(|e| e.backend == Some(b) && e.domain.is_some())
+        });
         let (from, to) = if bypass {
             (Content::Nothing, Content::Identity)
         } else {
             (Content::Identity, Content::Nothing)
         };
-        for (id, b) in unattached {
-            if self.backend_shared_in_use(b, id) {
-                continue;
-            }
+        for b in unattached {
             if let Err(e) = self.switch_backend(b, from, to) {
                 log::error!("virtio-iommu: bypass change on backend {b}: {e}");
             }
@@ -544,14 +552,6 @@ impl Viommu {
             None if self.bypass => Content::Identity,
             None => Content::Nothing,
         }
-    }
-
-    /// Another endpoint than `except` uses backend `b` (so its host content is not ours to
-    /// change).
-    fn backend_shared_in_use(&self, b: BackendId, except: EndpointId) -> bool {
-        self.endpoints
-            .iter()
-            .any(|(&id, e)| id != except && e.backend == Some(b) && e.domain.is_some())
     }
 
     fn new_generation(&mut self) -> u64 {

@@ -1337,3 +1337,121 @@ fn consecutive_unmaps_merge_and_fail_alone() {
     assert!(v.domain_mappings(1).is_empty());
     assert!(log.lock().unwrap().host_pages().is_empty());
 }
+
+/// Endpoints added while `bypass` is on reach guest RAM at once, through their backend; a
+/// second endpoint on the same backend does not map it again.
+#[test]
+fn endpoints_added_in_bypass_are_identity_mapped_once() {
+    let mut v = Viommu::new(ViommuConfig {
+        guest_ram: vec![(0, 1 << 24)],
+        bypass: true,
+        ..Default::default()
+    });
+    let (b, log) = RecordingBackend::new("rec", BackendCaps::default());
+    let id = v.add_backend(Box::new(b)).unwrap();
+    assert!(log.lock().unwrap().calls.is_empty(), "no endpoint yet");
+    v.add_endpoint(8, Some(id), &[]).unwrap();
+    assert_eq!(log.lock().unwrap().pages.len(), (1 << 24) / 4096);
+    let calls = log.lock().unwrap().calls.len();
+    v.add_endpoint(9, Some(id), &[]).unwrap();
+    assert_eq!(log.lock().unwrap().calls.len(), calls, "already mapped");
+    // Bypass off and on again with both endpoints unattached: one switch each way.
+    v.set_bypass(0);
+    assert!(log.lock().unwrap().pages.is_empty());
+    v.set_bypass(1);
+    assert_eq!(log.lock().unwrap().pages.len(), (1 << 24) / 4096);
+    // One endpoint attached: the backend holds the domain's mappings, not RAM.
+    assert_eq!(send(&mut v, &attach(1, 8, 0)), Some(Status::Ok));
+    assert!(log.lock().unwrap().pages.is_empty());
+    v.set_bypass(0);
+    v.set_bypass(1);
+    assert!(log.lock().unwrap().pages.is_empty(), "in use by the domain");
+    // Without bypass, nothing is mapped for a new endpoint.
+    let (mut v, log) = with_backend(BackendCaps::default());
+    assert!(log.lock().unwrap().calls.is_empty());
+    assert!(v.has_endpoint(8) && v.has_endpoint(1) && !v.has_endpoint(3));
+    v.add_endpoint(3, None, &[]).unwrap();
+    assert!(v.has_endpoint(3));
+}
+
+/// `bypass` takes bit 0 of what the driver writes (5.13.4: bits 1-7 ignored).
+#[test]
+fn bypass_writes_take_bit_zero() {
+    let mut v = device();
+    for (value, on) in [(1u8, 1u8), (0, 0), (3, 1), (2, 0), (0xfe, 0), (0x81, 1)] {
+        v.set_bypass(value);
+        assert_eq!(v.config().bypass, on, "wrote {value:#x}");
+    }
+}
+
+/// A backend's page sizes and IOVA ranges narrow the device's; one the device cannot use is
+/// refused with the reason.
+#[test]
+fn backends_narrow_page_sizes_and_ranges_or_are_refused() {
+    let caps = |mask: u64, ranges: Vec<(u64, u64)>| BackendCaps {
+        page_size_mask: mask,
+        iova_ranges: ranges,
+        ..BackendCaps::default()
+    };
+    let add = |v: &mut Viommu, c: BackendCaps| {
+        let (b, _) = RecordingBackend::new("rec", c);
+        v.add_backend(Box::new(b))
+    };
+    let mut v = device();
+    // 2 MiB pages only: the 4 KiB granule is gone.
+    assert!(matches!(
+        add(&mut v, caps(0x20_0000, vec![(0, 1 << 40)])),
+        Err(SetupError::Granule(_))
+    ));
+    // 4 KiB and 2 MiB: the device keeps its 4 KiB granule.
+    assert!(add(&mut v, caps(0x1000 | 0x20_0000, vec![(0, 1 << 40)])).is_ok());
+    assert!(matches!(
+        add(&mut v, caps(0x40_0000_0000, vec![(0, 1 << 40)])),
+        Err(SetupError::PageSizes(..))
+    ));
+    // A range of one byte is still a range; an inverted one is none.
+    assert!(add(&mut v, caps(0x1000, vec![(0x10_0000, 0x10_0000)])).is_ok());
+    assert_eq!(v.config().input_range.start.get(), 0x10_0000);
+    assert_eq!(v.config().input_range.end.get(), 0x10_0000);
+    let mut v = device();
+    assert!(matches!(
+        add(&mut v, caps(0x1000, vec![(0x20_0000, 0x10_0000)])),
+        Err(SetupError::NoIovaRange(_))
+    ));
+    // Several ranges: from the lowest start to the highest end.
+    assert!(add(
+        &mut v,
+        caps(0x1000, vec![(0x8000, 0xffff), (0x1000, 0x1fff)])
+    )
+    .is_ok());
+    assert_eq!(v.config().input_range.start.get(), 0x1000);
+    assert_eq!(v.config().input_range.end.get(), 0xffff);
+}
+
+/// The accessors the devices and the VMM read: mapped pages per domain, metadata, faults.
+#[test]
+fn domain_pages_metadata_and_fault_queue() {
+    let mut v = device();
+    assert_eq!(v.domain_mapped_pages(1), None);
+    let empty = v.metadata_bytes();
+    assert_eq!(send(&mut v, &attach(1, 1, 0)), Some(Status::Ok));
+    assert_eq!(v.domain_mapped_pages(1), Some(0));
+    assert_eq!(
+        send(&mut v, &map(1, 0x10000, 0x12fff, 0x80000, RW)),
+        Some(Status::Ok)
+    );
+    assert_eq!(v.domain_mapped_pages(1), Some(3));
+    assert!(v.metadata_bytes() > empty);
+    assert!(!v.has_faults());
+    let mut out = Vec::new();
+    let f = v
+        .translate(1, 0x20000, 4, Access::Read, &mut out)
+        .unwrap_err();
+    assert!(v.has_faults());
+    let first = v.pop_fault().unwrap();
+    assert_eq!(first.address.get(), f.address.get());
+    assert!(!v.has_faults());
+    v.unpop_fault(first);
+    assert!(v.has_faults());
+    assert_eq!(v.pop_fault().unwrap().address.get(), 0x20000);
+}
