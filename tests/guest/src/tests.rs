@@ -138,6 +138,7 @@ pub fn run(bp: u64) -> u32 {
                     | "migrate_dma"
                     | "request_cost"
                     | "hostile_peer"
+                    | "shared_domain"
             ) && !name.starts_with("net_")
         }
     };
