@@ -7,6 +7,7 @@ pub mod interrupt;
 pub mod legacy;
 pub mod passthrough;
 pub mod pci;
+pub mod seccomp;
 pub mod state;
 pub mod testdev;
 pub mod virtio;

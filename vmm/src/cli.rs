@@ -43,6 +43,12 @@ pub struct Cli {
     #[arg(long, value_enum, value_name = "auto|pvm|none", default_value_t = QuirksArg::Auto)]
     pub host_quirks: QuirksArg,
 
+    /// Seccomp filters on every thread: `on` stops the VMM with a message naming the thread
+    /// and the system call when a thread makes one outside its list, `log` lets it through
+    /// and has the kernel log it (`dmesg`), `off` installs none.
+    #[arg(long, value_name = "on|log|off", default_value = "on", value_parser = parse_seccomp)]
+    pub seccomp: devices::seccomp::Mode,
+
     /// Adds the virtio-iommu at PCI 00:01.0. `boot-bypass=on` (or `bypass=on`) lets endpoints
     /// that are not attached to a domain reach all of guest RAM (the initial value of the
     /// config field `bypass`; default off). `aw-bits=N` (32-64, default 48) sets the width
@@ -330,6 +336,10 @@ fn on_off(key: &str, v: &str) -> Result<bool, String> {
         "off" | "false" | "0" => Ok(false),
         _ => Err(format!("`{key}={v}`: expected on or off")),
     }
+}
+
+fn parse_seccomp(s: &str) -> Result<devices::seccomp::Mode, String> {
+    s.parse()
 }
 
 fn parse_iommu(s: &str) -> Result<IommuArg, String> {

@@ -16,6 +16,7 @@ fn main() -> ExitCode {
         .format_timestamp_millis()
         .init();
 
+    devices::seccomp::set_mode(cli.seccomp);
     let result = vm::Vm::new(&cli).and_then(|vm| vm.run());
     match result {
         Ok(summary) => {

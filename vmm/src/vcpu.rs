@@ -146,6 +146,7 @@ pub fn spawn(
     std::thread::Builder::new()
         .name(format!("vcpu{id}"))
         .spawn(move || {
+            devices::seccomp::confine("vcpu", devices::seccomp::lists::VCPU);
             let mut stats = FallbackStats::default();
             while !ctx.stop.load(Ordering::Acquire) {
                 if ctx.pause.requested() {

@@ -337,7 +337,7 @@ impl Vm {
                     let Ok((src, reply)) = rx.recv() else {
                         return Err(VmmError::Migration("the API went away".into()));
                     };
-                    match migration::receive(&machine, &vcpus, &src, api.as_ref()) {
+                    match receive_confined(&machine, &vcpus, &src, api.as_ref()) {
                         Ok(()) => {
                             let _ = reply.send(Ok(()));
                             break;
@@ -355,7 +355,7 @@ impl Vm {
         };
         let restored = match &source {
             Some(src) => {
-                migration::receive(&machine, &vcpus, src, api.as_ref())
+                receive_confined(&machine, &vcpus, src, api.as_ref())
                     .map_err(|e| VmmError::Migration(e.to_string()))?;
                 true
             }
@@ -393,6 +393,8 @@ impl Vm {
         }
         *api.machine.lock().unwrap_or_else(|e| e.into_inner()) = Some(machine.clone());
 
+        // Set up: from here on the main thread runs the event loop, confined.
+        devices::seccomp::confine("vmm", devices::seccomp::lists::VMM_MAIN);
         while self.exit.reason().is_none() {
             if let Err(e) = event_manager.run_with_timeout(1000) {
                 log::warn!("event loop: {e:?}");
@@ -448,4 +450,27 @@ impl MutEventSubscriber for ExitWatcher {
         }
         let _ = self.0.eventfd().as_raw_fd();
     }
+}
+
+/// [`migration::receive`] on a thread of its own under the migration filter: the stream is
+/// untrusted input, and the main thread is not confined until its event loop starts.
+fn receive_confined(
+    machine: &Machine,
+    vcpus: &[kvm_ioctls::VcpuFd],
+    src: &migration::Source,
+    api: &ApiTarget,
+) -> Result<(), migration::MigrationError> {
+    std::thread::scope(|s| {
+        std::thread::Builder::new()
+            .name("migration".into())
+            .spawn_scoped(s, || {
+                devices::seccomp::confine("migration", devices::seccomp::lists::API);
+                migration::receive(machine, vcpus, src, api)
+            })
+            .map_err(|e| {
+                migration::MigrationError::Transport("cannot start the migration thread".into(), e)
+            })?
+            .join()
+            .map_err(|_| migration::MigrationError::State("the migration thread panicked".into()))?
+    })
 }

@@ -1,32 +1,33 @@
-//! `dma-test-device --socket PATH [--dirty-log on|off|empty]`: the project's DMA test device
-//! as a vfio-user server. It serves one VMM and exits when that VMM disconnects.
+//! `dma-test-device --socket PATH [--dirty-log on|off|empty] [--seccomp on|log|off]`: the
+//! project's DMA test device as a vfio-user server. It serves one VMM and exits when that VMM
+//! disconnects. Its threads run under seccomp filters (`--seccomp`, default on).
 //! `--dirty-log off` makes it a device without dirty tracking, `empty` one that claims to
 //! track and reports nothing (both for tests of what the VMM does with such devices).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use devices::seccomp::Mode;
 use devices::testdev::DirtyLogMode;
 
-const USAGE: &str = "usage: dma-test-device --socket PATH [--dirty-log on|off|empty]";
+const USAGE: &str =
+    "usage: dma-test-device --socket PATH [--dirty-log on|off|empty] [--seccomp on|log|off]";
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     let mut socket = None;
     let mut dirty_log = DirtyLogMode::On;
+    let mut seccomp = Mode::On;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--socket" => socket = args.next().map(PathBuf::from),
-            "--dirty-log" => match args.next().as_deref().map(str::parse) {
-                Some(Ok(m)) => dirty_log = m,
-                Some(Err(e)) => {
-                    eprintln!("dma-test-device: --dirty-log {e}");
-                    return ExitCode::from(2);
-                }
-                None => {
-                    eprintln!("dma-test-device: --dirty-log needs a value ({USAGE})");
-                    return ExitCode::from(2);
-                }
+            "--dirty-log" => match value(&a, args.next()) {
+                Ok(m) => dirty_log = m,
+                Err(code) => return code,
+            },
+            "--seccomp" => match value(&a, args.next()) {
+                Ok(m) => seccomp = m,
+                Err(code) => return code,
             },
             "--help" | "-h" => {
                 println!("{USAGE}");
@@ -42,6 +43,7 @@ fn main() -> ExitCode {
         eprintln!("dma-test-device: --socket PATH is required");
         return ExitCode::from(2);
     };
+    devices::seccomp::set_mode(seccomp);
     match devices::testdev::serve(&socket, dirty_log) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -50,4 +52,16 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The value after `flag`, parsed; a missing or bad value is reported, naming the flag.
+fn value<T: std::str::FromStr<Err = String>>(flag: &str, v: Option<String>) -> Result<T, ExitCode> {
+    let Some(v) = v else {
+        eprintln!("dma-test-device: {flag} needs a value ({USAGE})");
+        return Err(ExitCode::from(2));
+    };
+    v.parse().map_err(|e| {
+        eprintln!("dma-test-device: {flag} {e}");
+        ExitCode::from(2)
+    })
 }

@@ -111,7 +111,10 @@ impl TestDevice {
         let s = shared.clone();
         let worker = std::thread::Builder::new()
             .name("dma-engine".into())
-            .spawn(move || engine(&s, &rx))
+            .spawn(move || {
+                crate::seccomp::confine("dma-engine", crate::seccomp::lists::TESTDEV_ENGINE);
+                engine(&s, &rx)
+            })
             .ok();
         Self {
             shared,

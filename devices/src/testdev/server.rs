@@ -245,6 +245,7 @@ pub fn serve(path: &Path, dirty_log: DirtyLogMode) -> Result<(), vfio_user::Erro
         query: (0, 0, 0),
         dirty_log,
     };
+    crate::seccomp::confine("dma-test-device", crate::seccomp::lists::TESTDEV_SERVER);
     let r = server.run(&mut backend);
     let calls = {
         let d = lock(&backend.dev.shared.dma);

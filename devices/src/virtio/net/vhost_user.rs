@@ -632,7 +632,10 @@ pub(super) fn spawn_channel_thread(
 ) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("vhost-user".into())
-        .spawn(move || channel_thread(shared, main_fd, channel))
+        .spawn(move || {
+            crate::seccomp::confine("vhost-user", crate::seccomp::lists::VHOST_USER);
+            channel_thread(shared, main_fd, channel)
+        })
         .map(|_| ())
 }
 

@@ -1,0 +1,507 @@
+//! Seccomp filters, built with `seccompiler` (the rust-vmm crate Firecracker uses): each
+//! thread of the VMM and of the DMA test device installs, when it starts, a filter that
+//! allows the system calls its kind of thread makes and nothing else.
+//!
+//! [`Mode::On`] makes a forbidden call raise SIGSYS; the handler installed here writes one
+//! line naming the thread and the system call to stderr and ends the process (exit status
+//! [`VIOLATION_EXIT`]). [`Mode::Log`] lets the call through and has the kernel log it
+//! (`dmesg`: audit type 1326, `comm` is the thread name). [`Mode::Off`] installs nothing.
+//!
+//! Filters stack: a thread started by a filtered thread keeps its parent's filter under its
+//! own, so a parent's list includes what its children need (see each list's comment).
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::sync::Once;
+
+use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+
+/// What a forbidden system call does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// The process ends with a message naming the thread and the call.
+    #[default]
+    On,
+    /// The call goes through; the kernel logs it.
+    Log,
+    /// No filter.
+    Off,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "on" => Ok(Mode::On),
+            "log" => Ok(Mode::Log),
+            "off" => Ok(Mode::Off),
+            other => Err(format!("`{other}`: expected on, log or off")),
+        }
+    }
+}
+
+/// Exit status of a process stopped by its filter.
+pub const VIOLATION_EXIT: i32 = 159;
+
+/// Why a filter could not be installed.
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    /// Building or loading the filter failed.
+    #[error("seccomp filter of the {0} thread: {1}")]
+    Filter(&'static str, String),
+}
+
+thread_local! {
+    /// The name the SIGSYS handler prints (a `const` initialiser: no allocation on first use
+    /// from the handler).
+    static THREAD: Cell<&'static str> = const { Cell::new("unnamed") };
+}
+
+/// Installs, on the calling thread, a filter that allows `syscalls` (groups of numbers,
+/// `libc::SYS_*`)
+/// plus what every thread needs (the SIGSYS report, returning from signals, exiting, futexes,
+/// memory management, clocks). `name` is the thread's kind, for the report.
+///
+/// # Errors
+/// [`SeccompError`] when the filter cannot be built or loaded.
+pub fn install(name: &'static str, syscalls: &[&[i64]], mode: Mode) -> Result<(), SeccompError> {
+    if mode == Mode::Off {
+        return Ok(());
+    }
+    THREAD.with(|t| t.set(name));
+    static HANDLER: Once = Once::new();
+    HANDLER.call_once(install_sigsys_handler);
+    let mut rules = BTreeMap::new();
+    for &nr in COMMON.iter().chain(syscalls.iter().copied().flatten()) {
+        rules.insert(nr, Vec::new());
+    }
+    let mismatch = match mode {
+        Mode::On => SeccompAction::Trap,
+        _ => SeccompAction::Log,
+    };
+    let err = |e: &dyn std::fmt::Display| SeccompError::Filter(name, e.to_string());
+    let filter =
+        SeccompFilter::new(rules, mismatch, SeccompAction::Allow, arch()).map_err(|e| err(&e))?;
+    let bpf: BpfProgram = filter
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| err(&e))?;
+    seccompiler::apply_filter(&bpf).map_err(|e| err(&e))
+}
+
+fn arch() -> TargetArch {
+    #[cfg(target_arch = "x86_64")]
+    {
+        TargetArch::x86_64
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        TargetArch::aarch64
+    }
+}
+
+/// What every thread may call.
+pub const COMMON: &[i64] = &[
+    libc::SYS_write, // the SIGSYS report, logs
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_sigaltstack,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+    libc::SYS_futex,
+    libc::SYS_sched_yield,
+    libc::SYS_nanosleep,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_clock_gettime,
+    libc::SYS_gettid,
+    libc::SYS_getpid,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_madvise,
+    libc::SYS_mprotect,
+    libc::SYS_brk,
+    libc::SYS_rseq,
+    libc::SYS_close,
+];
+
+fn install_sigsys_handler() {
+    // SAFETY: a zeroed `sigaction` is valid; the handler is an `extern "C"` function of the
+    // SA_SIGINFO signature.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = sigsys as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut());
+    }
+}
+
+/// The SIGSYS handler: one line on stderr, then the process ends. Async-signal-safe: no
+/// allocation, only `write` and `exit_group`.
+extern "C" fn sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // `siginfo_t` for SIGSYS: after si_signo, si_errno, si_code and padding (16 bytes), the
+    // union holds `void *_call_addr` then `int _syscall` (include/uapi/asm-generic/siginfo.h).
+    // SAFETY: the kernel passes a valid siginfo_t for an SA_SIGINFO handler.
+    let nr = unsafe { (info as *const u8).add(24).cast::<i32>().read_unaligned() };
+    let mut buf = [0u8; 256];
+    let mut len = 0;
+    let mut put = |s: &[u8]| {
+        let n = s.len().min(buf.len() - len);
+        buf[len..len + n].copy_from_slice(&s[..n]);
+        len += n;
+    };
+    put(b"seccomp: the ");
+    put(THREAD.with(|t| t.get()).as_bytes());
+    put(b" thread made a forbidden system call: ");
+    put(syscall_name(i64::from(nr)).as_bytes());
+    put(b" (");
+    let mut digits = [0u8; 12];
+    let mut k = digits.len();
+    let mut v = nr.unsigned_abs();
+    loop {
+        k -= 1;
+        digits[k] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    put(&digits[k..]);
+    put(b"); stopping\n");
+    // SAFETY: writing a stack buffer to stderr and ending the process; both are allowed by
+    // every filter and async-signal-safe.
+    unsafe {
+        libc::write(2, buf.as_ptr().cast(), len);
+        libc::syscall(libc::SYS_exit_group, VIOLATION_EXIT);
+    }
+}
+
+/// The name of system call `nr` on this architecture, for reports ("?" when not listed).
+pub fn syscall_name(nr: i64) -> &'static str {
+    NAMES
+        .iter()
+        .find(|&&(n, _)| n == nr)
+        .map_or("?", |&(_, s)| s.strip_prefix("SYS_").unwrap_or(s))
+}
+
+macro_rules! names {
+    ($($n:ident),* $(,)?) => {
+        &[$((libc::$n, stringify!($n))),*]
+    };
+}
+
+/// Names of the calls the filters list and of those an attacker would want.
+const NAMES: &[(i64, &str)] = names![
+    SYS_read,
+    SYS_write,
+    SYS_open,
+    SYS_openat,
+    SYS_close,
+    SYS_stat,
+    SYS_fstat,
+    SYS_newfstatat,
+    SYS_statx,
+    SYS_lseek,
+    SYS_mmap,
+    SYS_mprotect,
+    SYS_munmap,
+    SYS_brk,
+    SYS_rt_sigaction,
+    SYS_rt_sigprocmask,
+    SYS_rt_sigreturn,
+    SYS_ioctl,
+    SYS_pread64,
+    SYS_pwrite64,
+    SYS_readv,
+    SYS_writev,
+    SYS_access,
+    SYS_pipe,
+    SYS_pipe2,
+    SYS_sched_yield,
+    SYS_mremap,
+    SYS_madvise,
+    SYS_dup,
+    SYS_dup2,
+    SYS_dup3,
+    SYS_nanosleep,
+    SYS_getpid,
+    SYS_socket,
+    SYS_connect,
+    SYS_accept,
+    SYS_accept4,
+    SYS_sendto,
+    SYS_recvfrom,
+    SYS_sendmsg,
+    SYS_recvmsg,
+    SYS_shutdown,
+    SYS_bind,
+    SYS_listen,
+    SYS_getsockname,
+    SYS_getpeername,
+    SYS_socketpair,
+    SYS_setsockopt,
+    SYS_getsockopt,
+    SYS_clone,
+    SYS_clone3,
+    SYS_fork,
+    SYS_vfork,
+    SYS_execve,
+    SYS_execveat,
+    SYS_exit,
+    SYS_wait4,
+    SYS_kill,
+    SYS_tgkill,
+    SYS_tkill,
+    SYS_fcntl,
+    SYS_fsync,
+    SYS_fdatasync,
+    SYS_ftruncate,
+    SYS_getdents64,
+    SYS_getcwd,
+    SYS_rename,
+    SYS_renameat,
+    SYS_renameat2,
+    SYS_mkdir,
+    SYS_mkdirat,
+    SYS_unlink,
+    SYS_unlinkat,
+    SYS_readlink,
+    SYS_readlinkat,
+    SYS_chmod,
+    SYS_fchmod,
+    SYS_chown,
+    SYS_ptrace,
+    SYS_prctl,
+    SYS_arch_prctl,
+    SYS_mount,
+    SYS_umount2,
+    SYS_setuid,
+    SYS_setgid,
+    SYS_gettid,
+    SYS_futex,
+    SYS_sched_getaffinity,
+    SYS_set_tid_address,
+    SYS_epoll_create1,
+    SYS_epoll_ctl,
+    SYS_epoll_wait,
+    SYS_epoll_pwait,
+    SYS_poll,
+    SYS_ppoll,
+    SYS_select,
+    SYS_pselect6,
+    SYS_eventfd2,
+    SYS_timerfd_create,
+    SYS_timerfd_settime,
+    SYS_signalfd4,
+    SYS_memfd_create,
+    SYS_fallocate,
+    SYS_clock_gettime,
+    SYS_clock_nanosleep,
+    SYS_exit_group,
+    SYS_sigaltstack,
+    SYS_getrandom,
+    SYS_rseq,
+    SYS_sysinfo,
+    SYS_uname,
+    SYS_getuid,
+    SYS_geteuid,
+    SYS_getgid,
+    SYS_getegid,
+    SYS_prlimit64,
+    SYS_sched_setaffinity,
+    SYS_set_robust_list,
+    SYS_get_robust_list,
+    SYS_process_vm_readv,
+    SYS_process_vm_writev,
+    SYS_bpf,
+    SYS_seccomp,
+    SYS_init_module,
+    SYS_finit_module,
+    SYS_kexec_load,
+    SYS_reboot,
+    SYS_io_uring_setup,
+    SYS_userfaultfd,
+    SYS_perf_event_open,
+    SYS_mincore,
+    SYS_msync,
+    SYS_getrusage,
+    SYS_times,
+    SYS_fstatfs,
+    SYS_statfs,
+    SYS_sendfile,
+    SYS_copy_file_range,
+    SYS_splice,
+    SYS_tee,
+    SYS_name_to_handle_at,
+    SYS_open_by_handle_at,
+    SYS_pidfd_open,
+    SYS_pidfd_send_signal,
+    SYS_pidfd_getfd,
+    SYS_faccessat,
+    SYS_faccessat2,
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_parse_and_names_are_known() {
+        assert_eq!("on".parse::<Mode>(), Ok(Mode::On));
+        assert_eq!("log".parse::<Mode>(), Ok(Mode::Log));
+        assert_eq!("off".parse::<Mode>(), Ok(Mode::Off));
+        assert!("maybe".parse::<Mode>().unwrap_err().contains("`maybe`"));
+        assert_eq!(syscall_name(libc::SYS_ptrace), "ptrace");
+        assert_eq!(syscall_name(libc::SYS_execve), "execve");
+        assert_eq!(syscall_name(-1), "?");
+    }
+}
+
+/// The mode the process chose (`--seccomp`), for threads started deep inside device code.
+static MODE: std::sync::OnceLock<Mode> = std::sync::OnceLock::new();
+
+/// Names the calling thread in violation reports, for a thread that runs under a filter it
+/// inherited (a connection thread of the API, say).
+pub fn name_thread(name: &'static str) {
+    THREAD.with(|t| t.set(name));
+}
+
+/// Records the process-wide mode (first call wins).
+pub fn set_mode(mode: Mode) {
+    let _ = MODE.set(mode);
+}
+
+/// [`install`] with the process-wide mode set by the program with [`set_mode`] (none when it
+/// set none: the device models in a test process stay unfiltered). A thread that cannot
+/// install its filter logs it and goes on unfiltered only in [`Mode::Log`]; in [`Mode::On`]
+/// the process ends (an unconfined thread is not what was asked for).
+pub fn confine(name: &'static str, syscalls: &[&[i64]]) {
+    let mode = MODE.get().copied().unwrap_or(Mode::Off);
+    if let Err(e) = install(name, syscalls, mode) {
+        log::error!("{e}");
+        if mode == Mode::On {
+            std::process::exit(VIOLATION_EXIT);
+        }
+    }
+}
+
+/// The system calls of each kind of thread, beyond [`COMMON`], as groups. Gathered by running
+/// every test with `--seccomp log` and reading the kernel's log of what the filters let
+/// through (`dmesg | grep type=1326`: `comm` is the thread, `syscall` the number).
+pub mod lists {
+    macro_rules! sys {
+        ($($n:ident),* $(,)?) => { &[$(libc::$n),*] };
+    }
+
+    /// Descriptor I/O every working thread does: reads and writes, messages with file
+    /// descriptors (vfio-user, vhost-user), polling, descriptor flags, eventfds, ioctls on
+    /// descriptors it holds (KVM, VFIO), metadata of open files, random numbers (hash maps).
+    const IO: &[i64] = sys![
+        SYS_read,
+        SYS_readv,
+        SYS_writev,
+        SYS_pread64,
+        SYS_pwrite64,
+        SYS_sendmsg,
+        SYS_recvmsg,
+        SYS_sendto,
+        SYS_recvfrom,
+        SYS_poll,
+        SYS_ppoll,
+        SYS_fcntl,
+        SYS_dup,
+        SYS_shutdown,
+        SYS_setsockopt,
+        SYS_getsockopt,
+        SYS_getrandom,
+        SYS_epoll_ctl,
+        SYS_eventfd2,
+        SYS_ioctl,
+        SYS_fstat,
+        SYS_newfstatat,
+        SYS_statx,
+        SYS_lseek,
+    ];
+
+    /// Files by name: snapshots, `--dirty-log-out`, sockets removed at the end.
+    const FILES: &[i64] = sys![
+        SYS_openat,
+        SYS_fsync,
+        SYS_fdatasync,
+        SYS_ftruncate,
+        SYS_unlink,
+        SYS_unlinkat,
+        SYS_mkdir,
+        SYS_mkdirat,
+        SYS_rename,
+        SYS_renameat,
+        SYS_renameat2,
+    ];
+
+    /// Making connections (migration, reconnecting to a back end).
+    const CONNECT: &[i64] = sys![SYS_socket, SYS_connect, SYS_socketpair];
+
+    /// Accepting connections (the API, migration, the test device's socket).
+    const SERVE: &[i64] = sys![
+        SYS_accept,
+        SYS_accept4,
+        SYS_bind,
+        SYS_listen,
+        SYS_getsockname,
+        SYS_epoll_wait,
+        SYS_epoll_pwait,
+    ];
+
+    /// Starting threads (the API's connection threads).
+    const THREADS: &[i64] = sys![SYS_clone, SYS_clone3, SYS_set_robust_list, SYS_prctl];
+
+    /// A vCPU thread: `KVM_RUN` and the device emulation its exits run (PCI, virtio
+    /// transports, passthrough BARs through vfio-user messages or VFIO region reads,
+    /// device activation: eventfds, irqfds, vhost-user messages with file descriptors),
+    /// kicking the other vCPUs (signals).
+    pub const VCPU: &[&[i64]] = &[
+        IO,
+        sys![SYS_dup3, SYS_socketpair, SYS_tgkill, SYS_sched_getaffinity],
+    ];
+
+    /// The main thread once the VM runs: the event loop (queue notifications, device
+    /// processes' interrupts and hang-ups, the devices' work), stopping the vCPUs, and at
+    /// the end the counters and `--dirty-log-out`.
+    pub const VMM_MAIN: &[&[i64]] = &[
+        IO,
+        FILES,
+        sys![
+            SYS_epoll_wait,
+            SYS_epoll_pwait,
+            SYS_dup3,
+            SYS_tgkill,
+            SYS_sched_getaffinity,
+            SYS_wait4,
+        ],
+    ];
+
+    /// The control API's threads (the listener and one per connection, which inherit its
+    /// filter): snapshots (files), migration (sockets, KVM's dirty log, memory slots), the
+    /// devices' migration data. An incoming migration or a restore runs on a `migration`
+    /// thread under the same list.
+    pub const API: &[&[i64]] = &[
+        IO,
+        FILES,
+        CONNECT,
+        SERVE,
+        THREADS,
+        sys![SYS_tgkill, SYS_sched_getaffinity],
+    ];
+
+    /// A vhost-user device's back-end channel thread: IOTLB misses and updates, hang-ups,
+    /// reconnection (a new socket, the memory table and rings sent again).
+    pub const VHOST_USER: &[&[i64]] = &[IO, CONNECT];
+
+    /// The DMA test device's server thread: vfio-user messages (with file descriptors),
+    /// guest memory mapped from them, its socket removed at the end.
+    pub const TESTDEV_SERVER: &[&[i64]] = &[IO, SERVE, sys![SYS_unlink, SYS_unlinkat]];
+
+    /// The DMA test device's engine: transfers in mapped memory, interrupts by eventfd.
+    pub const TESTDEV_ENGINE: &[&[i64]] = &[sys![SYS_read]];
+}

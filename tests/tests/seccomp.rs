@@ -1,0 +1,64 @@
+//! Seccomp filters are on in every VMM thread (`--seccomp on`, the default): a system call
+//! outside a thread's list stops the VMM with a message naming the thread and the call;
+//! `--seccomp log` lets it through (the kernel logs it). The test API command
+//! `test-forbidden-syscall` (only with `VMM_TEST_SECCOMP` set) makes the API thread call
+//! `sysinfo`, which no list allows.
+
+use std::time::Duration;
+
+use vmm_tests::{api, bin, scratch, DeviceProcess, VmmProcess};
+
+const DEADLINE: Duration = Duration::from_secs(120);
+
+fn start(seccomp: &str) -> (DeviceProcess, VmmProcess, std::path::PathBuf) {
+    let dev = DeviceProcess::start();
+    let sock = scratch("api.sock");
+    let g = bin("test-guest").display().to_string();
+    let (vfio, api_arg) = (dev.arg(true), sock.display().to_string());
+    let mut vmm = VmmProcess::start_env(
+        &[
+            "--kernel",
+            &g,
+            "--memory",
+            "128M",
+            "--iommu",
+            "--vfio-user",
+            &vfio,
+            "--cmdline",
+            "tests=migrate_dma until_migrated=1 iters=1",
+            "--api-socket",
+            &api_arg,
+            "--seccomp",
+            seccomp,
+        ],
+        &[("VMM_TEST_SECCOMP", "1")],
+    );
+    vmm.wait_console("# migrate-ready", DEADLINE);
+    (dev, vmm, sock)
+}
+
+#[test]
+fn a_forbidden_system_call_stops_the_vmm_and_is_named() {
+    let (_dev, vmm, sock) = start("on");
+    // The guest runs with every thread filtered: vCPU, event loop, API, device process.
+    assert_eq!(api(&sock, r#"{"cmd":"status"}"#)["state"], "running");
+    let _ = std::panic::catch_unwind(|| api(&sock, r#"{"cmd":"test-forbidden-syscall"}"#));
+    let run = vmm.wait(DEADLINE);
+    assert_eq!(run.code(), 159, "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("seccomp: the api thread made a forbidden system call: sysinfo (99)"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn log_mode_lets_it_through() {
+    let (_dev, vmm, sock) = start("log");
+    let r = api(&sock, r#"{"cmd":"test-forbidden-syscall"}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(api(&sock, r#"{"cmd":"status"}"#)["state"], "running");
+    assert_eq!(api(&sock, r#"{"cmd":"quit"}"#)["ok"], true);
+    assert_eq!(vmm.wait(DEADLINE).code(), 0);
+}
