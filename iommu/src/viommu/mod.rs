@@ -232,6 +232,8 @@ pub struct Viommu {
     next_generation: u64,
     /// Dirty tracking, when on.
     dirty: Option<dirty::DirtyState>,
+    /// Per-request bookkeeping of [`Viommu::process`], kept between batches.
+    scratch: request::Scratch,
 }
 
 /// Most fault events kept while the event queue has no buffers.
@@ -254,6 +256,7 @@ impl Viommu {
             counters: Counters::default(),
             next_generation: 1,
             dirty: None,
+            scratch: request::Scratch::default(),
         }
     }
 

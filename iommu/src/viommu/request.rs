@@ -61,6 +61,14 @@ impl Reply {
     }
 }
 
+/// Per-request bookkeeping of a batch, kept between batches (no allocation once grown).
+#[derive(Debug, Default)]
+pub(super) struct Scratch {
+    statuses: Vec<Status>,
+    answered: Vec<bool>,
+    props: Vec<Vec<u8>>,
+}
+
 enum Parsed {
     Attach(AttachBody),
     Detach(DetachBody),
@@ -80,10 +88,28 @@ impl Viommu {
     /// issued before the replies are returned; a request whose host call fails gets the
     /// failure's status and its mapping is undone.
     pub fn process(&mut self, reqs: &[Request<'_>]) -> Vec<Reply> {
+        let mut replies = Vec::with_capacity(reqs.len());
+        self.process_into(reqs, &mut replies);
+        replies
+    }
+
+    /// [`Viommu::process`] into `replies` (cleared first), so that a caller that keeps the
+    /// vector allocates nothing per batch: the per-request bookkeeping is kept in the device
+    /// between batches too. Only PROBE replies allocate (their properties).
+    pub fn process_into(&mut self, reqs: &[Request<'_>], replies: &mut Vec<Reply>) {
         self.counters.batches += 1;
-        let mut statuses = vec![Status::Ok; reqs.len()];
-        let mut answered = vec![false; reqs.len()];
-        let mut props: Vec<Vec<u8>> = vec![Vec::new(); reqs.len()];
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let Scratch {
+            statuses,
+            answered,
+            props,
+        } = &mut scratch;
+        statuses.clear();
+        statuses.resize(reqs.len(), Status::Ok);
+        answered.clear();
+        answered.resize(reqs.len(), false);
+        props.clear();
+        props.resize_with(reqs.len(), Vec::new);
         for (i, r) in reqs.iter().enumerate() {
             let Some(&type_) = r.readable.first().filter(|_| r.readable_len >= 4) else {
                 self.counters.requests[5] += 1;
@@ -124,13 +150,13 @@ impl Viommu {
                 _ => true,
             };
             if settle {
-                self.flush_pending(&mut statuses);
+                self.flush_pending(statuses);
             }
             statuses[i] = match parsed {
                 Parsed::Attach(b) => self.attach_req(&b),
                 Parsed::Detach(b) => self.detach_req(&b),
-                Parsed::Map(b) => self.map_req(i, &b, &mut statuses),
-                Parsed::Unmap(b) => self.unmap_req(i, &b, &mut statuses),
+                Parsed::Map(b) => self.map_req(i, &b, statuses),
+                Parsed::Unmap(b) => self.unmap_req(i, &b, statuses),
                 Parsed::Probe(b) => {
                     let (status, p) = self.probe_req(&b, r.writable_len - 4);
                     props[i] = p;
@@ -138,9 +164,10 @@ impl Viommu {
                 }
             };
         }
-        self.flush_pending(&mut statuses);
+        self.flush_pending(statuses);
         let probe_size = self.probe_size() as usize;
-        let mut replies = Vec::with_capacity(reqs.len());
+        replies.clear();
+        replies.reserve(reqs.len());
         for (i, r) in reqs.iter().enumerate() {
             if !answered[i] {
                 replies.push(Reply::Unwritten);
@@ -161,7 +188,7 @@ impl Viommu {
                 used_len: u32::try_from(tail_offset + 4).unwrap_or(u32::MAX),
             });
         }
-        replies
+        self.scratch = scratch;
     }
 
     /// Whether requests of `type_` exist on this device as negotiated: MAP and UNMAP only

@@ -22,13 +22,15 @@ impl VirtioIommu {
         // Per chain: head, the first bytes of the readable part (None when it cannot be
         // read), its length, and a writer over the writable part (None when it is not all in
         // guest memory: such a request has nowhere to put its tail).
+        // The bytes are read into a fixed buffer per chain: no allocation per request.
         let mut chains = Vec::new();
         while let Some(c) = queue.pop_descriptor_chain(m) {
             let head = c.head_index();
             let readable = Reader::new(m, c.clone()).ok().and_then(|mut r| {
                 let len = r.available_bytes();
-                let mut buf = vec![0u8; len.min(MAX_READABLE)];
-                r.read_exact(&mut buf).ok().map(|()| (buf, len))
+                let n = len.min(MAX_READABLE);
+                let mut buf = [0u8; MAX_READABLE];
+                r.read_exact(&mut buf[..n]).ok().map(|()| (buf, n, len))
             });
             let writer = Writer::new(m, c).ok();
             if writer.is_none() {
@@ -42,18 +44,18 @@ impl VirtioIommu {
         if chains.is_empty() {
             return;
         }
-        let empty = Vec::new();
         let reqs: Vec<Request> = chains
             .iter()
             .map(|(_, r, w)| Request {
-                readable: r.as_ref().map_or(&empty, |(b, _)| b),
-                readable_len: r.as_ref().map_or(0, |(_, len)| *len),
+                readable: r.as_ref().map_or(&[][..], |(b, n, _)| &b[..*n]),
+                readable_len: r.as_ref().map_or(0, |(_, _, len)| *len),
                 writable_len: w.as_ref().map_or(0, |w| w.available_bytes()),
             })
             .collect();
-        let replies = self.iommu.lock().process(&reqs);
+        let mut replies = std::mem::take(&mut self.replies);
+        self.iommu.lock().process_into(&reqs, &mut replies);
         let queue = &mut self.queues[0];
-        for ((head, _, writer), reply) in chains.into_iter().zip(replies) {
+        for ((head, _, writer), reply) in chains.into_iter().zip(replies.drain(..)) {
             let used = match (reply, writer) {
                 (
                     Reply::Written {
@@ -84,6 +86,7 @@ impl VirtioIommu {
                 self.bad_chains += 1;
             }
         }
+        self.replies = replies;
         let notify = queue.needs_notification(m).unwrap_or(true);
         if notify {
             if let Some(i) = &self.interrupt {

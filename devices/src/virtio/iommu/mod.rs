@@ -65,6 +65,8 @@ pub struct VirtioIommu {
     interrupt: Option<Arc<dyn VirtioInterrupt>>,
     /// Chains whose memory could not be read or written (driver bugs), for the logs.
     bad_chains: u64,
+    /// The replies of the last batch (kept: no allocation per batch).
+    replies: Vec<iommu::viommu::Reply>,
 }
 
 impl VirtioIommu {
@@ -78,6 +80,7 @@ impl VirtioIommu {
             queues: Vec::new(),
             interrupt: None,
             bad_chains: 0,
+            replies: Vec::new(),
         }
     }
 
