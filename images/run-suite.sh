@@ -88,8 +88,10 @@ cmdline+=" vmm_dmatest.cycles=$cycles vmm_dmatest.samples=$samples vmm_dmatest.m
 rm -f "$logs/dirty.log"
 args=(--kernel "$kernel" --initramfs "$initramfs" --memory "$memory" --counters --track-dirty
       --dirty-log-out "$logs/dirty.log" --serial "file=$logs/console.log")
+behind=
+[ $iommu -eq 1 ] && behind=,iommu=on
 for socket in "${sockets[@]}"; do
-    args+=(--vfio-user "socket=$socket$([ $iommu -eq 1 ] && echo ,iommu=on)")
+    args+=(--vfio-user "socket=$socket$behind")
 done
 if [ $iommu -eq 1 ]; then
     args+=(--iommu)
@@ -97,7 +99,8 @@ if [ $iommu -eq 1 ]; then
 else
     mode="not behind an IOMMU"
 fi
-mode+=", $devices DMA test device$([ "$devices" -gt 1 ] && echo s)"
+mode+=", $devices DMA test device"
+[ "$devices" -gt 1 ] && mode+=s
 say "booting Linux with the DMA test device $mode; $cycles map/unmap cycles (guest code runs in"
 say "KVM's instruction emulator on PVM hosts: expect about 4 ms per cycle behind the vIOMMU)"
 : > "$logs/console.log"
@@ -152,15 +155,17 @@ if [ -n "$hist" ]; then
 fi
 grep '^# throughput:' <<<"$console" |
     sed -n 's/^# throughput: \([0-9]*\) B \(.*\): \([0-9.]*\) MB\/s .*/\1 B \2\t\3/p' |
-    awk -F'\t' '{ gsub(/[ ,]+/, "_", $1); print $1 "\t" $2 }' > "$logs/throughput.raw" || true
+    awk -F'\t' '{ gsub(/,/, "", $1); print $1 "\t" $2 }' > "$logs/throughput.raw" || true
+# The case names have spaces: quoted for gnuplot.
+quote_cases() { awk -F'\t' '{ printf "\"%s\"", $1; for (i = 2; i <= NF; i++) printf " %s", $i; print "" }'; }
 if [ -s "$logs/throughput.raw" ]; then
     if [ -n "$compare" ] && [ -s "$compare/throughput.raw" ]; then
         other=$(cat "$compare/label" 2>/dev/null || echo earlier)
         { echo "case $label $other"
           join -t $'\t' <(sort "$logs/throughput.raw") <(sort "$compare/throughput.raw") |
-              tr '\t' ' '; } > "$logs/throughput.dat"
+              quote_cases; } > "$logs/throughput.dat"
     else
-        { echo "case $label"; tr '\t' ' ' < "$logs/throughput.raw"; } > "$logs/throughput.dat"
+        { echo "case $label"; quote_cases < "$logs/throughput.raw"; } > "$logs/throughput.dat"
     fi
     echo "$label" > "$logs/label"
     plot_svg run-suite "$logs/throughput.svg" "DMA throughput (MB/s) by copy size and mapping" \
