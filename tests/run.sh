@@ -42,6 +42,9 @@ cargo build --workspace --release --quiet
 step "cargo test --release"
 cargo test --workspace --release
 
+step "the main job, short (images/run-suite.sh --cycles 500 --samples 200: its own verdict and page-set check)"
+./images/run-suite.sh --cycles 500 --samples 200
+
 step "host VFIO against a real kernel (devices: passthrough::vfio::tests::real_host_vfio)"
 if [ -n "${VMM_TEST_VFIO_DEVICE:-}" ] && [ -e /dev/vfio/vfio ]; then
     cargo test --release -p devices --lib -- --ignored real_host_vfio
