@@ -937,6 +937,41 @@ mod tests {
         assert_eq!(out, vec![((200 << PAGE_SHIFT) | 0x800, 0x800, Perm::READ)]);
     }
 
+    /// The budget check's shortcut is the exact allocation count on an empty table and
+    /// never less than it; the exact count knows what exists and what maps huge.
+    #[test]
+    fn budget_estimate_and_exact_count() {
+        let (leaf, l1, dir) = (LEAF_BYTES, L1_BYTES, DIR_BYTES);
+        let l1_span = LEAF_PAGES * FANOUT as u64;
+        let l2_span = l1_span * FANOUT as u64;
+        let mut t = IoPageTable::default();
+        assert_eq!(t.alloc_estimate(0, 511), leaf + l1 + dir);
+        assert_eq!(t.alloc_estimate(511, 512), 2 * leaf + l1 + dir);
+        assert_eq!(
+            t.alloc_estimate(l1_span - 1, l1_span),
+            2 * leaf + 2 * l1 + dir
+        );
+        assert_eq!(
+            t.alloc_estimate(l2_span - 1, l2_span),
+            2 * leaf + 2 * l1 + 2 * dir
+        );
+        // An aligned chunk with an aligned GPA maps huge: no leaf.
+        assert_eq!(t.alloc_needed(0, 511, 0), l1 + dir);
+        assert_eq!(t.alloc_needed(0, 511, 1), leaf + l1 + dir);
+        assert_eq!(t.alloc_needed(5, 600, 0), 2 * leaf + l1 + dir);
+        assert_eq!(t.alloc_needed(512, 1535, 512), l1 + dir);
+        assert_eq!(
+            t.alloc_needed(l2_span - 1, l2_span, 0),
+            2 * leaf + 2 * l1 + 2 * dir
+        );
+        // What exists is not counted again.
+        t.map(0, 3, 0, Perm::RW).unwrap();
+        assert_eq!(t.alloc_needed(4, 10, 0), 0);
+        assert_eq!(t.alloc_needed(4, 600, 0), leaf);
+        assert_eq!(t.alloc_needed(l1_span - 5, l1_span + 5, 0), 2 * leaf + l1);
+        assert_eq!(t.alloc_estimate(4, 10), leaf + l1 + dir);
+    }
+
     #[test]
     fn clear_all_empties_the_table_and_its_metadata() {
         let mut t = IoPageTable::default();
