@@ -252,6 +252,17 @@ mod tests {
         );
     }
 
+    /// Whole words: `nbits` a multiple of 64 takes every bit of the last word.
+    #[test]
+    fn mark_bits_takes_whole_words() {
+        let mut b = DirtyBitmap::new(&[(0, 64 * MIB)]);
+        b.mark_bits(0, &[u64::MAX], 64);
+        assert_eq!(b.count(), 64);
+        b.mark_bits(1000, &[1, u64::MAX, 0], 128);
+        assert_eq!(b.count(), 64 + 1 + 64);
+        assert!(b.is_dirty(1000) && b.is_dirty(1064) && b.is_dirty(1127) && !b.is_dirty(1001));
+    }
+
     #[test]
     fn mark_bits_translates_by_offset() {
         let mut b = DirtyBitmap::new(&[(0, 64 * MIB)]);

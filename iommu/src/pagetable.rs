@@ -493,7 +493,8 @@ impl IoPageTable {
             match slot {
                 Slot::Huge(_) => empty = false,
                 Slot::Leaf(leaf) => {
-                    let lo = first.saturating_sub(chunk).min(LEAF_PAGES - 1) as usize;
+                    // `visit` passes only chunks that end at or after `first`.
+                    let lo = first.saturating_sub(chunk) as usize;
                     let hi = (last - chunk).min(LEAF_PAGES - 1) as usize;
                     if leaf.any_valid(lo, hi) {
                         empty = false;
@@ -716,7 +717,8 @@ impl IoPageTable {
             true
         };
         self.visit(first, last, |chunk, slot| {
-            let lo = first.saturating_sub(chunk).min(LEAF_PAGES - 1);
+            // `visit` passes only chunks that end at or after `first`.
+            let lo = first.saturating_sub(chunk);
             let hi = (last - chunk).min(LEAF_PAGES - 1);
             match slot {
                 Slot::Huge(h) => {
