@@ -1052,6 +1052,33 @@ mod tests {
         assert_eq!(n, 1);
     }
 
+    /// Chunks mapped huge (512 aligned pages to an aligned GPA) report whole and clipped
+    /// runs like leaves do.
+    #[test]
+    fn huge_chunks_in_mapping_windows() {
+        let mut t = IoPageTable::default();
+        t.map(512, 1535, 512, Perm::RW).unwrap();
+        t.map(1536, 2047, 1536, Perm::RW).unwrap();
+        assert_eq!(runs(&t), vec![(512, 512, 1024), (1536, 1536, 512)]);
+        let window = |first, last| {
+            let mut v = Vec::new();
+            t.mappings(first, last, |r| {
+                v.push((r.iova_page, r.gpa_page, r.pages));
+                true
+            });
+            v
+        };
+        assert_eq!(window(600, 700), vec![(600, 600, 101)]);
+        assert_eq!(window(1000, 1100), vec![(1000, 1000, 101)]);
+        assert_eq!(window(1500, 1600), vec![(1500, 1500, 36), (1536, 1536, 65)]);
+        let mut out = Vec::new();
+        assert_eq!(
+            t.translate(1535 << PAGE_SHIFT, 2 * PAGE_SIZE, &mut out),
+            None
+        );
+        assert_eq!(out, vec![(1535 << PAGE_SHIFT, 2 * PAGE_SIZE, Perm::RW)]);
+    }
+
     #[test]
     fn permission_union_and_the_top_of_the_space() {
         assert_eq!(Perm::READ.union(Perm::WRITE), Perm::RW);
