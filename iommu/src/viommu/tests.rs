@@ -1455,3 +1455,20 @@ fn domain_pages_metadata_and_fault_queue() {
     assert!(v.has_faults());
     assert_eq!(v.pop_fault().unwrap().address.get(), 0x20000);
 }
+
+/// Without `VIRTIO_IOMMU_F_BYPASS_CONFIG` offered, writes to `bypass` are ignored (5.13.4);
+/// every notification counts one batch.
+#[test]
+fn bypass_writes_need_the_feature_and_batches_are_counted() {
+    let mut v = Viommu::new(ViommuConfig {
+        features: ViommuConfig::default().features & !(1 << VIRTIO_IOMMU_F_BYPASS_CONFIG),
+        ..Default::default()
+    });
+    v.set_bypass(1);
+    assert_eq!(v.config().bypass, 0);
+    assert_eq!(v.counters().batches, 0);
+    v.add_endpoint(1, None, &[]).unwrap();
+    send(&mut v, &attach(1, 1, 0));
+    batch(&mut v, &[detach(1, 1), attach(1, 1, 0)]);
+    assert_eq!(v.counters().batches, 2);
+}
