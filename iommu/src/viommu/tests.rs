@@ -1471,4 +1471,6 @@ fn bypass_writes_need_the_feature_and_batches_are_counted() {
     send(&mut v, &attach(1, 1, 0));
     batch(&mut v, &[detach(1, 1), attach(1, 1, 0)]);
     assert_eq!(v.counters().batches, 2);
+    // Per type: attach, detach, map, unmap, probe, invalid.
+    assert_eq!(v.counters().requests, [2, 1, 0, 0, 0, 0]);
 }
