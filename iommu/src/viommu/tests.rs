@@ -1473,4 +1473,6 @@ fn bypass_writes_need_the_feature_and_batches_are_counted() {
     assert_eq!(v.counters().batches, 2);
     // Per type: attach, detach, map, unmap, probe, invalid.
     assert_eq!(v.counters().requests, [2, 1, 0, 0, 0, 0]);
+    assert_eq!(v.counters().statuses[Status::Ok as usize], 3);
+    assert_eq!(v.counters().statuses.iter().sum::<u64>(), 3);
 }
