@@ -1475,4 +1475,31 @@ fn bypass_writes_need_the_feature_and_batches_are_counted() {
     assert_eq!(v.counters().requests, [2, 1, 0, 0, 0, 0]);
     assert_eq!(v.counters().statuses[Status::Ok as usize], 3);
     assert_eq!(v.counters().statuses.iter().sum::<u64>(), 3);
+    // Unparseable requests are counted as invalid and left unwritten: no head, an unknown
+    // type, no room for the tail.
+    let one = |v: &mut Viommu, readable: &[u8], readable_len: usize, writable_len: usize| {
+        let r = Request {
+            readable,
+            readable_len,
+            writable_len,
+        };
+        v.process(&[r]).remove(0).status()
+    };
+    let mut unknown = detach(1, 1);
+    unknown[0] = 9;
+    assert_eq!(one(&mut v, &detach(1, 1), 2, 4), None);
+    assert_eq!(one(&mut v, &unknown, unknown.len(), 4), None);
+    assert_eq!(one(&mut v, &detach(1, 1), detach(1, 1).len(), 2), None);
+    assert_eq!(v.counters().requests, [2, 1, 0, 0, 0, 3]);
+    // A PROBE whose writable part has room for the tail but not for `probe_size` bytes of
+    // properties before it is INVAL.
+    let size = v.probe_size() as usize;
+    assert_eq!(
+        one(&mut v, &probe(1), probe(1).len(), size + 2),
+        Some(Status::Inval)
+    );
+    assert_eq!(
+        one(&mut v, &probe(1), probe(1).len(), size + 4),
+        Some(Status::Ok)
+    );
 }
