@@ -957,8 +957,13 @@ mod tests {
             t.alloc_estimate(l2_span - 1, l2_span),
             2 * leaf + 2 * l1 + 2 * dir
         );
+        assert_eq!(t.alloc_estimate(l2_span, l2_span + 511), leaf + l1 + dir);
         // An aligned chunk with an aligned GPA maps huge: no leaf.
         assert_eq!(t.alloc_needed(0, 511, 0), l1 + dir);
+        // A mapping that starts inside a chunk: its next chunks are aligned again.
+        assert_eq!(t.alloc_needed(100, 1535, 100), leaf + l1 + dir);
+        // One directory and one L1 however many chunks they hold.
+        assert_eq!(t.alloc_needed(0, 8191, 1), 16 * leaf + l1 + dir);
         assert_eq!(t.alloc_needed(0, 511, 1), leaf + l1 + dir);
         assert_eq!(t.alloc_needed(5, 600, 0), 2 * leaf + l1 + dir);
         assert_eq!(t.alloc_needed(512, 1535, 512), l1 + dir);
