@@ -147,6 +147,17 @@ impl Backend {
             if (&*s).read_exact(&mut body).is_err() {
                 break;
             }
+            // Recorded before any reply: a test that saw its request acknowledged finds the
+            // message in the log.
+            {
+                let (m, cv) = log;
+                m.lock().unwrap().msgs.push(Msg {
+                    code,
+                    body: body.clone(),
+                    fds: nfds,
+                });
+                cv.notify_all();
+            }
             let mut answered = false;
             match code {
                 c if c == FrontendReq::GET_FEATURES as u32 => {
@@ -176,7 +187,6 @@ impl Backend {
                 }
                 _ => {}
             }
-            let nfds_kept = nfds;
             for fd in pending_fd.drain(..) {
                 // SAFETY: received descriptors are ours; closing them is all we do.
                 drop(unsafe { std::fs::File::from_raw_fd(fd) });
@@ -184,13 +194,6 @@ impl Backend {
             if flags & 0x8 != 0 && !answered {
                 reply(s, code, &0u64.to_le_bytes());
             }
-            let (m, cv) = log;
-            m.lock().unwrap().msgs.push(Msg {
-                code,
-                body,
-                fds: nfds_kept,
-            });
-            cv.notify_all();
         }
         let (m, cv) = log;
         m.lock().unwrap().closed = true;
