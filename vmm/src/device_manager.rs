@@ -486,11 +486,13 @@ impl DeviceManager {
                 .map(|(s, v)| format!("status_{}={v}", s.name()))
                 .collect();
             let bad = dev.lock().unwrap_or_else(|e| e.into_inner()).bad_chains();
+            let ls = &h.lock_stats;
+            let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
             lines.push(format!(
                 "virtio-iommu 00:{IOMMU_SLOT:02x}.0: {} batches={} {} host_maps={} host_unmaps={} \
                  faults={} faults_dropped={} iotlb_hits={} iotlb_misses={} translated_bytes={} \
                  domains={} metadata_bytes={} dirty_reads={} dirty_pages_reported={} \
-                 bad_chains={bad}",
+                 bad_chains={bad} lock_takes={} lock_contended={} lock_wait_us={}",
                 req.join(" "),
                 c.batches,
                 st.join(" "),
@@ -505,6 +507,9 @@ impl DeviceManager {
                 s.metadata_bytes(),
                 c.dirty_reads,
                 c.dirty_pages_reported,
+                get(&ls.acquisitions),
+                get(&ls.contended),
+                get(&ls.wait_ns) / 1000,
             ));
         }
         for (label, d) in &self.disks {

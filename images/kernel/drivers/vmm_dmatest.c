@@ -25,15 +25,26 @@
  *   exit_vm    end the VM with the verdict when done (default 1)
  *   required   without a DMA test device, report a failure and end the VM (default 0;
  *              without it, a kernel booted with no test device is left alone)
+ *   concurrent rounds of the concurrent suite per CPU (default 0: not run). After the
+ *              per-device suites, one kthread per online CPU, all started at once, each
+ *              round: map, copy, unmap and verify on its own device (CPU i takes device
+ *              i mod n), map, fill, unmap and verify on the device all CPUs share (the
+ *              first), and read and compare 16 KiB of the disk below
+ *   disk       block device the concurrent suite reads through raw bios (default "": none;
+ *              "vda" for the first virtio-blk disk); its first 256 KiB, read once before
+ *              the workers start, is what every later read must return
  */
 
+#include <linux/bio.h>
 #include <linux/bitmap.h>
+#include <linux/blkdev.h>
 #include <linux/completion.h>
 #include <linux/delay.h>
 #include <linux/dma-mapping.h>
 #include <linux/interrupt.h>
 #include <linux/io.h>
 #include <linux/iommu.h>
+#include <linux/kthread.h>
 #include <linux/ktime.h>
 #include <linux/memblock.h>
 #include <linux/module.h>
@@ -87,6 +98,10 @@ static bool exit_vm = true;
 module_param(exit_vm, bool, 0444);
 static bool required;
 module_param(required, bool, 0444);
+static uint concurrent;
+module_param(concurrent, uint, 0444);
+static char *disk = "";
+module_param(disk, charp, 0444);
 
 struct dt {
 	struct pci_dev *pdev;
@@ -96,6 +111,8 @@ struct dt {
 	bool lazy;
 	int irq;
 	struct completion done;
+	/* One operation at a time: held around dt_op() where CPUs share the device. */
+	struct mutex lock;
 	unsigned long irqs;
 	/* The suite's own account of its traffic, to compare with the VMM's counters. */
 	u64 transfers, bytes, maps, unmaps;
@@ -841,6 +858,7 @@ static int dt_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	d->pdev = pdev;
 	d->dev = &pdev->dev;
 	init_completion(&d->done);
+	mutex_init(&d->lock);
 	ret = pcim_enable_device(pdev);
 	if (ret)
 		return ret;
@@ -892,6 +910,284 @@ static int __init dt_init(void)
 device_initcall(dt_init);
 
 /*
+ * The concurrent suite: every online CPU maps, transfers, verifies and unmaps at the same
+ * time, against its own device, the device all of them share, and the disk, so that MAP and
+ * UNMAP requests for several domains (and for one domain from several CPUs) reach the
+ * IOMMU interleaved.
+ */
+#define CC_DISK_PAGES	64	/* the reference: the disk's first 256 KiB */
+#define CC_READ_PAGES	4	/* each round reads 16 KiB of it */
+#define CC_MAX_SIZE	(64 << 10)
+
+struct cc_worker {
+	unsigned int cpu;
+	struct dt *own, *shared;
+	struct completion done;
+	int err;
+	const char *why;
+	u64 own_maps, own_unmaps, shared_maps, shared_unmaps, disk_reads;
+	unsigned int rounds, overlapped;
+};
+
+static struct block_device *cc_bdev;
+static u8 *cc_ref;
+static DECLARE_COMPLETION(cc_go);
+/* Rounds in progress now: a round that starts while another is running overlapped it. */
+static atomic_t cc_in_round = ATOMIC_INIT(0);
+
+/* Reads `pages` pages at page `first` of the disk into `pg` with one bio, and waits. */
+static int cc_read(struct page *pg, unsigned int first, unsigned int pages)
+{
+	struct bio *bio = bio_alloc(cc_bdev, 1, REQ_OP_READ, GFP_KERNEL);
+	int ret;
+
+	bio->bi_iter.bi_sector = (sector_t)first << (PAGE_SHIFT - SECTOR_SHIFT);
+	__bio_add_page(bio, pg, pages * PAGE_SIZE, 0);
+	ret = submit_bio_wait(bio);
+	bio_put(bio);
+	return ret;
+}
+
+/* Runs one operation on a device other CPUs may use at the same time. */
+static int cc_op(struct dt *d, u32 op, u64 src, u64 dst, u64 len, u8 fill, struct dt_result *r)
+{
+	int ret;
+
+	mutex_lock(&d->lock);
+	ret = dt_op(d, op, src, dst, len, fill, r);
+	mutex_unlock(&d->lock);
+	return ret;
+}
+
+#define CC_CHECK(cond, msg)             \
+	do {                            \
+		if (!(cond)) {          \
+			w->why = (msg); \
+			ret = -EIO;     \
+			goto out;       \
+		}                       \
+	} while (0)
+
+static int cc_round(struct cc_worker *w, unsigned int r, u8 *src, u8 *dst, u8 *fb,
+		    struct page *dpg)
+{
+	size_t size = PAGE_SIZE << (r % 5), off = (r % 4) * 1024;
+	u8 seed = (u8)(w->cpu * 61 + r), *db = page_address(dpg);
+	dma_addr_t s = DMA_MAPPING_ERROR, t = DMA_MAPPING_ERROR, f = DMA_MAPPING_ERROR;
+	struct dt_result res;
+	unsigned int first;
+	int ret = 0;
+
+	/* Own device: a copy of `size` bytes, both buffers mapped for it alone. */
+	dt_pattern(src, size, seed);
+	vmm_set(dst, 0xcc, size);
+	s = dma_map_single(w->own->dev, src, size, DMA_TO_DEVICE);
+	t = dma_map_single(w->own->dev, dst, size, DMA_FROM_DEVICE);
+	CC_CHECK(!dma_mapping_error(w->own->dev, s) && !dma_mapping_error(w->own->dev, t),
+	      "dma_map_single failed on the own device");
+	w->own_maps += 2;
+	ret = cc_op(w->own, OP_COPY, s, t, size, 0, &res);
+	CC_CHECK(!ret && res.status == ST_DONE, "copy on the own device failed");
+	dt_written(w->own, dst, size);
+	dma_unmap_single(w->own->dev, t, size, DMA_FROM_DEVICE);
+	dma_unmap_single(w->own->dev, s, size, DMA_TO_DEVICE);
+	s = t = DMA_MAPPING_ERROR;
+	w->own_unmaps += 2;
+	CC_CHECK(vmm_same(src, dst, size), "copied bytes differ");
+
+	/* Shared device: a fill of 512 bytes inside a page mapped for it alone. */
+	vmm_set(fb, 0x11, PAGE_SIZE);
+	f = dma_map_single(w->shared->dev, fb, PAGE_SIZE, DMA_FROM_DEVICE);
+	CC_CHECK(!dma_mapping_error(w->shared->dev, f), "dma_map_single failed on the shared device");
+	w->shared_maps++;
+	ret = cc_op(w->shared, OP_FILL, 0, f + off, 512, seed, &res);
+	CC_CHECK(!ret && res.status == ST_DONE, "fill on the shared device failed");
+	dt_written(w->shared, fb + off, 512);
+	dma_unmap_single(w->shared->dev, f, PAGE_SIZE, DMA_FROM_DEVICE);
+	f = DMA_MAPPING_ERROR;
+	w->shared_unmaps++;
+	CC_CHECK(vmm_all(fb + off, seed, 512) && vmm_all(fb, 0x11, off) &&
+	      vmm_all(fb + off + 512, 0x11, PAGE_SIZE - off - 512),
+	      "the shared device's fill is wrong or out of place");
+
+	/* Disk: 16 KiB somewhere in the reference. */
+	if (cc_bdev) {
+		first = (r * 7 + w->cpu * 13) % (CC_DISK_PAGES - CC_READ_PAGES + 1);
+		vmm_set(db, 0xee, CC_READ_PAGES * PAGE_SIZE);
+		ret = cc_read(dpg, first, CC_READ_PAGES);
+		CC_CHECK(!ret, "disk read failed");
+		w->disk_reads++;
+		CC_CHECK(vmm_same(db, cc_ref + first * PAGE_SIZE, CC_READ_PAGES * PAGE_SIZE),
+		      "the disk returned other data than the reference read");
+	}
+out:
+	if (!dma_mapping_error(w->own->dev, t)) {
+		dma_unmap_single(w->own->dev, t, size, DMA_FROM_DEVICE);
+		w->own_unmaps++;
+	}
+	if (!dma_mapping_error(w->own->dev, s)) {
+		dma_unmap_single(w->own->dev, s, size, DMA_TO_DEVICE);
+		w->own_unmaps++;
+	}
+	if (!dma_mapping_error(w->shared->dev, f)) {
+		dma_unmap_single(w->shared->dev, f, PAGE_SIZE, DMA_FROM_DEVICE);
+		w->shared_unmaps++;
+	}
+	return ret;
+}
+
+static int cc_worker_fn(void *data)
+{
+	struct cc_worker *w = data;
+	struct page *sp, *dp, *fp, *kp;
+	size_t sroom, droom, froom, kroom;
+	u8 *src = dt_alloc(CC_MAX_SIZE, &sp, &sroom), *dst = dt_alloc(CC_MAX_SIZE, &dp, &droom);
+	u8 *fb = dt_alloc(PAGE_SIZE, &fp, &froom), *kb = dt_alloc(CC_READ_PAGES * PAGE_SIZE, &kp, &kroom);
+	unsigned int r;
+
+	wait_for_completion(&cc_go);
+	if (!src || !dst || !fb || !kb) {
+		w->err = -ENOMEM;
+		w->why = "out of memory";
+	}
+	for (r = 0; !w->err && r < concurrent; r++) {
+		if (atomic_inc_return(&cc_in_round) > 1)
+			w->overlapped++;
+		w->err = cc_round(w, r, src, dst, fb, kp);
+		atomic_dec(&cc_in_round);
+		w->rounds++;
+	}
+	dt_free(src, sp, sroom);
+	dt_free(dst, dp, droom);
+	dt_free(fb, fp, froom);
+	dt_free(kb, kp, kroom);
+	complete(&w->done);
+	return 0;
+}
+
+/* Opens the disk named by `disk` and reads its reference; 0, or an error with *why set. */
+static int cc_open_disk(struct file **file, struct page **ref, const char **why)
+{
+	struct device *dev = class_find_device_by_name(&block_class, disk);
+	dev_t devt;
+	int ret;
+
+	if (!dev) {
+		*why = "no such disk";
+		return -ENODEV;
+	}
+	devt = dev->devt;
+	put_device(dev);
+	*file = bdev_file_open_by_dev(devt, BLK_OPEN_READ, NULL, NULL);
+	if (IS_ERR(*file)) {
+		ret = PTR_ERR(*file);
+		*file = NULL;
+		*why = "cannot open the disk";
+		return ret;
+	}
+	cc_bdev = file_bdev(*file);
+	*ref = alloc_pages(GFP_KERNEL, get_order(CC_DISK_PAGES * PAGE_SIZE));
+	if (!*ref) {
+		*why = "out of memory";
+		return -ENOMEM;
+	}
+	cc_ref = page_address(*ref);
+	ret = cc_read(*ref, 0, CC_DISK_PAGES);
+	if (ret) {
+		*why = "reading the reference failed";
+		return ret;
+	}
+	if (vmm_all(cc_ref, 0, CC_DISK_PAGES * PAGE_SIZE)) {
+		*why = "the reference is all zeros: a read could not be checked";
+		return -EIO;
+	}
+	return 0;
+}
+
+/* Runs the concurrent suite; returns its number of failed cases. */
+static unsigned int cc_run(void)
+{
+	unsigned int ncpu = num_online_cpus(), n = 0, failed = 0, overlapped = 0, i, cpu;
+	struct cc_worker *ws = kcalloc(ncpu, sizeof(*ws), GFP_KERNEL);
+	struct file *file = NULL;
+	struct page *ref = NULL;
+	const char *why = "";
+	int err = 0;
+
+	pr_info("KTAP version 1\n");
+	pr_info("# vmm_dmatest_concurrent: %u CPUs, %u test devices (shared: %s), disk %s, rounds=%u\n",
+		ncpu, ndts, dev_name(dts[0]->dev), *disk ? disk : "none", concurrent);
+	pr_info("1..%u\n", ncpu + 1);
+	if (!ws) {
+		pr_info("not ok 1 start # out of memory\n");
+		return 1;
+	}
+	if (*disk)
+		err = cc_open_disk(&file, &ref, &why);
+	if (err) {
+		pr_info("not ok %u disk_reference # %s (%d)\n", ++n, why, err);
+		failed++;
+		cc_bdev = NULL;
+	} else {
+		pr_info("ok %u disk_reference%s\n", ++n, *disk ? "" : " # SKIP no disk= given");
+	}
+
+	i = 0;
+	for_each_online_cpu(cpu) {
+		struct cc_worker *w = &ws[i];
+		struct task_struct *task;
+
+		w->cpu = cpu;
+		w->own = dts[i % ndts];
+		w->shared = dts[0];
+		w->why = "";
+		init_completion(&w->done);
+		task = kthread_run_on_cpu(cc_worker_fn, w, cpu, "vmm_dmatest/%u");
+		if (IS_ERR(task)) {
+			w->err = PTR_ERR(task);
+			w->why = "kthread_run_on_cpu failed";
+			complete(&w->done);
+		}
+		if (++i == ncpu)
+			break;
+	}
+	complete_all(&cc_go);
+	for (i = 0; i < ncpu; i++) {
+		struct cc_worker *w = &ws[i];
+
+		wait_for_completion(&w->done);
+		w->own->maps += w->own_maps;
+		w->own->unmaps += w->own_unmaps;
+		w->shared->maps += w->shared_maps;
+		w->shared->unmaps += w->shared_unmaps;
+		overlapped += w->overlapped;
+		pr_info("# concurrent: cpu%u own=%s rounds=%u overlapped=%u own_maps=%llu shared_maps=%llu disk_reads=%llu\n",
+			w->cpu, dev_name(w->own->dev), w->rounds, w->overlapped, w->own_maps,
+			w->shared_maps, w->disk_reads);
+		if (w->err) {
+			failed++;
+			pr_info("not ok %u cpu%u # %s (%d) in round %u\n", ++n, w->cpu, w->why, w->err,
+				w->rounds);
+		} else {
+			pr_info("ok %u cpu%u\n", ++n, w->cpu);
+		}
+	}
+	pr_info("# concurrent: overlapped rounds=%u of %u\n", overlapped, ncpu * concurrent);
+	for (i = 0; i < ndts; i++)
+		pr_info("# totals: %s transfers=%llu bytes=%llu dma_maps=%llu dma_unmaps=%llu completed=%llu device_bytes=%llu\n",
+			dev_name(dts[i]->dev), dts[i]->transfers, dts[i]->bytes, dts[i]->maps,
+			dts[i]->unmaps, dt_r64(dts[i], REG_COMPLETED), dt_r64(dts[i], REG_BYTES));
+	pr_info("# vmm_dmatest_concurrent: %u passed, %u failed\n", n - failed, failed);
+	if (ref)
+		__free_pages(ref, get_order(CC_DISK_PAGES * PAGE_SIZE));
+	if (file)
+		fput(file);
+	cc_bdev = NULL;
+	kfree(ws);
+	return failed;
+}
+
+/*
  * The set of guest pages the devices wrote, by the suite's account: its size, then its
  * ranges of page frame numbers (first+count, hex) a few dozen to a line, for comparison with
  * the VMM's dirty log (--dirty-log-out).
@@ -941,6 +1237,8 @@ static int __init dt_finish(void)
 		dt_run_suite(dts[i]);
 		failed += dts[i]->failed;
 	}
+	if (concurrent)
+		failed += cc_run();
 	dt_print_written();
 	vmm_tests_done("vmm_dmatest", failed, exit_vm);
 	return 0;

@@ -7,7 +7,9 @@
 
 mod handler;
 
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::time::Instant;
 
 use iommu::protocol::{CONFIG_BYPASS_OFFSET, VIRTIO_ID_IOMMU};
 use iommu::Viommu;
@@ -30,6 +32,21 @@ pub struct IommuHandle {
     pub state: Arc<Mutex<Viommu>>,
     /// Signalled when a fault is waiting for the event queue.
     pub fault_evt: Arc<EventFd>,
+    /// How the state's lock is shared out, for the counters report.
+    pub lock_stats: Arc<LockStats>,
+}
+
+/// How often the state's lock was taken through [`IommuHandle::lock`], how often the taker
+/// found it held by another thread (contended), and how long those takers waited in total
+/// (nanoseconds). Only contended takers read the clock.
+#[derive(Debug, Default)]
+pub struct LockStats {
+    /// Times the lock was taken.
+    pub acquisitions: AtomicU64,
+    /// Times the taker had to wait for another holder.
+    pub contended: AtomicU64,
+    /// Nanoseconds spent waiting, summed over the contended takes.
+    pub wait_ns: AtomicU64,
 }
 
 impl IommuHandle {
@@ -41,13 +58,28 @@ impl IommuHandle {
         Ok(Self {
             state: Arc::new(Mutex::new(state)),
             fault_evt: Arc::new(EventFd::new(EFD_NONBLOCK)?),
+            lock_stats: Arc::default(),
         })
     }
 
     /// Locks the state (a poisoned lock is still usable: the state has no invariant a
-    /// panic mid-update could break that the next request does not re-check).
-    pub fn lock(&self) -> std::sync::MutexGuard<'_, Viommu> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    /// panic mid-update could break that the next request does not re-check), counting the
+    /// take in [`LockStats`].
+    pub fn lock(&self) -> MutexGuard<'_, Viommu> {
+        let stats = &self.lock_stats;
+        stats.acquisitions.fetch_add(1, Ordering::Relaxed);
+        match self.state.try_lock() {
+            Ok(guard) => guard,
+            Err(TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                stats.contended.fetch_add(1, Ordering::Relaxed);
+                let since = Instant::now();
+                let guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                let waited = u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                stats.wait_ns.fetch_add(waited, Ordering::Relaxed);
+                guard
+            }
+        }
     }
 
     /// Tells the event loop that faults are waiting.

@@ -430,3 +430,35 @@ fn bypass_is_written_only_where_and_when_allowed() {
     d.dev.write_config(CONFIG_BYPASS_OFFSET as u64, &[1]);
     assert_eq!(read_bypass(&d), 1);
 }
+
+#[test]
+fn lock_stats_count_takes_and_contended_waits() {
+    use std::sync::atomic::Ordering::Relaxed;
+
+    let handle = IommuHandle::new(Viommu::new(ViommuConfig::default())).unwrap();
+    drop(handle.lock());
+    drop(handle.lock());
+    let stats = handle.lock_stats.clone();
+    assert_eq!(stats.acquisitions.load(Relaxed), 2);
+    assert_eq!(stats.contended.load(Relaxed), 0);
+    assert_eq!(stats.wait_ns.load(Relaxed), 0);
+
+    // A second thread takes the lock while this one holds it: it must wait, and says so
+    // before it waits; the holder lets go only then.
+    let held = handle.lock();
+    let other = handle.clone();
+    let waiter = std::thread::spawn(move || drop(other.lock()));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while stats.contended.load(Relaxed) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the waiting take was not counted as contended"
+        );
+        std::thread::yield_now();
+    }
+    drop(held);
+    waiter.join().unwrap();
+    assert_eq!(stats.acquisitions.load(Relaxed), 4);
+    assert_eq!(stats.contended.load(Relaxed), 1);
+    assert!(stats.wait_ns.load(Relaxed) > 0);
+}
