@@ -674,47 +674,32 @@ impl IoPageTable {
     /// Calls `f` with every guest mapping that intersects `[first, last]`, in IOVA order, each
     /// clipped to the range. Returns early when `f` returns `false`.
     pub fn mappings(&self, first: u64, last: u64, mut f: impl FnMut(Run) -> bool) {
-        let mut cur: Option<Run> = None;
+        // A mapping's pages are contiguous in IOVA and GPA with one permission, and its last
+        // page carries END: a run is open from a mapping's first visited page until END, and
+        // stays open across chunk edges.
+        let mut open: Option<Run> = None;
         let mut stop = false;
-        // Emits `run` extended by `next` when contiguous and not across a mapping boundary.
-        let mut push = |pte_start: bool,
-                        page: u64,
-                        n: u64,
-                        gpa: u64,
-                        perm: Perm,
-                        end: bool,
-                        cur: &mut Option<Run>|
-         -> bool {
-            if let Some(c) = cur.as_mut() {
-                let contiguous = c.iova_page + c.pages == page
-                    && c.gpa_page + c.pages == gpa
-                    && c.perm == perm
-                    && !pte_start;
-                if contiguous {
-                    c.pages += n;
-                } else {
-                    let done = *c;
-                    *cur = None;
-                    if !f(done) {
-                        return false;
-                    }
+        // Adds `n` pages from `page` to the open run (or opens one); emits it at the END.
+        let mut push = |page: u64, n: u64, gpa: u64, perm: Perm, end: bool| -> bool {
+            let run = match open.take() {
+                Some(mut r) => {
+                    debug_assert_eq!(r.iova_page + r.pages, page, "a mapping continues");
+                    r.pages += n;
+                    r
                 }
-            }
-            if cur.is_none() {
-                *cur = Some(Run {
+                None => Run {
                     iova_page: page,
                     gpa_page: gpa,
                     pages: n,
                     perm,
-                });
-            }
+                },
+            };
             if end {
-                let done = cur.take().expect("run present");
-                if !f(done) {
-                    return false;
-                }
+                f(run)
+            } else {
+                open = Some(run);
+                true
             }
-            true
         };
         self.visit(first, last, |chunk, slot| {
             // `visit` passes only chunks that end at or after `first`.
@@ -724,48 +709,20 @@ impl IoPageTable {
                 Slot::Huge(h) => {
                     let p = h.pte(lo);
                     let end = hi == LEAF_PAGES - 1 && h.flag(F_END);
-                    if !push(
-                        p.start,
-                        chunk + lo,
-                        hi - lo + 1,
-                        p.gpa_page,
-                        p.perm,
-                        end,
-                        &mut cur,
-                    ) {
-                        stop = true;
-                    }
+                    stop = !push(chunk + lo, hi - lo + 1, p.gpa_page, p.perm, end);
                 }
                 Slot::Leaf(leaf) => {
                     let mut i = lo as usize;
                     while let Some(v) = leaf.next_valid(i, hi as usize) {
-                        // Pages v..=e are valid with consecutive frames up to the next END.
+                        // Pages v..=seg_hi belong to one mapping: up to its END, or to the
+                        // end of the window in this chunk.
                         let run_end = next_set_bit(&leaf.bits[F_END], v, hi as usize);
                         let seg_hi = run_end.unwrap_or(hi as usize);
-                        // A mapping's pages inside one leaf are contiguous, but a START bit
-                        // inside (v, seg_hi] begins another mapping.
-                        let next_start = if v < seg_hi {
-                            next_set_bit(&leaf.bits[F_START], v + 1, seg_hi)
-                        } else {
-                            None
-                        };
-                        let (seg_hi, end) = match next_start {
-                            Some(s) => (s - 1, false),
-                            None => (seg_hi, run_end.is_some()),
-                        };
                         let p = leaf.get(v).expect("valid page");
                         let n = (seg_hi - v + 1) as u64;
-                        if !push(
-                            p.start,
-                            chunk + v as u64,
-                            n,
-                            p.gpa_page,
-                            p.perm,
-                            end,
-                            &mut cur,
-                        ) {
+                        if !push(chunk + v as u64, n, p.gpa_page, p.perm, run_end.is_some()) {
                             stop = true;
-                            return false;
+                            break;
                         }
                         i = seg_hi + 1;
                         if i > hi as usize {
@@ -777,8 +734,8 @@ impl IoPageTable {
             !stop
         });
         if !stop {
-            if let Some(c) = cur {
-                f(c);
+            if let Some(r) = open {
+                f(r);
             }
         }
     }
