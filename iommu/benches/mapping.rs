@@ -1,11 +1,15 @@
 //! The mapping core against a baseline of one `BTreeMap` entry per mapping (the design Cloud
-//! Hypervisor and crosvm use for virtio-iommu domains), on the same random workload of 2^20
-//! page-sized mappings: IOVAs are a random permutation of a dense 4 GiB window (what the
-//! guest's IOVA allocator hands out), GPAs random pages of a 16 GiB guest, permissions R or RW.
+//! Hypervisor and crosvm use for virtio-iommu domains), on the same workloads. The main one:
+//! 2^20 page-sized mappings whose IOVAs are a random permutation of a dense 4 GiB window (what
+//! the guest's IOVA allocator hands out), GPAs random pages of a 16 GiB guest, permissions R
+//! or RW. Then IOVA layouts that are not dense: one page mapped in 8, one per 2 MiB, one per
+//! 1 GiB, and a layout like Linux's IOVA allocator's (mappings of 1 to 64 pages, each aligned
+//! to its size rounded up to a power of two, handed out top-down from 4 GiB).
 //!
-//! Prints one line per structure: bytes of metadata per mapped 4 KiB page (a counting global
-//! allocator) and ns per map, translate and unmap (each over the whole workload, best of 3),
-//! then the ratios. Criterion then measures the same three operations on both structures.
+//! Prints one line per layout and structure: bytes of metadata per mapped 4 KiB page (a
+//! counting global allocator) and ns per map, translate and unmap operation (each over the
+//! whole workload, best of 3), then the ratios. Criterion then measures the same three
+//! operations on both structures for the dense layout.
 #![allow(missing_docs)] // criterion's macros generate undocumented items
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -59,15 +63,21 @@ impl Rng {
 }
 
 struct Workload {
-    /// (iova page, gpa page, perm) in map order.
-    maps: Vec<(u64, u64, Perm)>,
+    /// (first IOVA page, pages, GPA page, perm) in map order.
+    maps: Vec<(u64, u64, u64, Perm)>,
     /// IOVAs (bytes) to translate, in random order.
     lookups: Vec<u64>,
-    /// IOVA pages to unmap, in random order.
-    unmaps: Vec<u64>,
+    /// (first, last) IOVA pages to unmap, in random order.
+    unmaps: Vec<(u64, u64)>,
 }
 
-fn shuffled(rng: &mut Rng, mut v: Vec<u64>) -> Vec<u64> {
+impl Workload {
+    fn pages(&self) -> u64 {
+        self.maps.iter().map(|m| m.1).sum()
+    }
+}
+
+fn shuffled<T>(rng: &mut Rng, mut v: Vec<T>) -> Vec<T> {
     for i in (1..v.len()).rev() {
         let j = (rng.next() % (i as u64 + 1)) as usize;
         v.swap(i, j);
@@ -75,31 +85,76 @@ fn shuffled(rng: &mut Rng, mut v: Vec<u64>) -> Vec<u64> {
     v
 }
 
-fn workload() -> Workload {
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let pages: Vec<u64> = (0..N as u64).map(|i| IOVA_BASE_PAGE + i).collect();
-    let order = shuffled(&mut rng, pages.clone());
+/// Mappings of `(first page, pages)` mapped, looked up and unmapped in random orders, each
+/// to random guest pages with R or RW.
+fn workload_of(rng: &mut Rng, ranges: Vec<(u64, u64)>) -> Workload {
+    let order = shuffled(rng, ranges.clone());
     let maps = order
         .iter()
-        .map(|&p| {
+        .map(|&(p, n)| {
             let perm = if rng.next().is_multiple_of(2) {
                 Perm::READ
             } else {
                 Perm::RW
             };
-            (p, rng.next() % GUEST_PAGES, perm)
+            (p, n, rng.next() % (GUEST_PAGES - n), perm)
         })
         .collect();
-    let lookups = shuffled(&mut rng, pages.clone())
+    let lookups = shuffled(rng, ranges.clone())
         .into_iter()
-        .map(|p| (p << 12) | (rng.next() & 0xff8))
+        .map(|(p, n)| ((p + rng.next() % n) << 12) | (rng.next() & 0xff8))
         .collect();
-    let unmaps = shuffled(&mut rng, pages);
+    let unmaps = shuffled(rng, ranges)
+        .into_iter()
+        .map(|(p, n)| (p, p + n - 1))
+        .collect();
     Workload {
         maps,
         lookups,
         unmaps,
     }
+}
+
+/// The dense layout: 2^20 single pages filling a 4 GiB window.
+fn workload() -> Workload {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    workload_of(
+        &mut rng,
+        (0..N as u64).map(|i| (IOVA_BASE_PAGE + i, 1)).collect(),
+    )
+}
+
+/// Every layout, with its name.
+fn layouts() -> Vec<(&'static str, Workload)> {
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let strided = |rng: &mut Rng, n: u64, stride: u64| {
+        workload_of(
+            rng,
+            (0..n).map(|i| (IOVA_BASE_PAGE + i * stride, 1)).collect(),
+        )
+    };
+    // Linux's allocator: sizes mostly one page, some up to 64; each range aligned to its size
+    // rounded up to a power of two, below the previous one (top-down from 4 GiB).
+    let mut top = (4u64 << 30) >> 12;
+    let mut linux = Vec::new();
+    for _ in 0..(1 << 16) {
+        let n = match rng.next() % 16 {
+            0..=9 => 1,
+            10..=12 => 1 + rng.next() % 4,
+            13 | 14 => 1 + rng.next() % 16,
+            _ => 1 + rng.next() % 64,
+        };
+        let align = n.next_power_of_two();
+        top = (top - n) & !(align - 1);
+        linux.push((top, n));
+    }
+    vec![
+        ("dense", workload()),
+        ("1 page in 8", strided(&mut rng, 1 << 17, 8)),
+        ("1 page per 2 MiB", strided(&mut rng, 1 << 14, 512)),
+        ("1 page per 1 GiB", strided(&mut rng, 1 << 12, 1 << 18)),
+        ("Linux-like top-down", workload_of(&mut rng, linux)),
+    ]
 }
 
 /// The operations both structures implement with virtio-iommu semantics.
@@ -190,15 +245,16 @@ fn measure<M: Mappings>(w: &Workload) -> Figures {
         translate_ns: f64::MAX,
         unmap_ns: f64::MAX,
     };
+    let pages = w.pages() as f64;
     for _ in 0..3 {
         let before = ALLOCATED.load(Ordering::Relaxed);
         let mut m = M::default();
         let t = Instant::now();
-        for &(p, g, perm) in &w.maps {
-            assert!(m.map(p, p, g, perm));
+        for &(p, n, g, perm) in &w.maps {
+            assert!(m.map(p, p + n - 1, g, perm));
         }
         let map = t.elapsed();
-        best.bytes_per_page = (ALLOCATED.load(Ordering::Relaxed) - before) as f64 / N as f64;
+        best.bytes_per_page = (ALLOCATED.load(Ordering::Relaxed) - before) as f64 / pages;
         let t = Instant::now();
         let mut sum = 0u64;
         for &iova in &w.lookups {
@@ -207,17 +263,17 @@ fn measure<M: Mappings>(w: &Workload) -> Figures {
         let translate = t.elapsed();
         black_box(sum);
         let t = Instant::now();
-        for &p in &w.unmaps {
-            assert!(m.unmap(p, p));
+        for &(first, last) in &w.unmaps {
+            assert!(m.unmap(first, last));
         }
         let unmap = t.elapsed();
-        let per = |d: Duration| d.as_nanos() as f64 / N as f64;
-        best.map_ns = best.map_ns.min(per(map));
-        best.translate_ns = best.translate_ns.min(per(translate));
-        best.unmap_ns = best.unmap_ns.min(per(unmap));
+        let per = |d: Duration, ops: usize| d.as_nanos() as f64 / ops as f64;
+        best.map_ns = best.map_ns.min(per(map, w.maps.len()));
+        best.translate_ns = best.translate_ns.min(per(translate, w.lookups.len()));
+        best.unmap_ns = best.unmap_ns.min(per(unmap, w.unmaps.len()));
     }
     println!(
-        "{:<22} {:>6.2} bytes/page  map {:>6.1} ns  translate {:>6.1} ns  unmap {:>6.1} ns",
+        "  {:<22} {:>9.2} bytes/page  map {:>6.1} ns  translate {:>6.1} ns  unmap {:>6.1} ns",
         M::NAME,
         best.bytes_per_page,
         best.map_ns,
@@ -228,23 +284,34 @@ fn measure<M: Mappings>(w: &Workload) -> Figures {
 }
 
 fn summary() {
-    let w = workload();
-    println!("workload: {N} page-sized mappings, random order (best of 3 runs)");
-    let ours = measure::<IoPageTable>(&w);
-    let base = measure::<BTreeBaseline>(&w);
-    println!(
-        "ratio (baseline / ours): memory {:.1}x  map {:.1}x  translate {:.1}x  unmap {:.1}x",
-        base.bytes_per_page / ours.bytes_per_page,
-        base.map_ns / ours.map_ns,
-        base.translate_ns / ours.translate_ns,
-        base.unmap_ns / ours.unmap_ns
-    );
+    println!("mapping layouts (ns per operation, best of 3 runs)");
+    for (name, w) in layouts() {
+        println!(
+            "{name}: {} mappings, {} pages, IOVA span {} MiB",
+            w.maps.len(),
+            w.pages(),
+            {
+                let lo = w.maps.iter().map(|m| m.0).min().unwrap_or(0);
+                let hi = w.maps.iter().map(|m| m.0 + m.1).max().unwrap_or(0);
+                (hi - lo) >> 8
+            }
+        );
+        let ours = measure::<IoPageTable>(&w);
+        let base = measure::<BTreeBaseline>(&w);
+        println!(
+            "  ratio (baseline / ours): memory {:.2}x  map {:.1}x  translate {:.1}x  unmap {:.1}x",
+            base.bytes_per_page / ours.bytes_per_page,
+            base.map_ns / ours.map_ns,
+            base.translate_ns / ours.translate_ns,
+            base.unmap_ns / ours.unmap_ns
+        );
+    }
 }
 
 fn built<M: Mappings>(w: &Workload) -> M {
     let mut m = M::default();
-    for &(p, g, perm) in &w.maps {
-        m.map(p, p, g, perm);
+    for &(p, n, g, perm) in &w.maps {
+        m.map(p, p + n - 1, g, perm);
     }
     m
 }
@@ -257,8 +324,8 @@ fn bench_structure<M: Mappings>(c: &mut Criterion, w: &Workload) {
         b.iter_batched(
             M::default,
             |mut m| {
-                for &(p, gpa, perm) in &w.maps {
-                    m.map(p, p, gpa, perm);
+                for &(p, n, gpa, perm) in &w.maps {
+                    m.map(p, p + n - 1, gpa, perm);
                 }
                 m
             },
@@ -280,8 +347,8 @@ fn bench_structure<M: Mappings>(c: &mut Criterion, w: &Workload) {
         b.iter_batched(
             || built::<M>(w),
             |mut m| {
-                for &p in &w.unmaps {
-                    m.unmap(p, p);
+                for &(first, last) in &w.unmaps {
+                    m.unmap(first, last);
                 }
                 m
             },
