@@ -245,6 +245,75 @@ mod tests {
         }
     }
 
+    /// `clip` keeps the page inside and cuts at the run's ends, the RAM range's ends and the
+    /// entry size limit, before the page first.
+    #[test]
+    fn clip_cuts_at_run_ram_and_size_limits() {
+        let cap = MAX_IOTLB_ENTRY / PAGE_SIZE;
+        let run = |iova_page, gpa_page, pages| Run {
+            iova_page,
+            gpa_page,
+            pages,
+            perm: Perm::RW,
+        };
+        let at =
+            |iova: u64, gpa: u64, pages: u64| entry(iova << 12, gpa << 12, pages << 12, Perm::RW);
+        // The whole run.
+        assert_eq!(clip(run(100, 1000, 50), 120, 0, 1 << 20), at(100, 1000, 50));
+        assert_eq!(clip(run(100, 1000, 50), 149, 0, 1 << 20), at(100, 1000, 50));
+        assert_eq!(clip(run(100, 1000, 50), 100, 0, 1 << 20), at(100, 1000, 50));
+        // RAM ends inside the run on both sides.
+        assert_eq!(clip(run(100, 1000, 50), 120, 1010, 1030), at(110, 1010, 21));
+        assert_eq!(clip(run(100, 1000, 50), 110, 1010, 1010), at(110, 1010, 1));
+        // Larger than an entry: the pages before the page first, then after it.
+        assert_eq!(clip(run(0, 0, 3 * cap), cap + 5, 0, 1 << 40), at(6, 6, cap));
+        assert_eq!(clip(run(0, 0, 3 * cap), 5, 0, 1 << 40), at(0, 0, cap));
+    }
+
+    /// `merged_run` joins mappings contiguous in IOVA and GPA with one permission on both
+    /// sides of the page, looking back a window at a time, and stops at a gap, a GPA break, a
+    /// permission change or after MAX_MERGED_MAPPINGS mappings each way.
+    #[test]
+    fn merged_run_joins_both_ways_and_is_bounded() {
+        let mut t = IoPageTable::default();
+        for (first, last, gpa) in [(100, 109, 1000), (110, 119, 1010), (120, 129, 1020)] {
+            t.map(first, last, gpa, Perm::RW).unwrap();
+        }
+        t.map(130, 139, 1030, Perm::READ).unwrap();
+        t.map(90, 99, 5000, Perm::RW).unwrap();
+        let want = Run {
+            iova_page: 100,
+            gpa_page: 1000,
+            pages: 30,
+            perm: Perm::RW,
+        };
+        for page in [100, 115, 129] {
+            assert_eq!(merged_run(&t, page), Some(want), "page {page}");
+        }
+        assert_eq!(merged_run(&t, 140), None);
+
+        // 1,101 one-page mappings, contiguous: 512 are taken each way at most, and the
+        // backward walk crosses a window edge.
+        let mut t = IoPageTable::default();
+        for p in 1000..=2100u64 {
+            t.map(p, p, p + 7, Perm::RW).unwrap();
+        }
+        let r = merged_run(&t, 1600).unwrap();
+        assert_eq!(
+            (r.iova_page, r.gpa_page, r.pages),
+            (
+                1600 - MAX_MERGED_MAPPINGS as u64,
+                1600 - MAX_MERGED_MAPPINGS as u64 + 7,
+                2101 - 1088
+            )
+        );
+        let r = merged_run(&t, 1010).unwrap();
+        assert_eq!(
+            (r.iova_page, r.pages),
+            (1000, 10 + MAX_MERGED_MAPPINGS as u64)
+        );
+    }
+
     #[test]
     fn touching_mappings_merge_and_nothing_unmapped_is_covered() {
         let mut v = device();

@@ -759,6 +759,61 @@ mod dirty {
         assert_eq!(harvest(&mut v), vec![(0x300000, 0x1000)]);
     }
 
+    /// Failed reports count exactly the writable pages they cover: of a domain's mappings
+    /// (read-only ones never), of an UNMAP's range, and of identity-mapped RAM in bypass.
+    #[test]
+    fn failed_reports_count_writable_pages_only() {
+        let (mut v, log) = tracked();
+        assert!(v.is_tracking_dirty());
+        send(&mut v, &attach(1, 8, 0));
+        send(&mut v, &map(1, 0x10000, 0x11fff, 0x300000, RW));
+        send(&mut v, &map(1, 0x12000, 0x12fff, 0x400000, R));
+        send(&mut v, &map(1, 0x13000, 0x13fff, 0x500000, RW));
+        log.lock().unwrap().fail_dirty = true;
+        let writable = vec![(0x300000, 0x2000), (0x500000, 0x1000)];
+        assert_eq!(harvest(&mut v), writable);
+        // One UNMAP over all three: its report fails, so its writable pages count.
+        let mut b = DirtyBitmap::new(&[(0, 1 << 30)]);
+        assert_eq!(send(&mut v, &unmap(1, 0x10000, 0x13fff)), Some(Status::Ok));
+        v.harvest_dirty(&mut b);
+        assert_eq!(b.runs(), writable);
+
+        // Bypass: all of guest RAM, in windows of at most 2^18 pages.
+        let mut v = Viommu::new(ViommuConfig {
+            guest_ram: vec![(0, 1 << 30), (4 << 30, 3 << 29)],
+            ..Default::default()
+        });
+        let (rec, log) = RecordingBackend::new(
+            "rec",
+            BackendCaps {
+                dirty_tracking: true,
+                ..Default::default()
+            },
+        );
+        let id = v.add_backend(Box::new(rec)).unwrap();
+        v.add_endpoint(8, Some(id), &[]).unwrap();
+        v.start_dirty_tracking();
+        v.set_bypass(1);
+        log.lock().unwrap().fail_dirty = true;
+        let mut b = DirtyBitmap::new(&[(0, 1 << 30), (4 << 30, 3 << 29)]);
+        let reads = v.counters().dirty_reads;
+        v.harvest_dirty(&mut b);
+        assert_eq!(b.runs(), vec![(0, 1 << 30), (4 << 30, 3 << 29)]);
+        assert_eq!(v.counters().dirty_reads - reads, 3);
+    }
+
+    /// A domain attached in bypass (ATTACH_F_BYPASS) reports device writes by GPA = IOVA.
+    #[test]
+    fn bypass_domains_report_identity() {
+        let (mut v, log) = tracked();
+        assert_eq!(
+            send(&mut v, &attach(1, 8, VIRTIO_IOMMU_ATTACH_F_BYPASS)),
+            Some(Status::Ok)
+        );
+        assert_eq!(log.lock().unwrap().device_write(0x555), Some(0x555));
+        assert_eq!(harvest(&mut v), vec![(0x555000, 0x1000)]);
+    }
+
     #[test]
     fn stop_returns_the_rest_and_turns_the_device_off() {
         let (mut v, log) = tracked();
@@ -1502,4 +1557,132 @@ fn bypass_writes_need_the_feature_and_batches_are_counted() {
         one(&mut v, &probe(1), probe(1).len(), size + 4),
         Some(Status::Ok)
     );
+}
+
+/// A backend's usable IOVA ranges leave holes that PROBE reports as reserved regions.
+#[test]
+fn host_holes_are_the_gaps_between_usable_ranges() {
+    let hole = |start, end| ResvRegion {
+        start,
+        end,
+        subtype: VIRTIO_IOMMU_RESV_MEM_T_RESERVED,
+    };
+    let input = (0x1000, 0xf_ffff);
+    // Unsorted, with a gap at the start, between them and at the end.
+    assert_eq!(
+        host_holes(&[(0x8000, 0xffff), (0x2000, 0x3fff)], input),
+        vec![
+            hole(0x1000, 0x1fff),
+            hole(0x4000, 0x7fff),
+            hole(0x1_0000, 0xf_ffff)
+        ]
+    );
+    // Ranges that cover the input, overlap or touch leave none.
+    assert_eq!(
+        host_holes(&[(0, 0x7_ffff), (0x8_0000, u64::MAX)], input),
+        vec![]
+    );
+    assert_eq!(
+        host_holes(&[(0, 0x5_ffff), (0x4_0000, 0xf_ffff)], input),
+        vec![]
+    );
+    // A range beyond the input: the hole is clipped to the input.
+    assert_eq!(
+        host_holes(&[(0x1000, 0x1fff), (0x20_0000, 0x2f_ffff)], input),
+        vec![hole(0x2000, 0xf_ffff)]
+    );
+    // A range ending exactly at the input's end, and one ending at the top of the space.
+    assert_eq!(host_holes(&[(0x1000, 0xf_ffff)], input), vec![]);
+    assert_eq!(
+        host_holes(&[(0x2000, u64::MAX)], input),
+        vec![hole(0x1000, 0x1fff)]
+    );
+    assert_eq!(host_holes(&[], input), vec![hole(0x1000, 0xf_ffff)]);
+}
+
+/// PROBE's room grows with the endpoint that has the most reserved regions.
+#[test]
+fn probe_size_fits_the_most_reserved_regions() {
+    let mut v = device();
+    assert_eq!(v.config().probe_size.get(), 512);
+    let many: Vec<ResvRegion> = (0..40u64)
+        .map(|i| ResvRegion {
+            start: i << 20,
+            end: (i << 20) + 0xfff,
+            subtype: VIRTIO_IOMMU_RESV_MEM_T_RESERVED,
+        })
+        .collect();
+    v.add_endpoint(3, None, &many).unwrap();
+    // The 40 and the MSI region every endpoint has.
+    let need = 41 * std::mem::size_of::<ProbeResvMem>() as u32;
+    assert!(need > 512);
+    assert_eq!(v.config().probe_size.get(), need.next_multiple_of(64));
+}
+
+/// An endpoint with a backend joining a domain that already maps pages gets them in as few
+/// host calls as its backend allows: runs contiguous in IOVA and GPA with one permission
+/// merge, anything else stays apart; leaving unmaps them the same way.
+#[test]
+fn joining_a_populated_domain_maps_merged_runs() {
+    for merge in [true, false] {
+        let (mut v, log) = with_backend(BackendCaps {
+            merge_maps: merge,
+            merge_unmaps: merge,
+            ..Default::default()
+        });
+        // Endpoint 1 (no backend) populates domain 1 first.
+        assert_eq!(send(&mut v, &attach(1, 1, 0)), Some(Status::Ok));
+        for req in [
+            map(1, 0x10000, 0x10fff, 0x200000, RW),
+            map(1, 0x11000, 0x12fff, 0x201000, RW),
+            // Contiguous in IOVA, not in GPA.
+            map(1, 0x13000, 0x13fff, 0x400000, RW),
+            // Contiguous in both, another permission.
+            map(1, 0x14000, 0x14fff, 0x401000, R),
+            // Contiguous in GPA, not in IOVA.
+            map(1, 0x20000, 0x20fff, 0x402000, R),
+        ] {
+            assert_eq!(send(&mut v, &req), Some(Status::Ok));
+        }
+        let host_maps = v.counters().host_maps;
+        assert_eq!(send(&mut v, &attach(1, 8, 0)), Some(Status::Ok));
+        let calls = log.lock().unwrap().calls.clone();
+        let want = if merge {
+            vec![
+                Call::Map(0x10000, 0x200000, 0x3000, Perm::RW),
+                Call::Map(0x13000, 0x400000, 0x1000, Perm::RW),
+                Call::Map(0x14000, 0x401000, 0x1000, Perm::READ),
+                Call::Map(0x20000, 0x402000, 0x1000, Perm::READ),
+            ]
+        } else {
+            vec![
+                Call::Map(0x10000, 0x200000, 0x1000, Perm::RW),
+                Call::Map(0x11000, 0x201000, 0x2000, Perm::RW),
+                Call::Map(0x13000, 0x400000, 0x1000, Perm::RW),
+                Call::Map(0x14000, 0x401000, 0x1000, Perm::READ),
+                Call::Map(0x20000, 0x402000, 0x1000, Perm::READ),
+            ]
+        };
+        assert_eq!(calls, want, "merge {merge}");
+        assert_eq!(v.counters().host_maps - host_maps, want.len() as u64);
+
+        // Leaving: the same runs unmapped (touching ones merged when allowed).
+        let host_unmaps = v.counters().host_unmaps;
+        assert_eq!(send(&mut v, &detach(1, 8)), Some(Status::Ok));
+        let calls = log.lock().unwrap().calls[want.len()..].to_vec();
+        let want = if merge {
+            vec![Call::Unmap(0x10000, 0x5000), Call::Unmap(0x20000, 0x1000)]
+        } else {
+            vec![
+                Call::Unmap(0x10000, 0x1000),
+                Call::Unmap(0x11000, 0x2000),
+                Call::Unmap(0x13000, 0x1000),
+                Call::Unmap(0x14000, 0x1000),
+                Call::Unmap(0x20000, 0x1000),
+            ]
+        };
+        assert_eq!(calls, want, "merge {merge}");
+        assert_eq!(v.counters().host_unmaps - host_unmaps, want.len() as u64);
+        assert!(log.lock().unwrap().host_pages().is_empty());
+    }
 }
