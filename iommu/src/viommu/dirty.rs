@@ -409,9 +409,6 @@ pub(super) fn dirty_windows(runs: &[Run], window: u64, whole: bool) -> Vec<(u64,
             at += take;
             left -= take;
         }
-        if open.is_some_and(|(_, n)| n == window) {
-            out.extend(open.take());
-        }
     }
     out.extend(open);
     out

@@ -802,6 +802,44 @@ mod dirty {
         assert_eq!(v.counters().dirty_reads - reads, 3);
     }
 
+    /// One UNMAP (one host call over touching mappings) reports the writes under it by GPA,
+    /// bit by bit across bitmap words; a bit on a read-only mapping (a device claiming a write
+    /// the host would refuse) is not a dirty page.
+    #[test]
+    fn an_unmap_reports_each_written_page_by_gpa() {
+        let (mut v, log) = with_backend(BackendCaps {
+            dirty_tracking: true,
+            merge_maps: true,
+            merge_unmaps: true,
+            ..Default::default()
+        });
+        v.start_dirty_tracking();
+        send(&mut v, &attach(1, 8, 0));
+        send(&mut v, &map(1, 0x10000, 0x11fff, 0x300000, RW));
+        send(&mut v, &map(1, 0x12000, 0x12fff, 0x400000, R));
+        send(&mut v, &map(1, 0x13000, 0x92fff, 0x500000, RW));
+        {
+            let mut l = log.lock().unwrap();
+            assert_eq!(l.device_write(0x11), Some(0x301));
+            assert_eq!(l.device_write(0x13 + 100), Some(0x500 + 100));
+            l.dirty.insert(0x12);
+        }
+        let (calls, reported) = (
+            log.lock().unwrap().calls.len(),
+            v.counters().dirty_pages_reported,
+        );
+        assert_eq!(send(&mut v, &unmap(1, 0x10000, 0x92fff)), Some(Status::Ok));
+        assert_eq!(
+            log.lock().unwrap().calls[calls..].to_vec(),
+            vec![Call::Unmap(0x10000, 0x83000)]
+        );
+        assert_eq!(
+            harvest(&mut v),
+            vec![(0x301000, 0x1000), (0x564000, 0x1000)]
+        );
+        assert_eq!(v.counters().dirty_pages_reported - reported, 2);
+    }
+
     /// A domain attached in bypass (ATTACH_F_BYPASS) reports device writes by GPA = IOVA.
     #[test]
     fn bypass_domains_report_identity() {
@@ -811,7 +849,15 @@ mod dirty {
             Some(Status::Ok)
         );
         assert_eq!(log.lock().unwrap().device_write(0x555), Some(0x555));
-        assert_eq!(harvest(&mut v), vec![(0x555000, 0x1000)]);
+        assert_eq!(log.lock().unwrap().device_write(0x557), Some(0x557));
+        let (reads, reported) = (v.counters().dirty_reads, v.counters().dirty_pages_reported);
+        assert_eq!(
+            harvest(&mut v),
+            vec![(0x555000, 0x1000), (0x557000, 0x1000)]
+        );
+        // 1 GiB of RAM: one window.
+        assert_eq!(v.counters().dirty_reads - reads, 1);
+        assert_eq!(v.counters().dirty_pages_reported - reported, 2);
     }
 
     #[test]
@@ -1015,6 +1061,35 @@ mod whole_mapping_windows {
                 r
             })
             .collect()
+    }
+
+    /// The fewest windows: touching runs share them, cut at `window` pages (or, whole, at
+    /// run edges while they fit).
+    #[test]
+    fn windows_are_as_few_as_the_rules_allow() {
+        let run = |iova_page, pages| Run {
+            iova_page,
+            gpa_page: iova_page,
+            pages,
+            perm: Perm::RW,
+        };
+        let runs = [run(0, 10), run(10, 5), run(20, 3)];
+        assert_eq!(
+            dirty_windows(&runs, 8, false),
+            vec![(0, 8), (8, 7), (20, 3)]
+        );
+        assert_eq!(
+            dirty_windows(&runs, 8, true),
+            vec![(0, 10), (10, 5), (20, 3)]
+        );
+        let runs = [run(0, 3), run(3, 4), run(7, 1), run(8, 2)];
+        assert_eq!(dirty_windows(&runs, 8, true), vec![(0, 8), (8, 2)]);
+        assert_eq!(dirty_windows(&runs, 8, false), vec![(0, 8), (8, 2)]);
+        assert_eq!(
+            dirty_windows(&[run(0, 8), run(8, 4)], 8, false),
+            vec![(0, 8), (8, 4)]
+        );
+        assert_eq!(dirty_windows(&[run(5, 20)], 0, false).len(), 20);
     }
 
     proptest! {
@@ -1685,4 +1760,93 @@ fn joining_a_populated_domain_maps_merged_runs() {
         assert_eq!(v.counters().host_unmaps - host_unmaps, want.len() as u64);
         assert!(log.lock().unwrap().host_pages().is_empty());
     }
+}
+
+/// An UNMAP overlapping one deferred earlier in the batch sees the table as the guest
+/// expects: the earlier one is settled first, and no host range is unmapped twice.
+#[test]
+fn overlapping_unmaps_in_one_batch_settle_in_order() {
+    let (mut v, log) = with_backend(BackendCaps {
+        merge_maps: true,
+        merge_unmaps: true,
+        ..Default::default()
+    });
+    assert_eq!(send(&mut v, &attach(1, 8, 0)), Some(Status::Ok));
+    assert_eq!(
+        batch(
+            &mut v,
+            &[
+                map(1, 0x10000, 0x10fff, 0x200000, RW),
+                map(1, 0x11000, 0x11fff, 0x300000, RW),
+                map(1, 0x12000, 0x12fff, 0x400000, RW),
+            ]
+        ),
+        vec![Some(Status::Ok); 3]
+    );
+    let before = log.lock().unwrap().calls.len();
+    let host_unmaps = v.counters().host_unmaps;
+    assert_eq!(
+        batch(
+            &mut v,
+            &[
+                unmap(1, 0x10000, 0x10fff),
+                unmap(1, 0x10000, 0x11fff),
+                unmap(1, 0x12000, 0x12fff),
+            ]
+        ),
+        vec![Some(Status::Ok); 3]
+    );
+    // The second UNMAP overlaps the first: the first is settled alone; the second (now only
+    // the second page) and the third touch and merge.
+    assert_eq!(
+        log.lock().unwrap().calls[before..].to_vec(),
+        vec![Call::Unmap(0x10000, 0x1000), Call::Unmap(0x11000, 0x2000)]
+    );
+    assert_eq!(v.counters().host_unmaps - host_unmaps, 2);
+    assert!(log.lock().unwrap().host_pages().is_empty());
+    assert_eq!(v.domain_mapped_pages(1), Some(0));
+}
+
+/// At the domain limit, moving an endpoint to a new domain is allowed when the move frees
+/// its old domain (it was the last endpoint there), and refused when it does not.
+#[test]
+fn a_move_that_frees_its_old_domain_fits_under_the_limit() {
+    let mut v = Viommu::new(ViommuConfig {
+        guest_ram: vec![(0, 1 << 30)],
+        max_domains: 2,
+        ..Default::default()
+    });
+    for ep in [1, 2, 3] {
+        v.add_endpoint(ep, None, &[]).unwrap();
+    }
+    assert_eq!(send(&mut v, &attach(1, 1, 0)), Some(Status::Ok));
+    assert_eq!(send(&mut v, &attach(2, 2, 0)), Some(Status::Ok));
+    assert_eq!(send(&mut v, &attach(3, 3, 0)), Some(Status::NoMem));
+    // Endpoint 1 alone in domain 1: moving it to domain 3 frees domain 1.
+    assert_eq!(send(&mut v, &attach(3, 1, 0)), Some(Status::Ok));
+    assert_eq!(v.domain_mapped_pages(1), None);
+    // Endpoint 3 joins domain 2, which then has two: moving endpoint 2 frees nothing.
+    assert_eq!(send(&mut v, &attach(2, 3, 0)), Some(Status::Ok));
+    assert_eq!(send(&mut v, &attach(4, 2, 0)), Some(Status::NoMem));
+    assert_eq!(v.endpoint_domain(2), Some(2));
+}
+
+/// A device that reports a write to a read-only mapping has its bit counted as reported,
+/// never as a dirty page.
+#[test]
+fn a_reported_write_to_a_read_only_mapping_is_not_dirty() {
+    let (mut v, log) = with_backend(BackendCaps {
+        dirty_tracking: true,
+        ..Default::default()
+    });
+    v.start_dirty_tracking();
+    send(&mut v, &attach(1, 8, 0));
+    send(&mut v, &map(1, 0x10000, 0x10fff, 0x300000, R));
+    send(&mut v, &map(1, 0x11000, 0x11fff, 0x400000, RW));
+    log.lock().unwrap().dirty.extend([0x10, 0x11]);
+    let reported = v.counters().dirty_pages_reported;
+    let mut b = crate::dirty::DirtyBitmap::new(&[(0, 1 << 30)]);
+    v.harvest_dirty(&mut b);
+    assert_eq!(b.runs(), vec![(0x400000, 0x1000)]);
+    assert_eq!(v.counters().dirty_pages_reported - reported, 2);
 }
