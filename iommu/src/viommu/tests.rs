@@ -1850,3 +1850,82 @@ fn a_reported_write_to_a_read_only_mapping_is_not_dirty() {
     assert_eq!(b.runs(), vec![(0x400000, 0x1000)]);
     assert_eq!(v.counters().dirty_pages_reported - reported, 2);
 }
+
+/// Endpoints sharing a backend share its host mappings: detaching one leaves them for the
+/// other; detaching the last removes them.
+#[test]
+fn detaching_one_of_two_endpoints_on_a_backend_keeps_its_host_mappings() {
+    let mut v = device();
+    let (b, log) = RecordingBackend::new("shared", BackendCaps::default());
+    let id = v.add_backend(Box::new(b)).unwrap();
+    v.add_endpoint(10, Some(id), &[]).unwrap();
+    v.add_endpoint(11, Some(id), &[]).unwrap();
+    assert_eq!(send(&mut v, &attach(1, 10, 0)), Some(Status::Ok));
+    assert_eq!(send(&mut v, &attach(1, 11, 0)), Some(Status::Ok));
+    assert_eq!(
+        send(&mut v, &map(1, 0x10000, 0x10fff, 0x200000, RW)),
+        Some(Status::Ok)
+    );
+    assert_eq!(send(&mut v, &detach(1, 10)), Some(Status::Ok));
+    assert_eq!(
+        log.lock().unwrap().host_pages(),
+        vec![(0x10, 0x200, Perm::RW)]
+    );
+    assert_eq!(send(&mut v, &detach(1, 11)), Some(Status::Ok));
+    assert!(log.lock().unwrap().host_pages().is_empty());
+}
+
+/// Two backends behind one domain: a MAP reaches both; when the second refuses it, the first
+/// is rolled back and the request fails. Pending MAPs of different domains never merge, even
+/// when contiguous.
+#[test]
+fn maps_reach_every_backend_of_a_domain_and_roll_back_together() {
+    let caps = BackendCaps {
+        merge_maps: true,
+        ..Default::default()
+    };
+    let mut v = device();
+    let (a, log_a) = RecordingBackend::new("a", caps.clone());
+    let (b, log_b) = RecordingBackend::new("b", caps);
+    let a = v.add_backend(Box::new(a)).unwrap();
+    let b = v.add_backend(Box::new(b)).unwrap();
+    v.add_endpoint(8, Some(a), &[]).unwrap();
+    v.add_endpoint(16, Some(b), &[]).unwrap();
+    assert_eq!(send(&mut v, &attach(1, 8, 0)), Some(Status::Ok));
+    assert_eq!(send(&mut v, &attach(2, 16, 0)), Some(Status::Ok));
+    assert_eq!(
+        batch(
+            &mut v,
+            &[
+                map(1, 0x10000, 0x10fff, 0x200000, RW),
+                map(2, 0x11000, 0x11fff, 0x201000, RW),
+            ]
+        ),
+        vec![Some(Status::Ok); 2]
+    );
+    assert_eq!(
+        log_a.lock().unwrap().calls,
+        vec![Call::Map(0x10000, 0x200000, 0x1000, Perm::RW)]
+    );
+    assert_eq!(
+        log_b.lock().unwrap().calls,
+        vec![Call::Map(0x11000, 0x201000, 0x1000, Perm::RW)]
+    );
+
+    // Both endpoints in domain 1 now (domain 2 freed); backend b refuses the next MAP.
+    assert_eq!(send(&mut v, &attach(1, 16, 0)), Some(Status::Ok));
+    log_b.lock().unwrap().fail_iova = Some(0x20000);
+    let (maps, unmaps) = (v.counters().host_maps, v.counters().host_unmaps);
+    assert_eq!(
+        send(&mut v, &map(1, 0x20000, 0x20fff, 0x300000, RW)),
+        Some(Status::DevErr)
+    );
+    assert_eq!(v.counters().host_maps - maps, 2);
+    assert_eq!(v.counters().host_unmaps - unmaps, 1);
+    assert_eq!(
+        log_a.lock().unwrap().calls.last(),
+        Some(&Call::Unmap(0x20000, 0x1000))
+    );
+    assert!(!log_a.lock().unwrap().pages.contains_key(&0x20));
+    assert_eq!(v.domain_mapped_pages(1), Some(1));
+}
