@@ -37,7 +37,9 @@ run() { # run NAME cargo-mutants-args...
         > "$out/$name.log" 2>&1 || true
     local d="$out/$name/mutants.out" caught missed timeout unviable
     # With ITERATE, what earlier runs caught is in previously_caught.txt.
-    caught=$(cat "$d/caught.txt" "$d/previously_caught.txt" 2>/dev/null | sort -u | wc -l)
+    # (`|| true`: without an earlier run there is no previously_caught.txt, and with
+    # pipefail a failing cat would end the script here.)
+    caught=$({ cat "$d/caught.txt" "$d/previously_caught.txt" 2>/dev/null || true; } | sort -u | wc -l)
     missed=$(wc -l < "$d/missed.txt")
     timeout=$(wc -l < "$d/timeout.txt"); unviable=$(wc -l < "$d/unviable.txt")
     echo "mutants: $name: $caught caught, $missed missed, $timeout timed out, $unviable unviable;" \
