@@ -778,9 +778,27 @@ mod dirty {
         v.harvest_dirty(&mut b);
         assert_eq!(b.runs(), writable);
 
-        // Bypass: all of guest RAM, in windows of at most 2^18 pages.
+        // Bypass: all of guest RAM, in windows of at most 64 pages.
+        let ram = [(0, 64 << 12), (1 << 20, 96 << 12)];
+        let (mut v, log) = small_tracked(&ram);
+        v.set_bypass(1);
+        log.lock().unwrap().fail_dirty = true;
+        let mut b = DirtyBitmap::new(&ram);
+        let reads = v.counters().dirty_reads;
+        let opts = HarvestOptions {
+            window_pages: 64,
+            ..Default::default()
+        };
+        v.harvest_dirty_with(&mut b, opts);
+        assert_eq!(b.runs(), ram.to_vec());
+        assert_eq!(v.counters().dirty_reads - reads, 3);
+    }
+
+    /// A tracked backend on endpoint 8 of a device whose guest RAM is `ram` (small: a bypass
+    /// maps all of it, page by page, in the recording backend).
+    fn small_tracked(ram: &[(u64, u64)]) -> (Viommu, Arc<Mutex<RecordingLog>>) {
         let mut v = Viommu::new(ViommuConfig {
-            guest_ram: vec![(0, 1 << 30), (4 << 30, 3 << 29)],
+            guest_ram: ram.to_vec(),
             ..Default::default()
         });
         let (rec, log) = RecordingBackend::new(
@@ -793,69 +811,23 @@ mod dirty {
         let id = v.add_backend(Box::new(rec)).unwrap();
         v.add_endpoint(8, Some(id), &[]).unwrap();
         v.start_dirty_tracking();
-        v.set_bypass(1);
-        log.lock().unwrap().fail_dirty = true;
-        let mut b = DirtyBitmap::new(&[(0, 1 << 30), (4 << 30, 3 << 29)]);
-        let reads = v.counters().dirty_reads;
-        v.harvest_dirty(&mut b);
-        assert_eq!(b.runs(), vec![(0, 1 << 30), (4 << 30, 3 << 29)]);
-        assert_eq!(v.counters().dirty_reads - reads, 3);
-    }
-
-    /// One UNMAP (one host call over touching mappings) reports the writes under it by GPA,
-    /// bit by bit across bitmap words; a bit on a read-only mapping (a device claiming a write
-    /// the host would refuse) is not a dirty page.
-    #[test]
-    fn an_unmap_reports_each_written_page_by_gpa() {
-        let (mut v, log) = with_backend(BackendCaps {
-            dirty_tracking: true,
-            merge_maps: true,
-            merge_unmaps: true,
-            ..Default::default()
-        });
-        v.start_dirty_tracking();
-        send(&mut v, &attach(1, 8, 0));
-        send(&mut v, &map(1, 0x10000, 0x11fff, 0x300000, RW));
-        send(&mut v, &map(1, 0x12000, 0x12fff, 0x400000, R));
-        send(&mut v, &map(1, 0x13000, 0x92fff, 0x500000, RW));
-        {
-            let mut l = log.lock().unwrap();
-            assert_eq!(l.device_write(0x11), Some(0x301));
-            assert_eq!(l.device_write(0x13 + 100), Some(0x500 + 100));
-            l.dirty.insert(0x12);
-        }
-        let (calls, reported) = (
-            log.lock().unwrap().calls.len(),
-            v.counters().dirty_pages_reported,
-        );
-        assert_eq!(send(&mut v, &unmap(1, 0x10000, 0x92fff)), Some(Status::Ok));
-        assert_eq!(
-            log.lock().unwrap().calls[calls..].to_vec(),
-            vec![Call::Unmap(0x10000, 0x83000)]
-        );
-        assert_eq!(
-            harvest(&mut v),
-            vec![(0x301000, 0x1000), (0x564000, 0x1000)]
-        );
-        assert_eq!(v.counters().dirty_pages_reported - reported, 2);
+        (v, log)
     }
 
     /// A domain attached in bypass (ATTACH_F_BYPASS) reports device writes by GPA = IOVA.
     #[test]
     fn bypass_domains_report_identity() {
-        let (mut v, log) = tracked();
+        let ram = [(0, 1 << 20)];
+        let (mut v, log) = small_tracked(&ram);
         assert_eq!(
             send(&mut v, &attach(1, 8, VIRTIO_IOMMU_ATTACH_F_BYPASS)),
             Some(Status::Ok)
         );
-        assert_eq!(log.lock().unwrap().device_write(0x555), Some(0x555));
-        assert_eq!(log.lock().unwrap().device_write(0x557), Some(0x557));
+        assert_eq!(log.lock().unwrap().device_write(0x55), Some(0x55));
+        assert_eq!(log.lock().unwrap().device_write(0x57), Some(0x57));
         let (reads, reported) = (v.counters().dirty_reads, v.counters().dirty_pages_reported);
-        assert_eq!(
-            harvest(&mut v),
-            vec![(0x555000, 0x1000), (0x557000, 0x1000)]
-        );
-        // 1 GiB of RAM: one window.
+        assert_eq!(harvest(&mut v), vec![(0x55000, 0x1000), (0x57000, 0x1000)]);
+        // 1 MiB of RAM: one window of the default size.
         assert_eq!(v.counters().dirty_reads - reads, 1);
         assert_eq!(v.counters().dirty_pages_reported - reported, 2);
     }
