@@ -155,7 +155,8 @@ impl Viommu {
     fn harvest_backend(&mut self, b: BackendId, window: u64, clear: bool) {
         let content = self.backend_content(b);
         let dom = match content {
-            Content::Domain(d) if self.domains.get(&d).is_some_and(|d| !d.bypass) => d,
+            // (A bypass domain's content is `Identity`: see `endpoint_content`.)
+            Content::Domain(d) => d,
             _ => {
                 let runs = self.content_runs(content);
                 self.harvest_runs(b, &runs, window, clear);

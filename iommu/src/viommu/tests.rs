@@ -1901,3 +1901,73 @@ fn maps_reach_every_backend_of_a_domain_and_roll_back_together() {
     assert!(!log_a.lock().unwrap().pages.contains_key(&0x20));
     assert_eq!(v.domain_mapped_pages(1), Some(1));
 }
+
+/// A translation over several mappings: pages contiguous in GPA are one run across mapping
+/// edges, a GPA break starts another; the counters count one miss, then one hit, and every
+/// byte.
+#[test]
+fn translations_merge_gpa_runs_and_count_hits_and_bytes() {
+    let mut v = device();
+    assert_eq!(send(&mut v, &attach(1, 1, 0)), Some(Status::Ok));
+    for req in [
+        map(1, 0x10000, 0x10fff, 0x80000, RW),
+        map(1, 0x11000, 0x11fff, 0x81000, RW),
+        map(1, 0x12000, 0x12fff, 0x90000, RW),
+    ] {
+        assert_eq!(send(&mut v, &req), Some(Status::Ok));
+    }
+    let mut out = Vec::new();
+    v.translate(1, 0x10800, 0x2000, Access::Read, &mut out)
+        .unwrap();
+    assert_eq!(out, vec![(0x80800, 0x1800), (0x90000, 0x800)]);
+    let c = v.counters();
+    assert_eq!(
+        (c.iotlb_hits, c.iotlb_misses, c.translated_bytes),
+        (0, 1, 0x2000)
+    );
+    v.translate(1, 0x10800, 0x2000, Access::Read, &mut out)
+        .unwrap();
+    assert_eq!(out, vec![(0x80800, 0x1800), (0x90000, 0x800)]);
+    let c = v.counters();
+    assert_eq!(
+        (c.iotlb_hits, c.iotlb_misses, c.translated_bytes),
+        (1, 1, 0x4000)
+    );
+    // One byte at the very end of a mapping, and the last byte of the window.
+    v.translate(1, 0x12fff, 1, Access::Write, &mut out).unwrap();
+    assert_eq!(out, vec![(0x90fff, 1)]);
+}
+
+/// Faults a passthrough device reports carry the reason its endpoint's state gives, the
+/// access and the address.
+#[test]
+fn device_faults_take_the_endpoints_reason() {
+    let mut v = device();
+    let f = v.report_device_fault(99, true, Some(0x1234));
+    assert_eq!(f.reason, VIRTIO_IOMMU_FAULT_R_UNKNOWN);
+    assert_eq!(f.endpoint.get(), 99);
+    let f = v.report_device_fault(1, false, Some(0x1234));
+    assert_eq!(f.reason, VIRTIO_IOMMU_FAULT_R_DOMAIN);
+    assert_eq!(
+        f.flags.get(),
+        VIRTIO_IOMMU_FAULT_F_READ | VIRTIO_IOMMU_FAULT_F_ADDRESS
+    );
+    assert_eq!(f.address.get(), 0x1234);
+    assert_eq!(send(&mut v, &attach(1, 1, 0)), Some(Status::Ok));
+    let f = v.report_device_fault(1, true, None);
+    assert_eq!(f.reason, VIRTIO_IOMMU_FAULT_R_MAPPING);
+    assert_eq!(f.flags.get(), VIRTIO_IOMMU_FAULT_F_WRITE);
+    assert_eq!(f.endpoint.get(), 1);
+    // Each is queued for the event queue, in order.
+    let reasons: Vec<u8> = std::iter::from_fn(|| v.pop_fault())
+        .map(|f| f.reason)
+        .collect();
+    assert_eq!(
+        reasons,
+        vec![
+            VIRTIO_IOMMU_FAULT_R_UNKNOWN,
+            VIRTIO_IOMMU_FAULT_R_DOMAIN,
+            VIRTIO_IOMMU_FAULT_R_MAPPING
+        ]
+    );
+}
