@@ -908,6 +908,58 @@ mod state {
         assert_eq!(a.endpoint_domain(8), Some(1));
     }
 
+    /// Every check of a restored state, at its edge: the domain count at the limit and one
+    /// past it, mappings of zero pages, below and above the input range, bad permission
+    /// bits; features the device does not offer are dropped.
+    #[test]
+    fn restore_checks_each_edge() {
+        let mut v = Viommu::new(ViommuConfig {
+            guest_ram: vec![(0, 1 << 30)],
+            max_domains: 2,
+            input_range: (0x10000, 0xf_ffff),
+            ..Default::default()
+        });
+        v.add_endpoint(1, None, &[]).unwrap();
+        let dom = |id, mappings| DomainState {
+            id,
+            bypass: false,
+            mappings,
+        };
+        let base = ViommuState {
+            version: STATE_VERSION,
+            negotiated: 0,
+            bypass: false,
+            attached: vec![(1, 1)],
+            domains: vec![dom(1, vec![(0x10, 0x100, 0xf0, 3)]), dom(2, vec![])],
+            faults: vec![],
+        };
+        assert_eq!(v.restore_state(&base), Ok(()));
+        assert_eq!(v.domain_mapped_pages(1), Some(0xf0));
+        let mut three = base.clone();
+        three.domains.push(dom(3, vec![]));
+        assert_eq!(
+            v.restore_state(&three),
+            Err(RestoreError::TooManyDomains(3))
+        );
+        for (iova, pages, perm) in [(0x20, 0, 3), (0xf, 1, 3), (0xff, 2, 3), (0x20, 1, 0xf0)] {
+            let mut bad = base.clone();
+            bad.domains[0].mappings = vec![(iova, 0x100, pages, perm)];
+            assert_eq!(
+                v.restore_state(&bad),
+                Err(RestoreError::BadMapping(1, iova << 12, pages)),
+                "{iova:#x}+{pages} perm {perm:#x}"
+            );
+        }
+        // The last page of the input range is fine.
+        let mut last = base.clone();
+        last.domains[0].mappings = vec![(0xff, 0x100, 1, 1)];
+        assert_eq!(v.restore_state(&last), Ok(()));
+        let mut features = base.clone();
+        features.negotiated = u64::MAX;
+        assert_eq!(v.restore_state(&features), Ok(()));
+        assert_eq!(v.save_state().negotiated, v.offered_features());
+    }
+
     #[test]
     fn a_refused_host_map_rolls_back() {
         let (mut a, _) = with_backend(BackendCaps::default());
