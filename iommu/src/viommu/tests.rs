@@ -2023,3 +2023,77 @@ fn device_faults_take_the_endpoints_reason() {
         ]
     );
 }
+
+/// MAP edges: a one-byte MAP is misaligned (RANGE); the last page of the GPA space can be
+/// mapped, one past it cannot; the metadata budget is shared by all domains.
+#[test]
+fn map_edges_and_a_budget_shared_by_domains() {
+    let mut v = device();
+    assert_eq!(send(&mut v, &attach(1, 1, 0)), Some(Status::Ok));
+    assert_eq!(
+        send(&mut v, &map(1, 0x10000, 0x10000, 0, RW)),
+        Some(Status::Range)
+    );
+    let top = crate::pagetable::MAX_GPA + 1;
+    assert_eq!(
+        send(&mut v, &map(1, 0x10000, 0x10fff, top - 0x1000, RW)),
+        Some(Status::Ok)
+    );
+    assert_eq!(
+        send(&mut v, &map(1, 0x20000, 0x20fff, top, RW)),
+        Some(Status::Range)
+    );
+
+    let mut v = Viommu::new(ViommuConfig {
+        guest_ram: vec![(0, 1 << 30)],
+        metadata_budget: 64 << 10,
+        ..Default::default()
+    });
+    v.add_endpoint(1, None, &[]).unwrap();
+    v.add_endpoint(2, None, &[]).unwrap();
+    assert_eq!(send(&mut v, &attach(1, 1, 0)), Some(Status::Ok));
+    assert_eq!(send(&mut v, &attach(2, 2, 0)), Some(Status::Ok));
+    // Domain 1 takes the whole budget, a 2 MiB chunk (one leaf) at a time.
+    let mut full = false;
+    for i in 0..64u64 {
+        if send(&mut v, &map(1, i << 21, (i << 21) + 0xfff, 0, RW)) == Some(Status::NoMem) {
+            full = true;
+            break;
+        }
+    }
+    assert!(full);
+    // Domain 2 cannot add a leaf of its own.
+    assert_eq!(send(&mut v, &map(2, 0, 0xfff, 0, RW)), Some(Status::NoMem));
+    assert!(v.metadata_bytes() <= 64 << 10);
+}
+
+/// MAP and UNMAP exist only with VIRTIO_IOMMU_F_MAP_UNMAP negotiated, PROBE only with
+/// VIRTIO_IOMMU_F_PROBE: otherwise they are answered like unknown types (5.13.6.3-5).
+#[test]
+fn requests_need_their_features() {
+    let mut v = device();
+    v.set_negotiated(
+        v.offered_features() & !(1 << VIRTIO_IOMMU_F_MAP_UNMAP) & !(1 << VIRTIO_IOMMU_F_PROBE),
+    );
+    assert_eq!(send(&mut v, &attach(1, 1, 0)), Some(Status::Ok));
+    for req in [
+        map(1, 0x10000, 0x10fff, 0, RW),
+        unmap(1, 0x10000, 0x10fff),
+        probe(1),
+    ] {
+        let r = Request {
+            readable: &req,
+            readable_len: req.len(),
+            writable_len: 4 + 512,
+        };
+        let unknown = [0xffu8, 0, 0, 0];
+        let u = Request {
+            readable: &unknown,
+            readable_len: 4,
+            writable_len: 4,
+        };
+        let replies = v.process(&[r, u]);
+        assert_eq!(replies[0], replies[1], "type {}", req[0]);
+    }
+    assert_eq!(v.domain_mapped_pages(1), Some(0));
+}
