@@ -95,19 +95,10 @@ impl Viommu {
     }
 
     /// Defers the host side (and the table removal) of an UNMAP of pages `[first, last]` of
-    /// `dom`, already checked. An UNMAP that overlaps one already deferred settles those
-    /// first.
-    pub(super) fn queue_unmap(
-        &mut self,
-        req: usize,
-        dom: DomainId,
-        first: u64,
-        last: u64,
-        statuses: &mut [Status],
-    ) {
-        if self.pending_unmaps_overlap(dom, first, last) || !self.pending.is_empty() {
-            self.flush_pending(statuses);
-        }
+    /// `dom`, already checked.
+    pub(super) fn queue_unmap(&mut self, req: usize, dom: DomainId, first: u64, last: u64) {
+        // Deferred MAPs were settled before this UNMAP (`process`), and deferred UNMAPs
+        // overlapping its range before its checks (`unmap_req`).
         self.pending_unmaps.push(PendingUnmap {
             req,
             domain: dom,

@@ -412,7 +412,7 @@ impl Viommu {
         if d.table.is_range_empty(first, last) {
             return Status::Ok;
         }
-        self.queue_unmap(idx, dom, first, last, statuses);
+        self.queue_unmap(idx, dom, first, last);
         Status::Ok
     }
 

@@ -2097,3 +2097,25 @@ fn requests_need_their_features() {
     }
     assert_eq!(v.domain_mapped_pages(1), Some(0));
 }
+
+/// The translation cache holds several entries: alternating between two pages hits both.
+#[test]
+fn the_iotlb_keeps_several_entries() {
+    let mut v = device();
+    assert_eq!(send(&mut v, &attach(1, 1, 0)), Some(Status::Ok));
+    assert_eq!(
+        send(&mut v, &map(1, 0x10000, 0x10fff, 0x80000, RW)),
+        Some(Status::Ok)
+    );
+    assert_eq!(
+        send(&mut v, &map(1, 0x30000, 0x30fff, 0x90000, RW)),
+        Some(Status::Ok)
+    );
+    let mut out = Vec::new();
+    for _ in 0..3 {
+        v.translate(1, 0x10000, 8, Access::Read, &mut out).unwrap();
+        v.translate(1, 0x30000, 8, Access::Read, &mut out).unwrap();
+    }
+    let c = v.counters();
+    assert_eq!((c.iotlb_misses, c.iotlb_hits), (2, 4));
+}
