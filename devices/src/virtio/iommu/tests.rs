@@ -229,6 +229,8 @@ fn hostile_buffers_never_panic() {
     assert_eq!(used[3].1, 0, "unreadable request");
     assert_eq!(used[4].1, 0, "unwritable tail");
     assert_eq!(used[5].1, 0);
+    // The chain whose writable part the device cannot reach is counted for the logs.
+    assert_eq!(d.dev.bad_chains(), 1);
     // The device still works afterwards.
     assert_eq!(d.status(attach(1, 8, 0)), OK);
 }
@@ -278,6 +280,8 @@ fn faults_go_to_the_event_queue() {
     d.evt.add(&d.mem, &[(small, 8, true)]);
     d.dev.queue_notify(1);
     assert_eq!(d.evt.used(&d.mem), vec![(1, 0)]);
+    // So is the event buffer too small for a report.
+    assert_eq!(d.dev.bad_chains(), 1);
 }
 
 #[test]
