@@ -814,6 +814,44 @@ mod dirty {
         (v, log)
     }
 
+    /// One UNMAP (one host call over touching mappings) reports the writes under it by GPA,
+    /// bit by bit across bitmap words; a bit on a read-only mapping (a device claiming a write
+    /// the host would refuse) is not a dirty page.
+    #[test]
+    fn an_unmap_reports_each_written_page_by_gpa() {
+        let (mut v, log) = with_backend(BackendCaps {
+            dirty_tracking: true,
+            merge_maps: true,
+            merge_unmaps: true,
+            ..Default::default()
+        });
+        v.start_dirty_tracking();
+        send(&mut v, &attach(1, 8, 0));
+        send(&mut v, &map(1, 0x10000, 0x11fff, 0x300000, RW));
+        send(&mut v, &map(1, 0x12000, 0x12fff, 0x400000, R));
+        send(&mut v, &map(1, 0x13000, 0x92fff, 0x500000, RW));
+        {
+            let mut l = log.lock().unwrap();
+            assert_eq!(l.device_write(0x11), Some(0x301));
+            assert_eq!(l.device_write(0x13 + 100), Some(0x500 + 100));
+            l.dirty.insert(0x12);
+        }
+        let (calls, reported) = (
+            log.lock().unwrap().calls.len(),
+            v.counters().dirty_pages_reported,
+        );
+        assert_eq!(send(&mut v, &unmap(1, 0x10000, 0x92fff)), Some(Status::Ok));
+        assert_eq!(
+            log.lock().unwrap().calls[calls..].to_vec(),
+            vec![Call::Unmap(0x10000, 0x83000)]
+        );
+        assert_eq!(
+            harvest(&mut v),
+            vec![(0x301000, 0x1000), (0x564000, 0x1000)]
+        );
+        assert_eq!(v.counters().dirty_pages_reported - reported, 2);
+    }
+
     /// A domain attached in bypass (ATTACH_F_BYPASS) reports device writes by GPA = IOVA.
     #[test]
     fn bypass_domains_report_identity() {
