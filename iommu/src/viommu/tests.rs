@@ -2026,6 +2026,21 @@ fn translations_merge_gpa_runs_and_count_hits_and_bytes() {
     // One byte at the very end of a mapping, and the last byte of the window.
     v.translate(1, 0x12fff, 1, Access::Write, &mut out).unwrap();
     assert_eq!(out, vec![(0x90fff, 1)]);
+
+    // A cached page followed by a page walked now: one GPA run still.
+    let mut v = device();
+    assert_eq!(send(&mut v, &attach(1, 1, 0)), Some(Status::Ok));
+    for req in [
+        map(1, 0x10000, 0x10fff, 0x80000, RW),
+        map(1, 0x11000, 0x11fff, 0x81000, RW),
+    ] {
+        assert_eq!(send(&mut v, &req), Some(Status::Ok));
+    }
+    v.translate(1, 0x10000, 8, Access::Read, &mut out).unwrap();
+    v.translate(1, 0x10800, 0x1000, Access::Read, &mut out)
+        .unwrap();
+    assert_eq!(out, vec![(0x80800, 0x1000)]);
+    assert_eq!(v.counters().translated_bytes, 0x1008);
 }
 
 /// Faults a passthrough device reports carry the reason its endpoint's state gives, the
