@@ -852,6 +852,18 @@ mod dirty {
         assert_eq!(v.counters().dirty_pages_reported - reported, 2);
     }
 
+    /// Global bypass over RAM that does not start at 0: writes are read where the RAM is.
+    #[test]
+    fn bypass_reads_ram_where_it_is() {
+        let ram = [(1 << 20, 1 << 20)];
+        let (mut v, log) = small_tracked(&ram);
+        v.set_bypass(1);
+        assert_eq!(log.lock().unwrap().device_write(0x105), Some(0x105));
+        let mut b = DirtyBitmap::new(&ram);
+        v.harvest_dirty(&mut b);
+        assert_eq!(b.runs(), vec![(0x105000, 0x1000)]);
+    }
+
     /// A domain attached in bypass (ATTACH_F_BYPASS) reports device writes by GPA = IOVA.
     #[test]
     fn bypass_domains_report_identity() {
