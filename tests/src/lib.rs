@@ -595,18 +595,29 @@ pub fn console_text(run: &Run) -> String {
 /// The `key=` value on the first console line starting with `prefix` (timestamps stripped).
 pub fn console_value(run: &Run, prefix: &str, key: &str) -> u64 {
     let con = console_text(run);
-    let line = con
+    console_values(&con, prefix, key)
+        .first()
+        .copied()
+        .unwrap_or_else(|| panic!("no {prefix:?} line:\n{con}"))
+}
+
+/// The `key=` values of every line of `console` (timestamps stripped) starting with
+/// `prefix`, in order.
+pub fn console_values(console: &str, prefix: &str, key: &str) -> Vec<u64> {
+    console
         .lines()
-        .find(|l| l.starts_with(prefix))
-        .unwrap_or_else(|| panic!("no {prefix:?} line:\n{con}"));
-    let at = line
-        .find(&format!(" {key}="))
-        .unwrap_or_else(|| panic!("no {key} in {line}"));
-    line[at + key.len() + 2..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("bad {key} in {line}"))
+        .filter(|l| l.starts_with(prefix))
+        .map(|l| {
+            let at = l
+                .find(&format!(" {key}="))
+                .unwrap_or_else(|| panic!("no {key} in {l}"));
+            l[at + key.len() + 2..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("bad {key} in {l}"))
+        })
+        .collect()
 }
 
 /// Checks a guest test run the way its suites mean it: every KTAP suite on the console ran

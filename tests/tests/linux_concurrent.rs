@@ -16,8 +16,8 @@
 use std::time::Duration;
 
 use vmm_tests::{
-    assert_same_pages, check_suites, console_text, console_value, counter, dirty_log_pages,
-    guest_kernel, guest_written_pages, run_vmm, scratch, DeviceProcess, Run,
+    assert_same_pages, check_suites, console_text, console_value, console_values, counter,
+    dirty_log_pages, guest_kernel, guest_written_pages, run_vmm, scratch, DeviceProcess, Run,
 };
 
 const DEADLINE: Duration = Duration::from_secs(1500);
@@ -68,24 +68,6 @@ fn boot(strict: bool) -> (Run, std::path::PathBuf) {
     );
     let _ = std::fs::remove_file(disk);
     (run, dirty_log)
-}
-
-/// `key=` of every console line starting with `prefix`, in order.
-fn console_values(console: &str, prefix: &str, key: &str) -> Vec<u64> {
-    console
-        .lines()
-        .filter(|l| l.starts_with(prefix))
-        .map(|l| {
-            let at = l
-                .find(&format!(" {key}="))
-                .unwrap_or_else(|| panic!("no {key} in {l}"));
-            l[at + key.len() + 2..]
-                .split(|c: char| !c.is_ascii_digit())
-                .next()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("bad {key} in {l}"))
-        })
-        .collect()
 }
 
 /// The counters lines of the vfio-user devices.
