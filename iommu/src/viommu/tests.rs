@@ -653,7 +653,8 @@ fn metadata_budget_gives_nomem() {
     assert_eq!(send(&mut v, &attach(1, 1, 0)), Some(Status::Ok));
     let mut last = Status::Ok;
     for i in 0..64u64 {
-        let s = send(&mut v, &map(1, i << 30, (i << 30) + 0xfff, 0, RW)).unwrap();
+        // 2 MiB each, to a GPA not 2 MiB aligned: 512 pages, not one huge entry.
+        let s = send(&mut v, &map(1, i << 30, (i << 30) + 0x1f_ffff, 0x1000, RW)).unwrap();
         if s != Status::Ok {
             last = s;
             break;
@@ -2118,16 +2119,17 @@ fn map_edges_and_a_budget_shared_by_domains() {
     v.add_endpoint(2, None, &[]).unwrap();
     assert_eq!(send(&mut v, &attach(1, 1, 0)), Some(Status::Ok));
     assert_eq!(send(&mut v, &attach(2, 2, 0)), Some(Status::Ok));
-    // Domain 1 takes the whole budget, a 2 MiB chunk (one leaf) at a time.
+    // Domain 1 takes the whole budget, a 2 MiB chunk (one dense leaf) at a time.
     let mut full = false;
     for i in 0..64u64 {
-        if send(&mut v, &map(1, i << 21, (i << 21) + 0xfff, 0, RW)) == Some(Status::NoMem) {
+        let m = map(1, i << 21, (i << 21) + 0x1f_ffff, 0x1000, RW);
+        if send(&mut v, &m) == Some(Status::NoMem) {
             full = true;
             break;
         }
     }
     assert!(full);
-    // Domain 2 cannot add a leaf of its own.
+    // Domain 2 cannot add a page of its own.
     assert_eq!(send(&mut v, &map(2, 0, 0xfff, 0, RW)), Some(Status::NoMem));
     assert!(v.metadata_bytes() <= 64 << 10);
 }

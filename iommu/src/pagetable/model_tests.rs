@@ -155,6 +155,7 @@ proptest! {
             }
             prop_assert_eq!(t.mapped_pages(), m.pages.len() as u64);
             prop_assert_eq!(t.is_empty(), m.pages.is_empty());
+            prop_assert_eq!(t.recount(), t.metadata_bytes());
         }
         for &p in &probes {
             prop_assert_eq!(t.get(p), m.pages.get(&p).copied(), "page {:#x}", p);
@@ -199,7 +200,7 @@ proptest! {
         }
         t.remove(0, u64::MAX, |_| {});
         prop_assert!(t.is_empty());
-        prop_assert_eq!(t.metadata_bytes(), DIR_BYTES);
+        prop_assert_eq!(t.metadata_bytes(), ROOT_BYTES);
     }
 
     /// A map is admitted exactly when the bytes it allocates fit in the budget: with the
