@@ -25,9 +25,17 @@ pub struct Cli {
     #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
     pub cmdline: String,
 
-    /// Guest RAM: a number with an optional K, M or G suffix (binary units); no suffix = MiB.
-    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_size)]
-    pub memory: u64,
+    /// Guest RAM: a number with an optional K, M or G suffix (binary units; no suffix =
+    /// MiB), optionally `,hugepages=on` to back it with 2 MiB hugetlb pages (the host must
+    /// have that many free: /sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages).
+    #[arg(long, value_name = "SIZE[,hugepages=on]", default_value = "512M",
+          value_parser = parse_memory)]
+    pub memory: MemoryArg,
+
+    /// Threads that populate and map guest RAM for passthrough devices outside the vIOMMU
+    /// (cuts fall on the backing page size); default: the host's CPU count.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub dma_threads: Option<u16>,
 
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1,
@@ -419,6 +427,42 @@ impl QuirksArg {
     }
 }
 
+/// `--memory`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryArg {
+    /// Bytes of RAM.
+    pub size: u64,
+    /// Backed by 2 MiB hugetlb pages.
+    pub hugepages: bool,
+}
+
+/// Bytes of a hugetlb page with `hugepages=on`.
+pub const HUGEPAGE_SIZE: u64 = 2 << 20;
+
+fn parse_memory(s: &str) -> Result<MemoryArg, String> {
+    let mut parts = s.split(',');
+    let first = parts.next().unwrap_or_default();
+    let size = parse_size(first.strip_prefix("size=").unwrap_or(first))?;
+    let mut hugepages = false;
+    for opt in parts {
+        hugepages = match opt {
+            "hugepages=on" => true,
+            "hugepages=off" => false,
+            _ => {
+                return Err(format!(
+                    "unknown option `{opt}` (expected hugepages=on|off)"
+                ))
+            }
+        };
+    }
+    if hugepages && !size.is_multiple_of(HUGEPAGE_SIZE) {
+        return Err(format!(
+            "{size:#x} bytes is not a multiple of the 2 MiB hugetlb page"
+        ));
+    }
+    Ok(MemoryArg { size, hugepages })
+}
+
 /// Parses `512M`, `1G`, `4096K`, `256` (MiB).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
@@ -584,5 +628,42 @@ mod tests {
         assert!(err.to_string().contains("--bogus"));
         let err = Cli::try_parse_from(["vmm", "--kernel", "k", "--memory", "x"]).unwrap_err();
         assert!(err.to_string().contains("--memory"));
+    }
+
+    #[test]
+    fn memory_takes_hugepages_and_dma_threads_a_count() {
+        let parse = |m: &str| Cli::try_parse_from(["vmm", "--kernel", "k", "--memory", m]);
+        let m = parse("1G,hugepages=on").unwrap().memory;
+        assert_eq!(
+            m,
+            MemoryArg {
+                size: 1 << 30,
+                hugepages: true
+            }
+        );
+        let m = parse("size=64M,hugepages=off").unwrap().memory;
+        assert_eq!(
+            m,
+            MemoryArg {
+                size: 64 << 20,
+                hugepages: false
+            }
+        );
+        assert_eq!(parse("512").unwrap().memory.size, 512 << 20);
+        for (bad, why) in [
+            ("3M,hugepages=on", "2 MiB hugetlb page"),
+            ("1G,huge=on", "`huge=on`"),
+            ("1G,hugepages=yes", "`hugepages=yes`"),
+        ] {
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("--memory") && err.contains(why),
+                "{bad}: {err}"
+            );
+        }
+        let cli = Cli::try_parse_from(["vmm", "--kernel", "k", "--dma-threads", "3"]).unwrap();
+        assert_eq!(cli.dma_threads, Some(3));
+        let err = Cli::try_parse_from(["vmm", "--kernel", "k", "--dma-threads", "0"]).unwrap_err();
+        assert!(err.to_string().contains("--dma-threads"));
     }
 }

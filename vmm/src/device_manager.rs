@@ -166,6 +166,9 @@ pub struct Builder {
     pub mem: Arc<GuestMemoryMmap>,
     /// Guest RAM as device processes map it.
     pub ram: SharedRam,
+    /// Threads and cut alignment (bytes) for mapping all RAM on a device outside the
+    /// vIOMMU (`crate::static_map`).
+    pub static_map: (usize, u64),
     /// Set while the devices are frozen for a snapshot.
     pub frozen: Arc<AtomicBool>,
     /// PCI functions in slot order: `(slot, kind, device)`.
@@ -348,6 +351,11 @@ impl DeviceManager {
             iommu: None,
             mem: mem.clone(),
             ram,
+            static_map: (
+                cli.dma_threads
+                    .map_or_else(crate::static_map::default_threads, usize::from),
+                crate::static_map::cut_align(cli.memory.hugepages),
+            ),
             frozen: Arc::new(AtomicBool::new(false)),
             functions: Vec::new(),
             virtio: Vec::new(),

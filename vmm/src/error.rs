@@ -12,6 +12,18 @@ pub enum VmmError {
     /// Guest RAM too small.
     #[error("--memory {0} bytes is too small: at least 2 MiB, in whole 4 KiB pages")]
     MemoryTooSmall(u64),
+    /// `hugepages=on` without enough free hugetlb pages.
+    #[error(
+        "--memory ...,hugepages=on needs {need} free 2 MiB hugetlb pages and the host has {free} \
+         (/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages; the host's administrator \
+         reserves them with vm.nr_hugepages)"
+    )]
+    HugePages {
+        /// Pages needed.
+        need: u64,
+        /// Pages free.
+        free: u64,
+    },
     /// Guest RAM larger than the host.
     #[error("--memory {} MiB is more than the host's {} MiB of RAM", size >> 20, host >> 20)]
     MemoryTooLarge {

@@ -9,5 +9,6 @@ pub mod interrupts;
 pub mod memory;
 pub mod migration;
 pub mod passthrough;
+pub mod static_map;
 pub mod vcpu;
 pub mod vm;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use devices::GuestMemoryMmap;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::cli::HUGEPAGE_SIZE;
 use crate::error::VmmError;
 
 /// Guest RAM and the memfd behind it.
@@ -19,6 +20,16 @@ pub struct GuestRam {
     pub memfd: Arc<File>,
     /// Total bytes of RAM.
     pub size: u64,
+    /// Bytes of the pages backing it: 4 KiB, or the hugetlb page size.
+    pub backing_page: u64,
+}
+
+/// Free 2 MiB hugetlb pages on the host (0 when the kernel has none).
+pub fn free_hugepages() -> u64 {
+    std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// Total physical memory of the host in bytes (`MemTotal` of `/proc/meminfo`).
@@ -33,12 +44,14 @@ pub fn host_mem_total() -> Option<u64> {
 pub const MIN_MEMORY: u64 = 2 << 20;
 
 impl GuestRam {
-    /// Creates `size` bytes of RAM laid out by [`boot::layout::ram_ranges`].
+    /// Creates `size` bytes of RAM laid out by [`boot::layout::ram_ranges`], on 2 MiB
+    /// hugetlb pages with `hugepages`.
     ///
     /// # Errors
     /// [`VmmError::MemoryTooSmall`], [`VmmError::MemoryTooLarge`] (more than the host has),
-    /// [`VmmError::GuestMemory`] when the memfd or mapping fails.
-    pub fn new(size: u64) -> Result<Self, VmmError> {
+    /// [`VmmError::HugePages`] (not enough free hugetlb pages), [`VmmError::GuestMemory`]
+    /// when the memfd or mapping fails.
+    pub fn new(size: u64, hugepages: bool) -> Result<Self, VmmError> {
         if size < MIN_MEMORY || !size.is_multiple_of(4096) {
             return Err(VmmError::MemoryTooSmall(size));
         }
@@ -47,9 +60,18 @@ impl GuestRam {
                 return Err(VmmError::MemoryTooLarge { size, host });
             }
         }
+        let mut flags = libc::MFD_CLOEXEC;
+        if hugepages {
+            let need = size.div_ceil(HUGEPAGE_SIZE);
+            let free = free_hugepages();
+            if free < need {
+                return Err(VmmError::HugePages { need, free });
+            }
+            flags |= libc::MFD_HUGETLB | libc::MFD_HUGE_2MB;
+        }
         let name = CString::new("guest-ram").unwrap_or_default();
         // SAFETY: `name` is a valid NUL-terminated string; the return value is checked.
-        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
         if fd < 0 {
             return Err(VmmError::GuestMemory(std::io::Error::last_os_error()));
         }
@@ -77,6 +99,7 @@ impl GuestRam {
             mem: Arc::new(mem),
             memfd,
             size,
+            backing_page: if hugepages { HUGEPAGE_SIZE } else { 4096 },
         })
     }
 
@@ -89,5 +112,35 @@ impl GuestRam {
                 (r.start_addr().0, r.len(), r.as_ptr() as u64, fo)
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `hugepages=on` on a host without enough free hugetlb pages is refused with the count
+    /// and where to look; without it the same RAM is made.
+    #[test]
+    fn hugepages_need_free_hugetlb_pages() {
+        let size = 64 << 20;
+        match GuestRam::new(size, true) {
+            Err(VmmError::HugePages { need, free }) => {
+                assert_eq!(need, 32);
+                assert!(free < 32);
+                let msg = VmmError::HugePages { need, free }.to_string();
+                assert!(
+                    msg.contains("hugepages=on") && msg.contains("free_hugepages"),
+                    "{msg}"
+                );
+            }
+            Ok(ram) => {
+                // A host with 32 free 2 MiB pages: the RAM is on them.
+                assert_eq!(ram.backing_page, HUGEPAGE_SIZE);
+            }
+            Err(e) => panic!("unexpected error {e}"),
+        }
+        let ram = GuestRam::new(size, false).unwrap();
+        assert_eq!((ram.size, ram.backing_page), (size, 4096));
     }
 }

@@ -88,7 +88,7 @@ impl Vm {
         let kvm_path = kvm_device_path();
         let kvm = Kvm::new_with_path(kvm_path.as_c_str())
             .map_err(|e| VmmError::KvmOpen(kvm_path.to_string_lossy().into_owned(), e))?;
-        let ram = GuestRam::new(cli.memory)?;
+        let ram = GuestRam::new(cli.memory.size, cli.memory.hugepages)?;
 
         let vm_fd = kvm
             .create_vm()
