@@ -53,11 +53,11 @@ pub(super) fn chunk_bytes_for(n: usize) -> u64 {
     }
 }
 
-/// Whether `[lo, hi]` mapped from `frame` covers a whole chunk whose GPA is 2 MiB aligned too:
-/// that chunk becomes a huge entry.
-fn has_huge_chunk(lo: usize, hi: usize, frame: u64) -> bool {
-    let c = lo.next_multiple_of(FANOUT);
-    c + FANOUT - 1 <= hi && (frame + (c - lo) as u64).is_multiple_of(LEAF_PAGES)
+/// Whether `[lo, hi]` mapped from `frame` is exactly one whole chunk with a 2 MiB aligned
+/// GPA (a huge entry). Asked only of maps that could stay sparse, so of at most 512 pages: a
+/// map that covers a whole chunk and more is too large for a sparse table anyway.
+fn is_huge_chunk(lo: usize, hi: usize, frame: u64) -> bool {
+    lo.is_multiple_of(FANOUT) && hi - lo + 1 == FANOUT && frame.is_multiple_of(LEAF_PAGES)
 }
 
 impl Chunk {
@@ -97,10 +97,9 @@ impl Chunk {
         }
     }
 
-    /// The chunk holding `entries` (all of one chunk).
+    /// The chunk holding `entries` (at least one, all of one chunk).
     fn from_entries(entries: &[u64]) -> Chunk {
         match entries.len() {
-            0 => Chunk::Empty,
             n if n <= SPARSE_LEAF_MAX => Chunk::Sparse(sparse::from_entries(
                 entries
                     .iter()
@@ -347,7 +346,7 @@ impl L1 {
         end: bool,
     ) {
         if let L1::Sparse(v) = self {
-            if v.len() + hi - lo < SPARSE_L1_MAX && !has_huge_chunk(lo, hi, frame) {
+            if v.len() + hi - lo < SPARSE_L1_MAX && !is_huge_chunk(lo, hi, frame) {
                 sparse::insert(v, (lo, hi), frame, perm, start, end);
                 return;
             }
@@ -372,7 +371,7 @@ impl L1 {
     /// The bytes table `this` (absent: a new one) will take after `map((lo, hi), frame, ..)`.
     pub(super) fn bytes_after_map(this: Option<&L1>, (lo, hi): (usize, usize), frame: u64) -> u64 {
         let n = hi - lo + 1;
-        let huge = has_huge_chunk(lo, hi, frame);
+        let huge = is_huge_chunk(lo, hi, frame);
         let (pages, sparse) = match this {
             None => (0, Some(&[][..])),
             Some(L1::Sparse(v)) => (v.len(), Some(&v[..])),
