@@ -4,6 +4,7 @@
 
 use std::fmt;
 
+pub use crate::on_demand::PageResponse;
 use crate::pagetable::Perm;
 
 /// What a backend can do, reported once when its endpoint is registered.
@@ -115,6 +116,18 @@ pub trait DmaBackend: Send {
     ) -> Result<(), BackendError> {
         let _ = (iova, len, bitmap, clear);
         Err(BackendError::Unsupported)
+    }
+
+    /// Answers a device's page request for `iova` (a write when `write`): the stall model
+    /// of PCIe PRI. Only a backend that maps on demand ([`crate::on_demand::OnDemand`])
+    /// installs anything; any other has mapped everything the device may reach already, so
+    /// a page request to it is [`PageResponse::Invalid`] (the default).
+    ///
+    /// # Errors
+    /// A [`BackendError`] when installing the host mapping failed.
+    fn page_request(&mut self, iova: u64, write: bool) -> Result<PageResponse, BackendError> {
+        let _ = (iova, write);
+        Ok(PageResponse::Invalid)
     }
 
     /// Unmaps `[iova, iova + len)` and ORs into `bitmap` the pages of the range the device

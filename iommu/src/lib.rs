@@ -6,10 +6,12 @@
 //! - [`pagetable`]: the per-domain I/O page table (4 KiB granule, ~4.8 bytes per page).
 //! - [`dirty`]: dirty bitmaps of guest pages (written by devices, harvested through the IOMMU).
 //! - [`backend`]: the host-side mapping trait and a recording backend for tests.
+//! - [`on_demand`]: a backend wrapper that maps on a device's page request (`dma=fault`).
 //! - [`viommu`]: device state (endpoints, domains), request handling, translation, faults.
 
 pub mod backend;
 pub mod dirty;
+pub mod on_demand;
 pub mod pagetable;
 pub mod protocol;
 #[cfg(any(test, feature = "test-utils"))]

@@ -56,10 +56,16 @@ fn budget_estimate_and_exact_count() {
         t.alloc_estimate(l2_span - 1, l2_span),
         2 * (leaf + l1 + sparse_l1 + l2)
     );
-    assert_eq!(t.alloc_estimate(l2_span, l2_span + 511), leaf + l1 + sparse_l1 + l2);
+    assert_eq!(
+        t.alloc_estimate(l2_span, l2_span + 511),
+        leaf + l1 + sparse_l1 + l2
+    );
     // Two L1 tables under one new L2: the L2 counted once.
     assert_eq!(t.alloc_needed(l1_span - 1, l1_span, 0), 2 * 8 + l2);
-    assert_eq!(t.alloc_needed(l2_span + l1_span - 1, l2_span + l1_span, 0), 2 * 8 + l2);
+    assert_eq!(
+        t.alloc_needed(l2_span + l1_span - 1, l2_span + l1_span, 0),
+        2 * 8 + l2
+    );
     // An aligned chunk with an aligned GPA maps huge: a dense L1 and no leaf.
     assert_eq!(t.alloc_needed(0, 511, 0), l1 + l2);
     // A mapping that starts inside a chunk: its next chunks are aligned again.

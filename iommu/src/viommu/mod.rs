@@ -173,6 +173,8 @@ pub struct Counters {
     pub dirty_reads: u64,
     /// Dirty pages the backends reported (a page reported twice counts twice).
     pub dirty_pages_reported: u64,
+    /// Page requests passed to backends ([`Viommu::page_request`]).
+    pub page_requests: u64,
 }
 
 impl Counters {
@@ -467,6 +469,28 @@ impl Viommu {
     pub fn set_backend_failed(&mut self, backend: BackendId) {
         if let Some(b) = self.backends.get_mut(backend) {
             b.failed = true;
+        }
+    }
+
+    /// Passes a page request of a device on `backend` (PCIe PRI) to the backend, which
+    /// installs the host mapping under `iova` if it maps on demand and the domain's mapping
+    /// allows the access ([`DmaBackend::page_request`]). A failed or unknown backend answers
+    /// [`crate::backend::PageResponse::Invalid`].
+    ///
+    /// # Errors
+    /// The backend's error when the host map failed.
+    pub fn page_request(
+        &mut self,
+        backend: BackendId,
+        iova: u64,
+        write: bool,
+    ) -> Result<crate::backend::PageResponse, BackendError> {
+        match self.backends.get_mut(backend) {
+            Some(b) if !b.failed => {
+                self.counters.page_requests += 1;
+                b.backend.page_request(iova, write)
+            }
+            _ => Ok(crate::backend::PageResponse::Invalid),
         }
     }
 
