@@ -46,6 +46,25 @@ pub(crate) struct Shared {
     pub mig: Mutex<(u32, Vec<u8>)>,
     /// Signalled when the migration state changes (the engine waits in STOP).
     pub mig_changed: Condvar,
+    /// Page requests ([`REGION_PAGE_REQUEST`]).
+    pub prq: Mutex<Prq>,
+    /// Signalled when a page request is answered.
+    pub prq_answered: Condvar,
+}
+
+/// The page-request interface's state.
+#[derive(Debug, Default)]
+pub(crate) struct Prq {
+    pub enabled: bool,
+    /// The request waiting for an answer: `(id, iova, write)`.
+    pub pending: Option<(u32, u64, bool)>,
+    /// The answer to the pending request.
+    pub answer: Option<u32>,
+    pub next_id: u32,
+    pub requests: u64,
+    pub retries: u64,
+    pub invalid: u64,
+    pub timeouts: u64,
 }
 
 /// Everything the device carries to another instance of itself.
@@ -106,6 +125,8 @@ impl TestDevice {
             stop: AtomicBool::new(false),
             mig: Mutex::new((mig::RUNNING, Vec::new())),
             mig_changed: Condvar::new(),
+            prq: Mutex::new(Prq::default()),
+            prq_answered: Condvar::new(),
         });
         let (tx, rx) = channel();
         let s = shared.clone();
@@ -211,6 +232,7 @@ impl TestDevice {
     /// Device reset: registers, mappings and logs cleared (a running transfer stops at its
     /// next chunk, since its mappings are gone).
     pub fn reset(&self) {
+        lock(&self.shared.prq).pending = None;
         lock(&self.shared.dma).clear();
         *lock(&self.shared.regs) = Regs::default();
         *lock(&self.shared.fault_log) = (Vec::new(), 0);
@@ -263,6 +285,46 @@ impl TestDevice {
     /// Clears the fault log.
     pub fn fault_log_clear(&self) {
         *lock(&self.shared.fault_log) = (Vec::new(), 0);
+    }
+
+    /// Reads the page-request region.
+    pub fn prq_read(&self, offset: u64, data: &mut [u8]) {
+        let p = lock(&self.shared.prq);
+        let (id, iova, write) = p.pending.unwrap_or_default();
+        let mut bytes = [0u8; 0x40];
+        bytes[0..4].copy_from_slice(&u32::from(p.enabled).to_le_bytes());
+        bytes[4..8].copy_from_slice(&u32::from(p.pending.is_some()).to_le_bytes());
+        bytes[8..0x10].copy_from_slice(&iova.to_le_bytes());
+        bytes[0x10..0x14].copy_from_slice(&u32::from(write).to_le_bytes());
+        bytes[0x14..0x18].copy_from_slice(&id.to_le_bytes());
+        bytes[0x20..0x28].copy_from_slice(&p.requests.to_le_bytes());
+        bytes[0x28..0x30].copy_from_slice(&p.retries.to_le_bytes());
+        bytes[0x30..0x38].copy_from_slice(&p.invalid.to_le_bytes());
+        bytes[0x38..0x40].copy_from_slice(&p.timeouts.to_le_bytes());
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| bytes.get(o + i))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    /// Writes the page-request region: the enable bit at 0, an answer at 0x18.
+    pub fn prq_write(&self, offset: u64, value: u64) {
+        let mut p = lock(&self.shared.prq);
+        match offset {
+            0 => p.enabled = value & 1 == 1,
+            0x18 => {
+                let (id, code) = (value as u32, (value >> 32) as u32);
+                if p.pending.is_some_and(|(pid, _, _)| pid == id) {
+                    p.pending = None;
+                    p.answer = Some(code);
+                    self.shared.prq_answered.notify_all();
+                }
+            }
+            _ => {}
+        }
     }
 
     /// The migration state (`mig::*`).
@@ -408,6 +470,49 @@ fn fault(s: &Shared, f: DmaFault) {
     signal(irqs.msix.first().unwrap_or(&None));
 }
 
+/// Posts a page request for the access that faulted and waits for the VMM's answer; true
+/// when the access should be retried. False at once when page requests are off.
+fn request_page(s: &Shared, f: DmaFault) -> bool {
+    let id = {
+        let mut p = lock(&s.prq);
+        if !p.enabled {
+            return false;
+        }
+        let id = p.next_id;
+        p.next_id = p.next_id.wrapping_add(1);
+        p.pending = Some((id, f.iova, f.write));
+        p.answer = None;
+        p.requests += 1;
+        id
+    };
+    signal(&lock(&s.irqs).err);
+    let deadline = std::time::Instant::now() + Duration::from_millis(PRQ_TIMEOUT_MS);
+    let mut p = lock(&s.prq);
+    loop {
+        if let Some(code) = p.answer.take() {
+            if code == PRQ_RETRY {
+                p.retries += 1;
+                return true;
+            }
+            p.invalid += 1;
+            return false;
+        }
+        let now = std::time::Instant::now();
+        if now >= deadline || s.stop.load(Ordering::Acquire) {
+            if p.pending.is_some_and(|(pid, _, _)| pid == id) {
+                p.pending = None;
+            }
+            p.timeouts += 1;
+            return false;
+        }
+        p = s
+            .prq_answered
+            .wait_timeout(p, deadline - now)
+            .map(|(g, _)| g)
+            .unwrap_or_else(|e| e.into_inner().0);
+    }
+}
+
 /// Runs operations until the device is dropped.
 fn engine(s: &Shared, jobs: &Receiver<Regs>) {
     while let Ok(job) = jobs.recv() {
@@ -484,41 +589,61 @@ fn run(s: &Shared, job: &Regs) -> Result<u64, Option<DmaFault>> {
             iova: job.dst,
             write: true,
         }))?;
-        {
+        let mut requests = 0;
+        loop {
             // One chunk under the lock: an UNMAP waits for it, and no later chunk can reach
             // what it removed.
             // Stopped for migration: parked here, between chunks, until RUNNING.
             let Some(mut dma) = running_dma(s) else {
                 return Err(None);
             };
-            match job.op {
-                OP_COPY => {
-                    let src = src.ok_or(Some(DmaFault {
-                        iova: job.src,
-                        write: false,
-                    }))?;
-                    dma.read(src, &mut a[..n]).map_err(Some)?;
-                    dma.write(dst, &a[..n]).map_err(Some)?;
+            let chunk = (|| -> Result<Option<u64>, Option<DmaFault>> {
+                match job.op {
+                    OP_COPY => {
+                        let src = src.ok_or(Some(DmaFault {
+                            iova: job.src,
+                            write: false,
+                        }))?;
+                        dma.read(src, &mut a[..n]).map_err(Some)?;
+                        dma.write(dst, &a[..n]).map_err(Some)?;
+                    }
+                    OP_FILL => {
+                        a[..n].fill(job.fill as u8);
+                        dma.write(dst, &a[..n]).map_err(Some)?;
+                    }
+                    OP_COMPARE => {
+                        let src = src.ok_or(Some(DmaFault {
+                            iova: job.src,
+                            write: false,
+                        }))?;
+                        dma.read(src, &mut a[..n]).map_err(Some)?;
+                        dma.read(dst, &mut b[..n]).map_err(Some)?;
+                        if let Some(i) = a[..n].iter().zip(&b[..n]).position(|(x, y)| x != y) {
+                            return Ok(Some(i as u64));
+                        }
+                    }
+                    _ => return Err(None),
                 }
-                OP_FILL => {
-                    a[..n].fill(job.fill as u8);
-                    dma.write(dst, &a[..n]).map_err(Some)?;
+                Ok(None)
+            })();
+            match chunk {
+                Ok(Some(i)) => return Ok(done + i + 1),
+                Ok(None) => {
+                    done += n as u64;
+                    lock(&s.regs).progress = done;
+                    break;
                 }
-                OP_COMPARE => {
-                    let src = src.ok_or(Some(DmaFault {
-                        iova: job.src,
-                        write: false,
-                    }))?;
-                    dma.read(src, &mut a[..n]).map_err(Some)?;
-                    dma.read(dst, &mut b[..n]).map_err(Some)?;
-                    if let Some(i) = a[..n].iter().zip(&b[..n]).position(|(x, y)| x != y) {
-                        return Ok(done + i as u64 + 1);
+                // A miss: ask the VMM (outside the DMA lock, which its DMA_MAP takes), and
+                // redo the chunk if it mapped the page.
+                Err(Some(f)) if requests < PRQ_RETRIES_PER_CHUNK => {
+                    drop(dma);
+                    requests += 1;
+                    if !request_page(s, f) {
+                        return Err(Some(f));
                     }
                 }
-                _ => return Err(None),
+                Err(e) => return Err(e),
             }
-            done += n as u64;
-            lock(&s.regs).progress = done;
         }
         if job.delay_us > 0 {
             std::thread::sleep(Duration::from_micros(u64::from(job.delay_us)));
@@ -634,5 +759,102 @@ mod tests {
             Err(MigrationError::BadData(_))
         ));
         assert!(d.migration_data_write(MIGRATION_DATA_SIZE, &[1]).is_err());
+    }
+
+    fn prq(d: &TestDevice, offset: u64) -> u64 {
+        let mut b = [0u8; 8];
+        d.prq_read(offset, &mut b);
+        u64::from_le_bytes(b)
+    }
+
+    /// Waits for the device's pending page request (a condition; the deadline catches a
+    /// hang) and returns `(id, iova, write)`.
+    fn pending(d: &TestDevice) -> (u32, u64, bool) {
+        let start = std::time::Instant::now();
+        loop {
+            if prq(d, 4) as u32 == 1 {
+                return (prq(d, 0x14) as u32, prq(d, 8), prq(d, 0x10) & 1 == 1);
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "no page request");
+            std::thread::yield_now();
+        }
+    }
+
+    fn wait_status(d: &TestDevice) -> u32 {
+        let start = std::time::Instant::now();
+        loop {
+            let st = r32(d, regs::STATUS);
+            if st != STATUS_BUSY {
+                return st;
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "transfer hung");
+            std::thread::yield_now();
+        }
+    }
+
+    /// With page requests on, a copy to an unmapped destination waits; the "VMM" maps the
+    /// page and answers retry, and the copy completes; an invalid answer faults the access
+    /// as before; with requests off, the fault is immediate and no request is made.
+    #[test]
+    fn page_requests_stall_the_transfer_until_answered() {
+        let mut mem = memfile(64 << 10);
+        let d = TestDevice::new();
+        d.dma()
+            .map(0x10000, 16 << 10, mem.try_clone().unwrap(), 0, true, true)
+            .unwrap();
+        d.prq_write(0, 1);
+        assert_eq!(prq(&d, 0) as u32, 1);
+        // Copy 8 KiB from the mapped page to 0x40000, not mapped.
+        w64(&d, regs::SRC, 0x10000);
+        w64(&d, regs::DST, 0x40000);
+        w64(&d, regs::LEN, 8 << 10);
+        d.bar_write(regs::OP, &OP_COPY.to_le_bytes());
+        d.bar_write(regs::DOORBELL, &1u32.to_le_bytes());
+        let (id, iova, write) = pending(&d);
+        assert_eq!((iova, write), (0x40000, true));
+        assert_eq!(r32(&d, regs::STATUS), STATUS_BUSY, "stalled, not faulted");
+        // A stale answer (another id) changes nothing.
+        d.prq_write(0x18, u64::from(id + 1) | (u64::from(PRQ_RETRY) << 32));
+        assert_eq!(prq(&d, 4) as u32, 1);
+        // The "VMM" maps the destination (file offset 32 KiB) and answers retry.
+        d.dma()
+            .map(
+                0x40000,
+                8 << 10,
+                mem.try_clone().unwrap(),
+                32 << 10,
+                true,
+                true,
+            )
+            .unwrap();
+        d.prq_write(0x18, u64::from(id) | (u64::from(PRQ_RETRY) << 32));
+        assert_eq!(wait_status(&d), STATUS_DONE);
+        let mut copied = vec![0u8; 8 << 10];
+        mem.seek(SeekFrom::Start(32 << 10)).unwrap();
+        mem.read_exact(&mut copied).unwrap();
+        let mut src = vec![0u8; 8 << 10];
+        mem.seek(SeekFrom::Start(0)).unwrap();
+        mem.read_exact(&mut src).unwrap();
+        assert_eq!(copied, src);
+        assert_eq!((prq(&d, 0x20), prq(&d, 0x28), prq(&d, 0x30)), (1, 1, 0));
+
+        // Invalid: a fill of 0x80000 faults with the IOVA, as without page requests.
+        w64(&d, regs::DST, 0x80000);
+        w64(&d, regs::LEN, 4096);
+        d.bar_write(regs::OP, &OP_FILL.to_le_bytes());
+        d.bar_write(regs::DOORBELL, &1u32.to_le_bytes());
+        let (id, iova, _) = pending(&d);
+        assert_eq!(iova, 0x80000);
+        d.prq_write(0x18, u64::from(id) | (u64::from(PRQ_INVALID) << 32));
+        assert_eq!(wait_status(&d), STATUS_ERROR);
+        assert_eq!(r32(&d, regs::ERROR), ERR_FAULT_WRITE);
+        assert_eq!((prq(&d, 0x20), prq(&d, 0x30)), (2, 1));
+        assert_eq!(lock(&d.shared.fault_log).0, vec![(0x80000, true)]);
+
+        // Off: an immediate fault and no request.
+        d.prq_write(0, 0);
+        d.bar_write(regs::DOORBELL, &1u32.to_le_bytes());
+        assert_eq!(wait_status(&d), STATUS_ERROR);
+        assert_eq!(prq(&d, 0x20), 2);
     }
 }

@@ -8,7 +8,8 @@
 //! through the IOVAs the VMM mapped for it, with their permissions; anything else is a DMA
 //! fault, recorded in the error registers, in the fault log (region 9) and signalled on the
 //! error IRQ (index 3) so that the VMM raises a virtio-iommu fault event. Region 10 exposes
-//! the dirty log of IOVA pages the device wrote.
+//! the dirty log of IOVA pages the device wrote; region 12 lets the VMM map on demand: a
+//! transfer that misses waits for the VMM's answer to its page request.
 
 pub mod dma;
 mod engine;
@@ -48,6 +49,26 @@ pub const REGION_MIGRATION: u32 = 11;
 pub const MIGRATION_DATA_OFFSET: u64 = 0x1000;
 /// Size of the data window.
 pub const MIGRATION_DATA_SIZE: u64 = 0x1_0000;
+
+/// Region of the page-request interface (the stall model of PCIe PRI): with requests enabled,
+/// a transfer that reaches an IOVA the device cannot access does not fault at once; it posts
+/// a page request, signals the error IRQ (index 3) and waits for the answer. Layout
+/// (little-endian): `u32` enable at 0 (bit 0; read back), `u32` pending at 4 (1 while a
+/// request waits), the request's `u64 iova` at 8, `u32 flags` at 0x10 (bit 0: write) and
+/// `u32 id` at 0x14; the answer is written at 0x18 as a `u64`: the id in the low half and
+/// [`PRQ_RETRY`] or [`PRQ_INVALID`] in the high half. Counters: `u64` requests at 0x20,
+/// retries at 0x28, invalid answers at 0x30, timeouts at 0x38. The engine has at most one
+/// request outstanding (it stalls on it) and gives up after [`PRQ_TIMEOUT_MS`]: the access
+/// faults then, as it does on an invalid answer.
+pub const REGION_PAGE_REQUEST: u32 = 12;
+/// Answer: the page is mapped now; retry the access.
+pub const PRQ_RETRY: u32 = 1;
+/// Answer: the access is not allowed; it faults.
+pub const PRQ_INVALID: u32 = 2;
+/// How long the engine waits for an answer.
+pub const PRQ_TIMEOUT_MS: u64 = 2000;
+/// Page requests one chunk of a transfer may make before it faults.
+pub const PRQ_RETRIES_PER_CHUNK: u32 = 8;
 
 /// Device states of [`REGION_MIGRATION`], with the values of `enum vfio_device_mig_state`.
 pub mod mig {

@@ -92,6 +92,7 @@ impl ServerBackend for Backend {
                 }
             }
             REGION_FAULT_LOG => self.dev.fault_log_read(offset, data),
+            REGION_PAGE_REQUEST => self.dev.prq_read(offset, data),
             REGION_DIRTY_LOG if offset >= DIRTY_BITMAP_OFFSET => {
                 let (iova, pages, clear) = self.query;
                 let max = (data.len() as u64) * 8;
@@ -135,6 +136,7 @@ impl ServerBackend for Backend {
         match region {
             0 => self.dev.bar_write(offset, data),
             REGION_FAULT_LOG => self.dev.fault_log_clear(),
+            REGION_PAGE_REQUEST => self.dev.prq_write(offset, le(data)),
             REGION_DIRTY_LOG => match offset {
                 0 if self.dirty_log == DirtyLogMode::Off && le(data) & 1 == 1 => {
                     return Err(io::Error::new(
@@ -217,10 +219,11 @@ impl ServerBackend for Backend {
 /// # Errors
 /// When the socket cannot be bound or the connection fails.
 pub fn serve(path: &Path, dirty_log: DirtyLogMode) -> Result<(), vfio_user::Error> {
-    let mut regions: Vec<ServerRegion> = (0..12u32).map(|i| region(i, 0)).collect();
+    let mut regions: Vec<ServerRegion> = (0..13u32).map(|i| region(i, 0)).collect();
     regions[0] = region(0, BAR0_SIZE);
     regions[CONFIG_REGION as usize] = region(CONFIG_REGION, 256);
     regions[REGION_FAULT_LOG as usize] = region(REGION_FAULT_LOG, 0x1000);
+    regions[REGION_PAGE_REQUEST as usize] = region(REGION_PAGE_REQUEST, 0x1000);
     regions[REGION_DIRTY_LOG as usize] =
         region(REGION_DIRTY_LOG, DIRTY_BITMAP_OFFSET + DIRTY_BITMAP_SIZE);
     regions[REGION_MIGRATION as usize] = region(
