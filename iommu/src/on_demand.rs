@@ -20,6 +20,7 @@
 //! host unmaps.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 use crate::backend::{BackendCaps, BackendError, DmaBackend};
 use crate::pagetable::{IoPageTable, Perm, PAGE_SHIFT, PAGE_SIZE};
@@ -61,7 +62,7 @@ pub struct OnDemand {
     dirty_kept: std::collections::BTreeSet<u64>,
     /// Install window, in pages (a power of two).
     window_pages: u64,
-    counters: OnDemandCounters,
+    counters: Arc<Mutex<OnDemandCounters>>,
 }
 
 impl OnDemand {
@@ -75,13 +76,22 @@ impl OnDemand {
             installed: BTreeMap::new(),
             dirty_kept: std::collections::BTreeSet::new(),
             window_pages,
-            counters: OnDemandCounters::default(),
+            counters: Arc::default(),
         }
     }
 
     /// Its counters.
     pub fn counters(&self) -> OnDemandCounters {
-        self.counters
+        *self.count()
+    }
+
+    /// Its counters, shared: they stay readable once the backend is handed to the IOMMU.
+    pub fn shared_counters(&self) -> Arc<Mutex<OnDemandCounters>> {
+        self.counters.clone()
+    }
+
+    fn count(&self) -> std::sync::MutexGuard<'_, OnDemandCounters> {
+        self.counters.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The installed host mappings `(iova, len)`, in IOVA order.
@@ -105,14 +115,14 @@ impl OnDemand {
     /// The inner backend's error when the host map fails (the device should treat the
     /// access as faulted).
     pub fn page_request(&mut self, iova: u64, write: bool) -> Result<PageResponse, BackendError> {
-        self.counters.page_requests += 1;
+        self.count().page_requests += 1;
         let page = iova >> PAGE_SHIFT;
         let allowed = self.recorded.get(page).is_some_and(|p| {
             let need = if write { Perm::WRITE } else { Perm::READ };
             p.perm.contains(need)
         });
         if !allowed {
-            self.counters.invalid += 1;
+            self.count().invalid += 1;
             return Ok(PageResponse::Invalid);
         }
         if self.installed_at(page).is_some() {
@@ -131,7 +141,7 @@ impl OnDemand {
             true
         });
         let Some(run) = run else {
-            self.counters.invalid += 1;
+            self.count().invalid += 1;
             return Ok(PageResponse::Invalid);
         };
         // No installed mapping overlaps `run`: one would lie in the same window and the same
@@ -140,12 +150,10 @@ impl OnDemand {
         self.inner.map(run.iova(), run.gpa(), run.len(), run.perm)?;
         self.installed
             .insert(run.iova_page, (run.pages, run.gpa_page, run.perm));
-        self.counters.installs += 1;
-        self.counters.installed_bytes += run.len();
-        self.counters.peak_installed_bytes = self
-            .counters
-            .peak_installed_bytes
-            .max(self.counters.installed_bytes);
+        let mut c = self.count();
+        c.installs += 1;
+        c.installed_bytes += run.len();
+        c.peak_installed_bytes = c.peak_installed_bytes.max(c.installed_bytes);
         Ok(PageResponse::Retry)
     }
 
@@ -203,7 +211,7 @@ impl DmaBackend for OnDemand {
         for (p, n) in self.installed_in(first, last) {
             self.inner.unmap(p << PAGE_SHIFT, n << PAGE_SHIFT)?;
             self.installed.remove(&p);
-            self.counters.installed_bytes -= n << PAGE_SHIFT;
+            self.count().installed_bytes -= n << PAGE_SHIFT;
         }
         self.recorded.remove(first, last, |_| {});
         Ok(())
@@ -281,7 +289,7 @@ impl DmaBackend for OnDemand {
                 }
             }
             self.installed.remove(&p);
-            self.counters.installed_bytes -= n << PAGE_SHIFT;
+            self.count().installed_bytes -= n << PAGE_SHIFT;
         }
         self.recorded.remove(first, last, |_| {});
         Ok(())

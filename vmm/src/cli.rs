@@ -74,8 +74,12 @@ pub struct Cli {
     pub disk: Vec<DiskArg>,
 
     /// Attaches a passthrough device served by a vfio-user process on `socket`; `iommu=on`
-    /// puts it behind the virtio-iommu (else all guest RAM is mapped at its GPA). Repeatable.
-    #[arg(long = "vfio-user", value_name = "socket=PATH[,iommu=on]", value_parser = parse_vfio_user)]
+    /// puts it behind the virtio-iommu (else all guest RAM is mapped at its GPA).
+    /// `dma=fault` makes host mappings only when the device asks with a page request (at
+    /// most `prefault=SIZE` per request, default 2M) instead of when the guest maps
+    /// (`dma=static`, the default). Repeatable.
+    #[arg(long = "vfio-user", value_name = "socket=PATH[,iommu=on][,dma=static|fault][,prefault=SIZE]",
+          value_parser = parse_vfio_user)]
     pub vfio_user: Vec<PassthroughArg>,
 
     /// Attaches a host PCI device through VFIO (`path=/sys/bus/pci/devices/BDF`);
@@ -187,23 +191,53 @@ pub struct PassthroughArg {
     pub iommu: bool,
     /// Host VFIO through iommufd instead of a type1 container.
     pub iommufd: bool,
+    /// `dma=fault`: host mappings made on the device's page requests, this many bytes (a
+    /// power of two, the `prefault=` window) at most per request; `None` for `dma=static`.
+    pub fault_window: Option<u64>,
 }
+
+/// The default `prefault=` window.
+pub const DEFAULT_PREFAULT: u64 = 2 << 20;
 
 fn parse_vfio_user(s: &str) -> Result<PassthroughArg, String> {
     let mut a = PassthroughArg {
         path: PathBuf::new(),
         iommu: false,
         iommufd: false,
+        fault_window: None,
     };
-    for (k, v) in parse_kv(s, &["socket", "iommu"])? {
+    let mut fault = false;
+    let mut prefault = None;
+    for (k, v) in parse_kv(s, &["socket", "iommu", "dma", "prefault"])? {
         match k.as_str() {
             "socket" if !v.is_empty() => a.path = PathBuf::from(v),
             "iommu" => a.iommu = on_off(&k, &v)?,
+            "dma" => {
+                fault = match v.as_str() {
+                    "static" => false,
+                    "fault" => true,
+                    _ => return Err(format!("`dma={v}`: expected `static` or `fault`")),
+                }
+            }
+            "prefault" => {
+                let w = parse_size(&v).map_err(|e| format!("`prefault=`: {e}"))?;
+                if !w.is_power_of_two() || w < 4096 {
+                    return Err(format!(
+                        "`prefault={v}`: a power of two of at least 4K (e.g. 64K, 2M)"
+                    ));
+                }
+                prefault = Some(w);
+            }
             _ => return Err(format!("`{k}=` needs a value")),
         }
     }
     if a.path.as_os_str().is_empty() {
         return Err("missing socket=PATH".into());
+    }
+    match (fault, prefault) {
+        (true, w) => a.fault_window = Some(w.unwrap_or(DEFAULT_PREFAULT)),
+        (false, Some(_)) => return Err("`prefault=` needs `dma=fault`".into()),
+        (false, None) => {}
     }
     Ok(a)
 }
@@ -299,6 +333,7 @@ fn parse_vfio(s: &str) -> Result<PassthroughArg, String> {
         path: PathBuf::new(),
         iommu: false,
         iommufd: false,
+        fault_window: None,
     };
     for (k, v) in parse_kv(s, &["path", "iommu", "backend"])? {
         match k.as_str() {
@@ -665,5 +700,27 @@ mod tests {
         assert_eq!(cli.dma_threads, Some(3));
         let err = Cli::try_parse_from(["vmm", "--kernel", "k", "--dma-threads", "0"]).unwrap_err();
         assert!(err.to_string().contains("--dma-threads"));
+    }
+
+    #[test]
+    fn vfio_user_takes_a_dma_policy() {
+        let parse = |v: &str| Cli::try_parse_from(["vmm", "--kernel", "k", "--vfio-user", v]);
+        let a = &parse("socket=/s,iommu=on,dma=fault").unwrap().vfio_user[0];
+        assert_eq!((a.iommu, a.fault_window), (true, Some(DEFAULT_PREFAULT)));
+        let a = &parse("socket=/s,dma=fault,prefault=64K").unwrap().vfio_user[0];
+        assert_eq!(a.fault_window, Some(64 << 10));
+        let a = &parse("socket=/s,dma=static").unwrap().vfio_user[0];
+        assert_eq!(a.fault_window, None);
+        for (bad, why) in [
+            ("socket=/s,dma=lazy", "`dma=lazy`"),
+            ("socket=/s,dma=fault,prefault=3K", "power of two"),
+            ("socket=/s,prefault=2M", "needs `dma=fault`"),
+        ] {
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("--vfio-user") && err.contains(why),
+                "{bad}: {err}"
+            );
+        }
     }
 }

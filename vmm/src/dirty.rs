@@ -32,6 +32,19 @@ impl DirectDirty {
         }
     }
 
+    /// Passes a device's page request to the backend (`dma=fault` outside the vIOMMU).
+    ///
+    /// # Errors
+    /// The backend's error when the host map failed.
+    pub fn page_request(
+        &self,
+        iova: u64,
+        write: bool,
+    ) -> Result<iommu::backend::PageResponse, iommu::BackendError> {
+        let mut b = self.backend.lock().unwrap_or_else(|e| e.into_inner());
+        b.page_request(iova, write)
+    }
+
     fn start(&self) -> bool {
         let mut b = self.backend.lock().unwrap_or_else(|e| e.into_inner());
         let on = b.caps().dirty_tracking && b.set_dirty_tracking(true).is_ok();

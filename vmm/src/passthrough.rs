@@ -8,8 +8,11 @@ use devices::interrupt::InterruptManager;
 use devices::passthrough::pci::PassthroughPci;
 use devices::passthrough::vfio_user_backend::{VfioUserDevice, VfioUserDma};
 use devices::passthrough::{PassthroughBackend, VFIO_PCI_ERR_IRQ_INDEX};
+use devices::testdev;
 use devices::virtio::iommu::IommuHandle;
 use event_manager::{EventOps, Events, MutEventSubscriber};
+use iommu::backend::PageResponse;
+use iommu::on_demand::{OnDemand, OnDemandCounters};
 use iommu::viommu::BackendId;
 use iommu::DmaBackend;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
@@ -32,8 +35,11 @@ pub struct Passthrough {
     /// DMA faults the device reported.
     pub faults: Arc<Mutex<u64>>,
     /// The DMA backend of a device not behind the vIOMMU (all guest RAM mapped at its GPA),
-    /// kept for dirty tracking.
-    pub direct: Option<DirectDirty>,
+    /// kept for dirty tracking (and for page requests under `dma=fault`).
+    pub direct: Option<Arc<DirectDirty>>,
+    /// Under `dma=fault`: the on-demand backend's counters, and the device (whose page
+    /// request counters the line shows).
+    pub on_demand: Option<(Arc<Mutex<OnDemandCounters>>, VfioUserDevice)>,
     /// The device side (regions, interrupts, migration states).
     pub backend: Arc<Mutex<dyn PassthroughBackend>>,
 }
@@ -44,6 +50,10 @@ struct FaultForwarder {
     evt: EventFd,
     dev: VfioUserDevice,
     iommu: Option<(IommuHandle, u32, BackendId)>,
+    /// Under `dma=fault` outside the vIOMMU: where page requests go.
+    direct: Option<Arc<DirectDirty>>,
+    /// The device makes page requests (`dma=fault`).
+    page_requests: bool,
     faults: Arc<Mutex<u64>>,
     label: String,
     socket_fd: RawFd,
@@ -51,7 +61,42 @@ struct FaultForwarder {
 }
 
 impl FaultForwarder {
+    /// Answers the device's pending page request: the vIOMMU's endpoint backend (or the
+    /// direct backend) installs the host mapping if the access is allowed.
+    fn serve_page_request(&mut self) {
+        let (id, iova, write) = match self.dev.take_page_request() {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                log::debug!("{}: cannot read its page request: {e}", self.label);
+                return;
+            }
+        };
+        let r = match (&self.iommu, &self.direct) {
+            (Some((h, _, backend)), _) => h.lock().page_request(*backend, iova, write),
+            (None, Some(d)) => d.page_request(iova, write),
+            (None, None) => Ok(PageResponse::Invalid),
+        };
+        let code = match r {
+            Ok(PageResponse::Retry) => testdev::PRQ_RETRY,
+            Ok(PageResponse::Invalid) => testdev::PRQ_INVALID,
+            Err(e) => {
+                log::warn!(
+                    "{}: page request at IOVA {iova:#x}: host map failed: {e}",
+                    self.label
+                );
+                testdev::PRQ_INVALID
+            }
+        };
+        if let Err(e) = self.dev.answer_page_request(id, code) {
+            log::debug!("{}: cannot answer its page request: {e}", self.label);
+        }
+    }
+
     fn forward(&mut self) {
+        if self.page_requests {
+            self.serve_page_request();
+        }
         match self.dev.take_faults() {
             Ok(faults) => {
                 *self.faults.lock().unwrap_or_else(|e| e.into_inner()) += faults.len() as u64;
@@ -143,7 +188,7 @@ fn add_function(
 
 /// Where a device's DMA went: `(endpoint, backend ID)` in the vIOMMU, or the backend itself
 /// (all RAM mapped) for dirty tracking.
-type DmaAttachment = (Option<(u32, BackendId)>, Option<DirectDirty>);
+type DmaAttachment = (Option<(u32, BackendId)>, Option<Arc<DirectDirty>>);
 
 /// Gives a device's DMA backend to the vIOMMU (`iommu=on`: returns its endpoint and backend
 /// IDs), or maps all guest RAM at IOVA = GPA on it (returns it for dirty tracking).
@@ -152,6 +197,7 @@ fn attach_dma(
     name: &str,
     slot: u8,
     behind: bool,
+    on_demand: bool,
     mut dma: Box<dyn DmaBackend>,
 ) -> Result<DmaAttachment, VmmError> {
     let ep = u32::from(slot) << 3;
@@ -169,6 +215,14 @@ fn attach_dma(
             name.to_string(),
             "iommu=on needs --iommu".into(),
         )),
+        _ if on_demand => {
+            // Recorded only: the device's page requests install windows of it.
+            for &(gpa, len, _) in &b.ram.ranges {
+                dma.map(gpa, gpa, len, iommu::Perm::RW)
+                    .map_err(dev_err(name.to_string()))?;
+            }
+            Ok((None, Some(Arc::new(DirectDirty::new(dma)))))
+        }
         _ => {
             let mut ranges = Vec::new();
             for &(gpa, len, _) in &b.ram.ranges {
@@ -189,7 +243,7 @@ fn attach_dma(
                 r.threads,
                 r.elapsed.as_millis()
             );
-            Ok((None, Some(DirectDirty::new(dma))))
+            Ok((None, Some(Arc::new(DirectDirty::new(dma)))))
         }
     }
 }
@@ -209,7 +263,21 @@ impl Passthrough {
 
         let dma = VfioUserDma::new(dev.clone(), b.ram.clone());
         let dma_calls = dma.calls.clone();
-        let (endpoint, direct) = attach_dma(b, &name, slot, arg.iommu, Box::new(dma))?;
+        let (dma, on_demand): (Box<dyn DmaBackend>, _) = match arg.fault_window {
+            Some(window) => {
+                if !dev.enable_page_requests().map_err(dev_err(name.clone()))? {
+                    return Err(VmmError::Device(
+                        name,
+                        "dma=fault needs a device that makes page requests".into(),
+                    ));
+                }
+                let od = OnDemand::new(Box::new(dma), window);
+                let counters = od.shared_counters();
+                (Box::new(od), Some((counters, dev.clone())))
+            }
+            None => (Box::new(dma), None),
+        };
+        let (endpoint, direct) = attach_dma(b, &name, slot, arg.iommu, on_demand.is_some(), dma)?;
 
         let evt = EventFd::new(EFD_NONBLOCK).map_err(dev_err(name.clone()))?;
         backend
@@ -227,6 +295,8 @@ impl Passthrough {
             socket_fd: dev.socket_fd(),
             dev: dev.clone(),
             iommu: endpoint.and_then(|(ep, id)| b.iommu.clone().map(|h| (h, ep, id))),
+            direct: direct.clone().filter(|_| on_demand.is_some()),
+            page_requests: on_demand.is_some(),
             faults: faults.clone(),
             label: label.clone(),
             reported_failure: false,
@@ -237,6 +307,7 @@ impl Passthrough {
             dma_calls,
             faults,
             direct,
+            on_demand,
             backend,
         })
     }
@@ -257,13 +328,14 @@ impl Passthrough {
             .dma(b.ram.clone(), b.mem.clone())
             .map_err(dev_err(name.clone()))?;
         let dma_calls = dma.calls();
-        let (_, direct) = attach_dma(b, &name, slot, arg.iommu, Box::new(dma))?;
+        let (_, direct) = attach_dma(b, &name, slot, arg.iommu, false, Box::new(dma))?;
         Ok(Self {
             label: format!("{name} at 00:{slot:02x}.0"),
             failed,
             dma_calls,
             faults: Arc::new(Mutex::new(0)),
             direct,
+            on_demand: None,
             backend,
         })
     }
@@ -271,11 +343,23 @@ impl Passthrough {
     /// Its counters.
     pub fn counters_line(&self) -> String {
         let (maps, unmaps) = *self.dma_calls.lock().unwrap_or_else(|e| e.into_inner());
-        format!(
+        let mut line = format!(
             "{}: dma_map_calls={maps} dma_unmap_calls={unmaps} dma_faults={} failed={}",
             self.label,
             *self.faults.lock().unwrap_or_else(|e| e.into_inner()),
             u8::from(self.failed.load(Ordering::Acquire))
-        )
+        );
+        if let Some((counters, dev)) = &self.on_demand {
+            let c = *counters.lock().unwrap_or_else(|e| e.into_inner());
+            let [requests, retries, invalid, timeouts] =
+                dev.page_request_counters().unwrap_or_default();
+            line.push_str(&format!(
+                " page_requests={} page_requests_invalid={} installs={} installed_bytes={} \
+                 peak_installed_bytes={} device_page_requests={requests} device_retries={retries} \
+                 device_invalid={invalid} device_timeouts={timeouts}",
+                c.page_requests, c.invalid, c.installs, c.installed_bytes, c.peak_installed_bytes
+            ));
+        }
+        line
     }
 }

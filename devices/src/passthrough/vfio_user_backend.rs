@@ -98,7 +98,8 @@ impl VfioUserDevice {
         let mut recs = vec![0u8; 16 * n];
         c.region_read(testdev::REGION_FAULT_LOG, 8, &mut recs)
             .map_err(|e| self.map_err(e))?;
-        c.region_write(testdev::REGION_FAULT_LOG, 0, &[0; 4])
+        // Only the records read: one the device logs meanwhile stays for the next read.
+        c.region_write(testdev::REGION_FAULT_LOG, 0, &(n as u32).to_le_bytes())
             .map_err(|e| self.map_err(e))?;
         Ok(recs
             .chunks(16)
@@ -108,6 +109,79 @@ impl VfioUserDevice {
                 (u64::from_le_bytes(a), r[8] & 1 == 1)
             })
             .collect())
+    }
+
+    /// Turns on the test device's page requests ([`testdev::REGION_PAGE_REQUEST`]): its
+    /// transfers then wait for [`VfioUserDevice::answer_page_request`] on a miss. False for
+    /// a device without the region.
+    ///
+    /// # Errors
+    /// When the device process does not answer.
+    pub fn enable_page_requests(&self) -> Result<bool, PassthroughError> {
+        let mut c = self.lock();
+        if c.regions()
+            .get(testdev::REGION_PAGE_REQUEST as usize)
+            .is_none_or(|r| r.size < 0x40)
+        {
+            return Ok(false);
+        }
+        c.region_write(testdev::REGION_PAGE_REQUEST, 0, &1u32.to_le_bytes())
+            .map_err(|e| self.map_err(e))?;
+        let mut on = [0u8; 4];
+        c.region_read(testdev::REGION_PAGE_REQUEST, 0, &mut on)
+            .map_err(|e| self.map_err(e))?;
+        Ok(on[0] & 1 == 1)
+    }
+
+    /// The device's pending page request `(id, iova, write)`, if any.
+    ///
+    /// # Errors
+    /// When the device process does not answer.
+    pub fn take_page_request(&self) -> Result<Option<(u32, u64, bool)>, PassthroughError> {
+        let mut r = [0u8; 0x18];
+        self.lock()
+            .region_read(testdev::REGION_PAGE_REQUEST, 0, &mut r)
+            .map_err(|e| self.map_err(e))?;
+        let u32_at = |o: usize| u32::from_le_bytes([r[o], r[o + 1], r[o + 2], r[o + 3]]);
+        if u32_at(4) != 1 {
+            return Ok(None);
+        }
+        let mut iova = [0u8; 8];
+        iova.copy_from_slice(&r[8..16]);
+        Ok(Some((
+            u32_at(0x14),
+            u64::from_le_bytes(iova),
+            u32_at(0x10) & 1 == 1,
+        )))
+    }
+
+    /// Answers page request `id` with [`testdev::PRQ_RETRY`] or [`testdev::PRQ_INVALID`].
+    ///
+    /// # Errors
+    /// When the device process does not answer.
+    pub fn answer_page_request(&self, id: u32, code: u32) -> Result<(), PassthroughError> {
+        let v = u64::from(id) | (u64::from(code) << 32);
+        self.lock()
+            .region_write(testdev::REGION_PAGE_REQUEST, 0x18, &v.to_le_bytes())
+            .map_err(|e| self.map_err(e))
+    }
+
+    /// The device's page-request counters: requests, retries, invalid answers, timeouts.
+    ///
+    /// # Errors
+    /// When the device process does not answer.
+    pub fn page_request_counters(&self) -> Result<[u64; 4], PassthroughError> {
+        let mut r = [0u8; 32];
+        self.lock()
+            .region_read(testdev::REGION_PAGE_REQUEST, 0x20, &mut r)
+            .map_err(|e| self.map_err(e))?;
+        let mut out = [0u64; 4];
+        for (i, o) in out.iter_mut().enumerate() {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&r[8 * i..8 * i + 8]);
+            *o = u64::from_le_bytes(b);
+        }
+        Ok(out)
     }
 }
 

@@ -282,9 +282,13 @@ impl TestDevice {
         }
     }
 
-    /// Clears the fault log.
-    pub fn fault_log_clear(&self) {
-        *lock(&self.shared.fault_log) = (Vec::new(), 0);
+    /// Removes the first `n` records of the fault log (those a reader has seen) and resets
+    /// its count of lost records.
+    pub fn fault_log_consume(&self, n: u32) {
+        let mut log = lock(&self.shared.fault_log);
+        let n = (n as usize).min(log.0.len());
+        log.0.drain(..n);
+        log.1 = 0;
     }
 
     /// Reads the page-request region.
@@ -850,6 +854,13 @@ mod tests {
         assert_eq!(r32(&d, regs::ERROR), ERR_FAULT_WRITE);
         assert_eq!((prq(&d, 0x20), prq(&d, 0x30)), (2, 1));
         assert_eq!(lock(&d.shared.fault_log).0, vec![(0x80000, true)]);
+
+        // Consuming the records read keeps one logged after the read.
+        lock(&d.shared.fault_log).0.push((0x90000, false));
+        d.fault_log_consume(1);
+        assert_eq!(lock(&d.shared.fault_log).0, vec![(0x90000, false)]);
+        d.fault_log_consume(5);
+        assert!(lock(&d.shared.fault_log).0.is_empty());
 
         // Off: an immediate fault and no request.
         d.prq_write(0, 0);

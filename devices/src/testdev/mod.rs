@@ -25,7 +25,9 @@ pub const DEVICE_ID: u16 = 0x7eed;
 /// Size of BAR 0.
 pub const BAR0_SIZE: u64 = 0x1000;
 /// Region of the fault log: `u32 count`, `u32 lost`, then `count` records of
-/// `{u64 iova, u32 flags (bit 0: write), u32 0}`. Writing offset 0 clears it.
+/// `{u64 iova, u32 flags (bit 0: write), u32 0}`. Writing a `u32` N at offset 0 removes the
+/// first N records (the ones the reader has seen; records logged after its read stay) and
+/// resets `lost`.
 pub const REGION_FAULT_LOG: u32 = 9;
 /// Records the fault log holds.
 pub const FAULT_LOG_RECORDS: usize = 64;

@@ -135,7 +135,7 @@ impl ServerBackend for Backend {
         };
         match region {
             0 => self.dev.bar_write(offset, data),
-            REGION_FAULT_LOG => self.dev.fault_log_clear(),
+            REGION_FAULT_LOG if offset == 0 => self.dev.fault_log_consume(le(data) as u32),
             REGION_PAGE_REQUEST => self.dev.prq_write(offset, le(data)),
             REGION_DIRTY_LOG => match offset {
                 0 if self.dirty_log == DirtyLogMode::Off && le(data) & 1 == 1 => {

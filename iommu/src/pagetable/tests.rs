@@ -364,3 +364,22 @@ fn part_of_a_huge_chunk_can_be_removed() {
     assert_eq!(t.recount(), t.metadata_bytes());
     assert_eq!(t.metadata_bytes(), ROOT_BYTES + L2_BYTES + 4096);
 }
+
+/// Walks of a sparse L1 table that start at a later chunk see nothing of the chunks before.
+#[test]
+fn walks_of_a_sparse_table_start_at_their_chunk() {
+    let mut t = IoPageTable::default();
+    t.map(3, 3, 10, Perm::RW).unwrap();
+    t.map(5 * 512 + 7, 5 * 512 + 8, 20, Perm::READ).unwrap();
+    assert!(t.is_range_empty(2 * 512, 5 * 512 + 6));
+    assert!(!t.is_range_empty(2 * 512, 5 * 512 + 7));
+    let mut seen = Vec::new();
+    t.mappings(512, u64::MAX, |r| {
+        seen.push((r.iova_page, r.pages));
+        true
+    });
+    assert_eq!(seen, vec![(5 * 512 + 7, 2)]);
+    let mut spans = Vec::new();
+    t.populated_spans(|s, n| spans.push((s, n)));
+    assert_eq!(spans, vec![(0, 512), (5 * 512, 512)]);
+}
