@@ -173,6 +173,7 @@ impl TestDevice {
                 .or_else(|| reg64(regs::FAULTS, r.faults))
                 .or_else(|| reg64(regs::PROGRESS, r.progress))
                 .or_else(|| reg64(regs::INSTANCE, u64::from(std::process::id())))
+                .or_else(|| reg64(regs::PAGE_REQUESTS, lock(&self.shared.prq).requests))
                 .unwrap_or_else(|| {
                     let _ = o;
                     0

@@ -128,6 +128,8 @@ pub mod regs {
     /// `u64` identifies the device process (its PID). Not part of the migrated device state:
     /// a guest that reads it before and after sees it change when it was migrated.
     pub const INSTANCE: u64 = 0x70;
+    /// `u64` page requests made (see [`super::REGION_PAGE_REQUEST`]); not migrated.
+    pub const PAGE_REQUESTS: u64 = 0x78;
 }
 
 /// Value of [`regs::ID`].

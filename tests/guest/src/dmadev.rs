@@ -18,6 +18,7 @@ const RESULT: u64 = 0x40;
 const DELAY_US: u64 = 0x48;
 const PROGRESS: u64 = 0x68;
 const INSTANCE: u64 = 0x70;
+const PAGE_REQUESTS: u64 = 0x78;
 /// Copy.
 pub const OP_COPY: u32 = 1;
 /// Fill.
@@ -82,6 +83,11 @@ impl DmaDev {
     /// Bytes done of the running operation.
     pub fn progress(&self) -> u64 {
         rd64(self.bar + PROGRESS)
+    }
+
+    /// Page requests the device has made (`dma=fault`).
+    pub fn page_requests(&self) -> u64 {
+        rd64(self.bar + PAGE_REQUESTS)
     }
 
     /// Which device process serves the device (changes when the VM is migrated).
