@@ -383,3 +383,40 @@ fn walks_of_a_sparse_table_start_at_their_chunk() {
     t.populated_spans(|s, n| spans.push((s, n)));
     assert_eq!(spans, vec![(0, 512), (5 * 512, 512)]);
 }
+
+/// The exact budget count against what maps really allocate, where a sparse table turns
+/// dense next to entries of the neighbouring chunk, and where a dense table gains a small
+/// sparse leaf.
+#[test]
+fn exact_count_matches_the_allocation_at_chunk_edges() {
+    let check = |t: &mut IoPageTable, first: u64, last: u64, gpa: u64| {
+        let need = t.alloc_needed(first, last, gpa);
+        let before = t.metadata_bytes();
+        t.map(first, last, gpa, Perm::RW).unwrap();
+        assert_eq!(t.metadata_bytes() - before, need, "map {first:#x}..={last:#x}");
+        assert_eq!(t.recount(), t.metadata_bytes());
+    };
+    // Entries at the first two pages of chunk 1; 512 pages into chunk 0 make it dense.
+    let mut t = IoPageTable::default();
+    t.map(512, 513, 0, Perm::READ).unwrap();
+    check(&mut t, 0, 511, 1);
+    // A dense table (a huge chunk), then two pages in an empty chunk: a 16-byte leaf.
+    let mut t = IoPageTable::default();
+    t.map(0, 511, 0, Perm::RW).unwrap();
+    assert_eq!(t.alloc_needed(3 * 512, 3 * 512 + 1, 7), 16);
+    check(&mut t, 3 * 512, 3 * 512 + 1, 7);
+    check(&mut t, 3 * 512 + 2, 3 * 512 + 4, 9);
+}
+
+/// The last page of a mapping that ends with a huge chunk carries END; the pages before it
+/// do not, so an UNMAP that stops inside the chunk would split the mapping.
+#[test]
+fn a_huge_chunk_ends_its_mapping_on_its_last_page() {
+    let mut t = IoPageTable::default();
+    t.map(512, 1023, 512, Perm::RW).unwrap();
+    assert!(t.get(1023).is_some_and(|p| p.end && !p.start));
+    assert!(t.get(1000).is_some_and(|p| !p.end && !p.start));
+    assert!(t.get(512).is_some_and(|p| p.start && !p.end));
+    assert_eq!(t.check_unmap(512, 1000), Err(TableError::Split));
+    assert_eq!(t.check_unmap(512, 1023), Ok(()));
+}
