@@ -211,6 +211,11 @@ impl Vm {
                 .collect(),
         };
 
+        log::info!(
+            "VM built in {} ms ({} MiB of RAM)",
+            started.elapsed().as_millis(),
+            ram.size >> 20
+        );
         Ok(Self {
             vm_fd,
             devices,

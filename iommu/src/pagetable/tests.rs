@@ -393,7 +393,11 @@ fn exact_count_matches_the_allocation_at_chunk_edges() {
         let need = t.alloc_needed(first, last, gpa);
         let before = t.metadata_bytes();
         t.map(first, last, gpa, Perm::RW).unwrap();
-        assert_eq!(t.metadata_bytes() - before, need, "map {first:#x}..={last:#x}");
+        assert_eq!(
+            t.metadata_bytes() - before,
+            need,
+            "map {first:#x}..={last:#x}"
+        );
         assert_eq!(t.recount(), t.metadata_bytes());
     };
     // Entries at the first two pages of chunk 1; 512 pages into chunk 0 make it dense.
