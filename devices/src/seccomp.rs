@@ -466,12 +466,13 @@ pub mod lists {
     ];
 
     /// The main thread once the VM runs: the event loop (queue notifications, device
-    /// processes' interrupts and hang-ups, the devices' work), stopping the vCPUs, and at
-    /// the end the counters and `--dirty-log-out`.
+    /// processes' interrupts and hang-ups, the devices' work, the timer of throttled page
+    /// requests), stopping the vCPUs, and at the end the counters and `--dirty-log-out`.
     pub const VMM_MAIN: &[&[i64]] = &[
         IO,
         FILES,
         sys![
+            SYS_timerfd_settime,
             SYS_epoll_wait,
             SYS_epoll_pwait,
             SYS_dup3,

@@ -122,6 +122,50 @@ fn host_mappings_on_demand_behind_the_viommu() {
     );
 }
 
+/// A device that asks for unmapped pages without end is throttled: the VMM answers at most
+/// its budget per 10 ms window and holds the rest back, and keeps serving the other device,
+/// whose suite (with its own page requests) passes. Under seccomp (the default), so the
+/// throttle's timer runs under the main thread's filter too.
+#[test]
+fn a_device_flooding_page_requests_is_throttled() {
+    let good = DeviceProcess::start();
+    let flood = DeviceProcess::start_with(&["--flood-page-requests"]);
+    let (a, b) = (
+        format!("{},dma=fault", good.arg(true)),
+        format!("{},dma=fault", flood.arg(true)),
+    );
+    let g = guest();
+    let run = run_vmm(
+        &[
+            "--kernel",
+            &g,
+            "--memory",
+            "128M",
+            "--counters",
+            "--iommu",
+            "--vfio-user",
+            &a,
+            "--vfio-user",
+            &b,
+        ],
+        DEADLINE,
+    );
+    eprintln!("{}\n{}", run.console, run.stderr);
+    let (ok, bad, failing) = tap(&run.console);
+    assert_eq!(bad, 0, "{failing:?}");
+    assert_eq!(ok, 10);
+    assert_eq!(run.code(), 0, "the guest's verdict is the exit status");
+    let dev = |p: &DeviceProcess| format!("vfio-user device {}", p.socket.display());
+    let f = |k| counter(&run, &dev(&flood), k);
+    assert!(f("page_requests") > 100, "the device flooded");
+    assert!(f("page_requests_throttled") > 0, "and was held back");
+    assert_eq!(f("page_requests_invalid"), f("page_requests"));
+    assert_eq!(f("installs"), 0);
+    let g = |k| counter(&run, &dev(&good), k);
+    assert!(g("page_requests") > 0);
+    assert_eq!(g("device_timeouts"), 0);
+}
+
 /// `dma=fault` outside the vIOMMU: RAM is not mapped at start; page requests map 64 KiB
 /// windows at IOVA = GPA, and what the device touched is mapped, not all of RAM.
 #[test]

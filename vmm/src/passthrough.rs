@@ -1,8 +1,9 @@
 //! Passthrough devices on the command line: vfio-user device processes and host VFIO.
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use devices::interrupt::InterruptManager;
 use devices::passthrough::pci::PassthroughPci;
@@ -18,11 +19,17 @@ use iommu::DmaBackend;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::cli::PassthroughArg;
 use crate::device_manager::{dev_err, Builder};
 use crate::dirty::DirectDirty;
 use crate::error::VmmError;
+
+/// Page requests one device may have answered per [`PRQ_WINDOW`] (3,200 a second).
+pub const PRQ_BUDGET: u32 = 32;
+/// The throttling window of page requests.
+pub const PRQ_WINDOW: Duration = Duration::from_millis(10);
 
 /// A passthrough device the VMM set up.
 pub struct Passthrough {
@@ -39,7 +46,7 @@ pub struct Passthrough {
     pub direct: Option<Arc<DirectDirty>>,
     /// Under `dma=fault`: the on-demand backend's counters, and the device (whose page
     /// request counters the line shows).
-    pub on_demand: Option<(Arc<Mutex<OnDemandCounters>>, VfioUserDevice)>,
+    pub on_demand: Option<(Arc<Mutex<OnDemandCounters>>, VfioUserDevice, Arc<AtomicU64>)>,
     /// The device side (regions, interrupts, migration states).
     pub backend: Arc<Mutex<dyn PassthroughBackend>>,
 }
@@ -54,6 +61,12 @@ struct FaultForwarder {
     direct: Option<Arc<DirectDirty>>,
     /// The device makes page requests (`dma=fault`).
     page_requests: bool,
+    /// Throttling of page requests: the current window's start and count, the timer that
+    /// serves a request held back, and how many were held back.
+    prq_window: (Instant, u32),
+    prq_timer: Option<TimerFd>,
+    prq_timer_armed: bool,
+    prq_throttled: Arc<AtomicU64>,
     faults: Arc<Mutex<u64>>,
     label: String,
     socket_fd: RawFd,
@@ -61,9 +74,39 @@ struct FaultForwarder {
 }
 
 impl FaultForwarder {
+    /// Whether a page request may be served now: at most [`PRQ_BUDGET`] per
+    /// [`PRQ_WINDOW`] per device. A request over the budget waits, in the device, for the
+    /// timer that ends the window: a device that floods is slowed down, the event loop is
+    /// not taken over.
+    fn prq_admit(&mut self) -> bool {
+        let now = Instant::now();
+        if now.duration_since(self.prq_window.0) >= PRQ_WINDOW {
+            self.prq_window = (now, 0);
+        }
+        if self.prq_window.1 < PRQ_BUDGET {
+            self.prq_window.1 += 1;
+            return true;
+        }
+        if !self.prq_timer_armed {
+            let left = PRQ_WINDOW.saturating_sub(now.duration_since(self.prq_window.0));
+            if let Some(t) = self.prq_timer.as_mut() {
+                if t.reset(left.max(Duration::from_micros(100)), None).is_ok() {
+                    self.prq_timer_armed = true;
+                }
+            }
+            self.prq_throttled.fetch_add(1, Ordering::Relaxed);
+        }
+        // Without a timer (it could not be made) the request is served late by the next
+        // interrupt rather than never.
+        !self.prq_timer_armed && self.prq_timer.is_none()
+    }
+
     /// Answers the device's pending page request: the vIOMMU's endpoint backend (or the
     /// direct backend) installs the host mapping if the access is allowed.
     fn serve_page_request(&mut self) {
+        if !self.prq_admit() {
+            return;
+        }
         let (id, iova, write) = match self.dev.take_page_request() {
             Ok(Some(r)) => r,
             Ok(None) => return,
@@ -141,6 +184,14 @@ impl FaultForwarder {
 
 impl MutEventSubscriber for FaultForwarder {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if let Some(t) = self.prq_timer.as_mut() {
+            if events.fd() == t.as_raw_fd() {
+                let _ = t.wait();
+                self.prq_timer_armed = false;
+                self.forward();
+                return;
+            }
+        }
         if events.fd() == self.socket_fd {
             if events
                 .event_set()
@@ -158,6 +209,11 @@ impl MutEventSubscriber for FaultForwarder {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.evt, EventSet::IN)) {
             log::error!("{}: cannot watch its error interrupt: {e:?}", self.label);
+        }
+        if let Some(t) = &self.prq_timer {
+            if let Err(e) = ops.add(Events::new(t, EventSet::IN)) {
+                log::warn!("{}: cannot watch its page-request timer: {e:?}", self.label);
+            }
         }
         // Only hang-ups: the client owns the socket's data.
         if let Err(e) = ops.add(Events::new_raw(self.socket_fd, EventSet::READ_HANG_UP)) {
@@ -290,6 +346,7 @@ impl Passthrough {
             if arg.iommu { " behind the vIOMMU" } else { "" }
         );
         let faults = Arc::new(Mutex::new(0));
+        let prq_throttled = Arc::new(AtomicU64::new(0));
         b.subscribers.push(Arc::new(Mutex::new(FaultForwarder {
             evt,
             socket_fd: dev.socket_fd(),
@@ -297,6 +354,10 @@ impl Passthrough {
             iommu: endpoint.and_then(|(ep, id)| b.iommu.clone().map(|h| (h, ep, id))),
             direct: direct.clone().filter(|_| on_demand.is_some()),
             page_requests: on_demand.is_some(),
+            prq_window: (Instant::now(), 0),
+            prq_timer: on_demand.as_ref().and_then(|_| TimerFd::new().ok()),
+            prq_timer_armed: false,
+            prq_throttled: prq_throttled.clone(),
             faults: faults.clone(),
             label: label.clone(),
             reported_failure: false,
@@ -307,7 +368,7 @@ impl Passthrough {
             dma_calls,
             faults,
             direct,
-            on_demand,
+            on_demand: on_demand.map(|(c, d)| (c, d, prq_throttled)),
             backend,
         })
     }
@@ -349,15 +410,20 @@ impl Passthrough {
             *self.faults.lock().unwrap_or_else(|e| e.into_inner()),
             u8::from(self.failed.load(Ordering::Acquire))
         );
-        if let Some((counters, dev)) = &self.on_demand {
+        if let Some((counters, dev, throttled)) = &self.on_demand {
             let c = *counters.lock().unwrap_or_else(|e| e.into_inner());
             let [requests, retries, invalid, timeouts] =
                 dev.page_request_counters().unwrap_or_default();
             line.push_str(&format!(
                 " page_requests={} page_requests_invalid={} installs={} installed_bytes={} \
                  peak_installed_bytes={} device_page_requests={requests} device_retries={retries} \
-                 device_invalid={invalid} device_timeouts={timeouts}",
-                c.page_requests, c.invalid, c.installs, c.installed_bytes, c.peak_installed_bytes
+                 device_invalid={invalid} device_timeouts={timeouts} page_requests_throttled={}",
+                c.page_requests,
+                c.invalid,
+                c.installs,
+                c.installed_bytes,
+                c.peak_installed_bytes,
+                throttled.load(Ordering::Relaxed)
             ));
         }
         line

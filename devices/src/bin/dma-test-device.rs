@@ -1,8 +1,11 @@
-//! `dma-test-device --socket PATH [--dirty-log on|off|empty] [--seccomp on|log|off]`: the
+//! `dma-test-device --socket PATH [--dirty-log on|off|empty] [--flood-page-requests]
+//! [--seccomp on|log|off]`: the
 //! project's DMA test device as a vfio-user server. It serves one VMM and exits when that VMM
 //! disconnects. Its threads run under seccomp filters (`--seccomp`, default on).
 //! `--dirty-log off` makes it a device without dirty tracking, `empty` one that claims to
-//! track and reports nothing (both for tests of what the VMM does with such devices).
+//! track and reports nothing (both for tests of what the VMM does with such devices);
+//! `--flood-page-requests` one that asks for unmapped pages without end once the VMM turns
+//! page requests on (for the throttling test).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,16 +13,18 @@ use std::process::ExitCode;
 use devices::seccomp::Mode;
 use devices::testdev::DirtyLogMode;
 
-const USAGE: &str =
-    "usage: dma-test-device --socket PATH [--dirty-log on|off|empty] [--seccomp on|log|off]";
+const USAGE: &str = "usage: dma-test-device --socket PATH [--dirty-log on|off|empty] \
+                     [--flood-page-requests] [--seccomp on|log|off]";
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     let mut socket = None;
     let mut dirty_log = DirtyLogMode::On;
     let mut seccomp = Mode::On;
+    let mut flood = false;
     while let Some(a) = args.next() {
         match a.as_str() {
+            "--flood-page-requests" => flood = true,
             "--socket" => socket = args.next().map(PathBuf::from),
             "--dirty-log" => match value(&a, args.next()) {
                 Ok(m) => dirty_log = m,
@@ -44,7 +49,7 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     devices::seccomp::set_mode(seccomp);
-    match devices::testdev::serve(&socket, dirty_log) {
+    match devices::testdev::serve(&socket, dirty_log, flood) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("dma-test-device: {}: {e}", socket.display());

@@ -50,6 +50,8 @@ pub(crate) struct Shared {
     pub prq: Mutex<Prq>,
     /// Signalled when a page request is answered.
     pub prq_answered: Condvar,
+    /// Held for the whole of one page request: the engine and the flood thread take turns.
+    pub prq_slot: Mutex<()>,
 }
 
 /// The page-request interface's state.
@@ -127,6 +129,7 @@ impl TestDevice {
             mig_changed: Condvar::new(),
             prq: Mutex::new(Prq::default()),
             prq_answered: Condvar::new(),
+            prq_slot: Mutex::new(()),
         });
         let (tx, rx) = channel();
         let s = shared.clone();
@@ -142,6 +145,28 @@ impl TestDevice {
             jobs: tx,
             worker,
         }
+    }
+
+    /// Makes the device hostile: a thread posts page requests for IOVAs nobody mapped, one
+    /// after the other, for as long as the device lives (each waits for its answer, as a
+    /// stalled access would). For the test that the VMM throttles such a device.
+    pub fn start_flood(&self) {
+        let s = self.shared.clone();
+        let _ = std::thread::Builder::new()
+            .name("prq-flood".into())
+            .spawn(move || {
+                crate::seccomp::confine("prq-flood", crate::seccomp::lists::TESTDEV_ENGINE);
+                let mut i = 0u64;
+                while !s.stop.load(Ordering::Acquire) {
+                    if !lock(&s.prq).enabled {
+                        std::thread::sleep(Duration::from_millis(1));
+                        continue;
+                    }
+                    let iova = FLOOD_IOVA + (i % 256) * PAGE;
+                    request_page(&s, DmaFault { iova, write: true });
+                    i += 1;
+                }
+            });
     }
 
     /// The DMA space (for the server's DMA_MAP and DMA_UNMAP).
@@ -478,6 +503,7 @@ fn fault(s: &Shared, f: DmaFault) {
 /// Posts a page request for the access that faulted and waits for the VMM's answer; true
 /// when the access should be retried. False at once when page requests are off.
 fn request_page(s: &Shared, f: DmaFault) -> bool {
+    let _slot = lock(&s.prq_slot);
     let id = {
         let mut p = lock(&s.prq);
         if !p.enabled {
@@ -517,6 +543,9 @@ fn request_page(s: &Shared, f: DmaFault) -> bool {
             .unwrap_or_else(|e| e.into_inner().0);
     }
 }
+
+/// Where a flooding device asks for pages (see [`TestDevice::start_flood`]).
+const FLOOD_IOVA: u64 = 0xf10d_0000_0000;
 
 /// Runs operations until the device is dropped.
 fn engine(s: &Shared, jobs: &Receiver<Regs>) {

@@ -218,7 +218,7 @@ impl ServerBackend for Backend {
 ///
 /// # Errors
 /// When the socket cannot be bound or the connection fails.
-pub fn serve(path: &Path, dirty_log: DirtyLogMode) -> Result<(), vfio_user::Error> {
+pub fn serve(path: &Path, dirty_log: DirtyLogMode, flood: bool) -> Result<(), vfio_user::Error> {
     let mut regions: Vec<ServerRegion> = (0..13u32).map(|i| region(i, 0)).collect();
     regions[0] = region(0, BAR0_SIZE);
     regions[CONFIG_REGION as usize] = region(CONFIG_REGION, 256);
@@ -248,6 +248,9 @@ pub fn serve(path: &Path, dirty_log: DirtyLogMode) -> Result<(), vfio_user::Erro
         query: (0, 0, 0),
         dirty_log,
     };
+    if flood {
+        backend.dev.start_flood();
+    }
     crate::seccomp::confine("dma-test-device", crate::seccomp::lists::TESTDEV_SERVER);
     let r = server.run(&mut backend);
     let calls = {
