@@ -173,13 +173,21 @@ impl OnDemand {
 
 /// ORs `n` bits of `src` (from bit 0) into `dst` from bit `at`.
 fn or_bits(dst: &mut [u64], at: u64, src: &[u64], n: u64) {
-    for i in 0..n {
-        if src[(i / 64) as usize] & (1 << (i % 64)) != 0 {
-            let j = at + i;
-            if let Some(w) = dst.get_mut((j / 64) as usize) {
-                *w |= 1 << (j % 64);
-            }
-        }
+    for i in (0..n).filter(|&i| test_bit(src, i)) {
+        set_bit(dst, at + i);
+    }
+}
+
+/// Whether bit `i` of `bits` is set.
+fn test_bit(bits: &[u64], i: u64) -> bool {
+    bits.get((i / 64) as usize)
+        .is_some_and(|w| w & (1 << (i % 64)) != 0)
+}
+
+/// Sets bit `i` of `bits` (nothing beyond its end).
+fn set_bit(bits: &mut [u64], i: u64) {
+    if let Some(w) = bits.get_mut((i / 64) as usize) {
+        *w |= 1 << (i % 64);
     }
 }
 
@@ -236,10 +244,7 @@ impl DmaBackend for OnDemand {
         let last = first + (len >> PAGE_SHIFT).max(1) - 1;
         let kept: Vec<u64> = self.dirty_kept.range(first..=last).copied().collect();
         for page in kept {
-            let j = page - first;
-            if let Some(w) = bitmap.get_mut((j / 64) as usize) {
-                *w |= 1 << (j % 64);
-            }
+            set_bit(bitmap, page - first);
             if clear {
                 self.dirty_kept.remove(&page);
             }
@@ -274,16 +279,9 @@ impl DmaBackend for OnDemand {
                 .unmap_read_dirty(p << PAGE_SHIFT, n << PAGE_SHIFT, &mut bits)?;
             // The part inside the range goes to the caller; pages of the host mapping outside
             // it (it held more than the caller unmaps) are kept for the next dirty read.
-            for i in 0..n {
-                if bits[(i / 64) as usize] & (1 << (i % 64)) == 0 {
-                    continue;
-                }
-                let page = p + i;
+            for page in (0..n).filter(|&i| test_bit(&bits, i)).map(|i| p + i) {
                 if (first..=last).contains(&page) {
-                    let j = page - first;
-                    if let Some(w) = bitmap.get_mut((j / 64) as usize) {
-                        *w |= 1 << (j % 64);
-                    }
+                    set_bit(bitmap, page - first);
                 } else {
                     self.dirty_kept.insert(page);
                 }

@@ -599,23 +599,29 @@ fn request_cost(c: &mut Ctx) -> Result<(), &'static str> {
     check(viommu(c).one(Req::Detach(dom, ep)) == OK, "DETACH failed")
 }
 
+/// The addresses the device copies `size` bytes between, from GPA `src` to GPA `dst`: behind
+/// the vIOMMU, `src` mapped read-only at `IOVA` and `dst` write-only 256 MiB above, in
+/// domain 1 (`unmap_all(c, 1)` undoes it); without it, the GPAs.
+fn copy_pair(c: &mut Ctx, src: u64, dst: u64, size: u64) -> Result<(u64, u64), &'static str> {
+    if !c.behind {
+        return Ok((src, dst));
+    }
+    setup(c, 1, IOVA, src, size / 4096, MAP_R)?;
+    let d = IOVA + 0x1000_0000;
+    check(
+        viommu(c).one(Req::Map(1, d, d + size - 1, dst, MAP_W)) == OK,
+        "MAP dst",
+    )?;
+    Ok((IOVA, d))
+}
+
 fn throughput(c: &mut Ctx) -> Result<(), &'static str> {
     for &(size, rounds) in &[(4096u64, 64u64), (1 << 20, 8)] {
         let pages = size / 4096;
         let src = alloc_pages(pages);
         let dst = alloc_pages(pages);
         pattern(src, size, 17);
-        let (s, d) = if c.behind {
-            setup(c, 1, IOVA, src, pages, MAP_R)?;
-            let d = IOVA + 0x1000_0000;
-            check(
-                viommu(c).one(Req::Map(1, d, d + size - 1, dst, MAP_W)) == OK,
-                "MAP dst",
-            )?;
-            (IOVA, d)
-        } else {
-            (src, dst)
-        };
+        let (s, d) = copy_pair(c, src, dst, size)?;
         let t0 = rdtsc();
         for _ in 0..rounds {
             check(
@@ -667,17 +673,7 @@ fn reuse(c: &mut Ctx) -> Result<(), &'static str> {
             // Not cleared: filling 20 MiB would be minutes of emulated stores.
             let src = reserve_pages(pages);
             let dst = reserve_pages(pages);
-            let (s, d) = if c.behind {
-                setup(c, 1, IOVA, src, pages, MAP_R)?;
-                let d = IOVA + 0x1000_0000;
-                check(
-                    viommu(c).one(Req::Map(1, d, d + size - 1, dst, MAP_W)) == OK,
-                    "MAP dst",
-                )?;
-                (IOVA, d)
-            } else {
-                (src, dst)
-            };
+            let (s, d) = copy_pair(c, src, dst, size)?;
             let requests = dev(c).page_requests();
             let t0 = rdtsc();
             for _ in 0..uses {
