@@ -104,11 +104,35 @@ fn serve(conn: UnixStream, target: &ApiTarget) {
         if line.trim().is_empty() {
             continue;
         }
-        let reply = match serde_json::from_str::<Value>(&line) {
-            Ok(req) => handle(&req, target).unwrap_or_else(|e| json!({"ok": false, "error": e})),
-            Err(e) => json!({"ok": false, "error": format!("not JSON: {e}")}),
+        let (reply, migrated_to) = match serde_json::from_str::<Value>(&line) {
+            Ok(req) => {
+                let reply =
+                    handle(&req, target).unwrap_or_else(|e| json!({"ok": false, "error": e}));
+                let migrated = req["cmd"] == "migrate" && reply["ok"] == true;
+                (
+                    reply,
+                    migrated.then(|| req["to"].as_str().unwrap_or("").to_string()),
+                )
+            }
+            Err(e) => (
+                json!({"ok": false, "error": format!("not JSON: {e}")}),
+                None,
+            ),
         };
-        if writeln!(out, "{reply}").is_err() {
+        let written = writeln!(out, "{reply}").is_ok();
+        if let Some(to) = migrated_to {
+            // The guest runs on the destination now: this VM ends, after the report was
+            // written (or could not be: the client went away).
+            let machine = target
+                .machine
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            if let Some(m) = machine {
+                m.exit.request(devices::exit::ExitReason::Migrated(to));
+            }
+        }
+        if !written {
             return;
         }
     }

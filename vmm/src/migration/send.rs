@@ -302,8 +302,8 @@ pub fn migrate(m: &Machine, opts: &MigrateOptions) -> Result<MigrationReport, Mi
                 report.total_ms,
                 report.downtime_ms
             );
-            m.exit
-                .request(devices::exit::ExitReason::Migrated(opts.to.clone()));
+            // The caller ends the VM (`ExitReason::Migrated`) once it has answered: ending it
+            // here could end the process before the report reaches the user.
             Ok(report)
         }
         Err(HandOver::Resume(e)) => {
