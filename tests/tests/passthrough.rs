@@ -167,16 +167,48 @@ fn a_device_flooding_page_requests_is_throttled() {
 }
 
 /// `dma=fault` outside the vIOMMU: RAM is not mapped at start; page requests map 64 KiB
-/// windows at IOVA = GPA, and what the device touched is mapped, not all of RAM.
+/// windows at IOVA = GPA, what the device touched is mapped, not all of RAM, and the dirty
+/// log (read through the installs) holds exactly the pages the device wrote.
 #[test]
 fn host_mappings_on_demand_without_the_viommu() {
     let dev = DeviceProcess::start();
-    let run = run_guest_with(
-        &format!("{},dma=fault,prefault=64K", dev.arg(false)),
-        false,
-        Some("no_iommu"),
+    let vfio = format!("{},dma=fault,prefault=64K", dev.arg(false));
+    let (g, log) = (guest(), vmm_tests::scratch("dirty.log"));
+    let log_arg = log.display().to_string();
+    let run = run_vmm(
+        &[
+            "--kernel",
+            &g,
+            "--memory",
+            "128M",
+            "--counters",
+            "--vfio-user",
+            &vfio,
+            "--track-dirty",
+            "--dirty-log-out",
+            &log_arg,
+            "--cmdline",
+            "tests=no_iommu",
+        ],
+        DEADLINE,
     );
     eprintln!("{}\n{}", run.console, run.stderr);
+    // Dirty tracking through the installs: the log holds exactly the 4 pages the device
+    // copied into, as the guest reports them.
+    let written: std::collections::BTreeSet<u64> = run
+        .console
+        .lines()
+        .find_map(|l| l.strip_prefix("# no_iommu wrote: 0x"))
+        .and_then(|v| v.split(' ').next())
+        .and_then(|v| u64::from_str_radix(v, 16).ok())
+        .map(|first| (first..first + 4).collect())
+        .expect("the guest reports the pages the device wrote");
+    vmm_tests::assert_same_pages(
+        "dirty log under dma=fault",
+        &written,
+        &vmm_tests::dirty_log_pages(&log),
+    );
+    let _ = std::fs::remove_file(&log);
     let (ok, bad, failing) = tap(&run.console);
     assert_eq!(bad, 0, "{failing:?}");
     assert!(ok >= 1);
@@ -199,8 +231,8 @@ fn host_mappings_on_demand_without_the_viommu() {
 /// The seed 000 table, measured: the slowdown of `dma=fault` against static mapping for a
 /// 1 MiB and a 10 MiB buffer used 1, 100 and 1000 times, behind the vIOMMU and without it,
 /// with the page requests each configuration made. Both policies run alternately on this
-/// machine (best of three VM runs each) and only their ratio is printed; what is asserted is the mechanism: static
-/// mapping makes no page request, and under `dma=fault` a buffer faults in on its first use
+/// machine (best of three VM runs each) and only their ratio is printed; what is asserted
+/// is the mechanism: static mapping makes no page request, and under `dma=fault` a buffer faults in on its first use
 /// only (1000 uses make the requests one use makes).
 #[test]
 fn page_request_cost_is_measured() {

@@ -504,6 +504,7 @@ fn no_iommu(c: &mut Ctx) -> Result<(), &'static str> {
     pattern(src, 16384, 13);
     let out = dev(c).run(dmadev::OP_COPY, src, dst, 16384, 0);
     check(out.status == dmadev::DONE, "copy at GPAs")?;
+    say!("# no_iommu wrote: ", Hex(dst >> 12), " +4 pages");
     check(bytes(dst, 16384) == bytes(src, 16384), "copied bytes")
 }
 
