@@ -333,6 +333,42 @@ fn page_request_cost_is_measured() {
     }
 }
 
+/// A vIOMMU that starts in bypass identity-maps RAM on the device's backend: RAM is populated
+/// first, by the static-map threads, and the guest's suite still passes.
+#[test]
+fn boot_bypass_populates_ram_first() {
+    let dev = DeviceProcess::start();
+    let (g, vfio) = (guest(), dev.arg(true));
+    let run = run_vmm(
+        &[
+            "--kernel",
+            &g,
+            "--memory",
+            "128M",
+            "--counters",
+            "--iommu",
+            "boot-bypass=on",
+            "--dma-threads",
+            "2",
+            "--vfio-user",
+            &vfio,
+            "--cmdline",
+            "tests=probe,copy",
+        ],
+        DEADLINE,
+    );
+    eprintln!("{}\n{}", run.console, run.stderr);
+    let (ok, bad, failing) = tap(&run.console);
+    assert_eq!((ok, bad), (2, 0), "{failing:?}");
+    assert_eq!(run.code(), 0);
+    assert!(
+        run.stderr
+            .contains("guest RAM populated for the boot bypass (128 MiB) by 2 threads"),
+        "{}",
+        run.stderr
+    );
+}
+
 /// VM start time with 16 GiB of RAM and a device outside the vIOMMU: static mapping
 /// populates and maps all of it before the guest runs, `dma=fault` nothing. Not in the test
 /// command (16 GiB of host memory); run it with `--ignored` and read the figure.

@@ -169,6 +169,8 @@ pub struct Builder {
     /// Threads and cut alignment (bytes) for mapping all RAM on a device outside the
     /// vIOMMU (`crate::static_map`).
     pub static_map: (usize, u64),
+    /// Guest RAM was populated already (for the vIOMMU's boot bypass).
+    pub ram_populated: bool,
     /// Set while the devices are frozen for a snapshot.
     pub frozen: Arc<AtomicBool>,
     /// PCI functions in slot order: `(slot, kind, device)`.
@@ -356,6 +358,7 @@ impl DeviceManager {
                     .map_or_else(crate::static_map::default_threads, usize::from),
                 crate::static_map::cut_align(cli.memory.hugepages),
             ),
+            ram_populated: false,
             frozen: Arc::new(AtomicBool::new(false)),
             functions: Vec::new(),
             virtio: Vec::new(),

@@ -242,6 +242,19 @@ fn add_function(
     b.add_pci(slot, Arc::new(Mutex::new(pci)), name)
 }
 
+/// Guest RAM ranges as `(gpa, len, hva)`.
+fn ram_with_hvas(b: &Builder, name: &str) -> Result<Vec<(u64, u64, u64)>, VmmError> {
+    let mut ranges = Vec::new();
+    for &(gpa, len, _) in &b.ram.ranges {
+        let hva = b
+            .mem
+            .get_host_address(GuestAddress(gpa))
+            .map_err(dev_err(name.to_string()))?;
+        ranges.push((gpa, len, hva as u64));
+    }
+    Ok(ranges)
+}
+
 /// Where a device's DMA went: `(endpoint, backend ID)` in the vIOMMU, or the backend itself
 /// (all RAM mapped) for dirty tracking.
 type DmaAttachment = (Option<(u32, BackendId)>, Option<Arc<DirectDirty>>);
@@ -259,6 +272,23 @@ fn attach_dma(
     let ep = u32::from(slot) << 3;
     match (&b.iommu, behind) {
         (Some(h), true) => {
+            // A vIOMMU that starts in bypass identity-maps all RAM on the device's backend
+            // as it is added: populate RAM first, split across threads (once per VM), so
+            // that those host calls find the pages present.
+            if h.lock().config().bypass == 1 && !b.ram_populated && !on_demand {
+                let ranges = ram_with_hvas(b, name)?;
+                let (threads, align) = b.static_map;
+                let r = crate::static_map::populate_all(&ranges, align, threads)
+                    .map_err(dev_err(name.to_string()))?;
+                b.ram_populated = true;
+                log::info!(
+                    "{name}: guest RAM populated for the boot bypass ({} MiB) by {} threads in \
+                     {} ms",
+                    r.bytes >> 20,
+                    r.threads,
+                    r.elapsed.as_millis()
+                );
+            }
             let mut s = h.lock();
             let id = s.add_backend(dma).map_err(dev_err(name.to_string()))?;
             s.add_endpoint(ep, Some(id), &[])
@@ -280,14 +310,7 @@ fn attach_dma(
             Ok((None, Some(Arc::new(DirectDirty::new(dma)))))
         }
         _ => {
-            let mut ranges = Vec::new();
-            for &(gpa, len, _) in &b.ram.ranges {
-                let hva = b
-                    .mem
-                    .get_host_address(GuestAddress(gpa))
-                    .map_err(dev_err(name.to_string()))?;
-                ranges.push((gpa, len, hva as u64));
-            }
+            let ranges = ram_with_hvas(b, name)?;
             let (threads, align) = b.static_map;
             let r = crate::static_map::map_all(dma.as_mut(), &ranges, align, threads)
                 .map_err(dev_err(name.to_string()))?;
