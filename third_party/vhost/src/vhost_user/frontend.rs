@@ -340,8 +340,7 @@ impl VhostBackend for Frontend {
                 &log,
                 Some(&[region.mmap_handle]),
             )?;
-            let _ = node.recv_reply::<VhostUserLog>(&hdr)?;
-            Ok(())
+            node.recv_log_base_reply(&hdr).map_err(|e| e.into())
         } else {
             let _ = node.send_request_with_body(FrontendReq::SET_LOG_BASE, &val, None)?;
             Ok(())
@@ -964,6 +963,28 @@ impl FrontendInternal {
         Ok(body)
     }
 
+    /// The reply to `SET_LOG_BASE` with `LOG_SHMFD`: QEMU's and DPDK's back ends reply with
+    /// an empty body (and QEMU's front end expects that), this crate's back end echoes the
+    /// `VhostUserLog`. Both are accepted; anything else is invalid.
+    fn recv_log_base_reply(&mut self, hdr: &VhostUserMsgHeader<FrontendReq>) -> VhostUserResult<()> {
+        self.check_state()?;
+        let (reply, rfds) = self.main_sock.recv_header()?;
+        if !reply.is_reply_for(hdr) || rfds.is_some() {
+            return Err(VhostUserError::InvalidMessage);
+        }
+        match reply.get_size() as usize {
+            0 => Ok(()),
+            n if n == mem::size_of::<VhostUserLog>() => {
+                let (got, _, rfds) = self.main_sock.recv_into_buf(n)?;
+                if got != n || rfds.is_some() {
+                    return Err(VhostUserError::PartialMessage);
+                }
+                Ok(())
+            }
+            _ => Err(VhostUserError::InvalidMessage),
+        }
+    }
+
     fn recv_reply_with_optional_files<T: ByteValued + Sized + VhostUserMsgValidator + Default>(
         &mut self,
         hdr: &VhostUserMsgHeader<FrontendReq>,
@@ -1246,6 +1267,55 @@ mod tests {
         // Only UPDATE and INVALIDATE go from the frontend.
         let miss = VhostUserIotlb::new(VhostUserIotlbType::Miss, 0x1000, 0, 0, 1);
         assert!(frontend.send_iotlb_msg(&miss).is_err());
+    }
+
+    #[test]
+    fn test_set_log_base_takes_an_empty_or_an_echoed_reply() {
+        let path = temp_path();
+        let (mut frontend, mut peer) = create_pair(path);
+        let pfeatures = VhostUserProtocolFeatures::LOG_SHMFD;
+        let hdr = VhostUserMsgHeader::new(FrontendReq::GET_FEATURES, 0x4, 8);
+        peer.send_message(
+            &hdr,
+            &VhostUserU64::new(VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()),
+            None,
+        )
+        .unwrap();
+        frontend.get_features().unwrap();
+        let _ = peer.recv_header().unwrap();
+        let hdr = VhostUserMsgHeader::new(FrontendReq::GET_PROTOCOL_FEATURES, 0x4, 8);
+        peer.send_message(&hdr, &VhostUserU64::new(pfeatures.bits()), None)
+            .unwrap();
+        frontend.get_protocol_features().unwrap();
+        let _ = peer.recv_header().unwrap();
+        frontend.set_protocol_features(pfeatures).unwrap();
+        let _ = peer.recv_body::<VhostUserU64>().unwrap();
+
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let region = || {
+            Some(VhostUserDirtyLogRegion {
+                mmap_size: 0x2000,
+                mmap_offset: 0,
+                mmap_handle: file.as_raw_fd(),
+            })
+        };
+        // QEMU's and DPDK's back ends: an empty reply.
+        let empty = VhostUserMsgHeader::new(FrontendReq::SET_LOG_BASE, 0x4, 0);
+        peer.send_header(&empty, None).unwrap();
+        frontend.set_log_base(0, region()).unwrap();
+        let (hdr, body, rfds) = peer.recv_body::<VhostUserLog>().unwrap();
+        assert_eq!(hdr.get_code().unwrap(), FrontendReq::SET_LOG_BASE);
+        assert_eq!(rfds.map(|f| f.len()), Some(1));
+        assert_eq!({ body.mmap_size }, 0x2000);
+        // This crate's back end: the log echoed.
+        let echo = VhostUserMsgHeader::new(FrontendReq::SET_LOG_BASE, 0x4, 16);
+        peer.send_message(&echo, &body, None).unwrap();
+        frontend.set_log_base(0, region()).unwrap();
+        let _ = peer.recv_body::<VhostUserLog>().unwrap();
+        // Another size: refused.
+        let odd = VhostUserMsgHeader::new(FrontendReq::SET_LOG_BASE, 0x4, 8);
+        peer.send_message(&odd, &VhostUserU64::new(0), None).unwrap();
+        assert!(frontend.set_log_base(0, region()).is_err());
     }
 
     #[test]
