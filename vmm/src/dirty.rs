@@ -1,7 +1,9 @@
 //! Guest pages written by passthrough devices: those behind the vIOMMU are harvested through
 //! it (device reports by IOVA, translated to GPA by its page tables, harvested before every
-//! unmap); those not behind it see guest RAM at IOVA = GPA and report directly. A device
-//! that cannot report has every page it can write counted dirty, so nothing is lost.
+//! unmap); those not behind it see guest RAM at IOVA = GPA and report directly. vhost-user
+//! back ends log by GPA into a shared log (behind the vIOMMU or not). A device that cannot
+//! report has every page it can write counted dirty (a vhost-user back end: all of RAM), so
+//! nothing is lost.
 //!
 //! Migration adds the vCPUs' writes (KVM's dirty log) and the VMM's own (emulated devices)
 //! on top of these; see `migration`.
@@ -98,6 +100,15 @@ impl DeviceManager {
                 }
             }
         }
+        for (label, n) in &self.nets {
+            if !n
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .start_dirty_log()
+            {
+                untracked.push(label.clone());
+            }
+        }
         *self.dirty.lock().unwrap_or_else(|e| e.into_inner()) =
             Some(DirtyBitmap::new(&self.ram_ranges));
         self.untracked
@@ -107,8 +118,28 @@ impl DeviceManager {
         untracked
     }
 
-    /// ORs into `out` the pages passthrough devices wrote since the last harvest.
+    /// ORs into `out` the pages passthrough devices and vhost-user back ends wrote since the
+    /// last harvest.
     pub fn harvest_dirty(&self, out: &mut DirtyBitmap) {
+        self.harvest_passthrough(out);
+        self.harvest_vhost_user(out);
+    }
+
+    /// ORs into `out` the pages vhost-user back ends logged since the last harvest; returns
+    /// how many they reported.
+    pub fn harvest_vhost_user(&self, out: &mut DirtyBitmap) -> u64 {
+        self.nets
+            .iter()
+            .map(|(_, n)| {
+                n.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .harvest_dirty_log(&self.ram_ranges, out)
+            })
+            .sum()
+    }
+
+    /// ORs into `out` the pages passthrough devices wrote since the last harvest.
+    pub fn harvest_passthrough(&self, out: &mut DirtyBitmap) {
         if let Some((h, _)) = &self.iommu {
             h.lock().harvest_dirty(out);
         }
@@ -131,6 +162,9 @@ impl DeviceManager {
             if let Some(d) = &p.direct {
                 d.stop();
             }
+        }
+        for (_, n) in &self.nets {
+            n.lock().unwrap_or_else(|e| e.into_inner()).stop_dirty_log();
         }
         *self.dirty.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }

@@ -382,3 +382,185 @@ pub fn fault(n: &mut NetCtx, v: &mut Viommu) -> Result<(), &'static str> {
     )?;
     Ok(())
 }
+
+/// Transmit frames kept in flight at most, each in its own page (a frame the back end sends
+/// late is never rewritten under it).
+const TX_FRAMES: u64 = 8;
+/// Receive buffers [`migrate`] rotates over, one per page.
+const MIG_RX: usize = 64;
+/// How much older than the frame awaited a received frame may be (late ones).
+const LATE_SLACK: u32 = 8;
+
+/// Checks the frame received into the buffer at `buf` (`len` bytes with the header) while
+/// frame `awaited` was the newest sent: it must be a frame sent not long before (a late
+/// one) and hold exactly that frame's bytes. Returns its sequence number.
+fn received(
+    buf: u64,
+    expect: u64,
+    mac: &[u8; 6],
+    len: u32,
+    awaited: u32,
+    sent: u32,
+) -> Option<u32> {
+    let seq = u32::from_le_bytes(bytes(buf + HDR + 14, 4).try_into().ok()?);
+    let size = SIZES[seq as usize % SIZES.len()];
+    if seq >= sent || seq.saturating_add(LATE_SLACK) < awaited || len != size + HDR as u32 {
+        return None;
+    }
+    build(expect, mac, seq, size);
+    looped_back(buf, expect, mac, size).then_some(seq)
+}
+
+/// Frames looped back without end until `migrated()` says the VM runs elsewhere, then until
+/// `after` more came back there. Receive buffers rotate over [`MIG_RX`] pages that the
+/// guest's CPU neither writes nor reads until the buffer's turn comes again: only the back
+/// end's writes (and its dirty log) carry a received frame through a migration. (Under the
+/// shadow paging of these hosts a guest read of a page can make KVM log it dirty, which would
+/// hide a lost back-end write.) Before a buffer is posted again it must hold the frame that
+/// arrived in it; a frame that comes after its 300 ms (say across the migration's pause) is
+/// recognised by its sequence number. Prints `# migrate-ready` after `ready` frames came
+/// back. Returns `(frames back before the migration, after it, buffers that lost a frame)`.
+pub fn migrate(
+    n: &mut NetCtx,
+    mut v: Option<&mut Viommu>,
+    ready: u32,
+    after: u32,
+    migrated: &mut dyn FnMut() -> bool,
+) -> Result<(u32, u32, u32), &'static str> {
+    let iommu = n.behind && v.is_some();
+    up(n, v.as_deref_mut())?;
+    let (hdr, _, _) = n.bufs;
+    let frames = crate::mem::alloc_pages(TX_FRAMES);
+    let rx = crate::mem::alloc_pages(MIG_RX as u64);
+    if let (true, Some(v)) = (iommu, v) {
+        let st = v.batch(&[
+            Req::Map(
+                NET_DOM,
+                frames + NET_IOVA,
+                frames + NET_IOVA + TX_FRAMES * 4096 - 1,
+                frames,
+                MAP_R,
+            ),
+            Req::Map(
+                NET_DOM,
+                rx + NET_IOVA,
+                rx + NET_IOVA + MIG_RX as u64 * 4096 - 1,
+                rx,
+                MAP_W,
+            ),
+        ]);
+        check(st[..2] == [OK; 2], "MAP of the frames and buffers failed")?;
+    }
+    let expect = crate::mem::alloc_pages(1);
+    let khz = crate::tests::tsc_khz().max(1_000_000);
+    // What arrived in each buffer: (frame awaited then, length). The CPU's own writes.
+    let mut arrived = [None::<(u32, u32)>; MIG_RX];
+    let (mut before, mut back_after, mut lost, mut drops, mut late) = (0u32, 0u32, 0u32, 0u32, 0);
+    let mut moved = false;
+    let mut b = 0usize;
+    let mut posted = false;
+    let mut sent = 0u32;
+    let check_buffer =
+        |i: usize, arrived: &[Option<(u32, u32)>; MIG_RX], mac: &[u8; 6], next: u32| {
+            let Some((awaited, len)) = arrived[i] else {
+                return Some(None);
+            };
+            received(rx + i as u64 * 4096, expect, mac, len, awaited, next).map(Some)
+        };
+    loop {
+        let buf = rx + b as u64 * 4096;
+        let dev = n.dev.as_mut().ok_or("no device")?;
+        if !posted {
+            match check_buffer(b, &arrived, &dev.mac, n.seq) {
+                Some(Some(seq)) if seq != arrived[b].map_or(0, |a| a.0) => late += 1,
+                Some(_) => {}
+                None => {
+                    if lost < 8 {
+                        say!(
+                            "# net_migrate: buffer ",
+                            b,
+                            " does not hold the frame that arrived in it",
+                            if moved { " (after" } else { " (before" },
+                            " the migration)"
+                        );
+                    }
+                    lost += 1;
+                }
+            }
+            arrived[b] = None;
+            dev.post_rx(buf, None);
+            posted = true;
+        }
+        // One frame at a time: the next goes once this one is back or given up on.
+        let seq = n.seq;
+        n.seq += 1;
+        let size = SIZES[seq as usize % SIZES.len()];
+        let frame = frames + u64::from(seq) % TX_FRAMES * 4096;
+        build(frame, &dev.mac, seq, size);
+        dev.send(hdr, frame, size, None);
+        sent += 1;
+        let deadline = rdtsc() + 300 * khz;
+        let got = loop {
+            if let Some((_, len)) = dev.rx.pop_used() {
+                break Some(len);
+            }
+            if rdtsc() > deadline {
+                break None;
+            }
+            core::hint::spin_loop();
+        };
+        while dev.tx.pop_used().is_some() {}
+        let Some(len) = got else {
+            drops += 1;
+            continue;
+        };
+        posted = false;
+        arrived[b] = Some((seq, len));
+        b = (b + 1) % MIG_RX;
+        if moved {
+            back_after += 1;
+        } else {
+            before += 1;
+            if before == ready {
+                say!("# migrate-ready");
+            }
+            if before % 500 == 0 {
+                say!("# net_migrate: ", before, " frames back");
+            }
+        }
+        if !moved && migrated() {
+            moved = true;
+            say!("# net_migrate: migrated after ", before, " frames back");
+        }
+        if moved && back_after >= after {
+            break;
+        }
+        check(sent < 400_000, "the migration never came")?;
+        check(
+            drops <= 50 + sent / 20,
+            "more than 5% of the frames were dropped",
+        )?;
+    }
+    // The buffers not posted again yet.
+    let mac = n.dev.as_ref().ok_or("no device")?.mac;
+    for i in 0..MIG_RX {
+        if check_buffer(i, &arrived, &mac, n.seq).is_none() {
+            lost += 1;
+        }
+    }
+    say!(
+        "# net_migrate: ",
+        before,
+        " frames back before the migration, ",
+        back_after,
+        " after; ",
+        drops,
+        " not back in 300 ms (",
+        late,
+        " came late); ",
+        lost,
+        " buffers lost their frame"
+    );
+    check(lost == 0, "received frames were lost")?;
+    Ok((before, back_after, lost))
+}

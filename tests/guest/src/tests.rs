@@ -50,6 +50,7 @@ const CASES: &[(&str, Case)] = &[
     ("migrate_dma", migrate_dma),
     ("net_echo", net_echo),
     ("net_fault", net_fault),
+    ("net_migrate", net_migrate),
     ("hostile_peer", hostile_peer),
     ("shared_domain", shared_domain),
 ];
@@ -924,6 +925,27 @@ fn net_echo(c: &mut Ctx) -> Result<(), &'static str> {
     let n = c.net.as_mut().ok_or("no virtio-net device")?;
     let v = if n.behind { c.viommu.as_mut() } else { None };
     crate::net::echo(n, v, frames, khz)
+}
+
+/// Frames looped back by the back end through a live migration (see `net::migrate`): the
+/// DMA test device's instance register says when the VM runs on the other VMM (with its own
+/// testpmd). Parameters: `ready=` (frames before `# migrate-ready`, 20), `net_after=` (frames
+/// back after the migration, 100).
+fn net_migrate(c: &mut Ctx) -> Result<(), &'static str> {
+    let num = |key: &str, default: u32| {
+        param(c.cmdline, key)
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(default)
+    };
+    let (ready, after) = (num("ready", 20), num("net_after", 100));
+    let instance = c.dev.as_ref().ok_or("no DMA test device")?.instance();
+    let Ctx {
+        net, viommu, dev, ..
+    } = c;
+    let dev = dev.as_ref().ok_or("no DMA test device")?;
+    let n = net.as_mut().ok_or("no virtio-net device")?;
+    let v = if n.behind { viommu.as_mut() } else { None };
+    crate::net::migrate(n, v, ready, after, &mut || dev.instance() != instance).map(|_| ())
 }
 
 fn net_fault(c: &mut Ctx) -> Result<(), &'static str> {

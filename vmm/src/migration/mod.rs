@@ -149,7 +149,7 @@ pub enum Lifecycle {
 
 /// Dirty pages by where they were found: vCPU writes (KVM's dirty log), the VMM's own
 /// device models (vm-memory's bitmap), passthrough devices (their logs, through the vIOMMU
-/// or directly).
+/// or directly), vhost-user back ends (their shared logs, by GPA).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DirtySources {
     /// From KVM's dirty log.
@@ -158,6 +158,9 @@ pub struct DirtySources {
     pub vmm_devices: u64,
     /// From passthrough devices' dirty logs.
     pub passthrough: u64,
+    /// From vhost-user back ends' dirty logs (`VHOST_F_LOG_ALL`).
+    #[serde(default)]
+    pub vhost_user: u64,
 }
 
 impl DirtySources {
@@ -165,6 +168,7 @@ impl DirtySources {
         self.kvm += o.kvm;
         self.vmm_devices += o.vmm_devices;
         self.passthrough += o.passthrough;
+        self.vhost_user += o.vhost_user;
     }
 }
 
@@ -400,6 +404,31 @@ impl Machine {
         }
     }
 
+    /// Stops every vhost-user back end's rings (`GET_VRING_BASE`); on a failure restarts
+    /// those already stopped.
+    fn stop_vhost_user(&self) -> Result<(), MigrationError> {
+        for (label, n) in &self.devices.nets {
+            let r = n
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .stop_for_migration();
+            if let Err(e) = r {
+                self.restart_vhost_user();
+                return Err(state_err(format!("{label}: {e}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts again the vhost-user rings [`Machine::stop_vhost_user`] stopped.
+    fn restart_vhost_user(&self) {
+        for (_, n) in &self.devices.nets {
+            n.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .restart_after_migration();
+        }
+    }
+
     /// Moves every passthrough device to migration state `state`.
     fn passthrough_state(&self, state: u32) -> Result<(), MigrationError> {
         for p in &self.devices.passthrough {
@@ -412,12 +441,16 @@ impl Machine {
         Ok(())
     }
 
-    /// Refuses early when a passthrough device cannot migrate.
+    /// Refuses early when a device cannot migrate.
     fn check_migratable(&self) -> Result<(), MigrationError> {
-        if let Some((label, _)) = self.devices.nets.first() {
-            return Err(MigrationError::Busy(format!(
-                "{label} cannot be migrated yet (vhost-user dirty logging is not wired)"
-            )));
+        for (label, n) in &self.devices.nets {
+            let pairs = n.lock().unwrap_or_else(|e| e.into_inner()).active_pairs();
+            if pairs > 1 {
+                return Err(MigrationError::Busy(format!(
+                    "{label} runs {pairs} queue pairs: only the first pair's rings are \
+                     migrated so far"
+                )));
+            }
         }
         for p in &self.devices.passthrough {
             let b = p.backend.lock().unwrap_or_else(|e| e.into_inner());
@@ -496,9 +529,10 @@ impl Machine {
             out.mark_bits(r.start_addr().0 / 4096, &words, r.len() / 4096);
         }
         let mut devices = DirtyBitmap::new(&self.devices.ram_ranges);
-        self.devices.harvest_dirty(&mut devices);
+        self.devices.harvest_passthrough(&mut devices);
         n.passthrough = devices.count();
         out.merge(&devices);
+        n.vhost_user = self.devices.harvest_vhost_user(out);
         Ok(n)
     }
 

@@ -441,8 +441,12 @@ fn restore(
         .unwrap_or_else(|e| e.into_inner())
         .restore_state(&st.serial)
         .map_err(state_err)?;
-    for (slot, value) in &st.functions {
-        let Some((_, name, dev)) = m.devices.functions.iter().find(|f| f.0 == *slot) else {
+    // The virtio-iommu's function, then its tables, then the other functions: devices behind
+    // it that restart (virtio queues checked through it, a vhost-user back end's rings and
+    // IOTLB misses) translate through the restored tables, which the function's own restore
+    // (a device reset first) would otherwise clear.
+    let restore_function = |slot: u8, value: &serde_json::Value| {
+        let Some((_, name, dev)) = m.devices.functions.iter().find(|f| f.0 == slot) else {
             return Err(MigrationError::Incompatible(format!(
                 "no PCI function at 00:{slot:02x}.0"
             )));
@@ -450,9 +454,17 @@ fn restore(
         dev.lock()
             .unwrap_or_else(|e| e.into_inner())
             .restore_state(value)
-            .map_err(|e| state_err(format!("{name}: {e}")))?;
+            .map_err(|e| state_err(format!("{name}: {e}")))
+    };
+    let is_iommu = |slot: u8| {
+        m.devices
+            .functions
+            .iter()
+            .any(|f| f.0 == slot && kind_of(&f.1) == "virtio-iommu")
+    };
+    for (slot, value) in st.functions.iter().filter(|f| is_iommu(f.0)) {
+        restore_function(*slot, value)?;
     }
-    m.devices.pci.refresh_all();
     match (&m.devices.iommu, &st.viommu) {
         (Some((h, _)), Some(v)) => h.lock().restore_state(v).map_err(state_err)?,
         (None, None) => {}
@@ -462,6 +474,10 @@ fn restore(
             ))
         }
     }
+    for (slot, value) in st.functions.iter().filter(|f| !is_iommu(f.0)) {
+        restore_function(*slot, value)?;
+    }
+    m.devices.pci.refresh_all();
     for p in &m.devices.passthrough {
         let slot = super::send::slot_of(m, &p.label);
         let Some((_, data)) = device_data.iter().find(|d| d.0 == slot) else {

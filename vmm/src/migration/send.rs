@@ -178,11 +178,15 @@ fn connect(to: &str) -> Result<Box<dyn Conn>, MigrationError> {
 }
 
 /// Stops everything that changes guest state: vCPUs parked, device queues frozen,
-/// passthrough devices in STOP (their transfers parked between chunks).
+/// passthrough devices in STOP (their transfers parked between chunks), vhost-user back
+/// ends' rings stopped (`GET_VRING_BASE`).
 fn quiesce(m: &Machine) -> Result<(), MigrationError> {
     m.pause_vcpus()?;
     m.freeze();
-    if let Err(e) = m.passthrough_state(device_state::STOP) {
+    let stopped = m
+        .passthrough_state(device_state::STOP)
+        .and_then(|()| m.stop_vhost_user());
+    if let Err(e) = stopped {
         m.thaw();
         let _ = m.passthrough_state(device_state::RUNNING);
         return Err(e);
@@ -195,6 +199,7 @@ fn unquiesce(m: &Machine, keep_paused: bool) {
     if let Err(e) = m.passthrough_state(device_state::RUNNING) {
         log::error!("cannot restart a passthrough device: {e}");
     }
+    m.restart_vhost_user();
     m.thaw();
     if !keep_paused {
         m.resume_vcpus();

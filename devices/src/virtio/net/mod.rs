@@ -11,6 +11,7 @@
 //! queue, served by the VMM (`VIRTIO_NET_CTRL_MQ`).
 
 mod ctrl;
+pub mod dirty_log;
 pub mod vhost_user;
 
 use std::path::PathBuf;
@@ -29,8 +30,9 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
+use self::dirty_log::DirtyLog;
 pub use self::vhost_user::IotlbMode;
-use self::vhost_user::{DeviceIotlb, LinkState, Plan, RingSpec, Shared, VhostUserError};
+use self::vhost_user::{DeviceIotlb, LinkState, LogFault, Plan, RingSpec, Shared, VhostUserError};
 use super::iommu::IommuHandle;
 use super::iova::IovaMemory;
 use super::{ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_ACCESS_PLATFORM};
@@ -135,6 +137,10 @@ impl VhostUserNet {
         vhost_user::check_socket(&cfg.socket)?;
         let pairs = cfg.queue_pairs.clamp(1, MAX_QUEUE_PAIRS);
         let queues = 2 * usize::from(pairs) + usize::from(pairs > 1);
+        let gpa_end = vm_memory::GuestMemoryBackend::last_addr(mem.as_ref())
+            .0
+            .saturating_add(1);
+        let log = DirtyLog::new(gpa_end).map_err(VhostUserError::Log)?;
         let shared = Arc::new(Shared {
             label: cfg.label,
             socket: cfg.socket,
@@ -147,7 +153,12 @@ impl VhostUserNet {
                 link: None,
                 plan: None,
                 plan_generation: 0,
+                logging: false,
+                log_lost: false,
+                stopped: None,
             }),
+            log,
+            log_fault: LogFault::from_env(),
             link_up: AtomicBool::new(false),
             counters: NetCounters::default(),
         });
@@ -177,6 +188,50 @@ impl VhostUserNet {
         DeviceIotlb {
             shared: self.shared.clone(),
         }
+    }
+
+    /// Starts dirty tracking for a migration: the back end logs every guest page it writes
+    /// (buffers and used rings) by GPA into the device's shared log. Returns false when it
+    /// cannot (the back end lacks `VHOST_USER_PROTOCOL_F_LOG_SHMFD` or `VHOST_F_LOG_ALL`, or
+    /// refused): [`VhostUserNet::harvest_dirty_log`] then reports all of RAM every time.
+    pub fn start_dirty_log(&self) -> bool {
+        self.shared.set_logging(true)
+    }
+
+    /// ORs into `out` the guest pages the back end wrote since the last harvest (all of
+    /// `ram`, `(GPA, bytes)` ranges, when it cannot log). Returns the pages reported.
+    pub fn harvest_dirty_log(
+        &self,
+        ram: &[(u64, u64)],
+        out: &mut iommu::dirty::DirtyBitmap,
+    ) -> u64 {
+        self.shared.harvest_log(ram, out)
+    }
+
+    /// Stops dirty tracking (`VHOST_F_LOG_ALL` off).
+    pub fn stop_dirty_log(&self) {
+        self.shared.set_logging(false);
+    }
+
+    /// Stops the back end's rings for a migration's stop-and-copy (`GET_VRING_BASE`): it
+    /// writes no guest memory from here on. The bases go into the snapshot
+    /// ([`VirtioDevice::queue_positions`]); the destination starts its back end there.
+    ///
+    /// # Errors
+    /// A ring that did not stop (the back end is then cut off).
+    pub fn stop_for_migration(&self) -> Result<(), VhostUserError> {
+        self.shared.stop_for_migration()
+    }
+
+    /// Starts the rings [`VhostUserNet::stop_for_migration`] stopped again (the migration
+    /// failed, or it was a snapshot).
+    pub fn restart_after_migration(&self) {
+        self.shared.restart_after_migration();
+    }
+
+    /// Queue pairs the driver enabled.
+    pub fn active_pairs(&self) -> u16 {
+        self.active_pairs
     }
 
     /// Counters so far.
@@ -242,6 +297,7 @@ impl VhostUserNet {
         let shared = self.shared.clone();
         let mut st = shared.lock();
         let first = st.plan.is_none();
+        let logging = st.logging;
         let plan = st.plan.get_or_insert_with(|| Plan {
             features,
             rings: Vec::new(),
@@ -255,12 +311,12 @@ impl VhostUserNet {
             return;
         };
         let r = if first {
-            shared.start(link, &plan, &positions)
+            shared.start(link, &plan, &positions, logging)
         } else {
             rings
                 .iter()
                 .zip(&positions)
-                .try_for_each(|(r, &b)| shared.start_ring(link, &plan, r, b))
+                .try_for_each(|(r, &b)| shared.start_ring(link, &plan, r, b, logging))
         };
         if let Err(e) = r {
             log::error!("{}: cannot start the rings: {e}", shared.label);
@@ -363,12 +419,37 @@ impl VirtioDevice for VhostUserNet {
             let rings: Vec<usize> = plan.rings.iter().map(|r| r.index).collect();
             shared.stop_rings(&mut st, &rings);
         }
+        st.stopped = None;
         st.plan_generation += 1;
         drop(st);
         self.queues.clear();
         self.interrupt = None;
         self.acked = 0;
         self.active_pairs = 1;
+    }
+
+    /// The back end's rings stand where `GET_VRING_BASE` left them (after
+    /// [`VhostUserNet::stop_for_migration`]), or where the driver's used index says (no back
+    /// end); the control queue is the VMM's own.
+    fn queue_positions(&self) -> Vec<(u16, u16)> {
+        let stopped = self.shared.stopped_bases().unwrap_or_default();
+        let own = super::positions(&self.queues);
+        self.queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| {
+                if Some(i) == self.ctrl_queue() {
+                    return own[i];
+                }
+                let b = stopped
+                    .iter()
+                    .find(|s| s.0 == i)
+                    .map(|s| s.1)
+                    .or_else(|| self.shared.used_idx(q.used_ring()))
+                    .unwrap_or(0);
+                (b, b)
+            })
+            .collect()
     }
 
     fn queue_notify(&mut self, queue: usize) {

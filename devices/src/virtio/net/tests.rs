@@ -66,6 +66,8 @@ struct Backend {
     channel: Arc<Mutex<Option<UnixStream>>>,
     /// The main connection, to hang up on the frontend.
     conn: Arc<Mutex<Option<UnixStream>>>,
+    /// The dirty log's memfd (after SET_LOG_BASE).
+    log_fd: Arc<Mutex<Option<std::fs::File>>>,
 }
 
 #[derive(Clone, Copy)]
@@ -98,24 +100,31 @@ impl Backend {
             std::process::id(),
             std::thread::current().id()
         ));
+        Self::start_at(socket, script)
+    }
+
+    /// A back end listening on `socket` (removed first, as a restarted back end does).
+    fn start_at(socket: PathBuf, script: Script) -> Backend {
         let _ = std::fs::remove_file(&socket);
         let listener = UnixListener::bind(&socket).unwrap();
         let log: Arc<(Mutex<Log>, Condvar)> = Arc::default();
         let channel: Arc<Mutex<Option<UnixStream>>> = Arc::default();
         let conn: Arc<Mutex<Option<UnixStream>>> = Arc::default();
-        let (l, ch, cn) = (log.clone(), channel.clone(), conn.clone());
+        let log_fd: Arc<Mutex<Option<std::fs::File>>> = Arc::default();
+        let (l, ch, cn, lf) = (log.clone(), channel.clone(), conn.clone(), log_fd.clone());
         std::thread::spawn(move || {
             let Ok((s, _)) = listener.accept() else {
                 return;
             };
             *cn.lock().unwrap() = s.try_clone().ok();
-            Self::serve(&s, script, &l, &ch);
+            Self::serve(&s, script, &l, &ch, &lf);
         });
         Backend {
             socket,
             log,
             channel,
             conn,
+            log_fd,
         }
     }
 
@@ -124,6 +133,7 @@ impl Backend {
         script: Script,
         log: &(Mutex<Log>, Condvar),
         channel: &Mutex<Option<UnixStream>>,
+        log_fd: &Mutex<Option<std::fs::File>>,
     ) {
         let mut pending_fd: VecDeque<RawFd> = VecDeque::new();
         loop {
@@ -176,7 +186,21 @@ impl Backend {
                     let st = VhostUserVringState::from_slice(&body[..8])
                         .copied()
                         .unwrap();
-                    reply(s, c, VhostUserVringState::new(st.index, 0).as_slice());
+                    // Where the ring stands: 40 + its index.
+                    reply(
+                        s,
+                        c,
+                        VhostUserVringState::new(st.index, 40 + st.index).as_slice(),
+                    );
+                    answered = true;
+                }
+                c if c == FrontendReq::SET_LOG_BASE as u32 => {
+                    if let Some(fd) = pending_fd.pop_front() {
+                        // SAFETY: a descriptor we just received and own.
+                        *log_fd.lock().unwrap() = Some(unsafe { std::fs::File::from_raw_fd(fd) });
+                    }
+                    // As DPDK and QEMU's back ends: an empty reply.
+                    reply(s, c, &[]);
                     answered = true;
                 }
                 c if c == FrontendReq::SET_BACKEND_REQ_FD as u32 => {
@@ -413,7 +437,9 @@ fn negotiates_shares_memory_and_hands_rings_over_as_iovas() {
         .unwrap()
         .obj::<vhost::vhost_user::message::VhostUserU64>()
         .value;
-    let want = VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::BACKEND_REQ;
+    let want = VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::BACKEND_REQ
+        | VhostUserProtocolFeatures::LOG_SHMFD;
     assert_eq!(proto, want.bits());
     // Guest RAM shared by descriptor, with its GPA and the VMM's address.
     let table = msgs
@@ -749,27 +775,7 @@ fn reconnect_replays_memory_and_rings() {
     let socket = be.socket.clone();
     drop(be);
     eventually("link down", || !dev.link_up());
-    let be2 = {
-        let _ = std::fs::remove_file(&socket);
-        let listener = UnixListener::bind(&socket).unwrap();
-        let log: Arc<(Mutex<Log>, Condvar)> = Arc::default();
-        let channel: Arc<Mutex<Option<UnixStream>>> = Arc::default();
-        let conn: Arc<Mutex<Option<UnixStream>>> = Arc::default();
-        let (l, ch, cn) = (log.clone(), channel.clone(), conn.clone());
-        std::thread::spawn(move || {
-            let Ok((s, _)) = listener.accept() else {
-                return;
-            };
-            *cn.lock().unwrap() = s.try_clone().ok();
-            Backend::serve(&s, DPDK, &l, &ch);
-        });
-        Backend {
-            socket,
-            log,
-            channel,
-            conn,
-        }
-    };
+    let be2 = Backend::start_at(socket, DPDK);
     eventually("link up again", || dev.link_up());
     let base = be2.wait_for("SET_VRING_BASE of ring 0", |m| {
         m.is(FrontendReq::SET_VRING_BASE) && m.obj::<VhostUserVringState>().index == 0
@@ -923,3 +929,6 @@ fn control_queue_sets_the_queue_pairs() {
 
 use virtio_bindings::virtio_net::{VIRTIO_NET_ERR, VIRTIO_NET_OK};
 use vm_memory::Bytes;
+
+#[path = "migration_tests.rs"]
+mod migration;

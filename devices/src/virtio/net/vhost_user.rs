@@ -24,10 +24,11 @@ use vhost::vhost_user::message::{
 use vhost::vhost_user::{
     Frontend, FrontendReqHandler, VhostUserFrontend, VhostUserFrontendReqHandler,
 };
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::dirty_log::DirtyLog;
 use super::NetCounters;
 use crate::virtio::iommu::IommuHandle;
 use crate::virtio::iova::IovaMemory;
@@ -44,6 +45,33 @@ pub const REPLAY_MAX: usize = 1024;
 /// `VHOST_USER_F_PROTOCOL_FEATURES`.
 const PROTOCOL_FEATURES: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 
+/// `VHOST_F_LOG_ALL`: the back end logs every write to guest memory.
+const LOG_ALL: u64 = VhostUserVirtioFeatures::LOG_ALL.bits();
+
+/// `VHOST_VRING_F_LOG` of `SET_VRING_ADDR`: the back end logs its used-ring writes.
+const VRING_F_LOG: u32 = 1;
+
+/// Test-only breakages of the dirty log, from `VMM_TEST_VHOST_USER_LOG` at device creation:
+/// `ignore` (the log is set up but every harvest reports nothing: the bug a migration's
+/// verification must catch) or `unsupported` (`LOG_SHMFD` not negotiated: the device is
+/// reported untracked and all of RAM is copied every round).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum LogFault {
+    None,
+    Ignore,
+    Unsupported,
+}
+
+impl LogFault {
+    pub(super) fn from_env() -> Self {
+        match std::env::var("VMM_TEST_VHOST_USER_LOG").as_deref() {
+            Ok("ignore") => LogFault::Ignore,
+            Ok("unsupported") => LogFault::Unsupported,
+            _ => LogFault::None,
+        }
+    }
+}
+
 /// Why a back end cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum VhostUserError {
@@ -59,6 +87,9 @@ pub enum VhostUserError {
     /// The back-end channel could not be set up.
     #[error("cannot set up the back-end channel")]
     Channel(#[source] vhost::vhost_user::Error),
+    /// The dirty log (a memfd) could not be made.
+    #[error("cannot create the dirty log")]
+    Log(#[source] std::io::Error),
 }
 
 fn step<T>(what: &'static str, r: vhost::Result<T>) -> Result<T, VhostUserError> {
@@ -103,6 +134,9 @@ pub(super) struct Link {
     sent: BTreeMap<u64, VhostUserIotlb>,
     /// `SET_FEATURES` was sent with `VIRTIO_F_ACCESS_PLATFORM`.
     iotlb_on: bool,
+    /// `VHOST_USER_PROTOCOL_F_LOG_SHMFD` was negotiated and the back end offers
+    /// `VHOST_F_LOG_ALL`: it can log its writes into a shared log.
+    can_log: bool,
 }
 
 impl Link {
@@ -125,6 +159,15 @@ pub(super) struct LinkState {
     pub plan: Option<Plan>,
     /// Bumped whenever `plan` changes, so a reconnect notices it raced with the driver.
     pub plan_generation: u64,
+    /// A migration tracks dirty pages: the back end logs its writes (`VHOST_F_LOG_ALL`,
+    /// `SET_LOG_BASE`, `VHOST_VRING_F_LOG`), also after a reconnection.
+    pub logging: bool,
+    /// Logging was asked for but a back end could not (or failed to) log: every harvest
+    /// until logging stops counts all of RAM dirty.
+    pub log_lost: bool,
+    /// Rings stopped for a migration (`GET_VRING_BASE`) and the base each returned, until
+    /// the migration ends here (they are then started again from those bases).
+    pub stopped: Option<Vec<(usize, u16)>>,
 }
 
 /// Everything the threads of one device share.
@@ -140,6 +183,10 @@ pub(super) struct Shared {
     pub reconnect: Option<Duration>,
     pub iotlb_mode: IotlbMode,
     pub state: Mutex<LinkState>,
+    /// The dirty log handed to the back end during migrations.
+    pub log: DirtyLog,
+    /// Test-only breakage of the log.
+    pub log_fault: LogFault,
     /// `VIRTIO_NET_S_LINK_UP`.
     pub link_up: AtomicBool,
     pub counters: NetCounters,
@@ -187,6 +234,13 @@ impl Shared {
         if self.queues > 3 {
             want |= VhostUserProtocolFeatures::MQ;
         }
+        // Optional: without it a migration copies all of RAM every round (reported).
+        let can_log = offered.contains(VhostUserProtocolFeatures::LOG_SHMFD)
+            && features & LOG_ALL != 0
+            && self.log_fault != LogFault::Unsupported;
+        if can_log {
+            want |= VhostUserProtocolFeatures::LOG_SHMFD;
+        }
         for (f, name) in [
             (
                 VhostUserProtocolFeatures::REPLY_ACK,
@@ -224,6 +278,7 @@ impl Shared {
                 watch,
                 sent: BTreeMap::new(),
                 iotlb_on: false,
+                can_log,
             },
             channel,
         ))
@@ -231,7 +286,7 @@ impl Shared {
 
     /// Reads where the driver's used ring stands (`used->idx`), the base a new back end starts
     /// from.
-    fn used_idx(&self, used: u64) -> Option<u16> {
+    pub(super) fn used_idx(&self, used: u64) -> Option<u16> {
         use vm_memory::Bytes;
         let at = GuestAddress(used.checked_add(2)?);
         match &self.iommu {
@@ -242,15 +297,19 @@ impl Shared {
         }
     }
 
-    /// Starts `plan` on `link`: features, memory table, rings with the `bases` given.
+    /// Starts `plan` on `link`: features, memory table, (`logging`: the dirty log), rings
+    /// with the `bases` given.
     pub(super) fn start(
         &self,
         link: &mut Link,
         plan: &Plan,
         bases: &[u16],
+        logging: bool,
     ) -> Result<(), VhostUserError> {
+        let logging = logging && link.can_log;
         let fe = &mut link.frontend;
-        step("SET_FEATURES", fe.set_features(plan.features))?;
+        let features = plan.features | if logging { LOG_ALL } else { 0 };
+        step("SET_FEATURES", fe.set_features(features))?;
         link.iotlb_on = plan.features & (1 << VIRTIO_F_ACCESS_PLATFORM) != 0;
         let regions: Vec<VhostUserMemoryRegionInfo> = self
             .mem
@@ -258,20 +317,34 @@ impl Shared {
             .filter_map(|r| VhostUserMemoryRegionInfo::from_guest_region(r).ok())
             .collect();
         step("SET_MEM_TABLE", fe.set_mem_table(&regions))?;
+        if logging {
+            self.send_log_base(link)?;
+        }
         for (r, &base) in plan.rings.iter().zip(bases) {
-            self.start_ring(link, plan, r, base)?;
+            self.start_ring(link, plan, r, base, logging)?;
         }
         Ok(())
     }
 
-    /// Hands one ring over and enables it.
-    pub(super) fn start_ring(
+    /// `SET_LOG_BASE` with the device's log.
+    fn send_log_base(&self, link: &mut Link) -> Result<(), VhostUserError> {
+        let region = VhostUserDirtyLogRegion {
+            mmap_size: self.log.bytes(),
+            mmap_offset: 0,
+            mmap_handle: self.log.fd(),
+        };
+        step("SET_LOG_BASE", link.frontend.set_log_base(0, Some(region)))
+    }
+
+    /// The `SET_VRING_ADDR` of ring `r`: IOVAs behind the vIOMMU, else the VMM's own
+    /// addresses; with `logging`, the used ring is logged (by its driver address: DPDK turns
+    /// an IOVA into a GPA through its IOTLB and the memory table).
+    fn ring_config(
         &self,
-        link: &mut Link,
-        plan: &Plan,
+        link: &Link,
         r: &RingSpec,
-        base: u16,
-    ) -> Result<(), VhostUserError> {
+        logging: bool,
+    ) -> Result<VringConfigData, VhostUserError> {
         // Without an IOMMU the back end takes the frontend's own addresses.
         let addr = |gpa: u64| -> Result<u64, VhostUserError> {
             if link.iotlb_on {
@@ -282,15 +355,27 @@ impl Shared {
                 .map(|p| p as u64)
                 .map_err(|_| VhostUserError::MissingFeature("a ring inside guest RAM"))
         };
-        let config = VringConfigData {
+        Ok(VringConfigData {
             queue_max_size: r.size,
             queue_size: r.size,
-            flags: 0,
+            flags: if logging { VRING_F_LOG } else { 0 },
             desc_table_addr: addr(r.desc)?,
             used_ring_addr: addr(r.used)?,
             avail_ring_addr: addr(r.avail)?,
-            log_addr: None,
-        };
+            log_addr: logging.then_some(r.used),
+        })
+    }
+
+    /// Hands one ring over and enables it.
+    pub(super) fn start_ring(
+        &self,
+        link: &mut Link,
+        plan: &Plan,
+        r: &RingSpec,
+        base: u16,
+        logging: bool,
+    ) -> Result<(), VhostUserError> {
+        let config = self.ring_config(link, r, logging && link.can_log)?;
         let fe = &mut link.frontend;
         step("SET_VRING_NUM", fe.set_vring_num(r.index, r.size))?;
         step("SET_VRING_BASE", fe.set_vring_base(r.index, base))?;
@@ -330,6 +415,157 @@ impl Shared {
         for &i in rings {
             if let Err(e) = link.frontend.get_vring_base(i) {
                 log::warn!("{}: GET_VRING_BASE of ring {i}: {e}", self.label);
+                cut(link);
+                return;
+            }
+        }
+    }
+
+    /// Starts (`on`) or stops the back end's dirty logging on the live link: the log
+    /// cleared and handed over (`SET_LOG_BASE`), `VHOST_F_LOG_ALL` in `SET_FEATURES`, and
+    /// every started ring's `SET_VRING_ADDR` again with (or without) `VHOST_VRING_F_LOG`.
+    /// DPDK accepts both on running rings (QEMU does the same when a migration starts).
+    /// A later connection is started with logging as it stands.
+    ///
+    /// Returns whether the device's writes are tracked: false when the back end cannot log
+    /// (no `LOG_SHMFD` or `LOG_ALL`) or a message failed (the back end is then cut off).
+    pub(super) fn set_logging(&self, on: bool) -> bool {
+        let mut st = self.lock();
+        st.logging = on;
+        st.log_lost = false;
+        if on {
+            self.log.clear();
+        }
+        let LinkState {
+            link,
+            plan,
+            stopped,
+            log_lost,
+            ..
+        } = &mut *st;
+        // Nothing connected or started writes; a back end that comes is started as asked.
+        let (Some(link), Some(plan)) = (link.as_mut(), plan.as_ref()) else {
+            return true;
+        };
+        if !link.can_log {
+            *log_lost = on;
+            return !on;
+        }
+        let r = (|| {
+            if on {
+                self.send_log_base(link)?;
+            }
+            let features = plan.features | if on { LOG_ALL } else { 0 };
+            step("SET_FEATURES", link.frontend.set_features(features))?;
+            for r in &plan.rings {
+                if stopped.is_some() {
+                    break;
+                }
+                let config = self.ring_config(link, r, on)?;
+                step(
+                    "SET_VRING_ADDR",
+                    link.frontend.set_vring_addr(r.index, &config),
+                )?;
+            }
+            Ok::<_, VhostUserError>(())
+        })();
+        match r {
+            Ok(()) => true,
+            Err(e) => {
+                log::error!(
+                    "{}: cannot turn dirty logging {}: {e}; cutting the back end off",
+                    self.label,
+                    if on { "on" } else { "off" }
+                );
+                cut(link);
+                *log_lost = on;
+                !on
+            }
+        }
+    }
+
+    /// ORs into `out` the pages the back end logged since the last harvest; all of RAM when
+    /// logging was lost. Returns the pages logged.
+    pub(super) fn harvest_log(
+        &self,
+        ram: &[(u64, u64)],
+        out: &mut iommu::dirty::DirtyBitmap,
+    ) -> u64 {
+        let lost = self.lock().log_lost;
+        if lost {
+            for &(gpa, len) in ram {
+                out.mark(gpa / 4096, len / 4096);
+            }
+            return ram.iter().map(|r| r.1 / 4096).sum();
+        }
+        if self.log_fault == LogFault::Ignore {
+            return 0;
+        }
+        self.log.harvest(out)
+    }
+
+    /// Stops every started ring for a migration (`GET_VRING_BASE`: the back end stops
+    /// processing it and returns where it stands), recording the bases. Without a back end
+    /// nothing runs and nothing is recorded.
+    ///
+    /// # Errors
+    /// A ring that did not stop (the back end is cut off: it writes nothing any more).
+    pub(super) fn stop_for_migration(&self) -> Result<(), VhostUserError> {
+        let mut st = self.lock();
+        let LinkState {
+            link,
+            plan,
+            stopped,
+            ..
+        } = &mut *st;
+        let mut bases = Vec::new();
+        if let (Some(link), Some(plan)) = (link.as_mut(), plan.as_ref()) {
+            for r in &plan.rings {
+                match link.frontend.get_vring_base(r.index) {
+                    Ok(b) => bases.push((r.index, b as u16)),
+                    Err(e) => {
+                        cut(link);
+                        *stopped = Some(bases);
+                        return Err(VhostUserError::Protocol("GET_VRING_BASE", e));
+                    }
+                }
+            }
+        }
+        *stopped = Some(bases);
+        Ok(())
+    }
+
+    /// The bases of the rings [`Shared::stop_for_migration`] stopped.
+    pub(super) fn stopped_bases(&self) -> Option<Vec<(usize, u16)>> {
+        self.lock().stopped.clone()
+    }
+
+    /// Starts the rings a migration stopped again from their bases (the migration failed
+    /// or was a snapshot). A back end that refuses is cut off.
+    pub(super) fn restart_after_migration(&self) {
+        let mut st = self.lock();
+        let logging = st.logging;
+        let LinkState {
+            link,
+            plan,
+            stopped,
+            ..
+        } = &mut *st;
+        let Some(bases) = stopped.take() else {
+            return;
+        };
+        let (Some(link), Some(plan)) = (link.as_mut(), plan.as_ref()) else {
+            return;
+        };
+        for (i, base) in bases {
+            let Some(r) = plan.rings.iter().find(|r| r.index == i) else {
+                continue;
+            };
+            if let Err(e) = self.start_ring(link, plan, r, base, logging) {
+                log::error!(
+                    "{}: cannot restart ring {i} after the migration: {e}",
+                    self.label
+                );
                 cut(link);
                 return;
             }
@@ -571,7 +807,16 @@ impl Shared {
                 continue;
             }
             if let Some(p) = &plan {
-                self.start(&mut link, p, &bases)?;
+                let logging = st.logging;
+                if logging && !link.can_log {
+                    log::error!(
+                        "{}: the new back end cannot log its writes; a running migration \
+                         copies all of RAM from now on",
+                        self.label
+                    );
+                    st.log_lost = true;
+                }
+                self.start(&mut link, p, &bases, logging)?;
             }
             let fd = link.watch.as_raw_fd();
             st.link = Some(link);
@@ -750,7 +995,10 @@ impl DmaBackend for DeviceIotlb {
         BackendCaps {
             page_size_mask: 0x4000_0000 | 0x20_0000 | 0x1000,
             iova_ranges: vec![(0, MAX_IOVA)],
-            dirty_tracking: false,
+            // Tracked, but not by IOVA: the back end logs by GPA into the device's own log,
+            // which the VMM harvests next to the vIOMMU's reads
+            // (`VhostUserNet::harvest_dirty_log`); the reads below have nothing to add.
+            dirty_tracking: true,
             // Nothing is mapped on the host: any range may be invalidated at once.
             merge_maps: true,
             merge_unmaps: true,
@@ -767,6 +1015,24 @@ impl DmaBackend for DeviceIotlb {
 
     fn unmap(&mut self, iova: u64, len: u64) -> Result<(), BackendError> {
         self.shared.invalidate(iova, len);
+        Ok(())
+    }
+
+    /// Logging itself is started by `VhostUserNet::start_dirty_log`, which knows whether the
+    /// back end can log (and the VMM reports the device untracked when it cannot).
+    fn set_dirty_tracking(&mut self, _enable: bool) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    /// Nothing by IOVA: the back end's writes are in the GPA log (see above), which outlives
+    /// the mappings, so nothing is lost at an unmap either.
+    fn read_dirty(
+        &mut self,
+        _iova: u64,
+        _len: u64,
+        _bitmap: &mut [u64],
+        _clear: bool,
+    ) -> Result<(), BackendError> {
         Ok(())
     }
 }

@@ -1,0 +1,248 @@
+//! Live migration of a guest exchanging frames with DPDK's vhost-user back end (dpdk-testpmd,
+//! device IOTLB on) behind the vIOMMU, as real processes: two VMMs, two testpmds, two DMA
+//! test device processes (the guest watches the device's instance register to know it moved).
+//! The fast test guest's `net_migrate` case loops frames back through testpmd without end,
+//! rotating its receive buffers, which only the back end writes: a frame whose write the
+//! back end did not log is lost in the migration, and both `verify` and the guest see it.
+//!
+//! The source's back end logs into a shared memfd (`VHOST_F_LOG_ALL`, `SET_LOG_BASE`,
+//! `VHOST_VRING_F_LOG`), its rings are stopped with `GET_VRING_BASE` at the stop-and-copy,
+//! and the destination starts its own testpmd from those bases, its device IOTLB filled
+//! again from the migrated vIOMMU state through misses.
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use vmm_tests::{api, bin, counter, scratch, DeviceProcess, Testpmd, VmmProcess};
+
+const DEADLINE: Duration = Duration::from_secs(300);
+const MEMORY: &str = "256M";
+/// RAM pages of a 256 MiB guest.
+const PAGES: u64 = 65536;
+
+/// One migration at a time: each side's testpmd busy-polls a CPU.
+static ONE: Mutex<()> = Mutex::new(());
+
+/// The VMM arguments both sides share: RAM, the vIOMMU, the DMA test device and the net
+/// device behind it.
+fn common(dev: &DeviceProcess, pmd: &Testpmd) -> Vec<String> {
+    [
+        "--memory",
+        MEMORY,
+        "--iommu",
+        "--vfio-user",
+        &dev.arg(true),
+        "--vhost-user-net",
+        &pmd.arg(0, true),
+        "--counters",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+struct Pair {
+    src: VmmProcess,
+    dst: VmmProcess,
+    api: std::path::PathBuf,
+    report: serde_json::Value,
+    // Kept alive for the processes' lifetime.
+    _procs: (DeviceProcess, DeviceProcess, Testpmd, Testpmd),
+}
+
+/// Starts both sides (the source's VMM with `src_env`), waits until frames flow, migrates
+/// with `verify` (and the `extra` options) and returns the report.
+fn migrate(name: &str, src_env: &[(&str, &str)], extra: &str) -> Pair {
+    let (dev_a, dev_b) = (DeviceProcess::start(), DeviceProcess::start());
+    let (pmd_a, pmd_b) = (
+        Testpmd::start(&format!("{name}-src"), 1),
+        Testpmd::start(&format!("{name}-dst"), 1),
+    );
+    let (api_sock, mig_sock) = (scratch("api.sock"), scratch("mig.sock"));
+    let to = format!("unix:{}", mig_sock.display());
+    let mut dst_args = common(&dev_b, &pmd_b);
+    dst_args.extend(["--incoming".to_string(), to]);
+    let dst_args: Vec<&str> = dst_args.iter().map(String::as_str).collect();
+    let dst = VmmProcess::start(&dst_args);
+    let g = bin("test-guest").display().to_string();
+    let mut src_args = common(&dev_a, &pmd_a);
+    src_args.extend(
+        [
+            "--kernel",
+            &g,
+            "--cmdline",
+            "tests=net_migrate net_after=200",
+            "--api-socket",
+            &api_sock.display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    let src_args: Vec<&str> = src_args.iter().map(String::as_str).collect();
+    let mut src = VmmProcess::start_env(&src_args, src_env);
+    let start = std::time::Instant::now();
+    while !mig_sock.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no incoming socket"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    src.wait_console("# migrate-ready", DEADLINE);
+    let report = api(
+        &api_sock,
+        &format!(
+            r#"{{"cmd":"migrate","to":"unix:{}","verify":true{extra}}}"#,
+            mig_sock.display()
+        ),
+    );
+    eprintln!("migration report: {report}");
+    Pair {
+        src,
+        dst,
+        api: api_sock,
+        report,
+        _procs: (dev_a, dev_b, pmd_a, pmd_b),
+    }
+}
+
+/// The per-source figures of a report, for the log.
+fn figures(report: &serde_json::Value) {
+    eprintln!(
+        "downtime {} ms, total {} ms, dirty by source {}, final {}",
+        report["downtime_ms"],
+        report["total_ms"],
+        report["dirty_by_source"],
+        report["final_by_source"]
+    );
+    for r in report["rounds"].as_array().into_iter().flatten() {
+        eprintln!(
+            "round {}: {} pages, found dirty by source {}",
+            r["round"], r["pages"], r["dirty_by_source"]
+        );
+    }
+}
+
+#[test]
+fn frames_flow_through_a_live_migration_and_verify_passes() {
+    let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
+    let Pair {
+        src,
+        dst,
+        report,
+        _procs,
+        ..
+    } = migrate("mig-net", &[], "");
+    figures(&report);
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["verified_pages"], PAGES, "{report}");
+    assert_eq!(
+        report["untracked_devices"],
+        serde_json::json!([]),
+        "{report}"
+    );
+    // The back end's log found pages (the receive buffers and the used rings).
+    let by = &report["dirty_by_source"];
+    assert!(by["vhost_user"].as_u64().unwrap() > 0, "{report}");
+    assert!(by["kvm"].as_u64().unwrap() > 0, "{report}");
+    let src = src.wait(DEADLINE);
+    assert_eq!(src.code(), 0, "{}", src.stderr);
+    assert!(
+        src.stderr.contains("guest ended (migrated to unix:"),
+        "{}",
+        src.stderr
+    );
+    let dst = dst.wait(DEADLINE);
+    eprintln!("{}\n{}", dst.console, dst.stderr);
+    assert_eq!(dst.code(), 0, "the guest's verdict on the destination");
+    dst.assert_console("ok 1 - net_migrate");
+    dst.assert_console("# net_migrate: migrated after ");
+    dst.assert_console(" after; ");
+    dst.assert_console(" 0 buffers lost their frame");
+    // The destination's testpmd took over: its device IOTLB was filled again from the
+    // migrated vIOMMU state.
+    assert!(counter(&dst, "vhost-user-net", "updates") > 0);
+    assert_eq!(counter(&dst, "vhost-user-net", "faults"), 0);
+}
+
+#[test]
+fn a_back_end_log_that_is_ignored_fails_verify_and_the_source_runs_on() {
+    let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
+    let Pair {
+        mut src,
+        dst,
+        api: api_sock,
+        report,
+        _procs,
+    } = migrate(
+        "mig-net-ignored",
+        &[("VMM_TEST_VHOST_USER_LOG", "ignore")],
+        "",
+    );
+    assert_eq!(report["ok"], false, "{report}");
+    let err = report["error"].as_str().unwrap();
+    assert!(
+        err.contains("verify: ") && err.contains("pages differ"),
+        "{err}"
+    );
+    let dst = dst.wait(DEADLINE);
+    assert_eq!(dst.code(), 1, "{}", dst.stderr);
+    assert!(
+        dst.stderr.contains("the source aborted the migration"),
+        "{}",
+        dst.stderr
+    );
+    source_runs_on(&mut src, &api_sock);
+}
+
+#[test]
+fn a_back_end_that_cannot_log_is_copied_in_full_and_reported_untracked() {
+    let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
+    let Pair {
+        src,
+        dst,
+        report,
+        _procs,
+        ..
+    } = migrate(
+        "mig-net-nolog",
+        &[("VMM_TEST_VHOST_USER_LOG", "unsupported")],
+        r#","max_rounds":2"#,
+    );
+    figures(&report);
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["verified_pages"], PAGES, "{report}");
+    let untracked = report["untracked_devices"].as_array().unwrap();
+    assert_eq!(untracked.len(), 1, "{report}");
+    assert!(
+        untracked[0].as_str().unwrap().contains("vhost-user-net"),
+        "{report}"
+    );
+    // All of RAM counted dirty at every harvest (the first and the final at least).
+    assert!(
+        report["dirty_by_source"]["vhost_user"].as_u64().unwrap() >= 2 * PAGES,
+        "{report}"
+    );
+    assert_eq!(report["final_by_source"]["vhost_user"], PAGES, "{report}");
+    assert_eq!(src.wait(DEADLINE).code(), 0);
+    let dst = dst.wait(DEADLINE);
+    assert_eq!(dst.code(), 0, "{}\n{}", dst.console, dst.stderr);
+    dst.assert_console(" 0 buffers lost their frame");
+}
+
+/// After a failed migration the source's rings run again: frames keep coming back there.
+fn source_runs_on(src: &mut VmmProcess, api_sock: &Path) {
+    assert_eq!(api(api_sock, r#"{"cmd":"status"}"#)["state"], "running");
+    let before = src.console().matches("# net_migrate: ").count();
+    let start = std::time::Instant::now();
+    while src.console().matches("# net_migrate: ").count() < before + 2 {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "no frames back on the source after the failed migration:\n{}",
+            src.console()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(api(api_sock, r#"{"cmd":"quit"}"#)["ok"], true);
+}
