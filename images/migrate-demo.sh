@@ -79,24 +79,26 @@ if not r.get("ok"):
     print("migration failed:", r.get("error"))
     sys.exit(0)
 with open(sys.argv[2], "w") as out:
-    out.write("round sent vCPUs VMM-devices passthrough\n")
+    out.write("round sent vCPUs VMM-devices passthrough vhost-user\n")
     for x in r["rounds"]:
         s = x["dirty_by_source"]
-        out.write("%d %d %d %d %d\n" % (x["round"], x["pages"], s["kvm"], s["vmm_devices"],
-                                        s["passthrough"]))
+        out.write("%d %d %d %d %d %d\n" % (x["round"], x["pages"], s["kvm"], s["vmm_devices"],
+                                           s["passthrough"], s.get("vhost_user", 0)))
         print("round %d: %d pages in %d ms, %d dirty after it (vCPUs %d, VMM devices %d, "
-              "passthrough %d), harvest %.2f ms" % (x["round"], x["pages"], x["ms"],
-              x["dirty_after"], s["kvm"], s["vmm_devices"], s["passthrough"], x["harvest_ms"]))
+              "passthrough %d, vhost-user %d), harvest %.2f ms" % (x["round"], x["pages"],
+              x["ms"], x["dirty_after"], s["kvm"], s["vmm_devices"], s["passthrough"],
+              s.get("vhost_user", 0), x["harvest_ms"]))
     f = r["final_by_source"]
-    out.write("stop %d %d %d %d\n" % (r["final_pages"], f["kvm"], f["vmm_devices"],
-                                     f["passthrough"]))
+    out.write("stop %d %d %d %d %d\n" % (r["final_pages"], f["kvm"], f["vmm_devices"],
+                                        f["passthrough"], f.get("vhost_user", 0)))
 print("stop-and-copy: %d pages; downtime %d ms; total %d ms; %d MiB sent" %
       (r["final_pages"], r["downtime_ms"], r["total_ms"], r["bytes"] >> 20))
 by = r["dirty_by_source"]
 print("dirty pages by source over all harvests: vCPUs (KVM) %d, VMM devices %d, "
-      "passthrough devices %d (%d device dirty reads); untracked devices: %s" %
+      "passthrough devices %d (%d device dirty reads), vhost-user back ends %d; "
+      "untracked devices: %s" %
       (by["kvm"], by["vmm_devices"], by["passthrough"], r["device_dirty_reads"],
-       ", ".join(r["untracked_devices"]) or "none"))
+       by.get("vhost_user", 0), ", ".join(r["untracked_devices"]) or "none"))
 print("verify: %d RAM pages identical on both sides" % r["verified_pages"])
 EOF
 if [ $migrated -ne 0 ]; then
