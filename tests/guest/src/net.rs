@@ -208,6 +208,25 @@ fn looped_back(rx: u64, frame: u64, mac: &[u8; 6], size: u32) -> bool {
     got[..6] == *mac && got[6..12] == PEER && got[12..] == sent[12..]
 }
 
+/// Waits for a received frame (its length with the header), giving up after 300 ms (the
+/// guest runs in KVM's instruction emulator on PVM hosts: a spin count would be minutes
+/// there); then takes back the used transmit buffers.
+fn wait_back(dev: &mut Net) -> Option<u32> {
+    let khz = crate::tests::tsc_khz().max(1_000_000);
+    let deadline = rdtsc() + 300 * khz;
+    let back = loop {
+        if let Some((_, len)) = dev.rx.pop_used() {
+            break Some(len);
+        }
+        if rdtsc() > deadline {
+            break None;
+        }
+        core::hint::spin_loop();
+    };
+    while dev.tx.pop_used().is_some() {}
+    back
+}
+
 /// Sends one frame and waits for it to come back; `Ok(false)` when it did not (a drop).
 fn echo_one(n: &mut NetCtx, v: Option<&mut Viommu>, size: u32) -> Result<bool, &'static str> {
     up(n, v)?;
@@ -222,21 +241,7 @@ fn echo_one(n: &mut NetCtx, v: Option<&mut Viommu>, size: u32) -> Result<bool, &
         n.rx_posted = true;
     }
     dev.send(hdr, frame, size, None);
-    // Give up on the frame after 300 ms (the guest runs in KVM's instruction emulator on PVM
-    // hosts: a spin count would be minutes there).
-    let khz = crate::tests::tsc_khz().max(1_000_000);
-    let deadline = rdtsc() + 300 * khz;
-    let back = loop {
-        if let Some((_, len)) = dev.rx.pop_used() {
-            break Some(len);
-        }
-        if rdtsc() > deadline {
-            break None;
-        }
-        core::hint::spin_loop();
-    };
-    while dev.tx.pop_used().is_some() {}
-    let Some(len) = back else {
+    let Some(len) = wait_back(dev) else {
         return Ok(false);
     };
     n.rx_posted = false;
@@ -452,7 +457,6 @@ pub fn migrate(
         check(st[..2] == [OK; 2], "MAP of the frames and buffers failed")?;
     }
     let expect = crate::mem::alloc_pages(1);
-    let khz = crate::tests::tsc_khz().max(1_000_000);
     // What arrived in each buffer: (frame awaited then, length). The CPU's own writes.
     let mut arrived = [None::<(u32, u32)>; MIG_RX];
     let (mut before, mut back_after, mut lost, mut drops, mut late) = (0u32, 0u32, 0u32, 0u32, 0);
@@ -499,18 +503,7 @@ pub fn migrate(
         build(frame, &dev.mac, seq, size);
         dev.send(hdr, frame, size, None);
         sent += 1;
-        let deadline = rdtsc() + 300 * khz;
-        let got = loop {
-            if let Some((_, len)) = dev.rx.pop_used() {
-                break Some(len);
-            }
-            if rdtsc() > deadline {
-                break None;
-            }
-            core::hint::spin_loop();
-        };
-        while dev.tx.pop_used().is_some() {}
-        let Some(len) = got else {
+        let Some(len) = wait_back(dev) else {
             drops += 1;
             continue;
         };
