@@ -271,31 +271,26 @@ impl VcpuState {
         if let Some(x) = &self.xcrs {
             vcpu.set_xcrs(x).map_err(e("KVM_SET_XCRS"))?;
         }
-        let entries: Vec<kvm_msr_entry> = self
-            .msrs
-            .iter()
-            .map(|&(index, data)| kvm_msr_entry {
-                index,
-                data,
-                ..Default::default()
-            })
-            .collect();
-        // Past a refusal, on with the next one; every refused MSR is named at the end.
-        let mut rest = &entries[..];
-        let mut refused = Vec::new();
-        while !rest.is_empty() {
-            let msrs = Msrs::from_entries(rest)
-                .map_err(|e| KvmStateError::Malformed(format!("MSR list: {e:?}")))?;
-            let n = vcpu.set_msrs(&msrs).unwrap_or(0).min(rest.len());
-            if n < rest.len() {
-                refused.push(rest[n].index);
-            }
-            rest = &rest[(n + 1).min(rest.len())..];
-        }
+        // The TSC deadline after the local APIC: KVM ignores a deadline written while the
+        // APIC's timer is not in TSC-deadline mode (QEMU orders it the same way), and the
+        // guest would wait for a timer interrupt that never comes.
+        let entries = |deadline: bool| -> Vec<kvm_msr_entry> {
+            self.msrs
+                .iter()
+                .filter(|&&(index, _)| (index == MSR_IA32_TSC_DEADLINE) == deadline)
+                .map(|&(index, data)| kvm_msr_entry {
+                    index,
+                    data,
+                    ..Default::default()
+                })
+                .collect()
+        };
+        let mut refused = set_msrs(vcpu, &entries(false))?;
+        vcpu.set_lapic(&self.lapic).map_err(e("KVM_SET_LAPIC"))?;
+        refused.extend(set_msrs(vcpu, &entries(true))?);
         if !refused.is_empty() {
             return Err(KvmStateError::MsrsRefused(refused));
         }
-        vcpu.set_lapic(&self.lapic).map_err(e("KVM_SET_LAPIC"))?;
         vcpu.set_mp_state(self.mp_state)
             .map_err(e("KVM_SET_MP_STATE"))?;
         vcpu.set_vcpu_events(&self.events)
@@ -304,6 +299,26 @@ impl VcpuState {
             .map_err(e("KVM_SET_DEBUGREGS"))?;
         Ok(())
     }
+}
+
+/// `MSR_IA32_TSC_DEADLINE` (Intel SDM vol. 4, table 2-2).
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+
+/// Loads `entries` into `vcpu`; past a refusal, on with the next one. Returns the MSRs the
+/// host refused.
+fn set_msrs(vcpu: &VcpuFd, entries: &[kvm_msr_entry]) -> Result<Vec<u32>, KvmStateError> {
+    let mut rest = entries;
+    let mut refused = Vec::new();
+    while !rest.is_empty() {
+        let msrs = Msrs::from_entries(rest)
+            .map_err(|e| KvmStateError::Malformed(format!("MSR list: {e:?}")))?;
+        let n = vcpu.set_msrs(&msrs).unwrap_or(0).min(rest.len());
+        if n < rest.len() {
+            refused.push(rest[n].index);
+        }
+        rest = &rest[(n + 1).min(rest.len())..];
+    }
+    Ok(refused)
 }
 
 /// The VM-wide in-kernel devices.

@@ -105,9 +105,12 @@ pub fn receive(
     let result = receive_stream(m, vcpus, &mut reader);
     let Some(w) = ack.as_mut() else {
         // A snapshot: verified against the hashes it carries.
-        let incoming = result?;
+        let mut incoming = result?;
         if incoming.handover.is_some_and(|h| h.verify) {
-            let ours = page_hashes(&m.ram.mem, &m.devices.ram_ranges)?;
+            let ours = match incoming.received_hashes.take() {
+                Some(h) => h,
+                None => page_hashes(&m.ram.mem, &m.devices.ram_ranges)?,
+            };
             let diff = differing_pages(&ours, &incoming.hashes, &m.devices.ram_ranges);
             if !diff.is_empty() {
                 return Err(MigrationError::Verify(verify_failure(&diff)));
@@ -120,7 +123,7 @@ pub fn receive(
         );
         return Ok(());
     };
-    let incoming = match result {
+    let mut incoming = match result {
         Ok(i) => i,
         Err(e) => return Err(answer(Some(w), Err(e))),
     };
@@ -136,10 +139,10 @@ pub fn receive(
     if test_fault("drop-ack").is_some() {
         log::warn!("test fault: not sending ACK");
     } else {
-        let hashes = if handover.verify {
-            Some(page_hashes(&m.ram.mem, &m.devices.ram_ranges)?)
-        } else {
-            None
+        let hashes = match (handover.verify, incoming.received_hashes.take()) {
+            (false, _) => None,
+            (true, Some(h)) => Some(h),
+            (true, None) => Some(page_hashes(&m.ram.mem, &m.devices.ram_ranges)?),
         };
         let sent = back
             .json(Kind::Ack, &serde_json::json!({"ok": true}))
@@ -249,6 +252,13 @@ fn receive_stream<R: Read>(
             .map_err(|e| state_err(format!("writing guest RAM: {e}")))
     })?;
     log::info!("received {} pages and the machine state", incoming.pages);
+    let mut incoming = incoming;
+    // Verifying: this side's RAM as the stream left it, hashed before the restore writes to
+    // it (KVM refreshes the guest's kvmclock pages when the MSRs are restored, a new
+    // back end may write ring flags): those writes are this side's, not losses.
+    if incoming.handover.is_some_and(|h| h.verify) {
+        incoming.received_hashes = Some(page_hashes(&m.ram.mem, &m.devices.ram_ranges)?);
+    }
     restore(m, vcpus, &incoming.state, &incoming.device_data)?;
     Ok(incoming)
 }
@@ -265,6 +275,8 @@ pub struct Incoming {
     pub handover: Option<Handover>,
     /// RAM page hashes the stream carried (a snapshot taken with `verify`).
     pub hashes: Vec<u64>,
+    /// Verifying: this side's RAM page hashes once every page arrived, before the restore.
+    pub received_hashes: Option<Vec<u64>>,
 }
 
 /// Reads a whole stream (snapshot or migration) for a VM configured as `ours` with RAM
@@ -370,6 +382,7 @@ pub fn read_stream_from<R: Read>(
         pages,
         handover,
         hashes,
+        received_hashes: None,
     })
 }
 
