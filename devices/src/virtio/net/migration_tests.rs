@@ -148,3 +148,21 @@ fn a_back_end_that_cannot_log_counts_all_of_ram() {
     let mut after = DirtyBitmap::new(&ram);
     assert_eq!(r.dev.harvest_dirty_log(&ram, &mut after), 0);
 }
+
+#[test]
+fn a_ring_base_past_16_bits_fails_the_stop_and_cuts_the_back_end_off() {
+    let mut r = rig_with(
+        Script {
+            base: 0x1_0000,
+            ..DPDK
+        },
+        1,
+    );
+    r.activate();
+    r.be.wait_for("ring 1 enabled", |m| {
+        m.is(FrontendReq::SET_VRING_ENABLE) && m.obj::<VhostUserVringState>().index == 1
+    });
+    let e = r.dev.stop_for_migration().unwrap_err();
+    assert!(e.to_string().contains("GET_VRING_BASE"), "{e}");
+    eventually("link down", || !r.dev.link_up());
+}

@@ -76,12 +76,15 @@ struct Script {
     protocol: u64,
     /// Answer GET_FEATURES with garbage instead.
     garbage: bool,
+    /// GET_VRING_BASE answers this plus the ring's index.
+    base: u32,
 }
 
 const DPDK: Script = Script {
     features: DPDK_FEATURES,
     protocol: DPDK_PROTOCOL,
     garbage: false,
+    base: 40,
 };
 
 fn reply(s: &UnixStream, code: u32, body: &[u8]) {
@@ -186,12 +189,9 @@ impl Backend {
                     let st = VhostUserVringState::from_slice(&body[..8])
                         .copied()
                         .unwrap();
-                    // Where the ring stands: 40 + its index.
-                    reply(
-                        s,
-                        c,
-                        VhostUserVringState::new(st.index, 40 + st.index).as_slice(),
-                    );
+                    // Where the ring stands: the script's base + its index.
+                    let base = script.base.wrapping_add(st.index);
+                    reply(s, c, VhostUserVringState::new(st.index, base).as_slice());
                     answered = true;
                 }
                 c if c == FrontendReq::SET_LOG_BASE as u32 => {

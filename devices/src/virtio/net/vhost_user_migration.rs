@@ -110,8 +110,14 @@ impl Shared {
         let mut bases = Vec::new();
         if let (Some(link), Some(plan)) = (link.as_mut(), plan.as_ref()) {
             for r in &plan.rings {
-                match link.frontend.get_vring_base(r.index) {
-                    Ok(b) => bases.push((r.index, b as u16)),
+                // A split ring's index is 16 bits: a larger base is a malformed reply.
+                let got = link.frontend.get_vring_base(r.index).and_then(|b| {
+                    u16::try_from(b).map_err(|_| {
+                        vhost::Error::VhostUserProtocol(vhost::vhost_user::Error::InvalidMessage)
+                    })
+                });
+                match got {
+                    Ok(b) => bases.push((r.index, b)),
                     Err(e) => {
                         cut(link);
                         *stopped = Some(bases);
