@@ -4,7 +4,7 @@
 //
 
 use bitflags::bitflags;
-use libc::{c_void, iovec, EINVAL};
+use libc::EINVAL;
 use libc::{sysconf, _SC_PAGESIZE};
 use std::ffi::CString;
 use std::fs::File;
@@ -13,10 +13,11 @@ use std::mem::size_of;
 use std::num::Wrapping;
 use std::os::fd::OwnedFd;
 use std::os::unix::{
-    io::{FromRawFd, RawFd},
+    io::RawFd,
     net::{UnixListener, UnixStream},
 };
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use thiserror::Error;
 use vfio_bindings::bindings::vfio::*;
 use vm_memory::{ByteValued, FileOffset};
@@ -27,6 +28,8 @@ extern crate serde_derive;
 
 #[macro_use]
 extern crate log;
+
+pub mod server_ext;
 
 #[allow(dead_code)]
 #[repr(u16)]
@@ -48,6 +51,10 @@ pub enum Command {
     DmaWrite = 12,
     DeviceReset = 13,
     UserDirtyPages = 14,
+    RegionWriteMulti = 15,
+    DeviceFeature = 16,
+    MigDataRead = 17,
+    MigDataWrite = 18,
 }
 
 #[allow(dead_code)]
@@ -311,6 +318,29 @@ pub enum Error {
     InvalidInput,
     #[error("No_reply bit unexpectedly set for command: {0:?}")]
     UnexpectedNoReply(Command),
+}
+
+impl Error {
+    /// The errno an error reply carries for this error.
+    pub fn errno(&self) -> u32 {
+        let e = match self {
+            Error::Backend(e) | Error::StreamRead(e) | Error::StreamWrite(e) => {
+                e.raw_os_error().unwrap_or(match e.kind() {
+                    std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData => EINVAL,
+                    std::io::ErrorKind::Unsupported => libc::ENOTSUP,
+                    std::io::ErrorKind::PermissionDenied => libc::EPERM,
+                    std::io::ErrorKind::NotFound => libc::ENOENT,
+                    std::io::ErrorKind::OutOfMemory => libc::ENOMEM,
+                    _ => libc::EIO,
+                })
+            }
+            Error::UnknownCommand(_) | Error::UnsupportedCommand(_) | Error::UnsupportedFeature => {
+                libc::ENOTSUP
+            }
+            _ => EINVAL,
+        };
+        e as u32
+    }
 }
 
 /// The header every capability of a region begins with.
@@ -906,6 +936,72 @@ pub trait ServerBackend {
         _count: u32,
         _fds: Vec<File>,
     ) -> Result<(), std::io::Error>;
+
+    /// Called once the client is connected, with the channel for server-to-client
+    /// `VFIO_USER_DMA_READ`/`VFIO_USER_DMA_WRITE` (for memory mapped without a file
+    /// descriptor).
+    fn connected(&mut self, _dma: server_ext::DmaHandle) {}
+
+    /// `VFIO_DEVICE_FEATURE_MIGRATION`: the `VFIO_MIGRATION_*` flags the device supports, or
+    /// `None` without migration (every migration feature is then refused with `ENOTSUP`).
+    fn migration_flags(&self) -> Option<u64> {
+        None
+    }
+
+    /// `VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE` GET: the current `enum vfio_device_mig_state`.
+    fn mig_state(&mut self) -> Result<u32, std::io::Error> {
+        Err(std::io::Error::from_raw_os_error(libc::ENOTSUP))
+    }
+
+    /// `VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE` SET: moves to `state` along the arcs of
+    /// `<linux/vfio.h>`; the reply carries the state reached.
+    fn set_mig_state(&mut self, _state: u32) -> Result<(), std::io::Error> {
+        Err(std::io::Error::from_raw_os_error(libc::ENOTSUP))
+    }
+
+    /// `VFIO_USER_MIG_DATA_READ`: up to `size` bytes of the migration data stream (fewer:
+    /// the end of the stream).
+    fn mig_data_read(&mut self, _size: u32) -> Result<Vec<u8>, std::io::Error> {
+        Err(std::io::Error::from_raw_os_error(libc::ENOTSUP))
+    }
+
+    /// `VFIO_USER_MIG_DATA_WRITE`: the next bytes of the migration data stream.
+    fn mig_data_write(&mut self, _data: &[u8]) -> Result<(), std::io::Error> {
+        Err(std::io::Error::from_raw_os_error(libc::ENOTSUP))
+    }
+
+    /// Whether the `VFIO_DEVICE_FEATURE_DMA_LOGGING_*` features are supported.
+    fn dma_logging_supported(&self) -> bool {
+        false
+    }
+
+    /// `VFIO_DEVICE_FEATURE_DMA_LOGGING_START`: log DMA writes to `ranges` (`(iova, length)`;
+    /// none: everything) at `page_size`; returns the page size chosen.
+    fn dma_logging_start(
+        &mut self,
+        _page_size: u64,
+        _ranges: &[(u64, u64)],
+    ) -> Result<u64, std::io::Error> {
+        Err(std::io::Error::from_raw_os_error(libc::ENOTSUP))
+    }
+
+    /// `VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP`.
+    fn dma_logging_stop(&mut self) -> Result<(), std::io::Error> {
+        Err(std::io::Error::from_raw_os_error(libc::ENOTSUP))
+    }
+
+    /// `VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT`: ORs into `bitmap` (bit `i` = the
+    /// `page_size` unit at `iova + i * page_size`) the units written in
+    /// `[iova, iova + length)` since the last report, and clears them.
+    fn dma_logging_report(
+        &mut self,
+        _iova: u64,
+        _length: u64,
+        _page_size: u64,
+        _bitmap: &mut [u64],
+    ) -> Result<(), std::io::Error> {
+        Err(std::io::Error::from_raw_os_error(libc::ENOTSUP))
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -926,6 +1022,7 @@ pub struct Server {
     resettable: bool,
     irqs: Vec<IrqInfo>,
     regions: Vec<ServerRegion>,
+    capabilities: server_ext::ServerCapabilities,
 }
 
 impl Server {
@@ -947,7 +1044,15 @@ impl Server {
             resettable,
             irqs,
             regions,
+            capabilities: Default::default(),
         })
+    }
+
+    /// The capabilities announced in the `VFIO_USER_VERSION` reply (the defaults:
+    /// [`server_ext::ServerCapabilities::default`]).
+    pub fn with_capabilities(mut self, capabilities: server_ext::ServerCapabilities) -> Self {
+        self.capabilities = capabilities;
+        self
     }
 
     pub fn from_owned_fd(
@@ -964,15 +1069,18 @@ impl Server {
             resettable,
             irqs,
             regions,
+            capabilities: Default::default(),
         }
     }
 
     fn handle_command(
         &self,
         backend: &mut dyn ServerBackend,
-        stream: &mut UnixStream,
+        input: &mut &[u8],
+        out: &mut server_ext::Outbox,
         header: Header,
         fds: Vec<File>,
+        client: &mut server_ext::ClientCapabilities,
     ) -> Result<(), Error> {
         let command = Command::n(header.command).ok_or(Error::UnknownCommand(header.command))?;
         match command {
@@ -980,7 +1088,8 @@ impl Server {
             | Command::GetRegionIoFds
             | Command::DmaRead
             | Command::DmaWrite
-            | Command::UserDirtyPages => {
+            | Command::UserDirtyPages
+            | Command::RegionWriteMulti => {
                 return Err(Error::UnsupportedCommand(command));
             }
             Command::Version => {
@@ -988,36 +1097,38 @@ impl Server {
                     return Err(Error::UnexpectedNoReply(Command::Version));
                 }
 
-                // TODO: Make version/capabilities configurable
                 let mut client_version = Version {
                     header,
                     ..Default::default()
                 };
-                stream
+                input
                     .read_exact(&mut client_version.as_mut_slice()[size_of::<Header>()..])
                     .map_err(Error::StreamRead)?;
 
-                let mut raw_version_data =
-                    vec![0; header.message_size as usize - size_of::<Version>()];
-                stream
-                    .read_exact(&mut raw_version_data)
-                    .map_err(Error::StreamRead)?;
-                let client_version_data = CString::from_vec_with_nul(raw_version_data)
-                    .unwrap()
-                    .to_string_lossy()
-                    .into_owned();
-                let client_capabilities: CapabilitiesData =
-                    serde_json::from_str(&client_version_data)
-                        .map_err(Error::DeserializeCapabilites)?;
+                // The rest is the optional JSON, NUL-terminated; a malformed one is an error
+                // reply, never a panic.
+                let raw = std::mem::take(input);
+                let json = raw.strip_suffix(&[0]).unwrap_or(raw);
+                if !json.is_empty() {
+                    let v: serde_json::Value =
+                        serde_json::from_slice(json).map_err(Error::DeserializeCapabilites)?;
+                    if let Some(caps) = v.get("capabilities") {
+                        *client = serde_json::from_value(caps.clone())
+                            .map_err(Error::DeserializeCapabilites)?;
+                    }
+                    info!(
+                        "Received client version: major = {} minor = {} capabilities = {v}",
+                        client_version.major, client_version.minor,
+                    );
+                }
+                if client_version.major != 0 {
+                    return Err(Error::InvalidInput);
+                }
 
-                info!(
-                    "Received client version: major = {} minor = {} capabilities = {:?}",
-                    client_version.major, client_version.minor, client_capabilities.capabilities,
-                );
-
-                let server_capabilities = CapabilitiesData::default();
-                let server_version_data = serde_json::to_string(&server_capabilities)
-                    .map_err(Error::SerializeCapabilites)?;
+                let server_version_data = serde_json::to_string(
+                    &serde_json::json!({ "capabilities": &self.capabilities }),
+                )
+                .map_err(Error::SerializeCapabilites)?;
                 let server_version = Version {
                     header: Header {
                         message_id: client_version.header.message_id,
@@ -1027,30 +1138,49 @@ impl Server {
                         ..Default::default()
                     },
                     major: 0,
-                    minor: 0,
+                    minor: client_version.minor.min(1),
                 };
-
-                let server_version_data = CString::new(server_version_data.as_bytes()).unwrap();
-
-                let bufs = vec![
-                    IoSlice::new(server_version.as_slice()),
-                    IoSlice::new(server_version_data.as_bytes_with_nul()),
-                ];
-
-                // TODO: Use write_all_vectored() when ready
-                let _ = stream.write_vectored(&bufs).map_err(Error::StreamWrite)?;
+                out.write_all(server_version.as_slice())
+                    .map_err(Error::StreamWrite)?;
+                out.write_all(server_version_data.as_bytes())
+                    .map_err(Error::StreamWrite)?;
+                out.write_all(&[0]).map_err(Error::StreamWrite)?;
 
                 info!(
-                    "Sent server version: major = {} minor = {} capabilities = {:?}",
-                    server_version.major, server_version.minor, server_capabilities.capabilities
+                    "Sent server version: major = {} minor = {} capabilities = {server_version_data}",
+                    server_version.major, server_version.minor
                 );
+            }
+            Command::DeviceFeature | Command::MigDataRead | Command::MigDataWrite => {
+                let payload = std::mem::take(input);
+                let max = self.capabilities.max_data_xfer_size;
+                let reply = match command {
+                    Command::DeviceFeature => {
+                        server_ext::device_feature(backend, payload, max as usize + 4096)
+                    }
+                    Command::MigDataRead => server_ext::mig_data_read(backend, payload, max),
+                    _ => server_ext::mig_data_write(backend, payload),
+                }
+                .map_err(Error::Backend)?;
+                if header.no_reply() {
+                    return Ok(());
+                }
+                let h = Header {
+                    message_id: header.message_id,
+                    command: command as u16,
+                    flags: HeaderFlags::Reply as u32,
+                    message_size: (size_of::<Header>() + reply.len()) as u32,
+                    ..Default::default()
+                };
+                out.write_all(h.as_slice()).map_err(Error::StreamWrite)?;
+                out.write_all(&reply).map_err(Error::StreamWrite)?;
             }
             Command::DmaMap => {
                 let mut cmd = DmaMap {
                     header,
                     ..Default::default()
                 };
-                stream
+                input
                     .read_exact(&mut cmd.as_mut_slice()[size_of::<Header>()..])
                     .map_err(Error::StreamRead)?;
 
@@ -1083,8 +1213,7 @@ impl Server {
                     message_size: size_of::<Header>() as u32,
                     ..Default::default()
                 };
-                stream
-                    .write_all(reply.as_slice())
+                out.write_all(reply.as_slice())
                     .map_err(Error::StreamWrite)?;
             }
             Command::DmaUnmap => {
@@ -1092,7 +1221,7 @@ impl Server {
                     header,
                     ..Default::default()
                 };
-                stream
+                input
                     .read_exact(&mut cmd.as_mut_slice()[size_of::<Header>()..])
                     .map_err(Error::StreamRead)?;
 
@@ -1121,8 +1250,7 @@ impl Server {
                     address: cmd.address,
                     size: cmd.size,
                 };
-                stream
-                    .write_all(reply.as_slice())
+                out.write_all(reply.as_slice())
                     .map_err(Error::StreamWrite)?;
             }
             Command::DeviceGetInfo => {
@@ -1134,7 +1262,7 @@ impl Server {
                     header,
                     ..Default::default()
                 };
-                stream
+                input
                     .read_exact(&mut cmd.as_mut_slice()[size_of::<Header>()..])
                     .map_err(Error::StreamRead)?;
 
@@ -1157,8 +1285,7 @@ impl Server {
                     num_regions: self.regions.len() as u32,
                     num_irqs: self.irqs.len() as u32,
                 };
-                stream
-                    .write_all(reply.as_slice())
+                out.write_all(reply.as_slice())
                     .map_err(Error::StreamWrite)?;
             }
             Command::DeviceGetRegionInfo => {
@@ -1170,7 +1297,7 @@ impl Server {
                     header,
                     ..Default::default()
                 };
-                stream
+                input
                     .read_exact(&mut cmd.as_mut_slice()[size_of::<Header>()..])
                     .map_err(Error::StreamRead)?;
 
@@ -1239,15 +1366,13 @@ impl Server {
                     buf.extend_from_slice(&cap_data);
 
                     if let Some(fd) = server_region.mmap_fd {
-                        stream
-                            .send_with_fds(&[&buf[..]], &[fd])
-                            .map_err(Error::SendWithFd)?;
+                        out.write_all(&buf).map_err(Error::StreamWrite)?;
+                        out.fds.push(fd);
                     } else {
-                        stream.write_all(&buf).map_err(Error::StreamWrite)?;
+                        out.write_all(&buf).map_err(Error::StreamWrite)?;
                     }
                 } else {
-                    stream
-                        .write_all(reply.as_slice())
+                    out.write_all(reply.as_slice())
                         .map_err(Error::StreamWrite)?;
                 }
             }
@@ -1260,7 +1385,7 @@ impl Server {
                     header,
                     ..Default::default()
                 };
-                stream
+                input
                     .read_exact(&mut cmd.as_mut_slice()[size_of::<Header>()..])
                     .map_err(Error::StreamRead)?;
 
@@ -1283,8 +1408,7 @@ impl Server {
                     flags: irq.flags,
                     count: irq.count,
                 };
-                stream
-                    .write_all(reply.as_slice())
+                out.write_all(reply.as_slice())
                     .map_err(Error::StreamWrite)?;
             }
             Command::SetIrqs => {
@@ -1292,7 +1416,7 @@ impl Server {
                     header,
                     ..Default::default()
                 };
-                stream
+                input
                     .read_exact(&mut cmd.as_mut_slice()[size_of::<Header>()..])
                     .map_err(Error::StreamRead)?;
 
@@ -1319,8 +1443,7 @@ impl Server {
                     message_size: size_of::<Header>() as u32,
                     ..Default::default()
                 };
-                stream
-                    .write_all(reply.as_slice())
+                out.write_all(reply.as_slice())
                     .map_err(Error::StreamWrite)?;
             }
             Command::RegionRead => {
@@ -1332,13 +1455,15 @@ impl Server {
                     header,
                     ..Default::default()
                 };
-                stream
+                input
                     .read_exact(&mut cmd.as_mut_slice()[size_of::<Header>()..])
                     .map_err(Error::StreamRead)?;
 
                 let (region, offset, count) = (cmd.region, cmd.offset, cmd.count);
 
-                if region as usize >= self.regions.len() {
+                if region as usize >= self.regions.len()
+                    || count > self.capabilities.max_data_xfer_size
+                {
                     return Err(Error::InvalidInput);
                 }
 
@@ -1359,17 +1484,16 @@ impl Server {
                     offset,
                     count,
                 };
-                stream
-                    .write_all(reply.as_slice())
+                out.write_all(reply.as_slice())
                     .map_err(Error::StreamWrite)?;
-                stream.write_all(&data).map_err(Error::StreamWrite)?;
+                out.write_all(&data).map_err(Error::StreamWrite)?;
             }
             Command::RegionWrite => {
                 let mut cmd = RegionAccess {
                     header,
                     ..Default::default()
                 };
-                stream
+                input
                     .read_exact(&mut cmd.as_mut_slice()[size_of::<Header>()..])
                     .map_err(Error::StreamRead)?;
 
@@ -1380,7 +1504,7 @@ impl Server {
                 }
 
                 let mut data = vec![0u8; count as usize];
-                stream.read_exact(&mut data).map_err(Error::StreamRead)?;
+                input.read_exact(&mut data).map_err(Error::StreamRead)?;
                 backend
                     .region_write(region, offset, &data)
                     .map_err(Error::Backend)?;
@@ -1401,8 +1525,7 @@ impl Server {
                     offset,
                     count,
                 };
-                stream
-                    .write_all(reply.as_slice())
+                out.write_all(reply.as_slice())
                     .map_err(Error::StreamWrite)?;
             }
             Command::DeviceReset => {
@@ -1419,8 +1542,7 @@ impl Server {
                     message_size: size_of::<Header>() as u32,
                     ..Default::default()
                 };
-                stream
-                    .write_all(reply.as_slice())
+                out.write_all(reply.as_slice())
                     .map_err(Error::StreamWrite)?;
             }
         }
@@ -1428,60 +1550,85 @@ impl Server {
         Ok(())
     }
 
+    /// Accepts one client and serves it until it disconnects.
+    ///
+    /// A reader thread takes every message off the socket: the client's commands are handed
+    /// to this thread in order, and the client's replies to server-to-client DMA messages go
+    /// to the thread that waits for them (see [`server_ext::DmaHandle`]), so a backend
+    /// method may wait for a DMA transfer without stalling the connection. Replies are
+    /// written whole, under one lock shared with the DMA handles.
     pub fn run(&self, backend: &mut dyn ServerBackend) -> Result<(), Error> {
-        let (mut stream, _) = self.listener.accept().map_err(Error::SocketAccept)?;
+        let (stream, _) = self.listener.accept().map_err(Error::SocketAccept)?;
+        let writer = stream.try_clone().map_err(Error::StreamRead)?;
+        let max_message =
+            size_of::<Header>() + self.capabilities.max_data_xfer_size as usize + 4096;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<server_ext::Message, Error>>(16);
+        let route = Arc::new(Mutex::new(None::<Arc<server_ext::Channel>>));
+        let route_rx = route.clone();
+        let reader = std::thread::Builder::new()
+            .name("vfio-user-rx".into())
+            .spawn(move || server_ext::read_messages(stream, max_message, &tx, &route_rx))
+            .map_err(Error::StreamRead)?;
 
-        loop {
-            let mut header = Header::default();
-
-            // The maximum number of FDs that can be sent is 16 so that is
-            // also the maximum that can be received.
-            let mut fds = vec![0; 16];
-            let mut iovecs = vec![iovec {
-                iov_base: header.as_mut_slice().as_mut_ptr() as *mut c_void,
-                iov_len: header.as_mut_slice().len(),
-            }];
-            // SAFETY: Safe as the iovect is correctly initialised and fds is big enough
-            let (bytes, fds_received) = unsafe {
-                stream
-                    .recv_with_fds(&mut iovecs, &mut fds)
-                    .map_err(Error::ReceiveWithFd)?
+        let mut client = server_ext::ClientCapabilities::default();
+        let mut channel: Option<Arc<server_ext::Channel>> = None;
+        let mut result = Ok(());
+        for msg in rx {
+            let msg = match msg {
+                Ok(m) => m,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
             };
-
-            // Other end closed connection
-            if bytes == 0 {
-                info!("Connection closed");
-                break;
+            let header = msg.header;
+            let mut input = &msg.body[..];
+            let mut out = server_ext::Outbox::default();
+            let mut r =
+                self.handle_command(backend, &mut input, &mut out, header, msg.fds, &mut client);
+            if r.is_ok() && header.command == Command::Version as u16 && channel.is_none() {
+                let c = Arc::new(server_ext::Channel::new(
+                    writer.try_clone().map_err(Error::StreamRead)?,
+                    client.max_data_xfer_size,
+                ));
+                *route.lock().unwrap_or_else(|e| e.into_inner()) = Some(c.clone());
+                channel = Some(c.clone());
+                // The VERSION reply goes out before any DMA message can.
+                if let Err(e) = c.send(&out.bytes, &out.fds) {
+                    result = Err(e);
+                    break;
+                }
+                backend.connected(server_ext::DmaHandle::new(c));
+                continue;
             }
-
-            fds.resize(fds_received, 0);
-
-            let fds: Vec<File> = fds
-                .iter()
-                // SAFETY: Safe as we have only valid FDs in the vector now
-                .map(|fd| unsafe { File::from_raw_fd(*fd) })
-                .collect();
-
-            if let Err(e) = self.handle_command(backend, &mut stream, header, fds) {
+            if let Err(e) = &r {
                 error!("Error handling command: {:?}: {e}", header.command);
+                out = server_ext::Outbox::default();
                 let reply = Header {
                     message_id: header.message_id,
                     command: header.command,
                     flags: HeaderFlags::Error as u32 | HeaderFlags::Reply as u32,
                     message_size: size_of::<Header>() as u32,
-                    error: if matches!(e, Error::InvalidInput) {
-                        EINVAL as u32
-                    } else {
-                        0
-                    },
+                    error: e.errno(),
                 };
-                stream
-                    .write_all(reply.as_slice())
-                    .map_err(Error::StreamWrite)?;
+                out.bytes.extend_from_slice(reply.as_slice());
+                r = Ok(());
+            }
+            let sent = match &channel {
+                Some(c) => c.send(&out.bytes, &out.fds),
+                None => server_ext::send_raw(&writer, &out.bytes, &out.fds),
+            };
+            if let Err(e) = r.and(sent) {
+                result = Err(e);
+                break;
             }
         }
-
-        Ok(())
+        if let Some(c) = &channel {
+            c.close();
+        }
+        let _ = writer.shutdown(std::net::Shutdown::Both);
+        let _ = reader.join();
+        result
     }
 }
 
