@@ -500,8 +500,14 @@ pub mod lists {
     pub const VHOST_USER: &[&[i64]] = &[IO, CONNECT];
 
     /// The DMA test device's server thread: vfio-user messages (with file descriptors),
-    /// guest memory mapped from them, its socket removed at the end.
-    pub const TESTDEV_SERVER: &[&[i64]] = &[IO, SERVE, sys![SYS_unlink, SYS_unlinkat]];
+    /// guest memory mapped from them, its socket removed at the end; it starts the
+    /// connection's reader thread (`vfio-user-rx`), which inherits the list.
+    pub const TESTDEV_SERVER: &[&[i64]] = &[
+        IO,
+        SERVE,
+        THREADS,
+        sys![SYS_unlink, SYS_unlinkat, SYS_sched_getaffinity],
+    ];
 
     /// The DMA test device's engine: transfers in mapped memory, interrupts by eventfd.
     pub const TESTDEV_ENGINE: &[&[i64]] = &[sys![SYS_read]];

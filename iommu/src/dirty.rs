@@ -1,7 +1,7 @@
 //! Dirty bitmaps of guest RAM, one bit per 4 KiB guest-physical page.
 //!
 //! Devices report the pages they wrote by IOVA (VFIO `VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT`,
-//! iommufd `IOMMU_HWPT_GET_DIRTY_BITMAP`, the test device's dirty-log region); migration
+//! iommufd `IOMMU_HWPT_GET_DIRTY_BITMAP`, vfio-user `DMA_LOGGING_REPORT`); migration
 //! needs them by GPA. The virtio-iommu state translates one into the other through its page
 //! tables (see [`crate::viommu::Viommu::harvest_dirty`]) and ORs the result into a
 //! [`DirtyBitmap`], which only knows guest-physical pages.

@@ -77,8 +77,10 @@ pub struct Cli {
     /// puts it behind the virtio-iommu (else all guest RAM is mapped at its GPA).
     /// `dma=fault` makes host mappings only when the device asks with a page request (at
     /// most `prefault=SIZE` per request, default 2M) instead of when the guest maps
-    /// (`dma=static`, the default). Repeatable.
-    #[arg(long = "vfio-user", value_name = "socket=PATH[,iommu=on][,dma=static|fault][,prefault=SIZE]",
+    /// (`dma=static` or `shared`, the default: guest RAM shared by file descriptor);
+    /// `dma=messages` gives the device no RAM descriptor: it reaches guest memory only
+    /// through DMA_READ/DMA_WRITE messages the VMM checks against its mappings. Repeatable.
+    #[arg(long = "vfio-user", value_name = "socket=PATH[,iommu=on][,dma=static|fault|messages][,prefault=SIZE]",
           value_parser = parse_vfio_user)]
     pub vfio_user: Vec<PassthroughArg>,
 
@@ -194,6 +196,9 @@ pub struct PassthroughArg {
     /// `dma=fault`: host mappings made on the device's page requests, this many bytes (a
     /// power of two, the `prefault=` window) at most per request; `None` for `dma=static`.
     pub fault_window: Option<u64>,
+    /// `dma=messages`: no guest-RAM descriptor for the device; its DMA goes through
+    /// DMA_READ/DMA_WRITE messages.
+    pub messages: bool,
 }
 
 /// The default `prefault=` window.
@@ -205,6 +210,7 @@ fn parse_vfio_user(s: &str) -> Result<PassthroughArg, String> {
         iommu: false,
         iommufd: false,
         fault_window: None,
+        messages: false,
     };
     let mut fault = false;
     let mut prefault = None;
@@ -213,10 +219,15 @@ fn parse_vfio_user(s: &str) -> Result<PassthroughArg, String> {
             "socket" if !v.is_empty() => a.path = PathBuf::from(v),
             "iommu" => a.iommu = on_off(&k, &v)?,
             "dma" => {
-                fault = match v.as_str() {
-                    "static" => false,
-                    "fault" => true,
-                    _ => return Err(format!("`dma={v}`: expected `static` or `fault`")),
+                (fault, a.messages) = match v.as_str() {
+                    "static" | "shared" => (false, false),
+                    "fault" => (true, false),
+                    "messages" => (false, true),
+                    _ => {
+                        return Err(format!(
+                            "`dma={v}`: expected `static` (or `shared`), `fault` or `messages`"
+                        ))
+                    }
                 }
             }
             "prefault" => {
@@ -334,6 +345,7 @@ fn parse_vfio(s: &str) -> Result<PassthroughArg, String> {
         iommu: false,
         iommufd: false,
         fault_window: None,
+        messages: false,
     };
     for (k, v) in parse_kv(s, &["path", "iommu", "backend"])? {
         match k.as_str() {
@@ -710,11 +722,16 @@ mod tests {
         let a = &parse("socket=/s,dma=fault,prefault=64K").unwrap().vfio_user[0];
         assert_eq!(a.fault_window, Some(64 << 10));
         let a = &parse("socket=/s,dma=static").unwrap().vfio_user[0];
-        assert_eq!(a.fault_window, None);
+        assert_eq!((a.fault_window, a.messages), (None, false));
+        let a = &parse("socket=/s,dma=shared").unwrap().vfio_user[0];
+        assert_eq!((a.fault_window, a.messages), (None, false));
+        let a = &parse("socket=/s,iommu=on,dma=messages").unwrap().vfio_user[0];
+        assert_eq!((a.fault_window, a.messages), (None, true));
         for (bad, why) in [
             ("socket=/s,dma=lazy", "`dma=lazy`"),
             ("socket=/s,dma=fault,prefault=3K", "power of two"),
             ("socket=/s,prefault=2M", "needs `dma=fault`"),
+            ("socket=/s,dma=messages,prefault=2M", "needs `dma=fault`"),
         ] {
             let err = parse(bad).unwrap_err().to_string();
             assert!(

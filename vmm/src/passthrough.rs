@@ -6,10 +6,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::interrupt::InterruptManager;
+use devices::passthrough::message_dma::MessageDma;
 use devices::passthrough::pci::PassthroughPci;
+use devices::passthrough::vfio_user::caps::ext;
 use devices::passthrough::vfio_user_backend::{VfioUserDevice, VfioUserDma};
 use devices::passthrough::{PassthroughBackend, VFIO_PCI_ERR_IRQ_INDEX};
-use devices::testdev;
 use devices::virtio::iommu::IommuHandle;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use iommu::backend::PageResponse;
@@ -49,6 +50,8 @@ pub struct Passthrough {
     pub on_demand: Option<(Arc<Mutex<OnDemandCounters>>, VfioUserDevice, Arc<AtomicU64>)>,
     /// The device side (regions, interrupts, migration states).
     pub backend: Arc<Mutex<dyn PassthroughBackend>>,
+    /// Under `dma=messages`: the table its DMA messages are answered through (counters).
+    pub messages: Option<Arc<MessageDma>>,
 }
 
 /// Turns the device's fault reports into virtio-iommu fault events, and notices a device
@@ -61,6 +64,9 @@ struct FaultForwarder {
     direct: Option<Arc<DirectDirty>>,
     /// The device makes page requests (`dma=fault`).
     page_requests: bool,
+    /// Under `dma=messages`: the accesses the VMM refused are the device's faults (its own
+    /// fault log, if it has one, repeats them and is not read).
+    messages: Option<Arc<MessageDma>>,
     /// Throttling of page requests: the current window's start and count, the timer that
     /// serves a request held back, and how many were held back.
     prq_window: (Instant, u32),
@@ -121,14 +127,14 @@ impl FaultForwarder {
             (None, None) => Ok(PageResponse::Invalid),
         };
         let code = match r {
-            Ok(PageResponse::Retry) => testdev::PRQ_RETRY,
-            Ok(PageResponse::Invalid) => testdev::PRQ_INVALID,
+            Ok(PageResponse::Retry) => ext::PRQ_RETRY,
+            Ok(PageResponse::Invalid) => ext::PRQ_INVALID,
             Err(e) => {
                 log::warn!(
                     "{}: page request at IOVA {iova:#x}: host map failed: {e}",
                     self.label
                 );
-                testdev::PRQ_INVALID
+                ext::PRQ_INVALID
             }
         };
         if let Err(e) = self.dev.answer_page_request(id, code) {
@@ -140,7 +146,11 @@ impl FaultForwarder {
         if self.page_requests {
             self.serve_page_request();
         }
-        match self.dev.take_faults() {
+        let faults = match &self.messages {
+            Some(m) => Ok(m.take_faults()),
+            None => self.dev.take_faults(),
+        };
+        match faults {
             Ok(faults) => {
                 *self.faults.lock().unwrap_or_else(|e| e.into_inner()) += faults.len() as u64;
                 if let Some((h, ep, _)) = &self.iommu {
@@ -199,6 +209,13 @@ impl MutEventSubscriber for FaultForwarder {
             {
                 self.failed();
                 let _ = ops.remove(events);
+                return;
+            }
+            // DMA_READ/DMA_WRITE the server sent while no request of ours was outstanding.
+            if let Err(e) = self.dev.serve_server_commands() {
+                log::error!("{}: {e}", self.label);
+                self.failed();
+                let _ = ops.remove(events);
             }
             return;
         }
@@ -215,8 +232,14 @@ impl MutEventSubscriber for FaultForwarder {
                 log::warn!("{}: cannot watch its page-request timer: {e:?}", self.label);
             }
         }
-        // Only hang-ups: the client owns the socket's data.
-        if let Err(e) = ops.add(Events::new_raw(self.socket_fd, EventSet::READ_HANG_UP)) {
+        // Hang-ups; and, under dma=messages, the server's commands between our requests
+        // (during a request the client answers them itself).
+        let set = if self.messages.is_some() {
+            EventSet::READ_HANG_UP | EventSet::IN
+        } else {
+            EventSet::READ_HANG_UP
+        };
+        if let Err(e) = ops.add(Events::new_raw(self.socket_fd, set)) {
             log::warn!("{}: cannot watch its socket: {e:?}", self.label);
         }
     }
@@ -340,8 +363,17 @@ impl Passthrough {
         let backend: Arc<Mutex<dyn PassthroughBackend>> = Arc::new(Mutex::new(dev.clone()));
         add_function(b, &name, slot, backend.clone(), failed.clone())?;
 
-        let dma = VfioUserDma::new(dev.clone(), b.ram.clone());
+        let evt = EventFd::new(EFD_NONBLOCK).map_err(dev_err(name.clone()))?;
+        let mut dma = VfioUserDma::new(dev.clone(), b.ram.clone());
         let dma_calls = dma.calls.clone();
+        let messages = if arg.messages {
+            let notify = evt.try_clone().map_err(dev_err(name.clone()))?;
+            let table = Arc::new(MessageDma::new(b.mem.clone(), Some(notify)));
+            dma = dma.by_messages(table.clone());
+            Some(table)
+        } else {
+            None
+        };
         let (dma, on_demand): (Box<dyn DmaBackend>, _) = match arg.fault_window {
             Some(window) => {
                 if !dev.enable_page_requests().map_err(dev_err(name.clone()))? {
@@ -358,7 +390,6 @@ impl Passthrough {
         };
         let (endpoint, direct) = attach_dma(b, &name, slot, arg.iommu, on_demand.is_some(), dma)?;
 
-        let evt = EventFd::new(EFD_NONBLOCK).map_err(dev_err(name.clone()))?;
         backend
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -377,6 +408,7 @@ impl Passthrough {
             iommu: endpoint.and_then(|(ep, id)| b.iommu.clone().map(|h| (h, ep, id))),
             direct: direct.clone().filter(|_| on_demand.is_some()),
             page_requests: on_demand.is_some(),
+            messages: messages.clone(),
             prq_window: (Instant::now(), 0),
             prq_timer: on_demand.as_ref().and_then(|_| TimerFd::new().ok()),
             prq_timer_armed: false,
@@ -393,6 +425,7 @@ impl Passthrough {
             direct,
             on_demand: on_demand.map(|(c, d)| (c, d, prq_throttled)),
             backend,
+            messages,
         })
     }
 
@@ -421,6 +454,7 @@ impl Passthrough {
             direct,
             on_demand: None,
             backend,
+            messages: None,
         })
     }
 
@@ -433,6 +467,17 @@ impl Passthrough {
             *self.faults.lock().unwrap_or_else(|e| e.into_inner()),
             u8::from(self.failed.load(Ordering::Acquire))
         );
+        if let Some(m) = &self.messages {
+            let c = &m.counters;
+            line.push_str(&format!(
+                " dma_messages_read={} dma_messages_written={} dma_message_bytes={} \
+                 dma_messages_refused={}",
+                c.reads.load(Ordering::Relaxed),
+                c.writes.load(Ordering::Relaxed),
+                c.bytes.load(Ordering::Relaxed),
+                c.refused.load(Ordering::Relaxed)
+            ));
+        }
         if let Some((counters, dev, throttled)) = &self.on_demand {
             let c = *counters.lock().unwrap_or_else(|e| e.into_inner());
             let [requests, retries, invalid, timeouts] =

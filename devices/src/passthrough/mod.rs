@@ -8,6 +8,7 @@
 //! process died), the device is marked failed: its BARs read all ones, writes are dropped and
 //! its DMA calls become no-ops, so the guest sees errors from that device only.
 
+pub mod message_dma;
 pub mod pci;
 pub mod vfio;
 pub mod vfio_user;
@@ -82,8 +83,8 @@ pub trait PassthroughBackend: Send {
     /// [`PassthroughError`].
     fn reset(&mut self) -> Result<(), PassthroughError>;
 
-    /// Whether the device can be migrated (VFIO migration v2 states, see
-    /// [`crate::testdev::REGION_MIGRATION`] for the test device's interface).
+    /// Whether the device can be migrated (VFIO migration v2: `VFIO_DEVICE_FEATURE_MIGRATION`
+    /// with STOP_COPY, over `VFIO_DEVICE_FEATURE` or vfio-user's `DEVICE_FEATURE`).
     fn supports_migration(&self) -> bool {
         false
     }

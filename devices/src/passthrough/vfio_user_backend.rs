@@ -11,12 +11,36 @@ use std::time::Duration;
 
 use iommu::{BackendCaps, BackendError, DmaBackend, Perm};
 
-use super::vfio_user::{VfioUserClient, VfioUserError, DMA_MAP_READ, DMA_MAP_WRITE};
+use super::message_dma::MessageDma;
+use super::vfio_user::caps::ext;
+use super::vfio_user::{
+    MigrationFeature, VfioUserClient, VfioUserError, DMA_MAP_READ, DMA_MAP_WRITE,
+};
 use super::{PassthroughBackend, PassthroughError, Region};
-use crate::testdev;
+
+/// Page size of the DMA logs the VMM asks for (the vIOMMU's granule).
+const PAGE: u64 = 4096;
 
 /// How long the VMM waits for a device process to answer.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Records a fault log holds ([`ext::FAULT_LOG`]).
+pub const FAULT_LOG_RECORDS: usize = 64;
+
+/// What a server offers beyond BARs, interrupts and DMA maps, learnt once at connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServerFeatures {
+    /// `VFIO_DEVICE_FEATURE_MIGRATION` with at least STOP_COPY.
+    pub migration: Option<MigrationFeature>,
+    /// `VFIO_DEVICE_FEATURE_DMA_LOGGING_*`.
+    pub dma_logging: bool,
+    /// The region of the [`ext::FAULT_LOG`] extension.
+    pub fault_log: Option<u32>,
+    /// The region of the [`ext::PAGE_REQUEST`] extension.
+    pub page_request: Option<u32>,
+    /// The [`ext::SPLIT_UNMAP`] extension.
+    pub split_unmap: bool,
+}
 
 /// A shared connection to a vfio-user device, marked failed on the first socket error.
 #[derive(Clone)]
@@ -24,7 +48,7 @@ pub struct VfioUserDevice {
     client: Arc<Mutex<VfioUserClient>>,
     path: String,
     failed: Arc<AtomicBool>,
-    ids: (u16, u16),
+    features: ServerFeatures,
 }
 
 impl VfioUserDevice {
@@ -34,19 +58,40 @@ impl VfioUserDevice {
     /// [`VfioUserError`] when the server cannot be reached or answers badly.
     pub fn connect(socket: &Path) -> Result<Self, VfioUserError> {
         let mut client = VfioUserClient::connect(socket, REPLY_TIMEOUT)?;
-        let mut ids = [0u8; 4];
-        if client.regions().len() > super::VFIO_PCI_CONFIG_REGION_INDEX as usize {
-            client.region_read(super::VFIO_PCI_CONFIG_REGION_INDEX, 0, &mut ids)?;
-        }
+        let caps = client.caps().clone();
+        let region = |name: &str| {
+            caps.extension_region(name)
+                .filter(|&r| client.regions().get(r as usize).is_some_and(|i| i.size > 0))
+        };
+        let (fault_log, page_request) = (region(ext::FAULT_LOG), region(ext::PAGE_REQUEST));
+        let migration = client.migration_feature()?.filter(|m| m.stop_copy());
+        let dma_logging = client.dma_logging_supported()?;
         Ok(Self {
             client: Arc::new(Mutex::new(client)),
             path: socket.display().to_string(),
             failed: Arc::new(AtomicBool::new(false)),
-            ids: (
-                u16::from_le_bytes([ids[0], ids[1]]),
-                u16::from_le_bytes([ids[2], ids[3]]),
-            ),
+            features: ServerFeatures {
+                migration,
+                dma_logging,
+                fault_log,
+                page_request,
+                split_unmap: caps.has_extension(ext::SPLIT_UNMAP),
+            },
         })
+    }
+
+    /// What the server offers.
+    pub fn features(&self) -> ServerFeatures {
+        self.features
+    }
+
+    /// Answers the DMA_READ/DMA_WRITE commands the server sent between requests.
+    ///
+    /// # Errors
+    /// [`PassthroughError::Failed`] when the server broke the protocol or went away.
+    pub fn serve_server_commands(&self) -> Result<usize, PassthroughError> {
+        let r = self.lock().serve_server_commands();
+        r.map_err(|e| self.map_err(e))
     }
 
     /// The socket, to watch for the device process hanging up.
@@ -57,11 +102,6 @@ impl VfioUserDevice {
     /// The failure flag shared with the PCI model and the DMA backend.
     pub fn failed_flag(&self) -> Arc<AtomicBool> {
         self.failed.clone()
-    }
-
-    /// Whether the device is the project's DMA test device.
-    pub fn is_test_device(&self) -> bool {
-        self.ids == (testdev::VENDOR_ID, testdev::DEVICE_ID)
     }
 
     fn lock(&self) -> MutexGuard<'_, VfioUserClient> {
@@ -78,28 +118,26 @@ impl VfioUserDevice {
         }
     }
 
-    /// Reads the device's fault log (test device region 9) and clears it: `(iova, write)`.
+    /// Reads the device's fault log ([`ext::FAULT_LOG`], when the server offers it) and
+    /// clears what it read: `(iova, write)`.
     ///
     /// # Errors
     /// [`PassthroughError`].
     pub fn take_faults(&self) -> Result<Vec<(u64, bool)>, PassthroughError> {
-        let mut c = self.lock();
-        if c.regions()
-            .get(testdev::REGION_FAULT_LOG as usize)
-            .is_none_or(|r| r.size < 8)
-        {
+        let Some(log) = self.features.fault_log else {
             return Ok(Vec::new());
-        }
+        };
+        let mut c = self.lock();
         let mut head = [0u8; 8];
-        c.region_read(testdev::REGION_FAULT_LOG, 0, &mut head)
+        c.region_read(log, 0, &mut head)
             .map_err(|e| self.map_err(e))?;
         let n = (u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize)
-            .min(testdev::FAULT_LOG_RECORDS);
+            .min(FAULT_LOG_RECORDS);
         let mut recs = vec![0u8; 16 * n];
-        c.region_read(testdev::REGION_FAULT_LOG, 8, &mut recs)
+        c.region_read(log, 8, &mut recs)
             .map_err(|e| self.map_err(e))?;
         // Only the records read: one the device logs meanwhile stays for the next read.
-        c.region_write(testdev::REGION_FAULT_LOG, 0, &(n as u32).to_le_bytes())
+        c.region_write(log, 0, &(n as u32).to_le_bytes())
             .map_err(|e| self.map_err(e))?;
         Ok(recs
             .chunks(16)
@@ -111,26 +149,32 @@ impl VfioUserDevice {
             .collect())
     }
 
-    /// Turns on the test device's page requests ([`testdev::REGION_PAGE_REQUEST`]): its
-    /// transfers then wait for [`VfioUserDevice::answer_page_request`] on a miss. False for
-    /// a device without the region.
+    /// Turns on the device's page requests ([`ext::PAGE_REQUEST`]): its transfers then
+    /// wait for [`VfioUserDevice::answer_page_request`] on a miss. False for a server
+    /// without the extension.
     ///
     /// # Errors
     /// When the device process does not answer.
     pub fn enable_page_requests(&self) -> Result<bool, PassthroughError> {
+        let Some(prq) = self.features.page_request else {
+            return Ok(false);
+        };
         let mut c = self.lock();
-        if c.regions()
-            .get(testdev::REGION_PAGE_REQUEST as usize)
-            .is_none_or(|r| r.size < 0x40)
-        {
+        if c.regions().get(prq as usize).is_none_or(|r| r.size < 0x40) {
             return Ok(false);
         }
-        c.region_write(testdev::REGION_PAGE_REQUEST, 0, &1u32.to_le_bytes())
+        c.region_write(prq, 0, &1u32.to_le_bytes())
             .map_err(|e| self.map_err(e))?;
         let mut on = [0u8; 4];
-        c.region_read(testdev::REGION_PAGE_REQUEST, 0, &mut on)
+        c.region_read(prq, 0, &mut on)
             .map_err(|e| self.map_err(e))?;
         Ok(on[0] & 1 == 1)
+    }
+
+    fn prq_region(&self) -> Result<u32, PassthroughError> {
+        self.features
+            .page_request
+            .ok_or_else(|| PassthroughError::Refused(format!("{}: no page requests", self.path)))
     }
 
     /// The device's pending page request `(id, iova, write)`, if any.
@@ -139,8 +183,9 @@ impl VfioUserDevice {
     /// When the device process does not answer.
     pub fn take_page_request(&self) -> Result<Option<(u32, u64, bool)>, PassthroughError> {
         let mut r = [0u8; 0x18];
+        let prq = self.prq_region()?;
         self.lock()
-            .region_read(testdev::REGION_PAGE_REQUEST, 0, &mut r)
+            .region_read(prq, 0, &mut r)
             .map_err(|e| self.map_err(e))?;
         let u32_at = |o: usize| u32::from_le_bytes([r[o], r[o + 1], r[o + 2], r[o + 3]]);
         if u32_at(4) != 1 {
@@ -155,14 +200,15 @@ impl VfioUserDevice {
         )))
     }
 
-    /// Answers page request `id` with [`testdev::PRQ_RETRY`] or [`testdev::PRQ_INVALID`].
+    /// Answers page request `id` with [`ext::PRQ_RETRY`] or [`ext::PRQ_INVALID`].
     ///
     /// # Errors
     /// When the device process does not answer.
     pub fn answer_page_request(&self, id: u32, code: u32) -> Result<(), PassthroughError> {
         let v = u64::from(id) | (u64::from(code) << 32);
+        let prq = self.prq_region()?;
         self.lock()
-            .region_write(testdev::REGION_PAGE_REQUEST, 0x18, &v.to_le_bytes())
+            .region_write(prq, 0x18, &v.to_le_bytes())
             .map_err(|e| self.map_err(e))
     }
 
@@ -172,8 +218,9 @@ impl VfioUserDevice {
     /// When the device process does not answer.
     pub fn page_request_counters(&self) -> Result<[u64; 4], PassthroughError> {
         let mut r = [0u8; 32];
+        let prq = self.prq_region()?;
         self.lock()
-            .region_read(testdev::REGION_PAGE_REQUEST, 0x20, &mut r)
+            .region_read(prq, 0x20, &mut r)
             .map_err(|e| self.map_err(e))?;
         let mut out = [0u64; 4];
         for (i, o) in out.iter_mut().enumerate() {
@@ -238,62 +285,29 @@ impl PassthroughBackend for VfioUserDevice {
     }
 
     fn supports_migration(&self) -> bool {
-        self.is_test_device()
+        self.features.migration.is_some()
     }
 
     fn set_migration_state(&mut self, state: u32) -> Result<(), PassthroughError> {
-        if !self.is_test_device() {
+        if self.features.migration.is_none() {
             return Err(PassthroughError::Refused(format!(
-                "{} does not support migration",
+                "{} does not support migration (no VFIO_DEVICE_FEATURE_MIGRATION with \
+                 STOP_COPY)",
                 self.describe()
             )));
         }
-        let r = self
-            .lock()
-            .region_write(testdev::REGION_MIGRATION, 0, &state.to_le_bytes());
-        r.map_err(|e| self.map_err(e))
+        let r = self.lock().set_mig_state(state);
+        r.map(|_| ()).map_err(|e| self.map_err(e))
     }
 
     fn read_migration_data(&mut self) -> Result<Vec<u8>, PassthroughError> {
-        let mut size = [0u8; 8];
-        let r = self
-            .lock()
-            .region_read(testdev::REGION_MIGRATION, 8, &mut size);
-        r.map_err(|e| self.map_err(e))?;
-        let size = u64::from_le_bytes(size);
-        if size > testdev::MIGRATION_DATA_SIZE {
-            return Err(PassthroughError::Refused(format!(
-                "device data of {size} bytes is larger than its window"
-            )));
-        }
-        let mut data = vec![0u8; size as usize];
-        for (k, chunk) in data.chunks_mut(4096).enumerate() {
-            let r = self.lock().region_read(
-                testdev::REGION_MIGRATION,
-                testdev::MIGRATION_DATA_OFFSET + 4096 * k as u64,
-                chunk,
-            );
-            r.map_err(|e| self.map_err(e))?;
-        }
-        Ok(data)
+        let r = self.lock().read_mig_data();
+        r.map_err(|e| self.map_err(e))
     }
 
     fn write_migration_data(&mut self, data: &[u8]) -> Result<(), PassthroughError> {
-        if data.len() as u64 > testdev::MIGRATION_DATA_SIZE {
-            return Err(PassthroughError::Refused(format!(
-                "device data of {} bytes is larger than the window",
-                data.len()
-            )));
-        }
-        for (k, chunk) in data.chunks(4096).enumerate() {
-            let r = self.lock().region_write(
-                testdev::REGION_MIGRATION,
-                testdev::MIGRATION_DATA_OFFSET + 4096 * k as u64,
-                chunk,
-            );
-            r.map_err(|e| self.map_err(e))?;
-        }
-        Ok(())
+        let r = self.lock().write_mig_data(data);
+        r.map_err(|e| self.map_err(e))
     }
 }
 
@@ -321,6 +335,9 @@ impl SharedRam {
 pub struct VfioUserDma {
     dev: VfioUserDevice,
     ram: SharedRam,
+    /// `dma=messages`: mappings go to the server without the RAM descriptor, and its
+    /// DMA_READ/DMA_WRITE messages are answered through this table.
+    messages: Option<Arc<MessageDma>>,
     /// Host (device-side) mapping calls made.
     pub calls: Arc<Mutex<(u64, u64)>>,
     /// Merge contiguous guest maps when the device allows it.
@@ -333,9 +350,20 @@ impl VfioUserDma {
         Self {
             dev,
             ram,
+            messages: None,
             calls: Arc::new(Mutex::new((0, 0))),
             merge: true,
         }
+    }
+
+    /// The same backend in `dma=messages` mode: the server never gets the guest-RAM
+    /// descriptor and reaches guest memory only through `table`, which this backend keeps
+    /// equal to the host mappings it makes (and which the client consults for the server's
+    /// DMA_READ and DMA_WRITE).
+    pub fn by_messages(mut self, table: Arc<MessageDma>) -> Self {
+        self.dev.lock().set_dma_access(table.clone());
+        self.messages = Some(table);
+        self
     }
 
     /// The same backend with one host map per guest MAP, even where merging is allowed.
@@ -370,13 +398,13 @@ impl DmaBackend for VfioUserDma {
     }
 
     fn caps(&self) -> BackendCaps {
-        // The project's test device keeps page-granular mappings and splits them on unmap,
-        // so contiguous guest mappings may be merged; other servers need exact unmaps.
-        let ours = self.dev.is_test_device();
+        // A server that splits mappings on a partial unmap (the `vmm-split-unmap`
+        // extension) lets contiguous guest mappings be merged; others need exact unmaps.
+        let f = self.dev.features;
         BackendCaps {
-            dirty_tracking: ours,
-            merge_maps: ours && self.merge,
-            merge_unmaps: ours && self.merge,
+            dirty_tracking: f.dma_logging,
+            merge_maps: f.split_unmap && self.merge,
+            merge_unmaps: f.split_unmap && self.merge,
             ..Default::default()
         }
     }
@@ -398,10 +426,16 @@ impl DmaBackend for VfioUserDma {
             flags |= DMA_MAP_WRITE;
         }
         self.calls.lock().unwrap_or_else(|e| e.into_inner()).0 += 1;
+        if let Some(t) = &self.messages {
+            let r = self.dev.lock().dma_map(iova, len, None, 0, flags);
+            r.map_err(|e| self.err(e))?;
+            return t.map(iova, gpa, len, perm).map_err(BackendError::Failed);
+        }
+        let memfd: &File = &self.ram.memfd;
         let r = self
             .dev
             .lock()
-            .dma_map(iova, len, self.ram.memfd.as_ref(), offset, flags);
+            .dma_map(iova, len, Some(memfd), offset, flags);
         r.map_err(|e| self.err(e))
     }
 
@@ -410,19 +444,24 @@ impl DmaBackend for VfioUserDma {
             return Ok(());
         }
         self.calls.lock().unwrap_or_else(|e| e.into_inner()).1 += 1;
+        // Messages first lose their way to the range, then the server is told.
+        if let Some(t) = &self.messages {
+            t.unmap(iova, len);
+        }
         let r = self.dev.lock().dma_unmap(iova, len);
         r.map_err(|e| self.err(e))
     }
 
     fn set_dirty_tracking(&mut self, enable: bool) -> Result<(), BackendError> {
-        if !self.dev.is_test_device() {
+        if !self.dev.features.dma_logging {
             return Err(BackendError::Unsupported);
         }
-        let r = self.dev.lock().region_write(
-            testdev::REGION_DIRTY_LOG,
-            0,
-            &u32::from(enable).to_le_bytes(),
-        );
+        let r = if enable {
+            // No ranges: every write is logged (the mappings change while tracking).
+            self.dev.lock().dma_logging_start(PAGE, &[]).map(|_| ())
+        } else {
+            self.dev.lock().dma_logging_stop()
+        };
         r.map_err(|e| self.err(e))
     }
 
@@ -432,8 +471,8 @@ impl DmaBackend for VfioUserDma {
         len: u64,
         bitmap: &mut [u64],
     ) -> Result<(), BackendError> {
-        // The test device logs writes by IOVA and keeps the log across an unmap: unmapping
-        // first and reading after leaves no window for a lost write.
+        // A DMA log is by IOVA and outlives the mapping (the kernel's and the test device's
+        // alike): unmapping first and reading after leaves no window for a lost write.
         iommu::backend::unmap_then_read_dirty(self, iova, len, bitmap)
     }
 
@@ -444,44 +483,11 @@ impl DmaBackend for VfioUserDma {
         bitmap: &mut [u64],
         clear: bool,
     ) -> Result<(), BackendError> {
-        if !self.dev.is_test_device() {
+        // DMA_LOGGING_REPORT always clears what it reports.
+        if !self.dev.features.dma_logging || !clear {
             return Err(BackendError::Unsupported);
         }
-        let pages = len / 4096;
-        let window_pages = testdev::DIRTY_BITMAP_SIZE * 8;
-        let mut done = 0u64;
-        while done < pages {
-            let n = (pages - done).min(window_pages);
-            let mut raw = vec![0u8; n.div_ceil(8) as usize];
-            {
-                let mut c = self.dev.lock();
-                let q = |c: &mut VfioUserClient, off: u64, v: u64| {
-                    c.region_write(testdev::REGION_DIRTY_LOG, off, &v.to_le_bytes())
-                };
-                q(&mut c, 8, iova + done * 4096)
-                    .and_then(|()| q(&mut c, 16, n))
-                    .and_then(|()| q(&mut c, 24, u64::from(clear)))
-                    .and_then(|()| {
-                        c.region_read(
-                            testdev::REGION_DIRTY_LOG,
-                            testdev::DIRTY_BITMAP_OFFSET,
-                            &mut raw,
-                        )
-                    })
-                    .map_err(|e| self.err(e))?;
-            }
-            for (i, b) in raw.iter().enumerate() {
-                for bit in 0..8 {
-                    if b & (1 << bit) != 0 {
-                        let page = done + (i * 8 + bit) as u64;
-                        if let Some(w) = bitmap.get_mut((page / 64) as usize) {
-                            *w |= 1 << (page % 64);
-                        }
-                    }
-                }
-            }
-            done += n;
-        }
-        Ok(())
+        let r = self.dev.lock().dma_logging_report(iova, len, PAGE, bitmap);
+        r.map_err(|e| self.err(e))
     }
 }

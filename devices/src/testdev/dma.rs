@@ -1,14 +1,17 @@
-//! The device's view of DMA: the IOVA mappings the VMM gave it (DMA_MAP with a file
-//! descriptor of guest memory), with their permissions, and the dirty log of IOVA pages it
-//! wrote. Every access is checked against the mappings; the table is locked for the whole
-//! copy of one chunk, so an unmap waits for a chunk in flight and no later chunk can reach an
-//! unmapped page.
+//! The device's view of DMA: the IOVA mappings the VMM gave it, with their permissions, and
+//! the dirty log of IOVA pages it wrote. A mapping that came with a file descriptor of guest
+//! memory is reached directly; one without (the VMM's `dma=messages`) only through
+//! `VFIO_USER_DMA_READ`/`DMA_WRITE` messages, which the VMM checks again. Every access is
+//! checked against the mappings; the table is locked for the whole copy of one chunk, so an
+//! unmap waits for a chunk in flight and no later chunk can reach an unmapped page.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
+
+use vfio_user::server_ext::DmaHandle;
 
 /// Page size of the dirty log.
 pub const PAGE: u64 = 4096;
@@ -36,7 +39,8 @@ impl Drop for FileMap {
 #[derive(Debug, Clone, Copy)]
 struct Mapping {
     size: u64,
-    file: (u64, u64),
+    /// The file mapped (device, inode), or none: reached by message.
+    file: Option<(u64, u64)>,
     offset: u64,
     read: bool,
     write: bool,
@@ -62,10 +66,20 @@ pub struct DmaSpace {
     pub map_calls: u64,
     /// DMA_UNMAP messages handled.
     pub unmap_calls: u64,
+    /// The channel for mappings without a file.
+    messages: Option<DmaHandle>,
+    /// Transfers by message: `(DMA_READ, DMA_WRITE, refused by the VMM)`.
+    pub message_counts: (u64, u64, u64),
 }
 
 impl DmaSpace {
-    /// Adds a mapping of `[iova, iova + size)` to `offset` of `file`.
+    /// Sets the channel through which mappings without a file are reached.
+    pub fn set_messages(&mut self, dma: DmaHandle) {
+        self.messages = Some(dma);
+    }
+
+    /// Adds a mapping of `[iova, iova + size)` to `offset` of `file`, or, without a file, a
+    /// mapping reached by `VFIO_USER_DMA_READ`/`DMA_WRITE`.
     ///
     /// # Errors
     /// When the range wraps, overlaps a mapping, or the file cannot be mapped.
@@ -73,7 +87,7 @@ impl DmaSpace {
         &mut self,
         iova: u64,
         size: u64,
-        file: File,
+        file: Option<File>,
         offset: u64,
         read: bool,
         write: bool,
@@ -87,6 +101,25 @@ impl DmaSpace {
                 return Err(io::Error::from_raw_os_error(libc::EEXIST));
             }
         }
+        let key = match file {
+            Some(file) => Some(self.map_file(file, offset, size)?),
+            None => None,
+        };
+        self.maps.insert(
+            iova,
+            Mapping {
+                size,
+                file: key,
+                offset,
+                read,
+                write,
+            },
+        );
+        self.map_calls += 1;
+        Ok(())
+    }
+
+    fn map_file(&mut self, file: File, offset: u64, size: u64) -> io::Result<(u64, u64)> {
         let meta = file.metadata()?;
         let key = (meta.dev(), meta.ino());
         if offset.checked_add(size).is_none_or(|e| e > meta.len()) {
@@ -114,18 +147,7 @@ impl DmaSpace {
                 _file: file,
             });
         }
-        self.maps.insert(
-            iova,
-            Mapping {
-                size,
-                file: key,
-                offset,
-                read,
-                write,
-            },
-        );
-        self.map_calls += 1;
-        Ok(())
+        Ok(key)
     }
 
     /// Removes `[iova, iova + size)`, splitting mappings at its edges.
@@ -181,8 +203,9 @@ impl DmaSpace {
         self.maps.is_empty()
     }
 
-    /// A host pointer for `[iova, iova + len)`, inside one page and one mapping.
-    fn host(&self, iova: u64, len: u64, write: bool) -> Result<*mut u8, DmaFault> {
+    /// Where `[iova, iova + len)` (inside one page and one mapping) is: a host pointer, or
+    /// `None` for a mapping reached by message.
+    fn host(&self, iova: u64, len: u64, write: bool) -> Result<Option<*mut u8>, DmaFault> {
         let fault = DmaFault { iova, write };
         let (&s, m) = self.maps.range(..=iova).next_back().ok_or(fault)?;
         if iova - s >= m.size
@@ -192,29 +215,34 @@ impl DmaSpace {
         {
             return Err(fault);
         }
-        let f = self.files.get(&m.file).ok_or(fault)?;
+        let Some(key) = m.file else {
+            return Ok(None);
+        };
+        let f = self.files.get(&key).ok_or(fault)?;
         let off = m.offset + (iova - s);
         if off + len > f.len {
             return Err(fault);
         }
         // SAFETY: `off + len <= f.len`, inside the live mapping.
-        Ok(unsafe { f.ptr.add(off as usize) })
+        Ok(Some(unsafe { f.ptr.add(off as usize) }))
     }
 
     /// Reads `out.len()` bytes at `iova` (any length; checked page by page).
     ///
     /// # Errors
-    /// The first refused IOVA.
-    pub fn read(&self, iova: u64, out: &mut [u8]) -> Result<(), DmaFault> {
+    /// The first refused IOVA (refused here, or by the VMM for a mapping reached by message).
+    pub fn read(&mut self, iova: u64, out: &mut [u8]) -> Result<(), DmaFault> {
         let mut done = 0usize;
         while done < out.len() {
             let a = iova
                 .checked_add(done as u64)
                 .ok_or(DmaFault { iova, write: false })?;
             let n = ((PAGE - a % PAGE) as usize).min(out.len() - done);
-            let p = self.host(a, n as u64, false)?;
-            // SAFETY: `p` points at `n` readable bytes of the mapping (checked by `host`).
-            unsafe { std::ptr::copy_nonoverlapping(p, out[done..].as_mut_ptr(), n) };
+            match self.host(a, n as u64, false)? {
+                // SAFETY: `p` points at `n` readable bytes of the mapping (checked by `host`).
+                Some(p) => unsafe { std::ptr::copy_nonoverlapping(p, out[done..].as_mut_ptr(), n) },
+                None => self.by_message(a, &mut out[done..done + n], None)?,
+            }
             done += n;
         }
         Ok(())
@@ -231,15 +259,52 @@ impl DmaSpace {
                 .checked_add(done as u64)
                 .ok_or(DmaFault { iova, write: true })?;
             let n = ((PAGE - a % PAGE) as usize).min(data.len() - done);
-            let p = self.host(a, n as u64, true)?;
-            // SAFETY: `p` points at `n` writable bytes of the mapping (checked by `host`).
-            unsafe { std::ptr::copy_nonoverlapping(data[done..].as_ptr(), p, n) };
+            match self.host(a, n as u64, true)? {
+                // SAFETY: `p` points at `n` writable bytes of the mapping (checked by `host`).
+                Some(p) => unsafe { std::ptr::copy_nonoverlapping(data[done..].as_ptr(), p, n) },
+                None => self.by_message(a, &mut [], Some(&data[done..done + n]))?,
+            }
             if let Some(d) = self.dirty.as_mut() {
                 d.insert(a / PAGE);
             }
             done += n;
         }
         Ok(())
+    }
+
+    /// One transfer by message: a read into `out`, or a write of `data`.
+    fn by_message(
+        &mut self,
+        iova: u64,
+        out: &mut [u8],
+        data: Option<&[u8]>,
+    ) -> Result<(), DmaFault> {
+        let fault = DmaFault {
+            iova,
+            write: data.is_some(),
+        };
+        let Some(h) = self.messages.as_ref() else {
+            return Err(fault);
+        };
+        let r = match data {
+            Some(d) => h.write(iova, d),
+            None => h.read(iova, out),
+        };
+        match r {
+            Ok(()) => {
+                if data.is_some() {
+                    self.message_counts.1 += 1;
+                } else {
+                    self.message_counts.0 += 1;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                log::debug!("dma-test-device: the VMM refused a DMA message at {iova:#x}: {e}");
+                self.message_counts.2 += 1;
+                Err(fault)
+            }
+        }
     }
 
     /// Starts (clearing the log) or stops dirty tracking.
@@ -304,18 +369,32 @@ pub(crate) mod tests {
     fn permissions_splits_and_dirty_log() {
         let f = memfile(64 << 10);
         let mut d = DmaSpace::default();
-        d.map(0x10000, 0x4000, f.try_clone().unwrap(), 0, true, true)
+        d.map(0x10000, 0x4000, Some(f.try_clone().unwrap()), 0, true, true)
             .unwrap();
-        d.map(0x20000, 0x1000, f.try_clone().unwrap(), 0x8000, true, false)
-            .unwrap();
+        d.map(
+            0x20000,
+            0x1000,
+            Some(f.try_clone().unwrap()),
+            0x8000,
+            true,
+            false,
+        )
+        .unwrap();
         assert_eq!(
-            d.map(0x11000, 0x1000, f.try_clone().unwrap(), 0, true, true)
+            d.map(0x11000, 0x1000, Some(f.try_clone().unwrap()), 0, true, true)
                 .unwrap_err()
                 .raw_os_error(),
             Some(libc::EEXIST)
         );
         assert!(d
-            .map(0x30000, 0x1000, f.try_clone().unwrap(), 1 << 20, true, true)
+            .map(
+                0x30000,
+                0x1000,
+                Some(f.try_clone().unwrap()),
+                1 << 20,
+                true,
+                true
+            )
             .is_err());
         d.set_tracking(true);
         d.write(0x10ff0, &[7u8; 32]).unwrap();

@@ -362,7 +362,7 @@ impl TestDevice {
         lock(&self.shared.mig).0
     }
 
-    /// Moves to migration state `to` (see [`REGION_MIGRATION`]).
+    /// Moves to migration state `to` along the arcs of [`super::MIGRATION_DATA_SIZE`].
     ///
     /// # Errors
     /// [`MigrationError`]; the state is then unchanged.
@@ -711,7 +711,14 @@ mod tests {
         let mut mem = memfile(64 << 10);
         let a = TestDevice::new();
         a.dma()
-            .map(0x10000, 64 << 10, mem.try_clone().unwrap(), 0, true, true)
+            .map(
+                0x10000,
+                64 << 10,
+                Some(mem.try_clone().unwrap()),
+                0,
+                true,
+                true,
+            )
             .unwrap();
         // A 16-page fill with 20 ms per page: stop it in the middle.
         w64(&a, regs::DST, 0x10000);
@@ -755,7 +762,14 @@ mod tests {
 
         let b = TestDevice::new();
         b.dma()
-            .map(0x10000, 64 << 10, mem.try_clone().unwrap(), 0, true, true)
+            .map(
+                0x10000,
+                64 << 10,
+                Some(mem.try_clone().unwrap()),
+                0,
+                true,
+                true,
+            )
             .unwrap();
         assert_eq!(
             b.set_migration_state(mig::STOP_COPY),
@@ -834,7 +848,14 @@ mod tests {
         let mut mem = memfile(64 << 10);
         let d = TestDevice::new();
         d.dma()
-            .map(0x10000, 16 << 10, mem.try_clone().unwrap(), 0, true, true)
+            .map(
+                0x10000,
+                16 << 10,
+                Some(mem.try_clone().unwrap()),
+                0,
+                true,
+                true,
+            )
             .unwrap();
         d.prq_write(0, 1);
         assert_eq!(prq(&d, 0) as u32, 1);
@@ -855,7 +876,7 @@ mod tests {
             .map(
                 0x40000,
                 8 << 10,
-                mem.try_clone().unwrap(),
+                Some(mem.try_clone().unwrap()),
                 32 << 10,
                 true,
                 true,

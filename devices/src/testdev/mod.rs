@@ -7,9 +7,11 @@
 //! MSI-X vector 0 signals completion (and errors). The device reaches guest memory only
 //! through the IOVAs the VMM mapped for it, with their permissions; anything else is a DMA
 //! fault, recorded in the error registers, in the fault log (region 9) and signalled on the
-//! error IRQ (index 3) so that the VMM raises a virtio-iommu fault event. Region 10 exposes
-//! the dirty log of IOVA pages the device wrote; region 12 lets the VMM map on demand: a
-//! transfer that misses waits for the VMM's answer to its page request.
+//! error IRQ (index 3) so that the VMM raises a virtio-iommu fault event; region 12 lets the
+//! VMM map on demand: a transfer that misses waits for the VMM's answer to its page request.
+//! Both are named extensions in the server's VERSION capabilities (`vmm-fault-log`,
+//! `vmm-page-request`). Migration and the log of pages the device wrote use the standard
+//! messages (`VFIO_USER_DEVICE_FEATURE`, `VFIO_USER_MIG_DATA_*`).
 
 pub mod dma;
 mod engine;
@@ -31,25 +33,12 @@ pub const BAR0_SIZE: u64 = 0x1000;
 pub const REGION_FAULT_LOG: u32 = 9;
 /// Records the fault log holds.
 pub const FAULT_LOG_RECORDS: usize = 64;
-/// Region of the dirty log: control at 0 (`u32`: 1 starts tracking, clearing the log; 0
-/// stops), query at 8 (`u64 iova`, `u64 pages`, `u32 clear`), bitmap of the query from
-/// [`DIRTY_BITMAP_OFFSET`] (bit `i` = IOVA page `iova / 4096 + i`).
-pub const REGION_DIRTY_LOG: u32 = 10;
-/// Offset of the bitmap window in the dirty-log region.
-pub const DIRTY_BITMAP_OFFSET: u64 = 0x1000;
-/// Size of the bitmap window (32 GiB of IOVA per query).
-pub const DIRTY_BITMAP_SIZE: u64 = 1 << 20;
-/// Region of the migration interface, modelled on VFIO migration v2 (`enum
-/// vfio_device_mig_state` in `linux/vfio.h`): `u32` device state at 0 (written to move
-/// between states, read back), `u64` size of the device data at 8 (valid in STOP_COPY), and
-/// the data window from [`MIGRATION_DATA_OFFSET`]: read in STOP_COPY, written in RESUMING.
-/// Supported arcs: RUNNING <-> STOP, STOP <-> STOP_COPY, STOP <-> RESUMING; others are
-/// refused and leave the state unchanged. In STOP the device does no DMA and raises no
+/// Size of the device data the migration stream carries at most (`VFIO_USER_MIG_DATA_*`).
+/// The device migrates with VFIO migration v2 over `VFIO_USER_DEVICE_FEATURE`
+/// (`MIG_DEVICE_STATE`; arcs RUNNING <-> STOP, STOP <-> STOP_COPY, STOP <-> RESUMING; others
+/// are refused and leave the state unchanged). In STOP the device does no DMA and raises no
 /// interrupt; a transfer in progress is parked between two chunks and is part of the data.
-pub const REGION_MIGRATION: u32 = 11;
-/// Offset of the data window in the migration region.
-pub const MIGRATION_DATA_OFFSET: u64 = 0x1000;
-/// Size of the data window.
+/// It logs its DMA writes through `DMA_LOGGING_START`/`STOP`/`REPORT` at 4 KiB.
 pub const MIGRATION_DATA_SIZE: u64 = 0x1_0000;
 
 /// Region of the page-request interface (the stall model of PCIe PRI): with requests enabled,
@@ -64,15 +53,15 @@ pub const MIGRATION_DATA_SIZE: u64 = 0x1_0000;
 /// faults then, as it does on an invalid answer.
 pub const REGION_PAGE_REQUEST: u32 = 12;
 /// Answer: the page is mapped now; retry the access.
-pub const PRQ_RETRY: u32 = 1;
+pub const PRQ_RETRY: u32 = crate::passthrough::vfio_user::caps::ext::PRQ_RETRY;
 /// Answer: the access is not allowed; it faults.
-pub const PRQ_INVALID: u32 = 2;
+pub const PRQ_INVALID: u32 = crate::passthrough::vfio_user::caps::ext::PRQ_INVALID;
 /// How long the engine waits for an answer.
 pub const PRQ_TIMEOUT_MS: u64 = 2000;
 /// Page requests one chunk of a transfer may make before it faults.
 pub const PRQ_RETRIES_PER_CHUNK: u32 = 8;
 
-/// Device states of [`REGION_MIGRATION`], with the values of `enum vfio_device_mig_state`.
+/// Device states, the values of `enum vfio_device_mig_state` (`<linux/vfio.h>`).
 pub mod mig {
     /// The device failed a transition.
     pub const ERROR: u32 = 0;

@@ -5,10 +5,13 @@ use std::io;
 use std::path::Path;
 
 use vfio_bindings::bindings::vfio::{
-    vfio_region_info, VFIO_IRQ_INFO_EVENTFD, VFIO_REGION_INFO_FLAG_READ,
+    vfio_region_info, VFIO_IRQ_INFO_EVENTFD, VFIO_MIGRATION_STOP_COPY, VFIO_REGION_INFO_FLAG_READ,
     VFIO_REGION_INFO_FLAG_WRITE,
 };
+use vfio_user::server_ext::ServerCapabilities;
 use vfio_user::{DmaMapFlags, DmaUnmapFlags, IrqInfo, Server, ServerBackend, ServerRegion};
+
+use crate::passthrough::vfio_user::caps::ext;
 
 use super::engine::{lock, TestDevice};
 use super::*;
@@ -30,13 +33,14 @@ fn config_space() -> [u8; 256] {
 
 struct Backend {
     dev: TestDevice,
-    query: (u64, u64, u32),
     dirty_log: DirtyLogMode,
+    /// Bytes of the migration data stream read or written since the last state change.
+    mig_cursor: u64,
 }
 
-/// How the device's dirty log behaves (`dma-test-device --dirty-log`): a correct log, none
-/// (enabling it is refused, so the VMM knows the device is untracked), or one that claims to
-/// track and always reports nothing (a broken device the VMM cannot tell from an idle one;
+/// How the device's DMA log (`VFIO_DEVICE_FEATURE_DMA_LOGGING_*`) behaves
+/// (`dma-test-device --dirty-log`): a correct log, none (the feature is not offered, so the
+/// VMM knows the device is untracked), or one that claims to track and always reports nothing (a broken device the VMM cannot tell from an idle one;
 /// only a RAM comparison at switch-over shows it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DirtyLogMode {
@@ -93,35 +97,6 @@ impl ServerBackend for Backend {
             }
             REGION_FAULT_LOG => self.dev.fault_log_read(offset, data),
             REGION_PAGE_REQUEST => self.dev.prq_read(offset, data),
-            REGION_DIRTY_LOG if offset >= DIRTY_BITMAP_OFFSET => {
-                let (iova, pages, clear) = self.query;
-                let max = (data.len() as u64) * 8;
-                self.dev
-                    .dma()
-                    .dirty_bitmap(iova, pages.min(max), data, clear != 0);
-                if self.dirty_log == DirtyLogMode::Empty {
-                    data.fill(0);
-                }
-            }
-            REGION_DIRTY_LOG => {
-                data.fill(0);
-                if offset == 0 {
-                    data[0] = u8::from(self.dev.dma().tracking());
-                }
-            }
-            REGION_MIGRATION if offset >= MIGRATION_DATA_OFFSET => self
-                .dev
-                .migration_data_read(offset - MIGRATION_DATA_OFFSET, data),
-            REGION_MIGRATION => {
-                let v = match offset {
-                    0 => u64::from(self.dev.migration_state()),
-                    8 => self.dev.migration_data_size(),
-                    _ => 0,
-                };
-                for (i, b) in data.iter_mut().enumerate() {
-                    *b = v.checked_shr(8 * i as u32).unwrap_or(0) as u8;
-                }
-            }
             _ => data.fill(0),
         }
         Ok(())
@@ -137,27 +112,6 @@ impl ServerBackend for Backend {
             0 => self.dev.bar_write(offset, data),
             REGION_FAULT_LOG if offset == 0 => self.dev.fault_log_consume(le(data) as u32),
             REGION_PAGE_REQUEST => self.dev.prq_write(offset, le(data)),
-            REGION_DIRTY_LOG => match offset {
-                0 if self.dirty_log == DirtyLogMode::Off && le(data) & 1 == 1 => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::Unsupported,
-                        "this device has no dirty log (--dirty-log off)",
-                    ))
-                }
-                0 => self.dev.dma().set_tracking(le(data) & 1 == 1),
-                8 => self.query.0 = le(data),
-                16 => self.query.1 = le(data),
-                24 => self.query.2 = le(data) as u32,
-                _ => {}
-            },
-            REGION_MIGRATION if offset >= MIGRATION_DATA_OFFSET => self
-                .dev
-                .migration_data_write(offset - MIGRATION_DATA_OFFSET, data)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?,
-            REGION_MIGRATION if offset == 0 => self
-                .dev
-                .set_migration_state(le(data) as u32)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?,
             _ => {}
         }
         Ok(())
@@ -171,7 +125,7 @@ impl ServerBackend for Backend {
         size: u64,
         fd: Option<File>,
     ) -> Result<(), io::Error> {
-        let fd = fd.ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // Without a file descriptor the mapping is reached by DMA_READ/DMA_WRITE messages.
         self.dev.dma().map(
             address,
             size,
@@ -212,6 +166,94 @@ impl ServerBackend for Backend {
         self.dev.set_irqs(index, start, fds);
         Ok(())
     }
+
+    fn connected(&mut self, dma: vfio_user::server_ext::DmaHandle) {
+        self.dev.dma().set_messages(dma);
+    }
+
+    fn migration_flags(&self) -> Option<u64> {
+        Some(u64::from(VFIO_MIGRATION_STOP_COPY))
+    }
+
+    fn mig_state(&mut self) -> Result<u32, io::Error> {
+        Ok(self.dev.migration_state())
+    }
+
+    fn set_mig_state(&mut self, state: u32) -> Result<(), io::Error> {
+        self.dev
+            .set_migration_state(state)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        self.mig_cursor = 0;
+        Ok(())
+    }
+
+    fn mig_data_read(&mut self, size: u32) -> Result<Vec<u8>, io::Error> {
+        if self.dev.migration_state() != mig::STOP_COPY {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let left = self
+            .dev
+            .migration_data_size()
+            .saturating_sub(self.mig_cursor);
+        let mut data = vec![0u8; left.min(u64::from(size)) as usize];
+        self.dev.migration_data_read(self.mig_cursor, &mut data);
+        self.mig_cursor += data.len() as u64;
+        Ok(data)
+    }
+
+    fn mig_data_write(&mut self, data: &[u8]) -> Result<(), io::Error> {
+        self.dev
+            .migration_data_write(self.mig_cursor, data)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        self.mig_cursor += data.len() as u64;
+        Ok(())
+    }
+
+    fn dma_logging_supported(&self) -> bool {
+        self.dirty_log != DirtyLogMode::Off
+    }
+
+    fn dma_logging_start(
+        &mut self,
+        _page_size: u64,
+        _ranges: &[(u64, u64)],
+    ) -> Result<u64, io::Error> {
+        // Every write is logged, whatever the ranges, at 4 KiB.
+        self.dev.dma().set_tracking(true);
+        Ok(dma::PAGE)
+    }
+
+    fn dma_logging_stop(&mut self) -> Result<(), io::Error> {
+        self.dev.dma().set_tracking(false);
+        Ok(())
+    }
+
+    fn dma_logging_report(
+        &mut self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        bitmap: &mut [u64],
+    ) -> Result<(), io::Error> {
+        if page_size != dma::PAGE || !iova.is_multiple_of(dma::PAGE) {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        if !self.dev.dma().tracking() {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let pages = length.div_ceil(dma::PAGE);
+        let mut bytes = vec![0u8; pages.div_ceil(8) as usize];
+        self.dev.dma().dirty_bitmap(iova, pages, &mut bytes, true);
+        if self.dirty_log == DirtyLogMode::Empty {
+            return Ok(());
+        }
+        for (i, b) in bytes.iter().enumerate() {
+            if let Some(w) = bitmap.get_mut(i / 8) {
+                *w |= u64::from(*b) << (8 * (i % 8));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Serves one VMM on the socket at `path` until it disconnects.
@@ -224,12 +266,6 @@ pub fn serve(path: &Path, dirty_log: DirtyLogMode, flood: bool) -> Result<(), vf
     regions[CONFIG_REGION as usize] = region(CONFIG_REGION, 256);
     regions[REGION_FAULT_LOG as usize] = region(REGION_FAULT_LOG, 0x1000);
     regions[REGION_PAGE_REQUEST as usize] = region(REGION_PAGE_REQUEST, 0x1000);
-    regions[REGION_DIRTY_LOG as usize] =
-        region(REGION_DIRTY_LOG, DIRTY_BITMAP_OFFSET + DIRTY_BITMAP_SIZE);
-    regions[REGION_MIGRATION as usize] = region(
-        REGION_MIGRATION,
-        MIGRATION_DATA_OFFSET + MIGRATION_DATA_SIZE,
-    );
     let irq = |index: u32, count: u32| IrqInfo {
         index,
         flags: VFIO_IRQ_INFO_EVENTFD,
@@ -242,11 +278,22 @@ pub fn serve(path: &Path, dirty_log: DirtyLogMode, flood: bool) -> Result<(), vf
         irq(3, 1),
         irq(4, 0),
     ];
-    let server = Server::new(path, true, irqs, regions)?;
+    // The extensions the VMM may use: named in VERSION, found by name, never by identity.
+    let mut caps = ServerCapabilities::default();
+    let named = |region: Option<u32>| match region {
+        Some(r) => serde_json::json!({ "region": r }),
+        None => serde_json::json!({}),
+    };
+    caps.extra
+        .insert(ext::FAULT_LOG.into(), named(Some(REGION_FAULT_LOG)));
+    caps.extra
+        .insert(ext::PAGE_REQUEST.into(), named(Some(REGION_PAGE_REQUEST)));
+    caps.extra.insert(ext::SPLIT_UNMAP.into(), named(None));
+    let server = Server::new(path, true, irqs, regions)?.with_capabilities(caps);
     let mut backend = Backend {
         dev: TestDevice::new(),
-        query: (0, 0, 0),
         dirty_log,
+        mig_cursor: 0,
     };
     if flood {
         backend.dev.start_flood();

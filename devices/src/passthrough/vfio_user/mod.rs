@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 pub use caps::{ServerCaps, CLIENT_MAX_XFER};
-pub use feature::{DirtyReport, MigrationFeature};
+pub use feature::{MigrationFeature, MAX_LOGGING_RANGES, MAX_MIGRATION_DATA};
 
 const CMD_VERSION: u16 = 1;
 const CMD_DMA_MAP: u16 = 2;
@@ -154,6 +154,9 @@ fn u64_at(b: &[u8], off: usize) -> u64 {
     a.copy_from_slice(&b[off..off + 8]);
     u64::from_le_bytes(a)
 }
+
+/// A message header's fields: `(message ID, command, flags, errno)`.
+type Head = (u16, u16, u32, u32);
 
 /// A connection to one vfio-user device.
 pub struct VfioUserClient {
@@ -304,7 +307,7 @@ impl VfioUserClient {
         &mut self,
         cmd: u16,
         deadline: Instant,
-    ) -> Result<((u16, u16, u32, u32), Vec<u8>), VfioUserError> {
+    ) -> Result<(Head, Vec<u8>), VfioUserError> {
         let mut h = [0u8; HEADER_SIZE];
         self.read_by(&mut h, deadline)?;
         let (rid, rcmd) = (
@@ -339,7 +342,7 @@ impl VfioUserClient {
     /// reply with its errno. Anything else the server may not send is answered `EINVAL`.
     fn serve_command(
         &mut self,
-        (id, cmd, flags, _): (u16, u16, u32, u32),
+        (id, cmd, flags, _): Head,
         body: &[u8],
     ) -> Result<(), VfioUserError> {
         let reply = |body: &[u8], errno: u32| {
@@ -711,5 +714,7 @@ impl VfioUserClient {
     }
 }
 
+#[cfg(test)]
+mod server_tests;
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,206 @@
+//! The capabilities of `VFIO_USER_VERSION` (vfio-user.rst, "VFIO_USER_VERSION"): what the
+//! client announces, and what it learns of the server and honours.
+
+use serde::Deserialize;
+
+/// Largest `count` of one data transfer this client takes or sends (`max_data_xfer_size`),
+/// in bytes: the protocol's default.
+pub const CLIENT_MAX_XFER: u32 = 1 << 20;
+/// File descriptors this client accepts in one message.
+const CLIENT_MAX_FDS: u32 = 16;
+
+/// Named extensions beyond the specification that a server may announce, each an object with
+/// at least `"region"`: the region index the extension's interface lives in. The client uses
+/// one only when the server offers it (no device identity is checked).
+pub mod ext {
+    /// A log of the DMA faults the device took (region layout: `u32 count`, `u32 lost`, then
+    /// records of `{u64 iova, u32 flags (bit 0: write), u32 0}`; writing `u32 N` at 0
+    /// removes the first N records), signalled on the error IRQ (index 3).
+    pub const FAULT_LOG: &str = "vmm-fault-log";
+    /// Page requests (the stall model of PCIe PRI): with requests enabled, a transfer that
+    /// reaches an IOVA the device cannot access posts a request, signals the error IRQ
+    /// (index 3) and waits for the answer. Region layout (little-endian): `u32` enable at 0
+    /// (bit 0; read back), `u32` pending at 4, the request's `u64 iova` at 8, `u32 flags` at
+    /// 0x10 (bit 0: write), `u32 id` at 0x14; the answer is written at 0x18 as a `u64`: the
+    /// id in the low half, [`PRQ_RETRY`] or [`PRQ_INVALID`] in the high half; `u64`
+    /// counters at 0x20: requests, retries, invalid answers, timeouts.
+    pub const PAGE_REQUEST: &str = "vmm-page-request";
+    /// Page-request answer: the page is mapped now; retry the access.
+    pub const PRQ_RETRY: u32 = 1;
+    /// Page-request answer: the access is not allowed; it faults.
+    pub const PRQ_INVALID: u32 = 2;
+    /// The server keeps DMA mappings page by page and splits them on a partial unmap, so
+    /// the client may merge contiguous guest mappings into one DMA_MAP (an object without
+    /// a region: `{}`).
+    pub const SPLIT_UNMAP: &str = "vmm-split-unmap";
+}
+
+/// The client's capabilities, as JSON for the VERSION request.
+pub fn client_json() -> String {
+    serde_json::json!({
+        "capabilities": {
+            "max_msg_fds": CLIENT_MAX_FDS,
+            "max_data_xfer_size": CLIENT_MAX_XFER,
+            "pgsizes": 4096u64,
+            "max_dma_maps": 65535u32,
+            "migration": { "pgsize": 4096u64, "max_bitmap_size": u64::from(CLIENT_MAX_XFER) },
+        }
+    })
+    .to_string()
+}
+
+/// The `migration` object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct MigrationCaps {
+    /// Page size of dirty bitmaps, in bytes.
+    #[serde(default = "default_pgsize")]
+    pub pgsize: u64,
+    /// Largest dirty bitmap the server sends, in bytes.
+    #[serde(default = "default_bitmap")]
+    pub max_bitmap_size: u64,
+}
+
+fn default_pgsize() -> u64 {
+    4096
+}
+
+fn default_bitmap() -> u64 {
+    u64::from(CLIENT_MAX_XFER)
+}
+
+fn default_fds() -> u32 {
+    1
+}
+
+fn default_xfer() -> u32 {
+    CLIENT_MAX_XFER
+}
+
+fn default_maps() -> u32 {
+    65535
+}
+
+/// What a server announced, with the specification's defaults for what it left out.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ServerCaps {
+    /// File descriptors the server accepts in one message (default 1).
+    #[serde(default = "default_fds")]
+    pub max_msg_fds: u32,
+    /// Largest `count` of a transfer the server takes (default 1 MiB).
+    #[serde(default = "default_xfer")]
+    pub max_data_xfer_size: u32,
+    /// DMA map windows valid at once (default 65,535).
+    #[serde(default = "default_maps")]
+    pub max_dma_maps: u32,
+    /// Page sizes of DMA maps, or'ed (default 4 KiB only).
+    #[serde(default = "default_pgsize")]
+    pub pgsizes: u64,
+    /// Present when the server announces migration parameters.
+    #[serde(default)]
+    pub migration: Option<MigrationCaps>,
+    /// Everything else, by name (the extensions of [`ext`] among them).
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Default for ServerCaps {
+    fn default() -> Self {
+        Self {
+            max_msg_fds: default_fds(),
+            max_data_xfer_size: default_xfer(),
+            max_dma_maps: default_maps(),
+            pgsizes: default_pgsize(),
+            migration: None,
+            extra: serde_json::Map::new(),
+        }
+    }
+}
+
+impl ServerCaps {
+    /// Parses the version data of a VERSION reply: optional JSON, NUL-terminated.
+    ///
+    /// # Errors
+    /// What is wrong with it (not UTF-8 JSON, a capability of the wrong type, a zero limit).
+    pub fn parse(data: &[u8]) -> Result<Self, String> {
+        let json = data.strip_suffix(&[0]).unwrap_or(data);
+        if json.iter().all(|b| b.is_ascii_whitespace()) {
+            return Ok(Self::default());
+        }
+        let v: serde_json::Value =
+            serde_json::from_slice(json).map_err(|e| format!("capabilities: {e}"))?;
+        let Some(c) = v.get("capabilities") else {
+            return Ok(Self::default());
+        };
+        let caps: Self =
+            serde_json::from_value(c.clone()).map_err(|e| format!("capabilities: {e}"))?;
+        if caps.max_data_xfer_size == 0 || caps.max_msg_fds == 0 {
+            return Err("capabilities: a zero max_data_xfer_size or max_msg_fds".into());
+        }
+        if let Some(m) = caps.migration {
+            if !m.pgsize.is_power_of_two() {
+                return Err(format!("capabilities: migration pgsize {}", m.pgsize));
+            }
+        }
+        Ok(caps)
+    }
+
+    /// The largest transfer both sides take, in bytes.
+    pub fn xfer(&self) -> usize {
+        self.max_data_xfer_size.min(CLIENT_MAX_XFER) as usize
+    }
+
+    /// The region of extension `name` ([`ext`]), if the server offers it.
+    pub fn extension_region(&self, name: &str) -> Option<u32> {
+        let r = self.extra.get(name)?.get("region")?.as_u64()?;
+        u32::try_from(r).ok()
+    }
+
+    /// Whether the server offers extension `name` at all.
+    pub fn has_extension(&self, name: &str) -> bool {
+        self.extra.get(name).is_some_and(|v| v.is_object())
+    }
+
+    /// The largest dirty bitmap one report may carry, in bytes.
+    pub fn max_bitmap(&self) -> u64 {
+        self.migration
+            .map_or(u64::from(CLIENT_MAX_XFER), |m| m.max_bitmap_size)
+            .clamp(8, u64::from(CLIENT_MAX_XFER) - 64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_limits_and_extensions() {
+        assert_eq!(ServerCaps::parse(b"\0").unwrap(), ServerCaps::default());
+        assert_eq!(ServerCaps::parse(b"{}\0").unwrap(), ServerCaps::default());
+        let c = ServerCaps::parse(
+            br#"{"capabilities":{"max_msg_fds":4,"max_data_xfer_size":4096,"pgsizes":4096,
+                "migration":{"pgsize":4096,"max_bitmap_size":512},
+                "vmm-fault-log":{"region":9},"vmm-split-unmap":{}}}"#,
+        )
+        .unwrap();
+        assert_eq!((c.max_msg_fds, c.xfer(), c.max_bitmap()), (4, 4096, 512));
+        assert_eq!(c.extension_region(ext::FAULT_LOG), Some(9));
+        assert_eq!(c.extension_region(ext::PAGE_REQUEST), None);
+        assert!(c.has_extension(ext::SPLIT_UNMAP));
+        assert!(!c.has_extension(ext::PAGE_REQUEST));
+        // A server's larger limit does not raise the client's own.
+        let big = ServerCaps::parse(br#"{"capabilities":{"max_data_xfer_size":4294967295}}"#);
+        assert_eq!(big.unwrap().xfer(), CLIENT_MAX_XFER as usize);
+        for bad in [
+            &br#"{"capabilities":{"max_msg_fds":"many"}}"#[..],
+            br#"{"capabilities":{"max_data_xfer_size":0}}"#,
+            br#"{"capabilities":{"migration":{"pgsize":3000}}}"#,
+            b"not json",
+        ] {
+            assert!(
+                ServerCaps::parse(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! The client against the project's own server (the DMA test device on the patched
+//! `vfio_user` crate), message by message and both directions: VERSION capabilities,
+//! DEVICE_FEATURE (migration v2 states, DMA logging), MIG_DATA_READ/WRITE, and the server's
+//! DMA_READ/DMA_WRITE answered through a `dma=messages` table.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vfio_bindings::bindings::vfio::{
+    VFIO_DEVICE_FEATURE_DMA_LOGGING_START, VFIO_DEVICE_FEATURE_GET,
+};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::caps::ext;
+use super::*;
+use crate::passthrough::message_dma::MessageDma;
+use crate::testdev::{self, mig, regs, DirtyLogMode};
+use crate::GuestMemoryMmap;
+use iommu::Perm;
+
+/// A test device served on a fresh socket in this process, and a client connected to it.
+fn device(log: DirtyLogMode) -> (VfioUserClient, JoinHandle<()>, PathBuf) {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("vu-srv-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let p = path.clone();
+    let t = std::thread::spawn(move || {
+        let _ = testdev::serve(&p, log, false);
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let c = loop {
+        match VfioUserClient::connect(&path, Duration::from_secs(5)) {
+            Ok(c) => break c,
+            Err(e) if Instant::now() > deadline => panic!("no test device: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    };
+    (c, t, path)
+}
+
+/// A zeroed anonymous file of `len` bytes (guest RAM shared by descriptor).
+fn memfile(len: u64) -> std::fs::File {
+    use std::os::fd::FromRawFd;
+    // SAFETY: a new descriptor, checked, owned by the File.
+    let fd = unsafe { libc::memfd_create(c"vu-test".as_ptr(), 0) };
+    assert!(fd >= 0);
+    // SAFETY: as above.
+    let f = unsafe { std::fs::File::from_raw_fd(fd) };
+    f.set_len(len).unwrap();
+    f
+}
+
+fn w64(c: &mut VfioUserClient, reg: u64, v: u64) {
+    c.region_write(0, reg, &v.to_le_bytes()).unwrap();
+}
+
+fn r64(c: &mut VfioUserClient, reg: u64) -> u64 {
+    let mut b = [0u8; 8];
+    c.region_read(0, reg, &mut b).unwrap();
+    u64::from_le_bytes(b)
+}
+
+/// Starts a fill of `len` bytes of `value` at `dst` and polls the status register until the
+/// device is no longer busy (each poll is a request, during which the client answers the
+/// device's DMA messages). Returns the status and the error register.
+fn fill(c: &mut VfioUserClient, dst: u64, len: u64, value: u8) -> (u32, u32) {
+    w64(c, regs::DST, dst);
+    w64(c, regs::LEN, len);
+    c.region_write(0, regs::OP, &testdev::OP_FILL.to_le_bytes())
+        .unwrap();
+    c.region_write(0, regs::FILL, &u32::from(value).to_le_bytes())
+        .unwrap();
+    c.region_write(0, regs::DOORBELL, &1u32.to_le_bytes())
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = r64(c, regs::STATUS) as u32;
+        if status != testdev::STATUS_BUSY {
+            return (status, r64(c, regs::ERROR) as u32);
+        }
+        assert!(Instant::now() < deadline, "the device never finished");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn the_server_announces_its_limits_and_extensions_by_name() {
+    let (c, t, _) = device(DirtyLogMode::On);
+    let caps = c.caps().clone();
+    assert_eq!(caps.max_data_xfer_size, 1 << 20);
+    assert_eq!(caps.max_msg_fds, 16);
+    assert_eq!(caps.pgsizes, 4096);
+    assert_eq!(caps.migration.map(|m| m.pgsize), Some(4096));
+    assert_eq!(
+        caps.extension_region(ext::FAULT_LOG),
+        Some(testdev::REGION_FAULT_LOG)
+    );
+    assert_eq!(
+        caps.extension_region(ext::PAGE_REQUEST),
+        Some(testdev::REGION_PAGE_REQUEST)
+    );
+    assert!(caps.has_extension(ext::SPLIT_UNMAP));
+    drop(c);
+    t.join().unwrap();
+}
+
+#[test]
+fn migration_v2_states_and_data_through_device_feature_and_mig_data() {
+    let (mut a, ta, _) = device(DirtyLogMode::On);
+    let m = a.migration_feature().unwrap().expect("migration offered");
+    assert!(m.stop_copy() && !m.p2p() && !m.pre_copy(), "{m:?}");
+    assert_eq!(a.mig_state().unwrap(), mig::RUNNING);
+    w64(&mut a, regs::DELAY_US, 77);
+    // An arc the server does not take: refused with its errno, the state unchanged.
+    let e = a.set_mig_state(mig::STOP_COPY).unwrap_err();
+    assert!(
+        matches!(e, VfioUserError::Refused { command: "DEVICE_FEATURE", errno } if errno == libc::EINVAL as u32),
+        "{e}"
+    );
+    assert_eq!(a.mig_state().unwrap(), mig::RUNNING);
+    // Reading data outside a saving state is refused.
+    assert!(a.read_mig_data().is_err());
+    assert_eq!(a.set_mig_state(mig::STOP).unwrap(), mig::STOP);
+    a.set_mig_state(mig::STOP_COPY).unwrap();
+    let data = a.read_mig_data().unwrap();
+    assert!(!data.is_empty());
+    a.set_mig_state(mig::STOP).unwrap();
+
+    let (mut b, tb, _) = device(DirtyLogMode::On);
+    b.set_mig_state(mig::STOP).unwrap();
+    b.set_mig_state(mig::RESUMING).unwrap();
+    // Written in pieces smaller than the data: a stream, not one message.
+    for part in data.chunks(7) {
+        b.write_mig_data(part).unwrap();
+    }
+    b.set_mig_state(mig::STOP).unwrap();
+    b.set_mig_state(mig::RUNNING).unwrap();
+    assert_eq!(
+        r64(&mut b, regs::DELAY_US) as u32,
+        77,
+        "the registers moved"
+    );
+    // Bad data fails the RESUMING -> STOP arc.
+    b.set_mig_state(mig::STOP).unwrap();
+    b.set_mig_state(mig::RESUMING).unwrap();
+    b.write_mig_data(b"{not json").unwrap();
+    assert!(b.set_mig_state(mig::STOP).is_err());
+    drop((a, b));
+    ta.join().unwrap();
+    tb.join().unwrap();
+}
+
+#[test]
+fn dma_logging_reports_the_pages_written_and_clears_them() {
+    let (mut c, t, _) = device(DirtyLogMode::On);
+    assert!(c.dma_logging_supported().unwrap());
+    // GET is not a method of DMA_LOGGING_START.
+    assert!(!c
+        .probe_feature(
+            VFIO_DEVICE_FEATURE_DMA_LOGGING_START,
+            VFIO_DEVICE_FEATURE_GET
+        )
+        .unwrap());
+    let f = memfile(1 << 20);
+    c.dma_map(0x100000, 1 << 20, Some(&f), 0, DMA_MAP_READ | DMA_MAP_WRITE)
+        .unwrap();
+    assert_eq!(c.dma_logging_start(4096, &[]).unwrap(), 4096);
+    assert_eq!(
+        fill(&mut c, 0x103000, 0x2000, 0x5a),
+        (testdev::STATUS_DONE, 0)
+    );
+    assert_eq!(
+        fill(&mut c, 0x1ff000, 0x10, 0x5a),
+        (testdev::STATUS_DONE, 0)
+    );
+    let mut bits = vec![0u64; 4];
+    c.dma_logging_report(0x100000, 1 << 20, 4096, &mut bits)
+        .unwrap();
+    let pages: Vec<u64> = (0..256)
+        .filter(|p| bits[*p as usize / 64] >> (p % 64) & 1 == 1)
+        .collect();
+    assert_eq!(pages, vec![3, 4, 255]);
+    // Read once: the next report is empty.
+    let mut again = vec![0u64; 4];
+    c.dma_logging_report(0x100000, 1 << 20, 4096, &mut again)
+        .unwrap();
+    assert_eq!(again, vec![0; 4]);
+    c.dma_logging_stop().unwrap();
+    // A report after STOP is refused.
+    assert!(c
+        .dma_logging_report(0x100000, 4096, 4096, &mut again)
+        .is_err());
+    drop(c);
+    t.join().unwrap();
+
+    // A server without a log says so: the VMM then counts its mappings dirty.
+    let (mut c, t, _) = device(DirtyLogMode::Off);
+    assert!(!c.dma_logging_supported().unwrap());
+    assert!(matches!(
+        c.dma_logging_start(4096, &[]),
+        Err(VfioUserError::Refused { .. })
+    ));
+    drop(c);
+    t.join().unwrap();
+}
+
+#[test]
+fn a_report_is_split_at_the_largest_bitmap_the_server_takes() {
+    let (mut c, t, _) = device(DirtyLogMode::On);
+    let f = memfile(1 << 20);
+    c.dma_map(0, 1 << 20, Some(&f), 0, DMA_MAP_READ | DMA_MAP_WRITE)
+        .unwrap();
+    c.dma_logging_start(4096, &[]).unwrap();
+    assert_eq!(fill(&mut c, 0xff000, 8, 1), (testdev::STATUS_DONE, 0));
+    // 8 bytes of bitmap per report: 64 pages each, four reports for 1 MiB.
+    c.caps.migration = Some(caps::MigrationCaps {
+        pgsize: 4096,
+        max_bitmap_size: 8,
+    });
+    let before = c.next_id;
+    let mut bits = vec![0u64; 4];
+    c.dma_logging_report(0, 1 << 20, 4096, &mut bits).unwrap();
+    assert_eq!(c.next_id.wrapping_sub(before), 4);
+    assert_eq!(bits, vec![0, 0, 0, 1 << 63]);
+    drop(c);
+    t.join().unwrap();
+}
+
+fn guest_mem() -> Arc<GuestMemoryMmap> {
+    Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap())
+}
+
+#[test]
+fn dma_by_messages_reaches_only_what_is_mapped_with_its_permissions() {
+    let (mut c, t, _) = device(DirtyLogMode::On);
+    let mem = guest_mem();
+    let table = Arc::new(MessageDma::new(mem.clone(), None));
+    c.set_dma_access(table.clone());
+    // Mapped without a descriptor: the device reaches it only by message.
+    c.dma_map(0x200000, 0x10000, None, 0, DMA_MAP_READ | DMA_MAP_WRITE)
+        .unwrap();
+    table.map(0x200000, 0x100000, 0x10000, Perm::RW).unwrap();
+    // The guest mapped this page read-only; the device is told read-write (a server that
+    // ignores its mappings' permissions): the VMM's table decides.
+    c.dma_map(0x300000, 0x1000, None, 0, DMA_MAP_READ | DMA_MAP_WRITE)
+        .unwrap();
+    table.map(0x300000, 0x180000, 0x1000, Perm::READ).unwrap();
+    // A fill of 3 pages arrives in guest memory, written by the VMM on the device's behalf.
+    assert_eq!(
+        fill(&mut c, 0x201000, 0x3000, 0xa5),
+        (testdev::STATUS_DONE, 0)
+    );
+    let mut got = vec![0u8; 0x3000];
+    mem.read_slice(&mut got, GuestAddress(0x101000)).unwrap();
+    assert!(got.iter().all(|&b| b == 0xa5));
+    assert!(c.served().1 >= 3, "{:?}", c.served());
+    // Read-only for the device: refused, memory unchanged, a fault for the guest.
+    mem.write_slice(&[0x11; 16], GuestAddress(0x180000))
+        .unwrap();
+    let (status, err) = fill(&mut c, 0x300000, 16, 0xee);
+    assert_eq!(
+        (status, err),
+        (testdev::STATUS_ERROR, testdev::ERR_FAULT_WRITE)
+    );
+    let mut m = [0u8; 16];
+    mem.read_slice(&mut m, GuestAddress(0x180000)).unwrap();
+    assert_eq!(m, [0x11; 16]);
+    // Mapped on the device's side but not in the VMM's table (the guest unmapped it): the
+    // VMM's word is final.
+    c.dma_map(0x400000, 0x1000, None, 0, DMA_MAP_READ | DMA_MAP_WRITE)
+        .unwrap();
+    let (status, err) = fill(&mut c, 0x400000, 16, 0xee);
+    assert_eq!(
+        (status, err),
+        (testdev::STATUS_ERROR, testdev::ERR_FAULT_WRITE)
+    );
+    assert_eq!(
+        table.take_faults(),
+        vec![(0x300000, true), (0x400000, true)]
+    );
+    drop(c);
+    t.join().unwrap();
+}
