@@ -509,6 +509,8 @@ pub mod lists {
         sys![SYS_unlink, SYS_unlinkat, SYS_sched_getaffinity],
     ];
 
-    /// The DMA test device's engine: transfers in mapped memory, interrupts by eventfd.
-    pub const TESTDEV_ENGINE: &[&[i64]] = &[sys![SYS_read]];
+    /// The DMA test device's engine: transfers in mapped memory or by DMA_READ/DMA_WRITE
+    /// messages on the socket (`sendto`; the replies come through the reader thread),
+    /// interrupts by eventfd.
+    pub const TESTDEV_ENGINE: &[&[i64]] = &[sys![SYS_read, SYS_sendto]];
 }

@@ -64,8 +64,7 @@ struct FaultForwarder {
     direct: Option<Arc<DirectDirty>>,
     /// The device makes page requests (`dma=fault`).
     page_requests: bool,
-    /// Under `dma=messages`: the accesses the VMM refused are the device's faults (its own
-    /// fault log, if it has one, repeats them and is not read).
+    /// Under `dma=messages`: the table whose refused accesses are faults too.
     messages: Option<Arc<MessageDma>>,
     /// Throttling of page requests: the current window's start and count, the timer that
     /// serves a request held back, and how many were held back.
@@ -146,10 +145,14 @@ impl FaultForwarder {
         if self.page_requests {
             self.serve_page_request();
         }
-        let faults = match &self.messages {
-            Some(m) => Ok(m.take_faults()),
-            None => self.dev.take_faults(),
-        };
+        // The device's own fault log (faults it found itself), and under dma=messages the
+        // accesses the VMM refused (which the device does not log again).
+        let faults = self.dev.take_faults().map(|mut f| {
+            if let Some(m) = &self.messages {
+                f.extend(m.take_faults());
+            }
+            f
+        });
         match faults {
             Ok(faults) => {
                 *self.faults.lock().unwrap_or_else(|e| e.into_inner()) += faults.len() as u64;

@@ -1,20 +1,21 @@
 //! `dma-test-device --socket PATH [--dirty-log on|off|empty] [--flood-page-requests]
-//! [--seccomp on|log|off]`: the
+//! [--ignore-permissions] [--seccomp on|log|off]`: the
 //! project's DMA test device as a vfio-user server. It serves one VMM and exits when that VMM
 //! disconnects. Its threads run under seccomp filters (`--seccomp`, default on).
 //! `--dirty-log off` makes it a device without dirty tracking, `empty` one that claims to
 //! track and reports nothing (both for tests of what the VMM does with such devices);
 //! `--flood-page-requests` one that asks for unmapped pages without end once the VMM turns
-//! page requests on (for the throttling test).
+//! page requests on (for the throttling test); `--ignore-permissions` one that writes where its
+//! mappings are read-only (for the isolation test of `dma=messages`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use devices::seccomp::Mode;
-use devices::testdev::DirtyLogMode;
+use devices::testdev::{Behaviour, DirtyLogMode};
 
 const USAGE: &str = "usage: dma-test-device --socket PATH [--dirty-log on|off|empty] \
-                     [--flood-page-requests] [--seccomp on|log|off]";
+                     [--flood-page-requests] [--ignore-permissions] [--seccomp on|log|off]";
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
@@ -22,9 +23,11 @@ fn main() -> ExitCode {
     let mut dirty_log = DirtyLogMode::On;
     let mut seccomp = Mode::On;
     let mut flood = false;
+    let mut ignore_permissions = false;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--flood-page-requests" => flood = true,
+            "--ignore-permissions" => ignore_permissions = true,
             "--socket" => socket = args.next().map(PathBuf::from),
             "--dirty-log" => match value(&a, args.next()) {
                 Ok(m) => dirty_log = m,
@@ -49,7 +52,12 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     devices::seccomp::set_mode(seccomp);
-    match devices::testdev::serve(&socket, dirty_log, flood) {
+    let how = Behaviour {
+        dirty_log,
+        flood_page_requests: flood,
+        ignore_permissions,
+    };
+    match devices::testdev::serve(&socket, how) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("dma-test-device: {}: {e}", socket.display());

@@ -70,6 +70,11 @@ pub struct DmaSpace {
     messages: Option<DmaHandle>,
     /// Transfers by message: `(DMA_READ, DMA_WRITE, refused by the VMM)`.
     pub message_counts: (u64, u64, u64),
+    /// A hostile device: accesses ignore the mappings' permissions here (the VMM's own
+    /// checks under `dma=messages` still apply).
+    pub ignore_permissions: bool,
+    /// The last access the VMM refused by message (its fault is the VMM's to report).
+    pub iommu_refused: Option<DmaFault>,
 }
 
 impl DmaSpace {
@@ -208,11 +213,8 @@ impl DmaSpace {
     fn host(&self, iova: u64, len: u64, write: bool) -> Result<Option<*mut u8>, DmaFault> {
         let fault = DmaFault { iova, write };
         let (&s, m) = self.maps.range(..=iova).next_back().ok_or(fault)?;
-        if iova - s >= m.size
-            || iova - s + len > m.size
-            || (write && !m.write)
-            || (!write && !m.read)
-        {
+        let allowed = if write { m.write } else { m.read };
+        if iova - s >= m.size || iova - s + len > m.size || !(allowed || self.ignore_permissions) {
             return Err(fault);
         }
         let Some(key) = m.file else {
@@ -302,6 +304,7 @@ impl DmaSpace {
             Err(e) => {
                 log::debug!("dma-test-device: the VMM refused a DMA message at {iova:#x}: {e}");
                 self.message_counts.2 += 1;
+                self.iommu_refused = Some(fault);
                 Err(fault)
             }
         }

@@ -475,7 +475,9 @@ impl Drop for TestDevice {
     }
 }
 
-fn fault(s: &Shared, f: DmaFault) {
+/// Ends the transfer on fault `f`; unless the IOMMU (the VMM, refusing a DMA message) took it,
+/// the fault also goes to the fault log and the error IRQ.
+fn fault(s: &Shared, f: DmaFault, by_iommu: bool) {
     {
         let mut r = lock(&s.regs);
         r.status = STATUS_ERROR;
@@ -487,6 +489,12 @@ fn fault(s: &Shared, f: DmaFault) {
         r.fault_iova = f.iova;
         r.faults += 1;
     }
+    let irqs = lock(&s.irqs);
+    if by_iommu {
+        signal(irqs.msix.first().unwrap_or(&None));
+        return;
+    }
+    drop(irqs);
     {
         let mut log = lock(&s.fault_log);
         if log.0.len() < FAULT_LOG_RECORDS {
@@ -563,7 +571,7 @@ fn engine(s: &Shared, jobs: &Receiver<Regs>) {
         // The end of a transfer (status, counters, interrupt) happens while RUNNING only, under
         // the DMA lock as chunks do: a device stopped for migration keeps the transfer BUSY
         // with all its bytes done, and the device that resumes it reports the end.
-        let Some(_dma) = running_dma(s) else {
+        let Some(mut dma) = running_dma(s) else {
             return;
         };
         match outcome {
@@ -576,7 +584,12 @@ fn engine(s: &Shared, jobs: &Receiver<Regs>) {
                 drop(r);
                 signal(lock(&s.irqs).msix.first().unwrap_or(&None));
             }
-            Err(Some(f)) => fault(s, f),
+            Err(Some(f)) => {
+                // A DMA message the VMM refused is the IOMMU's fault, which the VMM reports
+                // itself: the device only ends the transfer in error.
+                let by_iommu = dma.iommu_refused.take() == Some(f);
+                fault(s, f, by_iommu);
+            }
             Err(None) => {
                 let mut r = lock(&s.regs);
                 r.status = STATUS_ERROR;

@@ -18,7 +18,7 @@ mod engine;
 mod server;
 
 pub use engine::{MigrationError, TestDevice};
-pub use server::{serve, DirtyLogMode};
+pub use server::{serve, Behaviour, DirtyLogMode};
 
 /// PCI vendor ID of the test device.
 pub const VENDOR_ID: u16 = 0x1234;

@@ -256,11 +256,28 @@ impl ServerBackend for Backend {
     }
 }
 
+/// How the device behaves (the `dma-test-device` flags).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Behaviour {
+    /// Its DMA log.
+    pub dirty_log: DirtyLogMode,
+    /// It asks for unmapped pages without end once page requests are on (a hostile device).
+    pub flood_page_requests: bool,
+    /// It writes where its mappings are read-only (a hostile device: only the VMM's checks,
+    /// under `dma=messages`, stop it).
+    pub ignore_permissions: bool,
+}
+
 /// Serves one VMM on the socket at `path` until it disconnects.
 ///
 /// # Errors
 /// When the socket cannot be bound or the connection fails.
-pub fn serve(path: &Path, dirty_log: DirtyLogMode, flood: bool) -> Result<(), vfio_user::Error> {
+pub fn serve(path: &Path, how: Behaviour) -> Result<(), vfio_user::Error> {
+    let Behaviour {
+        dirty_log,
+        flood_page_requests: flood,
+        ignore_permissions,
+    } = how;
     let mut regions: Vec<ServerRegion> = (0..13u32).map(|i| region(i, 0)).collect();
     regions[0] = region(0, BAR0_SIZE);
     regions[CONFIG_REGION as usize] = region(CONFIG_REGION, 256);
@@ -298,16 +315,16 @@ pub fn serve(path: &Path, dirty_log: DirtyLogMode, flood: bool) -> Result<(), vf
     if flood {
         backend.dev.start_flood();
     }
+    backend.dev.dma().ignore_permissions = ignore_permissions;
     crate::seccomp::confine("dma-test-device", crate::seccomp::lists::TESTDEV_SERVER);
     let r = server.run(&mut backend);
-    let calls = {
+    let (maps, unmaps, (reads, writes, refused)) = {
         let d = lock(&backend.dev.shared.dma);
-        (d.map_calls, d.unmap_calls)
+        (d.map_calls, d.unmap_calls, d.message_counts)
     };
     log::info!(
-        "dma-test-device: client gone after {} DMA_MAP and {} DMA_UNMAP",
-        calls.0,
-        calls.1
+        "dma-test-device: client gone after {maps} DMA_MAP and {unmaps} DMA_UNMAP; \
+         {reads} DMA_READ and {writes} DMA_WRITE messages, {refused} refused"
     );
     r
 }

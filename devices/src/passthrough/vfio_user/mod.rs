@@ -282,20 +282,31 @@ impl VfioUserClient {
     /// Reads exactly `buf.len()` bytes before `deadline`: a server that trickles bytes
     /// runs out of time as surely as a silent one.
     fn read_by(&mut self, buf: &mut [u8], deadline: Instant) -> Result<(), VfioUserError> {
+        let late = || {
+            VfioUserError::Io(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the device process did not answer in time",
+            ))
+        };
         let mut done = 0;
         while done < buf.len() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(VfioUserError::Io(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "the device process did not answer in time",
-                )));
+                return Err(late());
             }
             self.stream.set_read_timeout(Some(left))?;
             match self.stream.read(&mut buf[done..]) {
                 Ok(0) => return Err(VfioUserError::Io(io::ErrorKind::UnexpectedEof.into())),
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(late())
+                }
                 Err(e) => return Err(e.into()),
             }
         }

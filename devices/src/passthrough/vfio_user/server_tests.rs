@@ -28,7 +28,11 @@ fn device(log: DirtyLogMode) -> (VfioUserClient, JoinHandle<()>, PathBuf) {
     let _ = std::fs::remove_file(&path);
     let p = path.clone();
     let t = std::thread::spawn(move || {
-        let _ = testdev::serve(&p, log, false);
+        let how = testdev::Behaviour {
+            dirty_log: log,
+            ..Default::default()
+        };
+        let _ = testdev::serve(&p, how);
     });
     let deadline = Instant::now() + Duration::from_secs(10);
     let c = loop {

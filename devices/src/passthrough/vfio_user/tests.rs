@@ -134,6 +134,43 @@ fn scripted_server() -> Vec<u8> {
     out.extend(reply(id + 2, CMD_DMA_MAP, &[]));
     out.extend(reply(id + 3, CMD_DMA_UNMAP, &[]));
     out.extend(reply(id + 4, CMD_DEVICE_RESET, &[]));
+    // DEVICE_FEATURE: MIGRATION GET (STOP_COPY), MIG_DEVICE_STATE SET STOP, then a DMA_READ
+    // command from the server before MIG_DATA_READ's reply (4 bytes: the end of the data),
+    // then DMA_LOGGING_REPORT of 64 pages (one word: pages 0 and 63).
+    let feature = |flags: u32, data: &[u8]| {
+        let mut b = ((8 + data.len()) as u32).to_le_bytes().to_vec();
+        b.extend_from_slice(&flags.to_le_bytes());
+        b.extend_from_slice(data);
+        b
+    };
+    out.extend(reply(
+        id + 5,
+        CMD_DEVICE_FEATURE,
+        &feature(1 | 1 << 16, &1u64.to_le_bytes()),
+    ));
+    let mut st = 1u32.to_le_bytes().to_vec();
+    st.extend_from_slice(&(-1i32).to_le_bytes());
+    out.extend(reply(
+        id + 6,
+        CMD_DEVICE_FEATURE,
+        &feature(2 | 1 << 17, &st),
+    ));
+    let mut rd = 0x10000u64.to_le_bytes().to_vec();
+    rd.extend_from_slice(&8u64.to_le_bytes());
+    out.extend(command(0x8000, CMD_DMA_READ, &rd));
+    let mut md = 12u32.to_le_bytes().to_vec();
+    md.extend_from_slice(&4u32.to_le_bytes());
+    md.extend_from_slice(b"data");
+    out.extend(reply(id + 7, CMD_MIG_DATA_READ, &md));
+    let mut rep = 0u64.to_le_bytes().to_vec();
+    rep.extend_from_slice(&(64u64 * 4096).to_le_bytes());
+    rep.extend_from_slice(&4096u64.to_le_bytes());
+    rep.extend_from_slice(&(1u64 | 1 << 63).to_le_bytes());
+    out.extend(reply(
+        id + 8,
+        CMD_DEVICE_FEATURE,
+        &feature(8 | 1 << 16, &rep),
+    ));
     out
 }
 
@@ -154,7 +191,19 @@ fn conversation(server: &[u8]) -> Result<(), VfioUserError> {
     c.set_irqs(0, 0, &[])?;
     c.dma_map(0x10000, 0x2000, Some(&memfd), 0, 3)?;
     c.dma_unmap(0x10000, 0x2000)?;
-    c.reset()
+    c.reset()?;
+    let m = c.migration_feature()?;
+    if m.is_none_or(|m| !m.stop_copy()) {
+        return Err(VfioUserError::Invalid("no migration".into()));
+    }
+    c.set_mig_state(1)?;
+    let data = c.read_mig_data()?;
+    let mut bits = [0u64; 1];
+    c.dma_logging_report(0, 64 * 4096, 4096, &mut bits)?;
+    if data != b"data" || bits != [1 | 1 << 63] {
+        return Err(VfioUserError::Invalid("wrong data or bits".into()));
+    }
+    Ok(())
 }
 
 #[test]
@@ -171,4 +220,151 @@ fn a_whole_conversation_and_every_truncation_of_it() {
     for cut in (0..script.len()).step_by(7) {
         assert!(conversation(&script[..cut]).is_err(), "cut at {cut}");
     }
+}
+
+/// Reads one whole message from `s`: its header fields and body.
+fn read_msg(s: &mut UnixStream) -> ((u16, u16, u32, u32), Vec<u8>) {
+    let mut h = [0u8; 16];
+    s.read_exact(&mut h).unwrap();
+    let size = u32_at(&h, 4) as usize;
+    let mut body = vec![0u8; size - 16];
+    s.read_exact(&mut body).unwrap();
+    let id = u16::from_le_bytes([h[0], h[1]]);
+    let cmd = u16::from_le_bytes([h[2], h[3]]);
+    ((id, cmd, u32_at(&h, 8), u32_at(&h, 12)), body)
+}
+
+/// A command from the server: `(id, command, body)`.
+fn command(id: u16, cmd: u16, body: &[u8]) -> Vec<u8> {
+    let mut m = header(id, cmd, (16 + body.len()) as u32, 0, 0);
+    m.extend_from_slice(body);
+    m
+}
+
+#[test]
+fn server_commands_between_a_request_and_its_reply_are_answered_never_taken_for_it() {
+    use crate::passthrough::message_dma::MessageDma;
+    use vm_memory::{Bytes, GuestAddress};
+    let (client_end, mut s) = UnixStream::pair().unwrap();
+    let server = thread::spawn(move || {
+        // VERSION with small limits, one 8 KiB region, no IRQs.
+        let (h, _) = read_msg(&mut s);
+        let mut v = vec![0, 0, 1, 0];
+        v.extend_from_slice(br#"{"capabilities":{"max_data_xfer_size":4096,"max_msg_fds":1}}"#);
+        v.push(0);
+        s.write_all(&reply(h.0, CMD_VERSION, &v)).unwrap();
+        let (h, _) = read_msg(&mut s);
+        let mut info = 16u32.to_le_bytes().to_vec();
+        info.extend_from_slice(&[0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]);
+        s.write_all(&reply(h.0, CMD_DEVICE_GET_INFO, &info))
+            .unwrap();
+        let (h, _) = read_msg(&mut s);
+        let mut r = vec![0u8; 32];
+        r[16..24].copy_from_slice(&8192u64.to_le_bytes());
+        s.write_all(&reply(h.0, CMD_DEVICE_GET_REGION_INFO, &r))
+            .unwrap();
+        // A 6 KiB REGION_READ arrives as two messages (the server's 4 KiB limit).
+        let (h, body) = read_msg(&mut s);
+        let mut seen = vec![u32_at(&body, 12) as usize];
+        // Before the reply: a DMA_WRITE, an oversized DMA_READ, a DMA_READ of an unmapped
+        // IOVA, a DMA_READ that works.
+        let mut w = 0x1800u64.to_le_bytes().to_vec();
+        w.extend_from_slice(&4u64.to_le_bytes());
+        w.extend_from_slice(b"abcd");
+        s.write_all(&command(900, CMD_DMA_WRITE, &w)).unwrap();
+        let rd = |addr: u64, n: u64| {
+            let mut b = addr.to_le_bytes().to_vec();
+            b.extend_from_slice(&n.to_le_bytes());
+            b
+        };
+        s.write_all(&command(901, CMD_DMA_READ, &rd(0x1000, 2 << 20)))
+            .unwrap();
+        s.write_all(&command(902, CMD_DMA_READ, &rd(0x9000, 16)))
+            .unwrap();
+        s.write_all(&command(903, CMD_DMA_READ, &rd(0x1800, 4)))
+            .unwrap();
+        let mut answers = Vec::new();
+        for _ in 0..4 {
+            let (h, body) = read_msg(&mut s);
+            answers.push((h.0, h.1, h.2, h.3, body));
+        }
+        let answer = |s: &mut UnixStream, id: u16, body: &[u8]| {
+            let count = u32_at(body, 12) as usize;
+            let mut data = body[..16].to_vec();
+            data.extend(std::iter::repeat_n(0x5a, count));
+            s.write_all(&reply(id, CMD_REGION_READ, &data)).unwrap();
+        };
+        answer(&mut s, h.0, &body);
+        let (h, body) = read_msg(&mut s);
+        seen.push(u32_at(&body, 12) as usize);
+        answer(&mut s, h.0, &body);
+        (seen, answers)
+    });
+    let mut c = VfioUserClient::from_stream(client_end, Duration::from_secs(5)).unwrap();
+    assert_eq!(c.caps().xfer(), 4096);
+    let mem = Arc::new(crate::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+    let table = Arc::new(MessageDma::new(mem.clone(), None));
+    table.map(0x1000, 0x4000, 0x1000, iommu::Perm::RW).unwrap();
+    c.set_dma_access(table.clone());
+    let mut buf = vec![0u8; 6 << 10];
+    c.region_read(0, 0, &mut buf).unwrap();
+    let (seen, answers) = server.join().unwrap();
+    assert_eq!(
+        seen,
+        vec![4096, 2048],
+        "split at the server's max_data_xfer_size"
+    );
+    assert!(buf.iter().all(|&b| b == 0x5a), "the replies, not a command");
+    // Each command answered by its own id, in order.
+    let ids: Vec<(u16, u16)> = answers.iter().map(|a| (a.0, a.1)).collect();
+    assert_eq!(
+        ids,
+        vec![
+            (900, CMD_DMA_WRITE),
+            (901, CMD_DMA_READ),
+            (902, CMD_DMA_READ),
+            (903, CMD_DMA_READ)
+        ]
+    );
+    // The write landed; the oversized read is EINVAL, the unmapped one EFAULT (with the
+    // error flag and no data); the last read returns what was written.
+    let mut m = [0u8; 4];
+    mem.read_slice(&mut m, GuestAddress(0x4800)).unwrap();
+    assert_eq!(&m, b"abcd");
+    assert_eq!(answers[0].2, FLAG_REPLY);
+    assert_eq!(
+        (answers[1].2, answers[1].3, answers[1].4.len()),
+        (FLAG_REPLY | FLAG_ERROR, libc::EINVAL as u32, 0)
+    );
+    assert_eq!(
+        (answers[2].2, answers[2].3),
+        (FLAG_REPLY | FLAG_ERROR, libc::EFAULT as u32)
+    );
+    assert_eq!(&answers[3].4[16..], b"abcd");
+    assert_eq!(c.served(), (1, 1, 2));
+    assert_eq!(table.take_faults(), vec![(0x9000, false)]);
+}
+
+#[test]
+fn hostile_a_server_that_trickles_its_reply_runs_out_of_the_call_deadline() {
+    let (client_end, mut s) = UnixStream::pair().unwrap();
+    let server = thread::spawn(move || {
+        let (h, _) = read_msg(&mut s);
+        // A whole reply, one byte every 50 ms: each read gets a byte well within any
+        // per-read timeout; only a deadline for the whole call stops it.
+        for b in reply(h.0, CMD_VERSION, &[0, 0, 1, 0, b'{', b'}', 0]) {
+            if s.write_all(&[b]).is_err() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let e = VfioUserClient::from_stream(client_end, Duration::from_millis(300))
+        .err()
+        .expect("a trickled reply must time out");
+    assert!(
+        matches!(&e, VfioUserError::Io(io) if io.kind() == io::ErrorKind::TimedOut),
+        "{e:?}"
+    );
+    server.join().unwrap();
 }
