@@ -11,6 +11,7 @@
 pub mod message_dma;
 pub mod pci;
 pub mod vfio;
+pub mod vfio_feature;
 pub mod vfio_user;
 pub mod vfio_user_backend;
 

@@ -12,8 +12,12 @@
 //!
 //! iommufd dirty tracking is not offered: it needs a HWPT allocated with
 //! `IOMMU_HWPT_ALLOC_DIRTY_TRACKING` and the device attached to it, and `vfio-ioctls` attaches
-//! the device to the IOAS's automatic HWPT. An iommufd device therefore reports no tracking
-//! and its writable mappings count as dirty.
+//! the device to the IOAS's automatic HWPT. A device that logs its own DMA
+//! (`VFIO_DEVICE_FEATURE_DMA_LOGGING_*`, [`super::vfio_feature`]) is tracked through that log
+//! where the host IOMMU has none; otherwise an iommufd device reports no tracking and its
+//! writable mappings count as dirty. A device with `VFIO_DEVICE_FEATURE_MIGRATION` migrates
+//! on the v2 state machine, its state read from and written to the data file the kernel
+//! returns for STOP_COPY and RESUMING.
 //!
 //! The development hosts have no VFIO (`CONFIG_VFIO` off): opening fails there with a message
 //! saying so; the request building, reply parsing and retry protocols below are unit-tested
@@ -40,6 +44,7 @@ use vfio_ioctls::{VfioContainer, VfioDevice, VfioIommufd, VfioOps};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::ioctl_io_nr;
 
+use super::vfio_feature;
 use super::vfio_user_backend::SharedRam;
 use super::{PassthroughBackend, PassthroughError, Region};
 use crate::GuestMemoryMmap;
@@ -65,6 +70,8 @@ mod nr {
     ioctl_io_nr!(VFIO_IOMMU_MAP_DMA, VFIO_TYPE as u32, VFIO_BASE + 13);
     ioctl_io_nr!(VFIO_IOMMU_UNMAP_DMA, VFIO_TYPE as u32, VFIO_BASE + 14);
     ioctl_io_nr!(VFIO_IOMMU_DIRTY_PAGES, VFIO_TYPE as u32, VFIO_BASE + 17);
+    // On the device file, the same number: _IO(VFIO_TYPE, VFIO_BASE + 17).
+    ioctl_io_nr!(VFIO_DEVICE_FEATURE, VFIO_TYPE as u32, VFIO_BASE + 17);
     // include/uapi/linux/iommufd.h: _IO(IOMMUFD_TYPE, IOMMUFD_CMD_IOAS_IOVA_RANGES).
     ioctl_io_nr!(
         IOMMU_IOAS_IOVA_RANGES,
@@ -444,11 +451,20 @@ impl HostVfio {
         })
     }
 
-    /// The device side (regions, interrupts).
+    /// The device side (regions, interrupts, migration v2 when the device has it).
     pub fn device(&self) -> HostVfioDevice {
+        let fd = self.device.as_raw_fd();
+        let migration =
+            vfio_feature::migration_flags(&mut |b| ioctl_bytes(fd, VFIO_DEVICE_FEATURE(), b))
+                .unwrap_or_else(|e| {
+                    log::warn!("{}: VFIO_DEVICE_FEATURE_MIGRATION: {e}", self.name);
+                    None
+                });
         HostVfioDevice {
             device: self.device.clone(),
             name: self.name.clone(),
+            migration,
+            data: None,
         }
     }
 
@@ -462,9 +478,16 @@ impl HostVfio {
         ram: SharedRam,
         mem: Arc<GuestMemoryMmap>,
     ) -> Result<HostVfioDma, HostVfioError> {
-        let caps = host_caps(&self.host)?;
+        let mut caps = host_caps(&self.host)?;
+        // The device's own DMA log where the host IOMMU has none (iommufd here, or type1
+        // without its migration capability).
+        let fd = self.device.as_raw_fd();
+        let device_logging = !caps.dirty_tracking
+            && vfio_feature::logging_supported(&mut |b| ioctl_bytes(fd, VFIO_DEVICE_FEATURE(), b));
+        caps.dirty_tracking |= device_logging;
         Ok(HostVfioDma {
             host: self.host.clone(),
+            device: device_logging.then(|| self.device.clone()),
             caps,
             mem,
             _ram: ram,
@@ -523,6 +546,17 @@ pub fn iommufd_caps(ranges: Vec<(u64, u64)>, align: u64) -> BackendCaps {
 pub struct HostVfioDevice {
     device: Arc<VfioDevice>,
     name: String,
+    /// `VFIO_MIGRATION_*` flags (with STOP_COPY), when the device migrates.
+    migration: Option<u64>,
+    /// The data file of the current STOP_COPY or RESUMING session.
+    data: Option<std::fs::File>,
+}
+
+impl HostVfioDevice {
+    fn feature(&self) -> impl FnMut(&mut [u8]) -> std::io::Result<()> {
+        let fd = self.device.as_raw_fd();
+        move |b| ioctl_bytes(fd, VFIO_DEVICE_FEATURE(), b)
+    }
 }
 
 impl PassthroughBackend for HostVfioDevice {
@@ -589,6 +623,52 @@ impl PassthroughBackend for HostVfioDevice {
         self.device.reset();
         Ok(())
     }
+
+    fn supports_migration(&self) -> bool {
+        self.migration.is_some()
+    }
+
+    fn set_migration_state(&mut self, state: u32) -> Result<(), PassthroughError> {
+        if self.migration.is_none() {
+            return Err(PassthroughError::Refused(format!(
+                "{} does not support migration (no VFIO_DEVICE_FEATURE_MIGRATION with \
+                 STOP_COPY)",
+                self.describe()
+            )));
+        }
+        let data = vfio_feature::set_mig_state(&mut self.feature(), state).map_err(|e| {
+            PassthroughError::Refused(format!("VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE {state}: {e}"))
+        })?;
+        // A new session's file, or none (the old one ends with the arc).
+        self.data = data;
+        Ok(())
+    }
+
+    fn read_migration_data(&mut self) -> Result<Vec<u8>, PassthroughError> {
+        let f = self
+            .data
+            .as_mut()
+            .ok_or_else(|| PassthroughError::Refused("no STOP_COPY data session".into()))?;
+        let limit = super::vfio_user::MAX_MIGRATION_DATA as u64;
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::Read::take(&mut *f, limit + 1), &mut out)
+            .map_err(|e| PassthroughError::Failed(format!("reading the device state: {e}")))?;
+        if out.len() as u64 > limit {
+            return Err(PassthroughError::Refused(format!(
+                "device state beyond {limit} bytes"
+            )));
+        }
+        Ok(out)
+    }
+
+    fn write_migration_data(&mut self, data: &[u8]) -> Result<(), PassthroughError> {
+        let f = self
+            .data
+            .as_mut()
+            .ok_or_else(|| PassthroughError::Refused("no RESUMING data session".into()))?;
+        std::io::Write::write_all(f, data)
+            .map_err(|e| PassthroughError::Failed(format!("writing the device state: {e}")))
+    }
 }
 
 /// A region access error: the device failing to answer (`pread`/`pwrite` on it failed) fails
@@ -605,6 +685,8 @@ fn region_error(e: vfio_ioctls::VfioError) -> PassthroughError {
 /// The DMA side of a host VFIO device.
 pub struct HostVfioDma {
     host: Arc<Host>,
+    /// The device, when its own DMA log tracks dirty pages (`VFIO_DEVICE_FEATURE_DMA_LOGGING_*`).
+    device: Option<Arc<VfioDevice>>,
     caps: BackendCaps,
     mem: Arc<GuestMemoryMmap>,
     _ram: SharedRam,
@@ -709,8 +791,18 @@ impl DmaBackend for HostVfioDma {
         r.map_err(|e| BackendError::Failed(format!("unmap: {e}")))
     }
 
-    // Type1 only (see the module docs for iommufd).
+    // The device's DMA log when it has one, else type1's (see the module docs for iommufd).
     fn set_dirty_tracking(&mut self, enable: bool) -> Result<(), BackendError> {
+        if let Some(d) = &self.device {
+            let fd = d.as_raw_fd();
+            let mut call = |b: &mut [u8]| ioctl_bytes(fd, VFIO_DEVICE_FEATURE(), b);
+            let r = if enable {
+                vfio_feature::logging_start(&mut call, DIRTY_PGSIZE, &self.caps.iova_ranges)
+            } else {
+                vfio_feature::logging_stop(&mut call)
+            };
+            return r.map_err(|e| errno_status(e, "VFIO_DEVICE_FEATURE_DMA_LOGGING"));
+        }
         match self.host.as_ref() {
             Host::Type1(c) => {
                 let mut req = type1_dirty_control(enable);
@@ -728,13 +820,24 @@ impl DmaBackend for HostVfioDma {
         bitmap: &mut [u64],
         clear: bool,
     ) -> Result<(), BackendError> {
-        let Host::Type1(c) = self.host.as_ref() else {
-            return Err(BackendError::Unsupported);
-        };
-        // Type1 always clears what it reports: a peek is not possible.
+        // Both logs clear what they report: a peek is not possible.
         if !clear {
             return Err(BackendError::Unsupported);
         }
+        if let Some(d) = &self.device {
+            let fd = d.as_raw_fd();
+            return vfio_feature::logging_report(
+                &mut |b: &mut [u8]| ioctl_bytes(fd, VFIO_DEVICE_FEATURE(), b),
+                iova,
+                len,
+                DIRTY_PGSIZE,
+                bitmap,
+            )
+            .map_err(|e| errno_status(e, "VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT"));
+        }
+        let Host::Type1(c) = self.host.as_ref() else {
+            return Err(BackendError::Unsupported);
+        };
         type1_bitmap_call(
             c.as_raw_fd(),
             VFIO_IOMMU_DIRTY_PAGES(),
@@ -751,6 +854,10 @@ impl DmaBackend for HostVfioDma {
         len: u64,
         bitmap: &mut [u64],
     ) -> Result<(), BackendError> {
+        if self.device.is_some() {
+            // The device's log is by IOVA and outlives the mapping: unmap, then read.
+            return iommu::backend::unmap_then_read_dirty(self, iova, len, bitmap);
+        }
         let Host::Type1(c) = self.host.as_ref() else {
             self.unmap(iova, len)?;
             iommu::backend::set_all(bitmap, len / 4096);
