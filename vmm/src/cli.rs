@@ -79,8 +79,9 @@ pub struct Cli {
     /// most `prefault=SIZE` per request, default 2M) instead of when the guest maps
     /// (`dma=static` or `shared`, the default: guest RAM shared by file descriptor);
     /// `dma=messages` gives the device no RAM descriptor: it reaches guest memory only
-    /// through DMA_READ/DMA_WRITE messages the VMM checks against its mappings. Repeatable.
-    #[arg(long = "vfio-user", value_name = "socket=PATH[,iommu=on][,dma=static|fault|messages][,prefault=SIZE]",
+    /// through DMA_READ/DMA_WRITE messages the VMM checks against its mappings. BAR areas the
+    /// device offers for mapping are mapped into the guest unless `mmap=off`. Repeatable.
+    #[arg(long = "vfio-user", value_name = "socket=PATH[,iommu=on][,dma=static|fault|messages][,prefault=SIZE][,mmap=on|off]",
           value_parser = parse_vfio_user)]
     pub vfio_user: Vec<PassthroughArg>,
 
@@ -199,6 +200,9 @@ pub struct PassthroughArg {
     /// `dma=messages`: no guest-RAM descriptor for the device; its DMA goes through
     /// DMA_READ/DMA_WRITE messages.
     pub messages: bool,
+    /// BAR areas the device lets map are mapped into the guest (`mmap=on`, the default);
+    /// `mmap=off` sends every BAR access to the device as a message.
+    pub mmap: bool,
 }
 
 /// The default `prefault=` window.
@@ -211,13 +215,15 @@ fn parse_vfio_user(s: &str) -> Result<PassthroughArg, String> {
         iommufd: false,
         fault_window: None,
         messages: false,
+        mmap: true,
     };
     let mut fault = false;
     let mut prefault = None;
-    for (k, v) in parse_kv(s, &["socket", "iommu", "dma", "prefault"])? {
+    for (k, v) in parse_kv(s, &["socket", "iommu", "dma", "prefault", "mmap"])? {
         match k.as_str() {
             "socket" if !v.is_empty() => a.path = PathBuf::from(v),
             "iommu" => a.iommu = on_off(&k, &v)?,
+            "mmap" => a.mmap = on_off(&k, &v)?,
             "dma" => {
                 (fault, a.messages) = match v.as_str() {
                     "static" | "shared" => (false, false),
@@ -346,6 +352,7 @@ fn parse_vfio(s: &str) -> Result<PassthroughArg, String> {
         iommufd: false,
         fault_window: None,
         messages: false,
+        mmap: true,
     };
     for (k, v) in parse_kv(s, &["path", "iommu", "backend"])? {
         match k.as_str() {
@@ -726,7 +733,9 @@ mod tests {
         let a = &parse("socket=/s,dma=shared").unwrap().vfio_user[0];
         assert_eq!((a.fault_window, a.messages), (None, false));
         let a = &parse("socket=/s,iommu=on,dma=messages").unwrap().vfio_user[0];
-        assert_eq!((a.fault_window, a.messages), (None, true));
+        assert_eq!((a.fault_window, a.messages, a.mmap), (None, true, true));
+        let a = &parse("socket=/s,mmap=off").unwrap().vfio_user[0];
+        assert!(!a.mmap);
         for (bad, why) in [
             ("socket=/s,dma=lazy", "`dma=lazy`"),
             ("socket=/s,dma=fault,prefault=3K", "power of two"),

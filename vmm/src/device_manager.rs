@@ -36,6 +36,77 @@ pub const IOMMU_SLOT: u8 = 1;
 /// PCI device number of the first disk or passthrough device.
 pub const FIRST_SLOT: u8 = 2;
 
+/// KVM memory slots for device memory mapped into the guest (passthrough BAR areas), from
+/// [`DEVICE_SLOT_BASE`] up: RAM has the slots below.
+pub struct KvmGuestMapper {
+    vm: Arc<VmFd>,
+    /// The next never-used slot, and slots given back.
+    slots: Mutex<(u32, Vec<u32>)>,
+}
+
+/// First KVM memory slot of device memory.
+pub const DEVICE_SLOT_BASE: u32 = 64;
+
+impl KvmGuestMapper {
+    /// Slots of `vm`.
+    pub fn new(vm: Arc<VmFd>) -> Self {
+        Self {
+            vm,
+            slots: Mutex::new((DEVICE_SLOT_BASE, Vec::new())),
+        }
+    }
+
+    fn set(&self, slot: u32, gpa: u64, len: u64, hva: u64) -> io::Result<()> {
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot,
+            guest_phys_addr: gpa,
+            memory_size: len,
+            userspace_addr: hva,
+            flags: 0,
+        };
+        // SAFETY: `hva..hva + len` is a live shared mapping owned by the passthrough function,
+        // which removes the slot (len 0) before it unmaps it.
+        unsafe { self.vm.set_user_memory_region(region) }
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+    }
+}
+
+impl devices::passthrough::pci::GuestMapper for KvmGuestMapper {
+    fn map(&self, gpa: u64, len: u64, hva: u64) -> io::Result<u32> {
+        let slot = {
+            let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            match s.1.pop() {
+                Some(n) => n,
+                None => {
+                    s.0 += 1;
+                    s.0 - 1
+                }
+            }
+        };
+        if let Err(e) = self.set(slot, gpa, len, hva) {
+            self.slots
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .1
+                .push(slot);
+            return Err(e);
+        }
+        Ok(slot)
+    }
+
+    fn unmap(&self, slot: u32) {
+        if let Err(e) = self.set(slot, 0, 0, 0) {
+            log::error!("KVM memory slot {slot}: cannot remove it: {e}");
+            return;
+        }
+        self.slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .push(slot);
+    }
+}
+
 /// Registers ioeventfds with KVM.
 struct KvmIoEvents(Arc<VmFd>);
 
@@ -166,6 +237,8 @@ pub struct Builder {
     pub mem: Arc<GuestMemoryMmap>,
     /// Guest RAM as device processes map it.
     pub ram: SharedRam,
+    /// Maps device memory (passthrough BAR areas) into the guest.
+    pub guest_mapper: Arc<KvmGuestMapper>,
     /// Threads and cut alignment (bytes) for mapping all RAM on a device outside the
     /// vIOMMU (`crate::static_map`).
     pub static_map: (usize, u64),
@@ -346,6 +419,7 @@ impl DeviceManager {
                 end: layout::PCI_MMIO_32_START + layout::PCI_MMIO_32_SIZE,
             },
             interrupts: KvmInterruptManager(KvmInterrupts::new(vm.clone())),
+            guest_mapper: Arc::new(KvmGuestMapper::new(vm.clone())),
             ioevents: Arc::new(KvmIoEvents(vm)),
             subscribers: Vec::new(),
             endpoints: Vec::new(),

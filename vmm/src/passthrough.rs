@@ -248,21 +248,26 @@ impl MutEventSubscriber for FaultForwarder {
     }
 }
 
-/// Puts the PCI model of a passthrough device in `slot`.
+/// Puts the PCI model of a passthrough device in `slot`; with `mmap`, the BAR areas the
+/// device lets map are mapped into the guest.
 fn add_function(
     b: &mut Builder,
     name: &str,
     slot: u8,
     backend: Arc<Mutex<dyn PassthroughBackend>>,
     failed: Arc<AtomicBool>,
+    mmap: bool,
 ) -> Result<(), VmmError> {
     let interrupts = &b.interrupts;
+    let mapper: Option<Arc<dyn devices::passthrough::pci::GuestMapper>> =
+        mmap.then(|| b.guest_mapper.clone() as _);
     let pci = PassthroughPci::new(
         name.to_string(),
         backend,
         &mut b.bars,
         &mut |n| interrupts.allocate_msi(n),
         failed,
+        mapper,
     )
     .map_err(dev_err(name.to_string()))?;
     b.add_pci(slot, Arc::new(Mutex::new(pci)), name)
@@ -364,7 +369,7 @@ impl Passthrough {
         let dev = VfioUserDevice::connect(&arg.path).map_err(dev_err(name.clone()))?;
         let failed = dev.failed_flag();
         let backend: Arc<Mutex<dyn PassthroughBackend>> = Arc::new(Mutex::new(dev.clone()));
-        add_function(b, &name, slot, backend.clone(), failed.clone())?;
+        add_function(b, &name, slot, backend.clone(), failed.clone(), arg.mmap)?;
 
         let evt = EventFd::new(EFD_NONBLOCK).map_err(dev_err(name.clone()))?;
         let mut dma = VfioUserDma::new(dev.clone(), b.ram.clone());
@@ -443,7 +448,7 @@ impl Passthrough {
         let slot = b.slot(&name)?;
         let failed = Arc::new(AtomicBool::new(false));
         let backend: Arc<Mutex<dyn PassthroughBackend>> = Arc::new(Mutex::new(host.device()));
-        add_function(b, &name, slot, backend.clone(), failed.clone())?;
+        add_function(b, &name, slot, backend.clone(), failed.clone(), arg.mmap)?;
         let dma = host
             .dma(b.ram.clone(), b.mem.clone())
             .map_err(dev_err(name.clone()))?;

@@ -42,6 +42,21 @@ pub struct Region {
     pub size: u64,
 }
 
+/// A part of a region the VMM may map straight into the guest (vfio-user's sparse-mmap
+/// capability; VFIO's `VFIO_REGION_INFO_CAP_SPARSE_MMAP`): guest accesses there never reach
+/// the device process as messages.
+#[derive(Debug, Clone)]
+pub struct MmapArea {
+    /// Offset in the region, page-aligned.
+    pub offset: u64,
+    /// Bytes, page-aligned.
+    pub size: u64,
+    /// The file to map, and the area's offset in it.
+    pub file: std::sync::Arc<std::fs::File>,
+    /// Offset of the area in `file`.
+    pub file_offset: u64,
+}
+
 /// The device side of a passthrough device (not its DMA, which is an `iommu::DmaBackend`).
 pub trait PassthroughBackend: Send {
     /// For logs: `vfio-user /path` or `VFIO 0000:01:00.0`.
@@ -83,6 +98,12 @@ pub trait PassthroughBackend: Send {
     /// # Errors
     /// [`PassthroughError`].
     fn reset(&mut self) -> Result<(), PassthroughError>;
+
+    /// The parts of region `index` that may be mapped into the guest.
+    fn mmap_areas(&self, index: u32) -> Vec<MmapArea> {
+        let _ = index;
+        Vec::new()
+    }
 
     /// Whether the device can be migrated (VFIO migration v2: `VFIO_DEVICE_FEATURE_MIGRATION`
     /// with STOP_COPY, over `VFIO_DEVICE_FEATURE` or vfio-user's `DEVICE_FEATURE`).

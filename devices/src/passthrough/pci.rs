@@ -33,6 +33,46 @@ pub trait BarAllocator {
     fn allocate(&mut self, size: u64) -> Option<u64>;
 }
 
+/// Places host memory in the guest-physical address space (a KVM memory slot).
+pub trait GuestMapper: Send + Sync {
+    /// Maps `len` bytes at host address `hva` at guest address `gpa`; returns a handle for
+    /// [`GuestMapper::unmap`].
+    ///
+    /// # Errors
+    /// When the hypervisor refuses the mapping (no free slot, an overlap).
+    fn map(&self, gpa: u64, len: u64, hva: u64) -> std::io::Result<u32>;
+    /// Removes mapping `handle`.
+    fn unmap(&self, handle: u32);
+}
+
+/// A device file mapped in this process.
+struct HostMap {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is shared file memory, owned by this object; the guest and the device
+// process access it concurrently by design (it is device memory), this process only hands
+// its address to the hypervisor.
+unsafe impl Send for HostMap {}
+
+impl Drop for HostMap {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` describe a mapping this object made, unmapped once.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// A BAR area mapped straight into the guest while the BAR is decoded.
+struct DirectArea {
+    bar: usize,
+    offset: u64,
+    size: u64,
+    host: HostMap,
+    /// The guest mapping: `(handle, GPA)`.
+    at: Option<(u32, u64)>,
+}
+
 /// A passthrough function on the guest's PCI bus.
 pub struct PassthroughPci {
     config: PciConfiguration,
@@ -42,12 +82,17 @@ pub struct PassthroughPci {
     msix: Option<(usize, Msix)>,
     failed: Arc<AtomicBool>,
     name: String,
+    /// Areas of the BARs mapped into the guest (sparse mmap), and who maps them.
+    direct: Vec<DirectArea>,
+    mapper: Option<Arc<dyn GuestMapper>>,
 }
 
 impl PassthroughPci {
     /// Builds the function from `backend`: IDs from its config region, BARs sized as its
     /// regions 0-5 at addresses from `alloc`, and MSI-X with `vectors` (at most as many as
-    /// the device has) handed to the device as irqfds.
+    /// the device has) handed to the device as irqfds. With `mapper`, the areas of the BARs
+    /// the backend lets map ([`PassthroughBackend::mmap_areas`]) are mapped into the guest
+    /// wherever the guest puts the BAR: accesses there are not messages to the device.
     ///
     /// # Errors
     /// [`SetupError`].
@@ -57,6 +102,7 @@ impl PassthroughPci {
         alloc: &mut dyn BarAllocator,
         make_vectors: &mut dyn FnMut(usize) -> std::io::Result<Vec<Arc<dyn MsiVector>>>,
         failed: Arc<AtomicBool>,
+        mapper: Option<Arc<dyn GuestMapper>>,
     ) -> Result<Self, SetupError> {
         let mut b = backend.lock().unwrap_or_else(|e| e.into_inner());
         let mut cfg = [0u8; 64];
@@ -105,6 +151,44 @@ impl PassthroughPci {
         } else {
             None
         };
+        let mut direct = Vec::new();
+        if mapper.is_some() {
+            for &bar in &bars {
+                for a in b.mmap_areas(bar as u32) {
+                    // SAFETY: a fresh shared mapping of the device's file; checked below.
+                    let ptr = unsafe {
+                        libc::mmap(
+                            std::ptr::null_mut(),
+                            a.size as usize,
+                            libc::PROT_READ | libc::PROT_WRITE,
+                            libc::MAP_SHARED,
+                            std::os::fd::AsRawFd::as_raw_fd(&*a.file),
+                            a.file_offset as libc::off_t,
+                        )
+                    };
+                    if ptr == libc::MAP_FAILED {
+                        log::warn!(
+                            "{name}: BAR {bar} area {:#x}+{:#x} cannot be mapped ({}); its \
+                             accesses go to the device as messages",
+                            a.offset,
+                            a.size,
+                            std::io::Error::last_os_error()
+                        );
+                        continue;
+                    }
+                    direct.push(DirectArea {
+                        bar,
+                        offset: a.offset,
+                        size: a.size,
+                        host: HostMap {
+                            ptr: ptr.cast(),
+                            len: a.size as usize,
+                        },
+                        at: None,
+                    });
+                }
+            }
+        }
         drop(b);
         Ok(Self {
             config,
@@ -113,7 +197,17 @@ impl PassthroughPci {
             msix,
             failed,
             name,
+            direct,
+            mapper,
         })
+    }
+
+    /// The BAR areas mapped into the guest now: `(BAR, offset in it, bytes, GPA)`.
+    pub fn direct_mappings(&self) -> Vec<(usize, u64, u64, u64)> {
+        self.direct
+            .iter()
+            .filter_map(|a| a.at.map(|(_, gpa)| (a.bar, a.offset, a.size, gpa)))
+            .collect()
     }
 
     /// Whether the device failed.
@@ -135,6 +229,19 @@ impl PassthroughPci {
         self.msix
             .as_ref()
             .map(|_| usize::from(self.config.byte(0x34)) / 4)
+    }
+}
+
+impl Drop for PassthroughPci {
+    fn drop(&mut self) {
+        // The guest loses the areas before this process unmaps them.
+        if let Some(m) = &self.mapper {
+            for a in &mut self.direct {
+                if let Some((h, _)) = a.at.take() {
+                    m.unmap(h);
+                }
+            }
+        }
     }
 }
 
@@ -171,6 +278,49 @@ impl PciDevice for PassthroughPci {
                 .map_err(|e| StateError::Mismatch(self.name.clone(), e))?;
         }
         Ok(())
+    }
+
+    fn decode_changed(&mut self) {
+        let Some(mapper) = self.mapper.clone() else {
+            return;
+        };
+        let on = self.config.memory_enabled();
+        let bars = self.config.bars();
+        for a in &mut self.direct {
+            let want = bars
+                .iter()
+                .find(|&&(i, addr, _)| i == a.bar && addr != 0)
+                .filter(|_| on)
+                .map(|&(_, addr, _)| addr + a.offset);
+            if want == a.at.map(|(_, g)| g) {
+                continue;
+            }
+            if let Some((h, _)) = a.at.take() {
+                mapper.unmap(h);
+            }
+            if let Some(gpa) = want {
+                match mapper.map(gpa, a.size, a.host.ptr as u64) {
+                    Ok(h) => {
+                        a.at = Some((h, gpa));
+                        log::info!(
+                            "{}: BAR {} area {:#x}+{:#x} mapped into the guest at {gpa:#x}",
+                            self.name,
+                            a.bar,
+                            a.offset,
+                            a.size
+                        );
+                    }
+                    Err(e) => log::warn!(
+                        "{}: BAR {} area {:#x}+{:#x} not mapped at {gpa:#x} ({e}); its \
+                         accesses go to the device as messages",
+                        self.name,
+                        a.bar,
+                        a.offset,
+                        a.size
+                    ),
+                }
+            }
+        }
     }
 
     fn config_write(&mut self, reg: usize, offset: u64, data: &[u8]) {

@@ -16,7 +16,7 @@ use super::vfio_user::caps::ext;
 use super::vfio_user::{
     MigrationFeature, VfioUserClient, VfioUserError, DMA_MAP_READ, DMA_MAP_WRITE,
 };
-use super::{PassthroughBackend, PassthroughError, Region};
+use super::{MmapArea, PassthroughBackend, PassthroughError, Region};
 
 /// Page size of the DMA logs the VMM asks for (the vIOMMU's granule).
 const PAGE: u64 = 4096;
@@ -262,6 +262,22 @@ impl PassthroughBackend for VfioUserDevice {
     ) -> Result<(), PassthroughError> {
         let r = self.lock().region_write(index, offset, data);
         r.map_err(|e| self.map_err(e))
+    }
+
+    fn mmap_areas(&self, index: u32) -> Vec<MmapArea> {
+        let c = self.lock();
+        let Some(m) = c.region_mmap(index) else {
+            return Vec::new();
+        };
+        m.areas
+            .iter()
+            .map(|&(offset, size)| MmapArea {
+                offset,
+                size,
+                file: m.file.clone(),
+                file_offset: m.file_offset + offset,
+            })
+            .collect()
     }
 
     fn irq_count(&mut self, index: u32) -> Result<u32, PassthroughError> {

@@ -35,6 +35,10 @@ pub trait PciDevice: Send {
     fn save_state(&mut self) -> Result<serde_json::Value, crate::state::StateError> {
         Ok(crate::state::to_value(&self.config().save_regs()))
     }
+    /// Called after the guest moved or (un)enabled the function's BARs (a BAR or the command
+    /// register written, or a restore): a function that maps parts of its BARs straight into
+    /// the guest moves those mappings.
+    fn decode_changed(&mut self) {}
     /// Restores what [`PciDevice::save_state`] saved, on a function built the same way.
     ///
     /// # Errors
@@ -101,7 +105,8 @@ impl PciBus {
     fn refresh(&self, slot: usize) {
         let new: Vec<Window> = match self.device(slot) {
             Some(d) => {
-                let d = Self::lock(&d);
+                let mut d = Self::lock(&d);
+                d.decode_changed();
                 if d.config().memory_enabled() {
                     d.config()
                         .bars()

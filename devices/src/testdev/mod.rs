@@ -75,6 +75,13 @@ pub mod mig {
     pub const RESUMING: u32 = 4;
 }
 
+/// BAR 2 (region 2): 4 KiB of device memory the device lets the VMM map into the guest (a
+/// sparse-mmap area covering all of it, backed by a memfd sent with its region info). It
+/// holds [`BAR2_MAGIC`] at 0 and is otherwise the guest's to write and read.
+pub const BAR2_SIZE: u64 = 0x1000;
+/// The `u32` at BAR 2 offset 0.
+pub const BAR2_MAGIC: u32 = 0xba22_0d17;
+
 /// Number of MSI-X vectors.
 pub const MSIX_VECTORS: u32 = 2;
 
@@ -119,6 +126,9 @@ pub mod regs {
     pub const INSTANCE: u64 = 0x70;
     /// `u64` page requests made (see [`super::REGION_PAGE_REQUEST`]); not migrated.
     pub const PAGE_REQUESTS: u64 = 0x78;
+    /// `u64` accesses to BAR 2 that reached the device as messages (zero while the VMM maps
+    /// BAR 2 into the guest: the sparse-mmap figure's check); not migrated.
+    pub const BAR2_MESSAGES: u64 = 0x80;
 }
 
 /// Value of [`regs::ID`].

@@ -5,8 +5,8 @@ use std::io;
 use std::path::Path;
 
 use vfio_bindings::bindings::vfio::{
-    vfio_region_info, VFIO_IRQ_INFO_EVENTFD, VFIO_MIGRATION_STOP_COPY, VFIO_REGION_INFO_FLAG_READ,
-    VFIO_REGION_INFO_FLAG_WRITE,
+    vfio_region_info, VFIO_IRQ_INFO_EVENTFD, VFIO_MIGRATION_STOP_COPY, VFIO_REGION_INFO_FLAG_MMAP,
+    VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
 };
 use vfio_user::server_ext::ServerCapabilities;
 use vfio_user::{DmaMapFlags, DmaUnmapFlags, IrqInfo, Server, ServerBackend, ServerRegion};
@@ -33,6 +33,9 @@ fn config_space() -> [u8; 256] {
 
 struct Backend {
     dev: TestDevice,
+    /// BAR 2's memory, and the accesses to it that came as messages.
+    bar2: File,
+    bar2_messages: u64,
     dirty_log: DirtyLogMode,
     /// Bytes of the migration data stream read or written since the last state change.
     mig_cursor: u64,
@@ -88,7 +91,16 @@ fn region(index: u32, size: u64) -> ServerRegion {
 impl ServerBackend for Backend {
     fn region_read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> Result<(), io::Error> {
         match region {
+            0 if offset == regs::BAR2_MESSAGES => {
+                let v = self.bar2_messages.to_le_bytes();
+                let n = data.len().min(8);
+                data[..n].copy_from_slice(&v[..n]);
+            }
             0 => self.dev.bar_read(offset, data),
+            2 => {
+                self.bar2_messages += 1;
+                std::os::unix::fs::FileExt::read_exact_at(&self.bar2, data, offset)?;
+            }
             CONFIG_REGION => {
                 let c = config_space();
                 for (i, b) in data.iter_mut().enumerate() {
@@ -110,6 +122,10 @@ impl ServerBackend for Backend {
         };
         match region {
             0 => self.dev.bar_write(offset, data),
+            2 => {
+                self.bar2_messages += 1;
+                std::os::unix::fs::FileExt::write_all_at(&self.bar2, data, offset)?;
+            }
             REGION_FAULT_LOG if offset == 0 => self.dev.fault_log_consume(le(data) as u32),
             REGION_PAGE_REQUEST => self.dev.prq_write(offset, le(data)),
             _ => {}
@@ -268,6 +284,21 @@ pub struct Behaviour {
     pub ignore_permissions: bool,
 }
 
+/// BAR 2's memory: a memfd of [`BAR2_SIZE`] bytes with [`BAR2_MAGIC`] at 0.
+fn bar2_memory() -> io::Result<File> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: a NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"dma-test-device-bar2".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor nothing else owns.
+    let f = unsafe { File::from_raw_fd(fd) };
+    f.set_len(BAR2_SIZE)?;
+    std::os::unix::fs::FileExt::write_all_at(&f, &BAR2_MAGIC.to_le_bytes(), 0)?;
+    Ok(f)
+}
+
 /// Serves one VMM on the socket at `path` until it disconnects.
 ///
 /// # Errors
@@ -283,6 +314,17 @@ pub fn serve(path: &Path, how: Behaviour) -> Result<(), vfio_user::Error> {
     regions[CONFIG_REGION as usize] = region(CONFIG_REGION, 256);
     regions[REGION_FAULT_LOG as usize] = region(REGION_FAULT_LOG, 0x1000);
     regions[REGION_PAGE_REQUEST as usize] = region(REGION_PAGE_REQUEST, 0x1000);
+    let bar2 = bar2_memory().map_err(vfio_user::Error::Backend)?;
+    let mut r2 = region(2, BAR2_SIZE);
+    r2.region_info.flags |= VFIO_REGION_INFO_FLAG_MMAP;
+    r2.sparse_areas = vec![vfio_user::SparseArea {
+        area: vfio_bindings::bindings::vfio::vfio_region_sparse_mmap_area {
+            offset: 0,
+            size: BAR2_SIZE,
+        },
+    }];
+    r2.mmap_fd = Some(std::os::fd::AsRawFd::as_raw_fd(&bar2));
+    regions[2] = r2;
     let irq = |index: u32, count: u32| IrqInfo {
         index,
         flags: VFIO_IRQ_INFO_EVENTFD,
@@ -309,6 +351,8 @@ pub fn serve(path: &Path, how: Behaviour) -> Result<(), vfio_user::Error> {
     let server = Server::new(path, true, irqs, regions)?.with_capabilities(caps);
     let mut backend = Backend {
         dev: TestDevice::new(),
+        bar2,
+        bar2_messages: 0,
         dirty_log,
         mig_cursor: 0,
     };

@@ -19,6 +19,9 @@ const DELAY_US: u64 = 0x48;
 const PROGRESS: u64 = 0x68;
 const INSTANCE: u64 = 0x70;
 const PAGE_REQUESTS: u64 = 0x78;
+const BAR2_MESSAGES: u64 = 0x80;
+/// The `u32` at BAR 2 offset 0.
+pub const BAR2_MAGIC: u32 = 0xba22_0d17;
 /// Copy.
 pub const OP_COPY: u32 = 1;
 /// Fill.
@@ -37,6 +40,8 @@ pub const ERR_FAULT_WRITE: u32 = 2;
 /// The device.
 pub struct DmaDev {
     bar: u64,
+    /// BAR 2: device memory (see `devices::testdev::BAR2_SIZE`).
+    pub bar2: u64,
 }
 
 /// How an operation ended.
@@ -56,7 +61,20 @@ impl DmaDev {
     /// The device at `f`.
     pub fn new(f: &Func) -> DmaDev {
         f.enable();
-        DmaDev { bar: f.bar(0) }
+        DmaDev {
+            bar: f.bar(0),
+            bar2: f.bar(2),
+        }
+    }
+
+    /// Accesses to BAR 2 that reached the device as messages.
+    pub fn bar2_messages(&self) -> u64 {
+        rd64(self.bar + BAR2_MESSAGES)
+    }
+
+    /// The ID register (a read that always goes to the device process).
+    pub fn id(&self) -> u32 {
+        rd32(self.bar)
     }
 
     /// Whether the registers answer (all ones once the device process is gone).

@@ -3,7 +3,7 @@
 use crate::acpi;
 use crate::dmadev::{self, DmaDev, Outcome};
 use crate::io::Hex;
-use crate::io::{cpuid, rd32, rd64, rd8, rdtsc};
+use crate::io::{cpuid, rd32, rd64, rd8, rdtsc, wr32};
 use crate::mem::{all_eq, alloc_pages, bytes, fill, pattern, reserve_pages};
 use crate::net::NetCtx;
 use crate::pci::Func;
@@ -53,6 +53,7 @@ const CASES: &[(&str, Case)] = &[
     ("net_migrate", net_migrate),
     ("hostile_peer", hostile_peer),
     ("shared_domain", shared_domain),
+    ("bar_latency", bar_latency),
 ];
 
 fn cmdline(bp: u64) -> &'static str {
@@ -142,6 +143,7 @@ pub fn run(bp: u64) -> u32 {
                     | "request_cost"
                     | "hostile_peer"
                     | "shared_domain"
+                    | "bar_latency"
             ) && !name.starts_with("net_")
         }
     };
@@ -524,6 +526,48 @@ pub(crate) fn tsc_khz() -> u64 {
 /// not know (the baseline: the transport alone), one MAP, one UNMAP, and batches of 16 MAPs
 /// and 16 UNMAPs. Prints `# request_cost: <what> <cycles> cycles <ns> ns, +<cycles> over the
 /// baseline`.
+/// BAR read latency: the ID register in BAR 0 (always a message to the device process)
+/// against BAR 2 (device memory the VMM maps into the guest when the device offers it),
+/// median cycles of 64 reads each; BAR 2 must hold the device's magic and keep what the
+/// guest writes. Prints how many BAR 2 accesses reached the device as messages.
+fn bar_latency(c: &mut Ctx) -> Result<(), &'static str> {
+    const RUNS: usize = 64;
+    let d = dev(c);
+    check(d.bar2 != 0, "no BAR 2")?;
+    let before = d.bar2_messages();
+    let mut bar0 = [0u64; RUNS];
+    let mut bar2 = [0u64; RUNS];
+    for i in 0..RUNS {
+        let t = rdtsc();
+        let id = d.id();
+        bar0[i] = rdtsc() - t;
+        check(id == 0x7eed_d4a7, "BAR 0 ID")?;
+        let t = rdtsc();
+        let v = rd32(d.bar2);
+        bar2[i] = rdtsc() - t;
+        check(
+            v == dmadev::BAR2_MAGIC,
+            "BAR 2 does not hold the device's magic",
+        )?;
+    }
+    wr32(d.bar2 + 0x10, 0x1234_5678);
+    check(rd32(d.bar2 + 0x10) == 0x1234_5678, "BAR 2 lost a write")?;
+    let messages = d.bar2_messages() - before;
+    bar0.sort_unstable();
+    bar2.sort_unstable();
+    say!(
+        "# bar_latency: BAR 0 register ",
+        bar0[RUNS / 2],
+        " cycles, BAR 2 ",
+        bar2[RUNS / 2],
+        " cycles (medians of ",
+        RUNS as u64,
+        "); BAR 2 accesses by message: ",
+        messages
+    );
+    Ok(())
+}
+
 fn request_cost(c: &mut Ctx) -> Result<(), &'static str> {
     if !c.behind {
         return Err("needs the device behind the vIOMMU");

@@ -168,9 +168,126 @@ impl ServerCaps {
     }
 }
 
+/// The areas of a region's `VFIO_REGION_INFO_CAP_SPARSE_MMAP` capability (`region_info`: the
+/// `struct vfio_region_info` reply with its capability chain), `(offset, size)` page-aligned and
+/// inside `region_size`; `None` without the capability.
+///
+/// # Errors
+/// A chain that loops, leaves the reply, or names an area outside the region or unaligned.
+pub fn sparse_areas(
+    region_info: &[u8],
+    region_size: u64,
+) -> Result<Option<Vec<(u64, u64)>>, String> {
+    use vfio_bindings::bindings::vfio::{
+        VFIO_REGION_INFO_CAP_SPARSE_MMAP, VFIO_REGION_INFO_FLAG_CAPS,
+    };
+    let u32_at = |o: usize| -> Option<u32> {
+        Some(u32::from_le_bytes(
+            region_info.get(o..o + 4)?.try_into().ok()?,
+        ))
+    };
+    let u64_at = |o: usize| -> Option<u64> {
+        Some(u64::from_le_bytes(
+            region_info.get(o..o + 8)?.try_into().ok()?,
+        ))
+    };
+    let flags = u32_at(4).unwrap_or(0);
+    let mut off = u32_at(12).unwrap_or(0) as usize;
+    if flags & VFIO_REGION_INFO_FLAG_CAPS == 0 || off == 0 {
+        return Ok(None);
+    }
+    let mut hops = 0;
+    while off != 0 {
+        hops += 1;
+        if hops > 16 || off < 32 {
+            return Err(format!(
+                "capability chain at offset {off} loops or points back"
+            ));
+        }
+        let id = u32_at(off).ok_or_else(|| format!("capability at {off} is truncated"))? & 0xffff;
+        let next =
+            u32_at(off + 4).ok_or_else(|| format!("capability at {off} is truncated"))? as usize;
+        if id == VFIO_REGION_INFO_CAP_SPARSE_MMAP {
+            let n = u32_at(off + 8).ok_or_else(|| format!("sparse mmap at {off} is truncated"))?;
+            if n > 64 {
+                return Err(format!("{n} sparse mmap areas"));
+            }
+            let mut areas = Vec::with_capacity(n as usize);
+            for i in 0..n as usize {
+                let a = off + 16 + 16 * i;
+                let (o, s) = u64_at(a)
+                    .zip(u64_at(a + 8))
+                    .ok_or_else(|| format!("sparse mmap area {i} is truncated"))?;
+                let end = o
+                    .checked_add(s)
+                    .ok_or_else(|| format!("area {o:#x}+{s:#x} wraps"))?;
+                if s == 0 || end > region_size || (o | s) % 4096 != 0 {
+                    return Err(format!(
+                        "area {o:#x}+{s:#x} unaligned or outside the region of {region_size:#x} bytes"
+                    ));
+                }
+                areas.push((o, s));
+            }
+            return Ok(Some(areas));
+        }
+        if next != 0 && next <= off {
+            return Err(format!("capability chain at offset {off} does not advance"));
+        }
+        off = next;
+    }
+    Ok(None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A region info reply of `size` bytes with a sparse-mmap capability of `areas` after
+    /// `other` empty capabilities (ids 99), the last pointing at `next_of_last`.
+    fn region_info(size: u64, areas: &[(u64, u64)], other: usize) -> Vec<u8> {
+        let mut r = vec![0u8; 32];
+        r[4..8].copy_from_slice(&(0x8u32 | 0x4).to_le_bytes());
+        r[12..16].copy_from_slice(&32u32.to_le_bytes());
+        r[16..24].copy_from_slice(&size.to_le_bytes());
+        for _ in 0..other {
+            let next = (r.len() + 8) as u32;
+            r.extend_from_slice(&99u16.to_le_bytes());
+            r.extend_from_slice(&1u16.to_le_bytes());
+            r.extend_from_slice(&next.to_le_bytes());
+        }
+        r.extend_from_slice(&1u16.to_le_bytes());
+        r.extend_from_slice(&1u16.to_le_bytes());
+        r.extend_from_slice(&0u32.to_le_bytes());
+        r.extend_from_slice(&(areas.len() as u32).to_le_bytes());
+        r.extend_from_slice(&0u32.to_le_bytes());
+        for &(o, s) in areas {
+            r.extend_from_slice(&o.to_le_bytes());
+            r.extend_from_slice(&s.to_le_bytes());
+        }
+        r
+    }
+
+    #[test]
+    fn sparse_mmap_areas_are_read_and_hostile_chains_refused() {
+        let r = region_info(0x4000, &[(0, 0x1000), (0x2000, 0x2000)], 2);
+        assert_eq!(
+            sparse_areas(&r, 0x4000).unwrap(),
+            Some(vec![(0, 0x1000), (0x2000, 0x2000)])
+        );
+        // Without the CAPS flag: none.
+        let mut plain = r.clone();
+        plain[4] = 0;
+        assert_eq!(sparse_areas(&plain, 0x4000).unwrap(), None);
+        // Outside the region, unaligned, truncated.
+        assert!(sparse_areas(&region_info(0x1000, &[(0, 0x2000)], 0), 0x1000).is_err());
+        assert!(sparse_areas(&region_info(0x4000, &[(0x800, 0x1000)], 0), 0x4000).is_err());
+        let cut = region_info(0x4000, &[(0, 0x1000)], 0);
+        assert!(sparse_areas(&cut[..cut.len() - 4], 0x4000).is_err());
+        // A chain that points back at itself.
+        let mut looped = region_info(0x4000, &[], 1);
+        looped[36..40].copy_from_slice(&32u32.to_le_bytes());
+        assert!(sparse_areas(&looped, 0x4000).is_err());
+    }
 
     #[test]
     fn defaults_limits_and_extensions() {

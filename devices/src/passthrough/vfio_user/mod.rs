@@ -12,7 +12,7 @@ pub mod caps;
 mod feature;
 
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
@@ -47,6 +47,12 @@ const HEADER_SIZE: usize = 16;
 const MAX_MESSAGE: usize = CLIENT_MAX_XFER as usize + 4096;
 /// Most regions and IRQ indexes a device may claim.
 const MAX_REGIONS: u32 = 64;
+/// Largest region info (with its capabilities) asked for.
+const MAX_REGION_INFO: u32 = 4096;
+/// `VFIO_REGION_INFO_FLAG_MMAP`.
+const VFIO_REGION_INFO_FLAG_MMAP: u32 = vfio_bindings::bindings::vfio::VFIO_REGION_INFO_FLAG_MMAP;
+/// `VFIO_REGION_INFO_FLAG_CAPS`.
+const VFIO_REGION_INFO_FLAG_CAPS: u32 = vfio_bindings::bindings::vfio::VFIO_REGION_INFO_FLAG_CAPS;
 /// Server commands served in one [`VfioUserClient::serve_server_commands`] call.
 const SERVE_BATCH: usize = 64;
 
@@ -175,6 +181,22 @@ pub struct VfioUserClient {
     dma: Option<Arc<dyn DmaAccess>>,
     /// Server commands answered: `(DMA_READ, DMA_WRITE, refused)`.
     served: (u64, u64, u64),
+    /// The file descriptors that came with the last message.
+    fds: Vec<std::fs::File>,
+    /// Per region, what of it may be mapped (the sparse-mmap capability and its file).
+    mmaps: Vec<Option<RegionMmap>>,
+}
+
+/// The parts of a region the client may map instead of sending messages
+/// (`VFIO_REGION_INFO_CAP_SPARSE_MMAP` with the file the server sent with the region info).
+#[derive(Debug, Clone)]
+pub struct RegionMmap {
+    /// The file to map.
+    pub file: Arc<std::fs::File>,
+    /// Offset of the region in the file (the region info's `offset`).
+    pub file_offset: u64,
+    /// `(offset, size)` in the region, page-aligned.
+    pub areas: Vec<(u64, u64)>,
 }
 
 impl VfioUserClient {
@@ -205,6 +227,8 @@ impl VfioUserClient {
             timeout,
             dma: None,
             served: (0, 0, 0),
+            fds: Vec::new(),
+            mmaps: Vec::new(),
         };
         c.version()?;
         let info = c.call(
@@ -320,7 +344,7 @@ impl VfioUserClient {
         deadline: Instant,
     ) -> Result<(Head, Vec<u8>), VfioUserError> {
         let mut h = [0u8; HEADER_SIZE];
-        self.read_by(&mut h, deadline)?;
+        self.recv_head(&mut h, deadline)?;
         let (rid, rcmd) = (
             u16::from_le_bytes([h[0], h[1]]),
             u16::from_le_bytes([h[2], h[3]]),
@@ -332,6 +356,42 @@ impl VfioUserClient {
         let mut rest = vec![0u8; rsize - HEADER_SIZE];
         self.read_by(&mut rest, deadline)?;
         Ok(((rid, rcmd, flags, errno), rest))
+    }
+
+    /// Reads a message header, keeping the file descriptors that came with it (in
+    /// `self.fds`, until the next message).
+    fn recv_head(
+        &mut self,
+        h: &mut [u8; HEADER_SIZE],
+        deadline: Instant,
+    ) -> Result<(), VfioUserError> {
+        self.fds.clear();
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return self.read_by(h, deadline);
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        let mut fds = [0 as RawFd; 4];
+        let mut iov = [libc::iovec {
+            iov_base: h.as_mut_ptr().cast(),
+            iov_len: HEADER_SIZE,
+        }];
+        // SAFETY: the iovec points at `h`, alive and HEADER_SIZE bytes long; `fds` has room
+        // for four descriptors.
+        let r = unsafe { self.stream.recv_with_fds(&mut iov, &mut fds) };
+        let (n, nfds) = match r {
+            Ok(v) => v,
+            Err(e) if matches!(e.errno(), libc::EAGAIN | libc::EINTR) => (0, 0),
+            Err(e) => return Err(io::Error::from_raw_os_error(e.errno()).into()),
+        };
+        for &fd in &fds[..nfds] {
+            // SAFETY: the kernel installed these descriptors for us; nothing else owns them.
+            self.fds.push(unsafe { std::fs::File::from_raw_fd(fd) });
+        }
+        if n == 0 && nfds == 0 && r.is_ok() {
+            return Err(VfioUserError::Io(io::ErrorKind::UnexpectedEof.into()));
+        }
+        self.read_by(&mut h[n..], deadline)
     }
 
     fn send(&mut self, msg: &[u8], fds: &[RawFd]) -> Result<(), VfioUserError> {
@@ -503,26 +563,54 @@ impl VfioUserClient {
     }
 
     fn get_region_info(&mut self, index: u32) -> Result<RegionInfo, VfioUserError> {
-        let mut body = vec![0u8; 32];
-        body[..4].copy_from_slice(&32u32.to_le_bytes());
-        body[8..12].copy_from_slice(&index.to_le_bytes());
-        let r = self.call(CMD_DEVICE_GET_REGION_INFO, &body, &[])?;
-        if r.len() < 32 {
-            return Err(Self::bad(
-                CMD_DEVICE_GET_REGION_INFO,
-                "reply shorter than the region info",
-            ));
+        let ask = |c: &mut Self, argsz: u32| -> Result<Vec<u8>, VfioUserError> {
+            let mut body = vec![0u8; 32];
+            body[..4].copy_from_slice(&argsz.to_le_bytes());
+            body[8..12].copy_from_slice(&index.to_le_bytes());
+            let r = c.call(CMD_DEVICE_GET_REGION_INFO, &body, &[])?;
+            if r.len() < 32 {
+                return Err(Self::bad(
+                    CMD_DEVICE_GET_REGION_INFO,
+                    "reply shorter than the region info",
+                ));
+            }
+            if u32_at(&r, 8) != index {
+                return Err(Self::bad(
+                    CMD_DEVICE_GET_REGION_INFO,
+                    format!("info for region {}", u32_at(&r, 8)),
+                ));
+            }
+            Ok(r)
+        };
+        let mut r = ask(self, 32)?;
+        let flags = u32_at(&r, 4);
+        let want = u32_at(&r, 0);
+        // Capabilities follow when the server has any; ask again with room for them.
+        if flags & VFIO_REGION_INFO_FLAG_CAPS != 0 && want > 32 {
+            r = ask(self, want.min(MAX_REGION_INFO))?;
         }
-        if u32_at(&r, 8) != index {
-            return Err(Self::bad(
-                CMD_DEVICE_GET_REGION_INFO,
-                format!("info for region {}", u32_at(&r, 8)),
-            ));
-        }
-        Ok(RegionInfo {
-            flags: u32_at(&r, 4),
+        let info = RegionInfo {
+            flags,
             size: u64_at(&r, 16),
-        })
+        };
+        let file = self.fds.pop();
+        let areas = caps::sparse_areas(&r, info.size)
+            .map_err(|e| Self::bad(CMD_DEVICE_GET_REGION_INFO, format!("region {index}: {e}")))?;
+        let mmap = match (file, areas, flags & VFIO_REGION_INFO_FLAG_MMAP != 0) {
+            (Some(f), Some(areas), true) if !areas.is_empty() => Some(RegionMmap {
+                file: Arc::new(f),
+                file_offset: u64_at(&r, 24),
+                areas,
+            }),
+            _ => None,
+        };
+        self.mmaps.push(mmap);
+        Ok(info)
+    }
+
+    /// What of region `index` may be mapped directly, if the server offered it.
+    pub fn region_mmap(&self, index: u32) -> Option<&RegionMmap> {
+        self.mmaps.get(index as usize)?.as_ref()
     }
 
     /// The socket's file descriptor (for watching hang-ups; the client owns the data).
