@@ -513,4 +513,7 @@ pub mod lists {
     /// messages on the socket (`sendto`; the replies come through the reader thread),
     /// interrupts by eventfd.
     pub const TESTDEV_ENGINE: &[&[i64]] = &[sys![SYS_read, SYS_sendto]];
+
+    /// The DMA test device's doorbell thread: waits on the doorbell's ioeventfd, reads it.
+    pub const TESTDEV_DOORBELL: &[&[i64]] = &[sys![SYS_read, SYS_poll, SYS_ppoll]];
 }

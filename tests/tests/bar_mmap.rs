@@ -1,8 +1,10 @@
 //! BAR areas a vfio-user device lets map (the sparse-mmap region capability, with the file
-//! sent alongside the region info) are mapped straight into the guest: reading them costs no
-//! message to the device process. The test device's BAR 2 is such an area; the bare-metal
-//! guest's `bar_latency` case reads it and BAR 0's ID register, and reports how many BAR 2
-//! accesses reached the device as messages (the device counts them).
+//! sent alongside the region info) are mapped straight into the guest, and the ioeventfds it
+//! offers (`DEVICE_GET_REGION_IO_FDS`) are registered with KVM: reading those areas, or
+//! writing those registers, costs no message to the device process. The test device's BAR 2
+//! is such an area and its doorbell such a register; the bare-metal guest's `bar_latency`
+//! case reads BAR 2 and BAR 0's ID register, rings the doorbell, and reports how many of
+//! those accesses reached the device as messages (the device counts them).
 
 use std::time::Duration;
 
@@ -38,8 +40,9 @@ fn run(mmap: bool) -> Run {
     run
 }
 
-/// `(BAR 0 cycles, BAR 2 cycles, BAR 2 accesses by message)` from the guest's line.
-fn figures(run: &Run) -> (u64, u64, u64) {
+/// `(BAR 0 cycles, BAR 2 cycles, BAR 2 accesses by message, doorbells by message)` from the
+/// guest's line.
+fn figures(run: &Run) -> (u64, u64, u64, u64) {
     let line = run
         .console
         .lines()
@@ -49,8 +52,9 @@ fn figures(run: &Run) -> (u64, u64, u64) {
         .split(|c: char| !c.is_ascii_digit())
         .filter_map(|w| w.parse().ok())
         .collect();
-    // "BAR 0 register N cycles, BAR 2 M cycles (medians of 64); BAR 2 accesses by message: K"
-    (nums[1], nums[3], nums[6])
+    // "BAR 0 register N cycles, BAR 2 M cycles (medians of 64); BAR 2 accesses by message: K;
+    // doorbells by message: D"
+    (nums[1], nums[3], nums[6], nums[7])
 }
 
 #[test]
@@ -63,12 +67,21 @@ fn a_sparse_mmap_bar_is_read_without_messages() {
         "{}",
         direct.stderr
     );
-    let (b0, b2, messages) = figures(&direct);
+    assert!(
+        direct
+            .stderr
+            .contains("BAR 0 offset 0x28: the device's ioeventfd at"),
+        "{}",
+        direct.stderr
+    );
+    let (b0, b2, messages, rings) = figures(&direct);
     assert_eq!(messages, 0, "BAR 2 reads went to the device process");
-    // The same reads with the mapping turned off all reach the device.
+    assert_eq!(rings, 0, "the doorbell went to the device as a message");
+    // The same accesses with mmap=off all reach the device as messages.
     let socket = run(false);
-    let (s0, s2, by_socket) = figures(&socket);
+    let (s0, s2, by_socket, rings) = figures(&socket);
     assert!(by_socket >= 65, "{}", socket.console);
+    assert_eq!(rings, 1, "{}", socket.console);
     eprintln!(
         "figure: BAR read latency in the bare-metal guest (median cycles): BAR 2 mapped {b2}, \
          BAR 2 by message {s2} ({:.1}x); BAR 0 register by message {b0} and {s0}",

@@ -253,6 +253,11 @@ pub struct Builder {
 }
 
 impl Builder {
+    /// Registers ioeventfds with KVM.
+    pub fn ioevents(&self) -> Arc<dyn IoEventRegistrar> {
+        self.ioevents.clone()
+    }
+
     /// The next free device number.
     ///
     /// # Errors

@@ -249,7 +249,7 @@ impl MutEventSubscriber for FaultForwarder {
 }
 
 /// Puts the PCI model of a passthrough device in `slot`; with `mmap`, the BAR areas the
-/// device lets map are mapped into the guest.
+/// device lets map are mapped into the guest and its ioeventfds registered.
 fn add_function(
     b: &mut Builder,
     name: &str,
@@ -259,15 +259,17 @@ fn add_function(
     mmap: bool,
 ) -> Result<(), VmmError> {
     let interrupts = &b.interrupts;
-    let mapper: Option<Arc<dyn devices::passthrough::pci::GuestMapper>> =
-        mmap.then(|| b.guest_mapper.clone() as _);
+    let access = mmap.then(|| devices::passthrough::pci::DirectAccess {
+        mapper: b.guest_mapper.clone(),
+        ioevents: b.ioevents(),
+    });
     let pci = PassthroughPci::new(
         name.to_string(),
         backend,
         &mut b.bars,
         &mut |n| interrupts.allocate_msi(n),
         failed,
-        mapper,
+        access,
     )
     .map_err(dev_err(name.to_string()))?;
     b.add_pci(slot, Arc::new(Mutex::new(pci)), name)

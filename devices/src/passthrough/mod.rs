@@ -105,6 +105,17 @@ pub trait PassthroughBackend: Send {
         Vec::new()
     }
 
+    /// Offsets in region `index` whose writes may signal an eventfd of the device instead of
+    /// reaching it as a message (vfio-user's `DEVICE_GET_REGION_IO_FDS` ioeventfds, without
+    /// datamatch): `(offset, eventfd)`.
+    fn io_eventfds(
+        &mut self,
+        index: u32,
+    ) -> Vec<(u64, std::sync::Arc<vmm_sys_util::eventfd::EventFd>)> {
+        let _ = index;
+        Vec::new()
+    }
+
     /// Whether the device can be migrated (VFIO migration v2: `VFIO_DEVICE_FEATURE_MIGRATION`
     /// with STOP_COPY, over `VFIO_DEVICE_FEATURE` or vfio-user's `DEVICE_FEATURE`).
     fn supports_migration(&self) -> bool {

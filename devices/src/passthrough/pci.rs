@@ -45,6 +45,25 @@ pub trait GuestMapper: Send + Sync {
     fn unmap(&self, handle: u32);
 }
 
+/// What lets a passthrough function bypass messages for parts of its BARs: mapping device
+/// memory into the guest, and registering the device's ioeventfds.
+#[derive(Clone)]
+pub struct DirectAccess {
+    /// Maps BAR areas (sparse mmap).
+    pub mapper: Arc<dyn GuestMapper>,
+    /// Registers ioeventfds at BAR addresses.
+    pub ioevents: Arc<dyn crate::virtio::pci::IoEventRegistrar>,
+}
+
+/// An ioeventfd of the device at a BAR offset, registered while the BAR is decoded.
+struct DirectEvent {
+    bar: usize,
+    offset: u64,
+    evt: Arc<vmm_sys_util::eventfd::EventFd>,
+    /// The MMIO address it is registered at.
+    at: Option<u64>,
+}
+
 /// A device file mapped in this process.
 struct HostMap {
     ptr: *mut u8,
@@ -82,17 +101,20 @@ pub struct PassthroughPci {
     msix: Option<(usize, Msix)>,
     failed: Arc<AtomicBool>,
     name: String,
-    /// Areas of the BARs mapped into the guest (sparse mmap), and who maps them.
+    /// Areas of the BARs mapped into the guest (sparse mmap), the device's ioeventfds, and
+    /// who maps and registers them.
     direct: Vec<DirectArea>,
-    mapper: Option<Arc<dyn GuestMapper>>,
+    events: Vec<DirectEvent>,
+    access: Option<DirectAccess>,
 }
 
 impl PassthroughPci {
     /// Builds the function from `backend`: IDs from its config region, BARs sized as its
     /// regions 0-5 at addresses from `alloc`, and MSI-X with `vectors` (at most as many as
-    /// the device has) handed to the device as irqfds. With `mapper`, the areas of the BARs
+    /// the device has) handed to the device as irqfds. With `access`, the areas of the BARs
     /// the backend lets map ([`PassthroughBackend::mmap_areas`]) are mapped into the guest
-    /// wherever the guest puts the BAR: accesses there are not messages to the device.
+    /// and its ioeventfds ([`PassthroughBackend::io_eventfds`]) registered, wherever the
+    /// guest puts the BAR: accesses there are not messages to the device.
     ///
     /// # Errors
     /// [`SetupError`].
@@ -102,7 +124,7 @@ impl PassthroughPci {
         alloc: &mut dyn BarAllocator,
         make_vectors: &mut dyn FnMut(usize) -> std::io::Result<Vec<Arc<dyn MsiVector>>>,
         failed: Arc<AtomicBool>,
-        mapper: Option<Arc<dyn GuestMapper>>,
+        access: Option<DirectAccess>,
     ) -> Result<Self, SetupError> {
         let mut b = backend.lock().unwrap_or_else(|e| e.into_inner());
         let mut cfg = [0u8; 64];
@@ -152,8 +174,17 @@ impl PassthroughPci {
             None
         };
         let mut direct = Vec::new();
-        if mapper.is_some() {
+        let mut events = Vec::new();
+        if access.is_some() {
             for &bar in &bars {
+                for (offset, evt) in b.io_eventfds(bar as u32) {
+                    events.push(DirectEvent {
+                        bar,
+                        offset,
+                        evt,
+                        at: None,
+                    });
+                }
                 for a in b.mmap_areas(bar as u32) {
                     // SAFETY: a fresh shared mapping of the device's file; checked below.
                     let ptr = unsafe {
@@ -198,7 +229,8 @@ impl PassthroughPci {
             failed,
             name,
             direct,
-            mapper,
+            events,
+            access,
         })
     }
 
@@ -235,10 +267,15 @@ impl PassthroughPci {
 impl Drop for PassthroughPci {
     fn drop(&mut self) {
         // The guest loses the areas before this process unmaps them.
-        if let Some(m) = &self.mapper {
+        if let Some(access) = &self.access {
             for a in &mut self.direct {
                 if let Some((h, _)) = a.at.take() {
-                    m.unmap(h);
+                    access.mapper.unmap(h);
+                }
+            }
+            for e in &mut self.events {
+                if let Some(addr) = e.at.take() {
+                    let _ = access.ioevents.unregister(&e.evt, addr);
                 }
             }
         }
@@ -281,17 +318,51 @@ impl PciDevice for PassthroughPci {
     }
 
     fn decode_changed(&mut self) {
-        let Some(mapper) = self.mapper.clone() else {
+        let Some(access) = self.access.clone() else {
             return;
         };
+        let mapper = access.mapper;
         let on = self.config.memory_enabled();
         let bars = self.config.bars();
-        for a in &mut self.direct {
-            let want = bars
-                .iter()
-                .find(|&&(i, addr, _)| i == a.bar && addr != 0)
+        let at = |bar: usize, offset: u64| {
+            bars.iter()
+                .find(|&&(i, addr, _)| i == bar && addr != 0)
                 .filter(|_| on)
-                .map(|&(_, addr, _)| addr + a.offset);
+                .map(|&(_, addr, _)| addr + offset)
+        };
+        for e in &mut self.events {
+            let want = at(e.bar, e.offset);
+            if want == e.at {
+                continue;
+            }
+            if let Some(addr) = e.at.take() {
+                if let Err(err) = access.ioevents.unregister(&e.evt, addr) {
+                    log::warn!("{}: ioeventfd at {addr:#x}: {err}", self.name);
+                }
+            }
+            if let Some(addr) = want {
+                match access.ioevents.register(&e.evt, addr) {
+                    Ok(()) => {
+                        e.at = Some(addr);
+                        log::info!(
+                            "{}: BAR {} offset {:#x}: the device's ioeventfd at {addr:#x}",
+                            self.name,
+                            e.bar,
+                            e.offset
+                        );
+                    }
+                    Err(err) => log::warn!(
+                        "{}: BAR {} offset {:#x}: ioeventfd not registered ({err}); writes \
+                         there go to the device as messages",
+                        self.name,
+                        e.bar,
+                        e.offset
+                    ),
+                }
+            }
+        }
+        for a in &mut self.direct {
+            let want = at(a.bar, a.offset);
             if want == a.at.map(|(_, g)| g) {
                 continue;
             }

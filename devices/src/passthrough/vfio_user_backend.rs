@@ -280,6 +280,44 @@ impl PassthroughBackend for VfioUserDevice {
             .collect()
     }
 
+    fn io_eventfds(&mut self, index: u32) -> Vec<(u64, Arc<vmm_sys_util::eventfd::EventFd>)> {
+        let r = self.lock().region_io_fds(index);
+        match r {
+            Ok(subs) => subs
+                .into_iter()
+                .filter_map(|(offset, _, datamatch, file)| {
+                    if datamatch.is_some() {
+                        log::debug!(
+                            "{}: region {index} ioeventfd at {offset:#x} wants a datamatch; \
+                             left to messages",
+                            self.path
+                        );
+                        return None;
+                    }
+                    let fd = std::os::fd::AsRawFd::as_raw_fd(&*file);
+                    // SAFETY: `dup` of a live descriptor, checked; the new one is ours.
+                    let d = unsafe { libc::dup(fd) };
+                    (d >= 0).then(|| {
+                        // SAFETY: `d` is a fresh descriptor nothing else owns.
+                        let e = unsafe {
+                            <vmm_sys_util::eventfd::EventFd as std::os::fd::FromRawFd>::from_raw_fd(
+                                d,
+                            )
+                        };
+                        (offset, Arc::new(e))
+                    })
+                })
+                .collect(),
+            Err(e) => {
+                log::warn!(
+                    "{}: DEVICE_GET_REGION_IO_FDS of region {index}: {e}",
+                    self.path
+                );
+                Vec::new()
+            }
+        }
+    }
+
     fn irq_count(&mut self, index: u32) -> Result<u32, PassthroughError> {
         let mut c = self.lock();
         if index >= c.num_irqs() {

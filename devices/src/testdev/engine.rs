@@ -52,6 +52,8 @@ pub(crate) struct Shared {
     pub prq_answered: Condvar,
     /// Held for the whole of one page request: the engine and the flood thread take turns.
     pub prq_slot: Mutex<()>,
+    /// Held while the doorbell's eventfd is drained and rung.
+    pub doorbell: Mutex<()>,
 }
 
 /// The page-request interface's state.
@@ -108,6 +110,19 @@ pub struct TestDevice {
     pub(crate) shared: Arc<Shared>,
     jobs: Sender<Regs>,
     worker: Option<JoinHandle<()>>,
+    /// The doorbell's eventfd, once asked for.
+    doorbell: Option<Arc<vmm_sys_util::eventfd::EventFd>>,
+}
+
+impl TestDevice {
+    /// A doorbell the guest rang through the ioeventfd takes effect before any register
+    /// read the guest makes after it (PCI orders a read after the posted writes before it):
+    /// the read first drains the eventfd.
+    fn doorbell_before_read(&self) {
+        if let Some(e) = &self.doorbell {
+            drain_doorbell(&self.shared, e, &self.jobs);
+        }
+    }
 }
 
 impl Default for TestDevice {
@@ -130,6 +145,7 @@ impl TestDevice {
             prq: Mutex::new(Prq::default()),
             prq_answered: Condvar::new(),
             prq_slot: Mutex::new(()),
+            doorbell: Mutex::new(()),
         });
         let (tx, rx) = channel();
         let s = shared.clone();
@@ -144,7 +160,43 @@ impl TestDevice {
             shared,
             jobs: tx,
             worker,
+            doorbell: None,
         }
+    }
+
+    /// An eventfd that rings the doorbell: any write to it starts the operation the
+    /// registers describe, as a write of 1 to [`regs::DOORBELL`] does (the VMM registers it
+    /// as an ioeventfd at the doorbell's address, so the guest's doorbell write never becomes
+    /// a message). A thread of the device waits on it.
+    ///
+    /// # Errors
+    /// When the eventfd or the thread cannot be made.
+    pub fn doorbell_eventfd(&mut self) -> std::io::Result<std::os::fd::RawFd> {
+        if let Some(e) = &self.doorbell {
+            return Ok(std::os::fd::AsRawFd::as_raw_fd(&**e));
+        }
+        let evt = Arc::new(vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)?);
+        let (s, jobs, e) = (self.shared.clone(), self.jobs.clone(), evt.clone());
+        std::thread::Builder::new()
+            .name("dma-doorbell".into())
+            .spawn(move || {
+                crate::seccomp::confine("dma-doorbell", crate::seccomp::lists::TESTDEV_DOORBELL);
+                let mut pfd = libc::pollfd {
+                    fd: std::os::fd::AsRawFd::as_raw_fd(&*e),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                while !s.stop.load(Ordering::Acquire) {
+                    // SAFETY: one live pollfd.
+                    if unsafe { libc::poll(&mut pfd, 1, -1) } < 0 {
+                        continue;
+                    }
+                    drain_doorbell(&s, &e, &jobs);
+                }
+            })?;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&*evt);
+        self.doorbell = Some(evt);
+        Ok(fd)
     }
 
     /// Makes the device hostile: a thread posts page requests for IOVAs nobody mapped, one
@@ -176,6 +228,7 @@ impl TestDevice {
 
     /// Reads BAR 0.
     pub fn bar_read(&self, offset: u64, data: &mut [u8]) {
+        self.doorbell_before_read();
         let r = *lock(&self.shared.regs);
         let reg64 = |base: u64, v: u64| {
             (offset >= base && offset < base + 8).then(|| v >> (8 * (offset - base)))
@@ -230,23 +283,8 @@ impl TestDevice {
             regs::FILL => r.fill = v as u32,
             regs::DELAY_US => r.delay_us = v as u32,
             regs::DOORBELL if v & 1 == 1 => {
-                if r.status == STATUS_BUSY {
-                    r.error = ERR_BUSY;
-                    return;
-                }
-                if self.migration_state() != mig::RUNNING {
-                    // Stopped: no new work (the guest is paused; this is a stray write).
-                    return;
-                }
-                r.status = STATUS_BUSY;
-                r.error = ERR_NONE;
-                r.result = 0;
-                r.progress = 0;
-                let job = *r;
                 drop(r);
-                if self.jobs.send(job).is_err() {
-                    lock(&self.shared.regs).status = STATUS_ERROR;
-                }
+                ring(&self.shared, &self.jobs);
             }
             o if (regs::SRC..regs::SRC + 8).contains(&o) => set64(&mut r.src, regs::SRC),
             o if (regs::DST..regs::DST + 8).contains(&o) => set64(&mut r.dst, regs::DST),
@@ -367,6 +405,8 @@ impl TestDevice {
     /// # Errors
     /// [`MigrationError`]; the state is then unchanged.
     pub fn set_migration_state(&self, to: u32) -> Result<(), MigrationError> {
+        // A doorbell rung before the stop takes effect while the device still runs.
+        self.doorbell_before_read();
         let from = self.migration_state();
         if from == to {
             return Ok(());
@@ -467,11 +507,46 @@ impl TestDevice {
 impl Drop for TestDevice {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
+        if let Some(e) = &self.doorbell {
+            let _ = e.write(1);
+        }
         let (tx, _) = channel();
         drop(std::mem::replace(&mut self.jobs, tx));
         if let Some(w) = self.worker.take() {
             let _ = w.join();
         }
+    }
+}
+
+/// Rings the doorbell if its eventfd was written (under the doorbell lock, so that a register
+/// read that drains it first and the doorbell thread never both miss or both ring one write).
+fn drain_doorbell(s: &Shared, e: &vmm_sys_util::eventfd::EventFd, jobs: &Sender<Regs>) {
+    let _one = lock(&s.doorbell);
+    if e.read().is_ok() {
+        ring(s, jobs);
+    }
+}
+
+/// The doorbell: starts the operation the registers describe (refused while busy, ignored
+/// while stopped for migration).
+fn ring(s: &Shared, jobs: &Sender<Regs>) {
+    let mut r = lock(&s.regs);
+    if r.status == STATUS_BUSY {
+        r.error = ERR_BUSY;
+        return;
+    }
+    if lock(&s.mig).0 != mig::RUNNING {
+        // Stopped: no new work (the guest is paused; this is a stray write).
+        return;
+    }
+    r.status = STATUS_BUSY;
+    r.error = ERR_NONE;
+    r.result = 0;
+    r.progress = 0;
+    let job = *r;
+    drop(r);
+    if jobs.send(job).is_err() {
+        lock(&s.regs).status = STATUS_ERROR;
     }
 }
 

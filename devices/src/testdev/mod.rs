@@ -129,6 +129,9 @@ pub mod regs {
     /// `u64` accesses to BAR 2 that reached the device as messages (zero while the VMM maps
     /// BAR 2 into the guest: the sparse-mmap figure's check); not migrated.
     pub const BAR2_MESSAGES: u64 = 0x80;
+    /// `u64` doorbell writes that reached the device as messages (zero while the VMM has
+    /// registered the doorbell's ioeventfd, `DEVICE_GET_REGION_IO_FDS`); not migrated.
+    pub const DOORBELL_MESSAGES: u64 = 0x88;
 }
 
 /// Value of [`regs::ID`].

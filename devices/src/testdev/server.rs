@@ -36,6 +36,7 @@ struct Backend {
     /// BAR 2's memory, and the accesses to it that came as messages.
     bar2: File,
     bar2_messages: u64,
+    doorbell_messages: u64,
     dirty_log: DirtyLogMode,
     /// Bytes of the migration data stream read or written since the last state change.
     mig_cursor: u64,
@@ -91,10 +92,14 @@ fn region(index: u32, size: u64) -> ServerRegion {
 impl ServerBackend for Backend {
     fn region_read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> Result<(), io::Error> {
         match region {
-            0 if offset == regs::BAR2_MESSAGES => {
-                let v = self.bar2_messages.to_le_bytes();
+            0 if offset == regs::BAR2_MESSAGES || offset == regs::DOORBELL_MESSAGES => {
+                let v = if offset == regs::BAR2_MESSAGES {
+                    self.bar2_messages
+                } else {
+                    self.doorbell_messages
+                };
                 let n = data.len().min(8);
-                data[..n].copy_from_slice(&v[..n]);
+                data[..n].copy_from_slice(&v.to_le_bytes()[..n]);
             }
             0 => self.dev.bar_read(offset, data),
             2 => {
@@ -121,7 +126,12 @@ impl ServerBackend for Backend {
             u64::from_le_bytes(b)
         };
         match region {
-            0 => self.dev.bar_write(offset, data),
+            0 => {
+                if offset == regs::DOORBELL {
+                    self.doorbell_messages += 1;
+                }
+                self.dev.bar_write(offset, data);
+            }
             2 => {
                 self.bar2_messages += 1;
                 std::os::unix::fs::FileExt::write_all_at(&self.bar2, data, offset)?;
@@ -185,6 +195,22 @@ impl ServerBackend for Backend {
 
     fn connected(&mut self, dma: vfio_user::server_ext::DmaHandle) {
         self.dev.dma().set_messages(dma);
+    }
+
+    fn region_io_fds(
+        &mut self,
+        region: u32,
+    ) -> Result<Vec<vfio_user::server_ext::IoEventFd>, io::Error> {
+        if region != 0 {
+            return Ok(Vec::new());
+        }
+        Ok(vec![vfio_user::server_ext::IoEventFd {
+            offset: regs::DOORBELL,
+            size: 4,
+            fd: self.dev.doorbell_eventfd()?,
+            flags: 0,
+            datamatch: 0,
+        }])
     }
 
     fn migration_flags(&self) -> Option<u64> {
@@ -353,6 +379,7 @@ pub fn serve(path: &Path, how: Behaviour) -> Result<(), vfio_user::Error> {
         dev: TestDevice::new(),
         bar2,
         bar2_messages: 0,
+        doorbell_messages: 0,
         dirty_log,
         mig_cursor: 0,
     };
@@ -360,6 +387,12 @@ pub fn serve(path: &Path, how: Behaviour) -> Result<(), vfio_user::Error> {
         backend.dev.start_flood();
     }
     backend.dev.dma().ignore_permissions = ignore_permissions;
+    // The doorbell's thread starts (and installs its own filter) before this thread's filter,
+    // which it would otherwise inherit.
+    backend
+        .dev
+        .doorbell_eventfd()
+        .map_err(vfio_user::Error::Backend)?;
     crate::seccomp::confine("dma-test-device", crate::seccomp::lists::TESTDEV_SERVER);
     let r = server.run(&mut backend);
     let (maps, unmaps, (reads, writes, refused)) = {

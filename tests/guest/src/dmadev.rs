@@ -20,6 +20,7 @@ const PROGRESS: u64 = 0x68;
 const INSTANCE: u64 = 0x70;
 const PAGE_REQUESTS: u64 = 0x78;
 const BAR2_MESSAGES: u64 = 0x80;
+const DOORBELL_MESSAGES: u64 = 0x88;
 /// The `u32` at BAR 2 offset 0.
 pub const BAR2_MAGIC: u32 = 0xba22_0d17;
 /// Copy.
@@ -36,6 +37,8 @@ pub const DONE: u32 = 2;
 pub const ERROR_STATUS: u32 = 3;
 /// Write fault.
 pub const ERR_FAULT_WRITE: u32 = 2;
+/// Length zero or above 64 MiB.
+pub const ERR_BAD_LEN: u32 = 4;
 
 /// The device.
 pub struct DmaDev {
@@ -70,6 +73,11 @@ impl DmaDev {
     /// Accesses to BAR 2 that reached the device as messages.
     pub fn bar2_messages(&self) -> u64 {
         rd64(self.bar + BAR2_MESSAGES)
+    }
+
+    /// Doorbell writes that reached the device as messages.
+    pub fn doorbell_messages(&self) -> u64 {
+        rd64(self.bar + DOORBELL_MESSAGES)
     }
 
     /// The ID register (a read that always goes to the device process).

@@ -553,6 +553,16 @@ fn bar_latency(c: &mut Ctx) -> Result<(), &'static str> {
     wr32(d.bar2 + 0x10, 0x1234_5678);
     check(rd32(d.bar2 + 0x10) == 0x1234_5678, "BAR 2 lost a write")?;
     let messages = d.bar2_messages() - before;
+    // The doorbell, with a zero length: the device must refuse the operation, whichever way
+    // the write reached it (a message, or its ioeventfd drained before this status read).
+    let rings = d.doorbell_messages();
+    d.start(dmadev::OP_FILL, 0, 0, 0, 0, 0);
+    let out = d.wait();
+    check(
+        out.status == dmadev::ERROR_STATUS && out.error == dmadev::ERR_BAD_LEN,
+        "the doorbell did not reach the device",
+    )?;
+    let rings = d.doorbell_messages() - rings;
     bar0.sort_unstable();
     bar2.sort_unstable();
     say!(
@@ -563,7 +573,9 @@ fn bar_latency(c: &mut Ctx) -> Result<(), &'static str> {
         " cycles (medians of ",
         RUNS as u64,
         "); BAR 2 accesses by message: ",
-        messages
+        messages,
+        "; doorbells by message: ",
+        rings
     );
     Ok(())
 }

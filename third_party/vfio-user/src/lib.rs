@@ -990,6 +990,15 @@ pub trait ServerBackend {
         Err(std::io::Error::from_raw_os_error(libc::ENOTSUP))
     }
 
+    /// `VFIO_USER_DEVICE_GET_REGION_IO_FDS`: the ioeventfds the client may register for
+    /// `region` (none: the command is refused with `ENOTSUP`).
+    fn region_io_fds(
+        &mut self,
+        _region: u32,
+    ) -> Result<Vec<server_ext::IoEventFd>, std::io::Error> {
+        Err(std::io::Error::from_raw_os_error(libc::ENOTSUP))
+    }
+
     /// `VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT`: ORs into `bitmap` (bit `i` = the
     /// `page_size` unit at `iova + i * page_size`) the units written in
     /// `[iova, iova + length)` since the last report, and clears them.
@@ -1084,8 +1093,22 @@ impl Server {
     ) -> Result<(), Error> {
         let command = Command::n(header.command).ok_or(Error::UnknownCommand(header.command))?;
         match command {
+            Command::GetRegionIoFds => {
+                let payload = std::mem::take(input);
+                let reply = server_ext::region_io_fds(backend, payload, self.regions.len())
+                    .map_err(Error::Backend)?;
+                let h = Header {
+                    message_id: header.message_id,
+                    command: command as u16,
+                    flags: HeaderFlags::Reply as u32,
+                    message_size: (size_of::<Header>() + reply.0.len()) as u32,
+                    ..Default::default()
+                };
+                out.write_all(h.as_slice()).map_err(Error::StreamWrite)?;
+                out.write_all(&reply.0).map_err(Error::StreamWrite)?;
+                out.fds.extend(reply.1);
+            }
             Command::Unknown
-            | Command::GetRegionIoFds
             | Command::DmaRead
             | Command::DmaWrite
             | Command::UserDirtyPages

@@ -241,6 +241,71 @@ pub(crate) fn device_feature(
     }
 }
 
+/// `VFIO_USER_IO_FD_TYPE_IOEVENTFD`.
+pub const IO_FD_TYPE_IOEVENTFD: u32 = 0;
+/// `KVM_IOEVENTFD_FLAG_DATAMATCH`.
+pub const IOEVENTFD_FLAG_DATAMATCH: u32 = 1;
+
+/// One sub-region of `VFIO_USER_DEVICE_GET_REGION_IO_FDS`: writes to
+/// `[offset, offset + size)` of the region signal `fd` (an eventfd) instead of reaching the
+/// server as messages.
+#[derive(Debug, Clone, Copy)]
+pub struct IoEventFd {
+    /// Offset in the region.
+    pub offset: u64,
+    /// Bytes (0: any access size).
+    pub size: u64,
+    /// The eventfd; the backend keeps it open.
+    pub fd: std::os::fd::RawFd,
+    /// `KVM_IOEVENTFD_FLAG_*` (only DATAMATCH is meaningful here).
+    pub flags: u32,
+    /// The value a write must carry with DATAMATCH.
+    pub datamatch: u64,
+}
+
+/// `VFIO_USER_DEVICE_GET_REGION_IO_FDS`: `argsz`, `flags`, `index`, `count` in; the same with
+/// `count` 40-byte sub-regions out, and their descriptors (each once).
+pub(crate) fn region_io_fds(
+    backend: &mut dyn ServerBackend,
+    payload: &[u8],
+    regions: usize,
+) -> Result<(Vec<u8>, Vec<std::os::fd::RawFd>), io::Error> {
+    let argsz = u32_at(payload, 0).ok_or_else(|| errno(libc::EINVAL))? as usize;
+    let index = u32_at(payload, 8).ok_or_else(|| errno(libc::EINVAL))?;
+    if index as usize >= regions || u32_at(payload, 4) != Some(0) {
+        return Err(errno(libc::EINVAL));
+    }
+    let subs = backend.region_io_fds(index)?;
+    let need = 16 + 40 * subs.len();
+    let mut r = Vec::with_capacity(need);
+    r.extend_from_slice(&(need as u32).to_le_bytes());
+    r.extend_from_slice(&0u32.to_le_bytes());
+    r.extend_from_slice(&index.to_le_bytes());
+    r.extend_from_slice(&(subs.len() as u32).to_le_bytes());
+    let mut fds: Vec<std::os::fd::RawFd> = Vec::new();
+    if argsz < need {
+        // Too small for the array: the header says how much is needed.
+        return Ok((r, fds));
+    }
+    for s in subs {
+        let i = match fds.iter().position(|&f| f == s.fd) {
+            Some(i) => i,
+            None => {
+                fds.push(s.fd);
+                fds.len() - 1
+            }
+        };
+        r.extend_from_slice(&s.offset.to_le_bytes());
+        r.extend_from_slice(&s.size.to_le_bytes());
+        r.extend_from_slice(&(i as u32).to_le_bytes());
+        r.extend_from_slice(&IO_FD_TYPE_IOEVENTFD.to_le_bytes());
+        r.extend_from_slice(&s.flags.to_le_bytes());
+        r.extend_from_slice(&0u32.to_le_bytes());
+        r.extend_from_slice(&s.datamatch.to_le_bytes());
+    }
+    Ok((r, fds))
+}
+
 /// `VFIO_USER_MIG_DATA_READ`: `argsz`, `size` in; `argsz`, `size`, data out.
 pub(crate) fn mig_data_read(
     backend: &mut dyn ServerBackend,

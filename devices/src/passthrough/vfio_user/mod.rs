@@ -28,6 +28,7 @@ const CMD_DMA_MAP: u16 = 2;
 const CMD_DMA_UNMAP: u16 = 3;
 const CMD_DEVICE_GET_INFO: u16 = 4;
 const CMD_DEVICE_GET_REGION_INFO: u16 = 5;
+const CMD_DEVICE_GET_REGION_IO_FDS: u16 = 6;
 const CMD_GET_IRQ_INFO: u16 = 7;
 const CMD_SET_IRQS: u16 = 8;
 const CMD_REGION_READ: u16 = 9;
@@ -130,6 +131,7 @@ pub struct IrqInfo {
 
 fn name(cmd: u16) -> &'static str {
     match cmd {
+        CMD_DEVICE_GET_REGION_IO_FDS => "DEVICE_GET_REGION_IO_FDS",
         CMD_DMA_READ => "DMA_READ",
         CMD_DMA_WRITE => "DMA_WRITE",
         CMD_DEVICE_FEATURE => "DEVICE_FEATURE",
@@ -160,6 +162,10 @@ fn u64_at(b: &[u8], off: usize) -> u64 {
     a.copy_from_slice(&b[off..off + 8]);
     u64::from_le_bytes(a)
 }
+
+/// An ioeventfd sub-region of `DEVICE_GET_REGION_IO_FDS`: `(offset, size, datamatch,
+/// eventfd)`.
+pub type IoFd = (u64, u64, Option<u64>, Arc<std::fs::File>);
 
 /// A message header's fields: `(message ID, command, flags, errno)`.
 type Head = (u16, u16, u32, u32);
@@ -606,6 +612,67 @@ impl VfioUserClient {
         };
         self.mmaps.push(mmap);
         Ok(info)
+    }
+
+    /// `VFIO_USER_DEVICE_GET_REGION_IO_FDS` of region `index`: the ioeventfds the server
+    /// offers (writes to `[offset, offset + size)` signal the eventfd instead of a message),
+    /// as `(offset, size, datamatch, eventfd)`. A server that refuses the command offers none.
+    ///
+    /// # Errors
+    /// A malformed reply (a sub-region outside the region, an fd index without a
+    /// descriptor, a type other than ioeventfd is skipped).
+    pub fn region_io_fds(
+        &mut self,
+        index: u32,
+    ) -> Result<Vec<IoFd>, VfioUserError> {
+        const MAX_SUBS: u32 = 64;
+        let size = self
+            .regions
+            .get(index as usize)
+            .ok_or_else(|| VfioUserError::Invalid(format!("no region {index}")))?
+            .size;
+        let mut body = Vec::with_capacity(16);
+        body.extend_from_slice(&(16 + 40 * MAX_SUBS).to_le_bytes());
+        body.extend_from_slice(&0u32.to_le_bytes());
+        body.extend_from_slice(&index.to_le_bytes());
+        body.extend_from_slice(&0u32.to_le_bytes());
+        let r = match self.call(CMD_DEVICE_GET_REGION_IO_FDS, &body, &[]) {
+            Ok(r) => r,
+            Err(VfioUserError::Refused { .. }) => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let bad = |w: String| Self::bad(CMD_DEVICE_GET_REGION_IO_FDS, w);
+        if r.len() < 16 || u32_at(&r, 8) != index {
+            return Err(bad(
+                "reply shorter than its header or for another region".into()
+            ));
+        }
+        let count = u32_at(&r, 12);
+        if count > MAX_SUBS || r.len() < 16 + 40 * count as usize {
+            return Err(bad(format!("{count} sub-regions in {} bytes", r.len())));
+        }
+        let files: Vec<Arc<std::fs::File>> = self.fds.drain(..).map(Arc::new).collect();
+        let mut out = Vec::new();
+        for i in 0..count as usize {
+            let e = &r[16 + 40 * i..16 + 40 * (i + 1)];
+            let (off, len) = (u64_at(e, 0), u64_at(e, 8));
+            let (fd_index, kind, flags) = (u32_at(e, 16), u32_at(e, 20), u32_at(e, 24));
+            if off.checked_add(len.max(1)).is_none_or(|end| end > size) {
+                return Err(bad(format!(
+                    "sub-region {off:#x}+{len:#x} outside the region"
+                )));
+            }
+            let file = files
+                .get(fd_index as usize)
+                .ok_or_else(|| bad(format!("fd index {fd_index} without a descriptor")))?;
+            if kind != 0 {
+                log::debug!("region {index}: sub-region of type {kind} (not an ioeventfd) skipped");
+                continue;
+            }
+            let datamatch = (flags & 1 != 0).then(|| u64_at(e, 32));
+            out.push((off, len, datamatch, file.clone()));
+        }
+        Ok(out)
     }
 
     /// What of region `index` may be mapped directly, if the server offered it.

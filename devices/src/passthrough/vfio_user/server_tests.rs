@@ -288,3 +288,41 @@ fn dma_by_messages_reaches_only_what_is_mapped_with_its_permissions() {
     drop(c);
     t.join().unwrap();
 }
+
+#[test]
+fn region_io_fds_give_the_doorbell_an_eventfd_and_bar2_a_mappable_file() {
+    let (mut c, t, _) = device(DirtyLogMode::On);
+    // BAR 0: one ioeventfd, at the doorbell, without datamatch; none elsewhere.
+    let subs = c.region_io_fds(0).unwrap();
+    assert_eq!(subs.len(), 1);
+    let (offset, size, datamatch, file) = &subs[0];
+    assert_eq!((*offset, *size, *datamatch), (regs::DOORBELL, 4, None));
+    assert!(c.region_io_fds(2).unwrap().is_empty());
+    // Writing the eventfd rings the doorbell: a fill runs, and the status read after it
+    // sees it (the device drains the eventfd before answering a register read).
+    let f = memfile(1 << 20);
+    c.dma_map(0x100000, 1 << 20, Some(&f), 0, DMA_MAP_READ | DMA_MAP_WRITE)
+        .unwrap();
+    w64(&mut c, regs::DST, 0x100000);
+    w64(&mut c, regs::LEN, 4096);
+    c.region_write(0, regs::OP, &testdev::OP_FILL.to_le_bytes())
+        .unwrap();
+    std::io::Write::write_all(&mut &**file, &1u64.to_le_bytes()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while r64(&mut c, regs::STATUS) as u32 != testdev::STATUS_DONE {
+        assert!(
+            Instant::now() < deadline,
+            "the eventfd did not ring the doorbell"
+        );
+    }
+    assert_eq!(r64(&mut c, regs::DOORBELL_MESSAGES), 0);
+    // BAR 2's file, as the region info gave it, holds the magic.
+    let m = c.region_mmap(2).expect("BAR 2 is mappable").clone();
+    assert_eq!(m.areas, vec![(0, testdev::BAR2_SIZE)]);
+    let mut magic = [0u8; 4];
+    std::os::unix::fs::FileExt::read_exact_at(&*m.file, &mut magic, m.file_offset).unwrap();
+    assert_eq!(u32::from_le_bytes(magic), testdev::BAR2_MAGIC);
+    assert!(c.region_mmap(0).is_none());
+    drop(c);
+    t.join().unwrap();
+}
