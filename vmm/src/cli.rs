@@ -387,6 +387,17 @@ pub fn parse_kv(s: &str, allowed: &[&str]) -> Result<Vec<(String, String)>, Stri
                 allowed.join(", ")
             ));
         }
+        if out.iter().any(|(seen, _)| seen == k) {
+            return Err(format!(
+                "`{k}=` given twice{}",
+                if k == "dma" {
+                    " (one DMA mode per device: `dma=messages` gives the device no RAM to map \
+                     on demand, so it does not combine with `dma=fault`)"
+                } else {
+                    ""
+                }
+            ));
+        }
         out.push((k.to_string(), v.to_string()));
     }
     Ok(out)
@@ -741,6 +752,11 @@ mod tests {
             ("socket=/s,dma=fault,prefault=3K", "power of two"),
             ("socket=/s,prefault=2M", "needs `dma=fault`"),
             ("socket=/s,dma=messages,prefault=2M", "needs `dma=fault`"),
+            (
+                "socket=/s,dma=fault,dma=messages",
+                "does not combine with `dma=fault`",
+            ),
+            ("socket=/s,iommu=on,iommu=off", "`iommu=` given twice"),
         ] {
             let err = parse(bad).unwrap_err().to_string();
             assert!(

@@ -621,10 +621,7 @@ impl VfioUserClient {
     /// # Errors
     /// A malformed reply (a sub-region outside the region, an fd index without a
     /// descriptor, a type other than ioeventfd is skipped).
-    pub fn region_io_fds(
-        &mut self,
-        index: u32,
-    ) -> Result<Vec<IoFd>, VfioUserError> {
+    pub fn region_io_fds(&mut self, index: u32) -> Result<Vec<IoFd>, VfioUserError> {
         const MAX_SUBS: u32 = 64;
         let size = self
             .regions
