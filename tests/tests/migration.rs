@@ -554,6 +554,31 @@ fn snapshot_then_restore_resumes_with_the_iommu_state() {
     let _ = std::fs::remove_dir_all(bad);
 }
 
+/// A device server without `VFIO_DEVICE_FEATURE_MIGRATION` is refused before anything is
+/// sent, by name, and the guest runs on.
+#[test]
+fn a_device_without_migration_is_refused_by_name() {
+    let (dev_a, dev_b) = (
+        DeviceProcess::start_with(&["--no-migration"]),
+        DeviceProcess::start(),
+    );
+    let (api_sock, mig_sock) = (scratch("api.sock"), scratch("mig.sock"));
+    let to = format!("unix:{}", mig_sock.display());
+    let _dst = destination(&dev_b, MEMORY, &["--incoming", &to]);
+    let mut src = source(&dev_a, &api_sock, "iters=100000");
+    wait_for(&mig_sock);
+    src.wait_console("# migrate-ready", DEADLINE);
+    let r = migrate(&api_sock, &mig_sock, VERIFY);
+    assert_eq!(r["ok"], false, "{r}");
+    let err = r["error"].as_str().unwrap();
+    assert!(
+        err.contains(&format!("vfio-user device {}", dev_a.socket.display()))
+            && err.contains("cannot be migrated"),
+        "{err}"
+    );
+    source_runs_on(src, &api_sock);
+}
+
 #[test]
 fn a_refused_migration_leaves_the_guest_running() {
     let (dev_a, dev_b) = (DeviceProcess::start(), DeviceProcess::start());

@@ -1,12 +1,13 @@
 //! `dma-test-device --socket PATH [--dirty-log on|off|empty] [--flood-page-requests]
-//! [--ignore-permissions] [--seccomp on|log|off]`: the
+//! [--ignore-permissions] [--no-migration] [--seccomp on|log|off]`: the
 //! project's DMA test device as a vfio-user server. It serves one VMM and exits when that VMM
 //! disconnects. Its threads run under seccomp filters (`--seccomp`, default on).
 //! `--dirty-log off` makes it a device without dirty tracking, `empty` one that claims to
 //! track and reports nothing (both for tests of what the VMM does with such devices);
 //! `--flood-page-requests` one that asks for unmapped pages without end once the VMM turns
 //! page requests on (for the throttling test); `--ignore-permissions` one that writes where its
-//! mappings are read-only (for the isolation test of `dma=messages`).
+//! mappings are read-only (for the isolation test of `dma=messages`); `--no-migration` one
+//! that offers no migration.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,7 +16,8 @@ use devices::seccomp::Mode;
 use devices::testdev::{Behaviour, DirtyLogMode};
 
 const USAGE: &str = "usage: dma-test-device --socket PATH [--dirty-log on|off|empty] \
-                     [--flood-page-requests] [--ignore-permissions] [--seccomp on|log|off]";
+                     [--flood-page-requests] [--ignore-permissions] [--no-migration] \
+                     [--seccomp on|log|off]";
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
@@ -24,10 +26,12 @@ fn main() -> ExitCode {
     let mut seccomp = Mode::On;
     let mut flood = false;
     let mut ignore_permissions = false;
+    let mut no_migration = false;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--flood-page-requests" => flood = true,
             "--ignore-permissions" => ignore_permissions = true,
+            "--no-migration" => no_migration = true,
             "--socket" => socket = args.next().map(PathBuf::from),
             "--dirty-log" => match value(&a, args.next()) {
                 Ok(m) => dirty_log = m,
@@ -56,6 +60,7 @@ fn main() -> ExitCode {
         dirty_log,
         flood_page_requests: flood,
         ignore_permissions,
+        no_migration,
     };
     match devices::testdev::serve(&socket, how) {
         Ok(()) => ExitCode::SUCCESS,

@@ -33,6 +33,7 @@ fn config_space() -> [u8; 256] {
 
 struct Backend {
     dev: TestDevice,
+    no_migration: bool,
     /// BAR 2's memory, and the accesses to it that came as messages.
     bar2: File,
     bar2_messages: u64,
@@ -214,7 +215,7 @@ impl ServerBackend for Backend {
     }
 
     fn migration_flags(&self) -> Option<u64> {
-        Some(u64::from(VFIO_MIGRATION_STOP_COPY))
+        (!self.no_migration).then_some(u64::from(VFIO_MIGRATION_STOP_COPY))
     }
 
     fn mig_state(&mut self) -> Result<u32, io::Error> {
@@ -308,6 +309,8 @@ pub struct Behaviour {
     /// It writes where its mappings are read-only (a hostile device: only the VMM's checks,
     /// under `dma=messages`, stop it).
     pub ignore_permissions: bool,
+    /// It offers no migration (`VFIO_DEVICE_FEATURE_MIGRATION` refused).
+    pub no_migration: bool,
 }
 
 /// BAR 2's memory: a memfd of [`BAR2_SIZE`] bytes with [`BAR2_MAGIC`] at 0.
@@ -334,6 +337,7 @@ pub fn serve(path: &Path, how: Behaviour) -> Result<(), vfio_user::Error> {
         dirty_log,
         flood_page_requests: flood,
         ignore_permissions,
+        no_migration,
     } = how;
     let mut regions: Vec<ServerRegion> = (0..13u32).map(|i| region(i, 0)).collect();
     regions[0] = region(0, BAR0_SIZE);
@@ -377,6 +381,7 @@ pub fn serve(path: &Path, how: Behaviour) -> Result<(), vfio_user::Error> {
     let server = Server::new(path, true, irqs, regions)?.with_capabilities(caps);
     let mut backend = Backend {
         dev: TestDevice::new(),
+        no_migration,
         bar2,
         bar2_messages: 0,
         doorbell_messages: 0,
