@@ -239,6 +239,21 @@ impl Drop for DeviceProcess {
     }
 }
 
+/// Whether the long stress runs are asked for (`tests/stress.sh` sets `VMM_STRESS=1`).
+pub fn stress() -> bool {
+    std::env::var_os("VMM_STRESS").is_some_and(|v| v != "0")
+}
+
+/// `short` in the test command, `full` under `tests/stress.sh`: the number of cycles, samples
+/// or frames of a long guest run. The same cases run either way; only their length changes.
+pub fn scale(short: u32, full: u32) -> u32 {
+    if stress() {
+        full
+    } else {
+        short
+    }
+}
+
 /// The value of `key=` in the `counters:` line of `device`.
 pub fn counter(run: &Run, device: &str, key: &str) -> u64 {
     let line = run

@@ -2,7 +2,8 @@
 //! (dpdk-testpmd, device IOTLB on, frames looped back with their MACs swapped): the guest's
 //! `vmm_nettest` suite sends frames of 60 to 1514 bytes (some as chains of descriptors) and
 //! checks every byte that comes back; behind the virtio-iommu with lazy and strict
-//! invalidation (10,000 frames each) and without it. Then testpmd is killed mid-traffic: the
+//! invalidation (2,000 frames each in the test command, 10,000 under `tests/stress.sh`) and
+//! without it. Then testpmd is killed mid-traffic: the
 //! VMM and the DMA test device behind the same vIOMMU keep running, and with `reconnect=`
 //! traffic resumes once testpmd is back.
 //!
@@ -15,7 +16,7 @@ use std::time::Duration;
 
 use vmm_tests::{
     api, check_suites, console_text as console, console_value, counter, guest_kernel, run_vmm,
-    scratch, DeviceProcess, Run, Testpmd, VmmProcess,
+    scale, scratch, DeviceProcess, Run, Testpmd, VmmProcess,
 };
 
 const DEADLINE: Duration = Duration::from_secs(1800);
@@ -60,15 +61,24 @@ fn net_args(mode: Mode, net: &str, frames: u32, extra_cmdline: &str) -> Vec<Stri
     args
 }
 
+/// Frames each run loops through testpmd.
+fn frames_of(mode: Mode) -> u32 {
+    if mode == Mode::NoIommu {
+        scale(1_000, 3_000)
+    } else {
+        scale(2_000, 10_000)
+    }
+}
+
 #[test]
 fn frames_checked_byte_for_byte_lazy_strict_and_without_the_viommu() {
     let _one = TESTPMD.lock().unwrap_or_else(|e| e.into_inner());
     let pmd = Testpmd::start("linux-net", 3);
     let runs: Vec<(Mode, Run)> = std::thread::scope(|s| {
         let handles: Vec<_> = [
-            (Mode::Lazy, 10_000),
-            (Mode::Strict, 10_000),
-            (Mode::NoIommu, 3_000),
+            (Mode::Lazy, frames_of(Mode::Lazy)),
+            (Mode::Strict, frames_of(Mode::Strict)),
+            (Mode::NoIommu, frames_of(Mode::NoIommu)),
         ]
         .into_iter()
         .enumerate()
@@ -102,11 +112,7 @@ fn frames_checked_byte_for_byte_lazy_strict_and_without_the_viommu() {
                 .join("\n")
         );
         check_suites(&name, run, &["vmm_nettest"]);
-        let frames = if *mode == Mode::NoIommu {
-            3_000
-        } else {
-            10_000
-        };
+        let frames = u64::from(frames_of(*mode));
         let received = console_value(run, "# net: sent=", "received");
         assert!(received >= frames, "{name}: {received} frames back");
         assert_eq!(console_value(run, "# net: sent=", "corrupt"), 0, "{name}");
