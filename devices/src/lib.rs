@@ -5,6 +5,7 @@ pub mod bus;
 pub mod exit;
 pub mod interrupt;
 pub mod legacy;
+pub mod memfd;
 pub mod passthrough;
 pub mod pci;
 pub mod seccomp;

@@ -1,9 +1,7 @@
 //! Guest RAM: one memfd holding every RAM range back to back, mapped shared so that a device
 //! process (vfio-user) can map the same pages from the file descriptor.
 
-use std::ffi::CString;
 use std::fs::File;
-use std::os::fd::FromRawFd;
 use std::sync::Arc;
 
 use devices::GuestMemoryMmap;
@@ -60,24 +58,16 @@ impl GuestRam {
                 return Err(VmmError::MemoryTooLarge { size, host });
             }
         }
-        let mut flags = libc::MFD_CLOEXEC;
         if hugepages {
             let need = size.div_ceil(HUGEPAGE_SIZE);
             let free = free_hugepages();
             if free < need {
                 return Err(VmmError::HugePages { need, free });
             }
-            flags |= libc::MFD_HUGETLB | libc::MFD_HUGE_2MB;
         }
-        let name = CString::new("guest-ram").unwrap_or_default();
-        // SAFETY: `name` is a valid NUL-terminated string; the return value is checked.
-        let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
-        if fd < 0 {
-            return Err(VmmError::GuestMemory(std::io::Error::last_os_error()));
-        }
-        // SAFETY: `fd` was just returned by memfd_create and is owned by nothing else.
-        let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(size).map_err(VmmError::GuestMemory)?;
+        // Sealed: a device process holding the descriptor cannot truncate RAM under us.
+        let file =
+            devices::memfd::sealed("guest-ram", size, hugepages).map_err(VmmError::GuestMemory)?;
         let memfd = Arc::new(file);
         let mut offset = 0u64;
         let mut ranges = Vec::new();
@@ -121,6 +111,17 @@ mod tests {
 
     /// `hugepages=on` on a host without enough free hugetlb pages is refused with the count
     /// and where to look; without it the same RAM is made.
+    #[test]
+    fn guest_ram_cannot_be_resized_by_a_peer_holding_its_descriptor() {
+        let ram = GuestRam::new(16 << 20, false).unwrap();
+        // What a device process given the descriptor could try: refused, RAM intact.
+        for len in [0, 8 << 20, 32 << 20] {
+            let e = ram.memfd.set_len(len).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EPERM), "set_len({len})");
+        }
+        assert_eq!(ram.memfd.metadata().unwrap().len(), 16 << 20);
+    }
+
     #[test]
     fn hugepages_need_free_hugetlb_pages() {
         let size = 64 << 20;

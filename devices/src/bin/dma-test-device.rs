@@ -1,5 +1,5 @@
 //! `dma-test-device --socket PATH [--dirty-log on|off|empty] [--flood-page-requests]
-//! [--ignore-permissions] [--no-migration] [--seccomp on|log|off]`: the
+//! [--ignore-permissions] [--no-migration] [--truncate-ram] [--seccomp on|log|off]`: the
 //! project's DMA test device as a vfio-user server. It serves one VMM and exits when that VMM
 //! disconnects. Its threads run under seccomp filters (`--seccomp`, default on).
 //! `--dirty-log off` makes it a device without dirty tracking, `empty` one that claims to
@@ -7,7 +7,8 @@
 //! `--flood-page-requests` one that asks for unmapped pages without end once the VMM turns
 //! page requests on (for the throttling test); `--ignore-permissions` one that writes where its
 //! mappings are read-only (for the isolation test of `dma=messages`); `--no-migration` one
-//! that offers no migration.
+//! that offers no migration; `--truncate-ram` one that tries to shrink the guest-RAM file it
+//! is given.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,7 +18,7 @@ use devices::testdev::{Behaviour, DirtyLogMode};
 
 const USAGE: &str = "usage: dma-test-device --socket PATH [--dirty-log on|off|empty] \
                      [--flood-page-requests] [--ignore-permissions] [--no-migration] \
-                     [--seccomp on|log|off]";
+                     [--truncate-ram] [--seccomp on|log|off]";
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
@@ -27,11 +28,13 @@ fn main() -> ExitCode {
     let mut flood = false;
     let mut ignore_permissions = false;
     let mut no_migration = false;
+    let mut truncate_ram = false;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--flood-page-requests" => flood = true,
             "--ignore-permissions" => ignore_permissions = true,
             "--no-migration" => no_migration = true,
+            "--truncate-ram" => truncate_ram = true,
             "--socket" => socket = args.next().map(PathBuf::from),
             "--dirty-log" => match value(&a, args.next()) {
                 Ok(m) => dirty_log = m,
@@ -61,6 +64,7 @@ fn main() -> ExitCode {
         flood_page_requests: flood,
         ignore_permissions,
         no_migration,
+        truncate_ram,
     };
     match devices::testdev::serve(&socket, how) {
         Ok(()) => ExitCode::SUCCESS,

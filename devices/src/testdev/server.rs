@@ -34,6 +34,7 @@ fn config_space() -> [u8; 256] {
 struct Backend {
     dev: TestDevice,
     no_migration: bool,
+    truncate_ram: bool,
     /// BAR 2's memory, and the accesses to it that came as messages.
     bar2: File,
     bar2_messages: u64,
@@ -152,6 +153,13 @@ impl ServerBackend for Backend {
         size: u64,
         fd: Option<File>,
     ) -> Result<(), io::Error> {
+        if let (true, Some(f)) = (self.truncate_ram, fd.as_ref()) {
+            let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+            match f.set_len(size / 2) {
+                Ok(()) => log::warn!("dma-test-device: truncated the guest RAM file to half"),
+                Err(e) => log::warn!("dma-test-device: truncating the guest RAM file: {e}"),
+            }
+        }
         // Without a file descriptor the mapping is reached by DMA_READ/DMA_WRITE messages.
         self.dev.dma().map(
             address,
@@ -311,6 +319,9 @@ pub struct Behaviour {
     pub ignore_permissions: bool,
     /// It offers no migration (`VFIO_DEVICE_FEATURE_MIGRATION` refused).
     pub no_migration: bool,
+    /// It tries to truncate the guest-RAM file it is given (a hostile peer: the VMM seals the
+    /// file's size, so the attempt fails and the device goes on).
+    pub truncate_ram: bool,
 }
 
 /// BAR 2's memory: a memfd of [`BAR2_SIZE`] bytes with [`BAR2_MAGIC`] at 0.
@@ -338,6 +349,7 @@ pub fn serve(path: &Path, how: Behaviour) -> Result<(), vfio_user::Error> {
         flood_page_requests: flood,
         ignore_permissions,
         no_migration,
+        truncate_ram,
     } = how;
     let mut regions: Vec<ServerRegion> = (0..13u32).map(|i| region(i, 0)).collect();
     regions[0] = region(0, BAR0_SIZE);
@@ -382,6 +394,7 @@ pub fn serve(path: &Path, how: Behaviour) -> Result<(), vfio_user::Error> {
     let mut backend = Backend {
         dev: TestDevice::new(),
         no_migration,
+        truncate_ram,
         bar2,
         bar2_messages: 0,
         doorbell_messages: 0,

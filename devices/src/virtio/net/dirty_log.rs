@@ -6,7 +6,7 @@
 //! takes them with atomic swaps, so no bit set between two harvests is lost.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -39,14 +39,8 @@ impl DirtyLog {
         let words = gpa_end.div_ceil(LOG_PAGE).div_ceil(64).max(1);
         let bytes = words * 8;
         let words = usize::try_from(words).map_err(|_| std::io::Error::other("log too large"))?;
-        // SAFETY: a constant NUL-terminated name; the result is checked.
-        let fd = unsafe { libc::memfd_create(c"vhost-user-log".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: a fresh descriptor owned by nothing else.
-        let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(bytes)?;
+        // Sealed: the back end holding the descriptor cannot truncate the log under us.
+        let file = crate::memfd::sealed("vhost-user-log", bytes, false)?;
         // SAFETY: a new shared mapping of the whole file, checked below; no other mapping or
         // Rust reference aliases it.
         let p = unsafe {
