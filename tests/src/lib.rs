@@ -239,6 +239,38 @@ impl Drop for DeviceProcess {
     }
 }
 
+/// The arguments of a `vmm` running the bare-metal test guest (128 MiB, counters on) with one
+/// DMA test device at `vfio` (a whole `--vfio-user` value), behind the vIOMMU with `iommu`,
+/// its cases `tests` (all the default ones when `None`).
+pub fn test_guest_args(vfio: &str, iommu: bool, tests: Option<&str>) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--kernel",
+        &bin("test-guest").display().to_string(),
+        "--memory",
+        "128M",
+        "--counters",
+        "--vfio-user",
+        vfio,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if let Some(t) = tests {
+        args.extend(["--cmdline".to_string(), format!("tests={t}")]);
+    }
+    if iommu {
+        args.push("--iommu".into());
+    }
+    args
+}
+
+/// Runs [`test_guest_args`] to its end.
+pub fn run_test_guest(vfio: &str, iommu: bool, tests: Option<&str>, deadline: Duration) -> Run {
+    let args = test_guest_args(vfio, iommu, tests);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_vmm(&args, deadline)
+}
+
 /// Whether the long stress runs are asked for (`tests/stress.sh` sets `VMM_STRESS=1`).
 pub fn stress() -> bool {
     std::env::var_os("VMM_STRESS").is_some_and(|v| v != "0")

@@ -8,26 +8,12 @@
 
 use std::time::Duration;
 
-use vmm_tests::{bin, run_vmm, tap, DeviceProcess, Run};
+use vmm_tests::{run_test_guest, tap, DeviceProcess, Run};
 
 fn run(mmap: bool) -> Run {
     let dev = DeviceProcess::start();
-    let g = bin("test-guest").display().to_string();
     let vfio = format!("{}{}", dev.arg(true), if mmap { "" } else { ",mmap=off" });
-    let run = run_vmm(
-        &[
-            "--kernel",
-            &g,
-            "--memory",
-            "128M",
-            "--iommu",
-            "--vfio-user",
-            &vfio,
-            "--cmdline",
-            "tests=bar_latency",
-        ],
-        Duration::from_secs(120),
-    );
+    let run = run_test_guest(&vfio, true, Some("bar_latency"), Duration::from_secs(120));
     let (ok, bad, failing) = tap(&run.console);
     assert_eq!(
         (ok, bad),

@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use vmm_tests::{bin, counter, tap, DeviceProcess, Run, VmmProcess};
+use vmm_tests::{counter, tap, test_guest_args, DeviceProcess, Run, VmmProcess};
 
 const DEADLINE: Duration = Duration::from_secs(300);
 
@@ -30,21 +30,8 @@ fn holds_guest_ram(pid: u32) -> bool {
 /// device at `vfio`, watching the device process while it runs. Returns the run and whether
 /// the device process was ever seen holding guest RAM.
 fn run_watching(dev: &mut DeviceProcess, vfio: &str, tests: Option<&str>) -> (Run, bool) {
-    let g = bin("test-guest").display().to_string();
-    let cmdline = tests.map(|t| format!("tests={t}")).unwrap_or_default();
-    let mut args = vec![
-        "--kernel",
-        &g,
-        "--memory",
-        "128M",
-        "--counters",
-        "--iommu",
-        "--vfio-user",
-        vfio,
-    ];
-    if !cmdline.is_empty() {
-        args.extend(["--cmdline", &cmdline]);
-    }
+    let args = test_guest_args(vfio, true, tests);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let vmm = VmmProcess::start(&args);
     let pid = dev.child.id();
     let start = Instant::now();

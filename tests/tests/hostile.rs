@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use vmm_tests::{bin, run_vmm, tap, DeviceProcess};
+use vmm_tests::{run_test_guest, tap, DeviceProcess};
 
 /// A device server that truncates the guest-RAM file it was given (the VMM maps that file:
 /// a truncated one kills the VMM with SIGBUS at its next access). The file's size is sealed:
@@ -12,20 +12,10 @@ use vmm_tests::{bin, run_vmm, tap, DeviceProcess};
 fn hostile_a_device_server_truncating_guest_ram_changes_nothing() {
     // Its own seccomp filter would stop it first: this device does not filter itself.
     let dev = DeviceProcess::start_with(&["--truncate-ram", "--seccomp", "off"]);
-    let g = bin("test-guest").display().to_string();
-    let vfio = dev.arg(true);
-    let run = run_vmm(
-        &[
-            "--kernel",
-            &g,
-            "--memory",
-            "128M",
-            "--iommu",
-            "--vfio-user",
-            &vfio,
-            "--cmdline",
-            "tests=copy,fill,compare",
-        ],
+    let run = run_test_guest(
+        &dev.arg(true),
+        true,
+        Some("copy,fill,compare"),
         Duration::from_secs(120),
     );
     let (ok, bad, failing) = tap(&run.console);

@@ -591,6 +591,27 @@ fn snapshot_then_restore_resumes_with_the_iommu_state() {
     let _ = std::fs::remove_dir_all(bad);
 }
 
+/// Starts a source (guest cases `params`) and a destination with `dst_memory`, migrates with
+/// verify and expects a refusal: returns its error, the source (still running), the
+/// destination and the source's API socket.
+fn refused_migration(
+    dev_a: &DeviceProcess,
+    dev_b: &DeviceProcess,
+    dst_memory: &str,
+    params: &str,
+) -> (String, VmmProcess, VmmProcess, std::path::PathBuf) {
+    let (api_sock, mig_sock) = (scratch("api.sock"), scratch("mig.sock"));
+    let to = format!("unix:{}", mig_sock.display());
+    let dst = destination(dev_b, dst_memory, &["--incoming", &to]);
+    let mut src = source(dev_a, &api_sock, params);
+    wait_for(&mig_sock);
+    src.wait_console("# migrate-ready", DEADLINE);
+    let r = migrate(&api_sock, &mig_sock, VERIFY);
+    assert_eq!(r["ok"], false, "{r}");
+    let err = r["error"].as_str().unwrap_or_default().to_string();
+    (err, src, dst, api_sock)
+}
+
 /// A device server without `VFIO_DEVICE_FEATURE_MIGRATION` is refused before anything is
 /// sent, by name, and the guest runs on.
 #[test]
@@ -599,15 +620,7 @@ fn a_device_without_migration_is_refused_by_name() {
         DeviceProcess::start_with(&["--no-migration"]),
         DeviceProcess::start(),
     );
-    let (api_sock, mig_sock) = (scratch("api.sock"), scratch("mig.sock"));
-    let to = format!("unix:{}", mig_sock.display());
-    let _dst = destination(&dev_b, MEMORY, &["--incoming", &to]);
-    let mut src = source(&dev_a, &api_sock, "iters=100000");
-    wait_for(&mig_sock);
-    src.wait_console("# migrate-ready", DEADLINE);
-    let r = migrate(&api_sock, &mig_sock, VERIFY);
-    assert_eq!(r["ok"], false, "{r}");
-    let err = r["error"].as_str().unwrap();
+    let (err, src, _dst, api_sock) = refused_migration(&dev_a, &dev_b, MEMORY, "iters=100000");
     assert!(
         err.contains(&format!("vfio-user device {}", dev_a.socket.display()))
             && err.contains("cannot be migrated"),
@@ -619,16 +632,8 @@ fn a_device_without_migration_is_refused_by_name() {
 #[test]
 fn a_refused_migration_leaves_the_guest_running() {
     let (dev_a, dev_b) = (DeviceProcess::start(), DeviceProcess::start());
-    let (api_sock, mig_sock) = (scratch("api.sock"), scratch("mig.sock"));
-    let to = format!("unix:{}", mig_sock.display());
     // The destination has less memory: it refuses the stream's configuration.
-    let dst = destination(&dev_b, "128M", &["--incoming", &to]);
-    let mut src = source(&dev_a, &api_sock, "iters=200");
-    wait_for(&mig_sock);
-    src.wait_console("# migrate-ready", DEADLINE);
-    let r = migrate(&api_sock, &mig_sock, VERIFY);
-    assert_eq!(r["ok"], false, "{r}");
-    let err = r["error"].as_str().unwrap();
+    let (err, src, dst, _) = refused_migration(&dev_a, &dev_b, "128M", "iters=200");
     assert!(
         err.contains("the guest has 256 MiB of RAM, this VM 128 MiB"),
         "{err}"

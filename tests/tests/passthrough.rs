@@ -19,24 +19,7 @@ fn run_guest(dev: &DeviceProcess, iommu: bool, tests: Option<&str>) -> vmm_tests
 
 /// [`run_guest`] with the whole `--vfio-user` argument given.
 fn run_guest_with(vfio: &str, iommu: bool, tests: Option<&str>) -> vmm_tests::Run {
-    let g = guest();
-    let cmdline = tests.map(|t| format!("tests={t}")).unwrap_or_default();
-    let mut args = vec![
-        "--kernel",
-        &g,
-        "--memory",
-        "128M",
-        "--counters",
-        "--vfio-user",
-        vfio,
-    ];
-    if !cmdline.is_empty() {
-        args.extend(["--cmdline", &cmdline]);
-    }
-    if iommu {
-        args.push("--iommu");
-    }
-    run_vmm(&args, DEADLINE)
+    vmm_tests::run_test_guest(vfio, iommu, tests, DEADLINE)
 }
 
 #[test]

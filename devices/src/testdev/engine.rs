@@ -784,6 +784,20 @@ mod tests {
     use super::super::dma::tests::memfile;
     use super::*;
 
+    /// Maps `[iova, iova + size)` read-write to `offset` of `mem`.
+    fn map_rw(d: &TestDevice, mem: &std::fs::File, iova: u64, size: u64, offset: u64) {
+        d.dma()
+            .map(
+                iova,
+                size,
+                Some(mem.try_clone().unwrap()),
+                offset,
+                true,
+                true,
+            )
+            .unwrap();
+    }
+
     fn w64(d: &TestDevice, reg: u64, v: u64) {
         d.bar_write(reg, &v.to_le_bytes());
     }
@@ -798,16 +812,7 @@ mod tests {
     fn a_stopped_transfer_moves_to_another_device_and_finishes_there() {
         let mut mem = memfile(64 << 10);
         let a = TestDevice::new();
-        a.dma()
-            .map(
-                0x10000,
-                64 << 10,
-                Some(mem.try_clone().unwrap()),
-                0,
-                true,
-                true,
-            )
-            .unwrap();
+        map_rw(&a, &mem, 0x10000, 64 << 10, 0);
         // A 16-page fill with 20 ms per page: stop it in the middle.
         w64(&a, regs::DST, 0x10000);
         w64(&a, regs::LEN, 64 << 10);
@@ -849,16 +854,7 @@ mod tests {
         assert!(before[at..].iter().all(|&x| x == 0), "written after STOP");
 
         let b = TestDevice::new();
-        b.dma()
-            .map(
-                0x10000,
-                64 << 10,
-                Some(mem.try_clone().unwrap()),
-                0,
-                true,
-                true,
-            )
-            .unwrap();
+        map_rw(&b, &mem, 0x10000, 64 << 10, 0);
         assert_eq!(
             b.set_migration_state(mig::STOP_COPY),
             Err(MigrationError::Arc {
@@ -935,16 +931,7 @@ mod tests {
     fn page_requests_stall_the_transfer_until_answered() {
         let mut mem = memfile(64 << 10);
         let d = TestDevice::new();
-        d.dma()
-            .map(
-                0x10000,
-                16 << 10,
-                Some(mem.try_clone().unwrap()),
-                0,
-                true,
-                true,
-            )
-            .unwrap();
+        map_rw(&d, &mem, 0x10000, 16 << 10, 0);
         d.prq_write(0, 1);
         assert_eq!(prq(&d, 0) as u32, 1);
         // Copy 8 KiB from the mapped page to 0x40000, not mapped.
@@ -960,16 +947,7 @@ mod tests {
         d.prq_write(0x18, u64::from(id + 1) | (u64::from(PRQ_RETRY) << 32));
         assert_eq!(prq(&d, 4) as u32, 1);
         // The "VMM" maps the destination (file offset 32 KiB) and answers retry.
-        d.dma()
-            .map(
-                0x40000,
-                8 << 10,
-                Some(mem.try_clone().unwrap()),
-                32 << 10,
-                true,
-                true,
-            )
-            .unwrap();
+        map_rw(&d, &mem, 0x40000, 8 << 10, 32 << 10);
         d.prq_write(0x18, u64::from(id) | (u64::from(PRQ_RETRY) << 32));
         assert_eq!(wait_status(&d), STATUS_DONE);
         let mut copied = vec![0u8; 8 << 10];
