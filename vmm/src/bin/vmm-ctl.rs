@@ -64,6 +64,10 @@ enum Cmd {
         /// Milliseconds each side waits for the other during the hand-over.
         #[arg(long, value_name = "MS")]
         timeout_ms: Option<u64>,
+        /// Most bytes per second the pre-copy rounds send (the stop-and-copy phase is not
+        /// limited).
+        #[arg(long, value_name = "BYTES")]
+        max_bandwidth: Option<u64>,
         /// Unsafe: do not harvest passthrough devices' dirty pages.
         #[arg(long)]
         no_device_dirty_tracking: bool,
@@ -100,6 +104,7 @@ fn request(cmd: &Cmd) -> Value {
             max_rounds,
             max_dirty_pages,
             timeout_ms,
+            max_bandwidth,
             no_device_dirty_tracking,
         } => {
             let mut v = json!({"cmd": "migrate", "to": to, "verify": verify});
@@ -111,6 +116,9 @@ fn request(cmd: &Cmd) -> Value {
             }
             if let Some(n) = timeout_ms {
                 v["timeout_ms"] = json!(n);
+            }
+            if let Some(n) = max_bandwidth {
+                v["max_bandwidth"] = json!(n);
             }
             if *no_device_dirty_tracking {
                 v["device_dirty_tracking"] = json!(false);

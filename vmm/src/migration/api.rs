@@ -14,7 +14,8 @@
 //!
 //! `migrate` also takes `max_rounds` (30), `max_dirty_pages` (256), `verify` (false: compare
 //! every RAM page of both sides before the guest runs again), `timeout_ms` (30000: how long
-//! each side waits for the other during the hand-over) and `device_dirty_tracking` (true;
+//! each side waits for the other during the hand-over), `max_bandwidth` (0: no limit; bytes
+//! per second of the pre-copy rounds, QEMU's `max-bandwidth`) and `device_dirty_tracking` (true;
 //! false is unsafe and only shows that device writes would be lost). Errors answer
 //! `{"ok":false,"error":"..."}` and change nothing.
 //!

@@ -28,6 +28,9 @@ pub struct MigrateOptions {
     pub verify: bool,
     /// Milliseconds each side waits for the other during the hand-over.
     pub timeout_ms: u64,
+    /// Most bytes per second the pre-copy rounds send (0: no limit). Like QEMU's
+    /// `max-bandwidth`, it leaves the stop-and-copy phase alone: the guest is paused then.
+    pub max_bandwidth: u64,
 }
 
 impl Default for MigrateOptions {
@@ -39,6 +42,7 @@ impl Default for MigrateOptions {
             device_dirty_tracking: true,
             verify: false,
             timeout_ms: 30_000,
+            max_bandwidth: 0,
         }
     }
 }
@@ -88,11 +92,47 @@ pub struct MigrationReport {
     pub device_dirty_reads: u64,
 }
 
-/// Sends every page of `pages` (or all RAM when `None`); returns the count.
+/// Paces a sender to `bytes_per_s` (0: no limit).
+struct Pace {
+    bytes_per_s: u64,
+    start: Instant,
+    bytes: u64,
+}
+
+impl Pace {
+    fn new(bytes_per_s: u64) -> Pace {
+        Pace {
+            bytes_per_s,
+            start: Instant::now(),
+            bytes: 0,
+        }
+    }
+
+    /// Counts `n` more bytes sent; sleeps while the sender is ahead of the limit.
+    fn sent(&mut self, n: u64) {
+        self.bytes += n;
+        if let Some(wait) = ahead_by(self.bytes, self.bytes_per_s, self.start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
+/// How far ahead of `bytes_per_s` a sender is that sent `bytes` in `elapsed` (`None`: not
+/// ahead, or no limit).
+fn ahead_by(bytes: u64, bytes_per_s: u64, elapsed: Duration) -> Option<Duration> {
+    if bytes_per_s == 0 {
+        return None;
+    }
+    let due = Duration::from_secs_f64(bytes as f64 / bytes_per_s as f64);
+    due.checked_sub(elapsed).filter(|d| !d.is_zero())
+}
+
+/// Sends every page of `pages` (or all RAM when `None`) at most at `pace`; returns the count.
 fn send_pages<W: Write>(
     m: &Machine,
     w: &mut StreamWriter<W>,
     pages: Option<&DirtyBitmap>,
+    pace: &mut Pace,
 ) -> Result<u64, MigrationError> {
     let mut runs = Vec::new();
     match pages {
@@ -111,6 +151,7 @@ fn send_pages<W: Write>(
                 .read_slice(chunk, GuestAddress(gpa + off))
                 .map_err(|e| state_err(format!("reading guest RAM at {:#x}: {e}", gpa + off)))?;
             w.record(Kind::Ram, &[&(gpa + off).to_le_bytes(), chunk])?;
+            pace.sent(n);
             sent += n / 4096;
             m.progress
                 .pages_sent
@@ -471,7 +512,8 @@ fn precopy_and_stop<W: Write>(
         round_pages: round0,
         ..Default::default()
     }));
-    let pages = send_pages(m, w, None).map_err(|e| (e, false))?;
+    let mut pace = Pace::new(opts.max_bandwidth);
+    let pages = send_pages(m, w, None, &mut pace).map_err(|e| (e, false))?;
     let mut dirty = DirtyBitmap::new(ram);
     let h = Instant::now();
     let sources = m.harvest(&mut dirty).map_err(|e| (e, false))?;
@@ -501,7 +543,7 @@ fn precopy_and_stop<W: Write>(
             p.round_start = start_at;
             p.round_pages = n;
         });
-        let pages = send_pages(m, w, Some(&dirty)).map_err(|e| (e, false))?;
+        let pages = send_pages(m, w, Some(&dirty), &mut pace).map_err(|e| (e, false))?;
         dirty.clear();
         let h = Instant::now();
         let sources = m.harvest(&mut dirty).map_err(|e| (e, false))?;
@@ -538,7 +580,7 @@ fn precopy_and_stop<W: Write>(
         report.dirty_by_source.add(sources);
         report.final_by_source = sources;
         report.device_dirty_reads = m.device_dirty_reads() - reads_before;
-        let pages = send_pages(m, w, Some(&dirty))?;
+        let pages = send_pages(m, w, Some(&dirty), &mut Pace::new(0))?;
         report.final_pages = pages;
         report.pages += pages;
         send_final_state(m, w)?;
@@ -612,7 +654,7 @@ pub fn snapshot(
         })?;
         let mut w = StreamWriter::new(std::io::BufWriter::with_capacity(1 << 20, f))?;
         w.json(Kind::Config, &m.config)?;
-        let pages = send_pages(m, &mut w, None)?;
+        let pages = send_pages(m, &mut w, None, &mut Pace::new(0))?;
         if verify {
             // The restore compares its RAM with these.
             w.json(
@@ -649,4 +691,33 @@ pub fn snapshot(
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pace_holds_a_sender_to_its_bytes_per_second() {
+        let s = Duration::from_secs;
+        // No limit: never ahead.
+        assert_eq!(ahead_by(1 << 30, 0, s(0)), None);
+        // 64 MiB at 32 MiB/s are due after 2 s.
+        assert_eq!(ahead_by(64 << 20, 32 << 20, s(0)), Some(s(2)));
+        assert_eq!(
+            ahead_by(64 << 20, 32 << 20, Duration::from_millis(500)),
+            Some(Duration::from_millis(1500))
+        );
+        // On time or late: no wait.
+        assert_eq!(ahead_by(64 << 20, 32 << 20, s(2)), None);
+        assert_eq!(ahead_by(64 << 20, 32 << 20, s(3)), None);
+    }
+
+    #[test]
+    fn max_bandwidth_is_a_migrate_argument_and_defaults_to_no_limit() {
+        let o: MigrateOptions =
+            serde_json::from_str(r#"{"to":"unix:/x","max_bandwidth":1048576}"#).unwrap();
+        assert_eq!(o.max_bandwidth, 1 << 20);
+        assert_eq!(MigrateOptions::default().max_bandwidth, 0);
+    }
 }
