@@ -328,7 +328,7 @@ impl PciDevice for PassthroughPci {
             bars.iter()
                 .find(|&&(i, addr, _)| i == bar && addr != 0)
                 .filter(|_| on)
-                .map(|&(_, addr, _)| addr + offset)
+                .and_then(|&(_, addr, _)| addr.checked_add(offset))
         };
         for e in &mut self.events {
             let want = at(e.bar, e.offset);

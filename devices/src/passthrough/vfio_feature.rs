@@ -180,7 +180,8 @@ pub fn logging_stop(call: &mut impl FnMut(&mut [u8]) -> io::Result<()>) -> io::R
 /// (reading clears), ORed into `bitmap` (bit `i` = the page at `iova + i * page_size`).
 ///
 /// # Errors
-/// The ioctl's failure; a bitmap too small is `EINVAL` before any call.
+/// The ioctl's failure; a bitmap too small or a `page_size` of 0 is `EINVAL` before any
+/// call.
 pub fn logging_report(
     call: &mut impl FnMut(&mut [u8]) -> io::Result<()>,
     iova: u64,
@@ -188,6 +189,9 @@ pub fn logging_report(
     page_size: u64,
     bitmap: &mut [u64],
 ) -> io::Result<()> {
+    if page_size == 0 {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
     let words = length.div_ceil(page_size).div_ceil(64) as usize;
     if bitmap.len() < words {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));

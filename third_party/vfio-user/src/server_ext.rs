@@ -357,14 +357,8 @@ pub(crate) struct Channel {
 impl Channel {
     /// Writes one whole message (and its file descriptors).
     pub fn send(&self, bytes: &[u8], fds: &[std::os::fd::RawFd]) -> Result<(), Error> {
-        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
-        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        if fds.is_empty() {
-            w.write_all(bytes).map_err(Error::StreamWrite)
-        } else {
-            let sent = w.send_with_fds(&[bytes], fds).map_err(Error::SendWithFd)?;
-            w.write_all(&bytes[sent..]).map_err(Error::StreamWrite)
-        }
+        let w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        send_raw(&w, bytes, fds)
     }
 
     /// Hands a reply from the client to the thread that waits for it.

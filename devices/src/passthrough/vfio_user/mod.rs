@@ -1,6 +1,10 @@
 //! A vfio-user client (the protocol of QEMU's `docs/interop/vfio-user.rst`, version 0.1): a
-//! passthrough device served by another process over a UNIX socket, guest memory shared by
-//! file descriptor.
+//! passthrough device served by another process over a UNIX socket. Guest memory is shared
+//! by file descriptor (`DMA_MAP` with an fd) or, with `dma=messages`, not at all: the server
+//! reads and writes it with `DMA_READ`/`DMA_WRITE`, which this client answers between its
+//! own calls. Migration and dirty logging are `DEVICE_FEATURE` (migration v2, DMA logging)
+//! and `MIG_DATA_READ`/`MIG_DATA_WRITE`; BAR areas the server offers for mmap (sparse mmap)
+//! and its region I/O fds (`GET_REGION_IO_FDS`, as ioeventfds) are used when offered.
 //!
 //! The `vfio_user` crate's own client always maps DMA read-write, ignores error replies to
 //! DMA_MAP and DMA_UNMAP, and trusts the sizes a server sends; this one passes the mapping's
