@@ -526,6 +526,11 @@ fn snapshot_then_restore_resumes_with_the_iommu_state() {
     let dir = scratch("snapshot");
     let mut src = source(&dev_a, &api_sock, UNTIL_MIGRATED);
     src.wait_console("# migrate-ready", DEADLINE);
+    // A link planted at the snapshot's partial file is not followed.
+    std::fs::create_dir_all(&dir).unwrap();
+    let victim = scratch("victim");
+    std::fs::write(&victim, b"not a snapshot").unwrap();
+    std::os::unix::fs::symlink(&victim, dir.join("snapshot.vmm.partial")).unwrap();
     let snap = api(
         &api_sock,
         &format!(
@@ -535,6 +540,13 @@ fn snapshot_then_restore_resumes_with_the_iommu_state() {
     );
     eprintln!("snapshot: {snap}");
     assert_eq!(snap["ok"], true, "{snap}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"not a snapshot");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(dir.join("snapshot.vmm"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "snapshot mode {mode:o}");
     // The source goes on after the snapshot; then it is stopped.
     assert_eq!(api(&api_sock, r#"{"cmd":"status"}"#)["state"], "running");
     assert_eq!(api(&api_sock, r#"{"cmd":"pause"}"#)["ok"], true);

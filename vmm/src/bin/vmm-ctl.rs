@@ -140,16 +140,17 @@ fn call(socket: &Path, req: &Value) -> Result<Value, String> {
     let mut w = stream
         .try_clone()
         .map_err(|e| format!("{}: {e}", socket.display()))?;
-    writeln!(w, "{req}").map_err(|e| format!("{}: {e}", socket.display()))?;
+    // A VMM that refuses the connection answers and closes at once, maybe before the
+    // request is written: its answer is still there to read.
+    let sent = writeln!(w, "{req}");
     let mut line = String::new();
-    BufReader::new(stream)
-        .read_line(&mut line)
-        .map_err(|e| format!("{}: {e}", socket.display()))?;
+    let read = BufReader::new(stream).read_line(&mut line);
     if line.is_empty() {
-        return Err(format!(
-            "{}: the VMM closed the connection",
-            socket.display()
-        ));
+        let why = match (sent, read) {
+            (Err(e), _) | (Ok(()), Err(e)) => e.to_string(),
+            (Ok(()), Ok(_)) => "the VMM closed the connection".into(),
+        };
+        return Err(format!("{}: {why}", socket.display()));
     }
     serde_json::from_str(&line).map_err(|e| format!("the VMM's answer is not JSON: {e}"))
 }

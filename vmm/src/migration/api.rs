@@ -1,5 +1,6 @@
-//! The control API: a Unix socket (`--api-socket PATH`) taking one JSON object per line and
-//! answering each with one JSON line.
+//! The control API: a Unix socket (`--api-socket PATH`, mode 0600, peers of another uid
+//! than the VMM's or root's refused) taking one JSON object per line (at most
+//! [`MAX_REQUEST`] bytes; [`MAX_CONNECTIONS`] at once) and answering each with one JSON line.
 //!
 //! | request | answer |
 //! | --- | --- |
@@ -26,7 +27,7 @@
 //! a destination that got no COMMIT waits in `awaiting-commit`. Neither ever runs the guest
 //! on its own then: `status` on both says which command resolves it.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -67,41 +68,150 @@ impl HandoverResolver for ApiTarget {
     }
 }
 
-/// Starts serving `path` on a thread of its own.
+/// Most bytes of one request line; a longer one is answered with an error and its
+/// connection closed.
+pub const MAX_REQUEST: usize = 64 << 10;
+
+/// Most connections served at once; one more is answered with an error and closed.
+pub const MAX_CONNECTIONS: usize = 8;
+
+/// Starts serving `path` on a thread of its own. The socket is made mode 0600, and a peer
+/// whose uid (`SO_PEERCRED`) is neither the VMM's effective uid nor root is refused: the
+/// mode keeps other users out, the check covers the moment between `bind` and `chmod` and
+/// a socket whose mode was changed later.
 ///
 /// # Errors
-/// When the socket cannot be bound.
+/// When the socket cannot be bound or its mode set.
 pub fn start(path: &Path, target: Arc<ApiTarget>) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     if path.exists() {
         // A stale socket from an earlier run.
         let _ = std::fs::remove_file(path);
     }
     let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    // SAFETY: geteuid has no preconditions.
+    let owner = unsafe { libc::geteuid() };
     target.serving.store(true, Ordering::Release);
+    let live = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
             devices::seccomp::confine("api", devices::seccomp::lists::API);
-            for conn in listener.incoming().flatten() {
-                let t = target.clone();
-                let _ = std::thread::Builder::new()
-                    .name("api-conn".into())
-                    .spawn(move || {
-                        // Under the API listener's filter, inherited.
-                        devices::seccomp::name_thread("api");
-                        serve(conn, &t)
-                    });
+            for mut conn in listener.incoming().flatten() {
+                if let Err(why) = admit(&conn, owner, &live) {
+                    log::warn!("API: {why}");
+                    let _ = writeln!(conn, "{}", json!({"ok": false, "error": why}));
+                    continue;
+                }
+                let (t, count) = (target.clone(), live.clone());
+                live.fetch_add(1, Ordering::AcqRel);
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("api-conn".into())
+                        .spawn(move || {
+                            // Under the API listener's filter, inherited.
+                            devices::seccomp::name_thread("api");
+                            serve(conn, &t);
+                            count.fetch_sub(1, Ordering::AcqRel);
+                        });
+                if spawned.is_err() {
+                    live.fetch_sub(1, Ordering::AcqRel);
+                    log::warn!("API: no thread for a connection");
+                }
             }
         })?;
     Ok(())
+}
+
+/// Whether a peer may use the API: its uid is `owner`'s or root's, and fewer than
+/// [`MAX_CONNECTIONS`] are being served. The error says why not.
+fn admit(
+    conn: &UnixStream,
+    owner: libc::uid_t,
+    live: &std::sync::atomic::AtomicUsize,
+) -> Result<(), String> {
+    let uid = peer_uid(conn).map_err(|e| format!("refused: no peer credentials ({e})"))?;
+    if !uid_allowed(uid, owner) {
+        return Err(format!(
+            "refused: the peer's uid {uid} is neither the VMM's ({owner}) nor root"
+        ));
+    }
+    if live.load(Ordering::Acquire) >= MAX_CONNECTIONS {
+        return Err(format!(
+            "refused: {MAX_CONNECTIONS} connections are open already"
+        ));
+    }
+    Ok(())
+}
+
+/// A peer with `uid` may use the API of a VMM running as `owner`.
+fn uid_allowed(uid: libc::uid_t, owner: libc::uid_t) -> bool {
+    uid == owner || uid == 0
+}
+
+/// The uid of a UNIX socket's peer (`SO_PEERCRED`, socket(7)).
+fn peer_uid(conn: &UnixStream) -> std::io::Result<libc::uid_t> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes and `len` is `cred`'s size.
+    let r = unsafe {
+        libc::getsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cred.uid)
+}
+
+/// One request line of at most [`MAX_REQUEST`] bytes (without its newline): `Ok(None)` at
+/// the end of the stream, `Err` with the reply for one that is too long.
+fn read_request(reader: &mut impl BufRead) -> Result<Option<Vec<u8>>, String> {
+    let mut buf = Vec::new();
+    match reader
+        .take(MAX_REQUEST as u64 + 1)
+        .read_until(b'\n', &mut buf)
+    {
+        Ok(0) | Err(_) => return Ok(None),
+        Ok(_) => {}
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+    }
+    if buf.len() > MAX_REQUEST {
+        return Err(format!(
+            "the request is longer than {MAX_REQUEST} bytes; connection closed"
+        ));
+    }
+    Ok(Some(buf))
 }
 
 fn serve(conn: UnixStream, target: &ApiTarget) {
     let Ok(mut out) = conn.try_clone() else {
         return;
     };
-    for line in BufReader::new(conn).lines() {
-        let Ok(line) = line else { return };
+    let mut reader = BufReader::new(conn);
+    loop {
+        let line = match read_request(&mut reader) {
+            Ok(Some(l)) => l,
+            Ok(None) => return,
+            Err(e) => {
+                let _ = writeln!(out, "{}", json!({"ok": false, "error": e}));
+                return;
+            }
+        };
+        let line = String::from_utf8_lossy(&line);
         if line.trim().is_empty() {
             continue;
         }
@@ -305,4 +415,37 @@ fn handle_waiting(cmd: &str, req: &Value, target: &ApiTarget) -> Result<Value, S
         .recv()
         .map_err(|_| "the VM is gone".to_string())??;
     Ok(json!({"ok": true}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_owner_and_root_may_use_the_api() {
+        assert!(uid_allowed(1000, 1000));
+        assert!(uid_allowed(0, 1000));
+        assert!(!uid_allowed(1001, 1000));
+        assert!(!uid_allowed(65534, 0));
+    }
+
+    #[test]
+    fn a_request_line_is_capped() {
+        let mut two = std::io::Cursor::new(b"{\"cmd\":\"status\"}\nnext".to_vec());
+        assert_eq!(
+            read_request(&mut two).unwrap().unwrap(),
+            b"{\"cmd\":\"status\"}"
+        );
+        assert_eq!(read_request(&mut two).unwrap().unwrap(), b"next");
+        assert_eq!(read_request(&mut two).unwrap(), None);
+        let mut exact = std::io::Cursor::new(vec![b'x'; MAX_REQUEST]);
+        assert_eq!(
+            read_request(&mut exact).unwrap().unwrap().len(),
+            MAX_REQUEST
+        );
+        let mut long = std::io::Cursor::new(vec![b'x'; MAX_REQUEST + 1]);
+        assert!(read_request(&mut long)
+            .unwrap_err()
+            .contains("longer than 65536 bytes"));
+    }
 }

@@ -37,8 +37,16 @@ fn accept(addr: &Address) -> Result<Halves, MigrationError> {
     let err = |what: String| move |e| MigrationError::Transport(what, e);
     match addr {
         Address::Unix(p) => {
-            // A stale socket file from an earlier run would make bind fail.
-            if p.exists() {
+            // A stale socket from an earlier run would make bind fail; anything else at the
+            // path is not ours to remove.
+            if let Ok(meta) = std::fs::symlink_metadata(p) {
+                use std::os::unix::fs::FileTypeExt;
+                if !meta.file_type().is_socket() {
+                    return Err(MigrationError::Transport(
+                        format!("cannot listen on {addr}: the path exists and is not a socket"),
+                        std::io::ErrorKind::AlreadyExists.into(),
+                    ));
+                }
                 let _ = std::fs::remove_file(p);
             }
             let l = std::os::unix::net::UnixListener::bind(p)

@@ -649,9 +649,19 @@ pub fn snapshot(
     let was_paused = *m.lifecycle.lock().unwrap_or_else(|e| e.into_inner()) == Lifecycle::Paused;
     quiesce(m)?;
     let result = (|| {
-        let f = std::fs::File::create(&tmp).map_err(|e| {
-            MigrationError::Transport(format!("cannot create {}", tmp.display()), e)
-        })?;
+        // Only the VMM's user may read guest RAM; a file or link left at the partial path
+        // (a stale one, or one planted to redirect the write) is removed, never followed.
+        let _ = std::fs::remove_file(&tmp);
+        let f = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&tmp)
+        }
+        .map_err(|e| MigrationError::Transport(format!("cannot create {}", tmp.display()), e))?;
         let mut w = StreamWriter::new(std::io::BufWriter::with_capacity(1 << 20, f))?;
         w.json(Kind::Config, &m.config)?;
         let pages = send_pages(m, &mut w, None, &mut Pace::new(0))?;
