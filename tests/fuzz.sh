@@ -33,9 +33,10 @@ export RUSTC_BOOTSTRAP=1
 
 seeds=$(mktemp -d "${TMPDIR:-/tmp}/vmm-fuzz-seeds.XXXXXX")
 trap 'rm -rf "$seeds"' EXIT
+# --release: the test command has built these already.
 echo "fuzz.sh: writing seeds" >&2
-VMM_FUZZ_SEED_DIR=$seeds cargo test --quiet -p devices --lib a_whole_conversation >/dev/null
-VMM_FUZZ_SEED_DIR=$seeds cargo test --quiet -p vmm --lib a_minimal_stream >/dev/null
+VMM_FUZZ_SEED_DIR=$seeds cargo test --release --quiet -p devices --lib a_whole_conversation >/dev/null
+VMM_FUZZ_SEED_DIR=$seeds cargo test --release --quiet -p vmm --lib a_minimal_stream >/dev/null
 
 cd devices/fuzz
 status=0

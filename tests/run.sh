@@ -14,8 +14,8 @@ command -v cargo >/dev/null 2>&1 || {
     exit 1
 }
 
-step() { printf '\n=== %s\n' "$*"; }
 start=$(date +%s)
+step() { printf '\n=== [%d s] %s\n' "$(($(date +%s) - start))" "$*"; }
 
 step "packages: dpdk-dev (dpdk-testpmd, the vhost-user back end of the net tests)"
 . ./images/common.sh

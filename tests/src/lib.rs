@@ -506,15 +506,29 @@ impl Testpmd {
     /// When testpmd is not installed or does not start: the tests that use it are meant to
     /// run (`tests/run.sh` installs it).
     pub fn start(name: &str, ports: usize) -> Testpmd {
-        let sockets: Vec<PathBuf> = (0..ports)
+        Self::spawn(name, Self::sockets(name, ports), false)
+    }
+
+    /// Like [`Testpmd::start`], printing its statistics every second so that
+    /// [`Testpmd::wait_rx`] can watch traffic flow; [`Testpmd::stop`] then finds no final
+    /// statistics.
+    pub fn start_counting(name: &str, ports: usize) -> Testpmd {
+        Self::spawn(name, Self::sockets(name, ports), true)
+    }
+
+    fn sockets(name: &str, ports: usize) -> Vec<PathBuf> {
+        (0..ports)
             .map(|i| scratch(&format!("{name}-{i}.sock")))
-            .collect();
-        Self::start_on(name, sockets)
+            .collect()
     }
 
     /// Starts testpmd serving `sockets` (paths that may be reused after an earlier testpmd
     /// went away).
     pub fn start_on(name: &str, sockets: Vec<PathBuf>) -> Testpmd {
+        Self::spawn(name, sockets, false)
+    }
+
+    fn spawn(name: &str, sockets: Vec<PathBuf>, counting: bool) -> Testpmd {
         let bin = testpmd_path()
             .expect("dpdk-testpmd is missing: install Debian's dpdk-dev (tests/run.sh does it)");
         for s in &sockets {
@@ -542,6 +556,11 @@ impl Testpmd {
             "--port-topology=loop",
             "--auto-start",
         ]);
+        if counting {
+            // testpmd then waits for a signal, not Enter: `stop` would find no final
+            // statistics.
+            cmd.arg("--stats-period=1");
+        }
         let out = std::fs::File::create(&log).expect("testpmd log");
         let mut child = cmd
             .stdin(Stdio::piped())
@@ -580,6 +599,34 @@ impl Testpmd {
             self.sockets[i].display(),
             if iommu { ",iommu=on" } else { "" }
         )
+    }
+
+    /// Frames port `port` has received so far, from the statistics testpmd prints every
+    /// second (`--stats-period=1`, [`Testpmd::start_counting`]); 0 before the first.
+    pub fn rx_packets(&self, port: usize) -> u64 {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let head = format!("NIC statistics for port {port} ");
+        log.rfind(&head)
+            .and_then(|at| {
+                let block = &log[at..];
+                let i = block.find("RX-packets:")? + "RX-packets:".len();
+                block[i..].split_whitespace().next()?.parse().ok()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Waits until port `port` has received `frames` frames: traffic flows through this
+    /// back end. Panics with testpmd's log after `deadline`.
+    pub fn wait_rx(&self, port: usize, frames: u64, deadline: Duration) {
+        let start = Instant::now();
+        while self.rx_packets(port) < frames {
+            assert!(
+                start.elapsed() < deadline,
+                "testpmd port {port} received {} of {frames} frames in {deadline:?}",
+                self.rx_packets(port)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// Kills testpmd at once (the back end "crashes").

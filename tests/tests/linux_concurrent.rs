@@ -17,11 +17,15 @@ use std::time::Duration;
 
 use vmm_tests::{
     assert_same_pages, check_suites, console_text, console_value, console_values, counter,
-    dirty_log_pages, guest_kernel, guest_written_pages, run_vmm, scratch, DeviceProcess, Run,
+    dirty_log_pages, guest_kernel, guest_written_pages, run_vmm, scale, scratch, DeviceProcess,
+    Run,
 };
 
 const DEADLINE: Duration = Duration::from_secs(1500);
-const ROUNDS: u64 = 150;
+/// Rounds per CPU (the test command runs them short; `tests/stress.sh` long).
+fn rounds() -> u64 {
+    u64::from(scale(50, 300))
+}
 const CPUS: u64 = 2;
 
 fn boot(strict: bool) -> (Run, std::path::PathBuf) {
@@ -32,7 +36,8 @@ fn boot(strict: bool) -> (Run, std::path::PathBuf) {
         "console=ttyS0 reboot=k panic=1 vmm_dmatest.required=1 \
          vmm_dmatest.cases=copy,fill,dirty_sparse,sg,fault_ro,fault_unmapped,fault_stale \
          vmm_dmatest.max_size=65536 \
-         vmm_dmatest.concurrent={ROUNDS} vmm_dmatest.disk=vda{}",
+         vmm_dmatest.concurrent={} vmm_dmatest.disk=vda{}",
+        rounds(),
         if strict { " iommu.strict=1" } else { "" }
     );
     let disk_arg = format!("path={},iommu=on", disk.display());
@@ -115,12 +120,12 @@ fn check(name: &str, run: &Run, dirty_log: &std::path::Path) {
     // Every worker did every round, the disk included, and the rounds overlapped.
     assert_eq!(
         console_values(&console, "# concurrent: cpu", "rounds"),
-        vec![ROUNDS; CPUS as usize],
+        vec![rounds(); CPUS as usize],
         "{name}"
     );
     assert_eq!(
         console_values(&console, "# concurrent: cpu", "disk_reads"),
-        vec![ROUNDS; CPUS as usize],
+        vec![rounds(); CPUS as usize],
         "{name}"
     );
     let overlapped = console_value(run, "# concurrent: overlapped", "rounds");
@@ -177,7 +182,7 @@ fn check(name: &str, run: &Run, dirty_log: &std::path::Path) {
         "{name}: every DMA API unmap of the suite is an UNMAP request"
     );
     assert!(
-        counter(run, "virtio-blk", "reads") > CPUS * ROUNDS,
+        counter(run, "virtio-blk", "reads") > CPUS * rounds(),
         "{name}"
     );
     assert_eq!(counter(run, "virtio-blk", "io_errors"), 0, "{name}");

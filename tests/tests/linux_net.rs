@@ -2,7 +2,7 @@
 //! (dpdk-testpmd, device IOTLB on, frames looped back with their MACs swapped): the guest's
 //! `vmm_nettest` suite sends frames of 60 to 1514 bytes (some as chains of descriptors) and
 //! checks every byte that comes back; behind the virtio-iommu with lazy and strict
-//! invalidation (2,000 frames each in the test command, 10,000 under `tests/stress.sh`) and
+//! invalidation (600 frames each in the test command, 10,000 under `tests/stress.sh`) and
 //! without it. Then testpmd is killed mid-traffic: the
 //! VMM and the DMA test device behind the same vIOMMU keep running, and with `reconnect=`
 //! traffic resumes once testpmd is back.
@@ -11,7 +11,7 @@
 //! verdict through the test-exit port (`guest ended (test exit code 0)`), never from the exit
 //! status alone (a panic resets the guest, which also exits 0).
 
-use std::sync::Mutex;
+use std::sync::RwLock;
 use std::time::Duration;
 
 use vmm_tests::{
@@ -21,8 +21,9 @@ use vmm_tests::{
 
 const DEADLINE: Duration = Duration::from_secs(1800);
 
-/// One testpmd at a time: each busy-polls a CPU.
-static TESTPMD: Mutex<()> = Mutex::new(());
+/// The frame test (three guests) runs alone; the kill and migration tests (one running guest
+/// each) run together.
+static GUESTS: RwLock<()> = RwLock::new(());
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Mode {
@@ -64,15 +65,23 @@ fn net_args(mode: Mode, net: &str, frames: u32, extra_cmdline: &str) -> Vec<Stri
 /// Frames each run loops through testpmd.
 fn frames_of(mode: Mode) -> u32 {
     if mode == Mode::NoIommu {
-        scale(1_000, 3_000)
+        scale(500, 3_000)
     } else {
-        scale(2_000, 10_000)
+        scale(600, 10_000)
     }
 }
 
+/// Frames the kill and migration tests loop through testpmd in all.
+fn mid_traffic_frames() -> u32 {
+    scale(500, 6_000)
+}
+
+/// Frames testpmd has seen before a test acts "mid-traffic".
+const FLOWING: u64 = 100;
+
 #[test]
 fn frames_checked_byte_for_byte_lazy_strict_and_without_the_viommu() {
-    let _one = TESTPMD.lock().unwrap_or_else(|e| e.into_inner());
+    let _alone = GUESTS.write().unwrap_or_else(|e| e.into_inner());
     let pmd = Testpmd::start("linux-net", 3);
     let runs: Vec<(Mode, Run)> = std::thread::scope(|s| {
         let handles: Vec<_> = [
@@ -182,22 +191,22 @@ fn frames_checked_byte_for_byte_lazy_strict_and_without_the_viommu() {
 
 #[test]
 fn testpmd_killed_mid_traffic_the_vmm_goes_on_and_traffic_resumes() {
-    let _one = TESTPMD.lock().unwrap_or_else(|e| e.into_inner());
-    let mut pmd = Testpmd::start("linux-kill", 1);
+    let _shared = GUESTS.read().unwrap_or_else(|e| e.into_inner());
+    let mut pmd = Testpmd::start_counting("linux-kill", 1);
     let dma = DeviceProcess::start();
     let net = format!("{},reconnect=1", pmd.arg(0, true));
     let mut args = net_args(
         Mode::Lazy,
         &net,
-        3_000,
-        " vmm_dmatest.required=1 vmm_dmatest.cycles=2000 vmm_dmatest.samples=200",
+        mid_traffic_frames(),
+        " vmm_dmatest.required=1 vmm_dmatest.cycles=500 vmm_dmatest.samples=100",
     );
     let vfio = dma.arg(true);
     args.extend(["--vfio-user".to_string(), vfio]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut vmm = VmmProcess::start(&args);
-    // Mid-traffic: the suite reports progress every 2,000 frames.
-    vmm.wait_console("# net: ", DEADLINE);
+    let vmm = VmmProcess::start(&args);
+    // Mid-traffic: testpmd has looped frames back.
+    pmd.wait_rx(0, FLOWING, DEADLINE);
     let sockets = pmd.sockets.clone();
     pmd.kill();
     std::thread::sleep(Duration::from_secs(3));
@@ -217,7 +226,7 @@ fn testpmd_killed_mid_traffic_the_vmm_goes_on_and_traffic_resumes() {
     // testpmd came, and the DMA suite (run after it) used the DMA device behind the same
     // vIOMMU.
     check_suites("kill", &run, &["vmm_nettest", "vmm_dmatest"]);
-    assert!(console_value(&run, "# net: sent=", "received") >= 3_000);
+    assert!(console_value(&run, "# net: sent=", "received") >= u64::from(mid_traffic_frames()));
     assert_eq!(counter(&run, "vhost-user-net", "disconnects"), 1);
     assert_eq!(counter(&run, "vhost-user-net", "reconnects"), 1);
     assert!(run
@@ -235,9 +244,9 @@ const MIGRATION_DEADLINE: Duration = Duration::from_secs(600);
 /// from the migrated vIOMMU state.
 #[test]
 fn linux_migrates_mid_traffic_to_a_vmm_with_its_own_testpmd() {
-    let _one = TESTPMD.lock().unwrap_or_else(|e| e.into_inner());
+    let _shared = GUESTS.read().unwrap_or_else(|e| e.into_inner());
     let (pmd_a, pmd_b) = (
-        Testpmd::start("linux-mig-src", 1),
+        Testpmd::start_counting("linux-mig-src", 1),
         Testpmd::start("linux-mig-dst", 1),
     );
     let (api_sock, mig_sock) = (scratch("api.sock"), scratch("mig.sock"));
@@ -253,15 +262,20 @@ fn linux_migrates_mid_traffic_to_a_vmm_with_its_own_testpmd() {
         "--incoming",
         &to,
     ]);
-    let mut args = net_args(Mode::Lazy, &pmd_a.arg(0, true), 6_000, "");
+    let mut args = net_args(Mode::Lazy, &pmd_a.arg(0, true), mid_traffic_frames(), "");
     args.extend(["--api-socket".to_string(), api_sock.display().to_string()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut src = VmmProcess::start(&args);
-    // The first 2,000 frames are back: traffic flows.
-    src.wait_console("# net: ", MIGRATION_DEADLINE);
+    let src = VmmProcess::start(&args);
+    // Traffic flows: testpmd has looped frames back.
+    pmd_a.wait_rx(0, FLOWING, MIGRATION_DEADLINE);
+    // The full copy paced to 32 MiB/s takes 8 s of the guest's traffic (about 20 frames a
+    // second here): the back end writes while its dirty log is on.
     let report = api(
         &api_sock,
-        &format!(r#"{{"cmd":"migrate","to":"{to}","verify":true}}"#),
+        &format!(
+            r#"{{"cmd":"migrate","to":"{to}","verify":true,"max_bandwidth":{}}}"#,
+            32 << 20
+        ),
     );
     eprintln!("migration report: {report}");
     assert_eq!(report["ok"], true, "{report}");
@@ -295,7 +309,7 @@ fn linux_migrates_mid_traffic_to_a_vmm_with_its_own_testpmd() {
         dst.stderr
     );
     check_suites("migrated", &whole, &["vmm_nettest"]);
-    assert!(console_value(&dst, "# net: sent=", "received") >= 6_000);
+    assert!(console_value(&dst, "# net: sent=", "received") >= u64::from(mid_traffic_frames()));
     assert_eq!(console_value(&dst, "# net: sent=", "corrupt"), 0);
     // The destination's testpmd carried the frames: its device IOTLB was filled again.
     let dev = "vhost-user-net";

@@ -10,8 +10,8 @@
 //! (the suite's `dirty_sparse` case writes 3 of 16 mapped pages).
 //!
 //! The three boots run in parallel. Behind the vIOMMU each map/unmap cycle costs about 4 ms
-//! of emulated guest code on PVM hosts: in the test command the lazy run does 10,000 cycles
-//! and 1,000 latency samples, the strict one 5,000; `tests/stress.sh` (`VMM_STRESS=1`) runs
+//! of emulated guest code on PVM hosts: in the test command the lazy run does 3,000 cycles
+//! and 300 latency samples, the strict one 2,000; `tests/stress.sh` (`VMM_STRESS=1`) runs
 //! the suite's full 100,000 cycles and 10,000 samples (about 7 minutes), strict 20,000.
 
 use std::time::Duration;
@@ -174,10 +174,10 @@ fn check(mode: Mode, s: &SuiteRun) {
 
 #[test]
 fn dma_suite_passes_behind_the_viommu_and_without_it() {
-    let samples = scale(1_000, 10_000);
-    let lazy = std::thread::spawn(move || suite(Mode::Lazy, scale(10_000, 100_000), samples));
-    let strict = std::thread::spawn(move || suite(Mode::Strict, scale(5_000, 20_000), samples));
-    let plain = suite(Mode::NoIommu, scale(10_000, 100_000), samples);
+    let samples = scale(300, 10_000);
+    let lazy = std::thread::spawn(move || suite(Mode::Lazy, scale(3_000, 100_000), samples));
+    let strict = std::thread::spawn(move || suite(Mode::Strict, scale(2_000, 20_000), samples));
+    let plain = suite(Mode::NoIommu, scale(3_000, 100_000), samples);
     let strict = strict.join().unwrap();
     let lazy = lazy.join().unwrap();
     check(Mode::NoIommu, &plain);
