@@ -2,7 +2,7 @@
 //! (dpdk-testpmd, device IOTLB on, frames looped back with their MACs swapped): the guest's
 //! `vmm_nettest` suite sends frames of 60 to 1514 bytes (some as chains of descriptors) and
 //! checks every byte that comes back; behind the virtio-iommu with lazy and strict
-//! invalidation (600 frames each in the test command, 10,000 under `tests/stress.sh`) and
+//! invalidation (300 frames each in the test command, 10,000 under `tests/stress.sh`) and
 //! without it. Then testpmd is killed mid-traffic: the
 //! VMM and the DMA test device behind the same vIOMMU keep running, and with `reconnect=`
 //! traffic resumes once testpmd is back.
@@ -65,15 +65,15 @@ fn net_args(mode: Mode, net: &str, frames: u32, extra_cmdline: &str) -> Vec<Stri
 /// Frames each run loops through testpmd.
 fn frames_of(mode: Mode) -> u32 {
     if mode == Mode::NoIommu {
-        scale(500, 3_000)
+        scale(300, 3_000)
     } else {
-        scale(600, 10_000)
+        scale(300, 10_000)
     }
 }
 
 /// Frames the kill and migration tests loop through testpmd in all.
 fn mid_traffic_frames() -> u32 {
-    scale(500, 6_000)
+    scale(300, 6_000)
 }
 
 /// Frames testpmd has seen before a test acts "mid-traffic".
