@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use iommu::backend::{BackendCaps, BackendError, DmaBackend};
 use iommu::Perm;
-use vmm::memory::GuestRam;
-use vmm::static_map::{cut_align, default_threads, map_all};
+use vmm::build::static_map::{cut_align, default_threads, map_all};
+use vmm::machine::memory::GuestRam;
 
 /// Counts map calls; maps nothing.
 struct Counting(u64);

@@ -1,7 +1,7 @@
 //! `vmm`: boot a guest under KVM with an emulated virtio-iommu in front of passthrough
 //! devices. See the README for the command line.
 
-use vmm::{cli, error, vm};
+use vmm::{build, cli, error, run};
 
 use std::process::ExitCode;
 
@@ -16,8 +16,9 @@ fn main() -> ExitCode {
         .format_timestamp_millis()
         .init();
 
-    devices::seccomp::set_mode(cli.seccomp);
-    let result = vm::Vm::new(&cli).and_then(|vm| vm.run());
+    let config = cli.into_config();
+    devices::seccomp::set_mode(config.seccomp);
+    let result = build::Vm::new(&config).and_then(run::run);
     match result {
         Ok(summary) => {
             log::info!(
@@ -26,7 +27,7 @@ fn main() -> ExitCode {
                 summary.wall.as_secs_f64(),
                 summary.fallbacks
             );
-            if cli.counters {
+            if config.counters {
                 for line in &summary.counters {
                     eprintln!("counters: {line}");
                 }

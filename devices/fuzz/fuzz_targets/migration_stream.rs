@@ -10,7 +10,8 @@ use iommu::backend::RecordingBackend;
 use iommu::{BackendCaps, Viommu, ViommuConfig};
 use libfuzzer_sys::fuzz_target;
 use vmm::migration::stream::{Kind, StreamWriter};
-use vmm::migration::{read_stream, MachineConfig};
+use vmm::machine::MachineConfig;
+use vmm::migration::read_stream;
 
 const RAM: u64 = 64 << 20;
 

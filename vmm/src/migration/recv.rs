@@ -11,6 +11,8 @@ use vm_memory::{Bytes, GuestAddress};
 use super::send::Round;
 use super::stream::{parse, Kind, StreamReader, StreamWriter};
 use super::*;
+use crate::config::Address;
+use crate::machine::{device_state, kind_of, Machine, MachineConfig, MachineState, STATE_VERSION};
 
 /// Where the guest comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -521,7 +523,7 @@ fn restore(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::migration::kvm_state::VmState;
+    use crate::machine::kvm_state::VmState;
 
     fn config() -> MachineConfig {
         MachineConfig {

@@ -9,6 +9,8 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::stream::{Kind, StreamReader, StreamWriter, MAX_RAM_RECORD};
 use super::*;
+use crate::config::Address;
+use crate::machine::{device_state, DirtySources, Lifecycle, Machine, ProgressState};
 
 /// Knobs of a migration (the API's `migrate` arguments).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -230,7 +232,7 @@ fn quiesce(m: &Machine) -> Result<(), MigrationError> {
     if let Err(e) = stopped {
         m.thaw();
         let _ = m.passthrough_state(device_state::RUNNING);
-        return Err(e);
+        return Err(e.into());
     }
     Ok(())
 }
@@ -472,7 +474,7 @@ fn no_ack(e: stream::StreamError) -> MigrationError {
 }
 
 /// Resumes a guest whose hand-over was not confirmed (the user forced it).
-pub(super) fn resume_after_handover(m: &Machine) {
+pub fn resume_after_handover(m: &Machine) {
     unquiesce(m, false);
 }
 
@@ -516,7 +518,7 @@ fn precopy_and_stop<W: Write>(
     let pages = send_pages(m, w, None, &mut pace).map_err(|e| (e, false))?;
     let mut dirty = DirtyBitmap::new(ram);
     let h = Instant::now();
-    let sources = m.harvest(&mut dirty).map_err(|e| (e, false))?;
+    let sources = m.harvest(&mut dirty).map_err(|e| (e.into(), false))?;
     report.dirty_by_source.add(sources);
     let mut last = Round {
         round: 0,
@@ -546,7 +548,7 @@ fn precopy_and_stop<W: Write>(
         let pages = send_pages(m, w, Some(&dirty), &mut pace).map_err(|e| (e, false))?;
         dirty.clear();
         let h = Instant::now();
-        let sources = m.harvest(&mut dirty).map_err(|e| (e, false))?;
+        let sources = m.harvest(&mut dirty).map_err(|e| (e.into(), false))?;
         report.dirty_by_source.add(sources);
         last = Round {
             round,

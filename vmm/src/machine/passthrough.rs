@@ -1,31 +1,27 @@
-//! Passthrough devices on the command line: vfio-user device processes and host VFIO.
+//! Passthrough devices as they run: vfio-user device processes and host VFIO functions,
+//! their counters, and the forwarding of their fault reports and page requests to the
+//! virtio-iommu (or, outside it, to the on-demand backend), with page requests throttled per
+//! device. `build::passthrough` sets them up.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use devices::interrupt::InterruptManager;
 use devices::passthrough::message_dma::MessageDma;
-use devices::passthrough::pci::PassthroughPci;
 use devices::passthrough::vfio_user::caps::ext;
-use devices::passthrough::vfio_user_backend::{VfioUserDevice, VfioUserDma};
-use devices::passthrough::{PassthroughBackend, VFIO_PCI_ERR_IRQ_INDEX};
+use devices::passthrough::vfio_user_backend::VfioUserDevice;
+use devices::passthrough::PassthroughBackend;
 use devices::virtio::iommu::IommuHandle;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use iommu::backend::PageResponse;
-use iommu::on_demand::{OnDemand, OnDemandCounters};
+use iommu::on_demand::OnDemandCounters;
 use iommu::viommu::BackendId;
-use iommu::DmaBackend;
-use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::cli::PassthroughArg;
-use crate::device_manager::{dev_err, Builder};
-use crate::dirty::DirectDirty;
-use crate::error::VmmError;
+use super::dirty::DirectDirty;
 
 /// Page requests one device may have answered per [`PRQ_WINDOW`] (3,200 a second).
 pub const PRQ_BUDGET: u32 = 32;
@@ -56,26 +52,26 @@ pub struct Passthrough {
 
 /// Turns the device's fault reports into virtio-iommu fault events, and notices a device
 /// process that went away.
-struct FaultForwarder {
-    evt: EventFd,
-    dev: VfioUserDevice,
-    iommu: Option<(IommuHandle, u32, BackendId)>,
+pub(crate) struct FaultForwarder {
+    pub(crate) evt: EventFd,
+    pub(crate) dev: VfioUserDevice,
+    pub(crate) iommu: Option<(IommuHandle, u32, BackendId)>,
     /// Under `dma=fault` outside the vIOMMU: where page requests go.
-    direct: Option<Arc<DirectDirty>>,
+    pub(crate) direct: Option<Arc<DirectDirty>>,
     /// The device makes page requests (`dma=fault`).
-    page_requests: bool,
+    pub(crate) page_requests: bool,
     /// Under `dma=messages`: the table whose refused accesses are faults too.
-    messages: Option<Arc<MessageDma>>,
+    pub(crate) messages: Option<Arc<MessageDma>>,
     /// Throttling of page requests: the current window's start and count, the timer that
     /// serves a request held back, and how many were held back.
-    prq_window: (Instant, u32),
-    prq_timer: Option<TimerFd>,
-    prq_timer_armed: bool,
-    prq_throttled: Arc<AtomicU64>,
-    faults: Arc<Mutex<u64>>,
-    label: String,
-    socket_fd: RawFd,
-    reported_failure: bool,
+    pub(crate) prq_window: (Instant, u32),
+    pub(crate) prq_timer: Option<TimerFd>,
+    pub(crate) prq_timer_armed: bool,
+    pub(crate) prq_throttled: Arc<AtomicU64>,
+    pub(crate) faults: Arc<Mutex<u64>>,
+    pub(crate) label: String,
+    pub(crate) socket_fd: RawFd,
+    pub(crate) reported_failure: bool,
 }
 
 impl FaultForwarder {
@@ -248,226 +244,7 @@ impl MutEventSubscriber for FaultForwarder {
     }
 }
 
-/// Puts the PCI model of a passthrough device in `slot`; with `mmap`, the BAR areas the
-/// device lets map are mapped into the guest and its ioeventfds registered.
-fn add_function(
-    b: &mut Builder,
-    name: &str,
-    slot: u8,
-    backend: Arc<Mutex<dyn PassthroughBackend>>,
-    failed: Arc<AtomicBool>,
-    mmap: bool,
-) -> Result<(), VmmError> {
-    let interrupts = &b.interrupts;
-    let access = mmap.then(|| devices::passthrough::pci::DirectAccess {
-        mapper: b.guest_mapper.clone(),
-        ioevents: b.ioevents(),
-    });
-    let pci = PassthroughPci::new(
-        name.to_string(),
-        backend,
-        &mut b.bars,
-        &mut |n| interrupts.allocate_msi(n),
-        failed,
-        access,
-    )
-    .map_err(dev_err(name.to_string()))?;
-    b.add_pci(slot, Arc::new(Mutex::new(pci)), name)
-}
-
-/// Guest RAM ranges as `(gpa, len, hva)`.
-fn ram_with_hvas(b: &Builder, name: &str) -> Result<Vec<(u64, u64, u64)>, VmmError> {
-    let mut ranges = Vec::new();
-    for &(gpa, len, _) in &b.ram.ranges {
-        let hva = b
-            .mem
-            .get_host_address(GuestAddress(gpa))
-            .map_err(dev_err(name.to_string()))?;
-        ranges.push((gpa, len, hva as u64));
-    }
-    Ok(ranges)
-}
-
-/// Where a device's DMA went: `(endpoint, backend ID)` in the vIOMMU, or the backend itself
-/// (all RAM mapped) for dirty tracking.
-type DmaAttachment = (Option<(u32, BackendId)>, Option<Arc<DirectDirty>>);
-
-/// Gives a device's DMA backend to the vIOMMU (`iommu=on`: returns its endpoint and backend
-/// IDs), or maps all guest RAM at IOVA = GPA on it (returns it for dirty tracking).
-fn attach_dma(
-    b: &mut Builder,
-    name: &str,
-    slot: u8,
-    behind: bool,
-    on_demand: bool,
-    mut dma: Box<dyn DmaBackend>,
-) -> Result<DmaAttachment, VmmError> {
-    let ep = u32::from(slot) << 3;
-    match (&b.iommu, behind) {
-        (Some(h), true) => {
-            // A vIOMMU that starts in bypass identity-maps all RAM on the device's backend
-            // as it is added: populate RAM first, split across threads (once per VM), so
-            // that those host calls find the pages present.
-            if h.lock().config().bypass == 1 && !b.ram_populated && !on_demand {
-                let ranges = ram_with_hvas(b, name)?;
-                let (threads, align) = b.static_map;
-                let r = crate::static_map::populate_all(&ranges, align, threads)
-                    .map_err(dev_err(name.to_string()))?;
-                b.ram_populated = true;
-                log::info!(
-                    "{name}: guest RAM populated for the boot bypass ({} MiB) by {} threads in \
-                     {} ms",
-                    r.bytes >> 20,
-                    r.threads,
-                    r.elapsed.as_millis()
-                );
-            }
-            let mut s = h.lock();
-            let id = s.add_backend(dma).map_err(dev_err(name.to_string()))?;
-            s.add_endpoint(ep, Some(id), &[])
-                .map_err(dev_err(name.to_string()))?;
-            drop(s);
-            b.endpoints.push(slot);
-            Ok((Some((ep, id)), None))
-        }
-        (None, true) => Err(VmmError::Device(
-            name.to_string(),
-            "iommu=on needs --iommu".into(),
-        )),
-        _ if on_demand => {
-            // Recorded only: the device's page requests install windows of it.
-            for &(gpa, len, _) in &b.ram.ranges {
-                dma.map(gpa, gpa, len, iommu::Perm::RW)
-                    .map_err(dev_err(name.to_string()))?;
-            }
-            Ok((None, Some(Arc::new(DirectDirty::new(dma)))))
-        }
-        _ => {
-            let ranges = ram_with_hvas(b, name)?;
-            let (threads, align) = b.static_map;
-            let r = crate::static_map::map_all(dma.as_mut(), &ranges, align, threads)
-                .map_err(dev_err(name.to_string()))?;
-            log::info!(
-                "{name}: guest RAM populated and mapped ({} MiB) in {} host calls by {} threads \
-                 in {} ms",
-                r.bytes >> 20,
-                r.calls,
-                r.threads,
-                r.elapsed.as_millis()
-            );
-            Ok((None, Some(Arc::new(DirectDirty::new(dma)))))
-        }
-    }
-}
-
 impl Passthrough {
-    /// Connects a vfio-user device and puts it on the bus.
-    ///
-    /// # Errors
-    /// [`VmmError::Device`] naming the socket.
-    pub fn vfio_user(b: &mut Builder, arg: &PassthroughArg) -> Result<Self, VmmError> {
-        let name = format!("vfio-user device {}", arg.path.display());
-        let slot = b.slot(&name)?;
-        let dev = VfioUserDevice::connect(&arg.path).map_err(dev_err(name.clone()))?;
-        let failed = dev.failed_flag();
-        let backend: Arc<Mutex<dyn PassthroughBackend>> = Arc::new(Mutex::new(dev.clone()));
-        add_function(b, &name, slot, backend.clone(), failed.clone(), arg.mmap)?;
-
-        let evt = EventFd::new(EFD_NONBLOCK).map_err(dev_err(name.clone()))?;
-        let mut dma = VfioUserDma::new(dev.clone(), b.ram.clone());
-        let dma_calls = dma.calls.clone();
-        let messages = if arg.messages {
-            let notify = evt.try_clone().map_err(dev_err(name.clone()))?;
-            let table = Arc::new(MessageDma::new(b.mem.clone(), Some(notify)));
-            dma = dma.by_messages(table.clone());
-            Some(table)
-        } else {
-            None
-        };
-        let (dma, on_demand): (Box<dyn DmaBackend>, _) = match arg.fault_window {
-            Some(window) => {
-                if !dev.enable_page_requests().map_err(dev_err(name.clone()))? {
-                    return Err(VmmError::Device(
-                        name,
-                        "dma=fault needs a device that makes page requests".into(),
-                    ));
-                }
-                let od = OnDemand::new(Box::new(dma), window);
-                let counters = od.shared_counters();
-                (Box::new(od), Some((counters, dev.clone())))
-            }
-            None => (Box::new(dma), None),
-        };
-        let (endpoint, direct) = attach_dma(b, &name, slot, arg.iommu, on_demand.is_some(), dma)?;
-
-        backend
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .set_irqs(VFIO_PCI_ERR_IRQ_INDEX, 0, &[evt.as_raw_fd()])
-            .map_err(dev_err(name.clone()))?;
-        let label = format!(
-            "{name} at 00:{slot:02x}.0{}",
-            if arg.iommu { " behind the vIOMMU" } else { "" }
-        );
-        let faults = Arc::new(Mutex::new(0));
-        let prq_throttled = Arc::new(AtomicU64::new(0));
-        b.subscribers.push(Arc::new(Mutex::new(FaultForwarder {
-            evt,
-            socket_fd: dev.socket_fd(),
-            dev: dev.clone(),
-            iommu: endpoint.and_then(|(ep, id)| b.iommu.clone().map(|h| (h, ep, id))),
-            direct: direct.clone().filter(|_| on_demand.is_some()),
-            page_requests: on_demand.is_some(),
-            messages: messages.clone(),
-            prq_window: (Instant::now(), 0),
-            prq_timer: on_demand.as_ref().and_then(|_| TimerFd::new().ok()),
-            prq_timer_armed: false,
-            prq_throttled: prq_throttled.clone(),
-            faults: faults.clone(),
-            label: label.clone(),
-            reported_failure: false,
-        })));
-        Ok(Self {
-            label,
-            failed,
-            dma_calls,
-            faults,
-            direct,
-            on_demand: on_demand.map(|(c, d)| (c, d, prq_throttled)),
-            backend,
-            messages,
-        })
-    }
-
-    /// Opens a host VFIO device and puts it on the bus.
-    ///
-    /// # Errors
-    /// [`VmmError::Device`]; on hosts without VFIO, a message saying so.
-    pub fn vfio(b: &mut Builder, arg: &PassthroughArg) -> Result<Self, VmmError> {
-        let name = format!("VFIO device {}", arg.path.display());
-        let host = devices::passthrough::vfio::HostVfio::open(&arg.path, arg.iommufd)
-            .map_err(dev_err(name.clone()))?;
-        let slot = b.slot(&name)?;
-        let failed = Arc::new(AtomicBool::new(false));
-        let backend: Arc<Mutex<dyn PassthroughBackend>> = Arc::new(Mutex::new(host.device()));
-        add_function(b, &name, slot, backend.clone(), failed.clone(), arg.mmap)?;
-        let dma = host
-            .dma(b.ram.clone(), b.mem.clone())
-            .map_err(dev_err(name.clone()))?;
-        let dma_calls = dma.calls();
-        let (_, direct) = attach_dma(b, &name, slot, arg.iommu, false, Box::new(dma))?;
-        Ok(Self {
-            label: format!("{name} at 00:{slot:02x}.0"),
-            failed,
-            dma_calls,
-            faults: Arc::new(Mutex::new(0)),
-            direct,
-            on_demand: None,
-            backend,
-            messages: None,
-        })
-    }
-
     /// Its counters.
     pub fn counters_line(&self) -> String {
         let (maps, unmaps) = *self.dma_calls.lock().unwrap_or_else(|e| e.into_inner());

@@ -15,7 +15,7 @@ use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EV
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use crate::migration::kvm_state::{KvmStateError, VcpuState};
+use super::kvm_state::{KvmStateError, VcpuState};
 
 /// Signal used to kick a vCPU thread out of `KVM_RUN`.
 pub fn kick_signal() -> i32 {

@@ -220,7 +220,7 @@ fn run(
 /// Where cuts fall: 2 MiB (the transparent huge page size, and the hugetlb page size of
 /// `--memory ...,hugepages=on`).
 pub fn cut_align(_hugepages: bool) -> u64 {
-    crate::cli::HUGEPAGE_SIZE
+    crate::config::HUGEPAGE_SIZE
 }
 
 /// The default thread count: the host's CPUs.

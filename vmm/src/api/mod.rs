@@ -36,7 +36,8 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
 
-use super::*;
+use crate::machine::{Lifecycle, Machine};
+use crate::migration::{self, migrate, snapshot, HandoverResolver, MigrateOptions, Source};
 
 /// A request to bring a guest in, from the API to the VM waiting with `--incoming defer`.
 pub type IncomingRequest = (Source, Sender<Result<(), String>>);
@@ -300,7 +301,7 @@ fn handle(req: &Value, target: &ApiTarget) -> Result<Value, String> {
                         return Err(format!("resume: {UNCONFIRMED_HELP}"));
                     }
                     log::warn!("resuming a guest whose hand-over was not confirmed (forced)");
-                    super::send::resume_after_handover(&m);
+                    migration::resume_after_handover(&m);
                     *l = Lifecycle::Running;
                 }
                 Lifecycle::Running => {}

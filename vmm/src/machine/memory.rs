@@ -7,7 +7,7 @@ use std::sync::Arc;
 use devices::GuestMemoryMmap;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::cli::HUGEPAGE_SIZE;
+use crate::config::HUGEPAGE_SIZE;
 use crate::error::VmmError;
 
 /// Guest RAM and the memfd behind it.

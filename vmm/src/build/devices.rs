@@ -1,0 +1,232 @@
+//! Builds the PCI devices from a [`VmConfig`]: the host bridge (00:00.0), the virtio-iommu
+//! (00:01.0), then virtio-blk disks, passthrough devices and vhost-user net devices in order;
+//! wires their interrupts, ioeventfds and event-loop handlers, and describes the topology for
+//! the ACPI tables.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use boot::acpi::{IommuTopology, PlatformDescription};
+use boot::layout;
+use devices::bus::Bus;
+use devices::passthrough::vfio_user_backend::SharedRam;
+use devices::pci::{HostBridge, PciBus, PciConfigIo, PciEcam, PciMmio};
+use devices::virtio::block::VirtioBlock;
+use devices::virtio::iommu::{IommuHandle, VirtioIommu};
+use devices::virtio::net::{IotlbMode, NetConfig, VhostUserNet};
+use devices::GuestMemoryMmap;
+use iommu::{Viommu, ViommuConfig};
+use kvm_ioctls::VmFd;
+
+use super::builder::{dev_err, Builder, WindowAllocator};
+use crate::config::{NetConfig as NetFlag, VmConfig};
+use crate::error::VmmError;
+use crate::machine::devices::{
+    DeviceManager, FaultNotifier, KvmGuestMapper, KvmIoEvents, FIRST_SLOT, IOMMU_SLOT,
+};
+use crate::machine::interrupts::{KvmInterruptManager, KvmInterrupts};
+
+/// Puts a vhost-user net device on the bus: connects to its back end and, behind the vIOMMU,
+/// registers it as an endpoint whose host side turns unmaps into IOTLB invalidations.
+fn add_vhost_user_net(
+    b: &mut Builder,
+    arg: &NetFlag,
+    index: usize,
+) -> Result<(String, Arc<Mutex<VhostUserNet>>), VmmError> {
+    let name = format!("vhost-user-net {}", arg.socket.display());
+    let slot = b.slot(&name)?;
+    let ep = u32::from(slot) << 3;
+    let iommu = match (&b.iommu, arg.iommu) {
+        (Some(h), true) => Some((h.clone(), ep)),
+        (None, true) => return Err(VmmError::Device(name, "iommu=on needs --iommu".into())),
+        _ => None,
+    };
+    let label = format!(
+        "vhost-user-net 00:{slot:02x}.0 ({}{})",
+        arg.socket.display(),
+        if arg.iommu { ", behind the vIOMMU" } else { "" }
+    );
+    let mut mac: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+    mac[5] = mac[5].wrapping_add(index as u8);
+    let cfg = NetConfig {
+        label: label.clone(),
+        socket: arg.socket.clone(),
+        mac: arg.mac.unwrap_or(mac),
+        queue_pairs: arg.queues,
+        reconnect: arg.reconnect.map(std::time::Duration::from_secs),
+        iommu: iommu.clone(),
+        iotlb: if arg.prefetch {
+            IotlbMode::Prefetch
+        } else {
+            IotlbMode::Miss
+        },
+    };
+    let dev = VhostUserNet::new(cfg, b.mem.clone()).map_err(dev_err(name.clone()))?;
+    if let Some((h, ep)) = &iommu {
+        let mut s = h.lock();
+        let id = s
+            .add_backend(Box::new(dev.device_iotlb()))
+            .map_err(dev_err(name.clone()))?;
+        s.add_endpoint(*ep, Some(id), &[])
+            .map_err(dev_err(name.clone()))?;
+        drop(s);
+        b.endpoints.push(slot);
+    }
+    let dev = Arc::new(Mutex::new(dev));
+    b.add_virtio(slot, dev.clone(), &name)?;
+    Ok((label, dev))
+}
+
+/// Creates the devices `cfg` asks for and maps them on the buses: the host bridge (00:00.0),
+/// the virtio-iommu (00:01.0), then virtio-blk disks, passthrough devices and vhost-user net
+/// devices in order, from 00:02.0 up.
+///
+/// # Errors
+/// [`VmmError::Device`] naming the device.
+pub fn build_devices(
+    cfg: &VmConfig,
+    vm: Arc<VmFd>,
+    mem: Arc<GuestMemoryMmap>,
+    ram: SharedRam,
+    mem_size: u64,
+    pio: &Bus,
+    mmio: &Bus,
+) -> Result<DeviceManager, VmmError> {
+    let mut b = Builder {
+        pci: PciBus::new(),
+        bars: WindowAllocator {
+            next: layout::PCI_MMIO_32_START,
+            end: layout::PCI_MMIO_32_START + layout::PCI_MMIO_32_SIZE,
+        },
+        interrupts: KvmInterruptManager(KvmInterrupts::new(vm.clone())),
+        guest_mapper: Arc::new(KvmGuestMapper::new(vm.clone())),
+        ioevents: Arc::new(KvmIoEvents(vm)),
+        subscribers: Vec::new(),
+        endpoints: Vec::new(),
+        next_slot: FIRST_SLOT,
+        iommu: None,
+        mem: mem.clone(),
+        ram,
+        static_map: (
+            cfg.dma_threads
+                .map_or_else(super::static_map::default_threads, usize::from),
+            super::static_map::cut_align(cfg.memory.hugepages),
+        ),
+        ram_populated: false,
+        frozen: Arc::new(AtomicBool::new(false)),
+        functions: Vec::new(),
+        virtio: Vec::new(),
+    };
+    b.add_pci(0, Arc::new(Mutex::new(HostBridge::new())), "host bridge")?;
+
+    let iommu = match &cfg.iommu {
+        Some(arg) => {
+            let cfg = ViommuConfig {
+                bypass: arg.bypass,
+                guest_ram: layout::ram_ranges(mem_size),
+                ..ViommuConfig::default().with_widths(arg.aw_bits, arg.domains)
+            };
+            let handle =
+                IommuHandle::new(Viommu::new(cfg)).map_err(dev_err("the virtio-iommu".into()))?;
+            let dev = Arc::new(Mutex::new(VirtioIommu::new(handle.clone(), mem.clone())));
+            b.add_virtio(IOMMU_SLOT, dev.clone(), "the virtio-iommu")?;
+            b.subscribers.push(Arc::new(Mutex::new(FaultNotifier {
+                device: dev.clone(),
+                evt: handle.fault_evt.clone(),
+                frozen: b.frozen.clone(),
+            })));
+            b.iommu = Some(handle.clone());
+            Some((handle, dev))
+        }
+        None => None,
+    };
+
+    let mut disks = Vec::new();
+    for d in &cfg.disk {
+        let name = format!("disk {}", d.path.display());
+        let slot = b.slot(&name)?;
+        let behind = match (&b.iommu, d.iommu) {
+            (Some(h), true) => {
+                let ep = u32::from(slot) << 3;
+                h.lock()
+                    .add_endpoint(ep, None, &[])
+                    .map_err(dev_err(name.clone()))?;
+                b.endpoints.push(slot);
+                Some((h.clone(), ep))
+            }
+            (None, true) => return Err(VmmError::Device(name, "iommu=on needs --iommu".into())),
+            _ => None,
+        };
+        let blk = VirtioBlock::new(&d.path, d.readonly, mem.clone(), behind)
+            .map_err(dev_err(name.clone()))?;
+        let blk = Arc::new(Mutex::new(blk));
+        b.add_virtio(slot, blk.clone(), &name)?;
+        let label = format!(
+            "virtio-blk 00:{slot:02x}.0 ({}{})",
+            d.path.display(),
+            if d.iommu { ", behind the vIOMMU" } else { "" }
+        );
+        disks.push((label, blk));
+    }
+
+    let mut passthrough = Vec::new();
+    for p in &cfg.vfio_user {
+        passthrough.push(super::passthrough::vfio_user(&mut b, p)?);
+    }
+    for p in &cfg.vfio {
+        passthrough.push(super::passthrough::vfio(&mut b, p)?);
+    }
+
+    let mut nets = Vec::new();
+    for (i, n) in cfg.vhost_user_net.iter().enumerate() {
+        nets.push(add_vhost_user_net(&mut b, n, i)?);
+    }
+
+    let pci = Arc::new(b.pci);
+    mmio.insert(
+        Arc::new(Mutex::new(PciEcam(pci.clone()))),
+        layout::PCI_ECAM_START,
+        layout::PCI_ECAM_SIZE,
+    )
+    .map_err(dev_err("the PCI ECAM area".into()))?;
+    mmio.insert(
+        Arc::new(Mutex::new(PciMmio(pci.clone()))),
+        layout::PCI_MMIO_32_START,
+        layout::PCI_MMIO_32_SIZE,
+    )
+    .map_err(dev_err("the PCI window".into()))?;
+    pio.insert(
+        Arc::new(Mutex::new(PciConfigIo::new(pci.clone()))),
+        u64::from(layout::PCI_CONFIG_ADDRESS_PORT),
+        8,
+    )
+    .map_err(dev_err("the PCI configuration ports".into()))?;
+
+    let platform = PlatformDescription {
+        cpus: cfg.cpus,
+        pci_mmio32: (layout::PCI_MMIO_32_START, layout::PCI_MMIO_32_SIZE),
+        pci_mmio64: (
+            layout::pci_mmio_64_start(mem_size),
+            layout::PCI_MMIO_64_SIZE,
+        ),
+        iommu: iommu.as_ref().map(|_| IommuTopology {
+            iommu_device: IOMMU_SLOT,
+            endpoints: b.endpoints.clone(),
+        }),
+    };
+    Ok(DeviceManager {
+        iommu,
+        disks,
+        nets,
+        passthrough,
+        subscribers: b.subscribers,
+        platform,
+        ram_ranges: layout::ram_ranges(mem_size),
+        dirty: Mutex::new(None),
+        untracked: Mutex::new(Vec::new()),
+        pci: pci.clone(),
+        functions: b.functions,
+        virtio: b.virtio,
+        frozen: b.frozen,
+    })
+}

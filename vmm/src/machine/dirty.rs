@@ -1,0 +1,78 @@
+//! Dirty tracking of a passthrough device not behind the vIOMMU: its DMA backend maps all of
+//! guest RAM at IOVA = GPA and reports the pages the device wrote by GPA. The device
+//! manager harvests it with the others (`DeviceManager::harvest_passthrough`).
+
+use std::sync::Mutex;
+
+use iommu::dirty::DirtyBitmap;
+use iommu::pagetable::PAGE_SIZE;
+use iommu::DmaBackend;
+
+/// Most pages read from a direct backend per call (1 GiB).
+const CHUNK_PAGES: u64 = 1 << 18;
+
+/// Dirty tracking of passthrough devices not behind the vIOMMU.
+pub struct DirectDirty {
+    backend: Mutex<Box<dyn DmaBackend>>,
+    tracked: Mutex<bool>,
+}
+
+impl DirectDirty {
+    /// Wraps the backend that maps all of guest RAM for one device.
+    pub fn new(backend: Box<dyn DmaBackend>) -> Self {
+        Self {
+            backend: Mutex::new(backend),
+            tracked: Mutex::new(false),
+        }
+    }
+
+    /// Passes a device's page request to the backend (`dma=fault` outside the vIOMMU).
+    ///
+    /// # Errors
+    /// The backend's error when the host map failed.
+    pub fn page_request(
+        &self,
+        iova: u64,
+        write: bool,
+    ) -> Result<iommu::backend::PageResponse, iommu::BackendError> {
+        let mut b = self.backend.lock().unwrap_or_else(|e| e.into_inner());
+        b.page_request(iova, write)
+    }
+
+    pub(crate) fn start(&self) -> bool {
+        let mut b = self.backend.lock().unwrap_or_else(|e| e.into_inner());
+        let on = b.caps().dirty_tracking && b.set_dirty_tracking(true).is_ok();
+        *self.tracked.lock().unwrap_or_else(|e| e.into_inner()) = on;
+        on
+    }
+
+    pub(crate) fn stop(&self) {
+        let mut tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
+        if std::mem::take(&mut *tracked) {
+            let mut b = self.backend.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = b.set_dirty_tracking(false);
+        }
+    }
+
+    pub(crate) fn harvest(&self, ram: &[(u64, u64)], out: &mut DirtyBitmap) {
+        let tracked = *self.tracked.lock().unwrap_or_else(|e| e.into_inner());
+        let mut b = self.backend.lock().unwrap_or_else(|e| e.into_inner());
+        for &(gpa, len) in ram {
+            let (first, pages) = (gpa / PAGE_SIZE, len / PAGE_SIZE);
+            let mut done = 0;
+            while done < pages {
+                let n = (pages - done).min(CHUNK_PAGES);
+                let mut bits = vec![0u64; n.div_ceil(64) as usize];
+                let ok = tracked
+                    && b.read_dirty((first + done) * PAGE_SIZE, n * PAGE_SIZE, &mut bits, true)
+                        .is_ok();
+                if ok {
+                    out.mark_bits(first + done, &bits, n);
+                } else {
+                    out.mark(first + done, n);
+                }
+                done += n;
+            }
+        }
+    }
+}
