@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
+use sync::{MutexExt, RwLockExt};
 
 /// A device on a bus. `offset` is relative to the start of the range it was inserted at;
 /// `data.len()` is the access size (1, 2, 4 or 8 bytes).
@@ -66,7 +67,7 @@ impl Bus {
             .checked_add(len)
             .filter(|_| len > 0)
             .ok_or(BusError::InvalidRange { base, len })?;
-        let mut ranges = self.ranges.write().unwrap_or_else(|e| e.into_inner());
+        let mut ranges = self.ranges.write_locked();
         if let Some((&b, e)) = ranges.range(..end).next_back() {
             if b + e.len > base {
                 return Err(BusError::Overlap { base, len });
@@ -78,15 +79,11 @@ impl Bus {
 
     /// Removes the range starting at `base`. Returns whether one was there.
     pub fn remove(&self, base: u64) -> bool {
-        self.ranges
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&base)
-            .is_some()
+        self.ranges.write_locked().remove(&base).is_some()
     }
 
     fn lookup(&self, addr: u64) -> Option<(u64, SharedDevice)> {
-        let ranges = self.ranges.read().unwrap_or_else(|e| e.into_inner());
+        let ranges = self.ranges.read_locked();
         let (&base, e) = ranges.range(..=addr).next_back()?;
         (addr - base < e.len).then(|| (base, e.device.clone()))
     }
@@ -95,9 +92,7 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.lookup(addr) {
             Some((base, dev)) => {
-                dev.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .read(base, addr - base, data);
+                dev.locked().read(base, addr - base, data);
                 true
             }
             None => false,
@@ -108,9 +103,7 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.lookup(addr) {
             Some((base, dev)) => {
-                dev.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .write(base, addr - base, data);
+                dev.locked().write(base, addr - base, data);
                 true
             }
             None => false,

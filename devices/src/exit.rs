@@ -2,6 +2,7 @@
 
 use std::sync::Mutex;
 
+use sync::MutexExt;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Why the VM stopped.
@@ -55,7 +56,7 @@ impl VmExit {
 
     /// Records `reason` unless one is already recorded, and wakes the event loop.
     pub fn request(&self, reason: ExitReason) {
-        let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        let mut r = self.reason.locked();
         if r.is_none() {
             *r = Some(reason);
         }
@@ -65,10 +66,7 @@ impl VmExit {
 
     /// The recorded reason, if any.
     pub fn reason(&self) -> Option<ExitReason> {
-        self.reason
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.reason.locked().clone()
     }
 
     /// The eventfd signalled by [`VmExit::request`].

@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::backend::{BackendCaps, BackendError, DmaBackend};
 use crate::pagetable::{IoPageTable, Perm, PAGE_SHIFT, PAGE_SIZE};
+use sync::MutexExt;
 
 /// The answer to a page request (PCIe PRI's "Page Request Group Response": success, or
 /// invalid request).
@@ -91,7 +92,7 @@ impl OnDemand {
     }
 
     fn count(&self) -> std::sync::MutexGuard<'_, OnDemandCounters> {
-        self.counters.lock().unwrap_or_else(|e| e.into_inner())
+        self.counters.locked()
     }
 
     /// The installed host mappings `(iova, len)`, in IOVA order.

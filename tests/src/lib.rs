@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+use sync::MutexExt;
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
@@ -351,13 +352,10 @@ impl VmmProcess {
             loop {
                 match pipe.read(&mut buf) {
                     Ok(0) | Err(_) => break,
-                    Ok(n) => sink
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push_str(&String::from_utf8_lossy(&buf[..n])),
+                    Ok(n) => sink.locked().push_str(&String::from_utf8_lossy(&buf[..n])),
                 }
             }
-            let s = sink.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let s = sink.locked().clone();
             s
         });
         VmmProcess {
@@ -371,10 +369,7 @@ impl VmmProcess {
 
     /// What the VMM wrote on stderr so far.
     pub fn stderr_so_far(&self) -> String {
-        self.stderr_so_far
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.stderr_so_far.locked().clone()
     }
 
     /// Waits until stderr contains `needle`; panics after `deadline` (a hang).

@@ -14,6 +14,7 @@
 use std::sync::RwLock;
 use std::time::Duration;
 
+use sync::RwLockExt;
 use vmm_tests::{
     api, check_suites, console_text as console, console_value, counter, guest_kernel, run_vmm,
     scale, scratch, DeviceProcess, Run, Testpmd, VmmProcess,
@@ -81,7 +82,7 @@ const FLOWING: u64 = 100;
 
 #[test]
 fn frames_checked_byte_for_byte_lazy_strict_and_without_the_viommu() {
-    let _alone = GUESTS.write().unwrap_or_else(|e| e.into_inner());
+    let _alone = GUESTS.write_locked();
     let pmd = Testpmd::start("linux-net", 3);
     let runs: Vec<(Mode, Run)> = std::thread::scope(|s| {
         let handles: Vec<_> = [
@@ -191,7 +192,7 @@ fn frames_checked_byte_for_byte_lazy_strict_and_without_the_viommu() {
 
 #[test]
 fn testpmd_killed_mid_traffic_the_vmm_goes_on_and_traffic_resumes() {
-    let _shared = GUESTS.read().unwrap_or_else(|e| e.into_inner());
+    let _shared = GUESTS.read_locked();
     let mut pmd = Testpmd::start_counting("linux-kill", 1);
     let dma = DeviceProcess::start();
     let net = format!("{},reconnect=1", pmd.arg(0, true));
@@ -244,7 +245,7 @@ const MIGRATION_DEADLINE: Duration = Duration::from_secs(600);
 /// from the migrated vIOMMU state.
 #[test]
 fn linux_migrates_mid_traffic_to_a_vmm_with_its_own_testpmd() {
-    let _shared = GUESTS.read().unwrap_or_else(|e| e.into_inner());
+    let _shared = GUESTS.read_locked();
     let (pmd_a, pmd_b) = (
         Testpmd::start_counting("linux-mig-src", 1),
         Testpmd::start("linux-mig-dst", 1),

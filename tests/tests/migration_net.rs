@@ -14,6 +14,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use sync::MutexExt;
 use vmm_tests::{api, bin, counter, scratch, DeviceProcess, Testpmd, VmmProcess};
 
 const DEADLINE: Duration = Duration::from_secs(300);
@@ -126,7 +127,7 @@ fn figures(report: &serde_json::Value) {
 
 #[test]
 fn frames_flow_through_a_live_migration_and_verify_passes() {
-    let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = ONE.locked();
     let Pair {
         src,
         dst,
@@ -168,7 +169,7 @@ fn frames_flow_through_a_live_migration_and_verify_passes() {
 
 #[test]
 fn a_back_end_log_that_is_ignored_fails_verify_and_the_source_runs_on() {
-    let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = ONE.locked();
     let Pair {
         mut src,
         dst,
@@ -198,7 +199,7 @@ fn a_back_end_log_that_is_ignored_fails_verify_and_the_source_runs_on() {
 
 #[test]
 fn a_back_end_that_cannot_log_is_copied_in_full_and_reported_untracked() {
-    let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = ONE.locked();
     let Pair {
         src,
         dst,

@@ -10,6 +10,7 @@ use std::time::Duration;
 use boot::quirks::FallbackStats;
 use devices::exit::{ExitReason, VmExit};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use sync::MutexExt;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::signal::Killable;
 
@@ -88,7 +89,7 @@ pub fn run(vm: Vm) -> Result<RunSummary, VmmError> {
         (Some(IncomingConfig::Listen(a)), _) => Some(Source::Listen(a.clone())),
         (Some(IncomingConfig::Defer), _) => {
             let (tx, rx) = std::sync::mpsc::channel::<IncomingRequest>();
-            *api.incoming.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+            *api.incoming.locked() = Some(tx);
             log::info!("waiting for a guest: the API's restore or receive");
             loop {
                 let Ok((src, reply)) = rx.recv() else {
@@ -105,7 +106,7 @@ pub fn run(vm: Vm) -> Result<RunSummary, VmmError> {
                     }
                 }
             }
-            *api.incoming.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            *api.incoming.locked() = None;
             None
         }
         (None, None) => None,
@@ -125,8 +126,7 @@ pub fn run(vm: Vm) -> Result<RunSummary, VmmError> {
         for p in &machine.devices.passthrough {
             let r = p
                 .backend
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
+                .locked()
                 .set_migration_state(machine::device_state::RUNNING);
             if let Err(e) = r {
                 return Err(VmmError::Migration(format!(
@@ -138,8 +138,8 @@ pub fn run(vm: Vm) -> Result<RunSummary, VmmError> {
         machine.kick_queues();
     }
     {
-        let mut threads = machine.threads.lock().unwrap_or_else(|e| e.into_inner());
-        let mut requests = machine.requests.lock().unwrap_or_else(|e| e.into_inner());
+        let mut threads = machine.threads.locked();
+        let mut requests = machine.requests.locked();
         for (id, vcpu) in vcpus.into_iter().enumerate() {
             let (tx, rx) = std::sync::mpsc::channel();
             let t = vcpu::spawn(id as u8, vcpu, ctx.clone(), rx)
@@ -148,7 +148,7 @@ pub fn run(vm: Vm) -> Result<RunSummary, VmmError> {
             requests.push(tx);
         }
     }
-    *api.machine.lock().unwrap_or_else(|e| e.into_inner()) = Some(machine.clone());
+    *api.machine.locked() = Some(machine.clone());
 
     // Set up: from here on the main thread runs the event loop, confined.
     devices::seccomp::confine("vmm", devices::seccomp::lists::VMM_MAIN);
@@ -158,11 +158,11 @@ pub fn run(vm: Vm) -> Result<RunSummary, VmmError> {
         }
     }
     let reason = vm.exit.reason().unwrap_or(ExitReason::Stopped);
-    *api.machine.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    *api.machine.locked() = None;
 
     ctx.stop.store(true, Ordering::Release);
     ctx.pause.resume();
-    let threads = std::mem::take(&mut *machine.threads.lock().unwrap_or_else(|e| e.into_inner()));
+    let threads = std::mem::take(&mut *machine.threads.locked());
     let mut fallbacks = FallbackStats::default();
     for t in threads {
         while !t.is_finished() {

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 
 use iommu::pagetable::IoPageTable;
 use iommu::Perm;
+use sync::MutexExt;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -68,7 +69,7 @@ impl MessageDma {
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, IoPageTable> {
-        self.table.lock().unwrap_or_else(|e| e.into_inner())
+        self.table.locked()
     }
 
     /// Records a host mapping `[iova, iova + len)` -> `gpa` with `perm` (page-aligned).
@@ -102,12 +103,12 @@ impl MessageDma {
 
     /// The accesses refused since the last call: `(iova, write)`.
     pub fn take_faults(&self) -> Vec<(u64, bool)> {
-        std::mem::take(&mut *self.faults.lock().unwrap_or_else(|e| e.into_inner()))
+        std::mem::take(&mut *self.faults.locked())
     }
 
     fn refuse(&self, iova: u64, write: bool, errno: i32) -> i32 {
         self.counters.refused.fetch_add(1, Ordering::Relaxed);
-        let mut f = self.faults.lock().unwrap_or_else(|e| e.into_inner());
+        let mut f = self.faults.locked();
         // Bounded: a device that keeps faulting cannot grow the queue without end.
         if f.len() < 1024 {
             f.push((iova, write));

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use crate::interrupt::MsiVector;
 use crate::pci::msix::Msix;
 use crate::pci::{PciConfiguration, PciDevice, PciIds};
+use sync::MutexExt;
 
 use super::{
     PassthroughBackend, PassthroughError, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
@@ -126,7 +127,7 @@ impl PassthroughPci {
         failed: Arc<AtomicBool>,
         access: Option<DirectAccess>,
     ) -> Result<Self, SetupError> {
-        let mut b = backend.lock().unwrap_or_else(|e| e.into_inner());
+        let mut b = backend.locked();
         let mut cfg = [0u8; 64];
         b.region_read(VFIO_PCI_CONFIG_REGION_INDEX, 0, &mut cfg)?;
         let u16_at = |o: usize| u16::from_le_bytes([cfg[o], cfg[o + 1]]);
@@ -419,11 +420,7 @@ impl PciDevice for PassthroughPci {
             data.fill(0xff);
             return;
         }
-        let r = self
-            .backend
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .region_read(bar as u32, offset, data);
+        let r = self.backend.locked().region_read(bar as u32, offset, data);
         match r {
             Ok(()) => {}
             Err(e @ PassthroughError::Failed(_)) => {
@@ -449,11 +446,7 @@ impl PciDevice for PassthroughPci {
         if self.failed() || !self.bars.contains(&bar) {
             return;
         }
-        let r = self
-            .backend
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .region_write(bar as u32, offset, data);
+        let r = self.backend.locked().region_write(bar as u32, offset, data);
         match r {
             Ok(()) => {}
             Err(e @ PassthroughError::Failed(_)) => self.fail(&e),

@@ -31,6 +31,7 @@ use iommu::{BackendCaps, BackendError, DmaBackend, Perm};
 use iommufd_bindings::iommufd::{
     iommu_ioas_iova_ranges, iommu_iova_range, IOMMUFD_CMD_IOAS_IOVA_RANGES, IOMMUFD_TYPE,
 };
+use sync::MutexExt;
 use vfio_bindings::bindings::vfio::{
     vfio_bitmap, vfio_info_cap_header, vfio_iommu_type1_dirty_bitmap,
     vfio_iommu_type1_dirty_bitmap_get, vfio_iommu_type1_dma_map, vfio_iommu_type1_dma_unmap,
@@ -758,7 +759,7 @@ impl DmaBackend for HostVfioDma {
 
     fn map(&mut self, iova: u64, gpa: u64, len: u64, perm: Perm) -> Result<(), BackendError> {
         let hva = self.hva(gpa, len)?;
-        self.calls.lock().unwrap_or_else(|e| e.into_inner()).0 += 1;
+        self.calls.locked().0 += 1;
         match self.host.as_ref() {
             Host::Type1(c) => {
                 let mut req = type1_map_request(iova, hva, len, perm);
@@ -783,7 +784,7 @@ impl DmaBackend for HostVfioDma {
     }
 
     fn unmap(&mut self, iova: u64, len: u64) -> Result<(), BackendError> {
-        self.calls.lock().unwrap_or_else(|e| e.into_inner()).1 += 1;
+        self.calls.locked().1 += 1;
         let r = match self.host.as_ref() {
             Host::Type1(c) => c.vfio_dma_unmap(iova, len as usize),
             Host::Iommufd(i) => i.vfio_dma_unmap(iova, len as usize),
@@ -863,7 +864,7 @@ impl DmaBackend for HostVfioDma {
             iommu::backend::set_all(bitmap, len / 4096);
             return Ok(());
         };
-        self.calls.lock().unwrap_or_else(|e| e.into_inner()).1 += 1;
+        self.calls.locked().1 += 1;
         type1_bitmap_call(
             c.as_raw_fd(),
             VFIO_IOMMU_UNMAP_DMA(),

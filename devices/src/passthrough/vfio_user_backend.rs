@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use iommu::{BackendCaps, BackendError, DmaBackend, Perm};
+use sync::MutexExt;
 
 use super::message_dma::MessageDma;
 use super::vfio_user::caps::ext;
@@ -105,7 +106,7 @@ impl VfioUserDevice {
     }
 
     fn lock(&self) -> MutexGuard<'_, VfioUserClient> {
-        self.client.lock().unwrap_or_else(|e| e.into_inner())
+        self.client.locked()
     }
 
     fn map_err(&self, e: VfioUserError) -> PassthroughError {
@@ -479,7 +480,7 @@ impl DmaBackend for VfioUserDma {
         if perm.write() {
             flags |= DMA_MAP_WRITE;
         }
-        self.calls.lock().unwrap_or_else(|e| e.into_inner()).0 += 1;
+        self.calls.locked().0 += 1;
         if let Some(t) = &self.messages {
             let r = self.dev.lock().dma_map(iova, len, None, 0, flags);
             r.map_err(|e| self.err(e))?;
@@ -497,7 +498,7 @@ impl DmaBackend for VfioUserDma {
         if self.failed() {
             return Ok(());
         }
-        self.calls.lock().unwrap_or_else(|e| e.into_inner()).1 += 1;
+        self.calls.locked().1 += 1;
         // Messages first lose their way to the range, then the server is told.
         if let Some(t) = &self.messages {
             t.unmap(iova, len);

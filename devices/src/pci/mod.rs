@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, RwLock};
 pub use config::{PciConfiguration, PciIds};
 
 use crate::bus::BusDevice;
+use sync::{MutexExt, RwLockExt};
 
 /// Number of device slots on the bus.
 pub const SLOTS: usize = 32;
@@ -91,7 +92,7 @@ impl PciBus {
     }
 
     fn lock(dev: &SharedPciDevice) -> std::sync::MutexGuard<'_, dyn PciDevice + 'static> {
-        dev.lock().unwrap_or_else(|e| e.into_inner())
+        dev.locked()
     }
 
     /// Recomputes the BARs of every slot (after a restore changed configuration spaces).
@@ -119,7 +120,7 @@ impl PciBus {
             }
             None => Vec::new(),
         };
-        let mut w = self.windows.write().unwrap_or_else(|e| e.into_inner());
+        let mut w = self.windows.write_locked();
         w.retain(|e| e.2 != slot);
         w.extend(new);
     }
@@ -159,7 +160,7 @@ impl PciBus {
     }
 
     fn find(&self, addr: u64, len: usize) -> Option<(SharedPciDevice, usize, u64)> {
-        let w = self.windows.read().unwrap_or_else(|e| e.into_inner());
+        let w = self.windows.read_locked();
         let &(start, _, slot, bar) = w
             .iter()
             .find(|&&(s, l, _, _)| addr >= s && addr - s < l && addr - s + len as u64 <= l)?;

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use super::dma::{DmaFault, DmaSpace, PAGE};
 use super::*;
+use sync::MutexExt;
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Regs {
@@ -96,7 +97,7 @@ pub enum MigrationError {
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+    m.locked()
 }
 
 fn signal(f: &Option<File>) {

@@ -6,6 +6,7 @@
 use std::io;
 use std::sync::{Arc, Mutex};
 
+use sync::MutexExt;
 use virtio_queue::{Queue, QueueT};
 
 use crate::state::StateError;
@@ -87,10 +88,7 @@ struct PciInterrupt {
 impl PciInterrupt {
     fn fire(&self, vector: u16) {
         if vector != NO_VECTOR {
-            self.msix
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .trigger(usize::from(vector));
+            self.msix.locked().trigger(usize::from(vector));
         }
     }
 }
@@ -109,10 +107,7 @@ impl VirtioInterrupt for PciInterrupt {
         if v == NO_VECTOR {
             return None;
         }
-        self.msix
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .irqfd(usize::from(v))
+        self.msix.locked().irqfd(usize::from(v))
     }
 }
 
@@ -176,7 +171,7 @@ impl VirtioPciDevice {
         ioevents: Option<Arc<dyn IoEventRegistrar>>,
     ) -> io::Result<Self> {
         let (device_type, sizes, features) = {
-            let d = device.lock().unwrap_or_else(|e| e.into_inner());
+            let d = device.locked();
             (d.device_type(), d.queue_max_sizes(), d.avail_features())
         };
         let class = match device_type {
@@ -285,7 +280,7 @@ impl VirtioPciDevice {
     }
 
     fn lock_device(&self) -> std::sync::MutexGuard<'_, dyn VirtioDevice + 'static> {
-        self.device.lock().unwrap_or_else(|e| e.into_inner())
+        self.device.locked()
     }
 
     fn reset(&mut self) {
@@ -444,7 +439,7 @@ impl VirtioPciDevice {
     /// A vector number the device has, or `NO_VECTOR` (virtio 4.1.5.1.2: the device answers
     /// `NO_VECTOR` when it cannot use the vector).
     fn valid_vector(&self, v: u16) -> u16 {
-        let n = self.msix.lock().unwrap_or_else(|e| e.into_inner()).len();
+        let n = self.msix.locked().len();
         if usize::from(v) < n {
             v
         } else {
@@ -473,7 +468,7 @@ impl PciDevice for VirtioPciDevice {
         };
         let st = TransportState {
             config: self.config.save_regs(),
-            msix: self.msix.lock().unwrap_or_else(|e| e.into_inner()).save(),
+            msix: self.msix.locked().save(),
             device_feature_select: self.device_feature_select,
             driver_feature_select: self.driver_feature_select,
             driver_features: self.driver_features,
@@ -509,11 +504,7 @@ impl PciDevice for VirtioPciDevice {
         self.lock_device().reset();
         self.activated = false;
         self.config.restore_regs(&st.config).map_err(bad)?;
-        self.msix
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .restore(&st.msix)
-            .map_err(bad)?;
+        self.msix.locked().restore(&st.msix).map_err(bad)?;
         self.device_feature_select = st.device_feature_select;
         self.driver_feature_select = st.driver_feature_select;
         self.driver_features = st.driver_features;
@@ -539,10 +530,7 @@ impl PciDevice for VirtioPciDevice {
         // MSI-X message control sits in the upper half of the capability's first dword.
         if reg == self.msix_cap / 4 {
             let ctrl = (self.config.read_reg(reg) >> 16) as u16;
-            self.msix
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .set_message_control(ctrl);
+            self.msix.locked().set_message_control(ctrl);
         }
         if moved.contains(&0) {
             self.register_ioevents();
@@ -569,16 +557,10 @@ impl PciDevice for VirtioPciDevice {
                 self.lock_device().read_config(o - DEVICE_OFFSET, data);
             }
             o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => {
-                self.msix
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .table_read(o - MSIX_TABLE_OFFSET, data);
+                self.msix.locked().table_read(o - MSIX_TABLE_OFFSET, data);
             }
             o if (MSIX_PBA_OFFSET..BAR0_SIZE).contains(&o) => {
-                self.msix
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .pba_read(o - MSIX_PBA_OFFSET, data);
+                self.msix.locked().pba_read(o - MSIX_PBA_OFFSET, data);
             }
             _ => {}
         }
@@ -601,10 +583,7 @@ impl PciDevice for VirtioPciDevice {
                 }
             }
             o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => {
-                self.msix
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .table_write(o - MSIX_TABLE_OFFSET, data);
+                self.msix.locked().table_write(o - MSIX_TABLE_OFFSET, data);
             }
             _ => {}
         }
@@ -612,5 +591,4 @@ impl PciDevice for VirtioPciDevice {
 }
 
 #[cfg(test)]
-#[path = "pci_tests.rs"]
 mod tests;

@@ -30,6 +30,7 @@ extern crate serde_derive;
 extern crate log;
 
 pub mod server_ext;
+use server_ext::lock;
 
 #[allow(dead_code)]
 #[repr(u16)]
@@ -1614,7 +1615,7 @@ impl Server {
                     writer.try_clone().map_err(Error::StreamRead)?,
                     client.max_data_xfer_size,
                 ));
-                *route.lock().unwrap_or_else(|e| e.into_inner()) = Some(c.clone());
+                *lock(&route) = Some(c.clone());
                 channel = Some(c.clone());
                 // The VERSION reply goes out before any DMA message can.
                 if let Err(e) = c.send(&out.bytes, &out.fds) {

@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::io::{self, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use vfio_bindings::bindings::vfio::{
@@ -33,6 +33,12 @@ use vfio_bindings::bindings::vfio::{
 
 use crate::{Command, Error, Header, HeaderFlags, ServerBackend};
 use vm_memory::ByteValued;
+
+/// Locks `m`, taking the data even when a holder panicked: the reader thread and the serving
+/// thread share these maps, and one of them failing must not take the other down with it.
+pub(crate) fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// Most ranges a `DMA_LOGGING_START` may name.
 pub const MAX_LOGGING_RANGES: u32 = 4096;
@@ -357,18 +363,13 @@ pub(crate) struct Channel {
 impl Channel {
     /// Writes one whole message (and its file descriptors).
     pub fn send(&self, bytes: &[u8], fds: &[std::os::fd::RawFd]) -> Result<(), Error> {
-        let w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let w = lock(&self.writer);
         send_raw(&w, bytes, fds)
     }
 
     /// Hands a reply from the client to the thread that waits for it.
     pub fn deliver(&self, id: u16, reply: Result<Vec<u8>, u32>) {
-        let tx = self
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .waiting
-            .remove(&id);
+        let tx = lock(&self.pending).waiting.remove(&id);
         match tx {
             Some(tx) => {
                 let _ = tx.send(reply);
@@ -379,7 +380,7 @@ impl Channel {
 
     /// The connection ended: every waiting transfer fails.
     pub fn close(&self) {
-        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let mut p = lock(&self.pending);
         p.closed = true;
         p.waiting.clear();
     }
@@ -410,16 +411,8 @@ impl DmaHandle {
     fn call(&self, command: Command, body: &[u8]) -> Result<Vec<u8>, io::Error> {
         let (tx, rx): (_, Receiver<Result<Vec<u8>, u32>>) = sync_channel(1);
         let id = {
-            let mut n = self
-                .channel
-                .next_id
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            let mut p = self
-                .channel
-                .pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut n = lock(&self.channel.next_id);
+            let mut p = lock(&self.channel.pending);
             if p.closed {
                 return Err(io::Error::new(
                     io::ErrorKind::NotConnected,
@@ -453,12 +446,7 @@ impl DmaHandle {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(e)) => Err(io::Error::from_raw_os_error(e as i32)),
             Err(_) => {
-                self.channel
-                    .pending
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .waiting
-                    .remove(&id);
+                lock(&self.channel.pending).waiting.remove(&id);
                 Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!("no reply to {command:?} within {:?}", self.timeout),
@@ -619,7 +607,7 @@ pub(crate) fn read_messages(
             break;
         }
         if header.flags & 0xf == HeaderFlags::Reply as u32 {
-            let c = route.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let c = lock(&route).clone();
             let reply = if header.flags & HeaderFlags::Error as u32 != 0 {
                 Err(if header.error == 0 {
                     libc::EIO as u32
@@ -646,7 +634,7 @@ pub(crate) fn read_messages(
             break;
         }
     }
-    if let Some(c) = route.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+    if let Some(c) = lock(&route).as_ref() {
         c.close();
     }
 }

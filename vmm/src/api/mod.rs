@@ -35,6 +35,7 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
+use sync::MutexExt;
 
 use crate::machine::{Lifecycle, Machine};
 use crate::migration::{self, migrate, snapshot, HandoverResolver, MigrateOptions, Source};
@@ -62,9 +63,9 @@ impl HandoverResolver for ApiTarget {
             return None;
         }
         let (tx, rx) = std::sync::mpsc::channel();
-        *self.handover.lock().unwrap_or_else(|e| e.into_inner()) = Some((why.to_string(), tx));
+        *self.handover.locked() = Some((why.to_string(), tx));
         let decision = rx.recv().ok();
-        *self.handover.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.handover.locked() = None;
         decision
     }
 }
@@ -235,11 +236,7 @@ fn serve(conn: UnixStream, target: &ApiTarget) {
         if let Some(to) = migrated_to {
             // The guest runs on the destination now: this VM ends, after the report was
             // written (or could not be: the client went away).
-            let machine = target
-                .machine
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
+            let machine = target.machine.locked().clone();
             if let Some(m) = machine {
                 m.exit.request(devices::exit::ExitReason::Migrated(to));
             }
@@ -255,17 +252,13 @@ fn handle(req: &Value, target: &ApiTarget) -> Result<Value, String> {
         .get("cmd")
         .and_then(Value::as_str)
         .ok_or("the request has no \"cmd\"")?;
-    let machine = target
-        .machine
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
+    let machine = target.machine.locked().clone();
     let Some(m) = machine else {
         return handle_waiting(cmd, req, target);
     };
     match cmd {
         "status" => {
-            let l = *m.lifecycle.lock().unwrap_or_else(|e| e.into_inner());
+            let l = *m.lifecycle.locked();
             let mut v = json!({"ok": true, "memory": m.config.memory, "cpus": m.config.cpus});
             let state = match l {
                 Lifecycle::Running => "running",
@@ -282,7 +275,7 @@ fn handle(req: &Value, target: &ApiTarget) -> Result<Value, String> {
             Ok(v)
         }
         "pause" => {
-            let mut l = m.lifecycle.lock().unwrap_or_else(|e| e.into_inner());
+            let mut l = m.lifecycle.locked();
             if *l == Lifecycle::Running {
                 m.pause_vcpus().map_err(|e| e.to_string())?;
                 *l = Lifecycle::Paused;
@@ -290,7 +283,7 @@ fn handle(req: &Value, target: &ApiTarget) -> Result<Value, String> {
             Ok(json!({"ok": true}))
         }
         "resume" => {
-            let mut l = m.lifecycle.lock().unwrap_or_else(|e| e.into_inner());
+            let mut l = m.lifecycle.locked();
             match *l {
                 Lifecycle::Paused => {
                     m.resume_vcpus();
@@ -364,11 +357,7 @@ const UNCONFIRMED_HELP: &str = "the guest was handed over (COMMIT sent) but the 
      resume here with \"force\":true";
 
 fn handle_waiting(cmd: &str, req: &Value, target: &ApiTarget) -> Result<Value, String> {
-    let pending = target
-        .handover
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
+    let pending = target.handover.locked().clone();
     if let Some((why, decide)) = pending {
         return match cmd {
             "status" => Ok(json!({"ok": true, "state": "awaiting-commit", "resolve": why})),
@@ -405,8 +394,7 @@ fn handle_waiting(cmd: &str, req: &Value, target: &ApiTarget) -> Result<Value, S
     };
     let tx = target
         .incoming
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
+        .locked()
         .clone()
         .ok_or("the VM is not waiting for a guest")?;
     let (reply_tx, reply_rx) = std::sync::mpsc::channel();

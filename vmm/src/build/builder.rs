@@ -13,6 +13,7 @@ use ::devices::virtio::iommu::IommuHandle;
 use ::devices::virtio::pci::{IoEventRegistrar, VirtioPciDevice, BAR0_SIZE};
 use ::devices::virtio::VirtioDevice;
 use ::devices::GuestMemoryMmap;
+use sync::MutexExt;
 
 use crate::error::VmmError;
 use crate::machine::devices::{Function, KvmGuestMapper, QueueNotifier, Subscriber};
@@ -115,11 +116,7 @@ impl Builder {
         dev: Arc<Mutex<dyn VirtioDevice>>,
         name: &str,
     ) -> Result<(), VmmError> {
-        let nq = dev
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .queue_max_sizes()
-            .len();
+        let nq = dev.locked().queue_max_sizes().len();
         let vectors = self
             .interrupts
             .allocate_msi(nq + 1)

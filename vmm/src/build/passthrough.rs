@@ -15,6 +15,7 @@ use devices::passthrough::{PassthroughBackend, VFIO_PCI_ERR_IRQ_INDEX};
 use iommu::on_demand::OnDemand;
 use iommu::viommu::BackendId;
 use iommu::DmaBackend;
+use sync::MutexExt;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
@@ -177,8 +178,7 @@ pub fn vfio_user(b: &mut Builder, arg: &PassthroughConfig) -> Result<Passthrough
     let (endpoint, direct) = attach_dma(b, &name, slot, arg.iommu, on_demand.is_some(), dma)?;
 
     backend
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
+        .locked()
         .set_irqs(VFIO_PCI_ERR_IRQ_INDEX, 0, &[evt.as_raw_fd()])
         .map_err(dev_err(name.clone()))?;
     let label = format!(

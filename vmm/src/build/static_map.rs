@@ -13,6 +13,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use iommu::{BackendError, DmaBackend, Perm};
+use sync::MutexExt;
 
 /// One piece of RAM: `len` bytes at `gpa` (mapped at IOVA = GPA), at `hva` in the VMM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -182,7 +183,7 @@ fn run(
                             len: p.len,
                             source,
                         })?;
-                        let mut d = dma.lock().unwrap_or_else(|e| e.into_inner());
+                        let mut d = dma.locked();
                         if let Some(d) = d.as_mut() {
                             d.map(p.gpa, p.gpa, p.len, Perm::RW).map_err(|source| {
                                 StaticMapError::Map {

@@ -26,6 +26,7 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use iommu::dirty::DirtyBitmap;
 use iommu::pagetable::PAGE_SIZE;
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use sync::MutexExt;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -74,7 +75,7 @@ impl KvmGuestMapper {
 impl devices::passthrough::pci::GuestMapper for KvmGuestMapper {
     fn map(&self, gpa: u64, len: u64, hva: u64) -> io::Result<u32> {
         let slot = {
-            let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            let mut s = self.slots.locked();
             match s.1.pop() {
                 Some(n) => n,
                 None => {
@@ -84,11 +85,7 @@ impl devices::passthrough::pci::GuestMapper for KvmGuestMapper {
             }
         };
         if let Err(e) = self.set(slot, gpa, len, hva) {
-            self.slots
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .1
-                .push(slot);
+            self.slots.locked().1.push(slot);
             return Err(e);
         }
         Ok(slot)
@@ -99,11 +96,7 @@ impl devices::passthrough::pci::GuestMapper for KvmGuestMapper {
             log::error!("KVM memory slot {slot}: cannot remove it: {e}");
             return;
         }
-        self.slots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .1
-            .push(slot);
+        self.slots.locked().1.push(slot);
     }
 }
 
@@ -143,14 +136,11 @@ impl MutEventSubscriber for QueueNotifier {
             if self.frozen.load(Ordering::Acquire) {
                 return;
             }
-            self.device
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .queue_notify(q);
+            self.device.locked().queue_notify(q);
         }
     }
     fn init(&mut self, ops: &mut EventOps) {
-        let dev = self.device.lock().unwrap_or_else(|e| e.into_inner());
+        let dev = self.device.locked();
         for (i, e) in self.evts.iter().enumerate() {
             // A vhost-user back end reads its own kicks.
             if dev.notified_outside(i) {
@@ -180,10 +170,7 @@ impl MutEventSubscriber for FaultNotifier {
             return;
         }
         // Queue 1 is the event queue: a notification delivers waiting faults.
-        self.device
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .queue_notify(1);
+        self.device.locked().queue_notify(1);
     }
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(err) = ops.add(Events::new(self.evt.as_ref(), EventSet::IN)) {
@@ -246,7 +233,7 @@ impl DeviceManager {
                 .filter(|(_, v)| *v > 0)
                 .map(|(s, v)| format!("status_{}={v}", s.name()))
                 .collect();
-            let bad = dev.lock().unwrap_or_else(|e| e.into_inner()).bad_chains();
+            let bad = dev.locked().bad_chains();
             let ls = &h.lock_stats;
             let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
             lines.push(format!(
@@ -274,11 +261,7 @@ impl DeviceManager {
             ));
         }
         for (label, d) in &self.disks {
-            let c = d
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .counters()
-                .clone();
+            let c = d.locked().counters().clone();
             lines.push(format!(
                 "{label}: reads={} writes={} flushes={} bytes_read={} bytes_written={} io_errors={} \
                  translation_faults={} unsupported={}",
@@ -293,7 +276,7 @@ impl DeviceManager {
             ));
         }
         for (label, n) in &self.nets {
-            let n = n.lock().unwrap_or_else(|e| e.into_inner());
+            let n = n.locked();
             let c = n.counters();
             let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
             lines.push(format!(
@@ -320,7 +303,7 @@ impl DeviceManager {
         }
         if let Some(log) = self.dirty_since_boot() {
             let pages = log.count();
-            let untracked = self.untracked.lock().unwrap_or_else(|e| e.into_inner());
+            let untracked = self.untracked.locked();
             lines.push(format!(
                 "dirty log: pages={pages} bytes={} untracked={} (guest pages written by \
                  passthrough devices since boot; untracked devices count every writable page)",
@@ -346,20 +329,12 @@ impl DeviceManager {
             }
         }
         for (label, n) in &self.nets {
-            if !n
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .start_dirty_log()
-            {
+            if !n.locked().start_dirty_log() {
                 untracked.push(label.clone());
             }
         }
-        *self.dirty.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(DirtyBitmap::new(&self.ram_ranges));
-        self.untracked
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone_from(&untracked);
+        *self.dirty.locked() = Some(DirtyBitmap::new(&self.ram_ranges));
+        self.untracked.locked().clone_from(&untracked);
         untracked
     }
 
@@ -375,11 +350,7 @@ impl DeviceManager {
     pub fn harvest_vhost_user(&self, out: &mut DirtyBitmap) -> u64 {
         self.nets
             .iter()
-            .map(|(_, n)| {
-                n.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .harvest_dirty_log(&self.ram_ranges, out)
-            })
+            .map(|(_, n)| n.locked().harvest_dirty_log(&self.ram_ranges, out))
             .sum()
     }
 
@@ -409,14 +380,14 @@ impl DeviceManager {
             }
         }
         for (_, n) in &self.nets {
-            n.lock().unwrap_or_else(|e| e.into_inner()).stop_dirty_log();
+            n.locked().stop_dirty_log();
         }
-        *self.dirty.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.dirty.locked() = None;
     }
 
     /// With `--track-dirty`: the pages written by passthrough devices since boot.
     pub fn dirty_since_boot(&self) -> Option<DirtyBitmap> {
-        let mut guard = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.dirty.locked();
         let acc = guard.as_mut()?;
         let mut round = DirtyBitmap::new(&self.ram_ranges);
         self.harvest_dirty(&mut round);

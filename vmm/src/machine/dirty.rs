@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use iommu::dirty::DirtyBitmap;
 use iommu::pagetable::PAGE_SIZE;
 use iommu::DmaBackend;
+use sync::MutexExt;
 
 /// Most pages read from a direct backend per call (1 GiB).
 const CHUNK_PAGES: u64 = 1 << 18;
@@ -35,28 +36,28 @@ impl DirectDirty {
         iova: u64,
         write: bool,
     ) -> Result<iommu::backend::PageResponse, iommu::BackendError> {
-        let mut b = self.backend.lock().unwrap_or_else(|e| e.into_inner());
+        let mut b = self.backend.locked();
         b.page_request(iova, write)
     }
 
     pub(crate) fn start(&self) -> bool {
-        let mut b = self.backend.lock().unwrap_or_else(|e| e.into_inner());
+        let mut b = self.backend.locked();
         let on = b.caps().dirty_tracking && b.set_dirty_tracking(true).is_ok();
-        *self.tracked.lock().unwrap_or_else(|e| e.into_inner()) = on;
+        *self.tracked.locked() = on;
         on
     }
 
     pub(crate) fn stop(&self) {
-        let mut tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
+        let mut tracked = self.tracked.locked();
         if std::mem::take(&mut *tracked) {
-            let mut b = self.backend.lock().unwrap_or_else(|e| e.into_inner());
+            let mut b = self.backend.locked();
             let _ = b.set_dirty_tracking(false);
         }
     }
 
     pub(crate) fn harvest(&self, ram: &[(u64, u64)], out: &mut DirtyBitmap) {
-        let tracked = *self.tracked.lock().unwrap_or_else(|e| e.into_inner());
-        let mut b = self.backend.lock().unwrap_or_else(|e| e.into_inner());
+        let tracked = *self.tracked.locked();
+        let mut b = self.backend.locked();
         for &(gpa, len) in ram {
             let (first, pages) = (gpa / PAGE_SIZE, len / PAGE_SIZE);
             let mut done = 0;

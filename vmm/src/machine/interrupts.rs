@@ -13,6 +13,7 @@ use kvm_bindings::{
     KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
 };
 use kvm_ioctls::VmFd;
+use sync::MutexExt;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// GSIs below this are the IOAPIC's pins.
@@ -103,7 +104,7 @@ impl MsiVector for KvmMsi {
     }
 
     fn update(&self, address: u64, data: u32, enabled: bool) -> io::Result<()> {
-        let mut routes = self.mgr.routes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut routes = self.mgr.routes.locked();
         let changed = if enabled {
             routes.msi.insert(self.gsi, (address, data)) != Some((address, data))
         } else {
@@ -124,7 +125,7 @@ impl InterruptManager for KvmInterruptManager {
         let mut v: Vec<Arc<dyn MsiVector>> = Vec::with_capacity(count);
         for _ in 0..count {
             let gsi = {
-                let mut r = self.0.routes.lock().unwrap_or_else(|e| e.into_inner());
+                let mut r = self.0.routes.locked();
                 let g = r.next_gsi;
                 r.next_gsi += 1;
                 g

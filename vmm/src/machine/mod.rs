@@ -26,6 +26,7 @@ use iommu::dirty::DirtyBitmap;
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
+use sync::MutexExt;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use devices::DeviceManager;
@@ -207,11 +208,7 @@ impl MigrationProgress {
     /// `{"phase":..,"round":..,"pages_sent":..,"round_pages":..,"round_sent":..,..}` while a
     /// migration runs.
     pub fn json(&self) -> Option<serde_json::Value> {
-        let st = self
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()?;
+        let st = self.state.locked().clone()?;
         let sent = self.pages_sent.load(Ordering::Relaxed);
         let mut v = serde_json::to_value(&st).ok()?;
         v["pages_sent"] = serde_json::json!(sent);
@@ -221,17 +218,12 @@ impl MigrationProgress {
 
     /// Sets the state (`None`: no migration runs).
     pub fn set(&self, st: Option<ProgressState>) {
-        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = st;
+        *self.state.locked() = st;
     }
 
     /// Changes the state of a running migration.
     pub fn update(&self, f: impl FnOnce(&mut ProgressState)) {
-        if let Some(st) = self
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_mut()
-        {
+        if let Some(st) = self.state.locked().as_mut() {
             f(st);
         }
     }
@@ -243,7 +235,7 @@ impl Machine {
     /// # Errors
     /// When the VM ended meanwhile.
     pub fn pause_vcpus(&self) -> Result<(), MachineError> {
-        let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        let threads = self.threads.locked();
         let n = threads.len();
         if self.ctx.pause.pause(&threads, n, &self.ctx.stop) {
             Ok(())
@@ -259,11 +251,7 @@ impl Machine {
 
     /// Saves every (parked) vCPU's state.
     pub fn save_vcpus(&self) -> Result<Vec<VcpuState>, MachineError> {
-        let senders = self
-            .requests
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let senders = self.requests.locked().clone();
         let mut out = Vec::new();
         for (i, s) in senders.iter().enumerate() {
             let (tx, rx) = std::sync::mpsc::channel();
@@ -292,7 +280,7 @@ impl Machine {
     /// Notifies every virtio queue once (after a restore or a thaw).
     pub fn kick_queues(&self) {
         for (dev, nq) in &self.devices.virtio {
-            let mut d = dev.lock().unwrap_or_else(|e| e.into_inner());
+            let mut d = dev.locked();
             for q in 0..*nq {
                 d.queue_notify(q);
             }
@@ -303,10 +291,7 @@ impl Machine {
     /// those already stopped.
     pub fn stop_vhost_user(&self) -> Result<(), MachineError> {
         for (label, n) in &self.devices.nets {
-            let r = n
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .stop_for_migration();
+            let r = n.locked().stop_for_migration();
             if let Err(e) = r {
                 self.restart_vhost_user();
                 return Err(state_err(format!("{label}: {e}")));
@@ -318,9 +303,7 @@ impl Machine {
     /// Starts again the vhost-user rings [`Machine::stop_vhost_user`] stopped.
     pub fn restart_vhost_user(&self) {
         for (_, n) in &self.devices.nets {
-            n.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .restart_after_migration();
+            n.locked().restart_after_migration();
         }
     }
 
@@ -328,8 +311,7 @@ impl Machine {
     pub fn passthrough_state(&self, state: u32) -> Result<(), MachineError> {
         for p in &self.devices.passthrough {
             p.backend
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
+                .locked()
                 .set_migration_state(state)
                 .map_err(|e| state_err(format!("{}: {e}", p.label)))?;
         }
@@ -339,7 +321,7 @@ impl Machine {
     /// Refuses early when a device cannot migrate.
     pub fn check_migratable(&self) -> Result<(), MachineError> {
         for (label, n) in &self.devices.nets {
-            let pairs = n.lock().unwrap_or_else(|e| e.into_inner()).active_pairs();
+            let pairs = n.locked().active_pairs();
             if pairs > 1 {
                 return Err(MachineError::Busy(format!(
                     "{label} runs {pairs} queue pairs: only the first pair's rings are \
@@ -348,7 +330,7 @@ impl Machine {
             }
         }
         for p in &self.devices.passthrough {
-            let b = p.backend.lock().unwrap_or_else(|e| e.into_inner());
+            let b = p.backend.locked();
             if !b.supports_migration() {
                 return Err(MachineError::Busy(format!(
                     "{} cannot be migrated (no VFIO migration support)",
@@ -445,16 +427,11 @@ impl Machine {
     pub fn save_state(&self) -> Result<MachineState, MachineError> {
         let vcpus = self.save_vcpus()?;
         let vm = VmState::save(&self.vm_fd).map_err(state_err)?;
-        let serial = self
-            .serial
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .save_state();
+        let serial = self.serial.locked().save_state();
         let mut functions = Vec::new();
         for (slot, name, dev) in &self.devices.functions {
             let st = dev
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
+                .locked()
                 .save_state()
                 .map_err(|e| state_err(format!("{name}: {e}")))?;
             functions.push((*slot, st));

@@ -17,6 +17,7 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use iommu::backend::PageResponse;
 use iommu::on_demand::OnDemandCounters;
 use iommu::viommu::BackendId;
+use sync::MutexExt;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
@@ -151,7 +152,7 @@ impl FaultForwarder {
         });
         match faults {
             Ok(faults) => {
-                *self.faults.lock().unwrap_or_else(|e| e.into_inner()) += faults.len() as u64;
+                *self.faults.locked() += faults.len() as u64;
                 if let Some((h, ep, _)) = &self.iommu {
                     let mut s = h.lock();
                     for &(iova, write) in &faults {
@@ -247,11 +248,11 @@ impl MutEventSubscriber for FaultForwarder {
 impl Passthrough {
     /// Its counters.
     pub fn counters_line(&self) -> String {
-        let (maps, unmaps) = *self.dma_calls.lock().unwrap_or_else(|e| e.into_inner());
+        let (maps, unmaps) = *self.dma_calls.locked();
         let mut line = format!(
             "{}: dma_map_calls={maps} dma_unmap_calls={unmaps} dma_faults={} failed={}",
             self.label,
-            *self.faults.lock().unwrap_or_else(|e| e.into_inner()),
+            *self.faults.locked(),
             u8::from(self.failed.load(Ordering::Acquire))
         );
         if let Some(m) = &self.messages {
@@ -266,7 +267,7 @@ impl Passthrough {
             ));
         }
         if let Some((counters, dev, throttled)) = &self.on_demand {
-            let c = *counters.lock().unwrap_or_else(|e| e.into_inner());
+            let c = *counters.locked();
             let [requests, retries, invalid, timeouts] =
                 dev.page_request_counters().unwrap_or_default();
             line.push_str(&format!(

@@ -13,6 +13,7 @@ use devices::exit::{ExitReason, VmExit};
 use devices::GuestMemoryMmap;
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use sync::{CondvarExt, MutexExt};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use super::kvm_state::{KvmStateError, VcpuState};
@@ -77,7 +78,7 @@ impl PauseControl {
     /// of `KVM_RUN` with [`kick_signal`]). Returns false when the VM ended meanwhile.
     pub fn pause<T: Killable>(&self, threads: &[T], count: usize, stop: &AtomicBool) -> bool {
         self.requested.store(true, Ordering::Release);
-        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        let mut parked = self.parked.locked();
         while *parked < count {
             if stop.load(Ordering::Acquire) {
                 return false;
@@ -87,8 +88,7 @@ impl PauseControl {
             }
             parked = self
                 .changed
-                .wait_timeout(parked, Duration::from_millis(1))
-                .unwrap_or_else(|e| e.into_inner())
+                .wait_timeout_locked(parked, Duration::from_millis(1))
                 .0;
         }
         true
@@ -97,7 +97,7 @@ impl PauseControl {
     /// Lets parked threads run again.
     pub fn resume(&self) {
         self.requested.store(false, Ordering::Release);
-        let _g = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = self.parked.locked();
         self.changed.notify_all();
     }
 
@@ -107,7 +107,7 @@ impl PauseControl {
         vcpu.set_kvm_immediate_exit(1);
         let _ = vcpu.run();
         vcpu.set_kvm_immediate_exit(0);
-        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        let mut parked = self.parked.locked();
         *parked += 1;
         self.changed.notify_all();
         while self.requested() && !ctx.stop.load(Ordering::Acquire) {
@@ -119,11 +119,10 @@ impl PauseControl {
                     }
                 }
             }
-            parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+            parked = self.parked.locked();
             parked = self
                 .changed
-                .wait_timeout(parked, Duration::from_millis(1))
-                .unwrap_or_else(|e| e.into_inner())
+                .wait_timeout_locked(parked, Duration::from_millis(1))
                 .0;
         }
         *parked -= 1;

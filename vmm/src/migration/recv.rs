@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::VcpuFd;
+use sync::MutexExt;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::send::Round;
@@ -460,8 +461,7 @@ fn restore(
             .map_err(|e| state_err(format!("vCPU {i}: {e}")))?;
     }
     m.serial
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
+        .locked()
         .restore_state(&st.serial)
         .map_err(state_err)?;
     // The virtio-iommu's function, then its tables, then the other functions: devices behind
@@ -474,8 +474,7 @@ fn restore(
                 "no PCI function at 00:{slot:02x}.0"
             )));
         };
-        dev.lock()
-            .unwrap_or_else(|e| e.into_inner())
+        dev.locked()
             .restore_state(value)
             .map_err(|e| state_err(format!("{name}: {e}")))
     };
@@ -509,7 +508,7 @@ fn restore(
                 p.label
             )));
         };
-        let mut b = p.backend.lock().unwrap_or_else(|e| e.into_inner());
+        let mut b = p.backend.locked();
         let err =
             |e: devices::passthrough::PassthroughError| state_err(format!("{}: {e}", p.label));
         b.set_migration_state(device_state::STOP).map_err(err)?;

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use iommu::dirty::DirtyBitmap;
 use serde::{Deserialize, Serialize};
+use sync::MutexExt;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::stream::{Kind, StreamReader, StreamWriter, MAX_RAM_RECORD};
@@ -252,7 +253,7 @@ fn unquiesce(m: &Machine, keep_paused: bool) {
 /// Writes the stop-and-copy part: device data, then the machine state, then END.
 fn send_final_state<W: Write>(m: &Machine, w: &mut StreamWriter<W>) -> Result<(), MigrationError> {
     for p in &m.devices.passthrough {
-        let mut b = p.backend.lock().unwrap_or_else(|e| e.into_inner());
+        let mut b = p.backend.locked();
         b.set_migration_state(device_state::STOP_COPY)
             .map_err(|e| state_err(format!("{}: {e}", p.label)))?;
         let data = b.read_migration_data();
@@ -294,7 +295,7 @@ pub fn migrate(m: &Machine, opts: &MigrateOptions) -> Result<MigrationReport, Mi
         .busy
         .try_lock()
         .map_err(|_| MigrationError::Busy("a snapshot or migration is in progress".into()))?;
-    if *m.lifecycle.lock().unwrap_or_else(|e| e.into_inner()) == Lifecycle::Paused {
+    if *m.lifecycle.locked() == Lifecycle::Paused {
         return Err(MigrationError::Busy(
             "the VM is paused; resume it first (or take a snapshot)".into(),
         ));
@@ -365,7 +366,7 @@ pub fn migrate(m: &Machine, opts: &MigrateOptions) -> Result<MigrationReport, Mi
         Err(HandOver::Unconfirmed(e)) => {
             log::error!("migration: {e}; the guest stays stopped here");
             m.stop_tracking();
-            *m.lifecycle.lock().unwrap_or_else(|e| e.into_inner()) = Lifecycle::HandoverUnconfirmed;
+            *m.lifecycle.locked() = Lifecycle::HandoverUnconfirmed;
             Err(e)
         }
     }
@@ -648,7 +649,7 @@ pub fn snapshot(
     let path = dir.join("snapshot.vmm");
     let tmp = dir.join("snapshot.vmm.partial");
     let start = Instant::now();
-    let was_paused = *m.lifecycle.lock().unwrap_or_else(|e| e.into_inner()) == Lifecycle::Paused;
+    let was_paused = *m.lifecycle.locked() == Lifecycle::Paused;
     quiesce(m)?;
     let result = (|| {
         // Only the VMM's user may read guest RAM; a file or link left at the partial path

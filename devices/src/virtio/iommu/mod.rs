@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use iommu::protocol::{CONFIG_BYPASS_OFFSET, VIRTIO_ID_IOMMU};
 use iommu::Viommu;
+use sync::MutexExt;
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use zerocopy::IntoBytes;
@@ -74,7 +75,7 @@ impl IommuHandle {
             Err(TryLockError::WouldBlock) => {
                 stats.contended.fetch_add(1, Ordering::Relaxed);
                 let since = Instant::now();
-                let guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                let guard = self.state.locked();
                 let waited = u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
                 stats.wait_ns.fetch_add(waited, Ordering::Relaxed);
                 guard

@@ -930,5 +930,4 @@ fn control_queue_sets_the_queue_pairs() {
 use virtio_bindings::virtio_net::{VIRTIO_NET_ERR, VIRTIO_NET_OK};
 use vm_memory::Bytes;
 
-#[path = "migration_tests.rs"]
 mod migration;

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use iommu::backend::{BackendCaps, BackendError, DmaBackend};
 use iommu::pagetable::{Perm, MAX_IOVA};
+use sync::MutexExt;
 use vhost::vhost_user::message::{
     VhostUserHeaderFlag, VhostUserIotlb, VhostUserIotlbType, VhostUserProtocolFeatures,
     VhostUserVirtioFeatures, VHOST_ACCESS_RO, VHOST_ACCESS_RW, VHOST_ACCESS_WO,
@@ -30,7 +31,6 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::dirty_log::DirtyLog;
 
-#[path = "vhost_user_migration.rs"]
 mod migration;
 use super::NetCounters;
 use crate::virtio::iommu::IommuHandle;
@@ -197,7 +197,7 @@ pub(super) struct Shared {
 
 impl Shared {
     pub(super) fn lock(&self) -> MutexGuard<'_, LinkState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.locked()
     }
 
     /// Connects and negotiates; returns the link and, behind the vIOMMU, the back-end channel.
