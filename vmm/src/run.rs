@@ -102,7 +102,7 @@ pub fn run(vm: Vm) -> Result<RunSummary, VmmError> {
                     }
                     Err(e) => {
                         log::error!("{e}");
-                        let _ = reply.send(Err(e.to_string()));
+                        let _ = reply.send(Err(e));
                     }
                 }
             }

@@ -20,12 +20,18 @@
 //! false is unsafe and only shows that device writes would be lost). Errors answer
 //! `{"ok":false,"error":"..."}` and change nothing.
 //!
+//! The messages are typed: [`protocol::Request`] (tagged by `"cmd"`) and
+//! [`protocol::Response`], shared with `vmm-ctl`; a failure is an [`ApiError`], whose text is
+//! the answer's `"error"`.
+//!
 //! The hand-over is fenced: the destination runs the guest only after the source's COMMIT,
 //! which the source sends only after the destination's ACK (and a matching verify). A source
 //! that gets no ACK in time resumes (the destination discards on its ABORT, or waits for the
 //! user); a source that sent COMMIT but got no DONE stays stopped in `handover-unconfirmed`;
 //! a destination that got no COMMIT waits in `awaiting-commit`. Neither ever runs the guest
 //! on its own then: `status` on both says which command resolves it.
+
+pub mod protocol;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -34,14 +40,14 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
-use serde_json::{json, Value};
 use sync::MutexExt;
 
-use crate::machine::{Lifecycle, Machine};
-use crate::migration::{self, migrate, snapshot, HandoverResolver, MigrateOptions, Source};
+use crate::machine::{Lifecycle, Machine, MachineError};
+use crate::migration::{self, migrate, snapshot, HandoverResolver, MigrationError, Source};
+use protocol::{Reply, Request, Response, SnapshotReply, StatusReply, VmState};
 
 /// A request to bring a guest in, from the API to the VM waiting with `--incoming defer`.
-pub type IncomingRequest = (Source, Sender<Result<(), String>>);
+pub type IncomingRequest = (Source, Sender<Result<(), MigrationError>>);
 
 /// What the API serves.
 #[derive(Default)]
@@ -103,7 +109,7 @@ pub fn start(path: &Path, target: Arc<ApiTarget>) -> std::io::Result<()> {
             for mut conn in listener.incoming().flatten() {
                 if let Err(why) = admit(&conn, owner, &live) {
                     log::warn!("API: {why}");
-                    let _ = writeln!(conn, "{}", json!({"ok": false, "error": why}));
+                    let _ = writeln!(conn, "{}", answer_line(&Response::error(why)));
                     continue;
                 }
                 let (t, count) = (target.clone(), live.clone());
@@ -199,6 +205,29 @@ fn read_request(reader: &mut impl BufRead) -> Result<Option<Vec<u8>>, String> {
     Ok(Some(buf))
 }
 
+/// Why a request was refused or failed; its text is the answer's `"error"`.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The line is not a request.
+    #[error("not JSON: {0}")]
+    NotJson(#[source] serde_json::Error),
+    /// The line is JSON but not a request this API takes.
+    #[error("bad request: {0}")]
+    BadRequest(#[source] serde_json::Error),
+    /// Not in the VM's present state; the text says what would be.
+    #[error("{0}")]
+    NotNow(String),
+    /// A snapshot, migration or restore failed.
+    #[error(transparent)]
+    Migration(#[from] MigrationError),
+    /// Pausing or resuming the machine failed.
+    #[error(transparent)]
+    Machine(#[from] MachineError),
+    /// The part of the VMM the request goes to is gone (the VM is ending).
+    #[error("the VM is gone")]
+    Gone,
+}
+
 fn serve(conn: UnixStream, target: &ApiTarget) {
     let Ok(mut out) = conn.try_clone() else {
         return;
@@ -209,7 +238,7 @@ fn serve(conn: UnixStream, target: &ApiTarget) {
             Ok(Some(l)) => l,
             Ok(None) => return,
             Err(e) => {
-                let _ = writeln!(out, "{}", json!({"ok": false, "error": e}));
+                let _ = writeln!(out, "{}", answer_line(&Response::error(e)));
                 return;
             }
         };
@@ -217,22 +246,20 @@ fn serve(conn: UnixStream, target: &ApiTarget) {
         if line.trim().is_empty() {
             continue;
         }
-        let (reply, migrated_to) = match serde_json::from_str::<Value>(&line) {
-            Ok(req) => {
-                let reply =
-                    handle(&req, target).unwrap_or_else(|e| json!({"ok": false, "error": e}));
-                let migrated = req["cmd"] == "migrate" && reply["ok"] == true;
-                (
-                    reply,
-                    migrated.then(|| req["to"].as_str().unwrap_or("").to_string()),
-                )
-            }
-            Err(e) => (
-                json!({"ok": false, "error": format!("not JSON: {e}")}),
-                None,
-            ),
+        let (response, migrated_to) = match parse_request(&line) {
+            Ok(req) => match handle(&req, target) {
+                Ok(reply) => {
+                    let to = match &req {
+                        Request::Migrate(o) => Some(o.to.clone()),
+                        _ => None,
+                    };
+                    (Response::ok(reply), to)
+                }
+                Err(e) => (Response::error(e), None),
+            },
+            Err(e) => (Response::error(e), None),
         };
-        let written = writeln!(out, "{reply}").is_ok();
+        let written = writeln!(out, "{}", answer_line(&response)).is_ok();
         if let Some(to) = migrated_to {
             // The guest runs on the destination now: this VM ends, after the report was
             // written (or could not be: the client went away).
@@ -247,42 +274,51 @@ fn serve(conn: UnixStream, target: &ApiTarget) {
     }
 }
 
-fn handle(req: &Value, target: &ApiTarget) -> Result<Value, String> {
-    let cmd = req
-        .get("cmd")
-        .and_then(Value::as_str)
-        .ok_or("the request has no \"cmd\"")?;
+/// `line` as a request: JSON first (so that a line that is not JSON says so), then a
+/// [`Request`].
+fn parse_request(line: &str) -> Result<Request, ApiError> {
+    let v: serde_json::Value = serde_json::from_str(line).map_err(ApiError::NotJson)?;
+    serde_json::from_value(v).map_err(ApiError::BadRequest)
+}
+
+fn answer_line(r: &Response) -> String {
+    serde_json::to_string(r).unwrap_or_else(|e| {
+        format!("{{\"ok\":false,\"error\":\"the answer cannot be written: {e}\"}}")
+    })
+}
+
+fn handle(req: &Request, target: &ApiTarget) -> Result<Reply, ApiError> {
     let machine = target.machine.locked().clone();
     let Some(m) = machine else {
-        return handle_waiting(cmd, req, target);
+        return handle_waiting(req, target);
     };
-    match cmd {
-        "status" => {
-            let l = *m.lifecycle.locked();
-            let mut v = json!({"ok": true, "memory": m.config.memory, "cpus": m.config.cpus});
-            let state = match l {
-                Lifecycle::Running => "running",
-                Lifecycle::Paused => "paused",
-                Lifecycle::HandoverUnconfirmed => {
-                    v["resolve"] = json!(UNCONFIRMED_HELP);
-                    "handover-unconfirmed"
-                }
+    match req {
+        Request::Status => {
+            let (state, resolve) = match *m.lifecycle.locked() {
+                Lifecycle::Running => (VmState::Running, None),
+                Lifecycle::Paused => (VmState::Paused, None),
+                Lifecycle::HandoverUnconfirmed => (
+                    VmState::HandoverUnconfirmed,
+                    Some(UNCONFIRMED_HELP.to_string()),
+                ),
             };
-            v["state"] = json!(state);
-            if let Some(p) = m.progress.json() {
-                v["migration"] = p;
-            }
-            Ok(v)
+            Ok(Reply::Status(StatusReply {
+                state,
+                memory: Some(m.config.memory),
+                cpus: Some(m.config.cpus),
+                resolve,
+                migration: m.progress.status(),
+            }))
         }
-        "pause" => {
+        Request::Pause => {
             let mut l = m.lifecycle.locked();
             if *l == Lifecycle::Running {
-                m.pause_vcpus().map_err(|e| e.to_string())?;
+                m.pause_vcpus()?;
                 *l = Lifecycle::Paused;
             }
-            Ok(json!({"ok": true}))
+            Ok(Reply::Done {})
         }
-        "resume" => {
+        Request::Resume { force } => {
             let mut l = m.lifecycle.locked();
             match *l {
                 Lifecycle::Paused => {
@@ -290,8 +326,8 @@ fn handle(req: &Value, target: &ApiTarget) -> Result<Value, String> {
                     *l = Lifecycle::Running;
                 }
                 Lifecycle::HandoverUnconfirmed => {
-                    if req.get("force").and_then(Value::as_bool) != Some(true) {
-                        return Err(format!("resume: {UNCONFIRMED_HELP}"));
+                    if !force {
+                        return Err(ApiError::NotNow(format!("resume: {UNCONFIRMED_HELP}")));
                     }
                     log::warn!("resuming a guest whose hand-over was not confirmed (forced)");
                     migration::resume_after_handover(&m);
@@ -299,54 +335,47 @@ fn handle(req: &Value, target: &ApiTarget) -> Result<Value, String> {
                 }
                 Lifecycle::Running => {}
             }
-            Ok(json!({"ok": true}))
+            Ok(Reply::Done {})
         }
-        "snapshot" => {
-            let dir = req
-                .get("dir")
-                .and_then(Value::as_str)
-                .ok_or("snapshot needs \"dir\"")?;
-            let verify = req.get("verify").and_then(Value::as_bool).unwrap_or(false);
-            let r = snapshot(&m, Path::new(dir), verify).map_err(|e| e.to_string())?;
-            Ok(
-                json!({"ok": true, "path": Path::new(dir).join("snapshot.vmm"),
-                      "pages": r.pages, "bytes": r.bytes, "total_ms": r.total_ms}),
-            )
+        Request::Snapshot { dir, verify } => {
+            let r = snapshot(&m, dir, *verify)?;
+            Ok(Reply::Snapshot(SnapshotReply {
+                path: dir.join("snapshot.vmm"),
+                pages: r.pages,
+                bytes: r.bytes,
+                total_ms: r.total_ms,
+            }))
         }
-        "migrate" => {
-            let mut args = req.clone();
-            if let Some(o) = args.as_object_mut() {
-                o.remove("cmd");
-            }
-            let opts: MigrateOptions =
-                serde_json::from_value(args).map_err(|e| format!("migrate: {e}"))?;
+        Request::Migrate(opts) => {
             if opts.to.is_empty() {
-                return Err("migrate needs \"to\"".into());
+                return Err(ApiError::NotNow("migrate needs \"to\"".into()));
             }
-            let r = migrate(&m, &opts).map_err(|e| e.to_string())?;
-            let mut v = serde_json::to_value(&r).map_err(|e| e.to_string())?;
-            if let Some(o) = v.as_object_mut() {
-                o.insert("ok".into(), json!(true));
-            }
-            Ok(v)
+            Ok(Reply::Migrated(Box::new(migrate(&m, opts)?)))
         }
-        "quit" => {
+        Request::Quit => {
             m.exit.request(devices::exit::ExitReason::Stopped);
-            Ok(json!({"ok": true}))
+            Ok(Reply::Done {})
         }
-        "restore" | "receive" => Err(format!(
-            "{cmd}: the VM is already running (start vmm with --incoming defer to {cmd} into it)"
-        )),
-        "commit" | "discard" => Err(format!("{cmd}: no hand-over is waiting here")),
+        Request::Restore { .. } | Request::Receive { .. } => Err(ApiError::NotNow(format!(
+            "{0}: the VM is already running (start vmm with --incoming defer to {0} into it)",
+            req.name()
+        ))),
+        Request::Commit | Request::Discard => Err(ApiError::NotNow(format!(
+            "{}: no hand-over is waiting here",
+            req.name()
+        ))),
         // Test only: a system call outside the API threads' filter.
-        "test-forbidden-syscall" if std::env::var_os("VMM_TEST_SECCOMP").is_some() => {
+        Request::TestForbiddenSyscall if std::env::var_os("VMM_TEST_SECCOMP").is_some() => {
             // SAFETY: all-zero bytes are a valid `sysinfo` (integers only).
             let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
             // SAFETY: sysinfo writes into the buffer given, which outlives the call.
             let r = unsafe { libc::sysinfo(&mut info) };
-            Ok(json!({"ok": true, "sysinfo": r}))
+            Ok(Reply::Syscall { sysinfo: r })
         }
-        other => Err(format!("unknown command \"{other}\"")),
+        Request::TestForbiddenSyscall => Err(ApiError::NotNow(format!(
+            "unknown command \"{}\"",
+            req.name()
+        ))),
     }
 }
 
@@ -356,54 +385,57 @@ const UNCONFIRMED_HELP: &str = "the guest was handed over (COMMIT sent) but the 
      in \"awaiting-commit\": then \"commit\" there), \"quit\" here; if it discarded it, \
      resume here with \"force\":true";
 
-fn handle_waiting(cmd: &str, req: &Value, target: &ApiTarget) -> Result<Value, String> {
+fn handle_waiting(req: &Request, target: &ApiTarget) -> Result<Reply, ApiError> {
     let pending = target.handover.locked().clone();
     if let Some((why, decide)) = pending {
-        return match cmd {
-            "status" => Ok(json!({"ok": true, "state": "awaiting-commit", "resolve": why})),
-            "commit" | "discard" | "quit" => {
+        return match req {
+            Request::Status => Ok(Reply::Status(StatusReply {
+                state: VmState::AwaitingCommit,
+                memory: None,
+                cpus: None,
+                resolve: Some(why),
+                migration: None,
+            })),
+            Request::Commit | Request::Discard | Request::Quit => {
                 decide
-                    .send(cmd == "commit")
-                    .map_err(|_| "the hand-over is over".to_string())?;
-                Ok(json!({"ok": true}))
+                    .send(matches!(req, Request::Commit))
+                    .map_err(|_| ApiError::NotNow("the hand-over is over".into()))?;
+                Ok(Reply::Done {})
             }
-            other => Err(format!(
-                "{other}: a received guest waits for \"commit\" or \"discard\" ({why})"
-            )),
+            other => Err(ApiError::NotNow(format!(
+                "{}: a received guest waits for \"commit\" or \"discard\" ({why})",
+                other.name()
+            ))),
         };
     }
-    let source = match cmd {
-        "status" => return Ok(json!({"ok": true, "state": "waiting"})),
-        "restore" => Source::Snapshot(
-            req.get("dir")
-                .and_then(Value::as_str)
-                .ok_or("restore needs \"dir\"")?
-                .into(),
-        ),
-        "receive" => Source::Listen(
-            req.get("from")
-                .and_then(Value::as_str)
-                .ok_or("receive needs \"from\"")?
-                .parse()?,
-        ),
+    let source = match req {
+        Request::Status => {
+            return Ok(Reply::Status(StatusReply {
+                state: VmState::Waiting,
+                memory: None,
+                cpus: None,
+                resolve: None,
+                migration: None,
+            }))
+        }
+        Request::Restore { dir } => Source::Snapshot(dir.clone()),
+        Request::Receive { from } => Source::Listen(from.parse().map_err(ApiError::NotNow)?),
         other => {
-            return Err(format!(
-                "{other}: the VM waits for a guest (restore or receive first)"
-            ))
+            return Err(ApiError::NotNow(format!(
+                "{}: the VM waits for a guest (restore or receive first)",
+                other.name()
+            )))
         }
     };
     let tx = target
         .incoming
         .locked()
         .clone()
-        .ok_or("the VM is not waiting for a guest")?;
+        .ok_or_else(|| ApiError::NotNow("the VM is not waiting for a guest".into()))?;
     let (reply_tx, reply_rx) = std::sync::mpsc::channel();
-    tx.send((source, reply_tx))
-        .map_err(|_| "the VM is gone".to_string())?;
-    reply_rx
-        .recv()
-        .map_err(|_| "the VM is gone".to_string())??;
-    Ok(json!({"ok": true}))
+    tx.send((source, reply_tx)).map_err(|_| ApiError::Gone)?;
+    reply_rx.recv().map_err(|_| ApiError::Gone)??;
+    Ok(Reply::Done {})
 }
 
 #[cfg(test)]

@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use serde_json::{json, Value};
+use vmm::api::protocol::{Reply, Request, Response, StatusReply};
+use vmm::migration::MigrateOptions;
 
 /// Drive a running vmm through its control API.
 #[derive(Parser, Debug)]
@@ -90,14 +91,15 @@ enum Cmd {
     Quit,
 }
 
-fn request(cmd: &Cmd) -> Value {
+fn request(cmd: &Cmd) -> Request {
     match cmd {
-        Cmd::Status => json!({"cmd": "status"}),
-        Cmd::Pause => json!({"cmd": "pause"}),
-        Cmd::Resume { force } => json!({"cmd": "resume", "force": force}),
-        Cmd::Snapshot { dir, verify } => {
-            json!({"cmd": "snapshot", "dir": dir, "verify": verify})
-        }
+        Cmd::Status => Request::Status,
+        Cmd::Pause => Request::Pause,
+        Cmd::Resume { force } => Request::Resume { force: *force },
+        Cmd::Snapshot { dir, verify } => Request::Snapshot {
+            dir: dir.clone(),
+            verify: *verify,
+        },
         Cmd::Migrate {
             to,
             verify,
@@ -107,52 +109,49 @@ fn request(cmd: &Cmd) -> Value {
             max_bandwidth,
             no_device_dirty_tracking,
         } => {
-            let mut v = json!({"cmd": "migrate", "to": to, "verify": verify});
-            if let Some(n) = max_rounds {
-                v["max_rounds"] = json!(n);
-            }
-            if let Some(n) = max_dirty_pages {
-                v["max_dirty_pages"] = json!(n);
-            }
-            if let Some(n) = timeout_ms {
-                v["timeout_ms"] = json!(n);
-            }
-            if let Some(n) = max_bandwidth {
-                v["max_bandwidth"] = json!(n);
-            }
-            if *no_device_dirty_tracking {
-                v["device_dirty_tracking"] = json!(false);
-            }
-            v
+            let d = MigrateOptions::default();
+            Request::Migrate(MigrateOptions {
+                to: to.clone(),
+                verify: *verify,
+                max_rounds: max_rounds.unwrap_or(d.max_rounds),
+                max_dirty_pages: max_dirty_pages.unwrap_or(d.max_dirty_pages),
+                timeout_ms: timeout_ms.unwrap_or(d.timeout_ms),
+                max_bandwidth: max_bandwidth.unwrap_or(d.max_bandwidth),
+                device_dirty_tracking: !no_device_dirty_tracking,
+            })
         }
-        Cmd::Restore { dir } => json!({"cmd": "restore", "dir": dir}),
-        Cmd::Receive { from } => json!({"cmd": "receive", "from": from}),
-        Cmd::Commit => json!({"cmd": "commit"}),
-        Cmd::Discard => json!({"cmd": "discard"}),
-        Cmd::Quit => json!({"cmd": "quit"}),
+        Cmd::Restore { dir } => Request::Restore { dir: dir.clone() },
+        Cmd::Receive { from } => Request::Receive { from: from.clone() },
+        Cmd::Commit => Request::Commit,
+        Cmd::Discard => Request::Discard,
+        Cmd::Quit => Request::Quit,
     }
 }
 
-/// Sends `req` on a fresh connection and reads the one-line answer.
-fn call(socket: &Path, req: &Value) -> Result<Value, String> {
+/// Sends `req` on a fresh connection and reads the one-line answer: the line as it came,
+/// and as a [`Response`].
+fn call(socket: &Path, req: &Request) -> Result<(String, Response), String> {
     let stream = UnixStream::connect(socket)
         .map_err(|e| format!("cannot connect to {}: {e}", socket.display()))?;
     let mut w = stream
         .try_clone()
         .map_err(|e| format!("{}: {e}", socket.display()))?;
+    let line = serde_json::to_string(req).map_err(|e| format!("the request: {e}"))?;
     // A VMM that refuses the connection answers and closes at once, maybe before the
     // request is written: its answer is still there to read.
-    let sent = writeln!(w, "{req}");
-    let mut line = String::new();
-    let read = BufReader::new(stream).read_line(&mut line);
-    if line.is_empty() {
+    let sent = writeln!(w, "{line}");
+    let mut answer = String::new();
+    let read = BufReader::new(stream).read_line(&mut answer);
+    if answer.is_empty() {
         let why = match (sent, read) {
             (Err(e), _) | (Ok(()), Err(e)) => e.to_string(),
             (Ok(()), Ok(_)) => "the VMM closed the connection".into(),
         };
         return Err(format!("{}: {why}", socket.display()));
     }
-    serde_json::from_str(&line).map_err(|e| format!("the VMM's answer is not JSON: {e}"))
+    let parsed = serde_json::from_str(&answer)
+        .map_err(|e| format!("the VMM's answer is not an API answer: {e}"))?;
+    Ok((answer.trim_end().to_string(), parsed))
 }
 
 /// Polls `status` while a migration runs and draws its progress.
@@ -167,22 +166,20 @@ fn progress(socket: PathBuf, done: Arc<AtomicBool>) {
             .progress_chars("=> "),
     );
     while !done.load(Ordering::Acquire) {
-        if let Ok(v) = call(&socket, &json!({"cmd": "status"})) {
-            if let Some(m) = v.get("migration") {
-                let n = |k: &str| m.get(k).and_then(Value::as_u64).unwrap_or(0);
-                bar.set_prefix(format!(
-                    "{} round {}",
-                    m.get("phase").and_then(Value::as_str).unwrap_or("?"),
-                    n("round")
-                ));
-                bar.set_length(n("round_pages").max(n("round_sent")));
-                bar.set_position(n("round_sent"));
+        if let Ok((_, r)) = call(&socket, &Request::Status) {
+            if let Reply::Status(StatusReply {
+                migration: Some(m), ..
+            }) = r.reply
+            {
+                bar.set_prefix(format!("{} round {}", m.phase, m.round));
+                bar.set_length(m.round_pages.max(m.round_sent));
+                bar.set_position(m.round_sent);
                 bar.set_message(format!(
                     "{} MiB sent, {} pages dirty ({} pages/s), expected downtime {} ms",
-                    (n("pages_sent") * 4096) >> 20,
-                    n("dirty_pages"),
-                    n("dirty_rate"),
-                    n("expected_downtime_ms")
+                    (m.pages_sent * 4096) >> 20,
+                    m.dirty_pages,
+                    m.dirty_rate,
+                    m.expected_downtime_ms
                 ));
             }
         }
@@ -192,80 +189,70 @@ fn progress(socket: PathBuf, done: Arc<AtomicBool>) {
 }
 
 /// The answer, readable.
-fn show(cmd: &Cmd, v: &Value) -> String {
-    let n = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
-    match cmd {
-        Cmd::Status => {
-            let mut s = format!(
-                "{}: {} MiB, {} vCPUs",
-                v["state"].as_str().unwrap_or("?"),
-                n(v, "memory") >> 20,
-                n(v, "cpus")
-            );
-            if let Some(r) = v.get("resolve").and_then(Value::as_str) {
+fn show(reply: &Reply) -> String {
+    match reply {
+        Reply::Status(st) => {
+            let mut s = st.state.name().to_string();
+            if let (Some(mem), Some(cpus)) = (st.memory, st.cpus) {
+                s.push_str(&format!(": {} MiB, {cpus} vCPUs", mem >> 20));
+            }
+            if let Some(r) = &st.resolve {
                 s.push_str(&format!("\n{r}"));
             }
-            if let Some(m) = v.get("migration") {
+            if let Some(m) = &st.migration {
                 s.push_str(&format!(
                     "\nmigrating: {} round {}, {} MiB sent",
-                    m["phase"].as_str().unwrap_or("?"),
-                    n(m, "round"),
-                    (n(m, "pages_sent") * 4096) >> 20
+                    m.phase,
+                    m.round,
+                    (m.pages_sent * 4096) >> 20
                 ));
             }
             s
         }
-        Cmd::Snapshot { .. } => format!(
+        Reply::Snapshot(r) => format!(
             "snapshot {}: {} pages, {} MiB, {} ms",
-            v["path"].as_str().unwrap_or("?"),
-            n(v, "pages"),
-            n(v, "bytes") >> 20,
-            n(v, "total_ms")
+            r.path.display(),
+            r.pages,
+            r.bytes >> 20,
+            r.total_ms
         ),
-        Cmd::Migrate { .. } => {
+        Reply::Migrated(v) => {
             let mut s = String::new();
-            for r in v["rounds"].as_array().into_iter().flatten() {
+            for r in &v.rounds {
                 s.push_str(&format!(
                     "round {}: {} pages in {} ms, {} dirty after it\n",
-                    n(r, "round"),
-                    n(r, "pages"),
-                    n(r, "ms"),
-                    n(r, "dirty_after")
+                    r.round, r.pages, r.ms, r.dirty_after
                 ));
             }
-            let by = &v["dirty_by_source"];
+            let by = &v.dirty_by_source;
             s.push_str(&format!(
                 "stop-and-copy: {} pages; downtime {} ms; total {} ms; {} MiB sent\n\
                  dirty pages by source: vCPUs {}, VMM devices {}, passthrough devices {} \
                  ({} device dirty reads); untracked devices: {}\n",
-                n(v, "final_pages"),
-                n(v, "downtime_ms"),
-                n(v, "total_ms"),
-                n(v, "bytes") >> 20,
-                n(by, "kvm"),
-                n(by, "vmm_devices"),
-                n(by, "passthrough"),
-                n(v, "device_dirty_reads"),
-                v["untracked_devices"]
-                    .as_array()
-                    .filter(|a| !a.is_empty())
-                    .map(|a| a
-                        .iter()
-                        .filter_map(Value::as_str)
-                        .collect::<Vec<_>>()
-                        .join(", "))
-                    .unwrap_or_else(|| "none".into())
+                v.final_pages,
+                v.downtime_ms,
+                v.total_ms,
+                v.bytes >> 20,
+                by.kvm,
+                by.vmm_devices,
+                by.passthrough,
+                v.device_dirty_reads,
+                if v.untracked_devices.is_empty() {
+                    "none".to_string()
+                } else {
+                    v.untracked_devices.join(", ")
+                }
             ));
-            if n(v, "verified_pages") > 0 {
+            if v.verified_pages > 0 {
                 s.push_str(&format!(
                     "verify: {} RAM pages identical on both sides\n",
-                    n(v, "verified_pages")
+                    v.verified_pages
                 ));
             }
             s.push_str("migrated");
             s
         }
-        _ => "ok".into(),
+        Reply::Syscall { .. } | Reply::Done {} => "ok".into(),
     }
 }
 
@@ -288,21 +275,17 @@ fn main() -> ExitCode {
             eprintln!("vmm-ctl: {e}");
             ExitCode::FAILURE
         }
-        Ok(v) => {
-            let ok = v.get("ok").and_then(Value::as_bool) == Some(true);
+        Ok((line, r)) => {
             if cli.json {
-                println!("{v}");
-            } else if ok {
-                println!("{}", show(&cli.cmd, &v));
+                println!("{line}");
+            } else if r.ok {
+                println!("{}", show(&r.reply));
             }
-            if ok {
+            if r.ok {
                 ExitCode::SUCCESS
             } else {
                 if !cli.json {
-                    eprintln!(
-                        "vmm-ctl: {}",
-                        v.get("error").and_then(Value::as_str).unwrap_or("failed")
-                    );
+                    eprintln!("vmm-ctl: {}", r.error.as_deref().unwrap_or("failed"));
                 }
                 ExitCode::FAILURE
             }

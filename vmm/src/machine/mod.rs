@@ -185,6 +185,29 @@ pub struct MigrationProgress {
     pub state: Mutex<Option<ProgressState>>,
 }
 
+/// A running migration's progress, as the API's `status` reports it (`"migration"`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationStatus {
+    /// `copy`, `stop-and-copy`, `hand-over`.
+    pub phase: String,
+    /// Pre-copy round (0: the full copy).
+    pub round: u32,
+    /// Pages sent before this round.
+    pub round_start: u64,
+    /// Pages this round sends.
+    pub round_pages: u64,
+    /// Pages dirty after the last round.
+    pub dirty_pages: u64,
+    /// Pages dirtied per second in the last round.
+    pub dirty_rate: u64,
+    /// Downtime the last round predicts, in milliseconds.
+    pub expected_downtime_ms: u64,
+    /// Pages sent so far, all rounds.
+    pub pages_sent: u64,
+    /// Pages sent so far in this round.
+    pub round_sent: u64,
+}
+
 /// The slower-changing part of [`MigrationProgress`].
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ProgressState {
@@ -205,15 +228,21 @@ pub struct ProgressState {
 }
 
 impl MigrationProgress {
-    /// `{"phase":..,"round":..,"pages_sent":..,"round_pages":..,"round_sent":..,..}` while a
-    /// migration runs.
-    pub fn json(&self) -> Option<serde_json::Value> {
+    /// Where the running migration is (`None`: none runs), as the API's `status` shows it.
+    pub fn status(&self) -> Option<MigrationStatus> {
         let st = self.state.locked().clone()?;
         let sent = self.pages_sent.load(Ordering::Relaxed);
-        let mut v = serde_json::to_value(&st).ok()?;
-        v["pages_sent"] = serde_json::json!(sent);
-        v["round_sent"] = serde_json::json!(sent.saturating_sub(st.round_start));
-        Some(v)
+        Some(MigrationStatus {
+            phase: st.phase.to_string(),
+            round: st.round,
+            round_start: st.round_start,
+            round_pages: st.round_pages,
+            dirty_pages: st.dirty_pages,
+            dirty_rate: st.dirty_rate,
+            expected_downtime_ms: st.expected_downtime_ms,
+            pages_sent: sent,
+            round_sent: sent.saturating_sub(st.round_start),
+        })
     }
 
     /// Sets the state (`None`: no migration runs).

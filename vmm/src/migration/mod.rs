@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::machine::MachineError;
 
 pub use recv::{read_stream, read_stream_from, receive, HandoverResolver, Incoming, Source};
-pub use send::{migrate, resume_after_handover, snapshot, MigrateOptions};
+pub use send::{migrate, resume_after_handover, snapshot, MigrateOptions, MigrationReport};
 
 /// Why a snapshot, restore or migration failed.
 #[derive(Debug, thiserror::Error)]
