@@ -10,6 +10,7 @@ use iommu::backend::RecordingBackend;
 use iommu::{BackendCaps, Viommu, ViommuConfig};
 use libfuzzer_sys::fuzz_target;
 use vmm::migration::stream::{Kind, StreamWriter};
+use vmm::machine::devices::DeviceKind;
 use vmm::machine::MachineConfig;
 use vmm::migration::read_stream;
 
@@ -19,7 +20,7 @@ fn config() -> MachineConfig {
     MachineConfig {
         memory: RAM,
         cpus: 1,
-        functions: vec![(0, "host bridge".into()), (1, "virtio-iommu".into())],
+        functions: vec![(0, DeviceKind::HostBridge), (1, DeviceKind::VirtioIommu)],
     }
 }
 

@@ -16,7 +16,7 @@ use ::devices::GuestMemoryMmap;
 use sync::MutexExt;
 
 use crate::error::VmmError;
-use crate::machine::devices::{Function, KvmGuestMapper, QueueNotifier, Subscriber};
+use crate::machine::devices::{DeviceKind, Function, KvmGuestMapper, QueueNotifier, Subscriber};
 use crate::machine::interrupts::KvmInterruptManager;
 
 /// BAR addresses from the 32-bit PCI window.
@@ -77,7 +77,7 @@ pub struct Builder {
     pub ram_populated: bool,
     /// Set while the devices are frozen for a snapshot.
     pub frozen: Arc<AtomicBool>,
-    /// PCI functions in slot order: `(slot, kind, device)`.
+    /// PCI functions in slot order.
     pub functions: Vec<Function>,
     /// Virtio devices and their queue counts.
     pub virtio: Vec<(Arc<Mutex<dyn VirtioDevice>>, usize)>,
@@ -113,6 +113,7 @@ impl Builder {
     pub fn add_virtio(
         &mut self,
         slot: u8,
+        kind: DeviceKind,
         dev: Arc<Mutex<dyn VirtioDevice>>,
         name: &str,
     ) -> Result<(), VmmError> {
@@ -133,7 +134,7 @@ impl Builder {
             frozen: self.frozen.clone(),
         })));
         self.virtio.push((dev, nq));
-        self.add_pci(slot, Arc::new(Mutex::new(pdev)), name)
+        self.add_pci(slot, kind, Arc::new(Mutex::new(pdev)), name)
     }
 
     /// Puts `dev` in `slot`.
@@ -143,13 +144,19 @@ impl Builder {
     pub fn add_pci(
         &mut self,
         slot: u8,
+        kind: DeviceKind,
         dev: Arc<Mutex<dyn PciDevice>>,
         name: &str,
     ) -> Result<(), VmmError> {
         if !self.pci.add_device(usize::from(slot), dev.clone()) {
             return Err(VmmError::Device(name.into(), "PCI slot taken".into()));
         }
-        self.functions.push((slot, name.to_string(), dev));
+        self.functions.push(Function {
+            slot,
+            kind,
+            name: name.to_string(),
+            device: dev,
+        });
         Ok(())
     }
 }

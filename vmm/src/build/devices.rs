@@ -22,7 +22,7 @@ use super::builder::{dev_err, Builder, WindowAllocator};
 use crate::config::{NetConfig as NetFlag, VmConfig};
 use crate::error::VmmError;
 use crate::machine::devices::{
-    DeviceManager, FaultNotifier, KvmGuestMapper, KvmIoEvents, FIRST_SLOT, IOMMU_SLOT,
+    DeviceKind, DeviceManager, FaultNotifier, KvmGuestMapper, KvmIoEvents, FIRST_SLOT, IOMMU_SLOT,
 };
 use crate::machine::interrupts::{KvmInterruptManager, KvmInterrupts};
 
@@ -73,7 +73,7 @@ fn add_vhost_user_net(
         b.endpoints.push(slot);
     }
     let dev = Arc::new(Mutex::new(dev));
-    b.add_virtio(slot, dev.clone(), &name)?;
+    b.add_virtio(slot, DeviceKind::VhostUserNet, dev.clone(), &name)?;
     Ok((label, dev))
 }
 
@@ -117,7 +117,12 @@ pub fn build_devices(
         functions: Vec::new(),
         virtio: Vec::new(),
     };
-    b.add_pci(0, Arc::new(Mutex::new(HostBridge::new())), "host bridge")?;
+    b.add_pci(
+        0,
+        DeviceKind::HostBridge,
+        Arc::new(Mutex::new(HostBridge::new())),
+        "host bridge",
+    )?;
 
     let iommu = match &cfg.iommu {
         Some(arg) => {
@@ -129,7 +134,12 @@ pub fn build_devices(
             let handle =
                 IommuHandle::new(Viommu::new(cfg)).map_err(dev_err("the virtio-iommu".into()))?;
             let dev = Arc::new(Mutex::new(VirtioIommu::new(handle.clone(), mem.clone())));
-            b.add_virtio(IOMMU_SLOT, dev.clone(), "the virtio-iommu")?;
+            b.add_virtio(
+                IOMMU_SLOT,
+                DeviceKind::VirtioIommu,
+                dev.clone(),
+                "the virtio-iommu",
+            )?;
             b.subscribers.push(Arc::new(Mutex::new(FaultNotifier {
                 device: dev.clone(),
                 evt: handle.fault_evt.clone(),
@@ -160,7 +170,7 @@ pub fn build_devices(
         let blk = VirtioBlock::new(&d.path, d.readonly, mem.clone(), behind)
             .map_err(dev_err(name.clone()))?;
         let blk = Arc::new(Mutex::new(blk));
-        b.add_virtio(slot, blk.clone(), &name)?;
+        b.add_virtio(slot, DeviceKind::VirtioBlk, blk.clone(), &name)?;
         let label = format!(
             "virtio-blk 00:{slot:02x}.0 ({}{})",
             d.path.display(),

@@ -193,11 +193,7 @@ impl Vm {
         let config = MachineConfig {
             memory: ram.size,
             cpus: cfg.cpus,
-            functions: devices
-                .functions
-                .iter()
-                .map(|(slot, name, _)| (*slot, crate::machine::kind_of(name)))
-                .collect(),
+            functions: devices.functions.iter().map(|f| (f.slot, f.kind)).collect(),
         };
 
         log::info!(

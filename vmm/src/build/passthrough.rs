@@ -23,6 +23,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use super::builder::{dev_err, Builder};
 use crate::config::PassthroughConfig;
 use crate::error::VmmError;
+use crate::machine::devices::DeviceKind;
 use crate::machine::dirty::DirectDirty;
 use crate::machine::passthrough::{FaultForwarder, Passthrough};
 
@@ -32,6 +33,7 @@ fn add_function(
     b: &mut Builder,
     name: &str,
     slot: u8,
+    kind: DeviceKind,
     backend: Arc<Mutex<dyn PassthroughBackend>>,
     failed: Arc<AtomicBool>,
     mmap: bool,
@@ -50,7 +52,7 @@ fn add_function(
         access,
     )
     .map_err(dev_err(name.to_string()))?;
-    b.add_pci(slot, Arc::new(Mutex::new(pci)), name)
+    b.add_pci(slot, kind, Arc::new(Mutex::new(pci)), name)
 }
 
 /// Guest RAM ranges as `(gpa, len, hva)`.
@@ -148,7 +150,15 @@ pub fn vfio_user(b: &mut Builder, arg: &PassthroughConfig) -> Result<Passthrough
     let dev = VfioUserDevice::connect(&arg.path).map_err(dev_err(name.clone()))?;
     let failed = dev.failed_flag();
     let backend: Arc<Mutex<dyn PassthroughBackend>> = Arc::new(Mutex::new(dev.clone()));
-    add_function(b, &name, slot, backend.clone(), failed.clone(), arg.mmap)?;
+    add_function(
+        b,
+        &name,
+        slot,
+        DeviceKind::VfioUser,
+        backend.clone(),
+        failed.clone(),
+        arg.mmap,
+    )?;
 
     let evt = EventFd::new(EFD_NONBLOCK).map_err(dev_err(name.clone()))?;
     let mut dma = VfioUserDma::new(dev.clone(), b.ram.clone());
@@ -205,6 +215,7 @@ pub fn vfio_user(b: &mut Builder, arg: &PassthroughConfig) -> Result<Passthrough
     })));
     Ok(Passthrough {
         label,
+        slot,
         failed,
         dma_calls,
         faults,
@@ -226,7 +237,15 @@ pub fn vfio(b: &mut Builder, arg: &PassthroughConfig) -> Result<Passthrough, Vmm
     let slot = b.slot(&name)?;
     let failed = Arc::new(AtomicBool::new(false));
     let backend: Arc<Mutex<dyn PassthroughBackend>> = Arc::new(Mutex::new(host.device()));
-    add_function(b, &name, slot, backend.clone(), failed.clone(), arg.mmap)?;
+    add_function(
+        b,
+        &name,
+        slot,
+        DeviceKind::Vfio,
+        backend.clone(),
+        failed.clone(),
+        arg.mmap,
+    )?;
     let dma = host
         .dma(b.ram.clone(), b.mem.clone())
         .map_err(dev_err(name.clone()))?;
@@ -234,6 +253,7 @@ pub fn vfio(b: &mut Builder, arg: &PassthroughConfig) -> Result<Passthrough, Vmm
     let (_, direct) = attach_dma(b, &name, slot, arg.iommu, false, Box::new(dma))?;
     Ok(Passthrough {
         label: format!("{name} at 00:{slot:02x}.0"),
+        slot,
         failed,
         dma_calls,
         faults: Arc::new(Mutex::new(0)),

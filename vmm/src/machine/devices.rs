@@ -26,6 +26,7 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use iommu::dirty::DirtyBitmap;
 use iommu::pagetable::PAGE_SIZE;
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use serde::{Deserialize, Serialize};
 use sync::MutexExt;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -179,8 +180,54 @@ impl MutEventSubscriber for FaultNotifier {
     }
 }
 
-/// A PCI function: `(slot, name, device)`.
-pub type Function = (u8, String, Arc<Mutex<dyn PciDevice>>);
+/// What a PCI function is: the part of it both sides of a migration must agree on. Its
+/// serialized form (`"virtio-blk"`, ...) is what the stream's machine description carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceKind {
+    /// The host bridge at 00:00.0.
+    #[serde(rename = "host bridge")]
+    HostBridge,
+    /// The virtio-iommu.
+    #[serde(rename = "virtio-iommu")]
+    VirtioIommu,
+    /// A virtio-blk disk.
+    #[serde(rename = "virtio-blk")]
+    VirtioBlk,
+    /// A passthrough device served over vfio-user.
+    #[serde(rename = "vfio-user")]
+    VfioUser,
+    /// A host PCI device through VFIO.
+    #[serde(rename = "vfio")]
+    Vfio,
+    /// A virtio-net device on a vhost-user back end.
+    #[serde(rename = "vhost-user-net")]
+    VhostUserNet,
+}
+
+impl std::fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DeviceKind::HostBridge => "host bridge",
+            DeviceKind::VirtioIommu => "virtio-iommu",
+            DeviceKind::VirtioBlk => "virtio-blk",
+            DeviceKind::VfioUser => "vfio-user",
+            DeviceKind::Vfio => "vfio",
+            DeviceKind::VhostUserNet => "vhost-user-net",
+        })
+    }
+}
+
+/// A PCI function on bus 0.
+pub struct Function {
+    /// Its device number (function 0).
+    pub slot: u8,
+    /// What it is.
+    pub kind: DeviceKind,
+    /// Its name in logs and errors (`disk PATH`, `vfio-user device PATH`, ...).
+    pub name: String,
+    /// The PCI model.
+    pub device: Arc<Mutex<dyn PciDevice>>,
+}
 
 /// A subscriber for the event loop.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -207,7 +254,7 @@ pub struct DeviceManager {
     pub untracked: Mutex<Vec<String>>,
     /// Bus 0.
     pub pci: Arc<PciBus>,
-    /// PCI functions in slot order: `(slot, kind, device)`.
+    /// PCI functions in slot order.
     pub functions: Vec<Function>,
     /// Virtio devices and their queue counts.
     pub virtio: Vec<(Arc<Mutex<dyn VirtioDevice>>, usize)>,

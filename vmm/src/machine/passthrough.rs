@@ -33,6 +33,8 @@ pub const PRQ_WINDOW: Duration = Duration::from_millis(10);
 pub struct Passthrough {
     /// For logs and counters.
     pub label: String,
+    /// Its PCI device number (its device data in a migration stream is keyed by it).
+    pub slot: u8,
     /// Set when the device failed.
     pub failed: Arc<AtomicBool>,
     /// Host map and unmap calls of its DMA backend `(maps, unmaps)`.

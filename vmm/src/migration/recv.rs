@@ -13,7 +13,8 @@ use super::send::Round;
 use super::stream::{parse, Kind, StreamReader, StreamWriter};
 use super::*;
 use crate::config::Address;
-use crate::machine::{device_state, kind_of, Machine, MachineConfig, MachineState, STATE_VERSION};
+use crate::machine::devices::DeviceKind;
+use crate::machine::{device_state, Machine, MachineConfig, MachineState, STATE_VERSION};
 
 /// Where the guest comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -420,7 +421,7 @@ fn check_config(theirs: &MachineConfig, ours: &MachineConfig) -> Result<(), Migr
         )));
     }
     if theirs.functions != ours.functions {
-        let show = |f: &[(u8, String)]| {
+        let show = |f: &[(u8, DeviceKind)]| {
             f.iter()
                 .map(|(s, k)| format!("00:{s:02x}.0 {k}"))
                 .collect::<Vec<_>>()
@@ -469,20 +470,21 @@ fn restore(
     // IOTLB misses) translate through the restored tables, which the function's own restore
     // (a device reset first) would otherwise clear.
     let restore_function = |slot: u8, value: &serde_json::Value| {
-        let Some((_, name, dev)) = m.devices.functions.iter().find(|f| f.0 == slot) else {
+        let Some(f) = m.devices.functions.iter().find(|f| f.slot == slot) else {
             return Err(MigrationError::Incompatible(format!(
                 "no PCI function at 00:{slot:02x}.0"
             )));
         };
-        dev.locked()
+        f.device
+            .locked()
             .restore_state(value)
-            .map_err(|e| state_err(format!("{name}: {e}")))
+            .map_err(|e| state_err(format!("{}: {e}", f.name)))
     };
     let is_iommu = |slot: u8| {
         m.devices
             .functions
             .iter()
-            .any(|f| f.0 == slot && kind_of(&f.1) == "virtio-iommu")
+            .any(|f| f.slot == slot && f.kind == DeviceKind::VirtioIommu)
     };
     for (slot, value) in st.functions.iter().filter(|f| is_iommu(f.0)) {
         restore_function(*slot, value)?;
@@ -501,8 +503,7 @@ fn restore(
     }
     m.devices.pci.refresh_all();
     for p in &m.devices.passthrough {
-        let slot = super::send::slot_of(m, &p.label);
-        let Some((_, data)) = device_data.iter().find(|d| d.0 == slot) else {
+        let Some((_, data)) = device_data.iter().find(|d| d.0 == p.slot) else {
             return Err(MigrationError::Incompatible(format!(
                 "no device data for {}",
                 p.label
@@ -528,7 +529,7 @@ mod tests {
         MachineConfig {
             memory: 64 << 20,
             cpus: 1,
-            functions: vec![(0, "host bridge".into()), (1, "virtio-iommu".into())],
+            functions: vec![(0, DeviceKind::HostBridge), (1, DeviceKind::VirtioIommu)],
         }
     }
 

@@ -260,29 +260,13 @@ fn send_final_state<W: Write>(m: &Machine, w: &mut StreamWriter<W>) -> Result<()
         let back = b.set_migration_state(device_state::STOP);
         let data = data.map_err(|e| state_err(format!("{}: {e}", p.label)))?;
         back.map_err(|e| state_err(format!("{}: {e}", p.label)))?;
-        let slot = slot_of(m, &p.label);
-        w.record(Kind::DeviceData, &[&u32::from(slot).to_le_bytes(), &data])?;
+        w.record(Kind::DeviceData, &[&u32::from(p.slot).to_le_bytes(), &data])?;
     }
     let st = m.save_state()?;
     w.json(Kind::State, &st)?;
     w.record(Kind::End, &[])?;
     w.flush()?;
     Ok(())
-}
-
-/// The PCI slot of the passthrough device labelled `label`.
-pub(super) fn slot_of(m: &Machine, label: &str) -> u8 {
-    label
-        .split(" at 00:")
-        .nth(1)
-        .and_then(|s| u8::from_str_radix(s.get(..2)?, 16).ok())
-        .unwrap_or_else(|| {
-            m.devices
-                .functions
-                .iter()
-                .find(|f| label.starts_with(&f.1))
-                .map_or(0, |f| f.0)
-        })
 }
 
 /// Migrates the running guest to `opts.to`. On success the guest runs there and this VMM
