@@ -263,6 +263,37 @@ mod tests {
         );
         let back: Response = serde_json::from_str(&line).unwrap();
         assert!(matches!(back.reply, Reply::Status(s) if s.state == VmState::AwaitingCommit));
+        let progress = MigrationStatus {
+            progress: crate::machine::ProgressState {
+                phase: crate::machine::MigrationPhase::StopAndCopy,
+                round: 3,
+                ..Default::default()
+            },
+            pages_sent: 9,
+            round_sent: 2,
+        };
+        let line = serde_json::to_string(&Response::ok(Reply::Status(StatusReply {
+            state: VmState::Running,
+            memory: Some(1),
+            cpus: Some(1),
+            resolve: None,
+            migration: Some(progress.clone()),
+        })))
+        .unwrap();
+        for key in [
+            r#""phase":"stop-and-copy""#,
+            r#""round":3"#,
+            r#""round_pages":0"#,
+            r#""dirty_pages":0"#,
+            r#""dirty_rate":0"#,
+            r#""expected_downtime_ms":0"#,
+            r#""pages_sent":9"#,
+            r#""round_sent":2"#,
+        ] {
+            assert!(line.contains(key), "{key} in {line}");
+        }
+        let back: Response = serde_json::from_str(&line).unwrap();
+        assert!(matches!(back.reply, Reply::Status(s) if s.migration == Some(progress)));
         let err = serde_json::to_string(&Response::error("no")).unwrap();
         assert_eq!(err, r#"{"ok":false,"error":"no"}"#);
         let snap = serde_json::to_string(&Response::ok(Reply::Snapshot(SnapshotReply {

@@ -171,15 +171,15 @@ fn progress(socket: PathBuf, done: Arc<AtomicBool>) {
                 migration: Some(m), ..
             }) = r.reply
             {
-                bar.set_prefix(format!("{} round {}", m.phase, m.round));
-                bar.set_length(m.round_pages.max(m.round_sent));
+                bar.set_prefix(format!("{} round {}", m.progress.phase, m.progress.round));
+                bar.set_length(m.progress.round_pages.max(m.round_sent));
                 bar.set_position(m.round_sent);
                 bar.set_message(format!(
                     "{} MiB sent, {} pages dirty ({} pages/s), expected downtime {} ms",
                     (m.pages_sent * 4096) >> 20,
-                    m.dirty_pages,
-                    m.dirty_rate,
-                    m.expected_downtime_ms
+                    m.progress.dirty_pages,
+                    m.progress.dirty_rate,
+                    m.progress.expected_downtime_ms
                 ));
             }
         }
@@ -202,8 +202,8 @@ fn show(reply: &Reply) -> String {
             if let Some(m) = &st.migration {
                 s.push_str(&format!(
                     "\nmigrating: {} round {}, {} MiB sent",
-                    m.phase,
-                    m.round,
+                    m.progress.phase,
+                    m.progress.round,
                     (m.pages_sent * 4096) >> 20
                 ));
             }

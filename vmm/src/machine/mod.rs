@@ -170,31 +170,43 @@ pub struct MigrationProgress {
 /// A running migration's progress, as the API's `status` reports it (`"migration"`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrationStatus {
-    /// `copy`, `stop-and-copy`, `hand-over`.
-    pub phase: String,
-    /// Pre-copy round (0: the full copy).
-    pub round: u32,
-    /// Pages sent before this round.
-    pub round_start: u64,
-    /// Pages this round sends.
-    pub round_pages: u64,
-    /// Pages dirty after the last round.
-    pub dirty_pages: u64,
-    /// Pages dirtied per second in the last round.
-    pub dirty_rate: u64,
-    /// Downtime the last round predicts, in milliseconds.
-    pub expected_downtime_ms: u64,
+    /// Phase, round, pages to send in this round, dirty pages and rate, estimated downtime.
+    #[serde(flatten)]
+    pub progress: ProgressState,
     /// Pages sent so far, all rounds.
     pub pages_sent: u64,
     /// Pages sent so far in this round.
     pub round_sent: u64,
 }
 
+/// Where a migration is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationPhase {
+    /// Pre-copy: the full copy and the rounds after it, the guest running.
+    #[default]
+    Copy,
+    /// The guest paused, the last dirty pages and the state sent.
+    StopAndCopy,
+    /// Waiting for the destination's ACK, then COMMIT and DONE.
+    HandOver,
+}
+
+impl std::fmt::Display for MigrationPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MigrationPhase::Copy => "copy",
+            MigrationPhase::StopAndCopy => "stop-and-copy",
+            MigrationPhase::HandOver => "hand-over",
+        })
+    }
+}
+
 /// The slower-changing part of [`MigrationProgress`].
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProgressState {
-    /// `copy`, `stop-and-copy`, `hand-over`.
-    pub phase: &'static str,
+    /// Where the migration is.
+    pub phase: MigrationPhase,
     /// Pre-copy round (0: the full copy).
     pub round: u32,
     /// Pages sent before this round.
@@ -215,15 +227,9 @@ impl MigrationProgress {
         let st = self.state.locked().clone()?;
         let sent = self.pages_sent.load(Ordering::Relaxed);
         Some(MigrationStatus {
-            phase: st.phase.to_string(),
-            round: st.round,
-            round_start: st.round_start,
-            round_pages: st.round_pages,
-            dirty_pages: st.dirty_pages,
-            dirty_rate: st.dirty_rate,
-            expected_downtime_ms: st.expected_downtime_ms,
-            pages_sent: sent,
             round_sent: sent.saturating_sub(st.round_start),
+            pages_sent: sent,
+            progress: st,
         })
     }
 

@@ -11,7 +11,9 @@ use vm_memory::{Bytes, GuestAddress};
 use super::stream::{Kind, StreamReader, StreamWriter, MAX_RAM_RECORD};
 use super::*;
 use crate::config::Address;
-use crate::machine::{device_state, DirtySources, Lifecycle, Machine, ProgressState};
+use crate::machine::{
+    device_state, DirtySources, Lifecycle, Machine, MigrationPhase, ProgressState,
+};
 
 /// Knobs of a migration (the API's `migrate` arguments).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -320,7 +322,7 @@ pub fn migrate(m: &Machine, opts: &MigrateOptions) -> Result<MigrationReport, Mi
             return Err(e);
         }
     };
-    m.progress.update(|p| p.phase = "hand-over");
+    m.progress.update(|p| p.phase = MigrationPhase::HandOver);
     let outcome = hand_over(m, opts, &mut w, &mut report);
     m.progress.set(None);
     match outcome {
@@ -495,7 +497,7 @@ fn precopy_and_stop<W: Write>(
         .pages_sent
         .store(0, std::sync::atomic::Ordering::Relaxed);
     m.progress.set(Some(ProgressState {
-        phase: "copy",
+        phase: MigrationPhase::Copy,
         round_pages: round0,
         ..Default::default()
     }));
@@ -555,7 +557,7 @@ fn precopy_and_stop<W: Write>(
         .pages_sent
         .load(std::sync::atomic::Ordering::Relaxed);
     m.progress.update(|p| {
-        p.phase = "stop-and-copy";
+        p.phase = MigrationPhase::StopAndCopy;
         p.round_start = start_at;
         p.round_pages = dirty.count();
     });
