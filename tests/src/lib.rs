@@ -304,6 +304,12 @@ pub fn counter(run: &Run, device: &str, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("bad {key} in {line}"))
 }
 
+/// The last `n` lines of `text`.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// TAP results on the console: `(ok, not ok)` counts, and the failing lines.
 pub fn tap(console: &str) -> (usize, usize, Vec<String>) {
     let ok = console.lines().filter(|l| l.starts_with("ok ")).count();
@@ -365,6 +371,21 @@ impl VmmProcess {
             stderr_so_far: so_far,
             start: Instant::now(),
         }
+    }
+
+    /// [`api`] to this VMM at `socket`; when there is no answer, panics with what the VMM
+    /// printed (and how it ended, if it did).
+    pub fn api(&mut self, socket: &Path, request: &str) -> serde_json::Value {
+        try_api(socket, request).unwrap_or_else(|e| {
+            std::thread::sleep(Duration::from_millis(500));
+            let ended = self.child.try_wait().ok().flatten();
+            panic!(
+                "{e}\nvmm: {}\n--- stderr ---\n{}\n--- console (end) ---\n{}",
+                ended.map_or("still running".into(), |s| s.to_string()),
+                self.stderr_so_far(),
+                tail(&self.console(), 40)
+            )
+        })
     }
 
     /// What the VMM wrote on stderr so far.
@@ -447,30 +468,39 @@ impl Drop for VmmProcess {
     }
 }
 
-/// Sends one request to the control API at `socket`; returns the JSON answer.
+/// Sends one request to the control API at `socket`; returns the JSON answer. Panics when
+/// there is none (see [`try_api`]).
 pub fn api(socket: &Path, request: &str) -> serde_json::Value {
+    try_api(socket, request).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Sends one request to the control API at `socket`: the JSON answer, or why there is none
+/// (the socket cannot be reached within 10 s, the VMM closed the connection without an
+/// answer, the answer is not JSON).
+pub fn try_api(socket: &Path, request: &str) -> Result<serde_json::Value, String> {
     use std::io::{BufRead, Write};
     let start = Instant::now();
     let stream = loop {
         match std::os::unix::net::UnixStream::connect(socket) {
             Ok(s) => break s,
-            Err(e) => {
-                assert!(
-                    start.elapsed() < Duration::from_secs(10),
-                    "cannot reach the API at {}: {e}",
-                    socket.display()
-                );
+            Err(_) if start.elapsed() < Duration::from_secs(10) => {
                 std::thread::sleep(Duration::from_millis(20));
             }
+            Err(e) => return Err(format!("cannot reach the API at {}: {e}", socket.display())),
         }
     };
-    let mut w = stream.try_clone().expect("clone");
-    writeln!(w, "{request}").expect("send the request");
+    let mut w = stream.try_clone().map_err(|e| format!("clone: {e}"))?;
+    writeln!(w, "{request}").map_err(|e| format!("send {request}: {e}"))?;
     let mut line = String::new();
     std::io::BufReader::new(stream)
         .read_line(&mut line)
-        .expect("read the answer");
-    serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad answer {line:?}: {e}"))
+        .map_err(|e| format!("read the answer to {request}: {e}"))?;
+    if line.is_empty() {
+        return Err(format!(
+            "no answer to {request}: the VMM closed the connection"
+        ));
+    }
+    serde_json::from_str(&line).map_err(|e| format!("bad answer {line:?} to {request}: {e}"))
 }
 
 /// A `dpdk-testpmd` process serving vhost-user net ports (DPDK's vhost PMD, server mode,

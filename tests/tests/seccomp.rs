@@ -39,9 +39,9 @@ fn start(seccomp: &str) -> (DeviceProcess, VmmProcess, std::path::PathBuf) {
 
 #[test]
 fn a_forbidden_system_call_stops_the_vmm_and_is_named() {
-    let (_dev, vmm, sock) = start("on");
+    let (_dev, mut vmm, sock) = start("on");
     // The guest runs with every thread filtered: vCPU, event loop, API, device process.
-    assert_eq!(api(&sock, r#"{"cmd":"status"}"#)["state"], "running");
+    assert_eq!(vmm.api(&sock, r#"{"cmd":"status"}"#)["state"], "running");
     let _ = std::panic::catch_unwind(|| api(&sock, r#"{"cmd":"test-forbidden-syscall"}"#));
     let run = vmm.wait(DEADLINE);
     assert_eq!(run.code(), 159, "{}", run.stderr);
@@ -55,10 +55,10 @@ fn a_forbidden_system_call_stops_the_vmm_and_is_named() {
 
 #[test]
 fn log_mode_lets_it_through() {
-    let (_dev, vmm, sock) = start("log");
-    let r = api(&sock, r#"{"cmd":"test-forbidden-syscall"}"#);
+    let (_dev, mut vmm, sock) = start("log");
+    let r = vmm.api(&sock, r#"{"cmd":"test-forbidden-syscall"}"#);
     assert_eq!(r["ok"], true, "{r}");
-    assert_eq!(api(&sock, r#"{"cmd":"status"}"#)["state"], "running");
-    assert_eq!(api(&sock, r#"{"cmd":"quit"}"#)["ok"], true);
+    assert_eq!(vmm.api(&sock, r#"{"cmd":"status"}"#)["state"], "running");
+    assert_eq!(vmm.api(&sock, r#"{"cmd":"quit"}"#)["ok"], true);
     assert_eq!(vmm.wait(DEADLINE).code(), 0);
 }
