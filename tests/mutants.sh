@@ -2,7 +2,7 @@
 # Mutation testing (cargo-mutants): every mutant of the mapping core (iommu/) and of the
 # virtio-iommu device (devices/src/virtio/iommu/) must be caught by a test, or be listed in
 # tests/README.md as equivalent with the reason. With `all`, also the dirty-tracking and
-# migration paths (vmm/src/dirty.rs, vmm/src/migration/, the vfio-user DMA backend).
+# migration paths (vmm/src/machine/dirty.rs, vmm/src/migration/, the vfio-user DMA backend).
 #
 # Not part of the test command (it takes most of an hour on 2 cores). Installs cargo-mutants
 # when missing. Property tests run with PROPTEST_CASES=16 (default here) to keep each
@@ -50,6 +50,6 @@ mkdir -p "$out"
 run iommu --package iommu --exclude iommu/src/testing.rs
 run virtio-iommu --package devices --file 'devices/src/virtio/iommu/*.rs'
 if [ "${1:-}" = all ]; then
-    run vmm-dirty-migration --package vmm --file vmm/src/dirty.rs --file 'vmm/src/migration/*.rs'
+    run vmm-dirty-migration --package vmm --file vmm/src/machine/dirty.rs --file 'vmm/src/migration/*.rs'
     run vfio-user-dma --package devices --file devices/src/passthrough/vfio_user_backend.rs
 fi

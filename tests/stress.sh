@@ -2,12 +2,13 @@
 # The long stress runs, outside the test command: the Linux DMA suite with its full 100,000
 # map/unmap cycles and 10,000 latency samples (lazy; strict 20,000 cycles; without the vIOMMU
 # 100,000), and the Linux net suite with 10,000 frames each way behind the vIOMMU (lazy and
-# strict) and 3,000 without it. The test command (tests/run.sh) runs the same cases short
-# (10,000 cycles, 1,000 samples, 2,000 frames). Prints the suites' figures: throughput,
+# strict) and 3,000 without it, and the concurrent suite on two vCPUs with 300 rounds per CPU,
+# lazy and strict. The test command (tests/run.sh) runs the same cases short
+# (3,000 cycles, 300 samples, 300 frames, 50 rounds; the concurrent suite lazy only). Prints the suites' figures: throughput,
 # latency, map/unmap rate, frames, IOTLB counters. About 20 minutes on this project's
-# machines. Installs what it needs, as tests/run.sh does.
+# machines, more with linux_concurrent. Installs what it needs, as tests/run.sh does.
 #
-# Usage: tests/stress.sh [TEST...]   (default: linux_suite linux_net)
+# Usage: tests/stress.sh [TEST...]   (default: linux_suite linux_net linux_concurrent)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,7 +22,7 @@ kernel=$(./images/build-kernel.sh | tail -1)
 export VMM_TEST_KERNEL="$kernel" VMM_STRESS=1
 
 tests=("$@")
-((${#tests[@]})) || tests=(linux_suite linux_net)
+((${#tests[@]})) || tests=(linux_suite linux_net linux_concurrent)
 args=()
 for t in "${tests[@]}"; do args+=(--test "$t"); done
 
