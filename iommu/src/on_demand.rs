@@ -1,4 +1,4 @@
-//! Host mappings on demand (`dma=fault`, seed 000 "IOPF for VFIO"): a [`DmaBackend`] wrapper
+//! Host mappings on demand (`dma=fault`, the "IOPF support for VFIO passthrough" RFC's idea): a [`DmaBackend`] wrapper
 //! that records the mappings it is given without making them, and installs one on the inner
 //! backend only when the device touches it and asks with a page request (the stall model of
 //! PCIe PRI or the SMMU: the transfer waits, the host maps, the device retries).

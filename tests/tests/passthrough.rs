@@ -211,7 +211,7 @@ fn host_mappings_on_demand_without_the_viommu() {
     );
 }
 
-/// The seed 000 table, measured: the slowdown of `dma=fault` against static mapping for a
+/// The "IOPF support for VFIO passthrough" RFC's table, measured: the slowdown of `dma=fault` against static mapping for a
 /// 1 MiB and a 10 MiB buffer used 1, 100 and 1000 times, behind the vIOMMU and without it,
 /// with the page requests each configuration made. Both policies run alternately on this
 /// machine (best of three VM runs each) and only their ratio is printed; what is asserted

@@ -1,5 +1,5 @@
 //! Populating and mapping all guest RAM for a passthrough device outside the vIOMMU, with 1, 2
-//! and N threads (N = the host's CPUs, and twice that), cut on 2 MiB (seed 004). Each run
+//! and N threads (N = the host's CPUs, and twice that), cut on 2 MiB (as the "Multithreaded VFIO page pinning" review asked). Each run
 //! makes fresh guest RAM (a memfd, as the VMM does) of `STATIC_MAP_GIB` GiB (default 4) and
 //! maps it on a backend that only counts calls, so what is timed is the population (the page
 //! faults) and the cut; a VFIO type1 backend would add its pinning inside each DMA_MAP.

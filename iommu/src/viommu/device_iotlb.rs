@@ -4,7 +4,7 @@
 //!
 //! An entry is contiguous in IOVA and GPA, has one permission that allows the access, lies in
 //! one range of guest RAM (so that it is contiguous in the VMM's address space too), and spans
-//! guest mappings where they touch (the merged runs of DPDK's device-IOTLB series, seed 003),
+//! guest mappings where they touch (the merged runs of DPDK's vhost-user device-IOTLB series),
 //! but never covers an IOVA the guest did not map, and is never writable where the guest
 //! mapped read-only. UNMAP, DETACH and domain changes reach the device as host unmaps of its
 //! [`DmaBackend`](crate::DmaBackend), which it turns into invalidations.

@@ -720,7 +720,7 @@ fn throughput(c: &mut Ctx) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// The table of seed 000 ("IOPF for VFIO"): a buffer of 1 MiB and one of 10 MiB, mapped
+/// The table of the "IOPF support for VFIO passthrough" RFC: a buffer of 1 MiB and one of 10 MiB, mapped
 /// once and copied 1, 100 and 1000 times, each configuration on fresh buffers (so under
 /// `dma=fault` its first use makes the page requests). Prints the cycles and the page
 /// requests the device made (0 under static mapping) per configuration.

@@ -1,8 +1,8 @@
 //! Static DMA mapping of all guest RAM for a passthrough device outside the vIOMMU: every
 //! page is populated and mapped at IOVA = GPA before the guest runs. The work is split across
 //! threads, and the cuts fall on the RAM's backing page size (2 MiB, or the hugetlb page size)
-//! so that a huge host page is never split between two host mappings (seed 004, "Multithreaded
-//! VFIO page pinning": user space knows its backing page size and can cut there).
+//! so that a huge host page is never split between two host mappings (the "Multithreaded VFIO page
+//! pinning" review: user space knows its backing page size and can cut there).
 //!
 //! Each thread populates its share (`MADV_POPULATE_WRITE`: the page faults, the part that
 //! scales with memory) and makes one host map call per RAM range it covers. The host calls
