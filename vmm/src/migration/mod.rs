@@ -186,6 +186,38 @@ mod tests {
         );
     }
 
+    /// Verify sees a change of any byte of a page, in RAM below and above the PCI hole: the
+    /// pages whose first or last byte alone changed, and only they, differ.
+    #[test]
+    fn verify_sees_one_byte_anywhere_in_a_page() {
+        use vm_memory::{Bytes, GuestAddress};
+        let ram = [(0u64, 16 * 4096u64), (0x1_0000_0000, 8 * 4096)];
+        let ranges: Vec<(GuestAddress, usize)> = ram
+            .iter()
+            .map(|&(g, l)| (GuestAddress(g), l as usize))
+            .collect();
+        let mem = devices::GuestMemoryMmap::from_ranges(&ranges).unwrap();
+        for &(g, l) in &ram {
+            mem.write_slice(&vec![0x5a; l as usize], GuestAddress(g))
+                .unwrap();
+        }
+        let before = page_hashes(&mem, &ram).unwrap();
+        assert_eq!(before.len(), 24);
+        let changed = [
+            (0x3000 + 4095, 0x3000),               // the last byte of a page below 4 GiB
+            (0x1_0000_5000 + 4095, 0x1_0000_5000), // the last byte above the hole
+            (0x1_0000_0000, 0x1_0000_0000),        // the first byte of the upper region
+        ];
+        for (at, _) in changed {
+            mem.write_obj(0xa5u8, GuestAddress(at)).unwrap();
+        }
+        let after = page_hashes(&mem, &ram).unwrap();
+        let differ: std::collections::BTreeSet<u64> =
+            differing_pages(&before, &after, &ram).into_iter().collect();
+        let want: std::collections::BTreeSet<u64> = changed.iter().map(|c| c.1).collect();
+        assert_eq!(differ, want);
+    }
+
     #[test]
     fn hashes_records_go_in_order_and_stay_inside_ram() {
         let mut w = stream::StreamWriter::new(Vec::new()).unwrap();
