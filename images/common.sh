@@ -41,18 +41,30 @@ stop_following() {
     kill "${follower:-}" 2>/dev/null || true
 }
 
-# ktap_summary CONSOLE VMM_LOG: one line per KTAP suite on the console (timestamps already
-# stripped) and the guest's verdict. Succeeds only when every suite's plan ran to its end with
-# no failure and the guest gave its verdict through the test-exit port with 0 failures: a
-# panic, a reset, a hang or a short plan fails, and the console's tail is shown.
+# ktap_summary CONSOLE VMM_LOG [--suites NAME N] [--skip CASE]...: one line per KTAP suite on
+# the console (timestamps already stripped) and the guest's verdict. Succeeds only when every
+# suite's plan ran to its end with no failure and no skipped case except the CASEs given (a
+# SKIP is a verdict of its own, not a pass), NAME ran N times when asked, and the guest gave
+# its verdict through the test-exit port with 0 failures: a panic, a reset, a hang or a short
+# plan fails, and the console's tail is shown.
 ktap_summary() {
-    local console=$1 vmmlog=$2 ok=0 ended
-    awk '
+    local console=$1 vmmlog=$2 ok=0 ended allow=" " want_suite= want_count=0
+    shift 2
+    while (($#)); do
+        case "$1" in
+        --suites) want_suite=$2 want_count=$3; shift 3 ;;
+        --skip) allow+="$2 "; shift 2 ;;
+        *) echo "ktap_summary: unknown option '$1'" >&2; return 2 ;;
+        esac
+    done
+    awk -v allow="$allow" -v want_suite="$want_suite" -v want_count="$want_count" '
         function flush() {
             if (!started) return
             printf "suite %s: %d passed, %d failed, %d skipped of %s planned\n",
                 name, pass, fail, skip, plan == "" ? "?" : plan
             if (plan == "" || fail || pass + skip + fail != plan + 0) bad = 1
+            split(name, w, " ")
+            if (w[1] == want_suite) suites++
         }
         /^KTAP version/ { flush(); started = 1; name = "?"; plan = ""; pass = fail = skip = 0; next }
         !started { next }
@@ -63,11 +75,24 @@ ktap_summary() {
         }
         /^1\.\./ && plan == "" { plan = substr($0, 4) + 0; next }
         /^not ok / { fail++; next }
-        /^ok .*# SKIP/ { skip++; next }
+        /^ok .*# SKIP/ {
+            skip++
+            case_name = $3
+            if (case_name == "-") case_name = $4
+            if (index(allow, " " case_name " ") == 0) {
+                printf "suite %s: %s was skipped, and this run must run it\n", name, case_name
+                bad = 1
+            }
+            next
+        }
         /^ok / { pass++; next }
         END {
             flush()
             if (!started) { print "no KTAP suite on the console"; bad = 1 }
+            if (want_suite != "" && suites != want_count + 0) {
+                printf "%d %s suites reported, %d expected\n", suites, want_suite, want_count
+                bad = 1
+            }
             exit bad
         }' <<<"$console" || ok=1
     ended=$(grep -o 'guest ended ([^)]*)' "$vmmlog" | tail -1 || true)
@@ -77,6 +102,7 @@ ktap_summary() {
     "") echo "verdict: none (the VMM ended without one; see its log)"; ok=1 ;;
     *) echo "verdict: none, ${ended#guest ended } (a panic or a reset is not a verdict)"; ok=1 ;;
     esac
+    grep -m1 'Kernel panic - not syncing' <<<"$console" | sed 's/^/panic: /' || true
     if [ $ok -ne 0 ]; then
         echo "--- the console's last lines:"
         tail -15 <<<"$console"

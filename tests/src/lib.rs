@@ -740,17 +740,28 @@ pub fn console_values(console: &str, prefix: &str, key: &str) -> Vec<u64> {
 }
 
 /// Checks a guest test run the way its suites mean it: every KTAP suite on the console ran
-/// its whole plan with no failure, the suites named in `suites` are among them (each at least
-/// once), and the guest gave its verdict, 0 failed, through the test-exit port. A panic or a
-/// reset (which also ends the VMM with status 0), a hang or a short plan fails, with the
-/// console's tail in the message. Returns the suites found, in order.
+/// its whole plan with no failure and no skipped case, the suites named in `suites` are among
+/// them (each at least once), and the guest gave its verdict, 0 failed, through the test-exit
+/// port. A panic or a reset (which also ends the VMM with status 0), a hang, a short plan or a
+/// `# SKIP` fails, with the console's tail in the message. Returns the suites found, in order.
 pub fn check_suites(name: &str, run: &Run, suites: &[&str]) -> Vec<String> {
+    check_suites_skipping(name, run, suites, &[])
+}
+
+/// [`check_suites`] for a run where exactly the cases named in `skipped` are skipped, in every
+/// suite that has them: a case skipped that is not in the set, or one in the set that ran,
+/// fails. SKIP is a verdict of its own, not a pass.
+pub fn check_suites_skipping(
+    name: &str,
+    run: &Run,
+    suites: &[&str],
+    skipped: &[&str],
+) -> Vec<String> {
     let con = console_text(run);
-    let tail: String = {
-        let lines: Vec<&str> = con.lines().collect();
-        lines[lines.len().saturating_sub(25)..].join("\n")
-    };
+    let tail = tail(&con, 25);
+    let expected: std::collections::BTreeSet<&str> = skipped.iter().copied().collect();
     let mut found = Vec::new();
+    let mut seen_skipped = std::collections::BTreeSet::new();
     for block in con.split("KTAP version 1").skip(1) {
         let suite = block
             .lines()
@@ -769,8 +780,21 @@ pub fn check_suites(name: &str, run: &Run, suites: &[&str]) -> Vec<String> {
             "{name}: {suite}: {ok} ok of {plan}, failing {bad:?}\n--- console tail ---\n{tail}\n--- stderr ---\n{}",
             run.stderr
         );
+        let skips: std::collections::BTreeSet<&str> =
+            block.lines().filter_map(skipped_case).collect();
+        let unexpected: Vec<&&str> = skips.difference(&expected).collect();
+        assert!(
+            unexpected.is_empty(),
+            "{name}: {suite}: skipped {unexpected:?}, which this run must run (a SKIP is not a pass)\n--- console tail ---\n{tail}"
+        );
+        seen_skipped.extend(skips);
         found.push(suite);
     }
+    let ran: Vec<&&str> = expected.difference(&seen_skipped).collect();
+    assert!(
+        ran.is_empty(),
+        "{name}: {ran:?} should have been skipped in this configuration and were not\n--- console tail ---\n{tail}"
+    );
     for s in suites {
         assert!(
             found.iter().any(|f| f == s),
@@ -784,6 +808,18 @@ pub fn check_suites(name: &str, run: &Run, suites: &[&str]) -> Vec<String> {
         run.stderr
     );
     found
+}
+
+/// The case a KTAP result line skipped: `ok N NAME # SKIP why` gives `NAME`.
+pub fn skipped_case(line: &str) -> Option<&str> {
+    let rest = line.strip_prefix("ok ")?;
+    let (case, directive) = rest.split_once(" # ")?;
+    if !directive.starts_with("SKIP") {
+        return None;
+    }
+    // `N NAME`, or `N - NAME` in KTAP's optional form.
+    let case = case.split_once(' ')?.1;
+    Some(case.strip_prefix("- ").unwrap_or(case).trim())
 }
 
 /// Page frame numbers from `FIRST+COUNT` hex runs (the guest's `# written ranges:` lines, the
@@ -1001,5 +1037,69 @@ impl Drop for HostileProxy {
                 let _ = t.join();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_of(console: &str) -> Run {
+        use std::os::unix::process::ExitStatusExt;
+        Run {
+            status: Some(ExitStatus::from_raw(0)),
+            console: console.into(),
+            stderr: "guest ended (test exit code 0)".into(),
+            wall: Duration::ZERO,
+        }
+    }
+
+    const SUITE: &str = "KTAP version 1\n# vmm_dmatest: 0000:00:02.0\n1..3\nok 1 copy_4k\n\
+                         ok 2 fault_read_only # SKIP the device is not behind an IOMMU\n\
+                         ok 3 fault_unmapped # SKIP the device is not behind an IOMMU\n";
+
+    fn fails(f: impl FnOnce() + std::panic::UnwindSafe) -> bool {
+        std::panic::catch_unwind(f).is_err()
+    }
+
+    /// A skipped case is its own verdict: refused where none is expected, accepted where
+    /// exactly that set is, and an expected skip that ran instead fails too.
+    #[test]
+    fn a_skip_is_not_a_pass() {
+        assert_eq!(
+            skipped_case("ok 2 fault_read_only # SKIP not behind an IOMMU"),
+            Some("fault_read_only")
+        );
+        assert_eq!(skipped_case("ok 2 - chains # SKIP no SG"), Some("chains"));
+        assert_eq!(skipped_case("ok 1 copy_4k"), None);
+        assert_eq!(skipped_case("not ok 1 copy_4k # SKIP x"), None);
+        let r = run_of(SUITE);
+        assert!(fails(|| {
+            check_suites("s", &r, &["vmm_dmatest"]);
+        }));
+        assert!(fails(|| {
+            check_suites_skipping("s", &r, &["vmm_dmatest"], &["fault_read_only"]);
+        }));
+        assert!(fails(|| {
+            check_suites_skipping(
+                "s",
+                &r,
+                &["vmm_dmatest"],
+                &[
+                    "fault_read_only",
+                    "fault_unmapped",
+                    "fault_already_unmapped",
+                ],
+            );
+        }));
+        let found = check_suites_skipping(
+            "s",
+            &r,
+            &["vmm_dmatest"],
+            &["fault_unmapped", "fault_read_only"],
+        );
+        assert_eq!(found, ["vmm_dmatest"]);
+        let all_ran = run_of(&SUITE.replace(" # SKIP the device is not behind an IOMMU", ""));
+        check_suites("s", &all_ran, &["vmm_dmatest"]);
     }
 }
