@@ -931,3 +931,56 @@ use virtio_bindings::virtio_net::{VIRTIO_NET_ERR, VIRTIO_NET_OK};
 use vm_memory::Bytes;
 
 mod migration;
+
+/// The UPDATEs remembered for the resend after an invalidation: an invalidation forgets
+/// exactly the entries it overlaps, however large, and returns the one starting at its end;
+/// a guest with more mappings than [`MAX_SENT`] cannot make the VMM remember more.
+#[test]
+fn sent_updates_are_bounded_and_invalidated_by_overlap() {
+    use super::vhost_user::{SentUpdates, MAX_SENT};
+    let upd = |iova: u64, size: u64| {
+        VhostUserIotlb::new(
+            VhostUserIotlbType::Update,
+            iova,
+            size,
+            0x7000_0000 + iova,
+            3,
+        )
+    };
+    let mut s = SentUpdates::default();
+    s.record(upd(0x1000, 0x1000));
+    s.record(upd(0x10_0000, 0x40_0000)); // a large entry starting far below the next range
+    s.record(upd(0x80_0000, 0x1000));
+    s.record(upd(0x80_1000, 0x1000));
+    // [0x40_0000, 0x80_0000) overlaps only the large entry; the next starts at its end.
+    assert_eq!(
+        s.invalidate(0x40_0000, 0x80_0000),
+        Some(upd(0x80_0000, 0x1000))
+    );
+    assert_eq!(s.len(), 3);
+    // A range touching nothing forgets nothing.
+    assert_eq!(s.invalidate(0x2000, 0x3000), None);
+    assert_eq!(s.len(), 3);
+    // Exact and partial overlaps.
+    assert_eq!(
+        s.invalidate(0x80_0800, 0x80_1000),
+        Some(upd(0x80_1000, 0x1000))
+    );
+    assert_eq!(s.invalidate(0x0, 0x1001), None);
+    assert_eq!(s.len(), 1);
+    // The bound: the lowest IOVAs go first; a replaced entry does not count twice.
+    let mut s = SentUpdates::default();
+    for i in 0..(MAX_SENT as u64 + 10) {
+        s.record(upd(i << 12, 0x1000));
+    }
+    s.record(upd((MAX_SENT as u64 + 9) << 12, 0x1000));
+    assert_eq!(s.len(), MAX_SENT);
+    // The ten lowest were forgotten: nothing below 10 << 12 overlaps, the entry there stays.
+    assert_eq!(s.invalidate(0, 10 << 12), Some(upd(10 << 12, 0x1000)));
+    assert_eq!(s.len(), MAX_SENT);
+    assert_eq!(
+        s.invalidate(10 << 12, 11 << 12),
+        Some(upd(11 << 12, 0x1000))
+    );
+    assert_eq!(s.len(), MAX_SENT - 1);
+}

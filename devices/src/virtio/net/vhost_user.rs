@@ -126,6 +126,56 @@ pub(super) struct Plan {
     pub interrupt: Arc<dyn VirtioInterrupt>,
 }
 
+/// Most `UPDATE`s remembered per back end (DPDK's own cache keeps 2,048 entries per queue).
+pub(super) const MAX_SENT: usize = 16_384;
+
+/// The `UPDATE`s a back end took and no `INVALIDATE` removed, by IOVA, at most [`MAX_SENT`]:
+/// what [`Shared::invalidate`] sends again after an invalidation that DPDK extends by one
+/// entry. A guest that keeps more mappings than that costs the oldest-by-IOVA record, which
+/// only means that one resend is not made (the back end then misses, and the miss is
+/// answered): the memory a guest can make the VMM keep here is bounded, and an invalidation
+/// looks only at the entries that can overlap its range.
+#[derive(Debug, Default)]
+pub(super) struct SentUpdates {
+    by_iova: BTreeMap<u64, VhostUserIotlb>,
+    /// The largest size recorded: an entry overlapping `[iova, end)` starts after
+    /// `iova - largest`.
+    largest: u64,
+}
+
+impl SentUpdates {
+    /// Records an `UPDATE` the back end took (replacing one at the same IOVA).
+    pub(super) fn record(&mut self, msg: VhostUserIotlb) {
+        if self.by_iova.len() >= MAX_SENT && !self.by_iova.contains_key(&msg.iova) {
+            self.by_iova.pop_first();
+        }
+        self.largest = self.largest.max(msg.size);
+        self.by_iova.insert(msg.iova, msg);
+    }
+
+    /// Forgets every entry overlapping `[iova, end)`; returns the one starting at `end`, if
+    /// any (the entry DPDK drops too).
+    pub(super) fn invalidate(&mut self, iova: u64, end: u64) -> Option<VhostUserIotlb> {
+        let from = iova.saturating_sub(self.largest.saturating_sub(1));
+        let gone: Vec<u64> = self
+            .by_iova
+            .range(from..end.max(from))
+            .filter(|(_, m)| m.iova.saturating_add(m.size) > iova)
+            .map(|(&k, _)| k)
+            .collect();
+        for k in gone {
+            self.by_iova.remove(&k);
+        }
+        self.by_iova.get(&end).copied()
+    }
+
+    /// Entries remembered.
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.by_iova.len()
+    }
+}
+
 /// A live connection to the back end.
 pub(super) struct Link {
     frontend: Frontend,
@@ -133,8 +183,8 @@ pub(super) struct Link {
     pub features: u64,
     /// Another handle on the main socket, to watch for hang-ups and to cut it.
     watch: UnixStream,
-    /// The `UPDATE`s the back end took and no `INVALIDATE` removed, by IOVA.
-    sent: BTreeMap<u64, VhostUserIotlb>,
+    /// The `UPDATE`s the back end took and no `INVALIDATE` removed.
+    sent: SentUpdates,
     /// `SET_FEATURES` was sent with `VIRTIO_F_ACCESS_PLATFORM`.
     iotlb_on: bool,
     /// `VHOST_USER_PROTOCOL_F_LOG_SHMFD` was negotiated and the back end offers
@@ -279,7 +329,7 @@ impl Shared {
                 frontend,
                 features,
                 watch,
-                sent: BTreeMap::new(),
+                sent: SentUpdates::default(),
                 iotlb_on: false,
                 can_log,
             },
@@ -437,7 +487,7 @@ impl Shared {
         match link.frontend.send_iotlb_msg(msg) {
             Ok(()) => {
                 if msg.iotlb_type() == Some(VhostUserIotlbType::Update) {
-                    link.sent.insert(msg.iova, *msg);
+                    link.sent.record(*msg);
                 }
                 true
             }
@@ -465,18 +515,10 @@ impl Shared {
         let msg = VhostUserIotlb::new(VhostUserIotlbType::Invalidate, iova, len, 0, 0);
         let end = iova.saturating_add(len);
         let mut st = self.lock();
-        let next = st.link.as_mut().and_then(|link| {
-            let gone: Vec<u64> = link
-                .sent
-                .range(..end)
-                .filter(|(_, m)| m.iova.saturating_add(m.size) > iova)
-                .map(|(&k, _)| k)
-                .collect();
-            for k in gone {
-                link.sent.remove(&k);
-            }
-            link.sent.get(&end).copied()
-        });
+        let next = st
+            .link
+            .as_mut()
+            .and_then(|link| link.sent.invalidate(iova, end));
         if self.send_iotlb(&mut st, &msg) {
             self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
             self.counters
