@@ -14,7 +14,10 @@ use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::sync::Once;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
 
 /// What a forbidden system call does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -72,21 +75,43 @@ pub fn install(name: &'static str, syscalls: &[&[i64]], mode: Mode) -> Result<()
     THREAD.with(|t| t.set(name));
     static HANDLER: Once = Once::new();
     HANDLER.call_once(install_sigsys_handler);
+    let err = |e: &dyn std::fmt::Display| SeccompError::Filter(name, e.to_string());
     let mut rules = BTreeMap::new();
     for &nr in COMMON.iter().chain(syscalls.iter().copied().flatten()) {
-        rules.insert(nr, Vec::new());
+        rules.insert(nr, argument_rules(nr).map_err(|e| err(&e))?);
     }
     let mismatch = match mode {
         Mode::On => SeccompAction::Trap,
         _ => SeccompAction::Log,
     };
-    let err = |e: &dyn std::fmt::Display| SeccompError::Filter(name, e.to_string());
     let filter =
         SeccompFilter::new(rules, mismatch, SeccompAction::Allow, arch()).map_err(|e| err(&e))?;
     let bpf: BpfProgram = filter
         .try_into()
         .map_err(|e: seccompiler::BackendError| err(&e))?;
     seccompiler::apply_filter(&bpf).map_err(|e| err(&e))
+}
+
+/// The arguments a system call may have, as rules of which one must match (none: any):
+/// - `mmap` and `mprotect`: never `PROT_EXEC` (no thread makes code after start-up);
+/// - `socket`: only the families the VMM speaks (`AF_UNIX` for device servers, back ends,
+///   the API and local migration; `AF_INET` and `AF_INET6` for migration over TCP).
+fn argument_rules(nr: i64) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+    let arg = |index: u8, op: SeccompCmpOp, value: u64| {
+        SeccompCondition::new(index, SeccompCmpArgLen::Dword, op, value)
+    };
+    Ok(match nr {
+        libc::SYS_mmap | libc::SYS_mprotect => vec![SeccompRule::new(vec![arg(
+            2,
+            SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64),
+            0,
+        )?])?],
+        libc::SYS_socket => [libc::AF_UNIX, libc::AF_INET, libc::AF_INET6]
+            .into_iter()
+            .map(|family| SeccompRule::new(vec![arg(0, SeccompCmpOp::Eq, family as u64)?]))
+            .collect::<Result<_, _>>()?,
+        _ => Vec::new(),
+    })
 }
 
 fn arch() -> TargetArch {
@@ -345,6 +370,78 @@ const NAMES: &[(i64, &str)] = names![
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Under a filter, executable memory and sockets of other families are refused (the
+    /// process ends with [`VIOLATION_EXIT`]) while plain mappings and UNIX sockets go
+    /// through. Each case runs in a child process (this test binary again), since a filter
+    /// cannot be removed.
+    #[test]
+    fn arguments_are_filtered_too() {
+        if let Ok(case) = std::env::var("VMM_SECCOMP_CASE") {
+            install("test", lists::VHOST_USER, Mode::On).unwrap();
+            // SAFETY: plain system calls on memory and descriptors this block owns; the
+            // process ends at the end of the block.
+            unsafe {
+                let len = 4096;
+                let p = libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                assert_ne!(p, libc::MAP_FAILED);
+                assert_eq!(libc::mprotect(p, len, libc::PROT_READ), 0);
+                assert!(libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) >= 0);
+                match case.as_str() {
+                    "mprotect-exec" => {
+                        libc::mprotect(p, len, libc::PROT_READ | libc::PROT_EXEC);
+                    }
+                    "mmap-exec" => {
+                        libc::mmap(
+                            std::ptr::null_mut(),
+                            len,
+                            libc::PROT_READ | libc::PROT_EXEC,
+                            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                            -1,
+                            0,
+                        );
+                    }
+                    "netlink" => {
+                        libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, 0);
+                    }
+                    _ => {}
+                }
+                libc::_exit(0);
+            }
+        }
+        for (case, code) in [
+            ("allowed", 0),
+            ("mprotect-exec", VIOLATION_EXIT),
+            ("mmap-exec", VIOLATION_EXIT),
+            ("netlink", VIOLATION_EXIT),
+        ] {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "seccomp::tests::arguments_are_filtered_too",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env("VMM_SECCOMP_CASE", case)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(code), "{case}: {stderr}");
+            if code == VIOLATION_EXIT {
+                assert!(
+                    stderr.contains("seccomp: the test thread made a forbidden system call"),
+                    "{case}: {stderr}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn modes_parse_and_names_are_known() {
