@@ -416,6 +416,46 @@ fn a_lost_or_late_ack_resumes_the_source_and_the_destination_discards() {
     }
 }
 
+/// The COMMIT is lost and the destination has no API socket through which a user could
+/// decide: it ends, saying why, without ever running the guest.
+#[test]
+fn a_destination_without_an_api_never_runs_the_guest_without_a_commit() {
+    let (dev_a, dev_b) = (DeviceProcess::start(), DeviceProcess::start());
+    let (api_sock, mig_sock) = (scratch("api.sock"), scratch("mig.sock"));
+    let to = format!("unix:{}", mig_sock.display());
+    let dst = destination_env(&dev_b, MEMORY, &["--incoming", &to], &[], "");
+    let mut src = source_env(
+        &dev_a,
+        &api_sock,
+        UNTIL_MIGRATED,
+        &[("VMM_TEST_HANDOVER_FAULT", "drop-commit")],
+        "",
+    );
+    wait_for(&mig_sock);
+    src.wait_console("# migrate-ready", DEADLINE);
+    let report = migrate(&api_sock, &mig_sock, r#","verify":true,"timeout_ms":1500"#);
+    assert_eq!(report["ok"], false, "{report}");
+    let dst = dst.wait(DEADLINE);
+    assert_eq!(dst.code(), 1, "{}", dst.stderr);
+    assert!(
+        dst.stderr
+            .contains("no --api-socket to decide: the guest is not run"),
+        "{}",
+        dst.stderr
+    );
+    assert!(
+        !dst.console.contains("migrate_dma"),
+        "the guest ran on the destination:\n{}",
+        dst.console
+    );
+    assert_eq!(
+        api(&api_sock, r#"{"cmd":"status"}"#)["state"],
+        "handover-unconfirmed"
+    );
+    assert_eq!(api(&api_sock, r#"{"cmd":"quit"}"#)["ok"], true);
+    assert_eq!(src.wait(DEADLINE).code(), 0);
+}
+
 /// The COMMIT is lost: the source stopped for good and says so, the destination waits and
 /// says so; neither runs the guest until the user decides, then exactly one does.
 #[test]
