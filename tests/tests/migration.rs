@@ -124,6 +124,22 @@ fn migrate(api_socket: &Path, to: &Path, extra: &str) -> serde_json::Value {
     )
 }
 
+/// [`source_env`] once the destination listens at `mig_sock` and the guest is ready to
+/// migrate (`# migrate-ready` on its console).
+fn ready_source(
+    dev: &DeviceProcess,
+    api_socket: &Path,
+    mig_sock: &Path,
+    params: &str,
+    env: &[(&str, &str)],
+    policy: &str,
+) -> VmmProcess {
+    let mut src = source_env(dev, api_socket, params, env, policy);
+    wait_for(mig_sock);
+    src.wait_console("# migrate-ready", DEADLINE);
+    src
+}
+
 /// Waits until `path` exists (the destination listens).
 fn wait_for(path: &Path) {
     let start = std::time::Instant::now();
@@ -143,9 +159,7 @@ fn live_migration_loses_no_device_write() {
     let (api_sock, mig_sock) = (scratch("api.sock"), scratch("mig.sock"));
     let to = format!("unix:{}", mig_sock.display());
     let dst = destination(&dev_b, MEMORY, &["--incoming", &to]);
-    let mut src = source(&dev_a, &api_sock, UNTIL_MIGRATED);
-    wait_for(&mig_sock);
-    src.wait_console("# migrate-ready", DEADLINE);
+    let src = ready_source(&dev_a, &api_sock, &mig_sock, UNTIL_MIGRATED, &[], "");
     let report = migrate(&api_sock, &mig_sock, VERIFY);
     eprintln!("migration report: {report}");
     assert_eq!(report["ok"], true, "{report}");
@@ -196,9 +210,7 @@ fn live_migration_with(
     let (api_sock, mig_sock) = (scratch("api.sock"), scratch("mig.sock"));
     let to = format!("unix:{}", mig_sock.display());
     let dst = destination_env(&dev_b, MEMORY, &["--incoming", &to], &[], dma);
-    let mut src = source_env(&dev_a, &api_sock, UNTIL_MIGRATED, &[], dma);
-    wait_for(&mig_sock);
-    src.wait_console("# migrate-ready", DEADLINE);
+    let src = ready_source(&dev_a, &api_sock, &mig_sock, UNTIL_MIGRATED, &[], dma);
     let report = migrate(&api_sock, &mig_sock, extra);
     eprintln!("migration report: {report}");
     assert_eq!(report["ok"], true, "{report}");
@@ -297,9 +309,7 @@ fn migration_with(
         dst_env,
         "",
     );
-    let mut src = source_env(dev_a, &api_sock, params, src_env, "");
-    wait_for(&mig_sock);
-    src.wait_console("# migrate-ready", DEADLINE);
+    let src = ready_source(dev_a, &api_sock, &mig_sock, params, src_env, "");
     let report = migrate(&api_sock, &mig_sock, extra);
     eprintln!("migration report: {report}");
     (report, src, dst, api_sock, api_dst)
@@ -424,15 +434,14 @@ fn a_destination_without_an_api_never_runs_the_guest_without_a_commit() {
     let (api_sock, mig_sock) = (scratch("api.sock"), scratch("mig.sock"));
     let to = format!("unix:{}", mig_sock.display());
     let dst = destination_env(&dev_b, MEMORY, &["--incoming", &to], &[], "");
-    let mut src = source_env(
+    let src = ready_source(
         &dev_a,
         &api_sock,
+        &mig_sock,
         UNTIL_MIGRATED,
         &[("VMM_TEST_HANDOVER_FAULT", "drop-commit")],
         "",
     );
-    wait_for(&mig_sock);
-    src.wait_console("# migrate-ready", DEADLINE);
     let report = migrate(&api_sock, &mig_sock, r#","verify":true,"timeout_ms":1500"#);
     assert_eq!(report["ok"], false, "{report}");
     let dst = dst.wait(DEADLINE);
@@ -525,15 +534,14 @@ fn a_source_killed_after_the_ack_leaves_the_destination_waiting() {
         MEMORY,
         &["--incoming", &to, "--api-socket", &api_dst_arg],
     );
-    let mut src = source_env(
+    let mut src = ready_source(
         &dev_a,
         &api_sock,
+        &mig_sock,
         UNTIL_MIGRATED,
         &[("VMM_TEST_HANDOVER_FAULT", "stall-before-commit=60000")],
         "",
     );
-    wait_for(&mig_sock);
-    src.wait_console("# migrate-ready", DEADLINE);
     // The migrate call blocks until the hand-over ends: issue it from a thread.
     let (a, m) = (api_sock.clone(), mig_sock.clone());
     let caller = std::thread::spawn(move || migrate(&a, &m, VERIFY));
@@ -655,9 +663,7 @@ fn refused_migration(
     let (api_sock, mig_sock) = (scratch("api.sock"), scratch("mig.sock"));
     let to = format!("unix:{}", mig_sock.display());
     let dst = destination(dev_b, dst_memory, &["--incoming", &to]);
-    let mut src = source(dev_a, &api_sock, params);
-    wait_for(&mig_sock);
-    src.wait_console("# migrate-ready", DEADLINE);
+    let src = ready_source(dev_a, &api_sock, &mig_sock, params, &[], "");
     let r = migrate(&api_sock, &mig_sock, VERIFY);
     assert_eq!(r["ok"], false, "{r}");
     let err = r["error"].as_str().unwrap_or_default().to_string();
@@ -747,9 +753,7 @@ fn the_control_client_drives_a_migration() {
     let (api_sock, mig_sock) = (scratch("api.sock"), scratch("mig.sock"));
     let to = format!("unix:{}", mig_sock.display());
     let dst = destination(&dev_b, MEMORY, &["--incoming", &to]);
-    let mut src = source(&dev_a, &api_sock, UNTIL_MIGRATED);
-    wait_for(&mig_sock);
-    src.wait_console("# migrate-ready", DEADLINE);
+    let src = ready_source(&dev_a, &api_sock, &mig_sock, UNTIL_MIGRATED, &[], "");
     let (code, out, _) = ctl(&api_sock, &["status"]);
     assert_eq!(code, Some(0));
     assert!(out.starts_with("running: 256 MiB, 1 vCPUs"), "{out}");
