@@ -329,14 +329,15 @@ fn source_runs_on(mut src: VmmProcess, api_sock: &Path) {
 
 /// The destination dropped the guest without running it.
 fn destination_discarded(dst: VmmProcess) {
+    destination_never_ran(dst, "the source aborted the migration");
+}
+
+/// The destination ended with status 1, saying `why`, without ever running the guest.
+fn destination_never_ran(dst: VmmProcess, why: &str) {
     let dst = dst.wait(DEADLINE);
     eprintln!("{}", dst.stderr);
-    assert_eq!(dst.code(), 1);
-    assert!(
-        dst.stderr.contains("the source aborted the migration"),
-        "{}",
-        dst.stderr
-    );
+    assert_eq!(dst.code(), 1, "{}", dst.stderr);
+    assert!(dst.stderr.contains(why), "{}", dst.stderr);
     assert!(
         !dst.console.contains("migrate_dma"),
         "the guest ran on the destination:\n{}",
@@ -444,19 +445,7 @@ fn a_destination_without_an_api_never_runs_the_guest_without_a_commit() {
     );
     let report = migrate(&api_sock, &mig_sock, r#","verify":true,"timeout_ms":1500"#);
     assert_eq!(report["ok"], false, "{report}");
-    let dst = dst.wait(DEADLINE);
-    assert_eq!(dst.code(), 1, "{}", dst.stderr);
-    assert!(
-        dst.stderr
-            .contains("no --api-socket to decide: the guest is not run"),
-        "{}",
-        dst.stderr
-    );
-    assert!(
-        !dst.console.contains("migrate_dma"),
-        "the guest ran on the destination:\n{}",
-        dst.console
-    );
+    destination_never_ran(dst, "no --api-socket to decide: the guest is not run");
     assert_eq!(
         api(&api_sock, r#"{"cmd":"status"}"#)["state"],
         "handover-unconfirmed"
