@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Builds and runs every fuzz target (devices/fuzz) for SECONDS each (default 60), starting from
-# seeds the unit tests write (a whole vfio-user conversation, a minimal migration stream) and
-# from the corpus kept in devices/fuzz/corpus/<target>. Prints the executions of each target;
+# the seeds the bodies' unit tests write (requests that attach, map and unmap; a whole
+# vfio-user conversation; a minimal migration stream, as records and raw) and from the corpus
+# kept in devices/fuzz/corpus/<target>. The bodies are devices::fuzzing and
+# vmm::migration::fuzzing; the test command runs them as property tests, and tests/stress.sh
+# runs this script. Prints the executions of each target;
 # fails on the first crash (its input is in devices/fuzz/artifacts/<target>).
 #
 # Installs cargo-fuzz when missing. libFuzzer needs nightly features: RUSTC_BOOTSTRAP=1 lets
@@ -31,15 +34,15 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 seeds=$(mktemp -d "${TMPDIR:-/tmp}/vmm-fuzz-seeds.XXXXXX")
 trap 'rm -rf "$seeds"' EXIT
-# The same command as the test command's own run (every test binary, filtered to the two
-# seed writers): it reuses that build instead of building the crates once more.
+# The same command as the test command's own run (every test binary, filtered to the seed
+# writers): it reuses that build instead of building the crates once more.
 echo "fuzz.sh: writing seeds" >&2
 VMM_FUZZ_SEED_DIR=$seeds cargo test --workspace --release --quiet -- \
-    a_whole_conversation a_minimal_stream >/dev/null
+    fuzzing::tests::the_seeds_pass >/dev/null
 export RUSTC_BOOTSTRAP=1
 
 # FUZZ_DEV=1 builds the targets unoptimised (cargo fuzz --dev): half the build time, fewer
-# executions per second; the test command's 10 s smoke runs use it.
+# executions per second.
 profile=()
 [ "${FUZZ_DEV:-0}" = 1 ] && profile=(--dev)
 

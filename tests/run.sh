@@ -55,7 +55,4 @@ else
     echo "SKIP: set VMM_TEST_VFIO_DEVICE=/sys/bus/pci/devices/<BDF> (bound to vfio-pci) to run it"
 fi
 
-step "fuzz smoke: every target for 10 s, built unoptimised (tests/fuzz.sh; longer runs: tests/fuzz.sh 600)"
-FUZZ_DEV=1 ./tests/fuzz.sh 10
-
 step "all tests passed in $(( $(date +%s) - start )) s"

@@ -3,6 +3,8 @@
 
 pub mod bus;
 pub mod exit;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod fuzzing;
 pub mod interrupt;
 pub mod legacy;
 pub mod memfd;

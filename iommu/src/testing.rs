@@ -67,3 +67,46 @@ pub fn cases(default: u32) -> u32 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
 }
+
+/// `seed` cut at `cut` if given (modulo its length plus one) with `flips` applied, each an
+/// index (modulo the cut length) and a byte to xor there: the mutations the fuzz bodies'
+/// property tests apply to their seeds.
+pub fn mutated(seed: &[u8], cut: Option<usize>, flips: &[(usize, u8)]) -> Vec<u8> {
+    let mut v = seed[..cut.map_or(seed.len(), |c| c % (seed.len() + 1))].to_vec();
+    let n = v.len();
+    if n > 0 {
+        for &(i, x) in flips {
+            v[i % n] ^= x;
+        }
+    }
+    v
+}
+
+/// Inputs for a fuzz body's property test: random bytes (up to 1 KiB), or `seed` with up to
+/// five bytes flipped (half of them in its first 64 bytes, where headers live) and, one time
+/// in four, cut short.
+pub fn fuzz_inputs(seed: Vec<u8>) -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+    use proptest::prelude::*;
+    let index = prop_oneof![0..64usize, any::<usize>()];
+    prop_oneof![
+        prop::collection::vec(any::<u8>(), 0..1024),
+        (
+            prop::option::weighted(0.25, any::<usize>()),
+            prop::collection::vec((index, any::<u8>()), 0..6),
+        )
+            .prop_map(move |(cut, flips)| mutated(&seed, cut, &flips)),
+    ]
+}
+
+/// Writes `bytes` as the seed `name` of the fuzz target `target` when `$VMM_FUZZ_SEED_DIR` is
+/// set (`tests/fuzz.sh` sets it and starts each fuzzer from these seeds).
+///
+/// # Panics
+/// When the seed cannot be written.
+pub fn write_fuzz_seed(target: &str, name: &str, bytes: &[u8]) {
+    if let Some(dir) = std::env::var_os("VMM_FUZZ_SEED_DIR") {
+        let dir = std::path::Path::new(&dir).join(target);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(name), bytes).unwrap();
+    }
+}

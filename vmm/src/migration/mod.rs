@@ -9,6 +9,8 @@
 //! sent, and the destination takes over. A snapshot is the same stream with one full copy of
 //! RAM, written to a file while the guest is paused.
 
+#[cfg(any(test, feature = "test-utils"))]
+pub mod fuzzing;
 mod recv;
 mod send;
 pub mod stream;

@@ -59,7 +59,8 @@ pub enum Kind {
 pub const MAX_HASHES_RECORD: u64 = 1 << 17;
 
 impl Kind {
-    fn from_u8(v: u8) -> Option<Kind> {
+    /// The kind whose byte is `v`, if any.
+    pub fn from_u8(v: u8) -> Option<Kind> {
         Some(match v {
             1 => Kind::Config,
             2 => Kind::Ram,

@@ -884,4 +884,4 @@ impl VfioUserClient {
 #[cfg(test)]
 mod server_tests;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
