@@ -6,7 +6,9 @@
 # and the VMM's dirty log holds exactly the pages the suite made the devices write.
 #
 # On a fresh Debian 12 machine with a Rust toolchain it installs what it needs itself
-# (Debian packages with apt-get, crates with cargo).
+# (Debian packages with apt-get, crates with cargo). $VMM_CARGO_FEATURES, when set, goes to
+# that build as --features (the test command sets vmm/test-hooks, so that the binary its
+# tests built is used as it is rather than rebuilt without the hooks).
 #
 # Usage: images/run-suite.sh [options] [-- extra vmm arguments]
 #   --no-iommu        the device is not behind the vIOMMU (fault cases are then skipped)
@@ -69,7 +71,8 @@ say "building the guest kernel with the DMA suite (cached after the first build)
 kernel=$(./images/build-kernel.sh | tail -1)
 initramfs=$(dirname "$kernel")/initramfs.cpio
 say "building the VMM and the DMA test device"
-cargo build --release --quiet -p vmm -p devices --bin vmm --bin dma-test-device
+cargo build --release --quiet -p vmm -p devices --bin vmm --bin dma-test-device \
+    ${VMM_CARGO_FEATURES:+--features "$VMM_CARGO_FEATURES"}
 
 [ -n "$logs" ] || logs=$(mktemp -d "${TMPDIR:-/tmp}/vmm-suite.XXXXXX")
 mkdir -p "$logs"

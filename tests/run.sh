@@ -43,7 +43,9 @@ step "cargo test --release"
 cargo test --workspace --release
 
 step "the main job, short (images/run-suite.sh --cycles 500 --samples 200: its own verdict and page-set check)"
-./images/run-suite.sh --cycles 500 --samples 200
+# The workspace build above has the test hooks (the vmm-tests crate asks for them): the same
+# features here reuse it instead of building vmm and devices again without them.
+VMM_CARGO_FEATURES=vmm/test-hooks ./images/run-suite.sh --cycles 500 --samples 200
 
 step "host VFIO against a real kernel (devices: passthrough::vfio::tests::real_host_vfio)"
 if [ -n "${VMM_TEST_VFIO_DEVICE:-}" ] && [ -e /dev/vfio/vfio ]; then

@@ -16,6 +16,7 @@ fn main() -> ExitCode {
         .format_timestamp_millis()
         .init();
 
+    warn_of_unbuilt_test_hooks();
     let config = cli.into_config();
     devices::seccomp::set_mode(config.seccomp);
     let result = build::Vm::new(&config).and_then(run::run);
@@ -40,6 +41,27 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("vmm: error: {}", error::one_line(&e));
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// The environment variables the process-level tests inject faults with; only a build with
+/// the cargo feature `test-hooks` reads them.
+const TEST_HOOKS: [&str; 4] = [
+    "VMM_TEST_HANDOVER_FAULT",
+    "VMM_TEST_SECCOMP",
+    "VMM_TEST_VHOST_USER_LOG",
+    "VMM_KVM_DEVICE",
+];
+
+/// Says which test hooks are set but ignored, in a build without them.
+fn warn_of_unbuilt_test_hooks() {
+    if cfg!(feature = "test-hooks") {
+        return;
+    }
+    for var in TEST_HOOKS {
+        if std::env::var_os(var).is_some() {
+            log::warn!("{var} is ignored: this vmm was built without the cargo feature test-hooks");
         }
     }
 }

@@ -50,7 +50,9 @@ pub enum Request {
     Discard,
     /// Stop the VM.
     Quit,
-    /// Test only (`VMM_TEST_SECCOMP`): a system call outside the API threads' filter.
+    /// Test only (the cargo feature `test-hooks`, armed by `VMM_TEST_SECCOMP`): a system call
+    /// outside the API threads' filter.
+    #[cfg(feature = "test-hooks")]
     TestForbiddenSyscall,
 }
 
@@ -68,6 +70,7 @@ impl Request {
             Request::Commit => "commit",
             Request::Discard => "discard",
             Request::Quit => "quit",
+            #[cfg(feature = "test-hooks")]
             Request::TestForbiddenSyscall => "test-forbidden-syscall",
         }
     }
@@ -118,6 +121,7 @@ pub enum Reply {
     Migrated(Box<MigrationReport>),
     /// `test-forbidden-syscall`: what the call returned (the VMM stops first under
     /// `--seccomp on`).
+    #[cfg(feature = "test-hooks")]
     Syscall {
         /// `sysinfo`'s return value.
         sysinfo: i32,
@@ -233,6 +237,7 @@ mod tests {
             Request::Status,
             Request::Resume { force: true },
             Request::Migrate(MigrateOptions::default()),
+            #[cfg(feature = "test-hooks")]
             Request::TestForbiddenSyscall,
         ] {
             let line = serde_json::to_string(&req).unwrap();

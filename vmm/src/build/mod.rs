@@ -32,8 +32,15 @@ use devices::build_devices;
 /// Address of the TSS KVM needs below 4 GiB on Intel hosts (three pages).
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 
-/// The KVM device: `/dev/kvm`, or `$VMM_KVM_DEVICE` when set (tests use it to simulate a
-/// host without KVM).
+/// The KVM device: `/dev/kvm`.
+#[cfg(not(feature = "test-hooks"))]
+fn kvm_device_path() -> std::ffi::CString {
+    c"/dev/kvm".to_owned()
+}
+
+/// The KVM device: `/dev/kvm`, or `$VMM_KVM_DEVICE` when set (with the cargo feature
+/// `test-hooks`: tests use it to simulate a host without KVM).
+#[cfg(feature = "test-hooks")]
 fn kvm_device_path() -> std::ffi::CString {
     let path = std::env::var_os("VMM_KVM_DEVICE").unwrap_or_else(|| "/dev/kvm".into());
     std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()))

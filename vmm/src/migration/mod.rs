@@ -136,7 +136,15 @@ fn verify_failure(gpas: &[u64]) -> String {
 /// A fault the tests inject into the hand-over (test only): `VMM_TEST_HANDOVER_FAULT` holds
 /// comma-separated `name` or `name=N` entries: `drop-ack`, `delay-ack=MS` (destination),
 /// `drop-commit`, `stall-before-commit=MS` (source), `drop-done` (destination). Returns
-/// `Some(N)` (0 without a value) when `name` is set.
+/// `Some(N)` (0 without a value) when `name` is set. Always `None` without the cargo feature
+/// `test-hooks`.
+#[cfg(not(feature = "test-hooks"))]
+pub(crate) fn test_fault(_name: &str) -> Option<u64> {
+    None
+}
+
+/// A fault the tests inject into the hand-over (see above).
+#[cfg(feature = "test-hooks")]
 pub(crate) fn test_fault(name: &str) -> Option<u64> {
     let v = std::env::var("VMM_TEST_HANDOVER_FAULT").ok()?;
     v.split(',').find_map(|e| {

@@ -54,10 +54,11 @@ const LOG_ALL: u64 = VhostUserVirtioFeatures::LOG_ALL.bits();
 /// `VHOST_VRING_F_LOG` of `SET_VRING_ADDR`: the back end logs its used-ring writes.
 const VRING_F_LOG: u32 = 1;
 
-/// Test-only breakages of the dirty log, from `VMM_TEST_VHOST_USER_LOG` at device creation:
-/// `ignore` (the log is set up but every harvest reports nothing: the bug a migration's
-/// verification must catch) or `unsupported` (`LOG_SHMFD` not negotiated: the device is
-/// reported untracked and all of RAM is copied every round).
+/// Test-only breakages of the dirty log, from `VMM_TEST_VHOST_USER_LOG` at device creation
+/// (only with the cargo feature `test-hooks`): `ignore` (the log is set up but every harvest
+/// reports nothing: the bug a migration's verification must catch) or `unsupported`
+/// (`LOG_SHMFD` not negotiated: the device is reported untracked and all of RAM is copied
+/// every round).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum LogFault {
     None,
@@ -66,6 +67,13 @@ pub(super) enum LogFault {
 }
 
 impl LogFault {
+    /// [`LogFault::None`], always, without the `test-hooks` feature.
+    #[cfg(not(feature = "test-hooks"))]
+    pub(super) fn from_env() -> Self {
+        LogFault::None
+    }
+
+    #[cfg(feature = "test-hooks")]
     pub(super) fn from_env() -> Self {
         match std::env::var("VMM_TEST_VHOST_USER_LOG").as_deref() {
             Ok("ignore") => LogFault::Ignore,
