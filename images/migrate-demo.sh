@@ -35,7 +35,7 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 . ./images/common.sh
 install_packages migrate-demo gnuplot-nox
-cargo build --release --quiet -p vmm -p devices -p test-guest
+cargo build --release --quiet -p vmm -p testdev -p test-guest
 b=target/release
 d=$(mktemp -d "${TMPDIR:-/tmp}/vmm-migrate.XXXXXX")
 pids=()

@@ -71,7 +71,7 @@ say "building the guest kernel with the DMA suite (cached after the first build)
 kernel=$(./images/build-kernel.sh | tail -1)
 initramfs=$(dirname "$kernel")/initramfs.cpio
 say "building the VMM and the DMA test device"
-cargo build --release --quiet -p vmm -p devices --bin vmm --bin dma-test-device \
+cargo build --release --quiet -p vmm -p testdev --bin vmm --bin dma-test-device \
     ${VMM_CARGO_FEATURES:+--features "$VMM_CARGO_FEATURES"}
 
 [ -n "$logs" ] || logs=$(mktemp -d "${TMPDIR:-/tmp}/vmm-suite.XXXXXX")

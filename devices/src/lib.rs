@@ -12,7 +12,6 @@ pub mod passthrough;
 pub mod pci;
 pub mod seccomp;
 pub mod state;
-pub mod testdev;
 pub mod virtio;
 
 /// Guest memory as the VMM maps it: memfd-backed regions with a dirty bitmap that records the

@@ -487,6 +487,7 @@ pub fn confine(name: &'static str, syscalls: &[&[i64]]) {
 /// every test with `--seccomp log` and reading the kernel's log of what the filters let
 /// through (`dmesg | grep type=1326`: `comm` is the thread, `syscall` the number).
 pub mod lists {
+    /// `libc::SYS_*` numbers, as a slice.
     macro_rules! sys {
         ($($n:ident),* $(,)?) => { &[$(libc::$n),*] };
     }
@@ -494,7 +495,7 @@ pub mod lists {
     /// Descriptor I/O every working thread does: reads and writes, messages with file
     /// descriptors (vfio-user, vhost-user), polling, descriptor flags, eventfds, ioctls on
     /// descriptors it holds (KVM, VFIO), metadata of open files, random numbers (hash maps).
-    const IO: &[i64] = sys![
+    pub const IO: &[i64] = sys![
         SYS_read,
         SYS_readv,
         SYS_writev,
@@ -540,7 +541,7 @@ pub mod lists {
     const CONNECT: &[i64] = sys![SYS_socket, SYS_connect, SYS_socketpair];
 
     /// Accepting connections (the API, migration, the test device's socket).
-    const SERVE: &[i64] = sys![
+    pub const SERVE: &[i64] = sys![
         SYS_accept,
         SYS_accept4,
         SYS_bind,
@@ -551,7 +552,7 @@ pub mod lists {
     ];
 
     /// Starting threads (the API's connection threads).
-    const THREADS: &[i64] = sys![SYS_clone, SYS_clone3, SYS_set_robust_list, SYS_prctl];
+    pub const THREADS: &[i64] = sys![SYS_clone, SYS_clone3, SYS_set_robust_list, SYS_prctl];
 
     /// A vCPU thread: `KVM_RUN` and the device emulation its exits run (PCI, virtio
     /// transports, passthrough BARs through vfio-user messages or VFIO region reads,
@@ -595,22 +596,4 @@ pub mod lists {
     /// A vhost-user device's back-end channel thread: IOTLB misses and updates, hang-ups,
     /// reconnection (a new socket, the memory table and rings sent again).
     pub const VHOST_USER: &[&[i64]] = &[IO, CONNECT];
-
-    /// The DMA test device's server thread: vfio-user messages (with file descriptors),
-    /// guest memory mapped from them, its socket removed at the end; it starts the
-    /// connection's reader thread (`vfio-user-rx`), which inherits the list.
-    pub const TESTDEV_SERVER: &[&[i64]] = &[
-        IO,
-        SERVE,
-        THREADS,
-        sys![SYS_unlink, SYS_unlinkat, SYS_sched_getaffinity],
-    ];
-
-    /// The DMA test device's engine: transfers in mapped memory or by DMA_READ/DMA_WRITE
-    /// messages on the socket (`sendto`; the replies come through the reader thread),
-    /// interrupts by eventfd.
-    pub const TESTDEV_ENGINE: &[&[i64]] = &[sys![SYS_read, SYS_sendto]];
-
-    /// The DMA test device's doorbell thread: waits on the doorbell's ioeventfd, reads it.
-    pub const TESTDEV_DOORBELL: &[&[i64]] = &[sys![SYS_read, SYS_poll, SYS_ppoll]];
 }

@@ -1,4 +1,4 @@
-//! The DMA test device's registers (see `devices::testdev`).
+//! The DMA test device's registers (see the `testdev` crate).
 
 use crate::io::{rd32, rd64, wr32, wr64};
 use crate::pci::Func;
@@ -43,7 +43,7 @@ pub const ERR_BAD_LEN: u32 = 4;
 /// The device.
 pub struct DmaDev {
     bar: u64,
-    /// BAR 2: device memory (see `devices::testdev::BAR2_SIZE`).
+    /// BAR 2: device memory (see `testdev::BAR2_SIZE`).
     pub bar2: u64,
 }
 

@@ -16,9 +16,9 @@ use vm_memory::{Bytes, GuestAddress};
 use super::caps::ext;
 use super::*;
 use crate::passthrough::message_dma::MessageDma;
-use crate::testdev::{self, mig, regs, DirtyLogMode};
 use crate::GuestMemoryMmap;
 use iommu::Perm;
+use testdev::{mig, regs, DirtyLogMode};
 
 /// A test device served on a fresh socket in this process, and a client connected to it.
 fn device(log: DirtyLogMode) -> (VfioUserClient, JoinHandle<()>, PathBuf) {

@@ -153,7 +153,7 @@ impl TestDevice {
         let worker = std::thread::Builder::new()
             .name("dma-engine".into())
             .spawn(move || {
-                crate::seccomp::confine("dma-engine", crate::seccomp::lists::TESTDEV_ENGINE);
+                devices::seccomp::confine("dma-engine", crate::seccomp::ENGINE);
                 engine(&s, &rx)
             })
             .ok();
@@ -181,7 +181,7 @@ impl TestDevice {
         std::thread::Builder::new()
             .name("dma-doorbell".into())
             .spawn(move || {
-                crate::seccomp::confine("dma-doorbell", crate::seccomp::lists::TESTDEV_DOORBELL);
+                devices::seccomp::confine("dma-doorbell", crate::seccomp::DOORBELL);
                 let mut pfd = libc::pollfd {
                     fd: std::os::fd::AsRawFd::as_raw_fd(&*e),
                     events: libc::POLLIN,
@@ -208,7 +208,7 @@ impl TestDevice {
         let _ = std::thread::Builder::new()
             .name("prq-flood".into())
             .spawn(move || {
-                crate::seccomp::confine("prq-flood", crate::seccomp::lists::TESTDEV_ENGINE);
+                devices::seccomp::confine("prq-flood", crate::seccomp::ENGINE);
                 let mut i = 0u64;
                 while !s.stop.load(Ordering::Acquire) {
                     if !lock(&s.prq).enabled {

@@ -355,7 +355,10 @@ pub(crate) mod tests {
 
     /// A zeroed file of `len` bytes, unlinked (for DMA tests).
     pub(crate) fn memfile(len: usize) -> File {
-        let p = std::env::temp_dir().join(format!("dma-{}-{len}", std::process::id()));
+        // One name per call: tests run in parallel and may ask for the same length.
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("dma-{}-{len}-{n}", std::process::id()));
         let mut f = File::options()
             .read(true)
             .write(true)

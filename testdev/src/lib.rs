@@ -1,5 +1,6 @@
 //! The DMA test device: a PCI device with a small DMA engine, served over vfio-user by the
-//! `dma-test-device` binary (on the `vfio_user` crate's server side).
+//! `dma-test-device` binary (on the `vfio_user` crate's server side). A crate of its own: the
+//! VMM's crates use it only in their tests.
 //!
 //! BAR 0 (region 0, 4 KiB) holds the registers of [`regs`]: source and destination IOVAs,
 //! length, operation (copy, fill, compare), a doorbell, status, the error with the faulting
@@ -15,6 +16,7 @@
 
 pub mod dma;
 mod engine;
+pub mod seccomp;
 mod server;
 
 pub use engine::{MigrationError, TestDevice};
@@ -53,9 +55,9 @@ pub const MIGRATION_DATA_SIZE: u64 = 0x1_0000;
 /// faults then, as it does on an invalid answer.
 pub const REGION_PAGE_REQUEST: u32 = 12;
 /// Answer: the page is mapped now; retry the access.
-pub const PRQ_RETRY: u32 = crate::passthrough::vfio_user::caps::ext::PRQ_RETRY;
+pub const PRQ_RETRY: u32 = devices::passthrough::vfio_user::caps::ext::PRQ_RETRY;
 /// Answer: the access is not allowed; it faults.
-pub const PRQ_INVALID: u32 = crate::passthrough::vfio_user::caps::ext::PRQ_INVALID;
+pub const PRQ_INVALID: u32 = devices::passthrough::vfio_user::caps::ext::PRQ_INVALID;
 /// How long the engine waits for an answer.
 pub const PRQ_TIMEOUT_MS: u64 = 2000;
 /// Page requests one chunk of a transfer may make before it faults.

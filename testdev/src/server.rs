@@ -11,7 +11,7 @@ use vfio_bindings::bindings::vfio::{
 use vfio_user::server_ext::ServerCapabilities;
 use vfio_user::{DmaMapFlags, DmaUnmapFlags, IrqInfo, Server, ServerBackend, ServerRegion};
 
-use crate::passthrough::vfio_user::caps::ext;
+use devices::passthrough::vfio_user::caps::ext;
 
 use super::engine::{lock, TestDevice};
 use super::*;
@@ -411,7 +411,7 @@ pub fn serve(path: &Path, how: Behaviour) -> Result<(), vfio_user::Error> {
         .dev
         .doorbell_eventfd()
         .map_err(vfio_user::Error::Backend)?;
-    crate::seccomp::confine("dma-test-device", crate::seccomp::lists::TESTDEV_SERVER);
+    devices::seccomp::confine("dma-test-device", crate::seccomp::SERVER);
     let r = server.run(&mut backend);
     let (maps, unmaps, (reads, writes, refused)) = {
         let d = lock(&backend.dev.shared.dma);

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use devices::seccomp::Mode;
-use devices::testdev::{Behaviour, DirtyLogMode};
+use testdev::{Behaviour, DirtyLogMode};
 
 const USAGE: &str = "usage: dma-test-device --socket PATH [--dirty-log on|off|empty] \
                      [--flood-page-requests] [--ignore-permissions] [--no-migration] \
@@ -66,7 +66,7 @@ fn main() -> ExitCode {
         no_migration,
         truncate_ram,
     };
-    match devices::testdev::serve(&socket, how) {
+    match testdev::serve(&socket, how) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("dma-test-device: {}: {e}", socket.display());
