@@ -5,4 +5,4 @@ mod power;
 mod serial;
 
 pub use power::{AcpiPowerButton, I8042Reset, TestExit};
-pub use serial::{Serial, SerialOutput};
+pub use serial::{Serial, SerialOutput, SerialSaved};

@@ -57,8 +57,8 @@ impl Write for SerialOutput {
 }
 
 /// Saved UART registers (DLL, DLH, IER, IIR, LCR, LSR, MCR, MSR, SCR) and receive FIFO.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct SerialSaved {
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct SerialSaved {
     regs: [u8; 9],
     in_buffer: Vec<u8>,
 }
@@ -78,10 +78,24 @@ impl Serial {
         }
     }
 
+    /// Queues bytes of console input for the guest.
+    ///
+    /// # Errors
+    /// When the receive FIFO is full or the interrupt cannot be raised.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        self.inner
+            .enqueue_raw_bytes(bytes)
+            .map_err(|e| io::Error::other(format!("{e:?}")))
+    }
+}
+
+impl crate::state::Persist for Serial {
+    type State = SerialSaved;
+
     /// The UART's registers and receive FIFO, for a snapshot.
-    pub fn save_state(&self) -> serde_json::Value {
+    fn save(&mut self) -> Result<SerialSaved, crate::state::StateError> {
         let st = self.inner.state();
-        crate::state::to_value(&SerialSaved {
+        Ok(SerialSaved {
             regs: [
                 st.baud_divisor_low,
                 st.baud_divisor_high,
@@ -97,13 +111,8 @@ impl Serial {
         })
     }
 
-    /// Restores [`Serial::save_state`]'s registers (the output and interrupt stay this
-    /// UART's).
-    ///
-    /// # Errors
-    /// [`crate::state::StateError`]; the UART is then unchanged.
-    pub fn restore_state(&mut self, v: &serde_json::Value) -> Result<(), crate::state::StateError> {
-        let saved: SerialSaved = crate::state::from_value("serial port", v)?;
+    /// Restores the saved registers and FIFO (the output and interrupt stay this UART's).
+    fn restore(&mut self, saved: &SerialSaved) -> Result<(), crate::state::StateError> {
         if saved.in_buffer.len() > self.inner.fifo_capacity() + self.inner.state().in_buffer.len()
             || saved.in_buffer.len() > 64
         {
@@ -123,7 +132,7 @@ impl Serial {
             modem_control: mcr,
             modem_status: msr,
             scratch: scr,
-            in_buffer: saved.in_buffer,
+            in_buffer: saved.in_buffer.clone(),
         };
         let err = |e: String| crate::state::StateError::Device("serial port".into(), e);
         let irq = self
@@ -148,16 +157,6 @@ impl Serial {
                 format!("{e:?}"),
             )),
         }
-    }
-
-    /// Queues bytes of console input for the guest.
-    ///
-    /// # Errors
-    /// When the receive FIFO is full or the interrupt cannot be raised.
-    pub fn enqueue_input(&mut self, bytes: &[u8]) -> io::Result<usize> {
-        self.inner
-            .enqueue_raw_bytes(bytes)
-            .map_err(|e| io::Error::other(format!("{e:?}")))
     }
 }
 

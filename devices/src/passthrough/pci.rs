@@ -11,7 +11,7 @@ use sync::MutexExt;
 use super::{
     PassthroughBackend, PassthroughError, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
 };
-use crate::state::StateError;
+use crate::state::{FunctionState, Persist, StateError};
 
 /// Size of the BAR that holds the emulated MSI-X table and PBA.
 pub const MSIX_BAR_SIZE: u64 = 0x1000;
@@ -285,27 +285,23 @@ impl Drop for PassthroughPci {
 
 /// What [`PassthroughPci`] saves: its emulated configuration space and MSI-X table (the
 /// device's own state travels through its migration interface).
-#[derive(serde::Serialize, serde::Deserialize)]
-struct PassthroughState {
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PassthroughState {
     config: Vec<u32>,
     msix: Option<crate::pci::msix::MsixState>,
 }
 
-impl PciDevice for PassthroughPci {
-    fn config(&self) -> &PciConfiguration {
-        &self.config
-    }
+impl Persist for PassthroughPci {
+    type State = PassthroughState;
 
-    fn save_state(&mut self) -> Result<serde_json::Value, StateError> {
-        let st = PassthroughState {
+    fn save(&mut self) -> Result<PassthroughState, StateError> {
+        Ok(PassthroughState {
             config: self.config.save_regs(),
             msix: self.msix.as_ref().map(|(_, m)| m.save()),
-        };
-        Ok(crate::state::to_value(&st))
+        })
     }
 
-    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), StateError> {
-        let st: PassthroughState = crate::state::from_value(&self.name, state)?;
+    fn restore(&mut self, st: &PassthroughState) -> Result<(), StateError> {
         let bad = |m: String| StateError::Mismatch(self.name.clone(), m);
         if st.msix.is_some() != self.msix.is_some() {
             return Err(bad("MSI-X presence differs".into()));
@@ -316,6 +312,23 @@ impl PciDevice for PassthroughPci {
                 .map_err(|e| StateError::Mismatch(self.name.clone(), e))?;
         }
         Ok(())
+    }
+}
+
+impl PciDevice for PassthroughPci {
+    fn config(&self) -> &PciConfiguration {
+        &self.config
+    }
+
+    fn save_state(&mut self) -> Result<FunctionState, StateError> {
+        Ok(FunctionState::Passthrough(Persist::save(self)?))
+    }
+
+    fn restore_state(&mut self, state: &FunctionState) -> Result<(), StateError> {
+        match state {
+            FunctionState::Passthrough(st) => Persist::restore(self, st),
+            other => Err(crate::state::other_kind(&self.name, "passthrough", other)),
+        }
     }
 
     fn decode_changed(&mut self) {

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use sync::MutexExt;
 use virtio_queue::{Queue, QueueT};
 
-use crate::state::StateError;
+use crate::state::{FunctionState, Persist, StateError};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{VirtioDevice, VirtioInterrupt};
@@ -113,7 +113,7 @@ impl VirtioInterrupt for PciInterrupt {
 
 /// The transport's saved state: everything the driver wrote, and where each queue stands.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-struct TransportState {
+pub struct TransportState {
     config: Vec<u32>,
     msix: crate::pci::msix::MsixState,
     device_feature_select: u32,
@@ -455,12 +455,10 @@ fn to_u64(data: &[u8]) -> u64 {
     u64::from_le_bytes(b)
 }
 
-impl PciDevice for VirtioPciDevice {
-    fn config(&self) -> &PciConfiguration {
-        &self.config
-    }
+impl Persist for VirtioPciDevice {
+    type State = TransportState;
 
-    fn save_state(&mut self) -> Result<serde_json::Value, StateError> {
+    fn save(&mut self) -> Result<TransportState, StateError> {
         let positions = if self.activated {
             self.lock_device().queue_positions()
         } else {
@@ -479,12 +477,11 @@ impl PciDevice for VirtioPciDevice {
             activated: self.activated,
             positions,
         };
-        Ok(crate::state::to_value(&st))
+        Ok(st)
     }
 
-    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), StateError> {
+    fn restore(&mut self, st: &TransportState) -> Result<(), StateError> {
         let who = format!("virtio device type {}", self.device_type);
-        let st: TransportState = crate::state::from_value(&who, state)?;
         let bad = |m: String| StateError::Mismatch(who.clone(), m);
         if st.queues.len() != self.queues.len()
             || st
@@ -511,7 +508,7 @@ impl PciDevice for VirtioPciDevice {
         self.status = st.status;
         self.config_msix_vector = st.config_msix_vector;
         self.queue_select = st.queue_select;
-        self.queues = st.queues;
+        self.queues = st.queues.clone();
         if self.status & STATUS_FEATURES_OK != 0 {
             let f = self.driver_features;
             self.lock_device().set_acked_features(f);
@@ -523,6 +520,27 @@ impl PciDevice for VirtioPciDevice {
             self.activated = true;
         }
         Ok(())
+    }
+}
+
+impl PciDevice for VirtioPciDevice {
+    fn config(&self) -> &PciConfiguration {
+        &self.config
+    }
+
+    fn save_state(&mut self) -> Result<FunctionState, StateError> {
+        Ok(FunctionState::Virtio(Box::new(Persist::save(self)?)))
+    }
+
+    fn restore_state(&mut self, state: &FunctionState) -> Result<(), StateError> {
+        match state {
+            FunctionState::Virtio(st) => Persist::restore(self, st),
+            other => Err(crate::state::other_kind(
+                &format!("virtio device type {}", self.device_type),
+                "virtio",
+                other,
+            )),
+        }
     }
 
     fn config_write(&mut self, reg: usize, offset: u64, data: &[u8]) {

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use ::devices::exit::VmExit;
 use ::devices::legacy::Serial;
+use ::devices::state::Persist;
 use boot::quirks::FallbackStats;
 use iommu::dirty::DirtyBitmap;
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
@@ -49,8 +50,10 @@ fn state_err(e: impl std::fmt::Display) -> MachineError {
     MachineError::State(e.to_string())
 }
 
-/// Version of [`MachineState`].
-pub const STATE_VERSION: u32 = 1;
+/// Version of [`MachineState`]. 2: each device's state is typed (`FunctionState` by kind,
+/// the serial port's `SerialSaved`). Version 1 (untyped JSON per device) is refused by name
+/// before anything else of the record is read.
+pub const STATE_VERSION: u32 = 2;
 
 /// VFIO migration v2 device states (`enum vfio_device_mig_state`).
 pub mod device_state {
@@ -85,9 +88,9 @@ pub struct MachineState {
     /// Irqchip, PIT, clock.
     pub vm: VmState,
     /// The 16550.
-    pub serial: serde_json::Value,
+    pub serial: ::devices::legacy::SerialSaved,
     /// `(slot, state)` of every PCI function.
-    pub functions: Vec<(u8, serde_json::Value)>,
+    pub functions: Vec<(u8, ::devices::state::FunctionState)>,
     /// The virtio-iommu's state (domains, endpoints, mappings).
     pub viommu: Option<iommu::viommu::ViommuState>,
 }
@@ -444,7 +447,7 @@ impl Machine {
     pub fn save_state(&self) -> Result<MachineState, MachineError> {
         let vcpus = self.save_vcpus()?;
         let vm = VmState::save(&self.vm_fd).map_err(state_err)?;
-        let serial = self.serial.locked().save_state();
+        let serial = Persist::save(&mut *self.serial.locked()).map_err(state_err)?;
         let mut functions = Vec::new();
         for f in &self.devices.functions {
             let st = f

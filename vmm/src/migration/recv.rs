@@ -15,6 +15,7 @@ use super::*;
 use crate::config::Address;
 use crate::machine::devices::DeviceKind;
 use crate::machine::{device_state, Machine, MachineConfig, MachineState, STATE_VERSION};
+use ::devices::state::{FunctionState, Persist};
 
 /// Where the guest comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -378,7 +379,19 @@ pub fn read_stream_from<R: Read>(
                 let slot = u8::try_from(slot).map_err(|_| bad(index, "DeviceData", "bad slot"))?;
                 device_data.push((slot, payload[4..].to_vec()));
             }
-            Kind::State => state = Some(parse("State", index, &payload)?),
+            Kind::State => {
+                // The version first: an older state is refused by name, not by whichever of
+                // its fields no longer parses.
+                let v: StateVersion = parse("State", index, &payload)?;
+                if v.version != STATE_VERSION {
+                    return Err(MigrationError::Incompatible(format!(
+                        "machine state version {} (this VMM reads {STATE_VERSION}: take the \
+                         snapshot again, or migrate between VMMs of one version)",
+                        v.version
+                    )));
+                }
+                state = Some(parse("State", index, &payload)?)
+            }
             Kind::Handover => handover = Some(parse("Handover", index, &payload)?),
             Kind::Hashes => stream::add_hashes(&mut hashes, &payload, total_pages, index)?,
             Kind::End => break,
@@ -396,6 +409,12 @@ pub fn read_stream_from<R: Read>(
         hashes,
         received_hashes: None,
     })
+}
+
+/// The version of a `State` record, read before the rest of it.
+#[derive(serde::Deserialize)]
+struct StateVersion {
+    version: u32,
 }
 
 fn bad(index: u64, kind: &str, what: &str) -> MigrationError {
@@ -461,15 +480,12 @@ fn restore(
         s.restore(v, m.ctx.xsave_size)
             .map_err(|e| state_err(format!("vCPU {i}: {e}")))?;
     }
-    m.serial
-        .locked()
-        .restore_state(&st.serial)
-        .map_err(state_err)?;
+    Persist::restore(&mut *m.serial.locked(), &st.serial).map_err(state_err)?;
     // The virtio-iommu's function, then its tables, then the other functions: devices behind
     // it that restart (virtio queues checked through it, a vhost-user back end's rings and
     // IOTLB misses) translate through the restored tables, which the function's own restore
     // (a device reset first) would otherwise clear.
-    let restore_function = |slot: u8, value: &serde_json::Value| {
+    let restore_function = |slot: u8, value: &FunctionState| {
         let Some(f) = m.devices.functions.iter().find(|f| f.slot == slot) else {
             return Err(MigrationError::Incompatible(format!(
                 "no PCI function at 00:{slot:02x}.0"
@@ -554,7 +570,7 @@ pub(crate) mod tests {
                 pit: Default::default(),
                 clock: Default::default(),
             },
-            serial: serde_json::Value::Null,
+            serial: Default::default(),
             functions: Vec::new(),
             viommu: Some(iommu::viommu::ViommuState {
                 version: iommu::viommu::STATE_VERSION,
@@ -573,6 +589,29 @@ pub(crate) mod tests {
         w.record(Kind::End, &[]).unwrap();
         w.flush().unwrap();
         (out, prefix)
+    }
+
+    /// A state record of another version is refused by its version, however the rest of it
+    /// reads: version 1's untyped device states included.
+    #[test]
+    fn an_older_machine_state_is_refused_by_version() {
+        let mut stream = Vec::new();
+        let mut w = StreamWriter::new(&mut stream).unwrap();
+        w.json(Kind::Config, &config()).unwrap();
+        w.json(
+            Kind::State,
+            &serde_json::json!({"version": 1, "serial": null, "functions": [[0, [0, 0]]]}),
+        )
+        .unwrap();
+        w.record(Kind::End, &[]).unwrap();
+        let e = read_stream(&stream[..], &config(), &[(0, 64 << 20)], |_, _| Ok(()))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("machine state version 1 (this VMM reads 2"),
+            "{e}"
+        );
     }
 
     #[test]
