@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use iommu::backend::RecordingBackend;
-use iommu::testing::{attach, map};
-use iommu::{Access, BackendCaps, Request, Viommu, ViommuConfig};
+use iommu::testing::{attach, batch, map};
+use iommu::{Access, BackendCaps, Viommu, ViommuConfig};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::passthrough::message_dma::MessageDma;
@@ -160,15 +160,7 @@ pub fn virtio_blk(data: &[u8]) {
             map(1, 0x10_0000, 0x17_ffff, 0x10_0000, 3),
             map(1, 0x20_0000, 0x20_0fff, 0x20_0000, 1),
         ];
-        let rs: Vec<Request> = reqs
-            .iter()
-            .map(|r| Request {
-                readable: r,
-                readable_len: r.len(),
-                writable_len: 4,
-            })
-            .collect();
-        s.process(&rs);
+        batch(&mut s, &reqs);
         IommuHandle::new(s).unwrap()
     });
     let read_only = mode & 2 == 2;

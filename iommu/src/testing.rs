@@ -110,3 +110,26 @@ pub fn write_fuzz_seed(target: &str, name: &str, bytes: &[u8]) {
         std::fs::write(dir.join(name), bytes).unwrap();
     }
 }
+
+/// Sends `reqs` (request bytes, each with a 4-byte writable tail) to `v` as one batch;
+/// returns each request's status.
+pub fn batch(v: &mut crate::Viommu, reqs: &[Vec<u8>]) -> Vec<Option<Status>> {
+    let rs: Vec<crate::Request> = reqs
+        .iter()
+        .map(|r| crate::Request {
+            readable: r,
+            readable_len: r.len(),
+            writable_len: 4,
+        })
+        .collect();
+    v.process(&rs).iter().map(|r| r.status()).collect()
+}
+
+/// The property-test configuration of the fuzz bodies: [`cases`]`(2000)`, nothing persisted.
+pub fn fuzz_config() -> proptest::test_runner::Config {
+    proptest::test_runner::Config {
+        cases: cases(2000),
+        failure_persistence: None,
+        ..Default::default()
+    }
+}

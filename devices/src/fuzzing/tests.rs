@@ -59,11 +59,7 @@ fn the_seeds_pass() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: iommu::testing::cases(2000),
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    })]
+    #![proptest_config(iommu::testing::fuzz_config())]
 
     #[test]
     fn virtio_iommu_queue_takes_any_input(data in fuzz_inputs(iommu_seed())) {

@@ -8,7 +8,7 @@ use crate::backend::{Call, RecordingBackend, RecordingLog};
 use crate::pagetable::Perm;
 use crate::protocol::*;
 
-pub(crate) use crate::testing::{attach, detach, map, probe, unmap};
+pub(crate) use crate::testing::{attach, batch, detach, map, probe, unmap};
 
 const RW: u32 = VIRTIO_IOMMU_MAP_F_READ | VIRTIO_IOMMU_MAP_F_WRITE;
 const R: u32 = VIRTIO_IOMMU_MAP_F_READ;
@@ -21,19 +21,6 @@ fn send(v: &mut Viommu, req: &[u8]) -> Option<Status> {
         writable_len: 4,
     };
     v.process(&[r]).remove(0).status()
-}
-
-/// Sends several requests as one batch.
-fn batch(v: &mut Viommu, reqs: &[Vec<u8>]) -> Vec<Option<Status>> {
-    let rs: Vec<Request> = reqs
-        .iter()
-        .map(|r| Request {
-            readable: r,
-            readable_len: r.len(),
-            writable_len: 4,
-        })
-        .collect();
-    v.process(&rs).iter().map(|r| r.status()).collect()
 }
 
 fn device() -> Viommu {

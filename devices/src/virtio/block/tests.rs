@@ -3,8 +3,8 @@
 use std::io::Write;
 
 use iommu::protocol::Status;
-use iommu::testing::{attach, map};
-use iommu::{Request, Viommu, ViommuConfig};
+use iommu::testing::{attach, batch, map};
+use iommu::{Viommu, ViommuConfig};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
@@ -56,15 +56,7 @@ fn setup(name: &str, iommu: bool) -> Setup {
             map(1, 0x10_0000, 0x10_ffff, 0x10_0000, 3),
             map(1, 0x20_0000, 0x20_0fff, 0x20_0000, 1),
         ];
-        let rs: Vec<Request> = reqs
-            .iter()
-            .map(|r| Request {
-                readable: r,
-                readable_len: r.len(),
-                writable_len: 4,
-            })
-            .collect();
-        let st: Vec<_> = h.lock().process(&rs).iter().map(|r| r.status()).collect();
+        let st = batch(&mut h.lock(), &reqs);
         assert!(st.iter().all(|s| *s == Some(Status::Ok)), "{st:?}");
     }
     dev.set_acked_features(dev.avail_features());

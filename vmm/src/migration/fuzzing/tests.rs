@@ -39,11 +39,7 @@ fn the_seeds_pass() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: iommu::testing::cases(2000),
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    })]
+    #![proptest_config(iommu::testing::fuzz_config())]
 
     #[test]
     fn migration_stream_takes_any_input(
