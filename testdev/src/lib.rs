@@ -64,18 +64,7 @@ pub const PRQ_TIMEOUT_MS: u64 = 2000;
 pub const PRQ_RETRIES_PER_CHUNK: u32 = 8;
 
 /// Device states, the values of `enum vfio_device_mig_state` (`<linux/vfio.h>`).
-pub mod mig {
-    /// The device failed a transition.
-    pub const ERROR: u32 = 0;
-    /// No DMA, no interrupts, registers frozen.
-    pub const STOP: u32 = 1;
-    /// Normal operation.
-    pub const RUNNING: u32 = 2;
-    /// Stopped, and the device data can be read.
-    pub const STOP_COPY: u32 = 3;
-    /// Stopped, and device data is being written.
-    pub const RESUMING: u32 = 4;
-}
+pub use devices::passthrough::mig_state as mig;
 
 /// BAR 2 (region 2): 4 KiB of device memory the device lets the VMM map into the guest (a
 /// sparse-mmap area covering all of it, backed by a memfd sent with its region info). It

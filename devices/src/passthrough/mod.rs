@@ -17,12 +17,29 @@ pub mod vfio_user_backend;
 
 use std::os::fd::RawFd;
 
-/// VFIO PCI region index of the configuration space.
-pub const VFIO_PCI_CONFIG_REGION_INDEX: u32 = 7;
-/// VFIO PCI IRQ index of MSI-X.
-pub const VFIO_PCI_MSIX_IRQ_INDEX: u32 = 2;
-/// VFIO PCI IRQ index of the error interrupt.
-pub const VFIO_PCI_ERR_IRQ_INDEX: u32 = 3;
+/// VFIO PCI region and IRQ indexes (`linux/vfio.h`): the configuration space's region, the
+/// MSI-X and error IRQs.
+pub use vfio_bindings::bindings::vfio::{
+    VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_ERR_IRQ_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
+};
+
+/// VFIO migration v2 device states (`enum vfio_device_mig_state`, `linux/vfio.h`): what
+/// `VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE` carries, over VFIO and vfio-user's
+/// `DEVICE_FEATURE` alike.
+pub mod mig_state {
+    use vfio_bindings::bindings::vfio as v;
+
+    /// The device failed a transition.
+    pub const ERROR: u32 = v::vfio_device_mig_state_VFIO_DEVICE_STATE_ERROR;
+    /// No DMA, no interrupts, registers frozen.
+    pub const STOP: u32 = v::vfio_device_mig_state_VFIO_DEVICE_STATE_STOP;
+    /// Normal operation.
+    pub const RUNNING: u32 = v::vfio_device_mig_state_VFIO_DEVICE_STATE_RUNNING;
+    /// Stopped, and the device data can be read.
+    pub const STOP_COPY: u32 = v::vfio_device_mig_state_VFIO_DEVICE_STATE_STOP_COPY;
+    /// Stopped, and device data is being written.
+    pub const RESUMING: u32 = v::vfio_device_mig_state_VFIO_DEVICE_STATE_RESUMING;
+}
 
 /// Why a passthrough backend call failed.
 #[derive(Debug, thiserror::Error)]

@@ -56,16 +56,7 @@ fn state_err(e: impl std::fmt::Display) -> MachineError {
 pub const STATE_VERSION: u32 = 2;
 
 /// VFIO migration v2 device states (`enum vfio_device_mig_state`).
-pub mod device_state {
-    /// Stopped.
-    pub const STOP: u32 = 1;
-    /// Running.
-    pub const RUNNING: u32 = 2;
-    /// Stopped, data readable.
-    pub const STOP_COPY: u32 = 3;
-    /// Stopped, data being written.
-    pub const RESUMING: u32 = 4;
-}
+pub use ::devices::passthrough::mig_state as device_state;
 
 /// What the VM is made of; the receiver checks it equals its own.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -62,13 +62,15 @@ const VFIO_REGION_INFO_FLAG_CAPS: u32 = vfio_bindings::bindings::vfio::VFIO_REGI
 const SERVE_BATCH: usize = 64;
 
 /// `VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER`.
-const IRQ_SET_EVENTFD_TRIGGER: u32 = (1 << 2) | (1 << 5);
+const IRQ_SET_EVENTFD_TRIGGER: u32 = vfio_bindings::bindings::vfio::VFIO_IRQ_SET_DATA_EVENTFD
+    | vfio_bindings::bindings::vfio::VFIO_IRQ_SET_ACTION_TRIGGER;
 /// `VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER` with count 0: disable.
-const IRQ_SET_NONE_TRIGGER: u32 = 1 | (1 << 5);
-/// DMA_MAP flag: the device may read.
-pub const DMA_MAP_READ: u32 = 1;
-/// DMA_MAP flag: the device may write.
-pub const DMA_MAP_WRITE: u32 = 2;
+const IRQ_SET_NONE_TRIGGER: u32 = vfio_bindings::bindings::vfio::VFIO_IRQ_SET_DATA_NONE
+    | vfio_bindings::bindings::vfio::VFIO_IRQ_SET_ACTION_TRIGGER;
+/// DMA_MAP flag: the device may read (`VFIO_DMA_MAP_FLAG_READ`, as vfio-user uses it).
+pub const DMA_MAP_READ: u32 = vfio_bindings::bindings::vfio::VFIO_DMA_MAP_FLAG_READ;
+/// DMA_MAP flag: the device may write (`VFIO_DMA_MAP_FLAG_WRITE`).
+pub const DMA_MAP_WRITE: u32 = vfio_bindings::bindings::vfio::VFIO_DMA_MAP_FLAG_WRITE;
 
 /// Guest memory as the client lets a server reach it by message: the answers to the
 /// server-to-client `VFIO_USER_DMA_READ` and `VFIO_USER_DMA_WRITE` commands (vfio-user.rst,
