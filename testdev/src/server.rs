@@ -324,17 +324,10 @@ pub struct Behaviour {
     pub truncate_ram: bool,
 }
 
-/// BAR 2's memory: a memfd of [`BAR2_SIZE`] bytes with [`BAR2_MAGIC`] at 0.
+/// BAR 2's memory: a memfd of [`BAR2_SIZE`] bytes with [`BAR2_MAGIC`] at 0, its size sealed
+/// (the VMM maps it into the guest).
 fn bar2_memory() -> io::Result<File> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: a NUL-terminated name; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"dma-test-device-bar2".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a new descriptor nothing else owns.
-    let f = unsafe { File::from_raw_fd(fd) };
-    f.set_len(BAR2_SIZE)?;
+    let f = devices::memfd::sealed("dma-test-device-bar2", BAR2_SIZE, false)?;
     std::os::unix::fs::FileExt::write_all_at(&f, &BAR2_MAGIC.to_le_bytes(), 0)?;
     Ok(f)
 }

@@ -7,10 +7,12 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use iommu::dirty::DirtyBitmap;
+use vm_memory::mmap::MmapRegion;
+use vm_memory::FileOffset;
 
 /// Bytes per logged page (`VHOST_LOG_PAGE`).
 pub const LOG_PAGE: u64 = 4096;
@@ -20,15 +22,12 @@ const CHUNK_WORDS: usize = 64;
 
 /// A shared dirty log covering guest-physical `[0, pages * 4 KiB)`.
 pub struct DirtyLog {
-    file: File,
-    base: NonNull<AtomicU64>,
+    /// The memfd handed to the back end.
+    file: Arc<File>,
+    /// A shared mapping of the whole memfd (vm-memory maps and unmaps it).
+    region: MmapRegion,
     words: usize,
 }
-
-// SAFETY: the mapping is only accessed through atomics, and lives as long as the object.
-unsafe impl Send for DirtyLog {}
-// SAFETY: as above.
-unsafe impl Sync for DirtyLog {}
 
 impl DirtyLog {
     /// A zeroed log for guest-physical addresses below `gpa_end` (rounded up to 64 pages).
@@ -41,23 +40,14 @@ impl DirtyLog {
         let words = usize::try_from(words).map_err(|_| std::io::Error::other("log too large"))?;
         // Sealed: the back end holding the descriptor cannot truncate the log under us.
         let file = crate::memfd::sealed("vhost-user-log", bytes, false)?;
-        // SAFETY: a new shared mapping of the whole file, checked below; no other mapping or
-        // Rust reference aliases it.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        let base = NonNull::new(p.cast::<AtomicU64>()).ok_or_else(std::io::Error::last_os_error)?;
-        Ok(Self { file, base, words })
+        let file = Arc::new(file);
+        let region = MmapRegion::from_file(FileOffset::from_arc(file.clone(), 0), words * 8)
+            .map_err(|e| std::io::Error::other(format!("mapping the vhost-user log: {e}")))?;
+        Ok(Self {
+            file,
+            region,
+            words,
+        })
     }
 
     /// The log's size in bytes (`VhostUserLog::mmap_size`).
@@ -71,8 +61,9 @@ impl DirtyLog {
     }
 
     fn words(&self) -> &[AtomicU64] {
-        // SAFETY: `words` atomics in a live mapping of exactly that size, page aligned.
-        unsafe { std::slice::from_raw_parts(self.base.as_ptr(), self.words) }
+        // SAFETY: `words` u64s in the region's live shared mapping of exactly that size, page
+        // aligned; it is only ever accessed through atomics, here and by the back end.
+        unsafe { std::slice::from_raw_parts(self.region.as_ptr().cast::<AtomicU64>(), self.words) }
     }
 
     /// Clears every bit.
@@ -114,15 +105,6 @@ impl DirtyLog {
             .and_then(|i| self.words().get(i))
         {
             w.fetch_or(1 << (page % 64), Ordering::AcqRel);
-        }
-    }
-}
-
-impl Drop for DirtyLog {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`, unmapped once.
-        unsafe {
-            libc::munmap(self.base.as_ptr().cast(), self.words * 8);
         }
     }
 }
