@@ -14,28 +14,32 @@ use ::devices::virtio::pci::{IoEventRegistrar, VirtioPciDevice, BAR0_SIZE};
 use ::devices::virtio::VirtioDevice;
 use ::devices::GuestMemoryMmap;
 use sync::MutexExt;
+use vm_allocator::{AddressAllocator, AllocPolicy, IdAllocator};
 
 use crate::error::VmmError;
 use crate::machine::devices::{DeviceKind, Function, KvmGuestMapper, QueueNotifier, Subscriber};
 use crate::machine::interrupts::KvmInterruptManager;
 
-/// BAR addresses from the 32-bit PCI window.
-pub struct WindowAllocator {
-    /// The next free address.
-    pub(crate) next: u64,
-    /// The window's end (exclusive).
-    pub(crate) end: u64,
+/// BAR addresses from the 32-bit PCI window: vm-allocator's `AddressAllocator`, first fit,
+/// each BAR aligned to its size.
+pub struct WindowAllocator(AddressAllocator);
+
+impl WindowAllocator {
+    /// The window of `size` bytes at `base`.
+    ///
+    /// # Errors
+    /// When the window is empty or wraps.
+    pub fn new(base: u64, size: u64) -> Result<Self, VmmError> {
+        AddressAllocator::new(base, size)
+            .map(WindowAllocator)
+            .map_err(|e| VmmError::Device("the 32-bit PCI window".into(), Box::new(e)))
+    }
 }
 
 impl BarAllocator for WindowAllocator {
     fn allocate(&mut self, size: u64) -> Option<u64> {
-        let at = self.next.checked_next_multiple_of(size)?;
-        let end = at.checked_add(size)?;
-        if end > self.end {
-            return None;
-        }
-        self.next = end;
-        Some(at)
+        let at = self.0.allocate(size, size, AllocPolicy::FirstMatch).ok()?;
+        Some(at.start())
     }
 }
 
@@ -60,8 +64,8 @@ pub struct Builder {
     pub subscribers: Vec<Subscriber>,
     /// Device numbers behind the vIOMMU (for the VIOT).
     pub endpoints: Vec<u8>,
-    /// The next free device number.
-    pub(crate) next_slot: u8,
+    /// Device numbers on bus 0 (vm-allocator's `IdAllocator`).
+    pub(crate) slots: IdAllocator,
     /// The vIOMMU, if any.
     pub iommu: Option<IommuHandle>,
     /// Guest memory.
@@ -94,15 +98,11 @@ impl Builder {
     /// # Errors
     /// When the bus is full.
     pub fn slot(&mut self, what: &str) -> Result<u8, VmmError> {
-        let s = self.next_slot;
-        if s >= 32 {
-            return Err(VmmError::Device(
-                what.into(),
-                "no free slot on PCI bus 0".into(),
-            ));
-        }
-        self.next_slot += 1;
-        Ok(s)
+        self.slots
+            .allocate_id()
+            .ok()
+            .and_then(|s| u8::try_from(s).ok())
+            .ok_or_else(|| VmmError::Device(what.into(), "no free slot on PCI bus 0".into()))
     }
 
     /// Puts virtio device `dev` in `slot` behind a virtio-pci transport, with one MSI
@@ -158,5 +158,33 @@ impl Builder {
             device: dev,
         });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// BARs come aligned to their size, inside the window, without overlap; a hole left by
+    /// alignment is used by a later small BAR; a BAR that does not fit is refused.
+    #[test]
+    fn bars_are_aligned_disjoint_and_inside_the_window() {
+        let (base, size) = (0xc000_0000u64, 0x10_0000u64);
+        let mut w = WindowAllocator::new(base, size).unwrap();
+        let mut got = Vec::new();
+        for len in [0x1000u64, 0x4_0000, 0x1000, 0x2000] {
+            let at = w.allocate(len).unwrap();
+            assert_eq!(at % len, 0, "{len:#x} at {at:#x}");
+            assert!(at >= base && at + len <= base + size);
+            got.push((at, len));
+        }
+        got.sort();
+        assert!(
+            got.windows(2).all(|p| p[0].0 + p[0].1 <= p[1].0),
+            "{got:x?}"
+        );
+        // The third BAR (4 KiB) went into the hole before the 256 KiB one.
+        assert!(got[1].0 < base + 0x4_0000, "{got:x?}");
+        assert_eq!(w.allocate(0x10_0000), None);
     }
 }

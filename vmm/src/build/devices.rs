@@ -17,6 +17,7 @@ use devices::virtio::net::{IotlbMode, NetConfig, VhostUserNet};
 use devices::GuestMemoryMmap;
 use iommu::{Viommu, ViommuConfig};
 use kvm_ioctls::VmFd;
+use vm_allocator::IdAllocator;
 
 use super::builder::{dev_err, Builder, WindowAllocator};
 use crate::config::{NetConfig as NetFlag, VmConfig};
@@ -94,16 +95,14 @@ pub fn build_devices(
 ) -> Result<DeviceManager, VmmError> {
     let mut b = Builder {
         pci: PciBus::new(),
-        bars: WindowAllocator {
-            next: layout::PCI_MMIO_32_START,
-            end: layout::PCI_MMIO_32_START + layout::PCI_MMIO_32_SIZE,
-        },
+        bars: WindowAllocator::new(layout::PCI_MMIO_32_START, layout::PCI_MMIO_32_SIZE)?,
         interrupts: KvmInterruptManager(KvmInterrupts::new(vm.clone())),
         guest_mapper: Arc::new(KvmGuestMapper::new(vm.clone())),
         ioevents: Arc::new(KvmIoEvents(vm)),
         subscribers: Vec::new(),
         endpoints: Vec::new(),
-        next_slot: FIRST_SLOT,
+        slots: IdAllocator::new(FIRST_SLOT.into(), 31)
+            .map_err(|e| VmmError::Device("PCI bus 0".into(), Box::new(e)))?,
         iommu: None,
         mem: mem.clone(),
         ram,
