@@ -14,13 +14,17 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VmFd;
 use sync::MutexExt;
+use vm_allocator::IdAllocator;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// GSIs below this are the IOAPIC's pins.
 const FIRST_MSI_GSI: u32 = 24;
+/// The last GSI KVM routes (`KVM_MAX_IRQ_ROUTES` is 4096 on x86).
+const LAST_GSI: u32 = 4095;
 
 struct Routes {
-    next_gsi: u32,
+    /// MSI GSIs (vm-allocator's `IdAllocator`).
+    gsis: IdAllocator,
     msi: BTreeMap<u32, (u64, u32)>,
 }
 
@@ -36,7 +40,7 @@ impl KvmInterrupts {
         Arc::new(Self {
             vm,
             routes: Mutex::new(Routes {
-                next_gsi: FIRST_MSI_GSI,
+                gsis: IdAllocator::new(FIRST_MSI_GSI, LAST_GSI).expect("FIRST_MSI_GSI <= LAST_GSI"),
                 msi: BTreeMap::new(),
             }),
         })
@@ -124,12 +128,9 @@ impl InterruptManager for KvmInterruptManager {
     fn allocate_msi(&self, count: usize) -> io::Result<Vec<Arc<dyn MsiVector>>> {
         let mut v: Vec<Arc<dyn MsiVector>> = Vec::with_capacity(count);
         for _ in 0..count {
-            let gsi = {
-                let mut r = self.0.routes.locked();
-                let g = r.next_gsi;
-                r.next_gsi += 1;
-                g
-            };
+            let gsi = self.0.routes.locked().gsis.allocate_id().map_err(|_| {
+                io::Error::other(format!("no free MSI GSI (GSIs {FIRST_MSI_GSI}-{LAST_GSI})"))
+            })?;
             let evt = EventFd::new(EFD_NONBLOCK)?;
             self.0
                 .vm
