@@ -266,84 +266,15 @@ impl DeviceManager {
     /// One line per device with its counters.
     pub fn counters_report(&self) -> Vec<String> {
         let mut lines = Vec::new();
-        if let Some((h, dev)) = &self.iommu {
-            let s = h.lock();
-            let c = s.counters();
-            let req: Vec<String> = iommu::viommu::Counters::REQUEST_NAMES
-                .iter()
-                .zip(c.requests)
-                .map(|(n, v)| format!("{n}={v}"))
-                .collect();
-            let st: Vec<String> = iommu::protocol::Status::ALL
-                .iter()
-                .zip(c.statuses)
-                .filter(|(_, v)| *v > 0)
-                .map(|(s, v)| format!("status_{}={v}", s.name()))
-                .collect();
-            let bad = dev.locked().bad_chains();
-            let ls = &h.lock_stats;
-            let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-            lines.push(format!(
-                "virtio-iommu 00:{IOMMU_SLOT:02x}.0: {} batches={} {} host_maps={} host_unmaps={} \
-                 faults={} faults_dropped={} iotlb_hits={} iotlb_misses={} translated_bytes={} \
-                 domains={} metadata_bytes={} dirty_reads={} dirty_pages_reported={} \
-                 bad_chains={bad} lock_takes={} lock_contended={} lock_wait_us={}",
-                req.join(" "),
-                c.batches,
-                st.join(" "),
-                c.host_maps,
-                c.host_unmaps,
-                c.faults,
-                c.faults_dropped,
-                c.iotlb_hits,
-                c.iotlb_misses,
-                c.translated_bytes,
-                s.domain_ids().len(),
-                s.metadata_bytes(),
-                c.dirty_reads,
-                c.dirty_pages_reported,
-                get(&ls.acquisitions),
-                get(&ls.contended),
-                get(&ls.wait_ns) / 1000,
-            ));
+        if let Some((_, dev)) = &self.iommu {
+            let line = dev.locked().counters_line();
+            lines.push(format!("virtio-iommu 00:{IOMMU_SLOT:02x}.0: {line}"));
         }
         for (label, d) in &self.disks {
-            let c = d.locked().counters().clone();
-            lines.push(format!(
-                "{label}: reads={} writes={} flushes={} bytes_read={} bytes_written={} io_errors={} \
-                 translation_faults={} unsupported={}",
-                c.reads,
-                c.writes,
-                c.flushes,
-                c.bytes_read,
-                c.bytes_written,
-                c.io_errors,
-                c.translation_faults,
-                c.unsupported
-            ));
+            lines.push(format!("{label}: {}", d.locked().counters_line()));
         }
         for (label, n) in &self.nets {
-            let n = n.locked();
-            let c = n.counters();
-            let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-            lines.push(format!(
-                "{label}: link={} misses={} updates={} prefetches={} update_pages={} \
-                 invalidations={} invalidated_pages={} resent={} faults={} reconnects={} \
-                 disconnects={} bad_messages={} ctrl_commands={}",
-                if n.link_up() { "up" } else { "down" },
-                get(&c.misses),
-                get(&c.updates),
-                get(&c.prefetches),
-                get(&c.update_pages),
-                get(&c.invalidations),
-                get(&c.invalidated_pages),
-                get(&c.resent),
-                get(&c.faults),
-                get(&c.connects),
-                get(&c.disconnects),
-                get(&c.bad_messages),
-                get(&c.ctrl_commands),
-            ));
+            lines.push(format!("{label}: {}", n.locked().counters_line()));
         }
         for p in &self.passthrough {
             lines.push(p.counters_line());

@@ -113,6 +113,23 @@ impl VirtioBlock {
         &self.counters
     }
 
+    /// The counters as `name=value` pairs on one line (`--counters`).
+    pub fn counters_line(&self) -> String {
+        let c = &self.counters;
+        format!(
+            "reads={} writes={} flushes={} bytes_read={} bytes_written={} io_errors={} \
+             translation_faults={} unsupported={}",
+            c.reads,
+            c.writes,
+            c.flushes,
+            c.bytes_read,
+            c.bytes_written,
+            c.io_errors,
+            c.translation_faults,
+            c.unsupported
+        )
+    }
+
     fn config_bytes(&self) -> [u8; 24] {
         let mut c = [0u8; 24];
         c[..8].copy_from_slice(&self.sectors.to_le_bytes());

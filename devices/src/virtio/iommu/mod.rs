@@ -131,6 +131,52 @@ impl VirtioIommu {
     pub fn bad_chains(&self) -> u64 {
         self.bad_chains
     }
+
+    /// The device's counters as `name=value` pairs on one line (`--counters`): requests by
+    /// type, batches, statuses other than OK that occurred, host calls, faults, IOTLB,
+    /// domains, metadata bytes, dirty reads, bad chains and the vIOMMU lock's contention.
+    /// Takes the vIOMMU's lock (after this device's, as request processing does).
+    pub fn counters_line(&self) -> String {
+        let s = self.iommu.lock();
+        let c = s.counters();
+        let req: Vec<String> = iommu::viommu::Counters::REQUEST_NAMES
+            .iter()
+            .zip(c.requests)
+            .map(|(n, v)| format!("{n}={v}"))
+            .collect();
+        let st: Vec<String> = iommu::protocol::Status::ALL
+            .iter()
+            .zip(c.statuses)
+            .filter(|(_, v)| *v > 0)
+            .map(|(s, v)| format!("status_{}={v}", s.name()))
+            .collect();
+        let ls = &self.iommu.lock_stats;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        format!(
+            "{} batches={} {} host_maps={} host_unmaps={} faults={} faults_dropped={} \
+             iotlb_hits={} iotlb_misses={} translated_bytes={} domains={} metadata_bytes={} \
+             dirty_reads={} dirty_pages_reported={} bad_chains={} lock_takes={} \
+             lock_contended={} lock_wait_us={}",
+            req.join(" "),
+            c.batches,
+            st.join(" "),
+            c.host_maps,
+            c.host_unmaps,
+            c.faults,
+            c.faults_dropped,
+            c.iotlb_hits,
+            c.iotlb_misses,
+            c.translated_bytes,
+            s.domain_ids().len(),
+            s.metadata_bytes(),
+            c.dirty_reads,
+            c.dirty_pages_reported,
+            self.bad_chains,
+            get(&ls.acquisitions),
+            get(&ls.contended),
+            get(&ls.wait_ns) / 1000,
+        )
+    }
 }
 
 impl VirtioDevice for VirtioIommu {

@@ -244,6 +244,32 @@ impl VhostUserNet {
         self.shared.link_up.load(Ordering::Acquire)
     }
 
+    /// The link and the counters as `name=value` pairs on one line (`--counters`): device
+    /// IOTLB misses, updates, prefetches, invalidations, resends and faults, connections and
+    /// bad messages.
+    pub fn counters_line(&self) -> String {
+        let c = self.counters();
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        format!(
+            "link={} misses={} updates={} prefetches={} update_pages={} invalidations={} \
+             invalidated_pages={} resent={} faults={} reconnects={} disconnects={} \
+             bad_messages={} ctrl_commands={}",
+            if self.link_up() { "up" } else { "down" },
+            get(&c.misses),
+            get(&c.updates),
+            get(&c.prefetches),
+            get(&c.update_pages),
+            get(&c.invalidations),
+            get(&c.invalidated_pages),
+            get(&c.resent),
+            get(&c.faults),
+            get(&c.connects),
+            get(&c.disconnects),
+            get(&c.bad_messages),
+            get(&c.ctrl_commands),
+        )
+    }
+
     fn behind_iommu(&self) -> bool {
         self.shared.iommu.is_some()
     }
