@@ -133,3 +133,43 @@ pub fn fuzz_config() -> proptest::test_runner::Config {
         ..Default::default()
     }
 }
+
+/// MAP flags: read and write.
+#[cfg(test)]
+pub(crate) const RW: u32 = VIRTIO_IOMMU_MAP_F_READ | VIRTIO_IOMMU_MAP_F_WRITE;
+/// MAP flags: read only.
+#[cfg(test)]
+pub(crate) const R: u32 = VIRTIO_IOMMU_MAP_F_READ;
+
+/// Sends one request with a 4-byte writable tail; returns its status.
+#[cfg(test)]
+pub(crate) fn send(v: &mut crate::Viommu, req: &[u8]) -> Option<Status> {
+    batch(v, &[req.to_vec()]).remove(0)
+}
+
+/// A vIOMMU over 1 GiB of RAM with emulated endpoints 1 and 2.
+#[cfg(test)]
+pub(crate) fn device() -> crate::Viommu {
+    let mut v = crate::Viommu::new(crate::ViommuConfig {
+        guest_ram: vec![(0, 1 << 30)],
+        ..Default::default()
+    });
+    v.add_endpoint(1, None, &[]).unwrap();
+    v.add_endpoint(2, None, &[]).unwrap();
+    v
+}
+
+/// [`device`] with endpoint 8 on a recording backend of `caps`; returns its log.
+#[cfg(test)]
+pub(crate) fn with_backend(
+    caps: crate::BackendCaps,
+) -> (
+    crate::Viommu,
+    std::sync::Arc<std::sync::Mutex<crate::backend::RecordingLog>>,
+) {
+    let mut v = device();
+    let (b, log) = crate::backend::RecordingBackend::new("rec", caps);
+    let id = v.add_backend(Box::new(b)).unwrap();
+    v.add_endpoint(8, Some(id), &[]).unwrap();
+    (v, log)
+}

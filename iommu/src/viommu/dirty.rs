@@ -414,3 +414,6 @@ pub(super) fn dirty_windows(runs: &[Run], window: u64, whole: bool) -> Vec<(u64,
     out.extend(open);
     out
 }
+
+#[cfg(test)]
+mod tests;

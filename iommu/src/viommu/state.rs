@@ -226,3 +226,6 @@ impl Viommu {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;
