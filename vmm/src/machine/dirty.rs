@@ -77,3 +77,6 @@ impl DirectDirty {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
