@@ -8,6 +8,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use sync::MutexExt;
 
+mod command;
+pub mod migration;
+
+pub use command::VmmCommand;
+
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -244,32 +249,27 @@ impl Drop for DeviceProcess {
 /// DMA test device at `vfio` (a whole `--vfio-user` value), behind the vIOMMU with `iommu`,
 /// its cases `tests` (all the default ones when `None`).
 pub fn test_guest_args(vfio: &str, iommu: bool, tests: Option<&str>) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "--kernel",
-        &bin("test-guest").display().to_string(),
-        "--memory",
-        "128M",
-        "--counters",
-        "--vfio-user",
-        vfio,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    test_guest_command(vfio, iommu, tests).to_args()
+}
+
+/// [`test_guest_args`] as a [`VmmCommand`], to add flags to.
+pub fn test_guest_command(vfio: &str, iommu: bool, tests: Option<&str>) -> VmmCommand {
+    let mut c = VmmCommand::test_guest()
+        .memory("128M")
+        .counters()
+        .vfio_user(vfio);
     if let Some(t) = tests {
-        args.extend(["--cmdline".to_string(), format!("tests={t}")]);
+        c = c.cmdline(&format!("tests={t}"));
     }
     if iommu {
-        args.push("--iommu".into());
+        c = c.iommu();
     }
-    args
+    c
 }
 
 /// Runs [`test_guest_args`] to its end.
 pub fn run_test_guest(vfio: &str, iommu: bool, tests: Option<&str>, deadline: Duration) -> Run {
-    let args = test_guest_args(vfio, iommu, tests);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    run_vmm(&args, deadline)
+    test_guest_command(vfio, iommu, tests).run(deadline)
 }
 
 /// Whether the long stress runs are asked for (`tests/stress.sh` sets `VMM_STRESS=1`).

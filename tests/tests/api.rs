@@ -10,27 +10,17 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use vmm_tests::{api, bin, scratch, VmmProcess};
+use vmm_tests::migration::wait_for_path;
+use vmm_tests::{api, bin, scratch, VmmCommand, VmmProcess};
 
 /// A VMM waiting for a guest (`--incoming defer`): its API is served, nothing runs.
 fn waiting_vmm(api_sock: &Path) -> VmmProcess {
-    let guest = bin("test-guest").display().to_string();
-    let sock = api_sock.display().to_string();
-    let vmm = VmmProcess::start(&[
-        "--kernel",
-        &guest,
-        "--memory",
-        "64M",
-        "--incoming",
-        "defer",
-        "--api-socket",
-        &sock,
-    ]);
-    let start = Instant::now();
-    while !api_sock.exists() {
-        assert!(start.elapsed() < Duration::from_secs(10), "no API socket");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let vmm = VmmCommand::test_guest()
+        .memory("64M")
+        .incoming("defer")
+        .api_socket(api_sock)
+        .start();
+    wait_for_path(api_sock);
     vmm
 }
 

@@ -15,9 +15,10 @@ use std::sync::RwLock;
 use std::time::Duration;
 
 use sync::RwLockExt;
+use vmm_tests::migration::{self, assert_handed_over, assert_migrated};
 use vmm_tests::{
-    api, check_suites, console_text as console, console_value, counter, guest_kernel, run_vmm,
-    scale, scratch, DeviceProcess, Run, Testpmd, VmmProcess,
+    check_suites, console_text as console, console_value, counter, guest_kernel, run_vmm, scale,
+    scratch, DeviceProcess, Run, Testpmd, VmmCommand, VmmProcess,
 };
 
 const DEADLINE: Duration = Duration::from_secs(1800);
@@ -253,16 +254,13 @@ fn linux_migrates_mid_traffic_to_a_vmm_with_its_own_testpmd() {
     let (api_sock, mig_sock) = (scratch("api.sock"), scratch("mig.sock"));
     let to = format!("unix:{}", mig_sock.display());
     let net_b = pmd_b.arg(0, true);
-    let dst = VmmProcess::start(&[
-        "--memory",
-        "256M",
-        "--counters",
-        "--vhost-user-net",
-        &net_b,
-        "--iommu",
-        "--incoming",
-        &to,
-    ]);
+    let dst = VmmCommand::new()
+        .memory("256M")
+        .counters()
+        .vhost_user_net(&net_b)
+        .iommu()
+        .incoming(&to)
+        .start();
     let mut args = net_args(Mode::Lazy, &pmd_a.arg(0, true), mid_traffic_frames(), "");
     args.extend(["--api-socket".to_string(), api_sock.display().to_string()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -271,27 +269,18 @@ fn linux_migrates_mid_traffic_to_a_vmm_with_its_own_testpmd() {
     pmd_a.wait_rx(0, FLOWING, MIGRATION_DEADLINE);
     // The full copy paced to 32 MiB/s takes 8 s of the guest's traffic (about 20 frames a
     // second here): the back end writes while its dirty log is on.
-    let report = api(
+    let report = migration::migrate(
         &api_sock,
-        &format!(
-            r#"{{"cmd":"migrate","to":"{to}","verify":true,"max_bandwidth":{}}}"#,
-            32 << 20
-        ),
+        &to,
+        &format!(r#","verify":true,"max_bandwidth":{}"#, 32 << 20),
     );
-    eprintln!("migration report: {report}");
-    assert_eq!(report["ok"], true, "{report}");
-    assert_eq!(report["verified_pages"], 65536, "{report}");
-    assert_eq!(
-        report["untracked_devices"],
-        serde_json::json!([]),
-        "{report}"
-    );
+    assert_migrated(&report, 65536);
     assert!(
         report["dirty_by_source"]["vhost_user"].as_u64().unwrap() > 0,
         "{report}"
     );
     let src = src.wait(MIGRATION_DEADLINE);
-    assert_eq!(src.code(), 0, "{}", src.stderr);
+    assert_handed_over(&src);
     let dst = dst.wait(MIGRATION_DEADLINE);
     // The suite's KTAP starts on the source and ends on the destination.
     let whole = Run {

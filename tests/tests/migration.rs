@@ -7,14 +7,14 @@
 use std::path::Path;
 use std::time::Duration;
 
-use vmm_tests::{api, bin, counter, scratch, DeviceProcess, VmmProcess};
+use vmm_tests::migration::{
+    self, assert_handed_over, assert_migrated, assert_never_ran, assert_verify_failed,
+    wait_for_path,
+};
+use vmm_tests::{api, counter, scratch, DeviceProcess, VmmCommand, VmmProcess};
 
 const DEADLINE: Duration = Duration::from_secs(300);
 const MEMORY: &str = "256M";
-
-fn guest() -> String {
-    bin("test-guest").display().to_string()
-}
 
 /// The guest keeps DMA-ing until it finds itself on another device process (migrated or
 /// restored), then does 40 more iterations there: enough to revisit every window of its
@@ -35,29 +35,17 @@ fn source_env(
     env: &[(&str, &str)],
     policy: &str,
 ) -> VmmProcess {
-    let g = guest();
-    let vfio = format!("{}{policy}", dev.arg(true));
-    let api = api_socket.display().to_string();
     // The device first fills 192 MiB so that the full copy takes a while (about a second):
     // the guest keeps writing through changing mappings meanwhile.
-    let cmdline = format!("tests=migrate_dma {params} touch=192");
-    VmmProcess::start_env(
-        &[
-            "--kernel",
-            &g,
-            "--memory",
-            MEMORY,
-            "--iommu",
-            "--vfio-user",
-            &vfio,
-            "--cmdline",
-            &cmdline,
-            "--api-socket",
-            &api,
-            "--counters",
-        ],
-        env,
-    )
+    VmmCommand::test_guest()
+        .memory(MEMORY)
+        .iommu()
+        .vfio_user(&format!("{}{policy}", dev.arg(true)))
+        .cmdline(&format!("tests=migrate_dma {params} touch=192"))
+        .api_socket(api_socket)
+        .counters()
+        .envs(env)
+        .start()
 }
 
 /// Starts a destination VM built like the source, waiting as `incoming` says.
@@ -74,17 +62,14 @@ fn destination_env(
     env: &[(&str, &str)],
     policy: &str,
 ) -> VmmProcess {
-    let vfio = format!("{}{policy}", dev.arg(true));
-    let mut args = vec![
-        "--memory",
-        memory,
-        "--iommu",
-        "--vfio-user",
-        &vfio,
-        "--counters",
-    ];
-    args.extend_from_slice(incoming);
-    VmmProcess::start_env(&args, env)
+    VmmCommand::new()
+        .memory(memory)
+        .iommu()
+        .vfio_user(&format!("{}{policy}", dev.arg(true)))
+        .counters()
+        .args(incoming)
+        .envs(env)
+        .start()
 }
 
 /// Every migration compares RAM page by page before the guest runs again.
@@ -96,7 +81,7 @@ const PAGES: u64 = 65536;
 /// What a migration that tracked every device reports: every page verified, device dirty
 /// reports read, pages found by every source, no device left untracked.
 fn assert_mechanism(report: &serde_json::Value) {
-    assert_eq!(report["verified_pages"], PAGES, "{report}");
+    assert_migrated(report, PAGES);
     assert_mechanism_without_verify(report);
 }
 
@@ -118,10 +103,7 @@ fn assert_mechanism_without_verify(report: &serde_json::Value) {
 }
 
 fn migrate(api_socket: &Path, to: &Path, extra: &str) -> serde_json::Value {
-    api(
-        api_socket,
-        &format!(r#"{{"cmd":"migrate","to":"unix:{}"{extra}}}"#, to.display()),
-    )
+    migration::migrate(api_socket, &format!("unix:{}", to.display()), extra)
 }
 
 /// [`source_env`] once the destination listens at `mig_sock` and the guest is ready to
@@ -135,22 +117,9 @@ fn ready_source(
     policy: &str,
 ) -> VmmProcess {
     let mut src = source_env(dev, api_socket, params, env, policy);
-    wait_for(mig_sock);
+    wait_for_path(mig_sock);
     src.wait_console("# migrate-ready", DEADLINE);
     src
-}
-
-/// Waits until `path` exists (the destination listens).
-fn wait_for(path: &Path) {
-    let start = std::time::Instant::now();
-    while !path.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 #[test]
@@ -171,13 +140,7 @@ fn live_migration_loses_no_device_write() {
         "round 0 sends all RAM that holds data: {first} pages"
     );
 
-    let src = src.wait(DEADLINE);
-    assert_eq!(src.code(), 0, "{}", src.stderr);
-    assert!(
-        src.stderr.contains("guest ended (migrated to unix:"),
-        "{}",
-        src.stderr
-    );
+    assert_handed_over(&src.wait(DEADLINE));
     let dst = dst.wait(DEADLINE);
     eprintln!("{}\n{}", dst.console, dst.stderr);
     assert_eq!(dst.code(), 0, "the guest's verdict on the destination");
@@ -334,15 +297,7 @@ fn destination_discarded(dst: VmmProcess) {
 
 /// The destination ended with status 1, saying `why`, without ever running the guest.
 fn destination_never_ran(dst: VmmProcess, why: &str) {
-    let dst = dst.wait(DEADLINE);
-    eprintln!("{}", dst.stderr);
-    assert_eq!(dst.code(), 1, "{}", dst.stderr);
-    assert!(dst.stderr.contains(why), "{}", dst.stderr);
-    assert!(
-        !dst.console.contains("migrate_dma"),
-        "the guest ran on the destination:\n{}",
-        dst.console
-    );
+    assert_never_ran(&dst.wait(DEADLINE), why, "migrate_dma");
 }
 
 #[test]
@@ -352,12 +307,8 @@ fn without_device_dirty_tracking_verify_fails_and_the_source_resumes() {
     let (report, src, dst, api_sock, _) =
         migration_with(&dev_a, &dev_b, UNTIL_MIGRATED, extra, &[], &[]);
     // Writes the device made during the migration never reached the destination.
-    assert_eq!(report["ok"], false, "{report}");
+    assert_verify_failed(&report);
     let err = report["error"].as_str().unwrap();
-    assert!(
-        err.contains("verify: ") && err.contains("pages differ"),
-        "{err}"
-    );
     assert!(err.contains(" 0x"), "the differing GPAs are listed: {err}");
     destination_discarded(dst);
     source_runs_on(src, &api_sock);
@@ -373,9 +324,7 @@ fn a_device_that_reports_nothing_fails_verify() {
     );
     let (report, src, dst, api_sock, _) =
         migration_with(&dev_a, &dev_b, UNTIL_MIGRATED, VERIFY, &[], &[]);
-    assert_eq!(report["ok"], false, "{report}");
-    let err = report["error"].as_str().unwrap();
-    assert!(err.contains("pages differ"), "{err}");
+    assert_verify_failed(&report);
     destination_discarded(dst);
     source_runs_on(src, &api_sock);
 }
@@ -705,7 +654,7 @@ fn garbage_on_the_incoming_socket_is_refused() {
     let mig_sock = scratch("mig.sock");
     let to = format!("unix:{}", mig_sock.display());
     let dst = destination(&dev, MEMORY, &["--incoming", &to]);
-    wait_for(&mig_sock);
+    wait_for_path(&mig_sock);
     {
         use std::io::Write;
         let mut s = std::os::unix::net::UnixStream::connect(&mig_sock).unwrap();

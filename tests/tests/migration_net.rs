@@ -15,7 +15,11 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use sync::MutexExt;
-use vmm_tests::{api, bin, counter, scratch, DeviceProcess, Testpmd, VmmProcess};
+use vmm_tests::migration::{
+    self, assert_handed_over, assert_migrated, assert_never_ran, assert_verify_failed,
+    wait_for_path,
+};
+use vmm_tests::{api, bin, counter, scratch, DeviceProcess, Testpmd, VmmCommand, VmmProcess};
 
 const DEADLINE: Duration = Duration::from_secs(300);
 const MEMORY: &str = "256M";
@@ -27,20 +31,13 @@ static ONE: Mutex<()> = Mutex::new(());
 
 /// The VMM arguments both sides share: RAM, the vIOMMU, the DMA test device and the net
 /// device behind it.
-fn common(dev: &DeviceProcess, pmd: &Testpmd) -> Vec<String> {
-    [
-        "--memory",
-        MEMORY,
-        "--iommu",
-        "--vfio-user",
-        &dev.arg(true),
-        "--vhost-user-net",
-        &pmd.arg(0, true),
-        "--counters",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+fn common(dev: &DeviceProcess, pmd: &Testpmd) -> VmmCommand {
+    VmmCommand::new()
+        .memory(MEMORY)
+        .iommu()
+        .vfio_user(&dev.arg(true))
+        .vhost_user_net(&pmd.arg(0, true))
+        .counters()
 }
 
 struct Pair {
@@ -62,43 +59,16 @@ fn migrate(name: &str, src_env: &[(&str, &str)], extra: &str) -> Pair {
     );
     let (api_sock, mig_sock) = (scratch("api.sock"), scratch("mig.sock"));
     let to = format!("unix:{}", mig_sock.display());
-    let mut dst_args = common(&dev_b, &pmd_b);
-    dst_args.extend(["--incoming".to_string(), to]);
-    let dst_args: Vec<&str> = dst_args.iter().map(String::as_str).collect();
-    let dst = VmmProcess::start(&dst_args);
-    let g = bin("test-guest").display().to_string();
-    let mut src_args = common(&dev_a, &pmd_a);
-    src_args.extend(
-        [
-            "--kernel",
-            &g,
-            "--cmdline",
-            "tests=net_migrate net_after=200",
-            "--api-socket",
-            &api_sock.display().to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string()),
-    );
-    let src_args: Vec<&str> = src_args.iter().map(String::as_str).collect();
-    let mut src = VmmProcess::start_env(&src_args, src_env);
-    let start = std::time::Instant::now();
-    while !mig_sock.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "no incoming socket"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let dst = common(&dev_b, &pmd_b).incoming(&to).start();
+    let mut src = common(&dev_a, &pmd_a)
+        .kernel(&bin("test-guest"))
+        .cmdline("tests=net_migrate net_after=200")
+        .api_socket(&api_sock)
+        .envs(src_env)
+        .start();
+    wait_for_path(&mig_sock);
     src.wait_console("# migrate-ready", DEADLINE);
-    let report = api(
-        &api_sock,
-        &format!(
-            r#"{{"cmd":"migrate","to":"unix:{}","verify":true{extra}}}"#,
-            mig_sock.display()
-        ),
-    );
-    eprintln!("migration report: {report}");
+    let report = migration::migrate(&api_sock, &to, &format!(r#","verify":true{extra}"#));
     Pair {
         src,
         dst,
@@ -136,24 +106,12 @@ fn frames_flow_through_a_live_migration_and_verify_passes() {
         ..
     } = migrate("mig-net", &[], "");
     figures(&report);
-    assert_eq!(report["ok"], true, "{report}");
-    assert_eq!(report["verified_pages"], PAGES, "{report}");
-    assert_eq!(
-        report["untracked_devices"],
-        serde_json::json!([]),
-        "{report}"
-    );
+    assert_migrated(&report, PAGES);
     // The back end's log found pages (the receive buffers and the used rings).
     let by = &report["dirty_by_source"];
     assert!(by["vhost_user"].as_u64().unwrap() > 0, "{report}");
     assert!(by["kvm"].as_u64().unwrap() > 0, "{report}");
-    let src = src.wait(DEADLINE);
-    assert_eq!(src.code(), 0, "{}", src.stderr);
-    assert!(
-        src.stderr.contains("guest ended (migrated to unix:"),
-        "{}",
-        src.stderr
-    );
+    assert_handed_over(&src.wait(DEADLINE));
     let dst = dst.wait(DEADLINE);
     eprintln!("{}\n{}", dst.console, dst.stderr);
     assert_eq!(dst.code(), 0, "the guest's verdict on the destination");
@@ -181,18 +139,11 @@ fn a_back_end_log_that_is_ignored_fails_verify_and_the_source_runs_on() {
         &[("VMM_TEST_VHOST_USER_LOG", "ignore")],
         "",
     );
-    assert_eq!(report["ok"], false, "{report}");
-    let err = report["error"].as_str().unwrap();
-    assert!(
-        err.contains("verify: ") && err.contains("pages differ"),
-        "{err}"
-    );
-    let dst = dst.wait(DEADLINE);
-    assert_eq!(dst.code(), 1, "{}", dst.stderr);
-    assert!(
-        dst.stderr.contains("the source aborted the migration"),
-        "{}",
-        dst.stderr
+    assert_verify_failed(&report);
+    assert_never_ran(
+        &dst.wait(DEADLINE),
+        "the source aborted the migration",
+        "# net_migrate: migrated",
     );
     source_runs_on(&mut src, &api_sock);
 }

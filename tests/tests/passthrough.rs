@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use vmm_tests::{bin, counter, run_vmm, tap, DeviceProcess};
+use vmm_tests::{bin, counter, tap, DeviceProcess, VmmCommand};
 
 const DEADLINE: Duration = Duration::from_secs(300);
 
@@ -117,22 +117,13 @@ fn a_device_flooding_page_requests_is_throttled() {
         format!("{},dma=fault", good.arg(true)),
         format!("{},dma=fault", flood.arg(true)),
     );
-    let g = guest();
-    let run = run_vmm(
-        &[
-            "--kernel",
-            &g,
-            "--memory",
-            "128M",
-            "--counters",
-            "--iommu",
-            "--vfio-user",
-            &a,
-            "--vfio-user",
-            &b,
-        ],
-        DEADLINE,
-    );
+    let run = VmmCommand::test_guest()
+        .memory("128M")
+        .counters()
+        .iommu()
+        .vfio_user(&a)
+        .vfio_user(&b)
+        .run(DEADLINE);
     eprintln!("{}\n{}", run.console, run.stderr);
     let (ok, bad, failing) = tap(&run.console);
     assert_eq!(bad, 0, "{failing:?}");
@@ -156,25 +147,16 @@ fn a_device_flooding_page_requests_is_throttled() {
 fn host_mappings_on_demand_without_the_viommu() {
     let dev = DeviceProcess::start();
     let vfio = format!("{},dma=fault,prefault=64K", dev.arg(false));
-    let (g, log) = (guest(), vmm_tests::scratch("dirty.log"));
+    let log = vmm_tests::scratch("dirty.log");
     let log_arg = log.display().to_string();
-    let run = run_vmm(
-        &[
-            "--kernel",
-            &g,
-            "--memory",
-            "128M",
-            "--counters",
-            "--vfio-user",
-            &vfio,
-            "--track-dirty",
-            "--dirty-log-out",
-            &log_arg,
-            "--cmdline",
-            "tests=no_iommu",
-        ],
-        DEADLINE,
-    );
+    let run = VmmCommand::test_guest()
+        .memory("128M")
+        .counters()
+        .vfio_user(&vfio)
+        .arg("--track-dirty")
+        .flag("--dirty-log-out", &log_arg)
+        .cmdline("tests=no_iommu")
+        .run(DEADLINE);
     eprintln!("{}\n{}", run.console, run.stderr);
     // Dirty tracking through the installs: the log holds exactly the 4 pages the device
     // copied into, as the guest reports them.
@@ -223,22 +205,15 @@ fn page_request_cost_is_measured() {
     let reuse = |iommu: bool, policy: &str| {
         let dev = DeviceProcess::start();
         let vfio = format!("{}{policy}", dev.arg(iommu));
-        let g = guest();
-        let mut args = vec![
-            "--kernel",
-            &g,
-            "--memory",
-            "640M",
-            "--counters",
-            "--vfio-user",
-            &vfio,
-            "--cmdline",
-            "tests=reuse",
-        ];
+        let mut vmm = VmmCommand::test_guest()
+            .memory("640M")
+            .counters()
+            .vfio_user(&vfio)
+            .cmdline("tests=reuse");
         if iommu {
-            args.push("--iommu");
+            vmm = vmm.iommu();
         }
-        let run = run_vmm(&args, DEADLINE);
+        let run = vmm.run(DEADLINE);
         let (ok, bad, failing) = tap(&run.console);
         assert_eq!((ok, bad), (1, 0), "{failing:?}\n{}", run.console);
         assert_eq!(run.code(), 0);
@@ -321,25 +296,15 @@ fn page_request_cost_is_measured() {
 #[test]
 fn boot_bypass_populates_ram_first() {
     let dev = DeviceProcess::start();
-    let (g, vfio) = (guest(), dev.arg(true));
-    let run = run_vmm(
-        &[
-            "--kernel",
-            &g,
-            "--memory",
-            "128M",
-            "--counters",
-            "--iommu",
-            "boot-bypass=on",
-            "--dma-threads",
-            "2",
-            "--vfio-user",
-            &vfio,
-            "--cmdline",
-            "tests=probe,copy",
-        ],
-        DEADLINE,
-    );
+    let vfio = dev.arg(true);
+    let run = VmmCommand::test_guest()
+        .memory("128M")
+        .counters()
+        .flag("--iommu", "boot-bypass=on")
+        .flag("--dma-threads", "2")
+        .vfio_user(&vfio)
+        .cmdline("tests=probe,copy")
+        .run(DEADLINE);
     eprintln!("{}\n{}", run.console, run.stderr);
     let (ok, bad, failing) = tap(&run.console);
     assert_eq!((ok, bad), (2, 0), "{failing:?}");
@@ -361,21 +326,12 @@ fn start_time_static_against_fault_16g() {
     let built = |policy: &str| {
         let dev = DeviceProcess::start();
         let vfio = format!("{}{policy}", dev.arg(false));
-        let g = guest();
-        let run = run_vmm(
-            &[
-                "--kernel",
-                &g,
-                "--memory",
-                "16G",
-                "--counters",
-                "--vfio-user",
-                &vfio,
-                "--cmdline",
-                "tests=no_iommu",
-            ],
-            DEADLINE,
-        );
+        let run = VmmCommand::test_guest()
+            .memory("16G")
+            .counters()
+            .vfio_user(&vfio)
+            .cmdline("tests=no_iommu")
+            .run(DEADLINE);
         assert_eq!(run.code(), 0, "{}", run.stderr);
         let ms: u64 = run
             .stderr
@@ -502,26 +458,16 @@ fn a_device_server_going_wrong_mid_session_fails_that_device_only() {
                 let (bad, good) = (DeviceProcess::start(), DeviceProcess::start());
                 // Mid-session: well after the connection and the guest's setup.
                 let proxy = HostileProxy::start(&bad.socket, how, 400);
-                let g = guest();
                 let a = format!("socket={},iommu=on", proxy.socket.display());
                 let b = good.arg(true);
-                let run = run_vmm(
-                    &[
-                        "--kernel",
-                        &g,
-                        "--memory",
-                        "128M",
-                        "--iommu",
-                        "--counters",
-                        "--vfio-user",
-                        &a,
-                        "--vfio-user",
-                        &b,
-                        "--cmdline",
-                        "tests=hostile_peer",
-                    ],
-                    DEADLINE,
-                );
+                let run = VmmCommand::test_guest()
+                    .memory("128M")
+                    .iommu()
+                    .counters()
+                    .vfio_user(&a)
+                    .vfio_user(&b)
+                    .cmdline("tests=hostile_peer")
+                    .run(DEADLINE);
                 let name = format!("{how:?}");
                 eprintln!("{name}:\n{}\n{}", run.console, run.stderr);
                 assert!(!run.stderr.contains("panicked"), "{name}");
@@ -579,25 +525,15 @@ fn request_cost_is_measured() {
 #[test]
 fn two_endpoints_share_one_domain() {
     let (a, b) = (DeviceProcess::start(), DeviceProcess::start());
-    let g = guest();
     let (va, vb) = (a.arg(true), b.arg(true));
-    let run = run_vmm(
-        &[
-            "--kernel",
-            &g,
-            "--memory",
-            "128M",
-            "--iommu",
-            "--counters",
-            "--vfio-user",
-            &va,
-            "--vfio-user",
-            &vb,
-            "--cmdline",
-            "tests=shared_domain",
-        ],
-        DEADLINE,
-    );
+    let run = VmmCommand::test_guest()
+        .memory("128M")
+        .iommu()
+        .counters()
+        .vfio_user(&va)
+        .vfio_user(&vb)
+        .cmdline("tests=shared_domain")
+        .run(DEADLINE);
     eprintln!("{}\n{}", run.console, run.stderr);
     assert!(
         run.console.contains("ok 1 - shared_domain"),
