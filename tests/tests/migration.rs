@@ -129,8 +129,17 @@ fn live_migration_loses_no_device_write() {
     let to = format!("unix:{}", mig_sock.display());
     let dst = destination(&dev_b, MEMORY, &["--incoming", &to]);
     let src = ready_source(&dev_a, &api_sock, &mig_sock, UNTIL_MIGRATED, &[], "");
+    // More rounds than a destination accepts are refused before anything is sent.
+    let refused = migrate(&api_sock, &mig_sock, r#","max_rounds":63"#);
+    assert_eq!(refused["ok"], false, "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("max_rounds 63 is more than 62, the most a destination accepts"),
+        "{refused}"
+    );
     let report = migrate(&api_sock, &mig_sock, VERIFY);
-    eprintln!("migration report: {report}");
     assert_eq!(report["ok"], true, "{report}");
     assert_mechanism(&report);
     let rounds = report["rounds"].as_array().expect("rounds");
@@ -667,6 +676,47 @@ fn garbage_on_the_incoming_socket_is_refused() {
             .contains("vmm: error: not a VMM snapshot or migration stream (bad magic)"),
         "{}",
         run.stderr
+    );
+}
+
+/// A source that trickles its stream (here the header, a byte every 200 ms) is cut off once
+/// the destination's bound on the whole stream has passed (shortened to 1.5 s by a test
+/// hook; an hour by default): refused by name, before any ACK, the guest never run.
+#[test]
+fn a_trickling_source_is_refused_before_the_ack() {
+    let dev = DeviceProcess::start();
+    let mig_sock = scratch("mig.sock");
+    let to = format!("unix:{}", mig_sock.display());
+    let dst = destination_env(
+        &dev,
+        MEMORY,
+        &["--incoming", &to],
+        &[("VMM_TEST_HANDOVER_FAULT", "stream-ms=1500")],
+        "",
+    );
+    wait_for_path(&mig_sock);
+    let mut header = Vec::new();
+    vmm::migration::stream::StreamWriter::new(&mut header).unwrap();
+    let whole = header.len();
+    let mut s = std::os::unix::net::UnixStream::connect(&mig_sock).unwrap();
+    let sent = std::thread::spawn(move || {
+        use std::io::Write;
+        header
+            .iter()
+            .take_while(|b| {
+                std::thread::sleep(Duration::from_millis(200));
+                s.write_all(&[**b]).is_ok()
+            })
+            .count()
+    });
+    assert_never_ran(
+        &dst.wait(DEADLINE),
+        "the source took more than 1.5 s",
+        "migrate_dma",
+    );
+    assert!(
+        sent.join().unwrap() < whole,
+        "the whole header went through"
     );
 }
 

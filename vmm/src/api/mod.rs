@@ -13,7 +13,7 @@
 //! | `{"cmd":"commit"}`, `{"cmd":"discard"}` | `{"ok":true}`: a destination whose hand-over was not confirmed runs, or drops, the guest |
 //! | `{"cmd":"quit"}` | `{"ok":true}`, then the VM stops |
 //!
-//! `migrate` also takes `max_rounds` (30), `max_dirty_pages` (256), `verify` (false: compare
+//! `migrate` also takes `max_rounds` (30, at most 62), `max_dirty_pages` (256), `verify` (false: compare
 //! every RAM page of both sides before the guest runs again), `timeout_ms` (30000: how long
 //! each side waits for the other during the hand-over), `max_bandwidth` (0: no limit; bytes
 //! per second of the pre-copy rounds, QEMU's `max-bandwidth`) and `device_dirty_tracking` (true;

@@ -18,7 +18,11 @@ fn config() -> MachineConfig {
     MachineConfig {
         memory: RAM,
         cpus: 1,
-        functions: vec![(0, DeviceKind::HostBridge), (1, DeviceKind::VirtioIommu)],
+        functions: vec![
+            (0, DeviceKind::HostBridge),
+            (1, DeviceKind::VirtioIommu),
+            (2, DeviceKind::VfioUser),
+        ],
     }
 }
 

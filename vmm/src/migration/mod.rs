@@ -9,13 +9,14 @@
 //! sent, and the destination takes over. A snapshot is the same stream with one full copy of
 //! RAM, written to a file while the guest is paused.
 
+pub mod bounds;
+pub use bounds::Conn;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod fuzzing;
 mod recv;
 mod send;
 pub mod stream;
 
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -135,7 +136,8 @@ fn verify_failure(gpas: &[u64]) -> String {
 
 /// A fault the tests inject into the hand-over (test only): `VMM_TEST_HANDOVER_FAULT` holds
 /// comma-separated `name` or `name=N` entries: `drop-ack`, `delay-ack=MS` (destination),
-/// `drop-commit`, `stall-before-commit=MS` (source), `drop-done` (destination). Returns
+/// `drop-commit`, `stall-before-commit=MS` (source), `drop-done`, `stream-ms=MS` (the
+/// destination's [`bounds::STREAM`] and [`bounds::IDLE`], shortened). Returns
 /// `Some(N)` (0 without a value) when `name` is set. Always `None` without the cargo feature
 /// `test-hooks`.
 #[cfg(not(feature = "test-hooks"))]
@@ -151,24 +153,6 @@ pub(crate) fn test_fault(name: &str) -> Option<u64> {
         let (k, n) = e.split_once('=').unwrap_or((e, "0"));
         (k.trim() == name).then(|| n.trim().parse().unwrap_or(0))
     })
-}
-
-/// A connection either way.
-pub trait Conn: std::io::Read + std::io::Write + Send {
-    /// Sets the read timeout.
-    fn set_timeout(&self, t: Option<Duration>);
-}
-
-impl Conn for std::os::unix::net::UnixStream {
-    fn set_timeout(&self, t: Option<Duration>) {
-        let _ = self.set_read_timeout(t);
-    }
-}
-
-impl Conn for std::net::TcpStream {
-    fn set_timeout(&self, t: Option<Duration>) {
-        let _ = self.set_read_timeout(t);
-    }
 }
 
 #[cfg(test)]

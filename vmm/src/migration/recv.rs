@@ -9,6 +9,7 @@ use kvm_ioctls::VcpuFd;
 use sync::MutexExt;
 use vm_memory::{Bytes, GuestAddress};
 
+use super::bounds::{self, Bounded, MAX_RAM_PASSES, MAX_ROUNDS};
 use super::send::Round;
 use super::stream::{parse, Kind, StreamReader, StreamWriter};
 use super::*;
@@ -101,6 +102,8 @@ pub fn receive(
     let (mut conn, mut ack): (Box<dyn Conn>, Option<Box<dyn Write + Send>>) = match src {
         Source::Listen(addr) => {
             let (r, w) = accept(addr)?;
+            let total = test_fault("stream-ms").map_or(bounds::STREAM, Duration::from_millis);
+            let r: Box<dyn Conn> = Box::new(Bounded::new(r, bounds::IDLE, total));
             (r, Some(w))
         }
         Source::Snapshot(dir) => {
@@ -335,6 +338,19 @@ pub fn read_stream_from<R: Read>(
     let mut handover = None;
     let mut hashes = Vec::new();
     let total_pages: u64 = ram_ranges.iter().map(|r| r.1 / 4096).sum();
+    // What the source may send: this many RAM bytes, one DEVICE_DATA record per passthrough
+    // function, at most MAX_ROUNDS rounds, one STATE and one HANDOVER.
+    let ram_budget = total_pages
+        .saturating_mul(4096)
+        .saturating_mul(MAX_RAM_PASSES);
+    let mut ram_bytes = 0u64;
+    let mut rounds = 0u32;
+    let passthrough: Vec<u8> = ours
+        .functions
+        .iter()
+        .filter(|(_, k)| matches!(k, DeviceKind::VfioUser | DeviceKind::Vfio))
+        .map(|&(slot, _)| slot)
+        .collect();
     loop {
         let index = r.records();
         let (kind, payload) = r.next_record()?;
@@ -358,10 +374,29 @@ pub fn read_stream_from<R: Read>(
                         &format!("pages at {gpa:#x}+{len:#x} are not guest RAM"),
                     ));
                 }
+                ram_bytes += len;
+                if ram_bytes > ram_budget {
+                    return Err(bad(
+                        index,
+                        "Ram",
+                        &format!(
+                            "more than {MAX_RAM_PASSES} passes over the guest's \
+                             {total_pages} pages of RAM"
+                        ),
+                    ));
+                }
                 write_ram(gpa, &payload[8..])?;
                 pages += len / 4096;
             }
             Kind::Round => {
+                rounds += 1;
+                if rounds > MAX_ROUNDS + 1 {
+                    return Err(bad(
+                        index,
+                        "Round",
+                        &format!("more than {MAX_ROUNDS} pre-copy rounds"),
+                    ));
+                }
                 if let Ok(round) = parse::<Round>("Round", index, &payload) {
                     log::info!(
                         "migration: received round {} ({} pages, {} dirty after it)",
@@ -376,7 +411,23 @@ pub fn read_stream_from<R: Read>(
                     return Err(bad(index, "DeviceData", "no slot"));
                 }
                 let slot = u32::from_le_bytes(payload[..4].try_into().unwrap_or_default());
-                let slot = u8::try_from(slot).map_err(|_| bad(index, "DeviceData", "bad slot"))?;
+                let slot = u8::try_from(slot)
+                    .ok()
+                    .filter(|s| passthrough.contains(s))
+                    .ok_or_else(|| {
+                        bad(
+                            index,
+                            "DeviceData",
+                            &format!("slot {slot} is not a passthrough device of this VM"),
+                        )
+                    })?;
+                if device_data.iter().any(|(s, _)| *s == slot) {
+                    return Err(bad(
+                        index,
+                        "DeviceData",
+                        &format!("a second record for slot {slot}"),
+                    ));
+                }
                 device_data.push((slot, payload[4..].to_vec()));
             }
             Kind::State => {
@@ -390,7 +441,13 @@ pub fn read_stream_from<R: Read>(
                         v.version
                     )));
                 }
+                if state.is_some() {
+                    return Err(bad(index, "State", "a second machine state"));
+                }
                 state = Some(parse("State", index, &payload)?)
+            }
+            Kind::Handover if handover.is_some() => {
+                return Err(bad(index, "Handover", "a second hand-over record"));
             }
             Kind::Handover => handover = Some(parse("Handover", index, &payload)?),
             Kind::Hashes => stream::add_hashes(&mut hashes, &payload, total_pages, index)?,
@@ -545,24 +602,17 @@ pub(crate) mod tests {
         MachineConfig {
             memory: 64 << 20,
             cpus: 1,
-            functions: vec![(0, DeviceKind::HostBridge), (1, DeviceKind::VirtioIommu)],
+            functions: vec![
+                (0, DeviceKind::HostBridge),
+                (1, DeviceKind::VirtioIommu),
+                (2, DeviceKind::VfioUser),
+            ],
         }
     }
 
-    /// A small stream as a source writes it: one page, device data, a machine state with a
-    /// virtio-iommu domain, the end.
-    pub(crate) fn minimal_stream() -> (Vec<u8>, usize) {
-        let mut out = Vec::new();
-        let mut w = StreamWriter::new(&mut out).unwrap();
-        w.json(Kind::Config, &config()).unwrap();
-        w.flush().unwrap();
-        let prefix = w.bytes as usize;
-        let mut ram = 0x1000u64.to_le_bytes().to_vec();
-        ram.extend_from_slice(&[0x5a; 4096]);
-        w.record(Kind::Ram, &[&ram]).unwrap();
-        w.record(Kind::DeviceData, &[&2u32.to_le_bytes(), b"{}"])
-            .unwrap();
-        let state = MachineState {
+    /// A machine state with a virtio-iommu domain and one mapping.
+    fn state() -> MachineState {
+        MachineState {
             version: STATE_VERSION,
             vcpus: Vec::new(),
             vm: VmState {
@@ -584,8 +634,23 @@ pub(crate) mod tests {
                 }],
                 faults: Vec::new(),
             }),
-        };
-        w.json(Kind::State, &state).unwrap();
+        }
+    }
+
+    /// A small stream as a source writes it: one page, device data, a machine state with a
+    /// virtio-iommu domain, the end.
+    pub(crate) fn minimal_stream() -> (Vec<u8>, usize) {
+        let mut out = Vec::new();
+        let mut w = StreamWriter::new(&mut out).unwrap();
+        w.json(Kind::Config, &config()).unwrap();
+        w.flush().unwrap();
+        let prefix = w.bytes as usize;
+        let mut ram = 0x1000u64.to_le_bytes().to_vec();
+        ram.extend_from_slice(&[0x5a; 4096]);
+        w.record(Kind::Ram, &[&ram]).unwrap();
+        w.record(Kind::DeviceData, &[&2u32.to_le_bytes(), b"{}"])
+            .unwrap();
+        w.json(Kind::State, &state()).unwrap();
         w.record(Kind::End, &[]).unwrap();
         w.flush().unwrap();
         (out, prefix)
@@ -638,5 +703,115 @@ pub(crate) mod tests {
         .err()
         .unwrap();
         assert!(e.to_string().contains("not guest RAM"), "{e}");
+    }
+
+    /// A stream of `records` between the configuration and a valid machine state.
+    fn stream_with(records: impl FnOnce(&mut StreamWriter<&mut Vec<u8>>)) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut w = StreamWriter::new(&mut out).unwrap();
+        w.json(Kind::Config, &config()).unwrap();
+        records(&mut w);
+        w.json(Kind::State, &state()).unwrap();
+        w.record(Kind::End, &[]).unwrap();
+        w.flush().unwrap();
+        out
+    }
+
+    /// 16 pages of RAM: a budget of 64 passes is 1,024 pages.
+    const SMALL_RAM: [(u64, u64); 1] = [(0, 16 * 4096)];
+
+    fn read(stream: &[u8]) -> Result<Incoming, String> {
+        read_stream(stream, &config(), &SMALL_RAM, |_, _| Ok(())).map_err(|e| e.to_string())
+    }
+
+    fn round(w: &mut StreamWriter<&mut Vec<u8>>, n: u32) {
+        let r = Round {
+            round: n,
+            pages: 0,
+            ms: 0,
+            dirty_after: 0,
+            harvest_ms: 0.0,
+            dirty_by_source: Default::default(),
+        };
+        w.json(Kind::Round, &r).unwrap();
+    }
+
+    /// What a source may send is bounded by kind, and each bound is exact: at the bound the
+    /// stream reads, one past it the record is refused by name.
+    #[test]
+    fn a_stream_beyond_its_bounds_is_refused_by_record() {
+        let page = |w: &mut StreamWriter<&mut Vec<u8>>| {
+            let mut ram = 0u64.to_le_bytes().to_vec();
+            ram.extend_from_slice(&[1; 16 * 4096]);
+            w.record(Kind::Ram, &[&ram]).unwrap();
+        };
+        // RAM: 64 passes over all of it, not 65.
+        let got = read(&stream_with(|w| (0..MAX_RAM_PASSES).for_each(|_| page(w)))).unwrap();
+        assert_eq!(got.pages, 16 * MAX_RAM_PASSES);
+        let e = read(&stream_with(|w| (0..=MAX_RAM_PASSES).for_each(|_| page(w))))
+            .err()
+            .unwrap();
+        assert!(
+            e.contains("record #65 (Ram)")
+                && e.contains("more than 64 passes over the guest's 16 pages of RAM"),
+            "{e}"
+        );
+        // Rounds: round 0 and MAX_ROUNDS more, not one more.
+        read(&stream_with(|w| (0..=MAX_ROUNDS).for_each(|n| round(w, n)))).unwrap();
+        let e = read(&stream_with(|w| {
+            (0..=MAX_ROUNDS + 1).for_each(|n| round(w, n))
+        }))
+        .err()
+        .unwrap();
+        assert!(e.contains("more than 62 pre-copy rounds"), "{e}");
+        // Device data: once per passthrough function, nowhere else.
+        let data = |w: &mut StreamWriter<&mut Vec<u8>>, slot: u32| {
+            w.record(Kind::DeviceData, &[&slot.to_le_bytes(), b"{}"])
+                .unwrap();
+        };
+        assert_eq!(
+            read(&stream_with(|w| data(w, 2))).unwrap().device_data,
+            vec![(2, b"{}".to_vec())]
+        );
+        for (slot, what) in [
+            (1, "slot 1 is not a passthrough device of this VM"),
+            (0, "slot 0 is not a passthrough device of this VM"),
+            (7, "slot 7 is not a passthrough device of this VM"),
+            (300, "slot 300 is not a passthrough device of this VM"),
+        ] {
+            let e = read(&stream_with(|w| data(w, slot))).err().unwrap();
+            assert!(e.contains("(DeviceData)") && e.contains(what), "{e}");
+        }
+        let e = read(&stream_with(|w| {
+            data(w, 2);
+            data(w, 2)
+        }))
+        .err()
+        .unwrap();
+        assert!(e.contains("a second record for slot 2"), "{e}");
+        // One machine state, one hand-over.
+        let e = read(&stream_with(|w| w.json(Kind::State, &state()).unwrap()))
+            .err()
+            .unwrap();
+        assert!(e.contains("a second machine state"), "{e}");
+        let handover = Handover {
+            verify: true,
+            timeout_ms: 1,
+        };
+        read(&stream_with(|w| w.json(Kind::Handover, &handover).unwrap())).unwrap();
+        let e = read(&stream_with(|w| {
+            w.json(Kind::Handover, &handover).unwrap();
+            w.json(Kind::Handover, &handover).unwrap()
+        }))
+        .err()
+        .unwrap();
+        assert!(e.contains("a second hand-over record"), "{e}");
+        // A hashes record without a hash.
+        let e = read(&stream_with(|w| {
+            w.record(Kind::Hashes, &[&0u64.to_le_bytes()]).unwrap()
+        }))
+        .err()
+        .unwrap();
+        assert!(e.contains("(Hashes)"), "{e}");
     }
 }

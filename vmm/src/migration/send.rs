@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use sync::MutexExt;
 use vm_memory::{Bytes, GuestAddress};
 
+use super::bounds::MAX_ROUNDS;
 use super::stream::{Kind, StreamReader, StreamWriter, MAX_RAM_RECORD};
 use super::*;
 use crate::config::Address;
@@ -285,6 +286,12 @@ pub fn migrate(m: &Machine, opts: &MigrateOptions) -> Result<MigrationReport, Mi
         return Err(MigrationError::Busy(
             "the VM is paused; resume it first (or take a snapshot)".into(),
         ));
+    }
+    if opts.max_rounds > MAX_ROUNDS {
+        return Err(MigrationError::Busy(format!(
+            "max_rounds {} is more than {MAX_ROUNDS}, the most a destination accepts",
+            opts.max_rounds
+        )));
     }
     m.check_migratable()?;
     let start = Instant::now();

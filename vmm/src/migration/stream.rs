@@ -318,8 +318,8 @@ pub fn add_hashes(
         kind: "Hashes".into(),
         what: what.into(),
     };
-    if payload.len() < 8 || !(payload.len() - 8).is_multiple_of(8) {
-        return Err(bad("not a page index and whole hashes"));
+    if payload.len() < 16 || !(payload.len() - 8).is_multiple_of(8) {
+        return Err(bad("not a page index and one or more whole hashes"));
     }
     let first = u64::from_le_bytes(payload[..8].try_into().unwrap_or_default());
     let n = ((payload.len() - 8) / 8) as u64;
