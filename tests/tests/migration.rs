@@ -161,6 +161,48 @@ fn live_migration_loses_no_device_write() {
     assert!(counter(&dst, "vfio-user device", "dma_map_calls") > 10);
 }
 
+/// While a migration runs, the API's `pause` and `resume` are refused by name: a `resume`
+/// must never run the guest during the stop-and-copy or the hand-over. The migration goes
+/// on and succeeds.
+#[test]
+fn pause_and_resume_are_refused_while_a_migration_runs() {
+    let (dev_a, dev_b) = (DeviceProcess::start(), DeviceProcess::start());
+    let (api_sock, mig_sock) = (scratch("api.sock"), scratch("mig.sock"));
+    let to = format!("unix:{}", mig_sock.display());
+    let dst = destination(&dev_b, MEMORY, &["--incoming", &to]);
+    let src = ready_source(&dev_a, &api_sock, &mig_sock, UNTIL_MIGRATED, &[], "");
+    // 192 MiB at 64 MiB/s: the full copy takes about 3 s.
+    let (a, m) = (api_sock.clone(), mig_sock.clone());
+    let migrating = std::thread::spawn(move || {
+        migrate(
+            &a,
+            &m,
+            &format!(r#","verify":true,"max_bandwidth":{}"#, 64 << 20),
+        )
+    });
+    let start = std::time::Instant::now();
+    while api(&api_sock, r#"{"cmd":"status"}"#)["migration"].is_null() {
+        assert!(start.elapsed() < DEADLINE, "the migration never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for what in ["pause", "resume"] {
+        let r = api(&api_sock, &format!(r#"{{"cmd":"{what}"}}"#));
+        assert_eq!(r["ok"], false, "{r}");
+        assert!(
+            r["error"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("{what}: a snapshot or migration is in progress")),
+            "{r}"
+        );
+    }
+    assert_migrated(&migrating.join().unwrap(), PAGES);
+    assert_handed_over(&src.wait(DEADLINE));
+    let dst = dst.wait(DEADLINE);
+    assert_eq!(dst.code(), 0, "{}\n{}", dst.console, dst.stderr);
+    dst.assert_console("0 stale pages seen before a refill, 0 of 256 pages wrong at the end");
+}
+
 /// A live migration with `--vfio-user ...{dma}` on both sides (device processes started with
 /// `device`), verify on: the report's
 /// mechanism holds, the guest's verdict on the destination finds every page it wrote. Returns

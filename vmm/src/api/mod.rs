@@ -287,6 +287,20 @@ fn answer_line(r: &Response) -> String {
     })
 }
 
+/// Holds off migrations and snapshots while `what` (pause or resume) runs, or refuses it when
+/// one is in progress: the vCPUs are theirs until they end, so that a `resume` never runs the
+/// guest during a stop-and-copy or a hand-over.
+fn not_during_a_migration<'a>(
+    m: &'a Machine,
+    what: &str,
+) -> Result<std::sync::MutexGuard<'a, ()>, ApiError> {
+    m.busy.try_lock().map_err(|_| {
+        ApiError::NotNow(format!(
+            "{what}: a snapshot or migration is in progress; try again when it has ended"
+        ))
+    })
+}
+
 fn handle(req: &Request, target: &ApiTarget) -> Result<Reply, ApiError> {
     let machine = target.machine.locked().clone();
     let Some(m) = machine else {
@@ -311,6 +325,7 @@ fn handle(req: &Request, target: &ApiTarget) -> Result<Reply, ApiError> {
             }))
         }
         Request::Pause => {
+            let _busy = not_during_a_migration(&m, "pause")?;
             let mut l = m.lifecycle.locked();
             if *l == Lifecycle::Running {
                 m.pause_vcpus()?;
@@ -319,6 +334,7 @@ fn handle(req: &Request, target: &ApiTarget) -> Result<Reply, ApiError> {
             Ok(Reply::Done {})
         }
         Request::Resume { force } => {
+            let _busy = not_during_a_migration(&m, "resume")?;
             let mut l = m.lifecycle.locked();
             match *l {
                 Lifecycle::Paused => {

@@ -17,7 +17,6 @@ mod recv;
 mod send;
 pub mod stream;
 
-
 use serde::{Deserialize, Serialize};
 
 use crate::machine::MachineError;
