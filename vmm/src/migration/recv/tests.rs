@@ -1,0 +1,219 @@
+use super::*;
+use crate::machine::kvm_state::VmState;
+
+fn config() -> MachineConfig {
+    MachineConfig {
+        memory: 64 << 20,
+        cpus: 1,
+        functions: vec![
+            (0, DeviceKind::HostBridge),
+            (1, DeviceKind::VirtioIommu),
+            (2, DeviceKind::VfioUser),
+        ],
+    }
+}
+
+/// A machine state with a virtio-iommu domain and one mapping.
+fn state() -> MachineState {
+    MachineState {
+        version: STATE_VERSION,
+        vcpus: Vec::new(),
+        vm: VmState {
+            irqchips: Vec::new(),
+            pit: Default::default(),
+            clock: Default::default(),
+        },
+        serial: Default::default(),
+        functions: Vec::new(),
+        viommu: Some(iommu::viommu::ViommuState {
+            version: iommu::viommu::STATE_VERSION,
+            negotiated: 0,
+            bypass: false,
+            attached: vec![(0x10, 1)],
+            domains: vec![iommu::viommu::DomainState {
+                id: 1,
+                bypass: false,
+                mappings: vec![(0x100, 0x200, 4, 3)],
+            }],
+            faults: Vec::new(),
+        }),
+    }
+}
+
+/// A small stream as a source writes it: one page, device data, a machine state with a
+/// virtio-iommu domain, the end.
+pub(crate) fn minimal_stream() -> (Vec<u8>, usize) {
+    let mut out = Vec::new();
+    let mut w = StreamWriter::new(&mut out).unwrap();
+    w.json(Kind::Config, &config()).unwrap();
+    w.flush().unwrap();
+    let prefix = w.bytes as usize;
+    let mut ram = 0x1000u64.to_le_bytes().to_vec();
+    ram.extend_from_slice(&[0x5a; 4096]);
+    w.record(Kind::Ram, &[&ram]).unwrap();
+    w.record(Kind::DeviceData, &[&2u32.to_le_bytes(), b"{}"])
+        .unwrap();
+    w.json(Kind::State, &state()).unwrap();
+    w.record(Kind::End, &[]).unwrap();
+    w.flush().unwrap();
+    (out, prefix)
+}
+
+/// A state record of another version is refused by its version, however the rest of it
+/// reads: version 1's untyped device states included.
+#[test]
+fn an_older_machine_state_is_refused_by_version() {
+    let mut stream = Vec::new();
+    let mut w = StreamWriter::new(&mut stream).unwrap();
+    w.json(Kind::Config, &config()).unwrap();
+    w.json(
+        Kind::State,
+        &serde_json::json!({"version": 1, "serial": null, "functions": [[0, [0, 0]]]}),
+    )
+    .unwrap();
+    w.record(Kind::End, &[]).unwrap();
+    let e = read_stream(&stream[..], &config(), &[(0, 64 << 20)], |_, _| Ok(()))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("machine state version 1 (this VMM reads 2"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_minimal_stream_reads_and_every_truncation_is_refused() {
+    let (stream, _) = minimal_stream();
+    let mut written = Vec::new();
+    let got = read_stream(&stream[..], &config(), &[(0, 64 << 20)], |gpa, b| {
+        written.push((gpa, b.len()));
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(written, vec![(0x1000, 4096)]);
+    assert_eq!(got.pages, 1);
+    assert_eq!(got.device_data, vec![(2, b"{}".to_vec())]);
+    assert!(got.state.viommu.is_some());
+    for cut in (0..stream.len()).step_by(97) {
+        let r = read_stream(&stream[..cut], &config(), &[(0, 64 << 20)], |_, _| Ok(()));
+        assert!(r.is_err(), "cut at {cut}");
+    }
+    // Pages outside guest RAM are refused.
+    let e = read_stream(&stream[..], &config(), &[(0x10_0000, 1 << 20)], |_, _| {
+        Ok(())
+    })
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("not guest RAM"), "{e}");
+}
+
+/// A stream of `records` between the configuration and a valid machine state.
+fn stream_with(records: impl FnOnce(&mut StreamWriter<&mut Vec<u8>>)) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut w = StreamWriter::new(&mut out).unwrap();
+    w.json(Kind::Config, &config()).unwrap();
+    records(&mut w);
+    w.json(Kind::State, &state()).unwrap();
+    w.record(Kind::End, &[]).unwrap();
+    w.flush().unwrap();
+    out
+}
+
+/// 16 pages of RAM: a budget of 64 passes is 1,024 pages.
+const SMALL_RAM: [(u64, u64); 1] = [(0, 16 * 4096)];
+
+fn read(stream: &[u8]) -> Result<Incoming, String> {
+    read_stream(stream, &config(), &SMALL_RAM, |_, _| Ok(())).map_err(|e| e.to_string())
+}
+
+fn round(w: &mut StreamWriter<&mut Vec<u8>>, n: u32) {
+    let r = Round {
+        round: n,
+        pages: 0,
+        ms: 0,
+        dirty_after: 0,
+        harvest_ms: 0.0,
+        dirty_by_source: Default::default(),
+    };
+    w.json(Kind::Round, &r).unwrap();
+}
+
+/// What a source may send is bounded by kind, and each bound is exact: at the bound the
+/// stream reads, one past it the record is refused by name.
+#[test]
+fn a_stream_beyond_its_bounds_is_refused_by_record() {
+    let page = |w: &mut StreamWriter<&mut Vec<u8>>| {
+        let mut ram = 0u64.to_le_bytes().to_vec();
+        ram.extend_from_slice(&[1; 16 * 4096]);
+        w.record(Kind::Ram, &[&ram]).unwrap();
+    };
+    // RAM: 64 passes over all of it, not 65.
+    let got = read(&stream_with(|w| (0..MAX_RAM_PASSES).for_each(|_| page(w)))).unwrap();
+    assert_eq!(got.pages, 16 * MAX_RAM_PASSES);
+    let e = read(&stream_with(|w| (0..=MAX_RAM_PASSES).for_each(|_| page(w))))
+        .err()
+        .unwrap();
+    assert!(
+        e.contains("record #65 (Ram)")
+            && e.contains("more than 64 passes over the guest's 16 pages of RAM"),
+        "{e}"
+    );
+    // Rounds: round 0 and MAX_ROUNDS more, not one more.
+    read(&stream_with(|w| (0..=MAX_ROUNDS).for_each(|n| round(w, n)))).unwrap();
+    let e = read(&stream_with(|w| {
+        (0..=MAX_ROUNDS + 1).for_each(|n| round(w, n))
+    }))
+    .err()
+    .unwrap();
+    assert!(e.contains("more than 62 pre-copy rounds"), "{e}");
+    // Device data: once per passthrough function, nowhere else.
+    let data = |w: &mut StreamWriter<&mut Vec<u8>>, slot: u32| {
+        w.record(Kind::DeviceData, &[&slot.to_le_bytes(), b"{}"])
+            .unwrap();
+    };
+    assert_eq!(
+        read(&stream_with(|w| data(w, 2))).unwrap().device_data,
+        vec![(2, b"{}".to_vec())]
+    );
+    for (slot, what) in [
+        (1, "slot 1 is not a passthrough device of this VM"),
+        (0, "slot 0 is not a passthrough device of this VM"),
+        (7, "slot 7 is not a passthrough device of this VM"),
+        (300, "slot 300 is not a passthrough device of this VM"),
+    ] {
+        let e = read(&stream_with(|w| data(w, slot))).err().unwrap();
+        assert!(e.contains("(DeviceData)") && e.contains(what), "{e}");
+    }
+    let e = read(&stream_with(|w| {
+        data(w, 2);
+        data(w, 2)
+    }))
+    .err()
+    .unwrap();
+    assert!(e.contains("a second record for slot 2"), "{e}");
+    // One machine state, one hand-over.
+    let e = read(&stream_with(|w| w.json(Kind::State, &state()).unwrap()))
+        .err()
+        .unwrap();
+    assert!(e.contains("a second machine state"), "{e}");
+    let handover = Handover {
+        verify: true,
+        timeout_ms: 1,
+    };
+    read(&stream_with(|w| w.json(Kind::Handover, &handover).unwrap())).unwrap();
+    let e = read(&stream_with(|w| {
+        w.json(Kind::Handover, &handover).unwrap();
+        w.json(Kind::Handover, &handover).unwrap()
+    }))
+    .err()
+    .unwrap();
+    assert!(e.contains("a second hand-over record"), "{e}");
+    // A hashes record without a hash.
+    let e = read(&stream_with(|w| {
+        w.record(Kind::Hashes, &[&0u64.to_le_bytes()]).unwrap()
+    }))
+    .err()
+    .unwrap();
+    assert!(e.contains("(Hashes)"), "{e}");
+}
