@@ -540,8 +540,10 @@ pub mod lists {
     /// Making connections (migration, reconnecting to a back end).
     const CONNECT: &[i64] = sys![SYS_socket, SYS_connect, SYS_socketpair];
 
-    /// Accepting connections (the API, migration, the test device's socket).
+    /// Accepting connections (the API, migration, the test device's socket), and checking a
+    /// peer's uid against the VMM's (`geteuid`).
     pub const SERVE: &[i64] = sys![
+        SYS_geteuid,
         SYS_accept,
         SYS_accept4,
         SYS_bind,

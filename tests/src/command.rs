@@ -23,6 +23,7 @@ use crate::{bin, run_vmm_env, Run, VmmProcess};
 pub struct VmmCommand {
     args: Vec<String>,
     env: Vec<(String, String)>,
+    wrapper: Vec<String>,
 }
 
 impl VmmCommand {
@@ -115,6 +116,13 @@ impl VmmCommand {
         vars.iter().fold(self, |c, (k, v)| c.env(k, v))
     }
 
+    /// Runs the VMM under `wrapper`, a command that runs the rest of its arguments (`["ip",
+    /// "netns", "exec", NAME]`). Only [`VmmCommand::start`] honours it.
+    pub fn wrapped(mut self, wrapper: &[&str]) -> Self {
+        self.wrapper = wrapper.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
     /// The arguments so far (without `--serial`).
     pub fn to_args(&self) -> Vec<String> {
         self.args.clone()
@@ -123,7 +131,8 @@ impl VmmCommand {
     /// Starts the VMM in the background.
     pub fn start(&self) -> VmmProcess {
         let (args, env) = self.borrowed();
-        VmmProcess::start_env(&args, &env)
+        let wrapper: Vec<&str> = self.wrapper.iter().map(String::as_str).collect();
+        VmmProcess::start_wrapped(&wrapper, &args, &env)
     }
 
     /// Runs the VMM to its end, killing it after `deadline`.

@@ -190,6 +190,28 @@ pub fn run_vmm_env(args: &[&str], env: &[(&str, &str)], deadline: Duration) -> R
     }
 }
 
+/// Runs the workspace binary `name` with `args` as uid and gid 65534 (from a copy that user
+/// may run), as another local user would. `None` when this process is not root and cannot.
+pub fn run_as_nobody(name: &str, args: &[&std::ffi::OsStr]) -> Option<std::process::Output> {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return None;
+    }
+    let copy = scratch(name);
+    std::fs::copy(bin(name), &copy).expect("copy the binary");
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let out = Command::new(&copy)
+        .args(args)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("run as uid 65534");
+    let _ = std::fs::remove_file(&copy);
+    Some(out)
+}
+
 /// A DMA test device process serving one VMM on a fresh socket.
 pub struct DeviceProcess {
     /// The process.
@@ -338,9 +360,24 @@ impl VmmProcess {
 
     /// [`VmmProcess::start`] with environment variables set for it.
     pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> VmmProcess {
+        Self::start_wrapped(&[], args, env)
+    }
+
+    /// [`VmmProcess::start_env`] under `wrapper` (a command that runs the rest of its
+    /// arguments, such as `ip netns exec NAME`), when not empty.
+    pub fn start_wrapped(wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) -> VmmProcess {
         let console_path = scratch("console.log");
         let serial = format!("file={}", console_path.display());
-        let mut child = Command::new(bin("vmm"))
+        let vmm = bin("vmm");
+        let mut cmd = match wrapper.split_first() {
+            None => Command::new(&vmm),
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(&vmm);
+                c
+            }
+        };
+        let mut child = cmd
             .args(args)
             .arg("--serial")
             .arg(&serial)

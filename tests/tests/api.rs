@@ -6,12 +6,11 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use vmm_tests::migration::wait_for_path;
-use vmm_tests::{api, bin, scratch, VmmCommand, VmmProcess};
+use vmm_tests::{api, run_as_nobody, scratch, VmmCommand, VmmProcess};
 
 /// A VMM waiting for a guest (`--incoming defer`): its API is served, nothing runs.
 fn waiting_vmm(api_sock: &Path) -> VmmProcess {
@@ -110,26 +109,15 @@ fn hostile_local_users_and_clients_get_nothing_from_the_api() {
         std::thread::sleep(Duration::from_millis(50));
     }
 
-    // Another user, let in by the mode, is refused by its uid: `vmm-ctl` (copied where
-    // that user may run it) as uid 65534.
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    // Another user, let in by the mode, is refused by its uid: `vmm-ctl` as uid 65534.
+    std::fs::set_permissions(&api_sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let Some(out) = run_as_nobody(
+        "vmm-ctl",
+        &["--socket".as_ref(), api_sock.as_os_str(), "status".as_ref()],
+    ) else {
         eprintln!("SKIP: another uid's client needs root to start it");
         return;
-    }
-    std::fs::set_permissions(&api_sock, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let ctl = scratch("vmm-ctl");
-    std::fs::copy(bin("vmm-ctl"), &ctl).unwrap();
-    std::fs::set_permissions(&ctl, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let out = std::process::Command::new(&ctl)
-        .arg("--socket")
-        .arg(&api_sock)
-        .arg("status")
-        .uid(65534)
-        .gid(65534)
-        .output()
-        .expect("run vmm-ctl as uid 65534");
-    let _ = std::fs::remove_file(&ctl);
+    };
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(

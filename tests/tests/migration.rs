@@ -11,7 +11,7 @@ use vmm_tests::migration::{
     self, assert_handed_over, assert_migrated, assert_never_ran, assert_verify_failed,
     wait_for_path,
 };
-use vmm_tests::{api, counter, scratch, DeviceProcess, VmmCommand, VmmProcess};
+use vmm_tests::{api, counter, run_as_nobody, scratch, DeviceProcess, VmmCommand, VmmProcess};
 
 const DEADLINE: Duration = Duration::from_secs(300);
 const MEMORY: &str = "256M";
@@ -704,8 +704,31 @@ fn garbage_on_the_incoming_socket_is_refused() {
     let dev = DeviceProcess::start();
     let mig_sock = scratch("mig.sock");
     let to = format!("unix:{}", mig_sock.display());
-    let dst = destination(&dev, MEMORY, &["--incoming", &to]);
+    let mut dst = destination(&dev, MEMORY, &["--incoming", &to]);
     wait_for_path(&mig_sock);
+    // A local user of another uid, let in by the socket's mode, is refused by its uid
+    // (`SO_PEERCRED`) before a byte is read, and the destination waits on.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&mig_sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+    if run_as_nobody(
+        "vmm-ctl",
+        &["--socket".as_ref(), mig_sock.as_os_str(), "status".as_ref()],
+    )
+    .is_some()
+    {
+        dst.wait_stderr(
+            "migration: refused a peer on unix:",
+            Duration::from_secs(10),
+        );
+        assert!(
+            dst.stderr_so_far()
+                .contains("the peer's uid 65534 is neither the VMM's (0) nor root"),
+            "{}",
+            dst.stderr_so_far()
+        );
+    } else {
+        eprintln!("SKIP: another uid's peer needs root to start it");
+    }
     {
         use std::io::Write;
         let mut s = std::os::unix::net::UnixStream::connect(&mig_sock).unwrap();

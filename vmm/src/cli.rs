@@ -126,10 +126,13 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
 
-    /// Instead of booting, waits for a migrated guest on `unix:PATH` or `tcp:HOST:PORT`, or
+    /// Instead of booting, waits for a migrated guest on `unix:PATH` (a peer of this uid or
+    /// root), on `tcp:HOST:PORT,tls=DIR` (mutual TLS: DIR holds ca-cert.pem,
+    /// server-cert.pem, server-key.pem) or `tcp:HOST:PORT,insecure` (clear text), or
     /// (`defer`) for the API's `restore` or `receive`. The other flags must describe the same
     /// machine as the source's.
-    #[arg(long, value_name = "unix:PATH|tcp:HOST:PORT|defer", value_parser = parse_incoming,
+    #[arg(long, value_name = "unix:PATH|tcp:HOST:PORT,tls=DIR|tcp:HOST:PORT,insecure|defer",
+          value_parser = parse_incoming,
           conflicts_with = "restore")]
     pub incoming: Option<IncomingConfig>,
 

@@ -43,7 +43,7 @@ use std::sync::{Arc, Mutex};
 use sync::MutexExt;
 
 use crate::machine::{Lifecycle, Machine, MachineError};
-use crate::migration::{self, migrate, snapshot, HandoverResolver, MigrationError, Source};
+use crate::migration::{self, migrate, peer, snapshot, HandoverResolver, MigrationError, Source};
 use protocol::{Reply, Request, Response, SnapshotReply, StatusReply, VmState};
 
 /// A request to bring a guest in, from the API to the VM waiting with `--incoming defer`.
@@ -98,8 +98,6 @@ pub fn start(path: &Path, target: Arc<ApiTarget>) -> std::io::Result<()> {
     }
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    // SAFETY: geteuid has no preconditions.
-    let owner = unsafe { libc::geteuid() };
     target.serving.store(true, Ordering::Release);
     let live = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     std::thread::Builder::new()
@@ -107,7 +105,7 @@ pub fn start(path: &Path, target: Arc<ApiTarget>) -> std::io::Result<()> {
         .spawn(move || {
             devices::seccomp::confine("api", devices::seccomp::lists::API);
             for mut conn in listener.incoming().flatten() {
-                if let Err(why) = admit(&conn, owner, &live) {
+                if let Err(why) = admit(&conn, &live) {
                     log::warn!("API: {why}");
                     let _ = writeln!(conn, "{}", answer_line(&Response::error(why)));
                     continue;
@@ -132,55 +130,17 @@ pub fn start(path: &Path, target: Arc<ApiTarget>) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Whether a peer may use the API: its uid is `owner`'s or root's, and fewer than
-/// [`MAX_CONNECTIONS`] are being served. The error says why not.
-fn admit(
-    conn: &UnixStream,
-    owner: libc::uid_t,
-    live: &std::sync::atomic::AtomicUsize,
-) -> Result<(), String> {
-    let uid = peer_uid(conn).map_err(|e| format!("refused: no peer credentials ({e})"))?;
-    if !uid_allowed(uid, owner) {
-        return Err(format!(
-            "refused: the peer's uid {uid} is neither the VMM's ({owner}) nor root"
-        ));
-    }
+/// Whether a peer may use the API: its uid is the VMM's or root's
+/// ([`peer::check_uid`]), and fewer than [`MAX_CONNECTIONS`] are being served. The error
+/// says why not.
+fn admit(conn: &UnixStream, live: &std::sync::atomic::AtomicUsize) -> Result<(), String> {
+    peer::check_uid(conn).map_err(|why| format!("refused: {why}"))?;
     if live.load(Ordering::Acquire) >= MAX_CONNECTIONS {
         return Err(format!(
             "refused: {MAX_CONNECTIONS} connections are open already"
         ));
     }
     Ok(())
-}
-
-/// A peer with `uid` may use the API of a VMM running as `owner`.
-fn uid_allowed(uid: libc::uid_t, owner: libc::uid_t) -> bool {
-    uid == owner || uid == 0
-}
-
-/// The uid of a UNIX socket's peer (`SO_PEERCRED`, socket(7)).
-fn peer_uid(conn: &UnixStream) -> std::io::Result<libc::uid_t> {
-    use std::os::fd::AsRawFd;
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: `cred` and `len` are valid for writes and `len` is `cred`'s size.
-    let r = unsafe {
-        libc::getsockopt(
-            conn.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(cred.uid)
 }
 
 /// One request line of at most [`MAX_REQUEST`] bytes (without its newline): `Ok(None)` at
@@ -459,14 +419,6 @@ fn handle_waiting(req: &Request, target: &ApiTarget) -> Result<Reply, ApiError> 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_the_owner_and_root_may_use_the_api() {
-        assert!(uid_allowed(1000, 1000));
-        assert!(uid_allowed(0, 1000));
-        assert!(!uid_allowed(1001, 1000));
-        assert!(!uid_allowed(65534, 0));
-    }
 
     #[test]
     fn a_request_line_is_capped() {

@@ -57,30 +57,105 @@ pub struct VmConfig {
     pub restore: Option<PathBuf>,
 }
 
-/// Addresses of the other side of a migration: `unix:PATH` or `tcp:HOST:PORT`.
+/// Addresses of the other side of a migration: `unix:PATH`, or `tcp:HOST:PORT` with
+/// `tls=DIR` or `insecure`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Address {
-    /// A Unix socket path.
+    /// A Unix socket path. Each side checks the other's uid (`SO_PEERCRED`).
     Unix(PathBuf),
-    /// `HOST:PORT`.
-    Tcp(String),
+    /// `HOST:PORT` and how the stream is protected.
+    Tcp {
+        /// `HOST:PORT`.
+        host_port: String,
+        /// Mutual TLS, or clear text.
+        security: TcpSecurity,
+    },
+}
+
+/// How a TCP migration stream is protected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TcpSecurity {
+    /// Mutual TLS with the certificates in a directory.
+    Tls(TlsConfig),
+    /// Clear text, unauthenticated (`insecure`): for a trusted network only.
+    Insecure,
+}
+
+/// Certificates for a TLS migration, in QEMU's `tls-creds-x509` layout: `DIR/ca-cert.pem`
+/// (the CA both sides' certificates must chain to), `DIR/server-cert.pem` and
+/// `DIR/server-key.pem` (the destination's), `DIR/client-cert.pem` and
+/// `DIR/client-key.pem` (the source's). PEM files; keys in PKCS#8, PKCS#1 or SEC1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// The directory.
+    pub dir: PathBuf,
+    /// The name the source expects in the destination's certificate (`tls-hostname=`;
+    /// the address's host by default).
+    pub hostname: Option<String>,
+}
+
+impl Address {
+    /// `HOST` of a TCP address (without brackets around an IPv6 address).
+    pub fn host(&self) -> Option<&str> {
+        match self {
+            Address::Unix(_) => None,
+            Address::Tcp { host_port, .. } => host_port
+                .rsplit_once(':')
+                .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']')),
+        }
+    }
 }
 
 impl std::str::FromStr for Address {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        if let Some(p) = s.strip_prefix("unix:") {
+        let mut parts = s.split(',');
+        let addr = parts.next().unwrap_or_default();
+        let (mut tls, mut hostname, mut insecure) = (None, None, false);
+        for opt in parts {
+            match opt.split_once('=') {
+                Some(("tls", d)) if !d.is_empty() => tls = Some(PathBuf::from(d)),
+                Some(("tls-hostname", h)) if !h.is_empty() => hostname = Some(h.to_string()),
+                None if opt == "insecure" => insecure = true,
+                _ => {
+                    return Err(format!(
+                        "unknown migration address option `{opt}` (tls=DIR, tls-hostname=NAME, \
+                         insecure)"
+                    ))
+                }
+            }
+        }
+        if let Some(p) = addr.strip_prefix("unix:") {
             if p.is_empty() {
                 return Err("unix: needs a socket path".into());
             }
-            Ok(Address::Unix(p.into()))
-        } else if let Some(hp) = s.strip_prefix("tcp:") {
-            match hp.rsplit_once(':') {
-                Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => {
-                    Ok(Address::Tcp(hp.to_string()))
-                }
-                _ => Err(format!("'{hp}' is not HOST:PORT")),
+            if tls.is_some() || hostname.is_some() || insecure {
+                return Err(
+                    "unix: takes no tls or insecure option (the peers' uids are checked)".into(),
+                );
             }
+            Ok(Address::Unix(p.into()))
+        } else if let Some(hp) = addr.strip_prefix("tcp:") {
+            match hp.rsplit_once(':') {
+                Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => {}
+                _ => return Err(format!("'{hp}' is not HOST:PORT")),
+            }
+            let security = match (tls, insecure) {
+                (Some(dir), false) => TcpSecurity::Tls(TlsConfig { dir, hostname }),
+                (None, true) if hostname.is_none() => TcpSecurity::Insecure,
+                (Some(_), true) => return Err("tls=DIR and insecure exclude each other".into()),
+                (None, true) => return Err("tls-hostname needs tls=DIR".into()),
+                (None, false) => {
+                    return Err(format!(
+                        "tcp:{hp} needs tls=DIR (mutual TLS with the certificates in DIR) or \
+                         insecure (clear text, for a trusted network only)"
+                    ))
+                }
+            };
+            Ok(Address::Tcp {
+                host_port: hp.to_string(),
+                security,
+            })
         } else {
             Err(format!("'{s}' is neither unix:PATH nor tcp:HOST:PORT"))
         }
@@ -91,7 +166,7 @@ impl std::fmt::Display for Address {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Address::Unix(p) => write!(f, "unix:{}", p.display()),
-            Address::Tcp(hp) => write!(f, "tcp:{hp}"),
+            Address::Tcp { host_port, .. } => write!(f, "tcp:{host_port}"),
         }
     }
 }
@@ -678,12 +753,46 @@ mod tests {
             "unix:/tmp/m.sock".parse::<Address>(),
             Ok(Address::Unix("/tmp/m.sock".into()))
         );
+        let tls: Address = "tcp:[::1]:4444,tls=/etc/vmm/tls,tls-hostname=dst"
+            .parse()
+            .unwrap();
+        assert_eq!(tls.to_string(), "tcp:[::1]:4444");
+        assert_eq!(tls.host(), Some("::1"));
         assert_eq!(
-            "tcp:127.0.0.1:4444".parse::<Address>().unwrap().to_string(),
-            "tcp:127.0.0.1:4444"
+            tls,
+            Address::Tcp {
+                host_port: "[::1]:4444".into(),
+                security: TcpSecurity::Tls(TlsConfig {
+                    dir: "/etc/vmm/tls".into(),
+                    hostname: Some("dst".into()),
+                }),
+            }
         );
-        assert!("tcp:nohost".parse::<Address>().is_err());
-        assert!("unix:".parse::<Address>().is_err());
-        assert!("ftp:x".parse::<Address>().is_err());
+        let clear: Address = "tcp:127.0.0.1:4444,insecure".parse().unwrap();
+        assert_eq!(clear.to_string(), "tcp:127.0.0.1:4444");
+        assert!(matches!(
+            clear,
+            Address::Tcp {
+                security: TcpSecurity::Insecure,
+                ..
+            }
+        ));
+        for (bad, why) in [
+            ("tcp:127.0.0.1:4444", "needs tls=DIR"),
+            ("tcp:h:1,tls=/d,insecure", "exclude each other"),
+            (
+                "tcp:h:1,insecure,tls-hostname=x",
+                "tls-hostname needs tls=DIR",
+            ),
+            ("tcp:h:1,tls=", "unknown migration address option `tls=`"),
+            ("tcp:h:1,tsl=/d", "`tsl=/d`"),
+            ("unix:/m,insecure", "unix: takes no tls or insecure option"),
+            ("tcp:nohost,insecure", "is not HOST:PORT"),
+            ("unix:", "needs a socket path"),
+            ("ftp:x", "neither unix:PATH nor tcp:HOST:PORT"),
+        ] {
+            let e = bad.parse::<Address>().unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
     }
 }

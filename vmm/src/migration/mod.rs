@@ -13,6 +13,7 @@ pub mod bounds;
 pub use bounds::Conn;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod fuzzing;
+pub mod peer;
 mod recv;
 mod send;
 pub mod stream;

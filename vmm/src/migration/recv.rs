@@ -10,10 +10,11 @@ use sync::MutexExt;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::bounds::{self, Bounded, MAX_RAM_PASSES, MAX_ROUNDS};
+use super::peer;
 use super::send::Round;
 use super::stream::{parse, Kind, StreamReader, StreamWriter};
 use super::*;
-use crate::config::Address;
+use crate::config::{Address, TcpSecurity};
 use crate::machine::devices::DeviceKind;
 use crate::machine::{device_state, Machine, MachineConfig, MachineState, STATE_VERSION};
 use ::devices::state::{FunctionState, Persist};
@@ -39,6 +40,8 @@ impl std::fmt::Display for Source {
 /// The two directions of a connection (the read half takes timeouts).
 type Halves = (Box<dyn Conn>, Box<dyn Write + Send>);
 
+/// Waits on `addr` for a source this VMM admits (see [`peer`]): a peer that fails the uid
+/// check or the TLS handshake is refused with a warning, and the wait goes on.
 fn accept(addr: &Address) -> Result<Halves, MigrationError> {
     let err = |what: String| move |e| MigrationError::Transport(what, e);
     match addr {
@@ -58,19 +61,51 @@ fn accept(addr: &Address) -> Result<Halves, MigrationError> {
             let l = std::os::unix::net::UnixListener::bind(p)
                 .map_err(err(format!("cannot listen on {addr}")))?;
             log::info!("waiting for a migration on {addr}");
-            let (s, _) = l.accept().map_err(err(format!("accept on {addr}")))?;
+            let s = loop {
+                let (s, _) = l.accept().map_err(err(format!("accept on {addr}")))?;
+                match peer::check_uid(&s) {
+                    Ok(()) => break s,
+                    Err(why) => log::warn!("migration: refused a peer on {addr}: {why}"),
+                }
+            };
             let _ = std::fs::remove_file(p);
             let w = s.try_clone().map_err(err("socket".into()))?;
             Ok((Box::new(s), Box::new(w)))
         }
-        Address::Tcp(hp) => {
-            let l = std::net::TcpListener::bind(hp.as_str())
+        Address::Tcp {
+            host_port,
+            security,
+        } => {
+            let tls = match security {
+                TcpSecurity::Tls(t) => Some(peer::server_config(t).map_err(|e| {
+                    MigrationError::Transport(format!("TLS for {addr}"), std::io::Error::other(e))
+                })?),
+                TcpSecurity::Insecure => {
+                    log::warn!(
+                        "migration on {addr} in clear text and unauthenticated (insecure): \
+                         whoever reaches the port can send a guest"
+                    );
+                    None
+                }
+            };
+            let l = std::net::TcpListener::bind(host_port.as_str())
                 .map_err(err(format!("cannot listen on {addr}")))?;
             log::info!("waiting for a migration on {addr}");
-            let (s, _) = l.accept().map_err(err(format!("accept on {addr}")))?;
-            let _ = s.set_nodelay(true);
-            let w = s.try_clone().map_err(err("socket".into()))?;
-            Ok((Box::new(s), Box::new(w)))
+            loop {
+                let (s, from) = l.accept().map_err(err(format!("accept on {addr}")))?;
+                let _ = s.set_nodelay(true);
+                let Some(config) = &tls else {
+                    let w = s.try_clone().map_err(err("socket".into()))?;
+                    return Ok((Box::new(s), Box::new(w)));
+                };
+                match peer::Tls::accept(config.clone(), s) {
+                    Ok(t) => {
+                        log::info!("migration: {from} authenticated by TLS");
+                        return Ok((Box::new(t.clone()), Box::new(t)));
+                    }
+                    Err(why) => log::warn!("migration: refused {from} on {addr}: {why}"),
+                }
+            }
         }
     }
 }

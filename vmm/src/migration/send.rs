@@ -9,9 +9,10 @@ use sync::MutexExt;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::bounds::MAX_ROUNDS;
+use super::peer;
 use super::stream::{Kind, StreamReader, StreamWriter, MAX_RAM_RECORD};
 use super::*;
-use crate::config::Address;
+use crate::config::{Address, TcpSecurity};
 use crate::machine::{
     device_state, DirtySources, Lifecycle, Machine, MigrationPhase, ProgressState,
 };
@@ -209,18 +210,48 @@ fn allocated_ram(m: &Machine) -> Vec<(u64, u64)> {
     out
 }
 
+/// Connects to the destination at `to` and checks it (see [`peer`]).
 fn connect(to: &str) -> Result<Box<dyn Conn>, MigrationError> {
     let addr: Address = to.parse().map_err(MigrationError::Busy)?;
+    let failed = |e| MigrationError::Transport(format!("cannot connect to {addr}"), e);
+    let refused = |why: String| {
+        MigrationError::Transport(
+            format!("refused the destination {addr}"),
+            std::io::Error::new(std::io::ErrorKind::PermissionDenied, why),
+        )
+    };
     match &addr {
-        Address::Unix(p) => std::os::unix::net::UnixStream::connect(p)
-            .map(|s| Box::new(s) as Box<dyn Conn>)
-            .map_err(|e| MigrationError::Transport(format!("cannot connect to {addr}"), e)),
-        Address::Tcp(hp) => std::net::TcpStream::connect(hp)
-            .map(|s| {
-                let _ = s.set_nodelay(true);
-                Box::new(s) as Box<dyn Conn>
-            })
-            .map_err(|e| MigrationError::Transport(format!("cannot connect to {addr}"), e)),
+        Address::Unix(p) => {
+            let s = std::os::unix::net::UnixStream::connect(p).map_err(failed)?;
+            peer::check_uid(&s).map_err(refused)?;
+            Ok(Box::new(s))
+        }
+        Address::Tcp {
+            host_port,
+            security,
+        } => {
+            let config = match security {
+                TcpSecurity::Tls(t) => Some((
+                    peer::client_config(t).map_err(refused)?,
+                    t.hostname
+                        .clone()
+                        .or_else(|| addr.host().map(str::to_string))
+                        .unwrap_or_default(),
+                )),
+                TcpSecurity::Insecure => {
+                    log::warn!("migrating to {addr} in clear text and unauthenticated (insecure)");
+                    None
+                }
+            };
+            let s = std::net::TcpStream::connect(host_port.as_str()).map_err(failed)?;
+            let _ = s.set_nodelay(true);
+            match config {
+                None => Ok(Box::new(s)),
+                Some((config, name)) => Ok(Box::new(
+                    peer::Tls::connect(config, &name, s).map_err(refused)?,
+                )),
+            }
+        }
     }
 }
 
