@@ -89,13 +89,32 @@ pub fn install(name: &'static str, syscalls: &[&[i64]], mode: Mode) -> Result<()
     let bpf: BpfProgram = filter
         .try_into()
         .map_err(|e: seccompiler::BackendError| err(&e))?;
+    if syscalls.iter().any(|g| g.contains(&libc::SYS_clone3)) {
+        // `clone3` passes its flags in memory, where a filter cannot look: it fails with
+        // ENOSYS, and the C library starts the thread with `clone`, whose flags the filter
+        // above checks. Stacked filters take the strictest answer: this ERRNO wins over the
+        // first filter's ALLOW.
+        let no_clone3 = SeccompFilter::new(
+            BTreeMap::from([(libc::SYS_clone3, Vec::new())]),
+            SeccompAction::Allow,
+            SeccompAction::Errno(libc::ENOSYS as u32),
+            arch(),
+        )
+        .map_err(|e| err(&e))?;
+        let no_clone3: BpfProgram = no_clone3
+            .try_into()
+            .map_err(|e: seccompiler::BackendError| err(&e))?;
+        seccompiler::apply_filter(&no_clone3).map_err(|e| err(&e))?;
+    }
     seccompiler::apply_filter(&bpf).map_err(|e| err(&e))
 }
 
 /// The arguments a system call may have, as rules of which one must match (none: any):
 /// - `mmap` and `mprotect`: never `PROT_EXEC` (no thread makes code after start-up);
 /// - `socket`: only the families the VMM speaks (`AF_UNIX` for device servers, back ends,
-///   the API and local migration; `AF_INET` and `AF_INET6` for migration over TCP).
+///   the API and local migration; `AF_INET` and `AF_INET6` for migration over TCP);
+/// - `clone`: only threads (`CLONE_THREAD`), never a new process;
+/// - `tgkill`: only threads of this process (the vCPU kick).
 fn argument_rules(nr: i64) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
     let arg = |index: u8, op: SeccompCmpOp, value: u64| {
         SeccompCondition::new(index, SeccompCmpArgLen::Dword, op, value)
@@ -110,6 +129,16 @@ fn argument_rules(nr: i64) -> Result<Vec<SeccompRule>, seccompiler::BackendError
             .into_iter()
             .map(|family| SeccompRule::new(vec![arg(0, SeccompCmpOp::Eq, family as u64)?]))
             .collect::<Result<_, _>>()?,
+        libc::SYS_clone => vec![SeccompRule::new(vec![arg(
+            0,
+            SeccompCmpOp::MaskedEq(libc::CLONE_THREAD as u64),
+            libc::CLONE_THREAD as u64,
+        )?])?],
+        libc::SYS_tgkill => vec![SeccompRule::new(vec![arg(
+            0,
+            SeccompCmpOp::Eq,
+            u64::from(std::process::id()),
+        )?])?],
         _ => Vec::new(),
     })
 }
@@ -371,9 +400,10 @@ const NAMES: &[(i64, &str)] = names![
 mod tests {
     use super::*;
 
-    /// Under a filter, executable memory and sockets of other families are refused (the
-    /// process ends with [`VIOLATION_EXIT`]) while plain mappings and UNIX sockets go
-    /// through. Each case runs in a child process (this test binary again), since a filter
+    /// Under a filter, executable memory, sockets of other families, a `clone` that makes
+    /// a process and a signal to another process are refused (the process ends with
+    /// [`VIOLATION_EXIT`]) while plain mappings, UNIX sockets, new threads and signals to
+    /// this process's threads go through. Each case runs in a child process (this test binary again), since a filter
     /// cannot be removed.
     #[test]
     fn arguments_are_filtered_too() {
@@ -416,11 +446,57 @@ mod tests {
                 libc::_exit(0);
             }
         }
-        for (case, code) in [
-            ("allowed", 0),
-            ("mprotect-exec", VIOLATION_EXIT),
-            ("mmap-exec", VIOLATION_EXIT),
-            ("netlink", VIOLATION_EXIT),
+        if let Ok(case) = std::env::var("VMM_SECCOMP_THREADS_CASE") {
+            let more = [libc::SYS_sched_getaffinity, libc::SYS_tgkill];
+            install("test", &[lists::THREADS, &more], Mode::On).unwrap();
+            // Threads start (clone3 refused, clone with thread flags) and signal their own
+            // process.
+            std::thread::spawn(|| ()).join().unwrap();
+            // SAFETY: signal 0 checks a thread exists and delivers nothing; the forbidden
+            // cases end the process, and the clone without thread flags is a fork whose
+            // child exits at once.
+            unsafe {
+                assert_eq!(
+                    libc::syscall(
+                        libc::SYS_tgkill,
+                        libc::getpid(),
+                        libc::syscall(libc::SYS_gettid),
+                        0
+                    ),
+                    0
+                );
+                match case.as_str() {
+                    "fork" if libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0) == 0 => {
+                        libc::_exit(0);
+                    }
+                    "tgkill-other" => {
+                        libc::syscall(libc::SYS_tgkill, 1, 1, 0);
+                    }
+                    "clone3-process" => {
+                        // struct clone_args: flags 0, exit_signal SIGCHLD: a fork.
+                        let mut args = [0u64; 11];
+                        args[4] = libc::SIGCHLD as u64;
+                        let r = libc::syscall(libc::SYS_clone3, args.as_mut_ptr(), 88);
+                        if r == 0 {
+                            libc::_exit(0);
+                        }
+                        let e = *libc::__errno_location();
+                        libc::_exit(if r < 0 && e == libc::ENOSYS { 0 } else { 3 });
+                    }
+                    _ => {}
+                }
+                libc::_exit(0);
+            }
+        }
+        for (var, case, code) in [
+            ("VMM_SECCOMP_CASE", "allowed", 0),
+            ("VMM_SECCOMP_CASE", "mprotect-exec", VIOLATION_EXIT),
+            ("VMM_SECCOMP_CASE", "mmap-exec", VIOLATION_EXIT),
+            ("VMM_SECCOMP_CASE", "netlink", VIOLATION_EXIT),
+            ("VMM_SECCOMP_THREADS_CASE", "allowed", 0),
+            ("VMM_SECCOMP_THREADS_CASE", "fork", VIOLATION_EXIT),
+            ("VMM_SECCOMP_THREADS_CASE", "tgkill-other", VIOLATION_EXIT),
+            ("VMM_SECCOMP_THREADS_CASE", "clone3-process", 0),
         ] {
             let out = std::process::Command::new(std::env::current_exe().unwrap())
                 .args([
@@ -429,7 +505,7 @@ mod tests {
                     "--nocapture",
                     "--test-threads=1",
                 ])
-                .env("VMM_SECCOMP_CASE", case)
+                .env(var, case)
                 .output()
                 .unwrap();
             let stderr = String::from_utf8_lossy(&out.stderr);
@@ -594,6 +670,10 @@ pub mod lists {
         THREADS,
         sys![SYS_tgkill, SYS_sched_getaffinity],
     ];
+
+    /// A thread that populates guest RAM and maps it for a device before the guest runs
+    /// (`madvise`, in [`COMMON`](super::COMMON)), through vfio-user messages or VFIO ioctls.
+    pub const STATIC_MAP: &[&[i64]] = &[IO];
 
     /// A vhost-user device's back-end channel thread: IOTLB misses and updates, hang-ups,
     /// reconnection (a new socket, the memory table and rings sent again).

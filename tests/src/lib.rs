@@ -425,6 +425,11 @@ impl VmmProcess {
         })
     }
 
+    /// The VMM's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// What the VMM wrote on stderr so far.
     pub fn stderr_so_far(&self) -> String {
         self.stderr_so_far.locked().clone()

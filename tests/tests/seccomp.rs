@@ -62,3 +62,40 @@ fn log_mode_lets_it_through() {
     assert_eq!(vmm.api(&sock, r#"{"cmd":"quit"}"#)["ok"], true);
     assert_eq!(vmm.wait(DEADLINE).code(), 0);
 }
+
+/// Every thread of a running VMM is under a seccomp filter: `Seccomp: 2` (filter mode) in
+/// each `/proc/PID/task/TID/status`, the main thread's included. Returns the threads' names.
+fn filtered_threads(pid: u32) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        // A thread that ended meanwhile (an API connection's) has no status any more.
+        let Ok(status) = std::fs::read_to_string(task.unwrap().path().join("status")) else {
+            continue;
+        };
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        };
+        let name = field("Name:");
+        assert_eq!(field("Seccomp:"), "2", "thread {name} is not filtered");
+        names.insert(name.trim_end_matches(char::is_numeric).to_string());
+    }
+    names
+}
+
+#[test]
+fn every_thread_runs_filtered() {
+    let (_dev, mut vmm, sock) = start("on");
+    assert_eq!(vmm.api(&sock, r#"{"cmd":"status"}"#)["state"], "running");
+    let names = filtered_threads(vmm.pid());
+    eprintln!("threads: {names:?}");
+    for kind in ["vmm", "vcpu", "api"] {
+        assert!(names.contains(kind), "no {kind} thread among {names:?}");
+    }
+    assert_eq!(vmm.api(&sock, r#"{"cmd":"quit"}"#)["ok"], true);
+    assert_eq!(vmm.wait(DEADLINE).code(), 0);
+}

@@ -176,6 +176,8 @@ fn run(
             .map(|share| {
                 let dma = &dma;
                 s.spawn(move || {
+                    // Filtered like every other thread: it talks to device servers.
+                    devices::seccomp::confine("static-map", devices::seccomp::lists::STATIC_MAP);
                     let (mut calls, mut bytes) = (0, 0);
                     for p in share {
                         populate(p.hva, p.len).map_err(|source| StaticMapError::Populate {
