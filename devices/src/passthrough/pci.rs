@@ -145,7 +145,17 @@ impl PassthroughPci {
             let Some(r) = b.region(i).filter(|r| r.size > 0) else {
                 continue;
             };
-            let size = r.size.next_power_of_two().max(0x1000);
+            // The server's size: a BAR is a power of two, and at most half the 64-bit space.
+            let size = r
+                .size
+                .checked_next_power_of_two()
+                .ok_or_else(|| {
+                    SetupError::Layout(format!(
+                        "BAR {i}: the server's region size {:#x} is too large",
+                        r.size
+                    ))
+                })?
+                .max(0x1000);
             let addr = alloc.allocate(size).ok_or_else(|| {
                 SetupError::Layout(format!("no room for BAR {i} ({size:#x} bytes)"))
             })?;
@@ -305,6 +315,11 @@ impl Persist for PassthroughPci {
         let bad = |m: String| StateError::Mismatch(self.name.clone(), m);
         if st.msix.is_some() != self.msix.is_some() {
             return Err(bad("MSI-X presence differs".into()));
+        }
+        // Everything that can refuse the state is checked before anything changes.
+        self.config.check_regs(&st.config).map_err(bad)?;
+        if let (Some((_, m)), Some(saved)) = (self.msix.as_ref(), st.msix.as_ref()) {
+            m.check(saved).map_err(bad)?;
         }
         self.config.restore_regs(&st.config).map_err(bad)?;
         if let (Some((_, m)), Some(saved)) = (self.msix.as_mut(), st.msix.as_ref()) {
@@ -467,3 +482,6 @@ impl PciDevice for PassthroughPci {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -170,6 +170,16 @@ impl PciConfiguration {
     /// # Errors
     /// A message when the length or a read-only bit differs.
     pub fn restore_regs(&mut self, regs: &[u32]) -> Result<(), String> {
+        self.check_regs(regs)?;
+        self.regs.copy_from_slice(regs);
+        Ok(())
+    }
+
+    /// Whether [`PciConfiguration::restore_regs`] would take `regs`, changing nothing.
+    ///
+    /// # Errors
+    /// As [`PciConfiguration::restore_regs`].
+    pub fn check_regs(&self, regs: &[u32]) -> Result<(), String> {
         if regs.len() != NUM_REGS {
             return Err(format!(
                 "{} config registers, expected {NUM_REGS}",
@@ -186,7 +196,6 @@ impl PciConfiguration {
                 ));
             }
         }
-        self.regs.copy_from_slice(regs);
         Ok(())
     }
 

@@ -149,13 +149,7 @@ impl Msix {
     /// # Errors
     /// A message when the number of vectors differs.
     pub fn restore(&mut self, s: &MsixState) -> Result<(), String> {
-        if s.entries.len() != self.entries.len() || s.pending.len() != self.pending.len() {
-            return Err(format!(
-                "{} MSI-X vectors saved, this function has {}",
-                s.entries.len(),
-                self.entries.len()
-            ));
-        }
+        self.check(s)?;
         for (e, &(addr_lo, addr_hi, data, ctrl)) in self.entries.iter_mut().zip(&s.entries) {
             *e = Entry {
                 addr_lo,
@@ -169,6 +163,21 @@ impl Msix {
         self.function_mask = s.function_mask;
         for i in 0..self.entries.len() {
             self.update_route(i);
+        }
+        Ok(())
+    }
+
+    /// Whether [`Msix::restore`] would take `s`, changing nothing.
+    ///
+    /// # Errors
+    /// A vector count or pending array of another size.
+    pub fn check(&self, s: &MsixState) -> Result<(), String> {
+        if s.entries.len() != self.entries.len() || s.pending.len() != self.pending.len() {
+            return Err(format!(
+                "{} MSI-X vectors saved, this function has {}",
+                s.entries.len(),
+                self.entries.len()
+            ));
         }
         Ok(())
     }

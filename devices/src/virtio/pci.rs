@@ -498,6 +498,9 @@ impl Persist for VirtioPciDevice {
                 st.driver_features & !self.features
             )));
         }
+        // Everything that can refuse the state is checked before anything changes.
+        self.config.check_regs(&st.config).map_err(bad)?;
+        self.msix.locked().check(&st.msix).map_err(bad)?;
         self.lock_device().reset();
         self.activated = false;
         self.config.restore_regs(&st.config).map_err(bad)?;
