@@ -42,6 +42,13 @@ cargo build --workspace --release --quiet
 step "cargo test --release"
 cargo test --workspace --release
 
+step "the patched vhost crate's own tests (third_party/vhost: the device IOTLB messages and their reply-ack wait)"
+# Outside the workspace (a patched copy of rust-vmm's crate), so built on its own, in a target
+# directory of its own under this one.
+CARGO_TARGET_DIR=target/third-party cargo test --release --quiet \
+    --manifest-path third_party/vhost/Cargo.toml \
+    --features vhost-user-frontend,vhost-user-backend --lib
+
 step "the main job, short (images/run-suite.sh --cycles 500 --samples 200: its own verdict and page-set check)"
 # The workspace build above has the test hooks (the vmm-tests crate asks for them): the same
 # features here reuse it instead of building vmm and devices again without them.

@@ -16,9 +16,14 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use vmm::migration::peer::testing::write_pki;
 use vmm_tests::migration::{self, assert_handed_over, assert_migrated};
 use vmm_tests::{api, scratch, DeviceProcess, VmmCommand, VmmProcess};
+
+/// `write_pki`, shared with the unit tests of `vmm::migration::peer`.
+mod pki {
+    include!("../../vmm/src/migration/peer/testing.rs");
+}
+use pki::write_pki;
 
 const DEADLINE: Duration = Duration::from_secs(300);
 /// RAM pages of a 256 MiB guest.

@@ -220,7 +220,9 @@ impl Conn for Tls {
     }
 }
 
-#[cfg(any(test, feature = "test-utils"))]
-pub mod testing;
+/// Certificates for the TLS tests. `tests/tests/migration_tls.rs` includes the same file, so
+/// that asking for them changes no feature of the `vmm` crate.
+#[cfg(test)]
+pub(crate) mod testing;
 #[cfg(test)]
 mod tests;

@@ -1,11 +1,12 @@
-//! Certificates for tests of TLS migration (feature `test-utils`).
+// Certificates for tests of TLS migration: included by `tests/tests/migration_tls.rs` too,
+// so no inner attributes and no `crate::` paths here.
 
 use std::path::Path;
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
 
 /// Writes a fresh CA and, signed by it, a destination's and a source's certificate and key
-/// into `dir`, in the layout [`crate::config::TlsConfig`] reads: `ca-cert.pem`,
+/// into `dir`, in the layout `TlsConfig` reads: `ca-cert.pem`,
 /// `server-cert.pem`, `server-key.pem`, `client-cert.pem`, `client-key.pem`. The server's
 /// certificate names `hosts` (DNS names or IP addresses). Each call makes a new CA, so two
 /// directories do not trust each other.
