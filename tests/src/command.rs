@@ -77,7 +77,8 @@ impl VmmCommand {
         self.flag("--api-socket", path.display())
     }
 
-    /// `--incoming ADDRESS` (`unix:PATH`, `tcp:HOST:PORT` or `defer`).
+    /// `--incoming ADDRESS` (`unix:PATH`, `tcp:HOST:PORT,tls=DIR`, `tcp:HOST:PORT,insecure` or
+    /// `defer`).
     pub fn incoming(self, address: &str) -> Self {
         self.flag("--incoming", address)
     }

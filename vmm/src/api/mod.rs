@@ -7,9 +7,9 @@
 //! | `{"cmd":"status"}` | `{"ok":true,"state":"running"\|"paused"\|"waiting"\|"awaiting-commit"\|"handover-unconfirmed","memory":N,"cpus":N}`, and while a migration runs `"migration":{"phase","round","pages_sent","round_pages","round_sent","dirty_pages","dirty_rate","expected_downtime_ms"}` |
 //! | `{"cmd":"pause"}`, `{"cmd":"resume"}` | `{"ok":true}` (`resume` of a handed-over guest needs `"force":true`) |
 //! | `{"cmd":"snapshot","dir":"PATH"[,"verify":true]}` | `{"ok":true,"path":..,"pages":N,"bytes":N,"total_ms":N}` |
-//! | `{"cmd":"migrate","to":"unix:PATH"\|"tcp:HOST:PORT", ...}` | the migration report |
+//! | `{"cmd":"migrate","to":"unix:PATH"\|"tcp:HOST:PORT,tls=DIR"\|"tcp:HOST:PORT,insecure", ...}` | the migration report |
 //! | `{"cmd":"restore","dir":"PATH"}` | `{"ok":true}` (only with `--incoming defer`) |
-//! | `{"cmd":"receive","from":"unix:PATH"\|"tcp:HOST:PORT"}` | `{"ok":true}` (same) |
+//! | `{"cmd":"receive","from":"unix:PATH"\|"tcp:HOST:PORT,tls=DIR"\|"tcp:HOST:PORT,insecure"}` | `{"ok":true}` (same) |
 //! | `{"cmd":"commit"}`, `{"cmd":"discard"}` | `{"ok":true}`: a destination whose hand-over was not confirmed runs, or drops, the guest |
 //! | `{"cmd":"quit"}` | `{"ok":true}`, then the VM stops |
 //!
@@ -66,10 +66,14 @@ pub struct ApiTarget {
 impl HandoverResolver for ApiTarget {
     fn wait(&self, why: &str) -> Option<bool> {
         if !self.serving.load(Ordering::Acquire) {
+            log::error!("migration: {why}");
             return None;
         }
         let (tx, rx) = std::sync::mpsc::channel();
         *self.handover.locked() = Some((why.to_string(), tx));
+        // Logged once `status` says `awaiting-commit`: whoever reads the line finds the state
+        // it describes.
+        log::error!("migration: {why}");
         let decision = rx.recv().ok();
         *self.handover.locked() = None;
         decision

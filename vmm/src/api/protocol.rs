@@ -41,7 +41,7 @@ pub enum Request {
     },
     /// Receive a migration (a VM started with `--incoming defer`).
     Receive {
-        /// `unix:PATH` or `tcp:HOST:PORT`.
+        /// `unix:PATH`, `tcp:HOST:PORT,tls=DIR` or `tcp:HOST:PORT,insecure`.
         from: String,
     },
     /// Run a received guest whose hand-over was not confirmed.

@@ -49,7 +49,8 @@ enum Cmd {
         #[arg(long)]
         verify: bool,
     },
-    /// Migrate the running guest to TO (`unix:PATH` or `tcp:HOST:PORT`).
+    /// Migrate the running guest to TO (`unix:PATH`, `tcp:HOST:PORT,tls=DIR` or
+    /// `tcp:HOST:PORT,insecure`).
     Migrate {
         /// Where the destination listens.
         to: String,
@@ -80,7 +81,7 @@ enum Cmd {
     },
     /// Receive a migration into a VM started with `--incoming defer`.
     Receive {
-        /// Where to listen (`unix:PATH` or `tcp:HOST:PORT`).
+        /// Where to listen (`unix:PATH`, `tcp:HOST:PORT,tls=DIR` or `tcp:HOST:PORT,insecure`).
         from: String,
     },
     /// Run a received guest whose hand-over was not confirmed.

@@ -114,7 +114,9 @@ fn accept(addr: &Address) -> Result<Halves, MigrationError> {
 /// `commit` or `discard`, with `--api-socket`): `wait(why)` shows `why` and returns whether
 /// to run the guest.
 pub trait HandoverResolver {
-    /// Blocks until the user decides; `None` when nobody can (no API).
+    /// Logs `why` once the user can see the pending decision (the API answers
+    /// `awaiting-commit` from then on), then blocks until the user decides; `None` when
+    /// nobody can (no API).
     fn wait(&self, why: &str) -> Option<bool>;
 }
 
@@ -239,7 +241,6 @@ pub fn receive(
          \"handover-unconfirmed\" means it stopped): then \"commit\" here to run the guest, \
          or \"discard\" here if the source runs it"
     );
-    log::error!("migration: {why}");
     match resolver.wait(&why) {
         Some(true) => {
             log::info!("migration: committed through the API; the guest runs here");

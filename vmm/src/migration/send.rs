@@ -21,7 +21,8 @@ use crate::machine::{
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MigrateOptions {
-    /// Destination, `unix:PATH` or `tcp:HOST:PORT`.
+    /// Destination: `unix:PATH`, `tcp:HOST:PORT,tls=DIR[,tls-hostname=NAME]` or
+    /// `tcp:HOST:PORT,insecure` ([`crate::config::Address`]).
     pub to: String,
     /// Most pre-copy rounds after the first full copy.
     pub max_rounds: u32,
