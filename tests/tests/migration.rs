@@ -122,13 +122,43 @@ fn ready_source(
     src
 }
 
-#[test]
-fn live_migration_loses_no_device_write() {
+/// A destination waiting on a fresh socket (`to`), and a source running `migrate_dma` until
+/// it migrates, ready; each with its own device process, kept alive by `_devices`.
+struct ReadyPair {
+    src: VmmProcess,
+    dst: VmmProcess,
+    api_sock: std::path::PathBuf,
+    mig_sock: std::path::PathBuf,
+    to: String,
+    _devices: (DeviceProcess, DeviceProcess),
+}
+
+fn ready_pair() -> ReadyPair {
     let (dev_a, dev_b) = (DeviceProcess::start(), DeviceProcess::start());
     let (api_sock, mig_sock) = (scratch("api.sock"), scratch("mig.sock"));
     let to = format!("unix:{}", mig_sock.display());
     let dst = destination(&dev_b, MEMORY, &["--incoming", &to]);
     let src = ready_source(&dev_a, &api_sock, &mig_sock, UNTIL_MIGRATED, &[], "");
+    ReadyPair {
+        src,
+        dst,
+        api_sock,
+        mig_sock,
+        to,
+        _devices: (dev_a, dev_b),
+    }
+}
+
+#[test]
+fn live_migration_loses_no_device_write() {
+    let ReadyPair {
+        src,
+        dst,
+        api_sock,
+        mig_sock,
+        to: _,
+        _devices,
+    } = ready_pair();
     // More rounds than a destination accepts are refused before anything is sent.
     let refused = migrate(&api_sock, &mig_sock, r#","max_rounds":63"#);
     assert_eq!(refused["ok"], false, "{refused}");
@@ -166,11 +196,14 @@ fn live_migration_loses_no_device_write() {
 /// on and succeeds.
 #[test]
 fn pause_and_resume_are_refused_while_a_migration_runs() {
-    let (dev_a, dev_b) = (DeviceProcess::start(), DeviceProcess::start());
-    let (api_sock, mig_sock) = (scratch("api.sock"), scratch("mig.sock"));
-    let to = format!("unix:{}", mig_sock.display());
-    let dst = destination(&dev_b, MEMORY, &["--incoming", &to]);
-    let src = ready_source(&dev_a, &api_sock, &mig_sock, UNTIL_MIGRATED, &[], "");
+    let ReadyPair {
+        src,
+        dst,
+        api_sock,
+        mig_sock,
+        to: _,
+        _devices,
+    } = ready_pair();
     // 192 MiB at 64 MiB/s: the full copy takes about 3 s.
     let (a, m) = (api_sock.clone(), mig_sock.clone());
     let migrating = std::thread::spawn(move || {
@@ -802,11 +835,14 @@ fn the_control_client_drives_a_migration() {
             String::from_utf8_lossy(&out.stderr).to_string(),
         )
     };
-    let (dev_a, dev_b) = (DeviceProcess::start(), DeviceProcess::start());
-    let (api_sock, mig_sock) = (scratch("api.sock"), scratch("mig.sock"));
-    let to = format!("unix:{}", mig_sock.display());
-    let dst = destination(&dev_b, MEMORY, &["--incoming", &to]);
-    let src = ready_source(&dev_a, &api_sock, &mig_sock, UNTIL_MIGRATED, &[], "");
+    let ReadyPair {
+        src,
+        dst,
+        api_sock,
+        to,
+        _devices,
+        ..
+    } = ready_pair();
     let (code, out, _) = ctl(&api_sock, &["status"]);
     assert_eq!(code, Some(0));
     assert!(out.starts_with("running: 256 MiB, 1 vCPUs"), "{out}");
