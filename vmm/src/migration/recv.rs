@@ -410,7 +410,7 @@ pub fn read_stream_from<R: Read>(
                         &format!("pages at {gpa:#x}+{len:#x} are not guest RAM"),
                     ));
                 }
-                ram_bytes += len;
+                ram_bytes = ram_bytes.saturating_add(len);
                 if ram_bytes > ram_budget {
                     return Err(bad(
                         index,
