@@ -263,5 +263,8 @@ pub fn vfio_user_replies(data: &[u8]) {
     drop(server_end);
 }
 
+mod functions;
+pub use functions::{function_states, pci_dispatch};
+
 #[cfg(test)]
 mod tests;

@@ -483,5 +483,7 @@ impl PciDevice for PassthroughPci {
     }
 }
 
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;
 #[cfg(test)]
 mod tests;

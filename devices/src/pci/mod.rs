@@ -246,6 +246,8 @@ impl PciConfigIo {
 }
 
 impl BusDevice for PciConfigIo {
+    /// A string instruction (`rep insd`) hands over `count * size` bytes in one exit, the
+    /// element size unknown here: every dword of `data` reads the register again.
     fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
         let v = match offset {
             0..=3 => self.address >> (8 * offset),
@@ -255,7 +257,7 @@ impl BusDevice for PciConfigIo {
             },
         };
         for (i, b) in data.iter_mut().enumerate() {
-            *b = (v >> (8 * i)) as u8;
+            *b = (v >> (8 * (i % 4))) as u8;
         }
     }
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {

@@ -568,7 +568,7 @@ impl PciDevice for VirtioPciDevice {
                 // Drivers access each field at its offset with its natural width (4.1.3.1).
                 let v = self.common_read(o);
                 for (i, b) in data.iter_mut().enumerate() {
-                    *b = (v >> (8 * i)) as u8;
+                    *b = v.checked_shr(8 * i as u32).unwrap_or(0) as u8;
                 }
             }
             o if (ISR_OFFSET..ISR_OFFSET + 4).contains(&o) => {

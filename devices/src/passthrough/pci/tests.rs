@@ -1,72 +1,7 @@
 //! The emulated PCI function of a passthrough device, against a fake backend.
 
-use std::os::fd::RawFd;
-
+use super::testing::function;
 use super::*;
-use crate::interrupt::testing::RecordingInterrupts;
-use crate::interrupt::InterruptManager;
-use crate::passthrough::Region;
-
-/// A device with a config space of IDs, BAR 0 of `bar0` bytes and `vectors` MSI-X vectors.
-struct Fake {
-    bar0: u64,
-    vectors: u32,
-}
-
-impl PassthroughBackend for Fake {
-    fn describe(&self) -> String {
-        "fake".into()
-    }
-    fn region(&self, index: u32) -> Option<Region> {
-        (index == 0).then_some(Region { size: self.bar0 })
-    }
-    fn region_read(&mut self, index: u32, _: u64, data: &mut [u8]) -> Result<(), PassthroughError> {
-        data.fill(0);
-        if index == VFIO_PCI_CONFIG_REGION_INDEX && data.len() >= 4 {
-            data[..4].copy_from_slice(&[0xf4, 0x1a, 0x01, 0x10]);
-        }
-        Ok(())
-    }
-    fn region_write(&mut self, _: u32, _: u64, _: &[u8]) -> Result<(), PassthroughError> {
-        Ok(())
-    }
-    fn irq_count(&mut self, index: u32) -> Result<u32, PassthroughError> {
-        Ok(if index == VFIO_PCI_MSIX_IRQ_INDEX {
-            self.vectors
-        } else {
-            0
-        })
-    }
-    fn set_irqs(&mut self, _: u32, _: u32, _: &[RawFd]) -> Result<(), PassthroughError> {
-        Ok(())
-    }
-    fn reset(&mut self) -> Result<(), PassthroughError> {
-        Ok(())
-    }
-}
-
-/// Hands out size-aligned addresses from 0xc000_0000 on.
-struct Bump(u64);
-
-impl BarAllocator for Bump {
-    fn allocate(&mut self, size: u64) -> Option<u64> {
-        let at = self.0.checked_next_multiple_of(size)?;
-        self.0 = at.checked_add(size)?;
-        Some(at)
-    }
-}
-
-fn function(bar0: u64, vectors: u32) -> Result<PassthroughPci, SetupError> {
-    let irqs = RecordingInterrupts::default();
-    PassthroughPci::new(
-        "fake".into(),
-        Arc::new(Mutex::new(Fake { bar0, vectors })),
-        &mut Bump(0xc000_0000),
-        &mut |n| irqs.allocate_msi(n),
-        Arc::new(AtomicBool::new(false)),
-        None,
-    )
-}
 
 #[test]
 fn bars_are_powers_of_two_and_a_region_too_large_for_one_is_refused() {

@@ -1,0 +1,6 @@
+//! The `function_states` fuzz target: its body, what it feeds and what it checks, is
+//! [`devices::fuzzing::function_states`] (`devices/src/fuzzing/functions.rs`), which the unit tests
+//! also run.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| devices::fuzzing::function_states(data));
