@@ -31,6 +31,8 @@
 //! a destination that got no COMMIT waits in `awaiting-commit`. Neither ever runs the guest
 //! on its own then: `status` on both says which command resolves it.
 
+#[cfg(any(test, feature = "test-utils"))]
+pub mod fuzzing;
 pub mod protocol;
 
 use std::io::{BufRead, BufReader, Read, Write};
