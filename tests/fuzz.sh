@@ -21,7 +21,7 @@ cd "$(dirname "$0")/.."
 secs=${1:-60}
 shift || true
 [[ "$secs" =~ ^[0-9]+$ ]] || { echo "fuzz.sh: '$secs' is not a number of seconds" >&2; exit 2; }
-all=(virtio_iommu_queue migration_stream vfio_user_replies virtio_blk pci_dispatch function_states api_requests)
+all=(virtio_iommu_queue migration_stream vfio_user_replies virtio_blk pci_dispatch function_states api_requests vhost_user_backend_channel)
 targets=("$@")
 ((${#targets[@]})) || targets=("${all[@]}")
 

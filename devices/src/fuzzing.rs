@@ -264,6 +264,7 @@ pub fn vfio_user_replies(data: &[u8]) {
 }
 
 mod functions;
+pub use crate::virtio::net::vhost_user::fuzzing::backend_channel as vhost_user_backend_channel;
 pub use functions::{function_states, pci_dispatch};
 
 #[cfg(test)]

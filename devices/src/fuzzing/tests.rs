@@ -41,6 +41,46 @@ fn blk_seed() -> Vec<u8> {
     seed
 }
 
+/// A back end's messages on its channel: IOTLB misses at a read-write mapping, read-only at
+/// a read-only one, a write at the read-only one, one at an unmapped IOVA, an access failure,
+/// an `UPDATE` (which only the front end may send) and a request of no known type.
+fn channel_seed() -> Vec<u8> {
+    let iotlb = |iova: u64, perm: u8, type_: u8| {
+        let mut m = Vec::new();
+        for v in [1u32, 0x1, 32] {
+            m.extend_from_slice(&v.to_le_bytes());
+        }
+        m.extend_from_slice(&iova.to_le_bytes());
+        m.extend_from_slice(&[0; 16]);
+        m.extend_from_slice(&[perm, type_, 0, 0, 0, 0, 0, 0]);
+        m
+    };
+    let mut seed = Vec::new();
+    for (iova, perm, type_) in [
+        (0x1000u64, 3u8, 1u8),
+        (0x1_0000, 1, 1),
+        (0x1_0000, 3, 1),
+        (0x5000, 1, 1),
+        (0x1000, 3, 4),
+        (0x1000, 3, 2),
+    ] {
+        seed.extend_from_slice(&iotlb(iova, perm, type_));
+    }
+    for v in [99u32, 0x1, 0] {
+        seed.extend_from_slice(&v.to_le_bytes());
+    }
+    seed
+}
+
+/// The channel body sees what the channel thread does with each miss: the two misses the
+/// mappings allow raise nothing, the write at the read-only mapping and the unmapped IOVA
+/// raise a fault each.
+#[test]
+fn the_channel_body_counts_misses_and_faults() {
+    use crate::virtio::net::vhost_user::fuzzing::serve_messages;
+    assert_eq!(serve_messages(&channel_seed()), Some((4, 2)));
+}
+
 /// The bodies take their seeds, which `tests/fuzz.sh` then hands to the fuzzers.
 #[test]
 fn the_seeds_pass() {
@@ -53,6 +93,11 @@ fn the_seeds_pass() {
         ("virtio_blk", blk_seed(), virtio_blk),
         ("vfio_user_replies", scripted_server(), vfio_user_replies),
         ("pci_dispatch", functions::seeds().0, pci_dispatch),
+        (
+            "vhost_user_backend_channel",
+            channel_seed(),
+            vhost_user_backend_channel,
+        ),
     ] {
         body(&seed);
         write_fuzz_seed(target, "seed", &seed);
@@ -110,6 +155,11 @@ proptest! {
     #[test]
     fn vfio_user_replies_take_any_input(data in fuzz_inputs(scripted_server())) {
         vfio_user_replies(&data);
+    }
+
+    #[test]
+    fn vhost_user_backend_channel_takes_any_input(data in fuzz_inputs(channel_seed())) {
+        vhost_user_backend_channel(&data);
     }
 
     #[test]

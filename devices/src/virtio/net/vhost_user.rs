@@ -959,3 +959,121 @@ pub(super) fn backend_features(acked: u64, backend: u64, passthrough_mask: u64) 
         | (acked & (1 << VIRTIO_F_ACCESS_PLATFORM))
         | PROTOCOL_FEATURES
 }
+
+/// The body of the `vhost_user_backend_channel` fuzz target (run through
+/// [`crate::fuzzing::vhost_user_backend_channel`]).
+#[cfg(any(test, feature = "test-utils"))]
+pub mod fuzzing {
+    use std::io::Write;
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use iommu::testing::{attach, batch, map};
+    use iommu::{Viommu, ViommuConfig};
+    use vhost::vhost_user::FrontendReqHandler;
+
+    use super::{LinkState, LogFault, Shared};
+    use crate::virtio::iommu::IommuHandle;
+    use crate::virtio::net::dirty_log::DirtyLog;
+    use crate::virtio::net::{IotlbMode, NetCounters};
+    use crate::virtio::testing::test_memory;
+
+    /// Guest RAM: 4 MiB.
+    const MEM: usize = 4 << 20;
+    /// The device's endpoint.
+    const EP: u32 = 0x18;
+
+    /// What a back end sends on the back-end channel (`VHOST_USER_BACKEND_*` requests: IOTLB
+    /// misses and access failures among others, each a header and a body), served as the
+    /// `vhost-user` thread serves it, for a device behind the vIOMMU whose endpoint maps IOVAs
+    /// 0x1000-0x2fff read-write and 0x10000-0x10fff read-only. The link to the back end is
+    /// down, so answers to misses are computed and dropped.
+    ///
+    /// # Panics
+    /// When the messages raised more faults than there were misses, or when anything below
+    /// panics.
+    pub fn backend_channel(data: &[u8]) {
+        if let Some((misses, faults)) = serve_messages(data) {
+            assert!(faults <= misses, "{faults} faults for {misses} misses");
+        }
+    }
+
+    /// Serves `data` as [`backend_channel`] does; returns the misses and the faults raised
+    /// for them.
+    pub fn serve_messages(data: &[u8]) -> Option<(u64, u64)> {
+        let mem = test_memory(MEM);
+        let mut v = Viommu::new(ViommuConfig {
+            guest_ram: vec![(0, MEM as u64)],
+            ..Default::default()
+        });
+        v.add_endpoint(EP, None, &[]).ok()?;
+        batch(
+            &mut v,
+            &[
+                attach(1, EP, 0),
+                map(1, 0x1000, 0x2fff, 0x10_0000, 3),
+                map(1, 0x1_0000, 0x1_0fff, 0x20_0000, 1),
+            ],
+        );
+        let (handle, log) = (IommuHandle::new(v).ok()?, DirtyLog::new(MEM as u64).ok()?);
+        let shared = Arc::new(Shared {
+            label: "vhost-user-net fuzz".into(),
+            socket: std::path::PathBuf::new(),
+            iommu: Some((handle, EP)),
+            mem,
+            queues: 2,
+            reconnect: None,
+            iotlb_mode: IotlbMode::Miss,
+            state: Mutex::new(LinkState {
+                link: None,
+                plan: None,
+                plan_generation: 0,
+                logging: false,
+                log_lost: false,
+                stopped: None,
+            }),
+            log,
+            log_fault: LogFault::None,
+            link_up: AtomicBool::new(false),
+            counters: NetCounters::default(),
+        });
+        let mut handler = FrontendReqHandler::new(shared.clone()).ok()?;
+        // The back end's end of the channel, as it would write to it.
+        // SAFETY: `dup` of a descriptor the handler owns; the new one is ours alone.
+        let fd = unsafe { libc::dup(handler.get_tx_raw_fd()) };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: `fd` was just duplicated and is owned by nobody else.
+        let mut backend = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
+        let _ = backend.set_nonblocking(true);
+        let written = backend
+            .write(&data[..data.len().min(32 << 10)])
+            .unwrap_or(0);
+        // The end of the stream after it (shutdown acts on the socket, which the handler's
+        // descriptor shares): a message cut short fails instead of waiting for its rest.
+        let _ = backend.shutdown(std::net::Shutdown::Write);
+        // Serve what was written, as `serve` does: one request per readable poll.
+        for _ in 0..written / 12 + 1 {
+            let mut p = libc::pollfd {
+                fd: handler.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, no timeout.
+            if unsafe { libc::poll(&mut p, 1, 0) } != 1 || p.revents & libc::POLLIN == 0 {
+                break;
+            }
+            match handler.handle_request() {
+                Ok(_) | Err(vhost::vhost_user::Error::ReqHandlerError(_)) => {}
+                Err(_) => break,
+            }
+        }
+        let c = &shared.counters;
+        Some((
+            c.misses.load(Ordering::Relaxed),
+            c.faults.load(Ordering::Relaxed),
+        ))
+    }
+}
