@@ -19,6 +19,33 @@ use seccompiler::{
     SeccompRule, TargetArch,
 };
 
+pub mod ioctls;
+
+/// What a kind of thread may call, beyond [`COMMON`]: system calls (groups of
+/// `libc::SYS_*` numbers) and, for `ioctl`, which requests.
+#[derive(Debug, Clone, Copy)]
+pub struct Filter {
+    /// The system calls.
+    pub syscalls: &'static [&'static [i64]],
+    /// The `ioctl` requests, when `ioctl` is among the system calls.
+    pub ioctls: Ioctls,
+}
+
+/// The `ioctl` requests a filter lets through (its second argument's low 32 bits).
+#[derive(Debug, Clone, Copy)]
+pub enum Ioctls {
+    /// Any request (the test device's processes).
+    Any,
+    /// The requests one of these functions lists (see [`ioctls`]), and every request of
+    /// these `_IOC_TYPE`s (bits 8 to 15: [`ioctls::KVM_TYPE`], [`ioctls::VFIO_TYPE`]).
+    Only {
+        /// Lists of request numbers.
+        requests: &'static [fn() -> Vec<u64>],
+        /// Request types allowed whole.
+        types: &'static [u8],
+    },
+}
+
 /// What a forbidden system call does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Mode {
@@ -68,7 +95,8 @@ thread_local! {
 ///
 /// # Errors
 /// [`SeccompError`] when the filter cannot be built or loaded.
-pub fn install(name: &'static str, syscalls: &[&[i64]], mode: Mode) -> Result<(), SeccompError> {
+pub fn install(name: &'static str, filter: Filter, mode: Mode) -> Result<(), SeccompError> {
+    let syscalls = filter.syscalls;
     if mode == Mode::Off {
         return Ok(());
     }
@@ -78,7 +106,7 @@ pub fn install(name: &'static str, syscalls: &[&[i64]], mode: Mode) -> Result<()
     let err = |e: &dyn std::fmt::Display| SeccompError::Filter(name, e.to_string());
     let mut rules = BTreeMap::new();
     for &nr in COMMON.iter().chain(syscalls.iter().copied().flatten()) {
-        rules.insert(nr, argument_rules(nr).map_err(|e| err(&e))?);
+        rules.insert(nr, argument_rules(nr, filter.ioctls).map_err(|e| err(&e))?);
     }
     let mismatch = match mode {
         Mode::On => SeccompAction::Trap,
@@ -114,8 +142,9 @@ pub fn install(name: &'static str, syscalls: &[&[i64]], mode: Mode) -> Result<()
 /// - `socket`: only the families the VMM speaks (`AF_UNIX` for device servers, back ends,
 ///   the API and local migration; `AF_INET` and `AF_INET6` for migration over TCP);
 /// - `clone`: only threads (`CLONE_THREAD`), never a new process;
-/// - `tgkill`: only threads of this process (the vCPU kick).
-fn argument_rules(nr: i64) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+/// - `tgkill`: only threads of this process (the vCPU kick);
+/// - `ioctl`: only the requests of the thread's [`Ioctls`].
+fn argument_rules(nr: i64, ioctls: Ioctls) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
     let arg = |index: u8, op: SeccompCmpOp, value: u64| {
         SeccompCondition::new(index, SeccompCmpArgLen::Dword, op, value)
     };
@@ -139,6 +168,27 @@ fn argument_rules(nr: i64) -> Result<Vec<SeccompRule>, seccompiler::BackendError
             SeccompCmpOp::Eq,
             u64::from(std::process::id()),
         )?])?],
+        libc::SYS_ioctl => match ioctls {
+            Ioctls::Any => Vec::new(),
+            Ioctls::Only { requests, types } => {
+                let mut rules = Vec::new();
+                for r in requests.iter().flat_map(|list| list()) {
+                    rules.push(SeccompRule::new(vec![arg(
+                        1,
+                        SeccompCmpOp::Eq,
+                        r & 0xffff_ffff,
+                    )?])?);
+                }
+                for &t in types {
+                    rules.push(SeccompRule::new(vec![arg(
+                        1,
+                        SeccompCmpOp::MaskedEq(0xff00),
+                        u64::from(t) << 8,
+                    )?])?);
+                }
+                rules
+            }
+        },
         _ => Vec::new(),
     })
 }
@@ -400,9 +450,10 @@ const NAMES: &[(i64, &str)] = names![
 mod tests {
     use super::*;
 
-    /// Under a filter, executable memory, sockets of other families, a `clone` that makes
-    /// a process and a signal to another process are refused (the process ends with
-    /// [`VIOLATION_EXIT`]) while plain mappings, UNIX sockets, new threads and signals to
+    /// Under a filter, executable memory, sockets of other families, `ioctl` requests
+    /// outside the thread's list (a terminal's on the vhost-user thread, a VM's on a vCPU
+    /// thread), a `clone` that makes a process and a signal to another process are refused (the process ends with
+    /// [`VIOLATION_EXIT`]) while plain mappings, UNIX sockets, listed `ioctl`s, new threads and signals to
     /// this process's threads go through. Each case runs in a child process (this test binary again), since a filter
     /// cannot be removed.
     #[test]
@@ -423,7 +474,10 @@ mod tests {
                 );
                 assert_ne!(p, libc::MAP_FAILED);
                 assert_eq!(libc::mprotect(p, len, libc::PROT_READ), 0);
-                assert!(libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) >= 0);
+                let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                assert!(fd >= 0);
+                let mut on: libc::c_int = 1;
+                assert_eq!(libc::ioctl(fd, libc::FIONBIO, &mut on), 0);
                 match case.as_str() {
                     "mprotect-exec" => {
                         libc::mprotect(p, len, libc::PROT_READ | libc::PROT_EXEC);
@@ -441,14 +495,37 @@ mod tests {
                     "netlink" => {
                         libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, 0);
                     }
+                    // A terminal request (the TIOCSTI family of escapes), on a thread that
+                    // may only set descriptor flags.
+                    "ioctl-tty" => {
+                        let mut t = std::mem::zeroed::<libc::termios>();
+                        libc::ioctl(0, libc::TCGETS, &mut t);
+                    }
                     _ => {}
                 }
                 libc::_exit(0);
             }
         }
+        if let Ok(case) = std::env::var("VMM_SECCOMP_VCPU_CASE") {
+            install("test", lists::VCPU, Mode::On).unwrap();
+            // SAFETY: requests on a descriptor that does not exist: the filter looks at the
+            // request number before the kernel looks at the descriptor.
+            unsafe {
+                assert_eq!(libc::ioctl(-1, 0xae80 as _, 0), -1); // KVM_RUN
+                if case == "kvm-create-vcpu" {
+                    // KVM_CREATE_VCPU: a VM's request no vCPU thread makes.
+                    libc::ioctl(-1, 0xae41 as _, 0);
+                }
+                libc::_exit(0);
+            }
+        }
         if let Ok(case) = std::env::var("VMM_SECCOMP_THREADS_CASE") {
-            let more = [libc::SYS_sched_getaffinity, libc::SYS_tgkill];
-            install("test", &[lists::THREADS, &more], Mode::On).unwrap();
+            const MORE: &[i64] = &[libc::SYS_sched_getaffinity, libc::SYS_tgkill];
+            let filter = Filter {
+                syscalls: &[lists::THREADS, MORE],
+                ioctls: Ioctls::Any,
+            };
+            install("test", filter, Mode::On).unwrap();
             // Threads start (clone3 refused, clone with thread flags) and signal their own
             // process.
             std::thread::spawn(|| ()).join().unwrap();
@@ -493,6 +570,9 @@ mod tests {
             ("VMM_SECCOMP_CASE", "mprotect-exec", VIOLATION_EXIT),
             ("VMM_SECCOMP_CASE", "mmap-exec", VIOLATION_EXIT),
             ("VMM_SECCOMP_CASE", "netlink", VIOLATION_EXIT),
+            ("VMM_SECCOMP_CASE", "ioctl-tty", VIOLATION_EXIT),
+            ("VMM_SECCOMP_VCPU_CASE", "allowed", 0),
+            ("VMM_SECCOMP_VCPU_CASE", "kvm-create-vcpu", VIOLATION_EXIT),
             ("VMM_SECCOMP_THREADS_CASE", "allowed", 0),
             ("VMM_SECCOMP_THREADS_CASE", "fork", VIOLATION_EXIT),
             ("VMM_SECCOMP_THREADS_CASE", "tgkill-other", VIOLATION_EXIT),
@@ -549,9 +629,9 @@ pub fn set_mode(mode: Mode) {
 /// set none: the device models in a test process stay unfiltered). A thread that cannot
 /// install its filter logs it and goes on unfiltered only in [`Mode::Log`]; in [`Mode::On`]
 /// the process ends (an unconfined thread is not what was asked for).
-pub fn confine(name: &'static str, syscalls: &[&[i64]]) {
+pub fn confine(name: &'static str, filter: Filter) {
     let mode = MODE.get().copied().unwrap_or(Mode::Off);
-    if let Err(e) = install(name, syscalls, mode) {
+    if let Err(e) = install(name, filter, mode) {
         log::error!("{e}");
         if mode == Mode::On {
             std::process::exit(VIOLATION_EXIT);
@@ -563,6 +643,9 @@ pub fn confine(name: &'static str, syscalls: &[&[i64]]) {
 /// every test with `--seccomp log` and reading the kernel's log of what the filters let
 /// through (`dmesg | grep type=1326`: `comm` is the thread, `syscall` the number).
 pub mod lists {
+    use super::ioctls::{self, KVM_TYPE, VFIO_TYPE};
+    use super::{Filter, Ioctls};
+
     /// `libc::SYS_*` numbers, as a slice.
     macro_rules! sys {
         ($($n:ident),* $(,)?) => { &[$(libc::$n),*] };
@@ -636,46 +719,82 @@ pub mod lists {
     /// transports, passthrough BARs through vfio-user messages or VFIO region reads,
     /// device activation: eventfds, irqfds, vhost-user messages with file descriptors),
     /// kicking the other vCPUs (signals).
-    pub const VCPU: &[&[i64]] = &[
-        IO,
-        sys![SYS_dup3, SYS_socketpair, SYS_tgkill, SYS_sched_getaffinity],
-    ];
+    ///
+    /// `ioctl`: [`ioctls::vcpu`], and VFIO's and iommufd's (a passthrough function's
+    /// interrupts and reset; the identity mappings a `bypass` write makes).
+    pub const VCPU: Filter = Filter {
+        syscalls: &[
+            IO,
+            sys![SYS_dup3, SYS_socketpair, SYS_tgkill, SYS_sched_getaffinity],
+        ],
+        ioctls: Ioctls::Only {
+            requests: &[ioctls::vcpu, ioctls::descriptors],
+            types: &[VFIO_TYPE],
+        },
+    };
 
     /// The main thread once the VM runs: the event loop (queue notifications, device
     /// processes' interrupts and hang-ups, the devices' work, the timer of throttled page
     /// requests), stopping the vCPUs, and at the end the counters and `--dirty-log-out`.
-    pub const VMM_MAIN: &[&[i64]] = &[
-        IO,
-        FILES,
-        sys![
-            SYS_timerfd_settime,
-            SYS_epoll_wait,
-            SYS_epoll_pwait,
-            SYS_dup3,
-            SYS_tgkill,
-            SYS_sched_getaffinity,
-            SYS_wait4,
+    pub const VMM_MAIN: Filter = Filter {
+        syscalls: &[
+            IO,
+            FILES,
+            sys![
+                SYS_timerfd_settime,
+                SYS_epoll_wait,
+                SYS_epoll_pwait,
+                SYS_dup3,
+                SYS_tgkill,
+                SYS_sched_getaffinity,
+                SYS_wait4,
+            ],
         ],
-    ];
+        ioctls: KVM_AND_VFIO,
+    };
 
     /// The control API's threads (the listener and one per connection, which inherit its
     /// filter): snapshots (files), migration (sockets, KVM's dirty log, memory slots), the
     /// devices' migration data. An incoming migration or a restore runs on a `migration`
     /// thread under the same list.
-    pub const API: &[&[i64]] = &[
-        IO,
-        FILES,
-        CONNECT,
-        SERVE,
-        THREADS,
-        sys![SYS_tgkill, SYS_sched_getaffinity],
-    ];
+    pub const API: Filter = Filter {
+        syscalls: &[
+            IO,
+            FILES,
+            CONNECT,
+            SERVE,
+            THREADS,
+            sys![SYS_tgkill, SYS_sched_getaffinity],
+        ],
+        ioctls: KVM_AND_VFIO,
+    };
 
     /// A thread that populates guest RAM and maps it for a device before the guest runs
     /// (`madvise`, in [`COMMON`](super::COMMON)), through vfio-user messages or VFIO ioctls.
-    pub const STATIC_MAP: &[&[i64]] = &[IO];
+    pub const STATIC_MAP: Filter = Filter {
+        syscalls: &[IO],
+        ioctls: Ioctls::Only {
+            requests: &[ioctls::descriptors],
+            types: &[VFIO_TYPE],
+        },
+    };
 
     /// A vhost-user device's back-end channel thread: IOTLB misses and updates, hang-ups,
     /// reconnection (a new socket, the memory table and rings sent again).
-    pub const VHOST_USER: &[&[i64]] = &[IO, CONNECT];
+    /// `ioctl`: descriptor flags only.
+    pub const VHOST_USER: Filter = Filter {
+        syscalls: &[IO, CONNECT],
+        ioctls: Ioctls::Only {
+            requests: &[ioctls::descriptors],
+            types: &[],
+        },
+    };
+
+    /// The `ioctl`s of the main thread and the API's: KVM's (the VM's memory slots, dirty
+    /// logs, interrupts; a restore's vCPU state) and VFIO's and iommufd's (host mappings,
+    /// dirty tracking, device migration), whole, and descriptor flags.
+    const KVM_AND_VFIO: Ioctls = Ioctls::Only {
+        requests: &[ioctls::descriptors],
+        types: &[KVM_TYPE, VFIO_TYPE],
+    };
 }
