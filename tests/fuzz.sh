@@ -2,8 +2,8 @@
 # Builds and runs every fuzz target (devices/fuzz) for SECONDS each (default 60), starting from
 # the seeds the bodies' unit tests write (requests that attach, map and unmap; a whole
 # vfio-user conversation; a minimal migration stream, as records and raw) and from the corpus
-# kept in devices/fuzz/corpus/<target>. The bodies are devices::fuzzing and
-# vmm::migration::fuzzing; the test command runs them as property tests, and tests/stress.sh
+# kept in devices/fuzz/corpus/<target>. The bodies are devices::fuzzing, vmm::migration::fuzzing and
+# vmm::api::fuzzing; the test command runs them as property tests, and tests/stress.sh
 # runs this script. Prints the executions of each target;
 # fails on the first crash (its input is in devices/fuzz/artifacts/<target>).
 #
