@@ -781,6 +781,17 @@ pub mod lists {
 
     /// A vhost-user device's back-end channel thread: IOTLB misses and updates, hang-ups,
     /// reconnection (a new socket, the memory table and rings sent again).
+    /// The virtio-iommu's request thread: the requests' host calls (vfio-user and vhost-user
+    /// messages; VFIO's and iommufd's `ioctl`s), its queue's notification eventfd, the
+    /// guest's interrupt.
+    pub const VIOMMU: Filter = Filter {
+        syscalls: &[IO],
+        ioctls: Ioctls::Only {
+            requests: &[ioctls::descriptors],
+            types: &[VFIO_TYPE],
+        },
+    };
+
     /// `ioctl`: descriptor flags only.
     pub const VHOST_USER: Filter = Filter {
         syscalls: &[IO, CONNECT],

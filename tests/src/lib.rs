@@ -941,6 +941,9 @@ pub enum Misbehaviour {
     Hang,
     /// The connection closes instead of a reply.
     Close,
+    /// No reply to the first `DMA_MAP` (and nothing relayed from then on); the connection
+    /// stays open. `after` does not apply.
+    HangOnMap,
 }
 
 /// A vfio-user man in the middle: relays messages (and their file descriptors) between the
@@ -1021,6 +1024,11 @@ impl HostileProxy {
             let mut replies = 0u64;
             let mut last: Option<Vec<u8>> = None;
             while let Some((req, fds)) = recv_vfio_user(&vmm) {
+                // VFIO_USER_DMA_MAP is command 2 (the header's second u16).
+                if how == Misbehaviour::HangOnMap && u16::from_le_bytes([req[2], req[3]]) == 2 {
+                    std::thread::park();
+                    return;
+                }
                 if !send_vfio_user(&dev, &req, &fds) {
                     return;
                 }
@@ -1028,7 +1036,7 @@ impl HostileProxy {
                     return;
                 };
                 replies += 1;
-                if replies < after {
+                if replies < after || how == Misbehaviour::HangOnMap {
                     if !send_vfio_user(&vmm, &reply, &rfds) {
                         return;
                     }
@@ -1056,7 +1064,7 @@ impl HostileProxy {
                         std::thread::park();
                     }
                     Misbehaviour::Hang => std::thread::park(),
-                    Misbehaviour::Close => {}
+                    Misbehaviour::Close | Misbehaviour::HangOnMap => {}
                 }
                 let _ = vmm.shutdown(std::net::Shutdown::Both);
                 let _ = dev.shutdown(std::net::Shutdown::Both);

@@ -58,7 +58,7 @@ pub const FIONCLEX: u64 = 0x5450;
 pub const KVM_TYPE: u8 = kvm_bindings::KVMIO as u8;
 /// The `_IOC_TYPE` of VFIO's requests and of iommufd's (both `';'`, `include/uapi/linux/vfio.h`
 /// and `iommufd.h`).
-pub const VFIO_TYPE: u8 = vfio_bindings::bindings::vfio::VFIO_TYPE as u8;
+pub const VFIO_TYPE: u8 = vfio_bindings::bindings::vfio::VFIO_TYPE;
 
 /// Descriptor flags, on any thread.
 pub fn descriptors() -> Vec<u64> {

@@ -52,6 +52,7 @@ const CASES: &[(&str, Case)] = &[
     ("net_fault", net_fault),
     ("net_migrate", net_migrate),
     ("hostile_peer", hostile_peer),
+    ("hostile_hang", hostile_hang),
     ("shared_domain", shared_domain),
     ("bar_latency", bar_latency),
 ];
@@ -142,6 +143,7 @@ pub fn run(bp: u64) -> u32 {
                     | "migrate_dma"
                     | "request_cost"
                     | "hostile_peer"
+                    | "hostile_hang"
                     | "shared_domain"
                     | "bar_latency"
             ) && !name.starts_with("net_")
@@ -1008,6 +1010,48 @@ fn net_fault(c: &mut Ctx) -> Result<(), &'static str> {
     let n = c.net.as_mut().ok_or("no virtio-net device")?;
     let v = c.viommu.as_mut().ok_or("no virtio-iommu")?;
     crate::net::fault(n, v)
+}
+
+/// The DMA test device's server never answers a DMA_MAP (the test harness puts a proxy in
+/// front of it that hangs on the first one). While the guest's MAP for it waits on the
+/// server, the virtio-iommu's configuration still answers this vCPU, before the MAP's reply;
+/// the MAP then fails once the VMM's deadline marks the device failed, and the vIOMMU
+/// answers the next request.
+fn hostile_hang(c: &mut Ctx) -> Result<(), &'static str> {
+    let ep = c.ep;
+    let page = alloc_pages(1);
+    let v = viommu(c);
+    check(v.one(Req::Attach(13, ep, 0)) == OK, "ATTACH failed")?;
+    v.submit(Req::Map(13, IOVA, IOVA + 0xfff, page, MAP_R | MAP_W));
+    // Time for the VMM to take the request up (its host call then waits on the server).
+    for _ in 0..20_000u32 {
+        core::hint::spin_loop();
+    }
+    let mask = v.read_page_size_mask();
+    let early = v.answered();
+    check(mask == v.page_size_mask, "the configuration read changed")?;
+    check(
+        early.is_none(),
+        "the configuration read returned only after the MAP's answer",
+    )?;
+    let mut status = None;
+    for _ in 0..4_000_000_000u64 {
+        status = v.answered();
+        if status.is_some() {
+            break;
+        }
+        core::hint::spin_loop();
+    }
+    let status = status.ok_or("the MAP was never answered")?;
+    say!(
+        "# hostile_hang: the MAP to the hanging server got status ",
+        status as u64
+    );
+    check(status != OK, "the MAP to a hanging server succeeded")?;
+    check(
+        v.one(Req::Attach(9, 0x7f8, 0)) == 6,
+        "the virtio-iommu does not answer",
+    )
 }
 
 /// Two DMA test devices behind the vIOMMU, each in its own domain, copying in turn; the first

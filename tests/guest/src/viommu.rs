@@ -186,6 +186,26 @@ impl Viommu {
         st
     }
 
+    /// Queues `r` and notifies, without waiting for the answer ([`Viommu::answered`]).
+    pub fn submit(&mut self, r: Req) {
+        let len = Self::encode(self.buf, &r);
+        wr32(self.buf + 128, 0xff);
+        self.req
+            .add(&[(self.buf, len, false), (self.buf + 128, 4, true)]);
+        self.req.kick();
+        self.sent += 1;
+    }
+
+    /// The status of the request [`Viommu::submit`] queued, once the device answered it.
+    pub fn answered(&mut self) -> Option<u8> {
+        self.req.pop_used().map(|_| rd8(self.buf + 128))
+    }
+
+    /// `page_size_mask`, read from the device's configuration again.
+    pub fn read_page_size_mask(&self) -> u64 {
+        rd64(self._pci.device_cfg)
+    }
+
     /// One request; its status.
     pub fn one(&mut self, r: Req) -> u8 {
         self.batch(&[r])[0]

@@ -17,6 +17,7 @@ use devices::virtio::net::{IotlbMode, NetConfig, VhostUserNet};
 use devices::GuestMemoryMmap;
 use iommu::{Viommu, ViommuConfig};
 use kvm_ioctls::VmFd;
+use sync::MutexExt;
 use vm_allocator::IdAllocator;
 
 use super::builder::{dev_err, Builder, WindowAllocator};
@@ -139,6 +140,9 @@ pub fn build_devices(
                 dev.clone(),
                 "the virtio-iommu",
             )?;
+            dev.locked()
+                .start_request_thread(b.frozen.clone())
+                .map_err(dev_err("the virtio-iommu's request thread".into()))?;
             b.subscribers.push(Arc::new(Mutex::new(FaultNotifier {
                 device: dev.clone(),
                 evt: handle.fault_evt.clone(),

@@ -7,7 +7,7 @@
 
 mod handler;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::Instant;
 
@@ -89,12 +89,12 @@ impl IommuHandle {
     }
 }
 
-/// The virtio-iommu device.
-pub struct VirtioIommu {
-    iommu: IommuHandle,
-    mem: Arc<GuestMemoryMmap>,
-    acked: u64,
-    queues: Vec<Queue>,
+/// The request queue and what serving it keeps: the device's queue 0, with its own mutex so
+/// that serving it holds neither the device's mutex (which vCPU accesses take) nor the event
+/// loop (see [`VirtioIommu::start_request_thread`]).
+#[derive(Default)]
+pub(crate) struct Requests {
+    queue: Option<Queue>,
     interrupt: Option<Arc<dyn VirtioInterrupt>>,
     /// Chains whose memory could not be read or written (driver bugs), for the logs.
     bad_chains: u64,
@@ -102,19 +102,87 @@ pub struct VirtioIommu {
     replies: Vec<iommu::viommu::Reply>,
 }
 
+/// The thread that serves the request queue (`viommu`): it waits on the queue's notification
+/// eventfd and on its stop eventfd.
+struct RequestThread {
+    stop: Arc<EventFd>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+/// The virtio-iommu device.
+pub struct VirtioIommu {
+    iommu: IommuHandle,
+    mem: Arc<GuestMemoryMmap>,
+    acked: u64,
+    requests: Arc<Mutex<Requests>>,
+    /// Queue 1, the event queue (served by the event loop: [`VirtioIommu::deliver_faults`]).
+    events: Option<Queue>,
+    interrupt: Option<Arc<dyn VirtioInterrupt>>,
+    /// Chains of the event queue the device could not access.
+    bad_event_chains: u64,
+    /// The configuration and the offered features as last read from the state: what a vCPU
+    /// reads while the request thread holds the state's lock (waiting on a device server,
+    /// say). Both change only when the driver writes `bypass`, which updates them.
+    cached: Mutex<(iommu::protocol::Config, u64)>,
+    /// Queue 0's notification eventfd (from the transport).
+    kick: Option<Arc<EventFd>>,
+    worker: Option<RequestThread>,
+}
+
 impl VirtioIommu {
     /// A device for `iommu`, whose queues live in `mem` (the IOMMU itself is never behind an
-    /// IOMMU).
+    /// IOMMU). Its request queue is served by whoever notifies it, until
+    /// [`VirtioIommu::start_request_thread`].
     pub fn new(iommu: IommuHandle, mem: Arc<GuestMemoryMmap>) -> Self {
+        let cached = {
+            let s = iommu.lock();
+            (s.config(), s.offered_features())
+        };
         Self {
             iommu,
             mem,
             acked: 0,
-            queues: Vec::new(),
+            requests: Arc::default(),
+            events: None,
             interrupt: None,
-            bad_chains: 0,
-            replies: Vec::new(),
+            bad_event_chains: 0,
+            cached: Mutex::new(cached),
+            kick: None,
+            worker: None,
         }
+    }
+
+    /// Serves the request queue on a thread of its own (`viommu`), from the transport's
+    /// notification eventfd ([`VirtioDevice::set_notifiers`] must have been called): the
+    /// event loop and the device's mutex are then never held while a request waits on a
+    /// device server or a back end. While `frozen` is set, notifications are left for later
+    /// ([`VirtioDevice::queue_notify`] after a thaw serves what arrived meanwhile). The
+    /// thread installs its own seccomp filter; call this during set-up, before any filter.
+    ///
+    /// # Errors
+    /// When no notification eventfd was given, or the thread or its eventfd cannot be made.
+    pub fn start_request_thread(&mut self, frozen: Arc<AtomicBool>) -> std::io::Result<()> {
+        let kick = self.kick.clone().ok_or_else(|| {
+            std::io::Error::other("the request queue has no notification eventfd")
+        })?;
+        let stop = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+        let (requests, iommu, mem, stop2) = (
+            self.requests.clone(),
+            self.iommu.clone(),
+            self.mem.clone(),
+            stop.clone(),
+        );
+        let handle = std::thread::Builder::new()
+            .name("viommu".into())
+            .spawn(move || {
+                crate::seccomp::confine("viommu", crate::seccomp::lists::VIOMMU);
+                handler::serve(&requests, &iommu, &mem, &kick, &stop2, &frozen);
+            })?;
+        self.worker = Some(RequestThread {
+            stop,
+            handle: Some(handle),
+        });
+        Ok(())
     }
 
     /// The shared state.
@@ -124,18 +192,43 @@ impl VirtioIommu {
 
     /// Whether the driver activated the device.
     pub fn is_active(&self) -> bool {
-        !self.queues.is_empty()
+        self.events.is_some()
     }
 
     /// Chains the device could not access.
     pub fn bad_chains(&self) -> u64 {
-        self.bad_chains
+        self.requests.locked().bad_chains + self.bad_event_chains
+    }
+
+    /// Serves the request queue here (tests, and a device without a request thread).
+    pub fn process_requests(&mut self) {
+        handler::process(&mut self.requests.locked(), &self.iommu, &self.mem);
+        // Requests may have been answered while faults were waiting for buffers.
+        self.deliver_faults();
+    }
+
+    /// The configuration and offered features: read from the state when its lock is free
+    /// (and kept), else the last ones read.
+    fn current(&self) -> (iommu::protocol::Config, u64) {
+        match self.iommu.state.try_lock() {
+            Ok(s) => {
+                let now = (s.config(), s.offered_features());
+                *self.cached.locked() = now;
+                now
+            }
+            Err(TryLockError::Poisoned(e)) => {
+                let s = e.into_inner();
+                (s.config(), s.offered_features())
+            }
+            Err(TryLockError::WouldBlock) => *self.cached.locked(),
+        }
     }
 
     /// The device's counters as `name=value` pairs on one line (`--counters`): requests by
     /// type, batches, statuses other than OK that occurred, host calls, faults, IOTLB,
     /// domains, metadata bytes, dirty reads, bad chains and the vIOMMU lock's contention.
-    /// Takes the vIOMMU's lock (after this device's, as request processing does).
+    /// Takes the vIOMMU's lock (after this device's and the request queue's, as request
+    /// processing takes it after the request queue's).
     pub fn counters_line(&self) -> String {
         let s = self.iommu.lock();
         let c = s.counters();
@@ -171,7 +264,7 @@ impl VirtioIommu {
             s.metadata_bytes(),
             c.dirty_reads,
             c.dirty_pages_reported,
-            self.bad_chains,
+            self.bad_chains(),
             get(&ls.acquisitions),
             get(&ls.contended),
             get(&ls.wait_ns) / 1000,
@@ -189,7 +282,7 @@ impl VirtioDevice for VirtioIommu {
     }
 
     fn avail_features(&self) -> u64 {
-        (1 << VIRTIO_F_VERSION_1) | self.iommu.lock().offered_features()
+        (1 << VIRTIO_F_VERSION_1) | self.current().1
     }
 
     fn set_acked_features(&mut self, features: u64) {
@@ -198,7 +291,7 @@ impl VirtioDevice for VirtioIommu {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.iommu.lock().config();
+        let config = self.current().0;
         let bytes = config.as_bytes();
         for (i, b) in data.iter_mut().enumerate() {
             *b = usize::try_from(offset)
@@ -216,7 +309,9 @@ impl VirtioDevice for VirtioIommu {
         let bypass_cfg = 1u64 << iommu::protocol::features::VIRTIO_IOMMU_F_BYPASS_CONFIG;
         if offset == CONFIG_BYPASS_OFFSET as u64 && data.len() == 1 && self.acked & bypass_cfg != 0
         {
-            self.iommu.lock().set_bypass(data[0]);
+            let mut s = self.iommu.lock();
+            s.set_bypass(data[0]);
+            *self.cached.locked() = (s.config(), s.offered_features());
         } else {
             log::debug!("virtio-iommu: ignored config write at {offset:#x}");
         }
@@ -243,27 +338,71 @@ impl VirtioDevice for VirtioIommu {
         if self.acked & (1 << VIRTIO_F_VERSION_1) == 0 {
             return Err(ActivateError::MissingFeature(VIRTIO_F_VERSION_1));
         }
-        self.queues = queues;
+        let mut queues = queues.into_iter();
+        {
+            let mut r = self.requests.locked();
+            r.queue = queues.next();
+            r.interrupt = Some(interrupt.clone());
+        }
+        self.events = queues.next();
         self.interrupt = Some(interrupt);
         Ok(())
     }
 
     fn reset(&mut self) {
-        self.queues.clear();
+        {
+            // Waits for a batch being served.
+            let mut r = self.requests.locked();
+            r.queue = None;
+            r.interrupt = None;
+        }
+        self.events = None;
         self.interrupt = None;
         self.acked = 0;
-        self.iommu.lock().reset();
+        let mut s = self.iommu.lock();
+        s.reset();
+        *self.cached.locked() = (s.config(), s.offered_features());
     }
 
     fn queue_positions(&self) -> Vec<(u16, u16)> {
-        super::positions(&self.queues)
+        use virtio_queue::QueueT;
+        let r = self.requests.locked();
+        r.queue
+            .iter()
+            .chain(&self.events)
+            .map(|q| (q.next_avail(), q.next_used()))
+            .collect()
     }
 
     fn queue_notify(&mut self, queue: usize) {
         match queue {
+            0 if self.worker.is_some() => {
+                if let Some(k) = &self.kick {
+                    let _ = k.write(1);
+                }
+            }
             0 => self.process_requests(),
             1 => self.deliver_faults(),
             _ => {}
+        }
+    }
+
+    fn set_notifiers(&mut self, evts: &[Arc<EventFd>]) {
+        self.kick = evts.first().cloned();
+    }
+
+    fn notified_outside(&self, queue: usize) -> bool {
+        queue == 0 && self.worker.is_some()
+    }
+}
+
+impl Drop for VirtioIommu {
+    fn drop(&mut self) {
+        if let Some(mut w) = self.worker.take() {
+            let _ = w.stop.write(1);
+            if let Some(h) = w.handle.take() {
+                let _ = h.join();
+            }
         }
     }
 }
