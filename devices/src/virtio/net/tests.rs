@@ -56,6 +56,8 @@ impl Msg {
 struct Log {
     msgs: Vec<Msg>,
     closed: bool,
+    /// IOTLB messages wait for their acknowledgement while set.
+    hold_iotlb_acks: bool,
 }
 
 /// A vhost-user back end run by a thread of the test.
@@ -216,6 +218,13 @@ impl Backend {
                 drop(unsafe { std::fs::File::from_raw_fd(fd) });
             }
             if flags & 0x8 != 0 && !answered {
+                if code == FrontendReq::IOTLB_MSG as u32 {
+                    let (m, cv) = log;
+                    let mut g = m.lock().unwrap();
+                    while g.hold_iotlb_acks {
+                        g = cv.wait(g).unwrap();
+                    }
+                }
                 reply(s, code, &0u64.to_le_bytes());
             }
         }
@@ -250,6 +259,13 @@ impl Backend {
             .filter(|m| m.is(FrontendReq::IOTLB_MSG))
             .map(|m| m.obj())
             .collect()
+    }
+
+    /// Holds (or lets go) the acknowledgements of IOTLB messages.
+    fn hold_iotlb_acks(&self, hold: bool) {
+        let (m, cv) = &*self.log;
+        m.lock().unwrap().hold_iotlb_acks = hold;
+        cv.notify_all();
     }
 
     /// Sends a MISS on the back-end channel (as DPDK does: no reply asked).
@@ -570,6 +586,34 @@ fn a_miss_gets_the_merged_run_and_an_unmapped_one_a_fault() {
         )
     );
     assert_eq!(c.faults.load(Ordering::Relaxed), 3);
+}
+
+/// The UPDATE answering a miss waits for the back end's acknowledgement without the vIOMMU
+/// held: while the back end holds it, the vIOMMU's lock is free (a guest's requests, other
+/// devices' translations go on); the UPDATE then completes.
+#[test]
+fn hostile_a_back_end_slow_to_acknowledge_an_update_holds_no_viommu_lock() {
+    let mut r = rig_with(DPDK, 1);
+    r.activate();
+    {
+        let mut v = r.iommu.lock();
+        assert_eq!(
+            send(&mut v, &map(1, 0x20_0000, 0x20_0fff, 0x40_0000, 3)),
+            Status::Ok
+        );
+    }
+    r.be.hold_iotlb_acks(true);
+    r.be.miss(0x20_0000, 1);
+    r.be.wait_for("an UPDATE", |m| m.is(FrontendReq::IOTLB_MSG));
+    assert!(
+        r.iommu.state.try_lock().is_ok(),
+        "the vIOMMU is held while the back end acknowledges an UPDATE"
+    );
+    assert_eq!(r.dev.counters().updates.load(Ordering::Relaxed), 0);
+    r.be.hold_iotlb_acks(false);
+    eventually("the UPDATE acknowledged", || {
+        r.dev.counters().updates.load(Ordering::Relaxed) == 1
+    });
 }
 
 #[test]

@@ -614,8 +614,10 @@ impl Shared {
         let Some((h, ep)) = &self.iommu else {
             return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
         };
-        // The vIOMMU stays locked until the back end took the entry, so that no UNMAP can
-        // complete between the lookup and the UPDATE.
+        // The device's link state is taken before the vIOMMU is let go: an UNMAP that the
+        // vIOMMU handles after this lookup sends its INVALIDATE under the link state, so
+        // after this UPDATE, and no UNMAP completes between the lookup and the UPDATE. The
+        // vIOMMU is not held while the back end acknowledges.
         let mut v = h.lock();
         let entry = match v.iotlb_entry(*ep, msg.iova, needed) {
             Ok(e) => e,
@@ -650,13 +652,13 @@ impl Shared {
             update.perm
         );
         let mut st = self.lock();
+        drop(v);
         if self.send_iotlb(&mut st, &update) {
             c.updates.fetch_add(1, Ordering::Relaxed);
             c.update_pages
                 .fetch_add(entry.len / 4096, Ordering::Relaxed);
         }
         drop(st);
-        drop(v);
         Ok(0)
     }
 
