@@ -911,6 +911,26 @@ fn malformed_back_end_request_cuts_it_off() {
     assert_eq!(r.dev.counters().bad_messages.load(Ordering::Relaxed), 1);
 }
 
+/// A back end that sends the header of a request on its channel and then nothing (the socket
+/// stays open) is cut off within the reply deadline, as a malformed one is: the channel
+/// thread does not wait for the body for ever.
+#[test]
+fn hostile_half_a_back_end_request_cuts_it_off() {
+    let mut r = rig_with(DPDK, 1);
+    r.activate();
+    {
+        let ch = r.be.channel.lock().unwrap();
+        // The header of an IOTLB message announcing 32 bytes, and none of them.
+        let mut m = Vec::new();
+        m.extend_from_slice(&1u32.to_le_bytes());
+        m.extend_from_slice(&1u32.to_le_bytes());
+        m.extend_from_slice(&32u32.to_le_bytes());
+        ch.as_ref().unwrap().write_all(&m).unwrap();
+    }
+    eventually("link down", || !r.dev.link_up());
+    assert_eq!(r.dev.counters().bad_messages.load(Ordering::Relaxed), 1);
+}
+
 #[test]
 fn control_queue_sets_the_queue_pairs() {
     let mut r = rig_with(DPDK, 2);

@@ -326,6 +326,16 @@ impl Shared {
         let channel = if iotlb {
             let mut req = FrontendReqHandler::new(self.clone()).map_err(VhostUserError::Channel)?;
             req.set_reply_ack_flag(true);
+            // A request's body that never comes ends the wait (the back end is then cut off
+            // as for a malformed request), instead of blocking the channel thread for ever.
+            // SAFETY: the handler owns the descriptor and outlives this borrow.
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(req.as_raw_fd()) };
+            rustix::net::sockopt::set_socket_timeout(
+                fd,
+                rustix::net::sockopt::Timeout::Recv,
+                Some(REPLY_TIMEOUT),
+            )
+            .map_err(|e| VhostUserError::Connect(self.socket.clone(), e.into()))?;
             let fd = req.get_tx_raw_fd();
             step("SET_BACKEND_REQ_FD", frontend.set_backend_request_fd(&fd))?;
             Some(req)
