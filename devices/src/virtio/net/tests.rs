@@ -896,42 +896,37 @@ fn bad_back_ends_give_one_clear_error() {
     assert!(e.contains("GET_FEATURES"), "{e}");
 }
 
-#[test]
-fn malformed_back_end_request_cuts_it_off() {
+/// Writes, on the back-end channel, an IOTLB request whose header announces `announced`
+/// body bytes, followed by `body`; the back end must then be cut off (link down, one bad
+/// message counted).
+fn back_end_cut_off_by(announced: u32, body: &[u8]) {
     let mut r = rig_with(DPDK, 1);
     r.activate();
     {
         let ch = r.be.channel.lock().unwrap();
-        // An IOTLB message with a 7-byte body.
         let mut m = Vec::new();
         m.extend_from_slice(&1u32.to_le_bytes());
         m.extend_from_slice(&1u32.to_le_bytes());
-        m.extend_from_slice(&7u32.to_le_bytes());
-        m.extend_from_slice(&[0xff; 7]);
+        m.extend_from_slice(&announced.to_le_bytes());
+        m.extend_from_slice(body);
         ch.as_ref().unwrap().write_all(&m).unwrap();
     }
     eventually("link down", || !r.dev.link_up());
     assert_eq!(r.dev.counters().bad_messages.load(Ordering::Relaxed), 1);
 }
 
-/// A back end that sends the header of a request on its channel and then nothing (the socket
-/// stays open) is cut off within the reply deadline, as a malformed one is: the channel
-/// thread does not wait for the body for ever.
+/// An IOTLB message with a 7-byte body.
+#[test]
+fn malformed_back_end_request_cuts_it_off() {
+    back_end_cut_off_by(7, &[0xff; 7]);
+}
+
+/// A back end that sends the header of a request on its channel (32 bytes announced) and
+/// then nothing (the socket stays open) is cut off within the reply deadline, as a malformed
+/// one is: the channel thread does not wait for the body for ever.
 #[test]
 fn hostile_half_a_back_end_request_cuts_it_off() {
-    let mut r = rig_with(DPDK, 1);
-    r.activate();
-    {
-        let ch = r.be.channel.lock().unwrap();
-        // The header of an IOTLB message announcing 32 bytes, and none of them.
-        let mut m = Vec::new();
-        m.extend_from_slice(&1u32.to_le_bytes());
-        m.extend_from_slice(&1u32.to_le_bytes());
-        m.extend_from_slice(&32u32.to_le_bytes());
-        ch.as_ref().unwrap().write_all(&m).unwrap();
-    }
-    eventually("link down", || !r.dev.link_up());
-    assert_eq!(r.dev.counters().bad_messages.load(Ordering::Relaxed), 1);
+    back_end_cut_off_by(32, &[]);
 }
 
 #[test]

@@ -215,6 +215,7 @@ pub(super) fn cut(link: &Link) {
 
 /// Connection state shared by the device, the back-end channel thread and the IOTLB
 /// invalidator inside the vIOMMU.
+#[derive(Default)]
 pub(super) struct LinkState {
     pub link: Option<Link>,
     pub plan: Option<Plan>,
@@ -985,7 +986,7 @@ pub mod fuzzing {
     use iommu::{Viommu, ViommuConfig};
     use vhost::vhost_user::FrontendReqHandler;
 
-    use super::{LinkState, LogFault, Shared};
+    use super::{LogFault, Shared};
     use crate::virtio::iommu::IommuHandle;
     use crate::virtio::net::dirty_log::DirtyLog;
     use crate::virtio::net::{IotlbMode, NetCounters};
@@ -1037,14 +1038,7 @@ pub mod fuzzing {
             queues: 2,
             reconnect: None,
             iotlb_mode: IotlbMode::Miss,
-            state: Mutex::new(LinkState {
-                link: None,
-                plan: None,
-                plan_generation: 0,
-                logging: false,
-                log_lost: false,
-                stopped: None,
-            }),
+            state: Mutex::default(),
             log,
             log_fault: LogFault::None,
             link_up: AtomicBool::new(false),
