@@ -952,6 +952,9 @@ pub enum Misbehaviour {
 pub struct HostileProxy {
     /// The socket the VMM connects to.
     pub socket: PathBuf,
+    /// Set when the proxy holds back the `DMA_MAP` it hangs on ([`Misbehaviour::HangOnMap`]):
+    /// the VMM is waiting for its reply from then on.
+    pub hung: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -1016,6 +1019,8 @@ impl HostileProxy {
         let socket = scratch("hostile.sock");
         let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
         let upstream = upstream.to_path_buf();
+        let hung = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let hung_flag = std::sync::Arc::clone(&hung);
         let thread = std::thread::spawn(move || {
             let Ok((vmm, _)) = listener.accept() else {
                 return;
@@ -1026,6 +1031,7 @@ impl HostileProxy {
             while let Some((req, fds)) = recv_vfio_user(&vmm) {
                 // VFIO_USER_DMA_MAP is command 2 (the header's second u16).
                 if how == Misbehaviour::HangOnMap && u16::from_le_bytes([req[2], req[3]]) == 2 {
+                    hung_flag.store(true, std::sync::atomic::Ordering::Release);
                     std::thread::park();
                     return;
                 }
@@ -1073,6 +1079,7 @@ impl HostileProxy {
         });
         HostileProxy {
             socket,
+            hung,
             thread: Some(thread),
         }
     }

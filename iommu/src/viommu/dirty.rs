@@ -8,6 +8,8 @@
 //! of its writable mappings counted dirty at every harvest, so no write is ever lost; only
 //! more pages are copied.
 
+use super::host::HostOps;
+use super::relock::{call, Held, Relock};
 use super::*;
 use crate::dirty::DirtyBitmap;
 use crate::pagetable::{Perm, Run};
@@ -59,37 +61,7 @@ impl Viommu {
     /// Starts tracking the pages passthrough devices write, over the guest RAM of
     /// [`ViommuConfig::guest_ram`]. Restarting clears what was gathered.
     pub fn start_dirty_tracking(&mut self) -> DirtyTrackingReport {
-        self.flush_pending(&mut []);
-        let mut report = DirtyTrackingReport::default();
-        let mut tracked = Vec::with_capacity(self.backends.len());
-        for slot in &mut self.backends {
-            let name = slot.backend.name();
-            let on = !slot.failed
-                && slot.caps.dirty_tracking
-                && match slot.backend.set_dirty_tracking(true) {
-                    Ok(()) => true,
-                    Err(e) => {
-                        log::warn!("virtio-iommu: dirty tracking on {name}: {e}");
-                        false
-                    }
-                };
-            if on {
-                report.tracked.push(name);
-            } else {
-                report.untracked.push(name);
-            }
-            tracked.push(on);
-        }
-        self.dirty = Some(DirtyState {
-            bitmap: DirtyBitmap::new(&self.cfg.guest_ram),
-            tracked,
-        });
-        report
-    }
-
-    /// Whether dirty tracking is on.
-    pub fn is_tracking_dirty(&self) -> bool {
-        self.dirty.is_some()
+        Held(self).start_tracking()
     }
 
     /// ORs into `out` (by guest page) every page written by a passthrough device since the
@@ -103,128 +75,17 @@ impl Viommu {
     /// which backends' bitmaps are read. Clean 64-page words of a window are skipped when its
     /// bits are translated to guest pages.
     pub fn harvest_dirty_with(&mut self, out: &mut DirtyBitmap, opts: HarvestOptions) {
-        if self.dirty.is_none() {
-            return;
-        }
-        self.flush_pending(&mut []);
-        let window = opts.window_pages.max(64);
-        if opts.clear {
-            for b in 0..self.backends.len() {
-                self.harvest_backend(b, window, true);
-            }
-            if let Some(d) = self.dirty.as_mut() {
-                out.merge(&d.bitmap);
-                d.bitmap.clear();
-            }
-            return;
-        }
-        // A peek: read into a scratch bitmap, leave the pending pages and the devices alone.
-        let Some(pending) = self.dirty.as_ref().map(|d| d.bitmap.clone()) else {
-            return;
-        };
-        for b in 0..self.backends.len() {
-            self.harvest_backend(b, window, false);
-        }
-        if let Some(d) = self.dirty.as_mut() {
-            out.merge(&d.bitmap);
-            d.bitmap = pending;
-        }
+        Held(self).harvest_with(out, opts);
     }
 
     /// Stops tracking; returns the pages dirtied since the last harvest.
     pub fn stop_dirty_tracking(&mut self) -> Option<DirtyBitmap> {
-        let mut out = DirtyBitmap::new(&self.cfg.guest_ram);
-        self.harvest_dirty(&mut out);
-        let state = self.dirty.take()?;
-        for (slot, on) in self.backends.iter_mut().zip(state.tracked) {
-            if on && !slot.failed {
-                if let Err(e) = slot.backend.set_dirty_tracking(false) {
-                    log::warn!(
-                        "virtio-iommu: stopping dirty tracking on {}: {e}",
-                        slot.backend.name()
-                    );
-                }
-            }
-        }
-        Some(out)
+        Held(self).stop_tracking()
     }
 
-    /// Harvests everything backend `b` has mapped. For a domain, the device is read in
-    /// windows over the IOVA spans the page table populates, and each dirty bit is translated
-    /// through the table (clean 64-page words skipped); identity content is read as runs.
-    fn harvest_backend(&mut self, b: BackendId, window: u64, clear: bool) {
-        let content = self.backend_content(b);
-        let dom = match content {
-            // (A bypass domain's content is `Identity`: see `endpoint_content`.)
-            Content::Domain(d) => d,
-            _ => {
-                let runs = self.content_runs(content);
-                self.harvest_runs(b, &runs, window, clear);
-                return;
-            }
-        };
-        if !self.reads_device_dirty(b) || self.backends[b].caps.dirty_whole_mappings {
-            // Untracked, or a backend whose reports must follow host mappings: by mapping.
-            let runs = self.content_runs(content);
-            self.harvest_runs(b, &runs, window, clear);
-            return;
-        }
-        let mut spans = Vec::new();
-        if let Some(d) = self.domains.get(&dom) {
-            d.table
-                .populated_spans(|first, pages| spans.push((first, pages)));
-        }
-        for (first, pages) in spans {
-            let mut done = 0;
-            while done < pages {
-                let n = (pages - done).min(window);
-                let iova_page = first + done;
-                let mut bits = vec![0u64; n.div_ceil(64) as usize];
-                self.counters.dirty_reads += 1;
-                let r = self.backends[b].backend.read_dirty(
-                    iova_page * PAGE_SIZE,
-                    n * PAGE_SIZE,
-                    &mut bits,
-                    clear,
-                );
-                let (Some(state), Some(d)) = (self.dirty.as_mut(), self.domains.get(&dom)) else {
-                    return;
-                };
-                match r {
-                    Ok(()) => {
-                        for (w, &word) in bits.iter().enumerate() {
-                            let mut word = word;
-                            while word != 0 {
-                                let bit = u64::from(word.trailing_zeros());
-                                word &= word - 1;
-                                let page = iova_page + w as u64 * 64 + bit;
-                                self.counters.dirty_pages_reported += 1;
-                                if let Some(pte) = d.table.get(page) {
-                                    if pte.perm.write() && !pte.perm.contains(Perm::MMIO) {
-                                        state.bitmap.mark(pte.gpa_page, 1);
-                                    }
-                                }
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        log::warn!(
-                            "virtio-iommu: dirty report of IOVA {:#x}+{:#x} failed ({e}); \
-                             counting its writable mappings dirty",
-                            iova_page * PAGE_SIZE,
-                            n * PAGE_SIZE
-                        );
-                        d.table.mappings(iova_page, iova_page + n - 1, |r| {
-                            if r.perm.write() && !r.perm.contains(Perm::MMIO) {
-                                state.bitmap.mark(r.gpa_page, r.pages);
-                            }
-                            true
-                        });
-                    }
-                }
-                done += n;
-            }
-        }
+    /// Whether dirty tracking is on.
+    pub fn is_tracking_dirty(&self) -> bool {
+        self.dirty.is_some()
     }
 
     /// Whether backend `b`'s own dirty reports are used (tracking on, device alive).
@@ -276,41 +137,208 @@ impl Viommu {
             None => first.map_or(Content::Nothing, |id| self.endpoint_content(id)),
         }
     }
+}
+
+/// Dirty tracking's host calls, each with the state unlocked (see [`Relock`]).
+pub(super) trait DirtySide: Relock {
+    /// Starts tracking the pages passthrough devices write, over the guest RAM of
+    /// [`ViommuConfig::guest_ram`]. Restarting clears what was gathered.
+    fn start_tracking(&mut self) -> DirtyTrackingReport {
+        self.flush_pending(&mut []);
+        let mut report = DirtyTrackingReport::default();
+        let mut tracked = Vec::with_capacity(self.backends.len());
+        for b in 0..self.backends.len() {
+            let slot = &self.backends[b];
+            let name = slot.name.clone();
+            let on = !slot.failed
+                && slot.caps.dirty_tracking
+                && match call(self, b, |be| be.set_dirty_tracking(true)) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        log::warn!("virtio-iommu: dirty tracking on {name}: {e}");
+                        false
+                    }
+                };
+            if on {
+                report.tracked.push(name);
+            } else {
+                report.untracked.push(name);
+            }
+            tracked.push(on);
+        }
+        self.dirty = Some(DirtyState {
+            bitmap: DirtyBitmap::new(&self.cfg.guest_ram),
+            tracked,
+        });
+        report
+    }
+
+    /// [`Viommu::harvest_dirty`] with options: reading without clearing, and the window in
+    /// which backends' bitmaps are read. Clean 64-page words of a window are skipped when its
+    /// bits are translated to guest pages.
+    fn harvest_with(&mut self, out: &mut DirtyBitmap, opts: HarvestOptions) {
+        if self.dirty.is_none() {
+            return;
+        }
+        self.flush_pending(&mut []);
+        let window = opts.window_pages.max(64);
+        if opts.clear {
+            for b in 0..self.backends.len() {
+                self.harvest_backend(b, window, true);
+            }
+            if let Some(d) = self.dirty.as_mut() {
+                out.merge(&d.bitmap);
+                d.bitmap.clear();
+            }
+            return;
+        }
+        // A peek: read into a scratch bitmap, leave the pending pages and the devices alone.
+        let Some(pending) = self.dirty.as_ref().map(|d| d.bitmap.clone()) else {
+            return;
+        };
+        for b in 0..self.backends.len() {
+            self.harvest_backend(b, window, false);
+        }
+        if let Some(d) = self.dirty.as_mut() {
+            out.merge(&d.bitmap);
+            d.bitmap = pending;
+        }
+    }
+
+    /// Stops tracking; returns the pages dirtied since the last harvest.
+    fn stop_tracking(&mut self) -> Option<DirtyBitmap> {
+        let mut out = DirtyBitmap::new(&self.cfg.guest_ram);
+        self.harvest_with(&mut out, HarvestOptions::default());
+        let state = self.dirty.take()?;
+        for (b, on) in state.tracked.into_iter().enumerate() {
+            if on && self.backends.get(b).is_some_and(|s| !s.failed) {
+                if let Err(e) = call(self, b, |be| be.set_dirty_tracking(false)) {
+                    log::warn!(
+                        "virtio-iommu: stopping dirty tracking on {}: {e}",
+                        self.backends[b].name
+                    );
+                }
+            }
+        }
+        Some(out)
+    }
+
+    /// Harvests everything backend `b` has mapped. For a domain, the device is read in
+    /// windows over the IOVA spans the page table populates, and each dirty bit is translated
+    /// through the table (clean 64-page words skipped); identity content is read as runs.
+    fn harvest_backend(&mut self, b: BackendId, window: u64, clear: bool) {
+        let content = self.backend_content(b);
+        let dom = match content {
+            // (A bypass domain's content is `Identity`: see `endpoint_content`.)
+            Content::Domain(d) => d,
+            _ => {
+                let runs = self.content_runs(content);
+                self.harvest_runs(b, &runs, window, clear);
+                return;
+            }
+        };
+        if !self.reads_device_dirty(b) || self.backends[b].caps.dirty_whole_mappings {
+            // Untracked, or a backend whose reports must follow host mappings: by mapping.
+            let runs = self.content_runs(content);
+            self.harvest_runs(b, &runs, window, clear);
+            return;
+        }
+        let mut spans = Vec::new();
+        if let Some(d) = self.domains.get(&dom) {
+            d.table
+                .populated_spans(|first, pages| spans.push((first, pages)));
+        }
+        for (first, pages) in spans {
+            let mut done = 0;
+            while done < pages {
+                let n = (pages - done).min(window);
+                let iova_page = first + done;
+                let mut bits = vec![0u64; n.div_ceil(64) as usize];
+                self.counters.dirty_reads += 1;
+                let r = call(self, b, |be| {
+                    be.read_dirty(iova_page * PAGE_SIZE, n * PAGE_SIZE, &mut bits, clear)
+                });
+                let v: &mut Viommu = self;
+                let (Some(state), Some(d)) = (v.dirty.as_mut(), v.domains.get(&dom)) else {
+                    return;
+                };
+                match r {
+                    Ok(()) => {
+                        for (w, &word) in bits.iter().enumerate() {
+                            let mut word = word;
+                            while word != 0 {
+                                let bit = u64::from(word.trailing_zeros());
+                                word &= word - 1;
+                                let page = iova_page + w as u64 * 64 + bit;
+                                v.counters.dirty_pages_reported += 1;
+                                if let Some(pte) = d.table.get(page) {
+                                    if pte.perm.write() && !pte.perm.contains(Perm::MMIO) {
+                                        state.bitmap.mark(pte.gpa_page, 1);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        log::warn!(
+                            "virtio-iommu: dirty report of IOVA {:#x}+{:#x} failed ({e}); \
+                             counting its writable mappings dirty",
+                            iova_page * PAGE_SIZE,
+                            n * PAGE_SIZE
+                        );
+                        d.table.mappings(iova_page, iova_page + n - 1, |r| {
+                            if r.perm.write() && !r.perm.contains(Perm::MMIO) {
+                                state.bitmap.mark(r.gpa_page, r.pages);
+                            }
+                            true
+                        });
+                    }
+                }
+                done += n;
+            }
+        }
+    }
 
     /// Moves the device's dirty bits of `runs` (mapped on backend `b`, sorted by IOVA) into
     /// the bitmap, clearing them in the device. Called before the runs are unmapped from the
     /// host, and by harvests. The device is read in windows of at most `window` pages (see
     /// [`dirty_windows`]); each set bit is translated through the run that maps it.
-    pub(super) fn harvest_runs(&mut self, b: BackendId, runs: &[Run], window: u64, clear: bool) {
-        let Some(state) = self.dirty.as_mut() else {
+    fn harvest_runs(&mut self, b: BackendId, runs: &[Run], window: u64, clear: bool) {
+        let Some(tracked) = self.dirty.as_ref().map(|s| s.tracked.get(b).copied()) else {
             return;
         };
-        let Some(slot) = self.backends.get_mut(b) else {
+        let Some(slot) = self.backends.get(b) else {
             return;
         };
-        let reads_device = state.tracked.get(b).copied().unwrap_or(false) && !slot.failed;
+        let reads_device = tracked.unwrap_or(false) && !slot.failed;
+        let whole = slot.caps.dirty_whole_mappings;
         let writable: Vec<Run> = runs
             .iter()
             .filter(|r| r.perm.write() && !r.perm.contains(Perm::MMIO))
             .copied()
             .collect();
         if !reads_device {
-            for r in &writable {
-                state.bitmap.mark(r.gpa_page, r.pages);
+            if let Some(state) = self.dirty.as_mut() {
+                for r in &writable {
+                    state.bitmap.mark(r.gpa_page, r.pages);
+                }
             }
             return;
         }
-        let whole = slot.caps.dirty_whole_mappings;
         for (first, pages) in dirty_windows(&writable, window, whole) {
             let mut bits = vec![0u64; pages.div_ceil(64) as usize];
             let iova = first * PAGE_SIZE;
             self.counters.dirty_reads += 1;
-            match slot
-                .backend
-                .read_dirty(iova, pages * PAGE_SIZE, &mut bits, clear)
-            {
+            let r = call(self, b, |be| {
+                be.read_dirty(iova, pages * PAGE_SIZE, &mut bits, clear)
+            });
+            let v: &mut Viommu = self;
+            let Some(state) = v.dirty.as_mut() else {
+                return;
+            };
+            match r {
                 Ok(()) => {
-                    self.counters.dirty_pages_reported +=
+                    v.counters.dirty_pages_reported +=
                         mark_through_runs(&mut state.bitmap, &writable, first, pages, &bits);
                 }
                 Err(e) => {
@@ -318,7 +346,7 @@ impl Viommu {
                         "virtio-iommu: dirty report of IOVA {iova:#x}+{:#x} from {} \
                          failed ({e}); counting the range dirty",
                         pages * PAGE_SIZE,
-                        slot.backend.name()
+                        v.backends[b].name
                     );
                     for r in runs_in(&writable, first, pages) {
                         let from = r.iova_page.max(first);
@@ -332,6 +360,8 @@ impl Viommu {
         }
     }
 }
+
+impl<G: Relock + ?Sized> DirtySide for G {}
 
 /// The runs of `runs` (sorted, disjoint) that overlap pages `[first, first + pages)`.
 fn runs_in(runs: &[Run], first: u64, pages: u64) -> impl Iterator<Item = &Run> {

@@ -2,7 +2,8 @@
 //! and merged host maps, unmaps, and rollback when a host call fails part way (the guest then
 //! sees an error status and the state is as before its request).
 
-use super::dirty::DEFAULT_WINDOW_PAGES;
+use super::dirty::{DirtySide, DEFAULT_WINDOW_PAGES};
+use super::relock::{call, Relock};
 use super::*;
 use crate::pagetable::{Perm, Run};
 
@@ -107,6 +108,128 @@ impl Viommu {
         });
     }
 
+    fn fail_map(
+        &mut self,
+        dom: DomainId,
+        req: usize,
+        run: Run,
+        e: &BackendError,
+        statuses: &mut [Status],
+    ) {
+        log::warn!(
+            "virtio-iommu: host map of IOVA {:#x}+{:#x} failed: {e}",
+            run.iova(),
+            run.len()
+        );
+        let generation = self.new_generation();
+        if let Some(d) = self.domains.get_mut(&dom) {
+            d.table.remove(run.iova_page, run.last_page(), |_| {});
+            d.generation = generation;
+        }
+        if let Some(s) = statuses.get_mut(req) {
+            *s = status_of(e);
+        }
+    }
+
+    /// The host calls that map `runs` on backend `b`.
+    fn map_ops(&self, b: BackendId, runs: &[Run]) -> Vec<Run> {
+        if !self.backends[b].caps.merge_maps {
+            return runs.to_vec();
+        }
+        let mut v = Vec::new();
+        for &r in runs {
+            push_merged(&mut v, r);
+        }
+        v
+    }
+
+    /// The host calls `(iova, len)` that unmap `runs` (whole guest mappings) on backend `b`.
+    fn unmap_ops(&self, b: BackendId, runs: &[Run]) -> Vec<(u64, u64)> {
+        let merge = self.backends[b].caps.merge_unmaps || self.backends[b].caps.merge_maps;
+        // While dirty bits are collected with each unmap, a merged call stays within one
+        // harvest window, so its bitmap stays small whatever the guest mapped.
+        let cap = if self.reads_device_dirty(b) {
+            DEFAULT_WINDOW_PAGES * PAGE_SIZE
+        } else {
+            u64::MAX
+        };
+        let mut v: Vec<(u64, u64)> = Vec::new();
+        for r in runs {
+            match v.last_mut() {
+                Some((i, l)) if merge && *i + *l == r.iova() && *l + r.len() <= cap => {
+                    *l += r.len()
+                }
+                _ => v.push((r.iova(), r.len())),
+            }
+        }
+        v
+    }
+
+    /// What `content` means as mappings.
+    pub(super) fn content_runs(&self, content: Content) -> Vec<Run> {
+        match content {
+            Content::Nothing => Vec::new(),
+            Content::Identity => self
+                .cfg
+                .guest_ram
+                .iter()
+                .filter(|&&(_, len)| len >= PAGE_SIZE)
+                .map(|&(gpa, len)| Run {
+                    iova_page: gpa / PAGE_SIZE,
+                    gpa_page: gpa / PAGE_SIZE,
+                    pages: len / PAGE_SIZE,
+                    perm: Perm::RW,
+                })
+                .collect(),
+            Content::Domain(d) => {
+                let mut v = Vec::new();
+                if let Some(d) = self.domains.get(&d) {
+                    if !d.bypass {
+                        d.table.mappings(0, u64::MAX, |r| {
+                            v.push(r);
+                            true
+                        });
+                    } else {
+                        return self.content_runs(Content::Identity);
+                    }
+                }
+                v
+            }
+        }
+    }
+
+    /// Removes `ep` from `dom`'s endpoint set, freeing the domain when it empties ("After all
+    /// endpoints have been successfully detached from a domain, it ceases to exist").
+    fn leave_domain(&mut self, ep: EndpointId, dom: DomainId) {
+        let empty = match self.domains.get_mut(&dom) {
+            Some(d) => {
+                d.endpoints.remove(&ep);
+                d.endpoints.is_empty()
+            }
+            None => false,
+        };
+        if empty {
+            self.domains.remove(&dom);
+        }
+        if let Some(e) = self.endpoints.get_mut(&ep) {
+            e.domain = None;
+            e.iotlb.clear();
+        }
+    }
+
+    /// Drops pages `[first, last]` of `dom` from its table (after the host unmaps).
+    fn remove_from_table(&mut self, dom: DomainId, first: u64, last: u64) {
+        let generation = self.new_generation();
+        if let Some(d) = self.domains.get_mut(&dom) {
+            d.table.remove(first, last, |_| {});
+            d.generation = generation;
+        }
+    }
+}
+
+/// The paths that make host calls, each with the state unlocked during the calls
+/// (see [`Relock`]).
+pub(super) trait HostOps: Relock {
     /// Issues the deferred host unmaps, the UNMAPs of one domain in one go (merged where the
     /// backends allow), then removes their mappings from the tables. When the merged calls
     /// fail, each UNMAP is retried on its own so that only those whose own call fails get
@@ -145,7 +268,7 @@ impl Viommu {
     /// Issues the deferred host maps and unmaps. A failed merged map is retried request by
     /// request so that only the requests whose own call fails get the error (in `statuses`)
     /// and lose their mapping.
-    pub(super) fn flush_pending(&mut self, statuses: &mut [Status]) {
+    fn flush_pending(&mut self, statuses: &mut [Status]) {
         self.flush_unmaps(statuses);
         for op in std::mem::take(&mut self.pending) {
             let backends = self.live_backends(op.domain);
@@ -165,80 +288,21 @@ impl Viommu {
         }
     }
 
-    fn fail_map(
-        &mut self,
-        dom: DomainId,
-        req: usize,
-        run: Run,
-        e: &BackendError,
-        statuses: &mut [Status],
-    ) {
-        log::warn!(
-            "virtio-iommu: host map of IOVA {:#x}+{:#x} failed: {e}",
-            run.iova(),
-            run.len()
-        );
-        let generation = self.new_generation();
-        if let Some(d) = self.domains.get_mut(&dom) {
-            d.table.remove(run.iova_page, run.last_page(), |_| {});
-            d.generation = generation;
-        }
-        if let Some(s) = statuses.get_mut(req) {
-            *s = status_of(e);
-        }
-    }
-
     /// Maps `run` on every backend in `backends`, undoing the earlier ones on failure.
     fn map_on_all(&mut self, backends: &[BackendId], run: Run) -> Result<(), BackendError> {
         for (k, &b) in backends.iter().enumerate() {
             self.counters.host_maps += 1;
-            if let Err(e) = self.backends[b]
-                .backend
-                .map(run.iova(), run.gpa(), run.len(), run.perm)
-            {
+            let (iova, gpa, len, perm) = (run.iova(), run.gpa(), run.len(), run.perm);
+            if let Err(e) = call(self, b, |be| be.map(iova, gpa, len, perm)) {
                 for &u in &backends[..k] {
                     self.harvest_runs(u, &[run], DEFAULT_WINDOW_PAGES, true);
                     self.counters.host_unmaps += 1;
-                    let _ = self.backends[u].backend.unmap(run.iova(), run.len());
+                    let _ = call(self, u, |be| be.unmap(iova, len));
                 }
                 return Err(e);
             }
         }
         Ok(())
-    }
-
-    /// The host calls that map `runs` on backend `b`.
-    fn map_ops(&self, b: BackendId, runs: &[Run]) -> Vec<Run> {
-        if !self.backends[b].caps.merge_maps {
-            return runs.to_vec();
-        }
-        let mut v = Vec::new();
-        for &r in runs {
-            push_merged(&mut v, r);
-        }
-        v
-    }
-
-    /// The host calls `(iova, len)` that unmap `runs` (whole guest mappings) on backend `b`.
-    fn unmap_ops(&self, b: BackendId, runs: &[Run]) -> Vec<(u64, u64)> {
-        let merge = self.backends[b].caps.merge_unmaps || self.backends[b].caps.merge_maps;
-        // While dirty bits are collected with each unmap, a merged call stays within one
-        // harvest window, so its bitmap stays small whatever the guest mapped.
-        let cap = if self.reads_device_dirty(b) {
-            DEFAULT_WINDOW_PAGES * PAGE_SIZE
-        } else {
-            u64::MAX
-        };
-        let mut v: Vec<(u64, u64)> = Vec::new();
-        for r in runs {
-            match v.last_mut() {
-                Some((i, l)) if merge && *i + *l == r.iova() && *l + r.len() <= cap => {
-                    *l += r.len()
-                }
-                _ => v.push((r.iova(), r.len())),
-            }
-        }
-        v
     }
 
     /// Maps `runs` on backend `b`; on failure unmaps what this call mapped.
@@ -249,14 +313,13 @@ impl Viommu {
         let ops = self.map_ops(b, runs);
         for (k, r) in ops.iter().enumerate() {
             self.counters.host_maps += 1;
-            if let Err(e) = self.backends[b]
-                .backend
-                .map(r.iova(), r.gpa(), r.len(), r.perm)
-            {
+            let (iova, gpa, len, perm) = (r.iova(), r.gpa(), r.len(), r.perm);
+            if let Err(e) = call(self, b, |be| be.map(iova, gpa, len, perm)) {
                 self.harvest_runs(b, &ops[..k], DEFAULT_WINDOW_PAGES, true);
                 for u in &ops[..k] {
                     self.counters.host_unmaps += 1;
-                    let _ = self.backends[b].backend.unmap(u.iova(), u.len());
+                    let (iova, len) = (u.iova(), u.len());
+                    let _ = call(self, b, |be| be.unmap(iova, len));
                 }
                 return Err(e);
             }
@@ -282,15 +345,13 @@ impl Viommu {
             let r = if reads_device {
                 let mut bits = vec![0u64; (len / PAGE_SIZE).div_ceil(64) as usize];
                 self.counters.dirty_reads += 1;
-                let r = self.backends[b]
-                    .backend
-                    .unmap_read_dirty(iova, len, &mut bits);
+                let r = call(self, b, |be| be.unmap_read_dirty(iova, len, &mut bits));
                 if r.is_ok() {
                     self.mark_unmapped(runs, iova, len, &bits);
                 }
                 r
             } else {
-                self.backends[b].backend.unmap(iova, len)
+                call(self, b, |be| be.unmap(iova, len))
             };
             if let Err(e) = r {
                 let done_end = ops[..k].last().map(|&(i, l)| i + l).unwrap_or(0);
@@ -310,41 +371,8 @@ impl Viommu {
         Ok(())
     }
 
-    /// What `content` means as mappings.
-    pub(super) fn content_runs(&self, content: Content) -> Vec<Run> {
-        match content {
-            Content::Nothing => Vec::new(),
-            Content::Identity => self
-                .cfg
-                .guest_ram
-                .iter()
-                .filter(|&&(_, len)| len >= PAGE_SIZE)
-                .map(|&(gpa, len)| Run {
-                    iova_page: gpa / PAGE_SIZE,
-                    gpa_page: gpa / PAGE_SIZE,
-                    pages: len / PAGE_SIZE,
-                    perm: Perm::RW,
-                })
-                .collect(),
-            Content::Domain(d) => {
-                let mut v = Vec::new();
-                if let Some(d) = self.domains.get(&d) {
-                    if !d.bypass {
-                        d.table.mappings(0, u64::MAX, |r| {
-                            v.push(r);
-                            true
-                        });
-                    } else {
-                        return self.content_runs(Content::Identity);
-                    }
-                }
-                v
-            }
-        }
-    }
-
     /// Replaces backend `b`'s host mappings `from` with `to`; on failure restores `from`.
-    pub(super) fn switch_backend(
+    fn switch_backend(
         &mut self,
         b: BackendId,
         from: Content,
@@ -366,12 +394,7 @@ impl Viommu {
     }
 
     /// Attaches `ep` to `dom` (created if needed), moving it from its current domain.
-    pub(super) fn attach(
-        &mut self,
-        ep: EndpointId,
-        dom: DomainId,
-        bypass: bool,
-    ) -> Result<(), Status> {
+    fn attach(&mut self, ep: EndpointId, dom: DomainId, bypass: bool) -> Result<(), Status> {
         let (backend, old) = match self.endpoints.get(&ep) {
             Some(e) => (e.backend, e.domain),
             None => return Err(Status::NoEnt),
@@ -468,27 +491,8 @@ impl Viommu {
         Ok(())
     }
 
-    /// Removes `ep` from `dom`'s endpoint set, freeing the domain when it empties ("After all
-    /// endpoints have been successfully detached from a domain, it ceases to exist").
-    fn leave_domain(&mut self, ep: EndpointId, dom: DomainId) {
-        let empty = match self.domains.get_mut(&dom) {
-            Some(d) => {
-                d.endpoints.remove(&ep);
-                d.endpoints.is_empty()
-            }
-            None => false,
-        };
-        if empty {
-            self.domains.remove(&dom);
-        }
-        if let Some(e) = self.endpoints.get_mut(&ep) {
-            e.domain = None;
-            e.iotlb.clear();
-        }
-    }
-
     /// Detaches `ep` from `dom`.
-    pub(super) fn detach(&mut self, ep: EndpointId, dom: DomainId) -> Result<(), Status> {
+    fn detach(&mut self, ep: EndpointId, dom: DomainId) -> Result<(), Status> {
         // 5.13.6.2: "If the endpoint identified by endpoint doesn't exist, then the device
         // MUST reject the request and set status to VIRTIO_IOMMU_S_NOENT."
         let Some(e) = self.endpoints.get(&ep) else {
@@ -525,12 +529,7 @@ impl Viommu {
     }
 
     /// Removes the mappings in pages `[first, last]` of `dom` from the host and the table.
-    pub(super) fn unmap_range(
-        &mut self,
-        dom: DomainId,
-        first: u64,
-        last: u64,
-    ) -> Result<(), BackendError> {
+    fn unmap_range(&mut self, dom: DomainId, first: u64, last: u64) -> Result<(), BackendError> {
         let mut runs = Vec::new();
         if let Some(d) = self.domains.get(&dom) {
             d.table.mappings(first, last, |r| {
@@ -564,13 +563,6 @@ impl Viommu {
         }
         Ok(())
     }
-
-    /// Drops pages `[first, last]` of `dom` from its table (after the host unmaps).
-    fn remove_from_table(&mut self, dom: DomainId, first: u64, last: u64) {
-        let generation = self.new_generation();
-        if let Some(d) = self.domains.get_mut(&dom) {
-            d.table.remove(first, last, |_| {});
-            d.generation = generation;
-        }
-    }
 }
+
+impl<G: Relock + ?Sized> HostOps for G {}

@@ -9,14 +9,18 @@
 mod device_iotlb;
 mod dirty;
 mod host;
+mod relock;
 mod request;
 mod state;
 mod translate;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use host::HostOps;
+
 pub use device_iotlb::{IotlbEntry, MAX_IOTLB_ENTRY};
 pub use dirty::{DirtyTrackingReport, HarvestOptions, DEFAULT_WINDOW_PAGES};
+pub use relock::{Held, HostSide, Relock};
 pub use request::{Reply, Request, MAX_READABLE};
 pub use state::{DomainState, RestoreError, ViommuState, STATE_VERSION};
 pub use translate::{Access, Translation};
@@ -202,7 +206,9 @@ struct Domain {
 }
 
 struct BackendSlot {
-    backend: Box<dyn DmaBackend>,
+    backend: relock::SharedBackend,
+    /// The backend's name, kept so that logs never wait for a backend in a call.
+    name: String,
     caps: BackendCaps,
     /// The device behind it failed; it gets no more calls.
     failed: bool,
@@ -237,6 +243,77 @@ pub struct Viommu {
     /// Per-request bookkeeping of [`Viommu::process`], kept between batches.
     scratch: request::Scratch,
 }
+
+/// The device's life-cycle paths that make host calls (bypass changes, resets), with the
+/// state unlocked during the calls (see [`Relock`]).
+pub(super) trait Lifecycle: Relock {
+    /// The guest wrote the `bypass` config field (only with `BYPASS_CONFIG`; the driver MUST
+    /// NOT write values other than 0 and 1, and bits 1-7 are ignored).
+    fn bypass_to(&mut self, value: u8) {
+        if self.cfg.features & (1 << VIRTIO_IOMMU_F_BYPASS_CONFIG) == 0 {
+            return;
+        }
+        let bypass = value & 1 == 1;
+        if bypass == self.bypass {
+            return;
+        }
+        self.flush_pending(&mut []);
+        // Backends whose endpoints are all unattached, each once (endpoints may share one).
+        let mut unattached: Vec<BackendId> =
+            self.endpoints.values().filter_map(|e| e.backend).collect();
+        unattached.sort_unstable();
+        unattached.dedup();
+        unattached.retain(|&b| {
+            !self
+                .endpoints
+                .values()
+                .any(|e| e.backend == Some(b) && e.domain.is_some())
+        });
+        let (from, to) = if bypass {
+            (Content::Nothing, Content::Identity)
+        } else {
+            (Content::Identity, Content::Nothing)
+        };
+        for b in unattached {
+            if let Err(e) = self.switch_backend(b, from, to) {
+                log::error!("virtio-iommu: bypass change on backend {b}: {e}");
+            }
+        }
+        self.bypass = bypass;
+        for ep in self.endpoints.values_mut() {
+            ep.iotlb.clear();
+        }
+    }
+
+    /// Device reset: every endpoint is detached ("When the device is reset, endpoints are
+    /// not attached to any domain", 5.13.5); `bypass` keeps its value (5.13.4).
+    fn reset_all(&mut self) {
+        self.pending.clear();
+        self.pending_unmaps.clear();
+        let attached: Vec<(EndpointId, DomainId)> = self
+            .endpoints
+            .iter()
+            .filter_map(|(&id, e)| e.domain.map(|d| (id, d)))
+            .collect();
+        for (ep, dom) in attached {
+            let _ = self.detach(ep, dom);
+        }
+        self.domains.clear();
+        self.faults.clear();
+        self.negotiated = self.cfg.features;
+    }
+
+    /// System reset: as [`Viommu::reset`], and `bypass` returns to its initial value.
+    fn system_reset_all(&mut self) {
+        self.reset_all();
+        let initial = self.cfg.bypass;
+        if initial != self.bypass {
+            self.bypass_to(u8::from(initial));
+        }
+    }
+}
+
+impl<G: Relock + ?Sized> Lifecycle for G {}
 
 /// Most fault events kept while the event queue has no buffers.
 pub const MAX_PENDING_FAULTS: usize = 256;
@@ -299,7 +376,8 @@ impl Viommu {
         self.cfg.page_size_mask = mask;
         self.cfg.input_range = (first, last);
         self.backends.push(BackendSlot {
-            backend,
+            backend: std::sync::Arc::new(std::sync::Mutex::new(backend)),
+            name,
             caps,
             failed: false,
         });
@@ -365,8 +443,8 @@ impl Viommu {
                     .iter()
                     .any(|(&other, e)| other != id && e.backend == Some(b))
             {
-                self.switch_backend(b, Content::Nothing, Content::Identity)
-                    .map_err(|e| SetupError::Backend(self.backends[b].backend.name(), e))?;
+                let r = Held(self).switch_backend(b, Content::Nothing, Content::Identity);
+                r.map_err(|e| SetupError::Backend(self.backends[b].name.clone(), e))?;
             }
         }
         Ok(())
@@ -402,66 +480,18 @@ impl Viommu {
     /// The guest wrote the `bypass` config field (only with `BYPASS_CONFIG`; the driver MUST
     /// NOT write values other than 0 and 1, and bits 1-7 are ignored).
     pub fn set_bypass(&mut self, value: u8) {
-        if self.cfg.features & (1 << VIRTIO_IOMMU_F_BYPASS_CONFIG) == 0 {
-            return;
-        }
-        let bypass = value & 1 == 1;
-        if bypass == self.bypass {
-            return;
-        }
-        self.flush_pending(&mut []);
-        // Backends whose endpoints are all unattached, each once (endpoints may share one).
-        let mut unattached: Vec<BackendId> =
-            self.endpoints.values().filter_map(|e| e.backend).collect();
-        unattached.sort_unstable();
-        unattached.dedup();
-        unattached.retain(|&b| {
-            !self
-                .endpoints
-                .values()
-                .any(|e| e.backend == Some(b) && e.domain.is_some())
-        });
-        let (from, to) = if bypass {
-            (Content::Nothing, Content::Identity)
-        } else {
-            (Content::Identity, Content::Nothing)
-        };
-        for b in unattached {
-            if let Err(e) = self.switch_backend(b, from, to) {
-                log::error!("virtio-iommu: bypass change on backend {b}: {e}");
-            }
-        }
-        self.bypass = bypass;
-        for ep in self.endpoints.values_mut() {
-            ep.iotlb.clear();
-        }
+        Held(self).bypass_to(value);
     }
 
     /// Device reset: every endpoint is detached ("When the device is reset, endpoints are
     /// not attached to any domain", 5.13.5); `bypass` keeps its value (5.13.4).
     pub fn reset(&mut self) {
-        self.pending.clear();
-        self.pending_unmaps.clear();
-        let attached: Vec<(EndpointId, DomainId)> = self
-            .endpoints
-            .iter()
-            .filter_map(|(&id, e)| e.domain.map(|d| (id, d)))
-            .collect();
-        for (ep, dom) in attached {
-            let _ = self.detach(ep, dom);
-        }
-        self.domains.clear();
-        self.faults.clear();
-        self.negotiated = self.cfg.features;
+        Held(self).reset_all();
     }
 
     /// System reset: as [`Viommu::reset`], and `bypass` returns to its initial value.
     pub fn system_reset(&mut self) {
-        self.reset();
-        let initial = self.cfg.bypass;
-        if initial != self.bypass {
-            self.set_bypass(u8::from(initial));
-        }
+        Held(self).system_reset_all();
     }
 
     /// Marks a backend's device as failed: it gets no more host calls (its endpoint's DMA
@@ -485,13 +515,7 @@ impl Viommu {
         iova: u64,
         write: bool,
     ) -> Result<crate::backend::PageResponse, BackendError> {
-        match self.backends.get_mut(backend) {
-            Some(b) if !b.failed => {
-                self.counters.page_requests += 1;
-                b.backend.page_request(iova, write)
-            }
-            _ => Ok(crate::backend::PageResponse::Invalid),
-        }
+        HostSide::page_request(&mut Held(self), backend, iova, write)
     }
 
     /// Counters so far.

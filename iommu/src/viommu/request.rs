@@ -4,6 +4,8 @@
 
 use zerocopy::{FromBytes, IntoBytes};
 
+use super::host::HostOps;
+use super::relock::{Held, Relock};
 use super::*;
 use crate::pagetable::{Perm, TableError, MAX_GPA, PAGE_SHIFT};
 use crate::protocol::*;
@@ -93,10 +95,91 @@ impl Viommu {
         replies
     }
 
+    /// Whether requests of `type_` exist on this device as negotiated: MAP and UNMAP only
+    /// with `VIRTIO_IOMMU_F_MAP_UNMAP` (5.13.6.3-4: "This request is only available when
+    /// VIRTIO_IOMMU_F_MAP_UNMAP has been negotiated"), PROBE only with `VIRTIO_IOMMU_F_PROBE`
+    /// (5.13.6.5: "If the device does not offer the VIRTIO_IOMMU_F_PROBE feature, and if the
+    /// driver sends a VIRTIO_IOMMU_T_PROBE request, then the device SHOULD NOT write the
+    /// buffer and SHOULD set the used length to zero"). Others are answered like unknown
+    /// types.
+    fn recognizes(&self, type_: u8) -> bool {
+        match type_ {
+            VIRTIO_IOMMU_T_MAP | VIRTIO_IOMMU_T_UNMAP => self.has(VIRTIO_IOMMU_F_MAP_UNMAP),
+            VIRTIO_IOMMU_T_PROBE => self.has(VIRTIO_IOMMU_F_PROBE),
+            _ => true,
+        }
+    }
+
+    pub(super) fn domain_in_range(&self, domain: DomainId) -> bool {
+        domain >= self.cfg.domain_range.0 && domain <= self.cfg.domain_range.1
+    }
+
+    /// Maps in the domain's table within the device-wide metadata budget.
+    fn table_map(
+        &mut self,
+        dom: DomainId,
+        first: u64,
+        last: u64,
+        gpa_page: u64,
+        perm: Perm,
+    ) -> Result<(), TableError> {
+        let others: u64 = self
+            .domains
+            .iter()
+            .filter(|(&id, _)| id != dom)
+            .map(|(_, d)| d.table.metadata_bytes())
+            .sum();
+        let budget = self.cfg.metadata_budget.saturating_sub(others);
+        let d = self.domains.get_mut(&dom).ok_or(TableError::OutOfRange)?;
+        d.table.set_budget(budget);
+        d.table.map(first, last, gpa_page, perm)
+    }
+
+    fn probe_req(&mut self, b: &ProbeBody, props_len: usize) -> (Status, Vec<u8>) {
+        // 5.13.6.5: "The device MUST ignore field reserved of a PROBE request."
+        // "If the endpoint identified by endpoint doesn't exist, then the device SHOULD
+        // reject the request and set status to VIRTIO_IOMMU_S_NOENT."
+        let Some(ep) = self.endpoints.get(&b.endpoint.get()) else {
+            return (Status::NoEnt, Vec::new());
+        };
+        let probe_size = self.probe_size() as usize;
+        // "If the properties list is smaller than probe_size, the device SHOULD NOT write
+        // any property. It SHOULD reject the request and set status to VIRTIO_IOMMU_S_INVAL."
+        if props_len < probe_size {
+            return (Status::Inval, Vec::new());
+        }
+        let mut props = Vec::with_capacity(probe_size);
+        for r in &ep.resv {
+            let mut p = ProbeResvMem::default();
+            p.head.type_.set(VIRTIO_IOMMU_PROBE_T_RESV_MEM);
+            // "The device MUST write the size of a property without the struct
+            // virtio_iommu_probe_property header, in bytes, into length."
+            p.head.length.set(
+                (std::mem::size_of::<ProbeResvMem>() - std::mem::size_of::<ProbeProperty>()) as u16,
+            );
+            p.subtype = r.subtype;
+            p.start.set(r.start);
+            p.end.set(r.end);
+            props.extend_from_slice(p.as_bytes());
+        }
+        // "If the device doesn't fill all probe_size bytes with properties, it SHOULD fill the
+        // remaining bytes of properties with zeroes."
+        props.resize(probe_size, 0);
+        (Status::Ok, props)
+    }
+
     /// [`Viommu::process`] into `replies` (cleared first), so that a caller that keeps the
     /// vector allocates nothing per batch: the per-request bookkeeping is kept in the device
     /// between batches too. Only PROBE replies allocate (their properties).
     pub fn process_into(&mut self, reqs: &[Request<'_>], replies: &mut Vec<Reply>) {
+        Held(self).serve_into(reqs, replies);
+    }
+}
+
+/// Request handling, whose host calls run with the state unlocked (see [`Relock`]).
+pub(super) trait Serve: Relock {
+    /// The body of [`Viommu::process_into`].
+    fn serve_into(&mut self, reqs: &[Request<'_>], replies: &mut Vec<Reply>) {
         self.counters.batches += 1;
         let mut scratch = std::mem::take(&mut self.scratch);
         let Scratch {
@@ -190,25 +273,6 @@ impl Viommu {
             });
         }
         self.scratch = scratch;
-    }
-
-    /// Whether requests of `type_` exist on this device as negotiated: MAP and UNMAP only
-    /// with `VIRTIO_IOMMU_F_MAP_UNMAP` (5.13.6.3-4: "This request is only available when
-    /// VIRTIO_IOMMU_F_MAP_UNMAP has been negotiated"), PROBE only with `VIRTIO_IOMMU_F_PROBE`
-    /// (5.13.6.5: "If the device does not offer the VIRTIO_IOMMU_F_PROBE feature, and if the
-    /// driver sends a VIRTIO_IOMMU_T_PROBE request, then the device SHOULD NOT write the
-    /// buffer and SHOULD set the used length to zero"). Others are answered like unknown
-    /// types.
-    fn recognizes(&self, type_: u8) -> bool {
-        match type_ {
-            VIRTIO_IOMMU_T_MAP | VIRTIO_IOMMU_T_UNMAP => self.has(VIRTIO_IOMMU_F_MAP_UNMAP),
-            VIRTIO_IOMMU_T_PROBE => self.has(VIRTIO_IOMMU_F_PROBE),
-            _ => true,
-        }
-    }
-
-    pub(super) fn domain_in_range(&self, domain: DomainId) -> bool {
-        domain >= self.cfg.domain_range.0 && domain <= self.cfg.domain_range.1
     }
 
     fn attach_req(&mut self, b: &AttachBody) -> Status {
@@ -337,27 +401,6 @@ impl Viommu {
         }
     }
 
-    /// Maps in the domain's table within the device-wide metadata budget.
-    fn table_map(
-        &mut self,
-        dom: DomainId,
-        first: u64,
-        last: u64,
-        gpa_page: u64,
-        perm: Perm,
-    ) -> Result<(), TableError> {
-        let others: u64 = self
-            .domains
-            .iter()
-            .filter(|(&id, _)| id != dom)
-            .map(|(_, d)| d.table.metadata_bytes())
-            .sum();
-        let budget = self.cfg.metadata_budget.saturating_sub(others);
-        let d = self.domains.get_mut(&dom).ok_or(TableError::OutOfRange)?;
-        d.table.set_budget(budget);
-        d.table.map(first, last, gpa_page, perm)
-    }
-
     fn unmap_req(&mut self, idx: usize, b: &UnmapBody, statuses: &mut [Status]) -> Status {
         let dom = b.domain.get();
         let (start, end) = (b.virt_start.get(), b.virt_end.get());
@@ -415,37 +458,6 @@ impl Viommu {
         self.queue_unmap(idx, dom, first, last);
         Status::Ok
     }
-
-    fn probe_req(&mut self, b: &ProbeBody, props_len: usize) -> (Status, Vec<u8>) {
-        // 5.13.6.5: "The device MUST ignore field reserved of a PROBE request."
-        // "If the endpoint identified by endpoint doesn't exist, then the device SHOULD
-        // reject the request and set status to VIRTIO_IOMMU_S_NOENT."
-        let Some(ep) = self.endpoints.get(&b.endpoint.get()) else {
-            return (Status::NoEnt, Vec::new());
-        };
-        let probe_size = self.probe_size() as usize;
-        // "If the properties list is smaller than probe_size, the device SHOULD NOT write
-        // any property. It SHOULD reject the request and set status to VIRTIO_IOMMU_S_INVAL."
-        if props_len < probe_size {
-            return (Status::Inval, Vec::new());
-        }
-        let mut props = Vec::with_capacity(probe_size);
-        for r in &ep.resv {
-            let mut p = ProbeResvMem::default();
-            p.head.type_.set(VIRTIO_IOMMU_PROBE_T_RESV_MEM);
-            // "The device MUST write the size of a property without the struct
-            // virtio_iommu_probe_property header, in bytes, into length."
-            p.head.length.set(
-                (std::mem::size_of::<ProbeResvMem>() - std::mem::size_of::<ProbeProperty>()) as u16,
-            );
-            p.subtype = r.subtype;
-            p.start.set(r.start);
-            p.end.set(r.end);
-            props.extend_from_slice(p.as_bytes());
-        }
-        // "If the device doesn't fill all probe_size bytes with properties, it SHOULD fill the
-        // remaining bytes of properties with zeroes."
-        props.resize(probe_size, 0);
-        (Status::Ok, props)
-    }
 }
+
+impl<G: Relock + ?Sized> Serve for G {}

@@ -8,6 +8,8 @@
 use serde::{Deserialize, Serialize};
 use zerocopy::{FromBytes, IntoBytes};
 
+use super::host::HostOps;
+use super::relock::Held;
 use super::*;
 use crate::pagetable::Perm;
 
@@ -69,7 +71,7 @@ pub enum RestoreError {
 impl Viommu {
     /// The device state (deferred host maps are issued first).
     pub fn save_state(&mut self) -> ViommuState {
-        self.flush_pending(&mut []);
+        Held(&mut *self).flush_pending(&mut []);
         let domains = self
             .domains
             .iter()
@@ -120,7 +122,7 @@ impl Viommu {
         if s.domains.len() > self.cfg.max_domains {
             return Err(RestoreError::TooManyDomains(s.domains.len()));
         }
-        self.flush_pending(&mut []);
+        Held(&mut *self).flush_pending(&mut []);
         // Build the new domains aside first: a corrupt state changes nothing.
         let mut domains = BTreeMap::new();
         let (lo, hi) = (
@@ -200,8 +202,9 @@ impl Viommu {
         // Host mappings: from what each backend has now to what the restored state says.
         for b in 0..self.backends.len() {
             let after = self.backend_content(b);
-            if let Err(e) = self.switch_backend(b, before[b], after) {
-                let name = self.backends[b].backend.name();
+            let r = Held(&mut *self).switch_backend(b, before[b], after);
+            if let Err(e) = r {
+                let name = self.backends[b].name.clone();
                 // Undo: the earlier backends back to their old content, the state back.
                 let new_content: Vec<Content> = (0..b).map(|k| self.backend_content(k)).collect();
                 self.domains = old_domains;
@@ -212,7 +215,7 @@ impl Viommu {
                     }
                 }
                 for (k, from) in new_content.into_iter().enumerate() {
-                    let _ = self.switch_backend(k, from, before[k]);
+                    let _ = Held(&mut *self).switch_backend(k, from, before[k]);
                 }
                 return Err(RestoreError::Backend(name, e));
             }

@@ -5,6 +5,7 @@
 //! | request | answer |
 //! | --- | --- |
 //! | `{"cmd":"status"}` | `{"ok":true,"state":"running"\|"paused"\|"waiting"\|"awaiting-commit"\|"handover-unconfirmed","memory":N,"cpus":N}`, and while a migration runs `"migration":{"phase","round","pages_sent","round_pages","round_sent","dirty_pages","dirty_rate","expected_downtime_ms"}` |
+//! | `{"cmd":"counters"}` | `{"ok":true,"counters":["NAME: key=value ...", ...]}`: one line per device, as `--counters` prints them at exit |
 //! | `{"cmd":"pause"}`, `{"cmd":"resume"}` | `{"ok":true}` (`resume` of a handed-over guest needs `"force":true`) |
 //! | `{"cmd":"snapshot","dir":"PATH"[,"verify":true]}` | `{"ok":true,"path":..,"pages":N,"bytes":N,"total_ms":N}` |
 //! | `{"cmd":"migrate","to":"unix:PATH"\|"tcp:HOST:PORT,tls=DIR"\|"tcp:HOST:PORT,insecure", ...}` | the migration report |
@@ -290,6 +291,9 @@ fn handle(req: &Request, target: &ApiTarget) -> Result<Reply, ApiError> {
                 migration: m.progress.status(),
             }))
         }
+        Request::Counters => Ok(Reply::Counters {
+            counters: m.devices.counters_report(),
+        }),
         Request::Pause => {
             let _busy = not_during_a_migration(&m, "pause")?;
             let mut l = m.lifecycle.locked();

@@ -16,6 +16,8 @@ use crate::migration::{MigrateOptions, MigrationReport};
 pub enum Request {
     /// The VM's state, and a running migration's progress.
     Status,
+    /// Every device's counters, one line per device (what `--counters` prints at exit).
+    Counters,
     /// Park the vCPUs.
     Pause,
     /// Run the vCPUs again. `force` resumes a guest whose hand-over was not confirmed.
@@ -61,6 +63,7 @@ impl Request {
     pub fn name(&self) -> &'static str {
         match self {
             Request::Status => "status",
+            Request::Counters => "counters",
             Request::Pause => "pause",
             Request::Resume { .. } => "resume",
             Request::Snapshot { .. } => "snapshot",
@@ -119,6 +122,11 @@ pub enum Reply {
     Snapshot(SnapshotReply),
     /// `migrate`: the migration's report.
     Migrated(Box<MigrationReport>),
+    /// `counters`: one line per device, `NAME: key=value ...`.
+    Counters {
+        /// The lines.
+        counters: Vec<String>,
+    },
     /// `test-forbidden-syscall`: what the call returned (the VMM stops first under
     /// `--seccomp on`).
     #[cfg(feature = "test-hooks")]

@@ -33,6 +33,8 @@ struct Cli {
 enum Cmd {
     /// State of the VM (and of a migration in progress).
     Status,
+    /// Every device's counters, one line per device.
+    Counters,
     /// Pause the vCPUs.
     Pause,
     /// Resume the vCPUs (`--force` after an unconfirmed hand-over).
@@ -95,6 +97,7 @@ enum Cmd {
 fn request(cmd: &Cmd) -> Request {
     match cmd {
         Cmd::Status => Request::Status,
+        Cmd::Counters => Request::Counters,
         Cmd::Pause => Request::Pause,
         Cmd::Resume { force } => Request::Resume { force: *force },
         Cmd::Snapshot { dir, verify } => Request::Snapshot {
@@ -210,6 +213,7 @@ fn show(reply: &Reply) -> String {
             }
             s
         }
+        Reply::Counters { counters } => counters.join("\n"),
         Reply::Snapshot(r) => format!(
             "snapshot {}: {} pages, {} MiB, {} ms",
             r.path.display(),

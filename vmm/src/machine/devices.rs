@@ -25,6 +25,7 @@ use devices::virtio::VirtioDevice;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use iommu::dirty::DirtyBitmap;
 use iommu::pagetable::PAGE_SIZE;
+use iommu::viommu::HostSide;
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use serde::{Deserialize, Serialize};
 use sync::MutexExt;
@@ -297,7 +298,7 @@ impl DeviceManager {
     pub fn start_dirty_tracking(&self) -> Vec<String> {
         let mut untracked = Vec::new();
         if let Some((h, _)) = &self.iommu {
-            untracked.extend(h.lock().start_dirty_tracking().untracked);
+            untracked.extend(h.lock_for_host_calls().start_dirty_tracking().untracked);
         }
         for p in &self.passthrough {
             if let Some(d) = &p.direct {
@@ -335,7 +336,7 @@ impl DeviceManager {
     /// ORs into `out` the pages passthrough devices wrote since the last harvest.
     pub fn harvest_passthrough(&self, out: &mut DirtyBitmap) {
         if let Some((h, _)) = &self.iommu {
-            h.lock().harvest_dirty(out);
+            h.lock_for_host_calls().harvest_dirty(out);
         }
         for p in &self.passthrough {
             if let Some(d) = &p.direct {
@@ -348,7 +349,7 @@ impl DeviceManager {
     pub fn stop_dirty_tracking(&self, out: &mut DirtyBitmap) {
         self.harvest_dirty(out);
         if let Some((h, _)) = &self.iommu {
-            if let Some(rest) = h.lock().stop_dirty_tracking() {
+            if let Some(rest) = h.lock_for_host_calls().stop_dirty_tracking() {
                 out.merge(&rest);
             }
         }

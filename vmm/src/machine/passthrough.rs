@@ -16,7 +16,7 @@ use devices::virtio::iommu::IommuHandle;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use iommu::backend::PageResponse;
 use iommu::on_demand::OnDemandCounters;
-use iommu::viommu::BackendId;
+use iommu::viommu::{BackendId, HostSide};
 use sync::MutexExt;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -120,7 +120,9 @@ impl FaultForwarder {
             }
         };
         let r = match (&self.iommu, &self.direct) {
-            (Some((h, _, backend)), _) => h.lock().page_request(*backend, iova, write),
+            (Some((h, _, backend)), _) => {
+                h.lock_for_host_calls().page_request(*backend, iova, write)
+            }
             (None, Some(d)) => d.page_request(iova, write),
             (None, None) => Ok(PageResponse::Invalid),
         };

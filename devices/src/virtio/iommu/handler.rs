@@ -13,7 +13,7 @@ use zerocopy::IntoBytes;
 use super::{IommuHandle, Requests, VirtioIommu};
 use crate::GuestMemoryMmap;
 use iommu::protocol::ReqTail;
-use iommu::viommu::{Reply, Request, MAX_READABLE};
+use iommu::viommu::{HostSide, Reply, Request, MAX_READABLE};
 
 /// The request thread's loop: serves the queue at each notification (`kick`) until `stop` is
 /// signalled. While `frozen` is set, a notification is consumed and its requests stay queued
@@ -97,7 +97,7 @@ pub(super) fn process(r: &mut Requests, iommu: &IommuHandle, mem: &Arc<GuestMemo
         });
         let writer = Writer::new(m, c).ok();
         if writer.is_none() {
-            *bad_chains += 1;
+            bad_chains.fetch_add(1, Ordering::Relaxed);
         }
         chains.push((head, readable, writer));
         if chains.len() > usize::from(super::QUEUE_SIZE) {
@@ -116,7 +116,9 @@ pub(super) fn process(r: &mut Requests, iommu: &IommuHandle, mem: &Arc<GuestMemo
         })
         .collect();
     let mut replies = std::mem::take(kept);
-    iommu.lock().process_into(&reqs, &mut replies);
+    iommu
+        .lock_for_host_calls()
+        .process_into(&reqs, &mut replies);
     for ((head, _, writer), reply) in chains.into_iter().zip(replies.drain(..)) {
         let used = match (reply, writer) {
             (
@@ -138,14 +140,14 @@ pub(super) fn process(r: &mut Requests, iommu: &IommuHandle, mem: &Arc<GuestMemo
                 if ok {
                     used_len
                 } else {
-                    *bad_chains += 1;
+                    bad_chains.fetch_add(1, Ordering::Relaxed);
                     0
                 }
             }
             _ => 0,
         };
         if queue.add_used(m, head, used).is_err() {
-            *bad_chains += 1;
+            bad_chains.fetch_add(1, Ordering::Relaxed);
         }
     }
     *kept = replies;

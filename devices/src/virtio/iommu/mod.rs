@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::Instant;
 
 use iommu::protocol::{CONFIG_BYPASS_OFFSET, VIRTIO_ID_IOMMU};
+use iommu::viommu::HostSide;
 use iommu::Viommu;
 use sync::MutexExt;
 use virtio_queue::Queue;
@@ -35,6 +36,11 @@ pub struct IommuHandle {
     pub fault_evt: Arc<EventFd>,
     /// How the state's lock is shared out, for the counters report.
     pub lock_stats: Arc<LockStats>,
+    /// The host order: held by whoever runs the state's paths that make host calls
+    /// ([`IommuHandle::lock_for_host_calls`]), from before it takes the state until it is
+    /// done, so that those paths run one at a time while the state itself is given up
+    /// during each call.
+    host_order: Arc<Mutex<()>>,
 }
 
 /// How often the state's lock was taken through [`IommuHandle::lock`], how often the taker
@@ -48,6 +54,9 @@ pub struct LockStats {
     pub contended: AtomicU64,
     /// Nanoseconds spent waiting, summed over the contended takes.
     pub wait_ns: AtomicU64,
+    /// Host calls (to a device server, a back end or the kernel) made with the state given
+    /// up ([`HostCalls`]).
+    pub unlocked_calls: AtomicU64,
 }
 
 impl IommuHandle {
@@ -60,6 +69,7 @@ impl IommuHandle {
             state: Arc::new(Mutex::new(state)),
             fault_evt: Arc::new(EventFd::new(EFD_NONBLOCK)?),
             lock_stats: Arc::default(),
+            host_order: Arc::default(),
         })
     }
 
@@ -83,9 +93,68 @@ impl IommuHandle {
         }
     }
 
+    /// Locks the state for a path that makes host calls (requests, bypass changes, resets,
+    /// dirty tracking, page requests; see [`iommu::viommu::HostSide`]): the host order
+    /// first, then the state, which the path gives up during each host call. The caller must
+    /// not hold the state ([`IommuHandle::lock`]) already.
+    pub fn lock_for_host_calls(&self) -> HostCalls<'_> {
+        let order = self
+            .host_order
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        HostCalls {
+            guard: Some(self.lock()),
+            handle: self,
+            _order: order,
+        }
+    }
+
     /// Tells the event loop that faults are waiting.
     pub fn notify_fault(&self) {
         let _ = self.fault_evt.write(1);
+    }
+}
+
+/// The state locked by [`IommuHandle::lock_for_host_calls`]: it dereferences to the state,
+/// and gives the state up while a host call waits on its peer
+/// ([`iommu::viommu::Relock`]), so that translations, fault reports, IOTLB misses and the
+/// API's reads go on meanwhile. The host order is kept until it is dropped.
+pub struct HostCalls<'a> {
+    /// The state, `None` only during a host call.
+    guard: Option<MutexGuard<'a, Viommu>>,
+    handle: &'a IommuHandle,
+    /// Dropped after `guard` (fields drop in order).
+    _order: MutexGuard<'a, ()>,
+}
+
+impl std::ops::Deref for HostCalls<'_> {
+    type Target = Viommu;
+    fn deref(&self) -> &Viommu {
+        // `guard` is `None` only inside `unlocked`, which borrows `self` mutably.
+        self.guard
+            .as_deref()
+            .expect("the state is held outside host calls")
+    }
+}
+
+impl std::ops::DerefMut for HostCalls<'_> {
+    fn deref_mut(&mut self) -> &mut Viommu {
+        self.guard
+            .as_deref_mut()
+            .expect("the state is held outside host calls")
+    }
+}
+
+impl iommu::viommu::Relock for HostCalls<'_> {
+    fn unlocked<R>(&mut self, call: impl FnOnce() -> R) -> R {
+        self.guard = None;
+        self.handle
+            .lock_stats
+            .unlocked_calls
+            .fetch_add(1, Ordering::Relaxed);
+        let r = call();
+        self.guard = Some(self.handle.lock());
+        r
     }
 }
 
@@ -96,8 +165,9 @@ impl IommuHandle {
 pub(crate) struct Requests {
     queue: Option<Queue>,
     interrupt: Option<Arc<dyn VirtioInterrupt>>,
-    /// Chains whose memory could not be read or written (driver bugs), for the logs.
-    bad_chains: u64,
+    /// Chains whose memory could not be read or written (driver bugs), for the logs: shared
+    /// with the device, which reads it without waiting for a batch being served.
+    bad_chains: Arc<AtomicU64>,
     /// The replies of the last batch (kept: no allocation per batch).
     replies: Vec<iommu::viommu::Reply>,
 }
@@ -115,6 +185,8 @@ pub struct VirtioIommu {
     mem: Arc<GuestMemoryMmap>,
     acked: u64,
     requests: Arc<Mutex<Requests>>,
+    /// The request queue's bad chains (`Requests::bad_chains`).
+    bad_request_chains: Arc<AtomicU64>,
     /// Queue 1, the event queue (served by the event loop: [`VirtioIommu::deliver_faults`]).
     events: Option<Queue>,
     interrupt: Option<Arc<dyn VirtioInterrupt>>,
@@ -138,11 +210,14 @@ impl VirtioIommu {
             let s = iommu.lock();
             (s.config(), s.offered_features())
         };
+        let requests = Requests::default();
+        let bad_request_chains = Arc::clone(&requests.bad_chains);
         Self {
             iommu,
             mem,
             acked: 0,
-            requests: Arc::default(),
+            requests: Arc::new(Mutex::new(requests)),
+            bad_request_chains,
             events: None,
             interrupt: None,
             bad_event_chains: 0,
@@ -197,7 +272,7 @@ impl VirtioIommu {
 
     /// Chains the device could not access.
     pub fn bad_chains(&self) -> u64 {
-        self.requests.locked().bad_chains + self.bad_event_chains
+        self.bad_request_chains.load(Ordering::Relaxed) + self.bad_event_chains
     }
 
     /// Serves the request queue here (tests, and a device without a request thread).
@@ -249,7 +324,7 @@ impl VirtioIommu {
             "{} batches={} {} host_maps={} host_unmaps={} faults={} faults_dropped={} \
              iotlb_hits={} iotlb_misses={} translated_bytes={} domains={} metadata_bytes={} \
              dirty_reads={} dirty_pages_reported={} bad_chains={} lock_takes={} \
-             lock_contended={} lock_wait_us={}",
+             lock_contended={} lock_wait_us={} unlocked_host_calls={}",
             req.join(" "),
             c.batches,
             st.join(" "),
@@ -268,6 +343,7 @@ impl VirtioIommu {
             get(&ls.acquisitions),
             get(&ls.contended),
             get(&ls.wait_ns) / 1000,
+            get(&ls.unlocked_calls),
         )
     }
 }
@@ -309,7 +385,7 @@ impl VirtioDevice for VirtioIommu {
         let bypass_cfg = 1u64 << iommu::protocol::features::VIRTIO_IOMMU_F_BYPASS_CONFIG;
         if offset == CONFIG_BYPASS_OFFSET as u64 && data.len() == 1 && self.acked & bypass_cfg != 0
         {
-            let mut s = self.iommu.lock();
+            let mut s = self.iommu.lock_for_host_calls();
             s.set_bypass(data[0]);
             *self.cached.locked() = (s.config(), s.offered_features());
         } else {
@@ -359,7 +435,7 @@ impl VirtioDevice for VirtioIommu {
         self.events = None;
         self.interrupt = None;
         self.acked = 0;
-        let mut s = self.iommu.lock();
+        let mut s = self.iommu.lock_for_host_calls();
         s.reset();
         *self.cached.locked() = (s.config(), s.offered_features());
     }

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use iommu::backend::{BackendCaps, BackendError, DmaBackend};
 use iommu::pagetable::{Perm, MAX_IOVA};
+use iommu::viommu::Relock;
 use sync::MutexExt;
 use vhost::vhost_user::message::{
     VhostUserHeaderFlag, VhostUserIotlb, VhostUserIotlbType, VhostUserProtocolFeatures,
@@ -578,8 +579,8 @@ impl Shared {
 
     /// In [`IotlbMode::Prefetch`], sends what the endpoint may reach now (at most
     /// [`REPLAY_MAX`] runs): the rings and buffers the driver mapped before the device
-    /// started, or before a new back end came. Takes the vIOMMU, then the link state: call
-    /// with neither held.
+    /// started, or before a new back end came. Takes the vIOMMU in the host order (so that
+    /// no UNMAP's INVALIDATE is under way), then the link state: call with neither held.
     pub(super) fn replay(&self) {
         let Some((h, ep)) = &self.iommu else {
             return;
@@ -587,11 +588,14 @@ impl Shared {
         if self.iotlb_mode != IotlbMode::Prefetch {
             return;
         }
-        let v = h.lock();
-        for r in v.endpoint_runs(*ep, REPLAY_MAX) {
-            self.prefetch(r.iova(), r.gpa(), r.len(), r.perm);
-        }
-        drop(v);
+        let mut v = h.lock_for_host_calls();
+        let runs = v.endpoint_runs(*ep, REPLAY_MAX);
+        // The UPDATEs go out in the host order, without the vIOMMU.
+        v.unlocked(|| {
+            for r in runs {
+                self.prefetch(r.iova(), r.gpa(), r.len(), r.perm);
+            }
+        });
     }
 
     /// The VMM's address of `[gpa, gpa + len)` when it lies in one region of guest RAM.
@@ -625,11 +629,13 @@ impl Shared {
         let Some((h, ep)) = &self.iommu else {
             return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
         };
-        // The device's link state is taken before the vIOMMU is let go: an UNMAP that the
-        // vIOMMU handles after this lookup sends its INVALIDATE under the link state, so
-        // after this UPDATE, and no UNMAP completes between the lookup and the UPDATE. The
-        // vIOMMU is not held while the back end acknowledges.
-        let mut v = h.lock();
+        // The lookup is made in the host order (`lock_for_host_calls`): an UNMAP's
+        // INVALIDATE, sent with the vIOMMU let go but in the host order, is then either
+        // done and its mapping gone from the table, or not started. The device's link state
+        // is taken before the host order and the vIOMMU are let go, so such an INVALIDATE
+        // goes after this UPDATE, and no UNMAP completes between the lookup and the UPDATE.
+        // Neither is held while the back end acknowledges.
+        let mut v = h.lock_for_host_calls();
         let entry = match v.iotlb_entry(*ep, msg.iova, needed) {
             Ok(e) => e,
             Err(_) => {
