@@ -450,6 +450,59 @@ const NAMES: &[(i64, &str)] = names![
 mod tests {
     use super::*;
 
+    /// Every thread the main thread starts during set-up inherits [`lists::SETUP`] and adds
+    /// its own list: what its own list allows must be within set-up's, system calls and
+    /// `ioctl` requests alike.
+    #[test]
+    fn every_list_is_within_set_up() {
+        use lists::*;
+        let setup: std::collections::BTreeSet<i64> =
+            SETUP.syscalls.iter().copied().flatten().copied().collect();
+        let allows_ioctl = |ioctls: Ioctls, request: u64| match ioctls {
+            Ioctls::Any => true,
+            Ioctls::Only { requests, types } => {
+                requests.iter().flat_map(|l| l()).any(|r| r == request)
+                    || types.iter().any(|&t| (request >> 8) & 0xff == u64::from(t))
+            }
+        };
+        for (name, list) in [
+            ("VCPU", VCPU),
+            ("VMM_MAIN", VMM_MAIN),
+            ("API", API),
+            ("STATIC_MAP", STATIC_MAP),
+            ("VIOMMU", VIOMMU),
+            ("VHOST_USER", VHOST_USER),
+        ] {
+            let missing: Vec<&str> = list
+                .syscalls
+                .iter()
+                .copied()
+                .flatten()
+                .filter(|nr| !setup.contains(nr))
+                .map(|&nr| syscall_name(nr))
+                .collect();
+            assert!(
+                missing.is_empty(),
+                "{name} allows what set-up does not: {missing:?}"
+            );
+            let Ioctls::Only { requests, types } = list.ioctls else {
+                panic!("{name}: any ioctl");
+            };
+            for r in requests.iter().flat_map(|l| l()) {
+                assert!(allows_ioctl(SETUP.ioctls, r), "{name}: ioctl {r:#x}");
+            }
+            for &t in types {
+                let Ioctls::Only {
+                    types: setup_types, ..
+                } = SETUP.ioctls
+                else {
+                    unreachable!()
+                };
+                assert!(setup_types.contains(&t), "{name}: ioctl type {t:#x}");
+            }
+        }
+    }
+
     /// Under a filter, executable memory, sockets of other families, `ioctl` requests
     /// outside the thread's list (a terminal's on the vhost-user thread, a VM's on a vCPU
     /// thread), a `clone` that makes a process and a signal to another process are refused (the process ends with
@@ -519,6 +572,19 @@ mod tests {
                 libc::_exit(0);
             }
         }
+        if let Ok(case) = std::env::var("VMM_SECCOMP_API_CASE") {
+            install("test", lists::API, Mode::On).unwrap();
+            // SAFETY: requests on a descriptor that does not exist, as above.
+            unsafe {
+                assert_eq!(libc::ioctl(-1, 0x4010_ae42 as _, 0), -1); // KVM_GET_DIRTY_LOG
+                assert_eq!(libc::ioctl(-1, 0x4040_ae79 as _, 0), -1); // KVM_IOEVENTFD
+                if case == "kvm-enable-cap" {
+                    // KVM_ENABLE_CAP: of KVM's type, but no path of the VMM makes it.
+                    libc::ioctl(-1, 0x4068_aea3 as _, 0);
+                }
+                libc::_exit(0);
+            }
+        }
         if let Ok(case) = std::env::var("VMM_SECCOMP_THREADS_CASE") {
             const MORE: &[i64] = &[libc::SYS_sched_getaffinity, libc::SYS_tgkill];
             let filter = Filter {
@@ -573,6 +639,8 @@ mod tests {
             ("VMM_SECCOMP_CASE", "ioctl-tty", VIOLATION_EXIT),
             ("VMM_SECCOMP_VCPU_CASE", "allowed", 0),
             ("VMM_SECCOMP_VCPU_CASE", "kvm-create-vcpu", VIOLATION_EXIT),
+            ("VMM_SECCOMP_API_CASE", "allowed", 0),
+            ("VMM_SECCOMP_API_CASE", "kvm-enable-cap", VIOLATION_EXIT),
             ("VMM_SECCOMP_THREADS_CASE", "allowed", 0),
             ("VMM_SECCOMP_THREADS_CASE", "fork", VIOLATION_EXIT),
             ("VMM_SECCOMP_THREADS_CASE", "tgkill-other", VIOLATION_EXIT),
@@ -643,7 +711,7 @@ pub fn confine(name: &'static str, filter: Filter) {
 /// every test with `--seccomp log` and reading the kernel's log of what the filters let
 /// through (`dmesg | grep type=1326`: `comm` is the thread, `syscall` the number).
 pub mod lists {
-    use super::ioctls::{self, KVM_TYPE, VFIO_TYPE};
+    use super::ioctls::{self, VFIO_TYPE};
     use super::{Filter, Ioctls};
 
     /// `libc::SYS_*` numbers, as a slice.
@@ -779,8 +847,6 @@ pub mod lists {
         },
     };
 
-    /// A vhost-user device's back-end channel thread: IOTLB misses and updates, hang-ups,
-    /// reconnection (a new socket, the memory table and rings sent again).
     /// The virtio-iommu's request thread: the requests' host calls (vfio-user and vhost-user
     /// messages; VFIO's and iommufd's `ioctl`s), its queue's notification eventfd, the
     /// guest's interrupt.
@@ -792,7 +858,9 @@ pub mod lists {
         },
     };
 
-    /// `ioctl`: descriptor flags only.
+    /// A vhost-user device's back-end channel thread: IOTLB misses and updates, hang-ups,
+    /// reconnection (a new socket, the memory table and rings sent again). `ioctl`:
+    /// descriptor flags only.
     pub const VHOST_USER: Filter = Filter {
         syscalls: &[IO, CONNECT],
         ioctls: Ioctls::Only {
@@ -801,11 +869,51 @@ pub mod lists {
         },
     };
 
-    /// The `ioctl`s of the main thread and the API's: KVM's (the VM's memory slots, dirty
-    /// logs, interrupts; a restore's vCPU state) and VFIO's and iommufd's (host mappings,
-    /// dirty tracking, device migration), whole, and descriptor flags.
+    /// The main thread during set-up, from the command line parsed to the event loop, and
+    /// so every thread it starts (each then narrows it with its own list: stacked filters
+    /// allow only what both allow, so every other list must be within this one,
+    /// `every_list_is_within_set_up`). Beyond the other lists: building the VM and its
+    /// memory (`memfd_create`, KVM's `ioctl`s, `mincore` for what a static map populated),
+    /// the event loop (`epoll_create1`, `timerfd_create`), the API socket's mode (`chmod`),
+    /// signal handlers, thread stacks (`prlimit64`), and the threads' own filters
+    /// (`seccomp`).
+    pub const SETUP: Filter = Filter {
+        syscalls: &[
+            IO,
+            FILES,
+            CONNECT,
+            SERVE,
+            THREADS,
+            sys![
+                SYS_dup3,
+                SYS_tgkill,
+                SYS_sched_getaffinity,
+                SYS_wait4,
+                SYS_timerfd_create,
+                SYS_timerfd_settime,
+                SYS_epoll_create1,
+                SYS_memfd_create,
+                SYS_mincore,
+                SYS_chmod,
+                SYS_fchmod,
+                SYS_fchmodat,
+                SYS_prlimit64,
+                SYS_rt_sigaction,
+                SYS_seccomp,
+            ],
+        ],
+        ioctls: Ioctls::Only {
+            requests: &[ioctls::descriptors, ioctls::vm, ioctls::vcpu],
+            types: &[VFIO_TYPE],
+        },
+    };
+
+    /// The `ioctl`s of the main thread and the API's: KVM's that [`ioctls::vm`] lists (the
+    /// VM's memory slots, dirty logs, interrupts; a restore's vCPU state), VFIO's and
+    /// iommufd's (host mappings, dirty tracking, device migration) whole, and descriptor
+    /// flags.
     const KVM_AND_VFIO: Ioctls = Ioctls::Only {
-        requests: &[ioctls::descriptors],
-        types: &[KVM_TYPE, VFIO_TYPE],
+        requests: &[ioctls::descriptors, ioctls::vm],
+        types: &[VFIO_TYPE],
     };
 }

@@ -1,14 +1,17 @@
 //! The `ioctl` requests the VMM's threads make, as numbers a filter compares `ioctl`'s second
 //! argument with (its low 32 bits: the kernel takes `unsigned int cmd`). Built with
 //! `vmm-sys-util`'s macros from the kernel's definitions: `include/uapi/linux/kvm.h` (type
-//! `KVMIO`, 0xAE) and `include/uapi/asm-generic/ioctls.h`.
+//! `KVMIO`, 0xAE) and `include/uapi/asm-generic/ioctls.h`. VFIO's and iommufd's are allowed by
+//! type (`';'`): this host has neither, so which of them each path makes cannot be gathered
+//! here.
 
 /// The request numbers, as functions (`vmm-sys-util`'s macros make them so).
 mod numbers {
     use kvm_bindings::{
-        kvm_debugregs, kvm_fpu, kvm_ioeventfd, kvm_irq_routing, kvm_irqfd, kvm_lapic_state,
-        kvm_mp_state, kvm_msrs, kvm_regs, kvm_sregs, kvm_translation, kvm_userspace_memory_region,
-        kvm_vcpu_events, kvm_xcrs, kvm_xsave, KVMIO,
+        kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_dirty_log, kvm_fpu, kvm_ioeventfd,
+        kvm_irq_routing, kvm_irqchip, kvm_irqfd, kvm_lapic_state, kvm_mp_state, kvm_msr_list,
+        kvm_msrs, kvm_pit_config, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_translation,
+        kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave, KVMIO,
     };
     use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
@@ -44,6 +47,26 @@ mod numbers {
     ioctl_iow_nr!(KVM_SET_GSI_ROUTING, KVMIO, 0x6a, kvm_irq_routing);
     ioctl_iow_nr!(KVM_IRQFD, KVMIO, 0x76, kvm_irqfd);
     ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_ioeventfd);
+    // The system's and the VM's.
+    ioctl_io_nr!(KVM_GET_API_VERSION, KVMIO, 0x00);
+    ioctl_io_nr!(KVM_CREATE_VM, KVMIO, 0x01);
+    ioctl_iowr_nr!(KVM_GET_MSR_INDEX_LIST, KVMIO, 0x02, kvm_msr_list);
+    ioctl_io_nr!(KVM_CHECK_EXTENSION, KVMIO, 0x03);
+    ioctl_io_nr!(KVM_GET_VCPU_MMAP_SIZE, KVMIO, 0x04);
+    ioctl_iowr_nr!(KVM_GET_SUPPORTED_CPUID, KVMIO, 0x05, kvm_cpuid2);
+    ioctl_io_nr!(KVM_CREATE_VCPU, KVMIO, 0x41);
+    ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
+    ioctl_io_nr!(KVM_SET_TSS_ADDR, KVMIO, 0x47);
+    ioctl_io_nr!(KVM_CREATE_IRQCHIP, KVMIO, 0x60);
+    ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
+    ioctl_ior_nr!(KVM_SET_IRQCHIP, KVMIO, 0x63, kvm_irqchip);
+    ioctl_iow_nr!(KVM_CREATE_PIT2, KVMIO, 0x77, kvm_pit_config);
+    ioctl_iow_nr!(KVM_SET_CLOCK, KVMIO, 0x7b, kvm_clock_data);
+    ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
+    ioctl_iow_nr!(KVM_SET_CPUID2, KVMIO, 0x90, kvm_cpuid2);
+    ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
+    ioctl_iow_nr!(KVM_SET_PIT2, KVMIO, 0xa0, kvm_pit_state2);
+    ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
 }
 use numbers::*;
 
@@ -102,6 +125,37 @@ pub fn vcpu() -> Vec<u64> {
     ]
 }
 
+/// The main thread's and the API's: building the VM (`/dev/kvm`'s and the VM's requests:
+/// CPUID, MSRs, the in-kernel interrupt controllers and PIT, memory slots, vCPUs), the event
+/// loop's device work (irqfds, ioeventfds, GSI routes, memory slots), migration and
+/// snapshots (dirty logs; the VM's clock, interrupt controllers and PIT), and a restore's
+/// vCPU state: every request of [`vcpu`] but `KVM_RUN`.
+pub fn vm() -> Vec<u64> {
+    let mut v = vec![
+        KVM_GET_API_VERSION(),
+        KVM_CREATE_VM(),
+        KVM_GET_MSR_INDEX_LIST(),
+        KVM_CHECK_EXTENSION(),
+        KVM_GET_VCPU_MMAP_SIZE(),
+        KVM_GET_SUPPORTED_CPUID(),
+        KVM_CREATE_VCPU(),
+        KVM_GET_DIRTY_LOG(),
+        KVM_SET_TSS_ADDR(),
+        KVM_CREATE_IRQCHIP(),
+        KVM_GET_IRQCHIP(),
+        KVM_SET_IRQCHIP(),
+        KVM_CREATE_PIT2(),
+        KVM_SET_CLOCK(),
+        KVM_GET_CLOCK(),
+        KVM_SET_CPUID2(),
+        KVM_GET_PIT2(),
+        KVM_SET_PIT2(),
+        KVM_GET_TSC_KHZ(),
+    ];
+    v.extend(vcpu().into_iter().filter(|&r| r != KVM_RUN()));
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,6 +173,14 @@ mod tests {
         assert_eq!(KVM_SET_USER_MEMORY_REGION(), 0x4020_ae46);
         assert_eq!(KVM_GET_XSAVE(), 0x9000_aea4);
         assert_eq!(KVM_TRANSLATE(), 0xc018_ae85);
+        assert_eq!(KVM_CREATE_VM(), 0xae01);
+        assert_eq!(KVM_CREATE_VCPU(), 0xae41);
+        assert_eq!(KVM_GET_SUPPORTED_CPUID(), 0xc008_ae05);
+        assert_eq!(KVM_GET_DIRTY_LOG(), 0x4010_ae42);
+        assert_eq!(KVM_SET_CPUID2(), 0x4008_ae90);
+        assert_eq!(KVM_GET_CLOCK(), 0x8030_ae7c);
+        assert_eq!(KVM_GET_PIT2(), 0x8070_ae9f);
+        assert_eq!(KVM_SET_IRQCHIP(), 0x8208_ae63);
         assert_eq!(u32::from(VFIO_TYPE), u32::from(b';'));
     }
 }
