@@ -852,6 +852,28 @@ pub fn check_suites_skipping(
     found
 }
 
+/// The scripts' verdict (`images/common.sh`'s `ktap_summary CONSOLE LOG ARGS...`, which
+/// `run-suite.sh` and `run-net.sh` end with) on a guest's `console` (text) and the VMM's
+/// `log` (its stderr): whether it passed, and what it printed.
+pub fn ktap_summary(console: &str, log: &str, args: &[&str]) -> (bool, String) {
+    let path = scratch("vmm.log");
+    std::fs::write(&path, log).unwrap();
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(r#". images/common.sh && ktap_summary "$@""#)
+        .arg("ktap")
+        .arg(console)
+        .arg(&path)
+        .args(args)
+        .current_dir(workspace_root())
+        .output()
+        .expect("run bash");
+    let _ = std::fs::remove_file(&path);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
 /// The case a KTAP result line skipped: `ok N NAME # SKIP why` gives `NAME`.
 pub fn skipped_case(line: &str) -> Option<&str> {
     let rest = line.strip_prefix("ok ")?;

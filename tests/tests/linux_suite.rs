@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use vmm_tests::{
     assert_same_pages, check_suites_skipping, console_text, console_value, counter,
-    dirty_log_pages, guest_kernel, guest_written_pages, run_vmm, scale, scratch, DeviceProcess,
-    Run,
+    dirty_log_pages, guest_kernel, guest_written_pages, ktap_summary, run_vmm, scale, scratch,
+    DeviceProcess, Run,
 };
 
 const DEADLINE: Duration = Duration::from_secs(1800);
@@ -37,12 +37,17 @@ struct SuiteRun {
 }
 
 fn suite(mode: Mode, cycles: u32, samples: u32) -> SuiteRun {
+    suite_with(mode, cycles, samples, "")
+}
+
+/// [`suite`] with `extra` on the guest's command line.
+fn suite_with(mode: Mode, cycles: u32, samples: u32, extra: &str) -> SuiteRun {
     let g = guest_kernel();
     let dev = DeviceProcess::start();
     let behind = mode != Mode::NoIommu;
     let cmdline = format!(
         "console=ttyS0 reboot=k panic=1 vmm_dmatest.required=1 vmm_dmatest.cycles={cycles} \
-         vmm_dmatest.samples={samples}{}",
+         vmm_dmatest.samples={samples}{} {extra}",
         if mode == Mode::Strict {
             " iommu.strict=1"
         } else {
@@ -191,4 +196,42 @@ fn dma_suite_passes_behind_the_viommu_and_without_it() {
     check(Mode::NoIommu, &plain);
     check(Mode::Strict, &strict);
     check(Mode::Lazy, &lazy);
+}
+
+/// A guest whose case fails through its own check (the suite's hidden `break_copy`: the
+/// source's last byte changes after each copy) fails everywhere the verdict is taken: the
+/// suite reports the case `not ok`, the guest's verdict through the test-exit port is not 0,
+/// the test helpers' check fails, and so does the scripts' (`ktap_summary`, with which
+/// `run-suite.sh` ends).
+#[test]
+fn a_case_that_fails_fails_the_run() {
+    let s = suite_with(
+        Mode::Lazy,
+        10,
+        10,
+        "vmm_dmatest.cases=copy vmm_dmatest.break_copy=1",
+    );
+    let run = &s.run;
+    let console = console_text(run);
+    let failing: Vec<&str> = console
+        .lines()
+        .filter(|l| l.starts_with("not ok ") && l.contains("copy"))
+        .collect();
+    assert!(
+        !failing.is_empty() && failing.iter().all(|l| l.contains("copied bytes differ")),
+        "the copy cases fail through their check: {failing:?}\n{console}"
+    );
+    assert!(
+        run.stderr.contains("guest ended (test exit code")
+            && !run.stderr.contains("guest ended (test exit code 0)"),
+        "the guest's verdict is a failure:\n{}",
+        run.stderr
+    );
+    let helper = std::panic::catch_unwind(|| {
+        check_suites_skipping("broken", run, &["vmm_dmatest"], &[]);
+    });
+    assert!(helper.is_err(), "the test helpers pass a failing guest");
+    let (ok, out) = ktap_summary(&console, &run.stderr, &["--suites", "vmm_dmatest", "1"]);
+    assert!(!ok, "the scripts pass a failing guest:\n{out}");
+    assert!(out.contains("failed"), "{out}");
 }

@@ -3,29 +3,12 @@
 //! panic after the suite, a skipped case where none may be, a device whose suite never
 //! reported, no verdict through the test-exit port. Each must fail, and a good console pass.
 
-use std::process::Command;
-
-use vmm_tests::{scratch, workspace_root};
+use vmm_tests::ktap_summary;
 
 /// `ktap_summary CONSOLE LOG ARGS...` with `ended` as the VMM log's last line: its status
 /// and output.
 fn summary(console: &str, ended: &str, args: &[&str]) -> (bool, String) {
-    let log = scratch("vmm.log");
-    std::fs::write(&log, format!("{ended}\n")).unwrap();
-    let out = Command::new("bash")
-        .arg("-c")
-        .arg(r#". images/common.sh && ktap_summary "$@""#)
-        .arg("ktap")
-        .arg(console)
-        .arg(&log)
-        .args(args)
-        .current_dir(workspace_root())
-        .output()
-        .expect("run bash");
-    let _ = std::fs::remove_file(&log);
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
+    ktap_summary(console, &format!("{ended}\n"), args)
 }
 
 const PASSED: &str = "guest ended (test exit code 0)";

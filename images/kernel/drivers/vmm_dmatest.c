@@ -33,6 +33,10 @@
  *   disk       block device the concurrent suite reads through raw bios (default "": none;
  *              "vda" for the first virtio-blk disk); its first 256 KiB, read once before
  *              the workers start, is what every later read must return
+ *   break_copy test only (default 0): after each transfer of the copy case, the last
+ *              byte of the source is changed before the check, so that the case fails
+ *              through its own check; the project's tests use it to show that a failing
+ *              case fails the run
  */
 
 #include <linux/bio.h>
@@ -102,6 +106,8 @@ static uint concurrent;
 module_param(concurrent, uint, 0444);
 static char *disk = "";
 module_param(disk, charp, 0444);
+static bool break_copy;
+module_param(break_copy, bool, 0444);
 
 struct dt {
 	struct pci_dev *pdev;
@@ -303,6 +309,8 @@ static int case_copy(struct dt *d, size_t size, const char **why)
 	dma_unmap_single(d->dev, t, size, DMA_FROM_DEVICE);
 	t = DMA_MAPPING_ERROR;
 	d->unmaps++;
+	if (break_copy)
+		src[size - 1] ^= 0xff;
 	CHECK(vmm_same(src, dst, size), "copied bytes differ");
 	CHECK(vmm_all(dst + size, 0xcc, guard), "bytes after the buffer were written");
 out:
