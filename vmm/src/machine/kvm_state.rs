@@ -87,22 +87,26 @@ fn xsave_bytes(x: &Xsave, size: usize) -> Vec<u8> {
     out
 }
 
-/// Loads a saved XSAVE area, which must be exactly what this host saves.
-fn xsave_restore(vcpu: &VcpuFd, bytes: &[u8], size: usize) -> Result<(), KvmStateError> {
-    if bytes.len() != size {
+/// A saved XSAVE area as KVM takes it, which must be exactly the `size` bytes this host
+/// saves (`KVM_CAP_XSAVE2`, or 4096 for the legacy area).
+///
+/// # Errors
+/// [`KvmStateError::Malformed`] for any other length.
+fn xsave_from(bytes: &[u8], size: usize) -> Result<Xsave, KvmStateError> {
+    let head = std::mem::size_of::<kvm_xsave>();
+    if bytes.len() != size || size < head {
         return Err(KvmStateError::Malformed(format!(
             "XSAVE area: {} bytes saved, this host's KVM uses {size}",
             bytes.len()
         )));
     }
-    let head = std::mem::size_of::<kvm_xsave>();
     let mut x = Xsave::new(xsave_entries(size))
         .map_err(|e| KvmStateError::Malformed(format!("XSAVE area of {size} bytes: {e:?}")))?;
     {
         // SAFETY: only the fixed `xsave` field is written, not the length of the array.
         let fam = unsafe { x.as_mut_fam_struct() };
-        // SAFETY: `bytes` has at least `head` bytes (size >= 4096 when non-zero) and
-        // `kvm_xsave` is integers only.
+        // SAFETY: `bytes` has `size >= head` bytes (checked above) and `kvm_xsave` is
+        // integers only.
         unsafe {
             std::ptr::copy_nonoverlapping(
                 bytes.as_ptr(),
@@ -116,12 +120,35 @@ fn xsave_restore(vcpu: &VcpuFd, bytes: &[u8], size: usize) -> Result<(), KvmStat
         b[..c.len()].copy_from_slice(c);
         *w = u32::from_ne_bytes(b);
     }
-    if size > head {
+    Ok(x)
+}
+
+/// Loads a saved XSAVE area ([`xsave_from`]) into `vcpu`.
+fn xsave_restore(vcpu: &VcpuFd, x: &Xsave, size: usize) -> Result<(), KvmStateError> {
+    if size > std::mem::size_of::<kvm_xsave>() {
         // SAFETY: `x` holds the `size` bytes KVM_CAP_XSAVE2 reports for this VM.
-        unsafe { vcpu.set_xsave2(&x) }.map_err(e("KVM_SET_XSAVE2"))
+        unsafe { vcpu.set_xsave2(x) }.map_err(e("KVM_SET_XSAVE2"))
     } else {
         // SAFETY: a 4 KiB legacy area, the size KVM_SET_XSAVE reads.
         unsafe { vcpu.set_xsave(&x.as_fam_struct_ref().xsave) }.map_err(e("KVM_SET_XSAVE"))
+    }
+}
+
+/// What [`VcpuState::restore`] checks and builds before its first ioctl: the FPU state and
+/// the XSAVE area as KVM takes them.
+pub struct CheckedVcpuState {
+    fpu: kvm_fpu,
+    xsave: Option<Xsave>,
+}
+
+impl CheckedVcpuState {
+    /// The bytes KVM is given: the FPU state, and the XSAVE area of `xsave_size` bytes (the
+    /// size [`VcpuState::check`] was given), if any.
+    pub fn images(&self, xsave_size: usize) -> (Vec<u8>, Option<Vec<u8>>) {
+        (
+            fpu_bytes(&self.fpu),
+            self.xsave.as_ref().map(|x| xsave_bytes(x, xsave_size)),
+        )
     }
 }
 
@@ -239,11 +266,13 @@ impl VcpuState {
         })
     }
 
-    /// Loads the state into `vcpu` (created and configured with the same CPUID).
+    /// Checks the state against this host before anything is loaded, and builds what the
+    /// ioctls take: the FPU state from its bytes, and the XSAVE area, which must be there
+    /// exactly when this host has one (`xsave_size` bytes, 0 for none) and of its size.
     ///
     /// # Errors
-    /// The first ioctl that fails.
-    pub fn restore(&self, vcpu: &VcpuFd, xsave_size: usize) -> Result<(), KvmStateError> {
+    /// [`KvmStateError::Malformed`] naming what does not fit.
+    pub fn check(&self, xsave_size: usize) -> Result<CheckedVcpuState, KvmStateError> {
         let fpu = fpu_from(&self.fpu).ok_or_else(|| {
             KvmStateError::Malformed(format!(
                 "FPU state: {} bytes, kvm_fpu has {}",
@@ -262,10 +291,24 @@ impl VcpuState {
                 if xsave_size > 0 { "has" } else { "lacks" }
             )));
         }
+        let xsave = match &self.xsave {
+            Some(x) => Some(xsave_from(x, xsave_size)?),
+            None => None,
+        };
+        Ok(CheckedVcpuState { fpu, xsave })
+    }
+
+    /// Loads the state into `vcpu` (created and configured with the same CPUID), once
+    /// [`VcpuState::check`] took it.
+    ///
+    /// # Errors
+    /// What [`VcpuState::check`] refuses, then the first ioctl that fails.
+    pub fn restore(&self, vcpu: &VcpuFd, xsave_size: usize) -> Result<(), KvmStateError> {
+        let checked = self.check(xsave_size)?;
         vcpu.set_sregs(&self.sregs).map_err(e("KVM_SET_SREGS"))?;
         vcpu.set_regs(&self.regs).map_err(e("KVM_SET_REGS"))?;
-        vcpu.set_fpu(&fpu).map_err(e("KVM_SET_FPU"))?;
-        if let Some(x) = &self.xsave {
+        vcpu.set_fpu(&checked.fpu).map_err(e("KVM_SET_FPU"))?;
+        if let Some(x) = &checked.xsave {
             xsave_restore(vcpu, x, xsave_size)?;
         }
         if let Some(x) = &self.xcrs {

@@ -28,8 +28,9 @@ fn config() -> MachineConfig {
 
 /// What a hostile snapshot or migration stream meets first on the receiving side: the
 /// stream reader (framing, checksums, record kinds and sizes, pages inside guest RAM, the
-/// configuration check, the machine state's JSON), then the virtio-iommu state restored into
-/// a device whose endpoints have a recording host backend. `data` describes what follows a
+/// configuration check, the machine state's JSON), then the vCPUs' KVM state checked and
+/// built as the ioctls would get it (`VcpuState::check`), and the virtio-iommu state restored
+/// into a device whose endpoints have a recording host backend. `data` describes what follows a
 /// valid header and configuration record: its first byte's low bit chooses
 /// - 0: the rest as raw bytes (framing, checksums and lengths are the fuzzer's);
 /// - 1: the rest as records `[kind, length (u16 LE), payload]`, each written with its
@@ -66,6 +67,18 @@ pub fn migration_stream(data: &[u8]) {
     }) else {
         return;
     };
+    // The vCPUs' KVM state, up to the ioctls (which would fuzz the host's KVM): whatever its
+    // bytes, what is checked for a host with no XSAVE, the legacy area, or a larger one is
+    // exactly what was saved.
+    for vcpu in &incoming.state.vcpus {
+        for size in [0, 4096, 4096 + 2688] {
+            if let Ok(checked) = vcpu.check(size) {
+                let (fpu, xsave) = checked.images(size);
+                assert_eq!(fpu, vcpu.fpu, "the FPU state loaded is the one saved");
+                assert_eq!(xsave, vcpu.xsave, "the XSAVE area loaded is the one saved");
+            }
+        }
+    }
     if let Some(state) = &incoming.state.viommu {
         let mut v = Viommu::new(ViommuConfig {
             guest_ram: ram.to_vec(),

@@ -13,11 +13,27 @@ fn config() -> MachineConfig {
     }
 }
 
+/// One vCPU's KVM state, with an XSAVE area of 6,784 bytes (a host with AVX-512's areas).
+fn vcpu_state() -> crate::machine::kvm_state::VcpuState {
+    crate::machine::kvm_state::VcpuState {
+        regs: Default::default(),
+        sregs: Default::default(),
+        fpu: vec![0x11; std::mem::size_of::<kvm_bindings::kvm_fpu>()],
+        lapic: Default::default(),
+        msrs: vec![(0x10, 1), (0x6e0, 2)],
+        mp_state: Default::default(),
+        events: Default::default(),
+        xcrs: None,
+        xsave: Some((0..4096 + 2688).map(|i| (i % 251) as u8).collect()),
+        debugregs: Default::default(),
+    }
+}
+
 /// A machine state with a virtio-iommu domain and one mapping.
 fn state() -> MachineState {
     MachineState {
         version: STATE_VERSION,
-        vcpus: Vec::new(),
+        vcpus: vec![vcpu_state()],
         vm: VmState {
             irqchips: Vec::new(),
             pit: Default::default(),
