@@ -205,7 +205,7 @@ pub fn vfio_user(b: &mut Builder, arg: &PassthroughConfig) -> Result<Passthrough
         direct: direct.clone().filter(|_| on_demand.is_some()),
         page_requests: on_demand.is_some(),
         messages: messages.clone(),
-        prq_window: (Instant::now(), 0),
+        prq_window: crate::machine::passthrough::PrqWindow::new(Instant::now()),
         prq_timer: on_demand.as_ref().and_then(|_| TimerFd::new().ok()),
         prq_timer_armed: false,
         prq_throttled: prq_throttled.clone(),

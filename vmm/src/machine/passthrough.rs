@@ -29,6 +29,37 @@ pub const PRQ_BUDGET: u32 = 32;
 /// The throttling window of page requests.
 pub const PRQ_WINDOW: Duration = Duration::from_millis(10);
 
+/// The page-request budget of one device: the current window's start and the requests
+/// served in it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PrqWindow {
+    start: Instant,
+    served: u32,
+}
+
+impl PrqWindow {
+    /// A window that starts at `now`.
+    pub(crate) fn new(now: Instant) -> Self {
+        Self {
+            start: now,
+            served: 0,
+        }
+    }
+
+    /// Takes a page request that arrived at `now`: `None` when it may be served now (at most
+    /// [`PRQ_BUDGET`] per [`PRQ_WINDOW`]), or how long it must wait, until the window ends.
+    pub(crate) fn admit(&mut self, now: Instant) -> Option<Duration> {
+        if now.saturating_duration_since(self.start) >= PRQ_WINDOW {
+            *self = Self::new(now);
+        }
+        if self.served < PRQ_BUDGET {
+            self.served += 1;
+            return None;
+        }
+        Some(PRQ_WINDOW.saturating_sub(now.saturating_duration_since(self.start)))
+    }
+}
+
 /// A passthrough device the VMM set up.
 pub struct Passthrough {
     /// For logs and counters.
@@ -67,7 +98,7 @@ pub(crate) struct FaultForwarder {
     pub(crate) messages: Option<Arc<MessageDma>>,
     /// Throttling of page requests: the current window's start and count, the timer that
     /// serves a request held back, and how many were held back.
-    pub(crate) prq_window: (Instant, u32),
+    pub(crate) prq_window: PrqWindow,
     pub(crate) prq_timer: Option<TimerFd>,
     pub(crate) prq_timer_armed: bool,
     pub(crate) prq_throttled: Arc<AtomicU64>,
@@ -83,23 +114,17 @@ impl FaultForwarder {
     /// timer that ends the window: a device that floods is slowed down, the event loop is
     /// not taken over.
     fn prq_admit(&mut self) -> bool {
-        let now = Instant::now();
-        if now.duration_since(self.prq_window.0) >= PRQ_WINDOW {
-            self.prq_window = (now, 0);
-        }
-        if self.prq_window.1 < PRQ_BUDGET {
-            self.prq_window.1 += 1;
+        let Some(left) = self.prq_window.admit(Instant::now()) else {
             return true;
-        }
+        };
         if !self.prq_timer_armed {
-            let left = PRQ_WINDOW.saturating_sub(now.duration_since(self.prq_window.0));
             if let Some(t) = self.prq_timer.as_mut() {
                 if t.reset(left.max(Duration::from_micros(100)), None).is_ok() {
                     self.prq_timer_armed = true;
                 }
             }
-            self.prq_throttled.fetch_add(1, Ordering::Relaxed);
         }
+        self.prq_throttled.fetch_add(1, Ordering::Relaxed);
         // Without a timer (it could not be made) the request is served late by the next
         // interrupt rather than never.
         !self.prq_timer_armed && self.prq_timer.is_none()
@@ -287,5 +312,40 @@ impl Passthrough {
             ));
         }
         line
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A device gets [`PRQ_BUDGET`] page requests served per [`PRQ_WINDOW`]; the next waits
+    /// for the rest of the window, and the window after it has the whole budget again.
+    #[test]
+    fn page_requests_over_the_budget_wait_for_the_window_to_end() {
+        let t0 = Instant::now();
+        let mut w = PrqWindow::new(t0);
+        let ms = Duration::from_millis;
+        for i in 0..PRQ_BUDGET {
+            assert_eq!(
+                w.admit(t0 + Duration::from_micros(u64::from(i))),
+                None,
+                "request {i}"
+            );
+        }
+        assert_eq!(w.admit(t0 + ms(1)), Some(PRQ_WINDOW - ms(1)));
+        assert_eq!(
+            w.admit(t0 + ms(4)),
+            Some(PRQ_WINDOW - ms(4)),
+            "still held back"
+        );
+        // The next window: the whole budget again, counted from its first request.
+        let t1 = t0 + PRQ_WINDOW + ms(3);
+        for i in 0..PRQ_BUDGET {
+            assert_eq!(w.admit(t1), None, "request {i} of the next window");
+        }
+        assert_eq!(w.admit(t1 + ms(2)), Some(PRQ_WINDOW - ms(2)));
+        // A clock read before the window's start (another thread's) counts as in it.
+        assert_eq!(w.admit(t0), Some(PRQ_WINDOW));
     }
 }
