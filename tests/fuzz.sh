@@ -3,8 +3,8 @@
 # the seeds the bodies' unit tests write (requests that attach, map and unmap; a whole
 # vfio-user conversation; a minimal migration stream, as records and raw) and from the corpus
 # kept in devices/fuzz/corpus/<target>. The bodies are devices::fuzzing, vmm::migration::fuzzing and
-# vmm::api::fuzzing; the test command runs them as property tests, and tests/stress.sh
-# runs this script. Prints the executions of each target;
+# vmm::api::fuzzing; the test command runs them as property tests and runs this script for
+# 10 s each, and tests/stress.sh runs it for 60 s each. Prints the executions of each target;
 # fails on the first crash (its input is in devices/fuzz/artifacts/<target>).
 #
 # Installs cargo-fuzz when missing. libFuzzer needs nightly features: RUSTC_BOOTSTRAP=1 lets
@@ -12,7 +12,7 @@
 #
 # FUZZ_SANITIZER=none builds without AddressSanitizer (cargo fuzz -s none): several times the
 # executions per second for long runs of these targets, whose code is safe Rust over
-# vm-memory; the default (address) is what the smoke run in the test command uses.
+# vm-memory; the default (address) is what the test command's run (10 s each) uses.
 #
 # Usage: tests/fuzz.sh [SECONDS] [TARGET...]
 set -euo pipefail

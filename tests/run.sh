@@ -49,6 +49,9 @@ CARGO_TARGET_DIR=target/third-party cargo test --release --quiet \
     --manifest-path third_party/vhost/Cargo.toml \
     --features vhost-user-frontend,vhost-user-backend --lib
 
+step "every fuzz target for 10 s (tests/fuzz.sh 10: libFuzzer under AddressSanitizer, from the bodies' seeds and the corpus)"
+./tests/fuzz.sh 10
+
 step "the main job, short (images/run-suite.sh --cycles 500 --samples 200: its own verdict and page-set check)"
 # The workspace build above has the test hooks (the vmm-tests crate asks for them): the same
 # features here reuse it instead of building vmm and devices again without them.

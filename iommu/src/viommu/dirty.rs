@@ -104,28 +104,14 @@ impl Viommu {
         let Some(state) = self.dirty.as_mut() else {
             return;
         };
+        let writable: Vec<Run> = runs
+            .iter()
+            .filter(|r| r.perm.write() && !r.perm.contains(Perm::MMIO))
+            .copied()
+            .collect();
         let (first, pages) = (iova / PAGE_SIZE, len / PAGE_SIZE);
-        let mut found = 0;
-        for (w, &word) in bits.iter().enumerate() {
-            let mut word = word;
-            while word != 0 {
-                let i = w as u64 * 64 + u64::from(word.trailing_zeros());
-                word &= word - 1;
-                if i >= pages {
-                    break;
-                }
-                let page = first + i;
-                let k = runs.partition_point(|r| r.iova_page + r.pages <= page);
-                let Some(r) = runs.get(k).filter(|r| r.iova_page <= page) else {
-                    continue;
-                };
-                if r.perm.write() && !r.perm.contains(Perm::MMIO) {
-                    state.bitmap.mark(r.gpa_page + (page - r.iova_page), 1);
-                    found += 1;
-                }
-            }
-        }
-        self.counters.dirty_pages_reported += found;
+        self.counters.dirty_pages_reported +=
+            mark_through_runs(&mut state.bitmap, &writable, first, pages, bits);
     }
 
     /// What backend `b` has mapped on the host.
