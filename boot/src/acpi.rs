@@ -8,6 +8,10 @@ use acpi_tables::aml::{
     self, AddressSpace, AddressSpaceCacheable, Device, EISAName, Name, Package, Path,
     ResourceTemplate,
 };
+use acpi_tables::aml::{
+    And, Arg, Field, FieldAccessType, FieldEntry, FieldLockRule, FieldUpdateRule, If, Local,
+    Method, MethodCall, NotEqual, Notify, OpRegion, OpRegionSpace, ShiftLeft, Store,
+};
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace as GasSpace, GAS};
 use acpi_tables::madt::{
@@ -38,6 +42,20 @@ pub struct PlatformDescription {
     pub pci_mmio64: (u64, u64),
     /// The virtio-iommu, if any.
     pub iommu: Option<IommuTopology>,
+    /// The PCI slots that take devices while the guest runs, if any.
+    pub hotplug: Option<HotplugSlots>,
+}
+
+/// ACPI PCI hot-plug: the slots the DSDT declares ejectable, and where their registers and
+/// the Generic Event Device's interrupt are (`devices::pci::hotplug`).
+#[derive(Debug, Clone)]
+pub struct HotplugSlots {
+    /// Device numbers (bus 0, function 0) of the hot-pluggable slots.
+    pub slots: Vec<u8>,
+    /// GPA of the 16-byte register block (`PCIU`, `PCID`, `B0EJ`).
+    pub regs: u64,
+    /// GSI of the Generic Event Device (edge, active high).
+    pub gsi: u32,
 }
 
 /// The VIOT's content: where the virtio-iommu is and which endpoints it translates.
@@ -108,28 +126,41 @@ fn dsdt(desc: &PlatformDescription) -> Vec<u8> {
     );
     let pci_crs = ResourceTemplate::new(vec![&bus, &cfg_io, &mem32, &mem64]);
     let zero = 0u8;
-    let mut devices = device(
-        "PCI0",
-        &[
-            &Name::new(Path::new("_HID"), &EISAName::new("PNP0A08")),
-            &Name::new(Path::new("_CID"), &EISAName::new("PNP0A03")),
-            &Name::new(Path::new("_ADR"), &zero),
-            &Name::new(Path::new("_SEG"), &zero),
-            &Name::new(Path::new("_UID"), &zero),
-            &Name::new(Path::new("_BBN"), &zero),
-            &Name::new(Path::new("_CRS"), &pci_crs),
-        ],
-    );
-    // The ECAM area must be reserved as a motherboard resource or Linux ignores MCFG.
+    let hid = Name::new(Path::new("_HID"), &EISAName::new("PNP0A08"));
+    let cid = Name::new(Path::new("_CID"), &EISAName::new("PNP0A03"));
+    let adr = Name::new(Path::new("_ADR"), &zero);
+    let seg = Name::new(Path::new("_SEG"), &zero);
+    let uid = Name::new(Path::new("_UID"), &zero);
+    let bbn = Name::new(Path::new("_BBN"), &zero);
+    let crs = Name::new(Path::new("_CRS"), &pci_crs);
+    let hotplug = desc.hotplug.as_ref().map(hotplug_aml);
+    let mut pci0: Vec<&dyn Aml> = vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs];
+    if let Some(h) = &hotplug {
+        pci0.push(h);
+    }
+    let mut devices = device("PCI0", &pci0);
+    // The ECAM area must be reserved as a motherboard resource or Linux ignores MCFG; so
+    // are the hot-plug registers.
     let ecam = aml::Memory32Fixed::new(false, PCI_ECAM_START as u32, PCI_ECAM_SIZE as u32);
+    let regs = desc
+        .hotplug
+        .as_ref()
+        .map(|h| aml::Memory32Fixed::new(true, h.regs as u32, PCI_HOTPLUG_SIZE as u32));
+    let mut mbrd: Vec<&dyn Aml> = vec![&ecam];
+    if let Some(r) = &regs {
+        mbrd.push(r);
+    }
     devices.extend(device(
         "MBRD",
         &[
             &Name::new(Path::new("_HID"), &EISAName::new("PNP0C02")),
             &Name::new(Path::new("_UID"), &zero),
-            &Name::new(Path::new("_CRS"), &ResourceTemplate::new(vec![&ecam])),
+            &Name::new(Path::new("_CRS"), &ResourceTemplate::new(mbrd)),
         ],
     ));
+    if let Some(h) = &desc.hotplug {
+        devices.extend(ged(h));
+    }
     let com_io = aml::IO::new(SERIAL_PORT, SERIAL_PORT, 1, 8);
     let com_irq = aml::Interrupt::new(true, true, false, false, SERIAL_GSI);
     devices.extend(device(
@@ -155,6 +186,114 @@ fn dsdt(desc: &PlatformDescription) -> Vec<u8> {
     t.extend_from_slice(&body);
     fix_checksum(&mut t);
     t
+}
+
+/// Raw AML bytes as a term.
+struct RawAml(Vec<u8>);
+
+impl Aml for RawAml {
+    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+        sink.vec(&self.0);
+    }
+}
+
+/// The hot-plug part of `PCI0`, in the shape of Cloud Hypervisor's and QEMU's ACPI PCI
+/// hot-plug: the register block as `PCST` (`PCIU`, `PCID`, `B0EJ`), `PCEJ(slot)` writing a
+/// slot's bit to `B0EJ`, `PCNT` notifying each slot whose bit `PCIU` (device check, 1) or
+/// `PCID` (eject request, 3) holds, and a device `Snn` per slot with `_ADR`, `_SUN` and
+/// `_EJ0` (which Linux's acpiphp needs to register the slot).
+fn hotplug_aml(h: &HotplugSlots) -> RawAml {
+    let mut v = Vec::new();
+    let base = h.regs;
+    let len = PCI_HOTPLUG_SIZE as u32;
+    OpRegion::new(Path::new("PCST"), OpRegionSpace::SystemMemory, &base, &len).to_aml_bytes(&mut v);
+    Field::new(
+        Path::new("PCST"),
+        FieldAccessType::DWord,
+        FieldLockRule::NoLock,
+        FieldUpdateRule::WriteAsZeroes,
+        vec![
+            FieldEntry::Named(*b"PCIU", 32),
+            FieldEntry::Named(*b"PCID", 32),
+            FieldEntry::Named(*b"B0EJ", 32),
+        ],
+    )
+    .to_aml_bytes(&mut v);
+    let one = 1u32;
+    Method::new(
+        Path::new("PCEJ"),
+        1,
+        true,
+        vec![&Store::new(
+            &Path::new("B0EJ"),
+            &ShiftLeft::new(&Local(0), &one, &Arg(0)),
+        )],
+    )
+    .to_aml_bytes(&mut v);
+    let names: Vec<String> = h.slots.iter().map(|s| format!("S{s:03}")).collect();
+    let paths: Vec<Path> = names.iter().map(|n| Path::new(n)).collect();
+    let masks: Vec<u32> = h.slots.iter().map(|&s| 1u32 << s).collect();
+    let (up, down) = (1u8, 3u8);
+    let ups: Vec<And> = masks
+        .iter()
+        .map(|m| And::new(&Local(2), &Local(0), m))
+        .collect();
+    let downs: Vec<And> = masks
+        .iter()
+        .map(|m| And::new(&Local(2), &Local(1), m))
+        .collect();
+    let zero = 0u8;
+    let up_tests: Vec<NotEqual> = ups.iter().map(|a| NotEqual::new(a, &zero)).collect();
+    let down_tests: Vec<NotEqual> = downs.iter().map(|a| NotEqual::new(a, &zero)).collect();
+    let up_notes: Vec<Notify> = paths.iter().map(|p| Notify::new(p, &up)).collect();
+    let down_notes: Vec<Notify> = paths.iter().map(|p| Notify::new(p, &down)).collect();
+    let ifs: Vec<If> = (0..h.slots.len())
+        .flat_map(|i| {
+            [
+                If::new(&up_tests[i], vec![&up_notes[i]]),
+                If::new(&down_tests[i], vec![&down_notes[i]]),
+            ]
+        })
+        .collect();
+    let (pciu, pcid) = (Path::new("PCIU"), Path::new("PCID"));
+    let read_up = Store::new(&Local(0), &pciu);
+    let read_down = Store::new(&Local(1), &pcid);
+    let mut body: Vec<&dyn Aml> = vec![&read_up, &read_down];
+    body.extend(ifs.iter().map(|i| i as &dyn Aml));
+    Method::new(Path::new("PCNT"), 0, true, body).to_aml_bytes(&mut v);
+    for (i, &slot) in h.slots.iter().enumerate() {
+        let adr = u32::from(slot) << 16;
+        let sun = u32::from(slot);
+        let sun_path = Path::new("_SUN");
+        let eject = MethodCall::new(Path::new("PCEJ"), vec![&sun_path]);
+        Device::new(
+            Path::new(&names[i]),
+            vec![
+                &Name::new(Path::new("_ADR"), &adr),
+                &Name::new(Path::new("_SUN"), &sun),
+                &Method::new(Path::new("_EJ0"), 1, false, vec![&eject]),
+            ],
+        )
+        .to_aml_bytes(&mut v);
+    }
+    RawAml(v)
+}
+
+/// The Generic Event Device (`ACPI0013`, ACPI 6.5 section 5.6.9): its interrupt runs `_EVT`,
+/// which asks `PCI0.PCNT` what changed.
+fn ged(h: &HotplugSlots) -> Vec<u8> {
+    let irq = aml::Interrupt::new(true, true, false, false, h.gsi);
+    let zero = 0u8;
+    let pcnt = MethodCall::new(Path::new("\\_SB_.PCI0.PCNT"), vec![]);
+    device(
+        "GED_",
+        &[
+            &Name::new(Path::new("_HID"), &"ACPI0013"),
+            &Name::new(Path::new("_UID"), &zero),
+            &Name::new(Path::new("_CRS"), &ResourceTemplate::new(vec![&irq])),
+            &Method::new(Path::new("_EVT"), 1, true, vec![&pcnt]),
+        ],
+    )
 }
 
 /// A 36-byte SDT header for a table of `body_len` more bytes.
@@ -247,6 +386,13 @@ pub fn write_acpi_tables<M: GuestMemoryBackend>(
             return Err(BootError::Acpi("PCI device number above 31".into()));
         }
     }
+    if let Some(h) = &desc.hotplug {
+        if h.slots.iter().any(|&d| d > 31) || h.regs > u64::from(u32::MAX) {
+            return Err(BootError::Acpi(
+                "a hot-plug slot above 31 or registers above 4 GiB".into(),
+            ));
+        }
+    }
     let rsdp_addr = ACPI_START;
     let mut next = ACPI_START + 64;
     let mut place = |table: &[u8]| -> Result<u64, BootError> {
@@ -308,6 +454,11 @@ mod tests {
                 iommu_device: 1,
                 endpoints: vec![2, 3],
             }),
+            hotplug: Some(HotplugSlots {
+                slots: vec![30, 31],
+                regs: PCI_HOTPLUG_START,
+                gsi: GED_GSI,
+            }),
         };
         let rsdp = write_acpi_tables(&mem, &desc).unwrap();
         let mut r = [0u8; 36];
@@ -329,7 +480,20 @@ mod tests {
                 let d = table_at(&mem, dsdt);
                 assert_eq!(&d[..4], b"DSDT");
                 assert_eq!(sum(&d), 0);
-                assert!(d.windows(4).any(|w| w == b"_S5_"));
+                for name in [
+                    &b"_S5_"[..],
+                    b"PCNT",
+                    b"PCEJ",
+                    b"S030",
+                    b"S031",
+                    b"_EJ0",
+                    b"ACPI0013",
+                ] {
+                    assert!(d.windows(name.len()).any(|w| w == name), "{name:?}");
+                }
+                if std::env::var_os("DSDT_OUT").is_some() {
+                    std::fs::write(std::env::var_os("DSDT_OUT").unwrap(), &d).unwrap();
+                }
             }
             if &t[..4] == b"VIOT" {
                 // One IOMMU node and two PCI range nodes.

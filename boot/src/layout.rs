@@ -6,7 +6,7 @@
 //! 0x0002_0000  kernel command line       0x0009_fc00  EBDA (reserved) .. 1 MiB
 //! 0x000e_0000  ACPI tables (RSDP first)  0x0010_0000  RAM (kernel at 16 MiB for vmlinux)
 //! 0xc000_0000  32-bit MMIO hole: PCI BARs (0xc000_0000..0xe000_0000), ECAM at 0xe000_0000,
-//!              IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000
+//!              PCI hot-plug registers 0xe010_0000, IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000
 //! 4 GiB        RAM above the hole, then the 64-bit PCI window
 //! ```
 
@@ -52,6 +52,10 @@ pub const PCI_MMIO_32_SIZE: u64 = 0x2000_0000;
 pub const PCI_ECAM_START: u64 = 0xe000_0000;
 /// Size of the ECAM area: one bus (32 devices x 8 functions x 4 KiB).
 pub const PCI_ECAM_SIZE: u64 = 0x10_0000;
+/// GPA of the PCI hot-plug registers (`devices::pci::hotplug`), right after ECAM.
+pub const PCI_HOTPLUG_START: u64 = PCI_ECAM_START + PCI_ECAM_SIZE;
+/// Size of the PCI hot-plug registers.
+pub const PCI_HOTPLUG_SIZE: u64 = 0x10;
 /// GPA of the IOAPIC.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// GPA of the local APICs.
@@ -73,6 +77,8 @@ pub const MSI_RANGE_END: u64 = 0xfeef_ffff;
 pub const SERIAL_PORT: u16 = 0x3f8;
 /// GSI of the first UART.
 pub const SERIAL_GSI: u32 = 4;
+/// GSI of the Generic Event Device (PCI hot-plug notifications).
+pub const GED_GSI: u32 = 5;
 /// i8042 command/status port (a `0xfe` command resets the machine).
 pub const I8042_PORT: u16 = 0x60;
 /// I/O port of the ACPI PM1a event block (hardware-reduced sleep status register).

@@ -7,9 +7,10 @@ use std::path::PathBuf;
 use clap::Parser;
 
 use crate::config::{
-    parse_disk, parse_incoming, parse_iommu, parse_memory, parse_serial, parse_vfio,
-    parse_vfio_user, parse_vhost_user_net, DiskConfig, IncomingConfig, IommuConfig, MemoryConfig,
-    NetConfig, PassthroughConfig, QuirksConfig, SerialConfig, VmConfig, DEFAULT_CMDLINE,
+    parse_disk, parse_hotplug, parse_incoming, parse_iommu, parse_memory, parse_serial, parse_vfio,
+    parse_vfio_user, parse_vhost_user_net, DiskConfig, HotplugConfig, IncomingConfig, IommuConfig,
+    MemoryConfig, NetConfig, PassthroughConfig, QuirksConfig, SerialConfig, VmConfig,
+    DEFAULT_CMDLINE,
 };
 
 /// Boot a Linux kernel (or a bare-metal ELF guest) under KVM, optionally behind an emulated
@@ -106,6 +107,16 @@ pub struct Cli {
           value_parser = parse_vhost_user_net)]
     pub vhost_user_net: Vec<NetConfig>,
 
+    /// Keeps PCI slots free for passthrough devices added while the guest runs (the API's
+    /// `add-device`, `vmm-ctl add-device`): `iommu=N` slots behind the virtio-iommu (named in
+    /// the VIOT at boot, so the guest's driver attaches what arrives there) and `direct=N`
+    /// outside it; the slots are the highest device numbers of bus 0. The guest is told
+    /// through ACPI PCI hot-plug (a Generic Event Device and ejectable slots; Linux's
+    /// acpiphp). Alone, `--hotplug` is `iommu=1`.
+    #[arg(long, value_name = "[iommu=N][,direct=N]", num_args = 0..=1,
+          default_missing_value = "", value_parser = parse_hotplug)]
+    pub hotplug: Option<HotplugConfig>,
+
     /// Prints per-device counters (requests, statuses, faults, IOTLB) when the VM ends.
     #[arg(long)]
     pub counters: bool,
@@ -167,6 +178,7 @@ impl Cli {
             vfio_user: self.vfio_user,
             vfio: self.vfio,
             vhost_user_net: self.vhost_user_net,
+            hotplug: self.hotplug,
             counters: self.counters,
             track_dirty: self.track_dirty,
             dirty_log_out: self.dirty_log_out,

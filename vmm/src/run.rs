@@ -10,7 +10,7 @@ use std::time::Duration;
 use boot::quirks::FallbackStats;
 use devices::exit::{ExitReason, VmExit};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
-use sync::MutexExt;
+use sync::{MutexExt, RwLockExt};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::signal::Killable;
 
@@ -66,6 +66,7 @@ pub fn run(vm: Vm) -> Result<RunSummary, VmmError> {
     let machine = Arc::new(Machine {
         vm_fd: vm.vm_fd,
         devices: vm.devices,
+        hotplug: vm.hotplug,
         ram: vm.ram,
         exit: vm.exit.clone(),
         ctx: ctx.clone(),
@@ -77,6 +78,9 @@ pub fn run(vm: Vm) -> Result<RunSummary, VmmError> {
         busy: Mutex::new(()),
         progress: Default::default(),
     });
+    if let Some(h) = &machine.hotplug {
+        h.set_event_loop(event_manager.remote_endpoint());
+    }
     let api = Arc::new(ApiTarget::default());
     if let Some(path) = &vm.api_socket {
         api::start(path, api.clone())
@@ -123,7 +127,7 @@ pub fn run(vm: Vm) -> Result<RunSummary, VmmError> {
     if restored {
         // Devices run again before any vCPU does: a guest must never find its
         // passthrough devices stopped. A device that cannot is a failed restore.
-        for p in &machine.devices.passthrough {
+        for p in machine.devices.passthrough.read_locked().iter() {
             let r = p
                 .backend
                 .locked()

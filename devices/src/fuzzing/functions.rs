@@ -91,7 +91,7 @@ impl Functions {
             Arc::new(Mutex::new(virtio(Arc::new(Mutex::new(blk)), BLK_BAR, 2)?)),
             Arc::new(Mutex::new(function_at(PASSTHROUGH_BAR, 0x1000, 2).ok()?)),
         ];
-        let mut bus = PciBus::new();
+        let bus = PciBus::new();
         for (slot, d) in SLOTS.iter().zip(&devices) {
             bus.add_device(*slot, d.clone());
         }

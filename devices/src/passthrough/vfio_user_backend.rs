@@ -395,6 +395,9 @@ pub struct VfioUserDma {
     messages: Option<Arc<MessageDma>>,
     /// Host (device-side) mapping calls made.
     pub calls: Arc<Mutex<(u64, u64)>>,
+    /// Bytes the server has mapped now: those of successful `DMA_MAP`s less those of
+    /// successful `DMA_UNMAP`s. Zero once every mapping is gone.
+    pub mapped_bytes: Arc<std::sync::atomic::AtomicU64>,
     /// Merge contiguous guest maps when the device allows it.
     merge: bool,
 }
@@ -407,6 +410,7 @@ impl VfioUserDma {
             ram,
             messages: None,
             calls: Arc::new(Mutex::new((0, 0))),
+            mapped_bytes: Arc::default(),
             merge: true,
         }
     }
@@ -484,6 +488,7 @@ impl DmaBackend for VfioUserDma {
         if let Some(t) = &self.messages {
             let r = self.dev.lock().dma_map(iova, len, None, 0, flags);
             r.map_err(|e| self.err(e))?;
+            self.mapped_bytes.fetch_add(len, Ordering::Relaxed);
             return t.map(iova, gpa, len, perm).map_err(BackendError::Failed);
         }
         let memfd: &File = &self.ram.memfd;
@@ -491,7 +496,9 @@ impl DmaBackend for VfioUserDma {
             .dev
             .lock()
             .dma_map(iova, len, Some(memfd), offset, flags);
-        r.map_err(|e| self.err(e))
+        r.map_err(|e| self.err(e))?;
+        self.mapped_bytes.fetch_add(len, Ordering::Relaxed);
+        Ok(())
     }
 
     fn unmap(&mut self, iova: u64, len: u64) -> Result<(), BackendError> {
@@ -504,7 +511,13 @@ impl DmaBackend for VfioUserDma {
             t.unmap(iova, len);
         }
         let r = self.dev.lock().dma_unmap(iova, len);
-        r.map_err(|e| self.err(e))
+        r.map_err(|e| self.err(e))?;
+        let _ = self
+            .mapped_bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |m| {
+                Some(m.saturating_sub(len))
+            });
+        Ok(())
     }
 
     fn set_dirty_tracking(&mut self, enable: bool) -> Result<(), BackendError> {

@@ -3,6 +3,7 @@
 //! decode.
 
 pub mod config;
+pub mod hotplug;
 pub mod msix;
 
 use crate::state::FunctionState;
@@ -59,7 +60,7 @@ type Window = (u64, u64, usize, usize);
 
 /// Bus 0.
 pub struct PciBus {
-    slots: Vec<Option<SharedPciDevice>>,
+    slots: RwLock<Vec<Option<SharedPciDevice>>>,
     windows: RwLock<Vec<Window>>,
 }
 
@@ -73,26 +74,33 @@ impl PciBus {
     /// An empty bus.
     pub fn new() -> Self {
         Self {
-            slots: vec![None; SLOTS],
+            slots: RwLock::new(vec![None; SLOTS]),
             windows: RwLock::new(Vec::new()),
         }
     }
 
-    /// Puts `dev` in `slot`. Returns false when the slot is taken or out of range.
-    pub fn add_device(&mut self, slot: usize, dev: SharedPciDevice) -> bool {
-        match self.slots.get_mut(slot) {
-            Some(s @ None) => {
-                *s = Some(dev);
-                self.refresh(slot);
-                true
-            }
-            _ => false,
+    /// Puts `dev` in `slot`, at set-up or while the guest runs (hot-plug). Returns false when
+    /// the slot is taken or out of range.
+    pub fn add_device(&self, slot: usize, dev: SharedPciDevice) -> bool {
+        match self.slots.write_locked().get_mut(slot) {
+            Some(s @ None) => *s = Some(dev),
+            _ => return false,
         }
+        self.refresh(slot);
+        true
+    }
+
+    /// Takes the device out of `slot` (hot-unplug): from then on its configuration space
+    /// reads all ones and its BARs decode nothing. Returns it, or `None` for an empty slot.
+    pub fn remove_device(&self, slot: usize) -> Option<SharedPciDevice> {
+        let dev = self.slots.write_locked().get_mut(slot)?.take()?;
+        self.windows.write_locked().retain(|e| e.2 != slot);
+        Some(dev)
     }
 
     /// The device in `slot`.
     pub fn device(&self, slot: usize) -> Option<SharedPciDevice> {
-        self.slots.get(slot).cloned().flatten()
+        self.slots.read_locked().get(slot).cloned().flatten()
     }
 
     fn lock(dev: &SharedPciDevice) -> std::sync::MutexGuard<'_, dyn PciDevice + 'static> {
@@ -398,7 +406,7 @@ mod tests {
 
     #[test]
     fn config_access_and_bar_dispatch() {
-        let mut bus = PciBus::new();
+        let bus = PciBus::new();
         bus.add_device(0, Arc::new(Mutex::new(HostBridge::new())));
         let mut config = PciConfiguration::new(PciIds {
             vendor: 0x1af4,

@@ -37,6 +37,12 @@
  *              byte of the source is changed before the check, so that the case fails
  *              through its own check; the project's tests use it to show that a failing
  *              case fails the run
+ *   hotplug    devices to wait for after boot (default 0): the suite then waits, one device
+ *              at a time, for a DMA test device the VMM hot-adds (ACPI PCI hot-plug), runs
+ *              on it, says "# vmm_dmatest: hot-plugged device N of M done", and waits for
+ *              the next; the verdict comes after the last (or after hotplug_wait seconds
+ *              without one: a failure). A device removed (ejected) on the way is let go.
+ *   hotplug_wait  seconds to wait for each hot-added device (default 600)
  */
 
 #include <linux/bio.h>
@@ -108,6 +114,11 @@ static char *disk = "";
 module_param(disk, charp, 0444);
 static bool break_copy;
 module_param(break_copy, bool, 0444);
+static uint hotplug;
+module_param(hotplug, uint, 0444);
+static uint hotplug_wait = 600;
+module_param(hotplug_wait, uint, 0444);
+
 
 struct dt {
 	struct pci_dev *pdev;
@@ -128,6 +139,13 @@ struct dt {
 #define MAX_DEVICES 8
 static struct dt *dts[MAX_DEVICES];
 static unsigned int ndts;
+/* Set when the boot-time suites are done: a device probed later was hot-added. */
+static bool dt_booted;
+/* Hot-added devices waiting for their suite, in arrival order, and who waits for them. */
+static struct dt *dt_hot[MAX_DEVICES];
+static unsigned int dt_nhot;
+static DECLARE_WAIT_QUEUE_HEAD(dt_hot_wait);
+static DEFINE_MUTEX(dt_list_lock);
 /* Guest page frames the devices wrote (by the suite's account), one bit per PFN. */
 static unsigned long *written;
 static unsigned long written_bits;
@@ -887,8 +905,6 @@ static int dt_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 		written_bits = max_pfn;
 		written = bitmap_zalloc(max_pfn, GFP_KERNEL);
 	}
-	if (ndts == MAX_DEVICES)
-		return -ENOSPC;
 	d->irq = -1;
 	if (pci_alloc_irq_vectors(pdev, 1, 1, PCI_IRQ_MSIX) == 1) {
 		d->irq = pci_irq_vector(pdev, 0);
@@ -896,8 +912,43 @@ static int dt_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 			d->irq = -1;
 	}
 	dev_info(d->dev, "DMA test device, completion %s\n", d->irq >= 0 ? "by MSI-X" : "polled");
+	mutex_lock(&dt_list_lock);
+	if (ndts == MAX_DEVICES) {
+		mutex_unlock(&dt_list_lock);
+		return -ENOSPC;
+	}
 	dts[ndts++] = d;
+	pci_set_drvdata(pdev, d);
+	if (dt_booted) {
+		dt_hot[dt_nhot++] = d;
+		wake_up(&dt_hot_wait);
+	}
+	mutex_unlock(&dt_list_lock);
 	return 0;
+}
+
+/* A hot-added device ejected: its suite ran (the VMM removes it after), it leaves the list. */
+static void dt_remove(struct pci_dev *pdev)
+{
+	struct dt *d = pci_get_drvdata(pdev);
+	unsigned int i;
+
+	mutex_lock(&dt_list_lock);
+	for (i = 0; i < ndts; i++) {
+		if (dts[i] == d) {
+			dts[i] = dts[--ndts];
+			break;
+		}
+	}
+	for (i = 0; i < dt_nhot; i++) {
+		if (dt_hot[i] == d) {
+			memmove(&dt_hot[i], &dt_hot[i + 1], (dt_nhot - i - 1) * sizeof(d));
+			dt_nhot--;
+			break;
+		}
+	}
+	mutex_unlock(&dt_list_lock);
+	pr_info("# vmm_dmatest: %s removed after %llu transfers\n", dev_name(d->dev), d->transfers);
 }
 
 static const struct pci_device_id dt_ids[] = {
@@ -909,6 +960,7 @@ static struct pci_driver dt_driver = {
 	.name = "vmm_dmatest",
 	.id_table = dt_ids,
 	.probe = dt_probe,
+	.remove = dt_remove,
 };
 
 static int __init dt_init(void)
@@ -1230,10 +1282,52 @@ static void dt_print_written(void)
  * (vmm_nettest.o is linked first): run the suite on every DMA test device, print the pages
  * they wrote, and report (vmm_verdict.c ends the VM).
  */
+/*
+ * Waits for `hotplug` devices added after boot, one at a time, and runs the suite on each;
+ * returns the failed cases (a device that never came is one).
+ */
+static unsigned int dt_run_hotplugged(void)
+{
+	unsigned int done = 0, failed = 0;
+	struct dt *d;
+
+	while (done < hotplug) {
+		pr_info("# vmm_dmatest: waiting for hot-plugged device %u of %u\n", done + 1, hotplug);
+		if (!wait_event_timeout(dt_hot_wait, READ_ONCE(dt_nhot), hotplug_wait * HZ)) {
+			pr_info("KTAP version 1\n1..1\nnot ok 1 hotplug # no device came in %u s\n",
+				hotplug_wait);
+			return failed + 1;
+		}
+		mutex_lock(&dt_list_lock);
+		d = dt_nhot ? dt_hot[0] : NULL;
+		if (d)
+			memmove(&dt_hot[0], &dt_hot[1], --dt_nhot * sizeof(d));
+		mutex_unlock(&dt_list_lock);
+		/* Ejected before its turn: wait again. */
+		if (!d)
+			continue;
+		dt_run_suite(d);
+		failed += d->failed;
+		done++;
+		pr_info("# vmm_dmatest: hot-plugged device %u of %u done (%s, %u failed)\n", done,
+			hotplug, dev_name(d->dev), d->failed);
+	}
+	return failed;
+}
+
 static int __init dt_finish(void)
 {
 	unsigned int i, failed = 0;
 
+	mutex_lock(&dt_list_lock);
+	dt_booted = true;
+	mutex_unlock(&dt_list_lock);
+	if (!ndts && hotplug) {
+		failed = dt_run_hotplugged();
+		dt_print_written();
+		vmm_tests_done("vmm_dmatest", failed, exit_vm);
+		return 0;
+	}
 	if (!ndts) {
 		if (!required)
 			return 0;
@@ -1247,6 +1341,8 @@ static int __init dt_finish(void)
 	}
 	if (concurrent)
 		failed += cc_run();
+	if (hotplug)
+		failed += dt_run_hotplugged();
 	dt_print_written();
 	vmm_tests_done("vmm_dmatest", failed, exit_vm);
 	return 0;

@@ -200,7 +200,7 @@ impl Viommu {
 
     /// Removes `ep` from `dom`'s endpoint set, freeing the domain when it empties ("After all
     /// endpoints have been successfully detached from a domain, it ceases to exist").
-    fn leave_domain(&mut self, ep: EndpointId, dom: DomainId) {
+    pub(super) fn leave_domain(&mut self, ep: EndpointId, dom: DomainId) {
         let empty = match self.domains.get_mut(&dom) {
             Some(d) => {
                 d.endpoints.remove(&ep);

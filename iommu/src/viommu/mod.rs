@@ -9,6 +9,7 @@
 mod device_iotlb;
 mod dirty;
 mod host;
+mod hotplug;
 mod relock;
 mod request;
 mod state;
@@ -20,6 +21,7 @@ use host::HostOps;
 
 pub use device_iotlb::{IotlbEntry, MAX_IOTLB_ENTRY};
 pub use dirty::{DirtyTrackingReport, HarvestOptions, DEFAULT_WINDOW_PAGES};
+pub use hotplug::EndpointRemoval;
 pub use relock::{Held, HostSide, Relock};
 pub use request::{Reply, Request, MAX_READABLE};
 pub use state::{DomainState, RestoreError, ViommuState, STATE_VERSION};
@@ -148,6 +150,9 @@ pub enum SetupError {
     /// A host call failed while setting up bypass mappings.
     #[error("backend {0}")]
     Backend(String, #[source] BackendError),
+    /// A backend added while the guest runs would contradict what the guest was told.
+    #[error("backend {0} cannot map {1}")]
+    Narrows(String, String),
 }
 
 /// Per-device counters, for the VMM's statistics.
@@ -554,6 +559,14 @@ impl Viommu {
     /// Whether `ep` is registered.
     pub fn has_endpoint(&self, ep: EndpointId) -> bool {
         self.endpoints.contains_key(&ep)
+    }
+
+    /// Endpoint IDs and the domain each is attached to, in ID order.
+    pub fn endpoints(&self) -> Vec<(EndpointId, Option<DomainId>)> {
+        self.endpoints
+            .iter()
+            .map(|(&id, e)| (id, e.domain))
+            .collect()
     }
 
     /// IDs of live domains.

@@ -108,6 +108,14 @@ pub trait HostSide: Relock {
         call(self, backend, |b| b.page_request(iova, write))
     }
 
+    /// Removes endpoint `ep` (its device was hot-unplugged): detaches it if the guest did
+    /// not (its host mappings unmapped, their dirty pages harvested first, its domain freed
+    /// when empty), unmaps what it had under bypass, and releases its backend when no other
+    /// endpoint uses it. `None` for an unknown endpoint.
+    fn remove_endpoint(&mut self, ep: super::EndpointId) -> Option<super::EndpointRemoval> {
+        super::hotplug::Unplug::unplug(self, ep)
+    }
+
     /// [`Viommu::start_dirty_tracking`], with the state unlocked during each host call.
     fn start_dirty_tracking(&mut self) -> super::DirtyTrackingReport {
         super::dirty::DirtySide::start_tracking(self)

@@ -12,6 +12,8 @@
 //! | `{"cmd":"restore","dir":"PATH"}` | `{"ok":true}` (only with `--incoming defer`) |
 //! | `{"cmd":"receive","from":"unix:PATH"\|"tcp:HOST:PORT,tls=DIR"\|"tcp:HOST:PORT,insecure"}` | `{"ok":true}` (same) |
 //! | `{"cmd":"commit"}`, `{"cmd":"discard"}` | `{"ok":true}`: a destination whose hand-over was not confirmed runs, or drops, the guest |
+//! | `{"cmd":"add-device","vfio-user":"socket=PATH[,iommu=on][,dma=...]"[,"wait":SECS]}` | `{"ok":true,"added":{"id","bdf","iommu","enabled","plugged_ms","enabled_ms"}}`: the device in a free `--hotplug` slot, once the guest enabled it (or `"enabled":false` after `wait`, 30 s) |
+//! | `{"cmd":"remove-device","id":"ID"[,"wait":SECS]}` | `{"ok":true,"removed":{"id","bdf","ejected","ejected_ms","host_maps","host_unmaps","mapped_bytes_left","left_attached","domain_freed"}}`: the guest asked to eject it; after `wait` (30 s) it goes without the guest (`"ejected":false`) |
 //! | `{"cmd":"quit"}` | `{"ok":true}`, then the VM stops |
 //!
 //! `migrate` also takes `max_rounds` (30, at most 62), `max_dirty_pages` (256), `verify` (false: compare
@@ -45,7 +47,7 @@ use std::sync::{Arc, Mutex};
 
 use sync::MutexExt;
 
-use crate::machine::{Lifecycle, Machine, MachineError};
+use crate::machine::{hotplug, Lifecycle, Machine, MachineError};
 use crate::migration::{self, migrate, peer, snapshot, HandoverResolver, MigrationError, Source};
 use protocol::{Reply, Request, Response, SnapshotReply, StatusReply, VmState};
 
@@ -294,6 +296,20 @@ fn handle(req: &Request, target: &ApiTarget) -> Result<Reply, ApiError> {
         Request::Counters => Ok(Reply::Counters {
             counters: m.devices.counters_report(),
         }),
+        Request::AddDevice { vfio_user, wait } => {
+            let cfg = crate::config::parse_vfio_user(vfio_user)
+                .map_err(|e| ApiError::NotNow(format!("`vfio-user`: {e}")))?;
+            let wait = wait.map_or(hotplug::DEFAULT_WAIT, std::time::Duration::from_secs);
+            Ok(Reply::Added {
+                added: m.add_device(&cfg, wait)?,
+            })
+        }
+        Request::RemoveDevice { id, wait } => {
+            let wait = wait.map_or(hotplug::DEFAULT_WAIT, std::time::Duration::from_secs);
+            Ok(Reply::Removed {
+                removed: m.remove_device(id, wait)?,
+            })
+        }
         Request::Pause => {
             let _busy = not_during_a_migration(&m, "pause")?;
             let mut l = m.lifecycle.locked();

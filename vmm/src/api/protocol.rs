@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::machine::hotplug::{AddedDevice, RemovedDevice};
 use crate::machine::MigrationStatus;
 use crate::migration::{MigrateOptions, MigrationReport};
 
@@ -50,6 +51,25 @@ pub enum Request {
     Commit,
     /// Drop a received guest whose hand-over was not confirmed.
     Discard,
+    /// Add a passthrough device in a free hot-plug slot (`--hotplug`); answers once the
+    /// guest enabled it, or at the wait's end.
+    AddDevice {
+        /// The device, as `--vfio-user` takes it: `socket=PATH[,iommu=on][,dma=...]`.
+        #[serde(rename = "vfio-user")]
+        vfio_user: String,
+        /// Seconds to wait for the guest (default 30).
+        #[serde(default)]
+        wait: Option<u64>,
+    },
+    /// Remove a hot-added device: the guest is asked to eject it, and after `wait` seconds
+    /// (default 30) it goes without the guest.
+    RemoveDevice {
+        /// The id `add-device` answered.
+        id: String,
+        /// Seconds to wait for the guest's eject.
+        #[serde(default)]
+        wait: Option<u64>,
+    },
     /// Stop the VM.
     Quit,
     /// Test only (the cargo feature `test-hooks`, armed by `VMM_TEST_SECCOMP`): a system call
@@ -72,6 +92,8 @@ impl Request {
             Request::Receive { .. } => "receive",
             Request::Commit => "commit",
             Request::Discard => "discard",
+            Request::AddDevice { .. } => "add-device",
+            Request::RemoveDevice { .. } => "remove-device",
             Request::Quit => "quit",
             #[cfg(feature = "test-hooks")]
             Request::TestForbiddenSyscall => "test-forbidden-syscall",
@@ -126,6 +148,16 @@ pub enum Reply {
     Counters {
         /// The lines.
         counters: Vec<String>,
+    },
+    /// `add-device`.
+    Added {
+        /// Where the device went and how long it took.
+        added: AddedDevice,
+    },
+    /// `remove-device`.
+    Removed {
+        /// How it went, and what its DMA backend did in all.
+        removed: RemovedDevice,
     },
     /// `test-forbidden-syscall`: what the call returned (the VMM stops first under
     /// `--seccomp on`).

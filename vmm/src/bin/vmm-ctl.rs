@@ -90,6 +90,28 @@ enum Cmd {
     Commit,
     /// Drop a received guest whose hand-over was not confirmed.
     Discard,
+    /// Add a passthrough device in a free hot-plug slot of a VM started with `--hotplug`:
+    /// `add-device vfio-user socket=PATH[,iommu=on][,dma=...]` (what `--vfio-user` takes).
+    /// Prints its id and BDF once the guest enabled it.
+    AddDevice {
+        /// The kind of device: `vfio-user`.
+        #[arg(value_parser = ["vfio-user"])]
+        kind: String,
+        /// Its options, as the VMM's flag of that name takes them.
+        options: String,
+        /// Seconds to wait for the guest (default 30).
+        #[arg(long, value_name = "SECS")]
+        wait: Option<u64>,
+    },
+    /// Remove a hot-added device: the guest is asked to eject it; after the wait it goes
+    /// without the guest.
+    RemoveDevice {
+        /// The id `add-device` printed.
+        id: String,
+        /// Seconds to wait for the guest's eject (default 30).
+        #[arg(long, value_name = "SECS")]
+        wait: Option<u64>,
+    },
     /// Stop the VM.
     Quit,
 }
@@ -128,6 +150,14 @@ fn request(cmd: &Cmd) -> Request {
         Cmd::Receive { from } => Request::Receive { from: from.clone() },
         Cmd::Commit => Request::Commit,
         Cmd::Discard => Request::Discard,
+        Cmd::AddDevice { options, wait, .. } => Request::AddDevice {
+            vfio_user: options.clone(),
+            wait: *wait,
+        },
+        Cmd::RemoveDevice { id, wait } => Request::RemoveDevice {
+            id: id.clone(),
+            wait: *wait,
+        },
         Cmd::Quit => Request::Quit,
     }
 }
@@ -257,6 +287,36 @@ fn show(reply: &Reply) -> String {
             s.push_str("migrated");
             s
         }
+        Reply::Added { added: a } => format!(
+            "{} at {}{}: {} after {} ms",
+            a.id,
+            a.bdf,
+            if a.iommu { " behind the vIOMMU" } else { "" },
+            if a.enabled {
+                "enabled by the guest"
+            } else {
+                "on the bus, not enabled by the guest yet"
+            },
+            a.enabled_ms
+        ),
+        Reply::Removed { removed: r } => format!(
+            "{} removed from {} ({} after {} ms): {} host maps, {} host unmaps, {} bytes left              mapped{}",
+            r.id,
+            r.bdf,
+            if r.ejected {
+                "ejected by the guest"
+            } else {
+                "without the guest"
+            },
+            r.ejected_ms,
+            r.host_maps,
+            r.host_unmaps,
+            r.mapped_bytes_left,
+            match r.left_attached {
+                Some(d) => format!("; it was still in domain {d}"),
+                None => String::new(),
+            }
+        ),
         #[cfg(feature = "test-hooks")]
         Reply::Syscall { .. } => "ok".into(),
         Reply::Done {} => "ok".into(),

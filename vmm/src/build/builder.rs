@@ -85,6 +85,9 @@ pub struct Builder {
     pub functions: Vec<Function>,
     /// Virtio devices and their queue counts.
     pub virtio: Vec<(Arc<Mutex<dyn VirtioDevice>>, usize)>,
+    /// The guest runs (a hot-plug): the vIOMMU is reached in the host order, and a backend
+    /// may not narrow what the guest was told.
+    pub running: bool,
 }
 
 impl Builder {

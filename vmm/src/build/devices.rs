@@ -4,12 +4,13 @@
 //! the ACPI tables.
 
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
-use boot::acpi::{IommuTopology, PlatformDescription};
+use boot::acpi::{HotplugSlots, IommuTopology, PlatformDescription};
 use boot::layout;
 use devices::bus::Bus;
 use devices::passthrough::vfio_user_backend::SharedRam;
+use devices::pci::hotplug::{GedInterrupt, PciHotplug, PciHotplugRegs};
 use devices::pci::{HostBridge, PciBus, PciConfigIo, PciEcam, PciMmio};
 use devices::virtio::block::VirtioBlock;
 use devices::virtio::iommu::{IommuHandle, VirtioIommu};
@@ -21,12 +22,26 @@ use sync::MutexExt;
 use vm_allocator::IdAllocator;
 
 use super::builder::{dev_err, Builder, WindowAllocator};
+use super::hotplug::Plugger;
 use crate::config::{NetConfig as NetFlag, VmConfig};
 use crate::error::VmmError;
 use crate::machine::devices::{
     DeviceKind, DeviceManager, FaultNotifier, KvmGuestMapper, KvmIoEvents, FIRST_SLOT, IOMMU_SLOT,
 };
+use crate::machine::hotplug::{HotSlot, Hotplug};
 use crate::machine::interrupts::{KvmInterruptManager, KvmInterrupts};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// The Generic Event Device's edge: an irqfd on its GSI.
+struct GedIrq(EventFd);
+
+impl GedInterrupt for GedIrq {
+    fn trigger(&self) {
+        if let Err(e) = self.0.write(1) {
+            log::error!("hot-plug: cannot raise the GED's interrupt: {e}");
+        }
+    }
+}
 
 /// Puts a vhost-user net device on the bus: connects to its back end and, behind the vIOMMU,
 /// registers it as an endpoint whose host side turns unmaps into IOTLB invalidations.
@@ -83,6 +98,9 @@ fn add_vhost_user_net(
 /// the virtio-iommu (00:01.0), then virtio-blk disks, passthrough devices and vhost-user net
 /// devices in order, from 00:02.0 up.
 ///
+/// Returns the devices and, with `--hotplug`, what adds and removes more while the guest
+/// runs.
+///
 /// # Errors
 /// [`VmmError::Device`] naming the device.
 pub fn build_devices(
@@ -93,16 +111,19 @@ pub fn build_devices(
     mem_size: u64,
     pio: &Bus,
     mmio: &Bus,
-) -> Result<DeviceManager, VmmError> {
+) -> Result<(DeviceManager, Option<Hotplug>), VmmError> {
+    let hot_slots = cfg.hotplug.map_or(0, |h| h.slots());
     let mut b = Builder {
+        running: false,
         pci: PciBus::new(),
         bars: WindowAllocator::new(layout::PCI_MMIO_32_START, layout::PCI_MMIO_32_SIZE)?,
         interrupts: KvmInterruptManager(KvmInterrupts::new(vm.clone())),
         guest_mapper: Arc::new(KvmGuestMapper::new(vm.clone())),
-        ioevents: Arc::new(KvmIoEvents(vm)),
+        ioevents: Arc::new(KvmIoEvents(vm.clone())),
         subscribers: Vec::new(),
         endpoints: Vec::new(),
-        slots: IdAllocator::new(FIRST_SLOT.into(), 31)
+        // The highest slots are kept for hot-plug.
+        slots: IdAllocator::new(FIRST_SLOT.into(), u32::from(31 - hot_slots))
             .map_err(|e| VmmError::Device("PCI bus 0".into(), Box::new(e)))?,
         iommu: None,
         mem: mem.clone(),
@@ -195,7 +216,55 @@ pub fn build_devices(
         nets.push(add_vhost_user_net(&mut b, n, i)?);
     }
 
+    // Hot-plug slots: those behind the vIOMMU first (named in the VIOT), from 32 - N up.
+    let hot: Vec<HotSlot> = match cfg.hotplug {
+        Some(h) => {
+            if h.iommu > 0 && b.iommu.is_none() {
+                return Err(VmmError::Device(
+                    "--hotplug".into(),
+                    "iommu=N needs --iommu (or give direct=N alone)".into(),
+                ));
+            }
+            (0..h.slots())
+                .map(|i| HotSlot {
+                    slot: 32 - h.slots() + i,
+                    behind: i < h.iommu,
+                })
+                .collect()
+        }
+        None => Vec::new(),
+    };
+    b.endpoints
+        .extend(hot.iter().filter(|s| s.behind).map(|s| s.slot));
+
     let pci = Arc::new(b.pci);
+    let hotplug = if hot.is_empty() {
+        None
+    } else {
+        let evt = EventFd::new(EFD_NONBLOCK).map_err(dev_err("the hot-plug GED".into()))?;
+        vm.register_irqfd(&evt, layout::GED_GSI)
+            .map_err(|e| VmmError::Kvm("KVM_IRQFD", e))?;
+        let mask = hot.iter().fold(0u32, |m, s| m | 1 << s.slot);
+        let controller = Arc::new(PciHotplug::new(pci.clone(), mask, Arc::new(GedIrq(evt))));
+        mmio.insert(
+            Arc::new(Mutex::new(PciHotplugRegs(controller.clone()))),
+            layout::PCI_HOTPLUG_START,
+            layout::PCI_HOTPLUG_SIZE,
+        )
+        .map_err(dev_err("the PCI hot-plug registers".into()))?;
+        let plugger = Plugger {
+            bars: Mutex::new(Some(b.bars)),
+            interrupts: KvmInterruptManager(b.interrupts.0.clone()),
+            ioevents: b.ioevents.clone(),
+            guest_mapper: b.guest_mapper.clone(),
+            iommu: b.iommu.clone(),
+            mem: b.mem.clone(),
+            ram: b.ram.clone(),
+            static_map: b.static_map,
+            frozen: b.frozen.clone(),
+        };
+        Some(Hotplug::new(controller, hot.clone(), Box::new(plugger)))
+    };
     mmio.insert(
         Arc::new(Mutex::new(PciEcam(pci.clone()))),
         layout::PCI_ECAM_START,
@@ -226,20 +295,28 @@ pub fn build_devices(
             iommu_device: IOMMU_SLOT,
             endpoints: b.endpoints.clone(),
         }),
+        hotplug: (!hot.is_empty()).then(|| HotplugSlots {
+            slots: hot.iter().map(|s| s.slot).collect(),
+            regs: layout::PCI_HOTPLUG_START,
+            gsi: layout::GED_GSI,
+        }),
     };
-    Ok(DeviceManager {
-        iommu,
-        disks,
-        nets,
-        passthrough,
-        subscribers: b.subscribers,
-        platform,
-        ram_ranges: layout::ram_ranges(mem_size),
-        dirty: Mutex::new(None),
-        untracked: Mutex::new(Vec::new()),
-        pci: pci.clone(),
-        functions: b.functions,
-        virtio: b.virtio,
-        frozen: b.frozen,
-    })
+    Ok((
+        DeviceManager {
+            iommu,
+            disks,
+            nets,
+            passthrough: RwLock::new(passthrough),
+            subscribers: b.subscribers,
+            platform,
+            ram_ranges: layout::ram_ranges(mem_size),
+            dirty: Mutex::new(None),
+            untracked: Mutex::new(Vec::new()),
+            pci: pci.clone(),
+            functions: RwLock::new(b.functions),
+            virtio: b.virtio,
+            frozen: b.frozen,
+        },
+        hotplug,
+    ))
 }

@@ -5,6 +5,7 @@
 
 pub mod builder;
 pub mod devices;
+pub mod hotplug;
 pub mod passthrough;
 pub mod static_map;
 
@@ -20,6 +21,7 @@ use boot::quirks::HostQuirks;
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 use linux_loader::cmdline::Cmdline;
+use sync::RwLockExt;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::{IncomingConfig, SerialConfig, VmConfig};
@@ -51,6 +53,8 @@ fn kvm_device_path() -> std::ffi::CString {
 pub struct Vm {
     pub(crate) vm_fd: Arc<VmFd>,
     pub(crate) devices: DeviceManager,
+    /// With `--hotplug`: the slots that take devices while the guest runs.
+    pub(crate) hotplug: Option<crate::machine::hotplug::Hotplug>,
     pub(crate) ram: GuestRam,
     pub(crate) pio: Arc<Bus>,
     pub(crate) mmio: Arc<Bus>,
@@ -164,7 +168,7 @@ impl Vm {
                 .map(|&(gpa, len, _, off)| (gpa, len, off))
                 .collect(),
         };
-        let devices = build_devices(
+        let (devices, hotplug) = build_devices(
             cfg,
             vm_fd.clone(),
             ram.mem.clone(),
@@ -200,7 +204,12 @@ impl Vm {
         let config = MachineConfig {
             memory: ram.size,
             cpus: cfg.cpus,
-            functions: devices.functions.iter().map(|f| (f.slot, f.kind)).collect(),
+            functions: devices
+                .functions
+                .read_locked()
+                .iter()
+                .map(|f| (f.slot, f.kind))
+                .collect(),
         };
 
         log::info!(
@@ -211,6 +220,7 @@ impl Vm {
         Ok(Self {
             vm_fd,
             devices,
+            hotplug,
             ram,
             pio,
             mmio,

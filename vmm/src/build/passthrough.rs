@@ -102,11 +102,23 @@ fn attach_dma(
                     r.elapsed.as_millis()
                 );
             }
-            let mut s = h.lock();
-            let id = s.add_backend(dma).map_err(dev_err(name.to_string()))?;
-            s.add_endpoint(ep, Some(id), &[])
-                .map_err(dev_err(name.to_string()))?;
-            drop(s);
+            let id = if b.running {
+                // While the guest runs: in the host order (after any request in flight), and
+                // within what the guest already read of page sizes and ranges.
+                let mut s = h.lock_for_host_calls();
+                let id = s
+                    .add_backend_within(dma)
+                    .map_err(dev_err(name.to_string()))?;
+                s.add_endpoint(ep, Some(id), &[])
+                    .map_err(dev_err(name.to_string()))?;
+                id
+            } else {
+                let mut s = h.lock();
+                let id = s.add_backend(dma).map_err(dev_err(name.to_string()))?;
+                s.add_endpoint(ep, Some(id), &[])
+                    .map_err(dev_err(name.to_string()))?;
+                id
+            };
             b.endpoints.push(slot);
             Ok((Some((ep, id)), None))
         }
@@ -116,11 +128,14 @@ fn attach_dma(
         )),
         _ if on_demand => {
             // Recorded only: the device's page requests install windows of it.
+            let mut mapped = Vec::new();
             for &(gpa, len, _) in &b.ram.ranges {
                 dma.map(gpa, gpa, len, iommu::Perm::RW)
                     .map_err(dev_err(name.to_string()))?;
+                mapped.push((gpa, len));
             }
-            Ok((None, Some(Arc::new(DirectDirty::new(dma)))))
+            let direct = DirectDirty::new(dma).with_mappings(mapped);
+            Ok((None, Some(Arc::new(direct))))
         }
         _ => {
             let ranges = ram_with_hvas(b, name)?;
@@ -135,7 +150,16 @@ fn attach_dma(
                 r.threads,
                 r.elapsed.as_millis()
             );
-            Ok((None, Some(Arc::new(DirectDirty::new(dma)))))
+            // The pieces map_all made, one map call each.
+            let mapped = super::static_map::cuts(&ranges, align, threads)
+                .into_iter()
+                .flatten()
+                .map(|p| (p.gpa, p.len))
+                .collect();
+            Ok((
+                None,
+                Some(Arc::new(DirectDirty::new(dma).with_mappings(mapped))),
+            ))
         }
     }
 }
@@ -163,6 +187,7 @@ pub fn vfio_user(b: &mut Builder, arg: &PassthroughConfig) -> Result<Passthrough
     let evt = EventFd::new(EFD_NONBLOCK).map_err(dev_err(name.clone()))?;
     let mut dma = VfioUserDma::new(dev.clone(), b.ram.clone());
     let dma_calls = dma.calls.clone();
+    let mapped_bytes = dma.mapped_bytes.clone();
     let messages = if arg.messages {
         let notify = evt.try_clone().map_err(dev_err(name.clone()))?;
         let table = Arc::new(MessageDma::new(b.mem.clone(), Some(notify)));
@@ -223,6 +248,7 @@ pub fn vfio_user(b: &mut Builder, arg: &PassthroughConfig) -> Result<Passthrough
         on_demand: on_demand.map(|(c, d)| (c, d, prq_throttled)),
         backend,
         messages,
+        mapped_bytes: Some(mapped_bytes),
     })
 }
 
@@ -261,5 +287,6 @@ pub fn vfio(b: &mut Builder, arg: &PassthroughConfig) -> Result<Passthrough, Vmm
         on_demand: None,
         backend,
         messages: None,
+        mapped_bytes: None,
     })
 }

@@ -43,6 +43,8 @@ pub struct VmConfig {
     pub vfio: Vec<PassthroughConfig>,
     /// virtio-net devices on vhost-user back ends.
     pub vhost_user_net: Vec<NetConfig>,
+    /// PCI slots kept free for devices added while the guest runs.
+    pub hotplug: Option<HotplugConfig>,
     /// Print per-device counters when the VM ends.
     pub counters: bool,
     /// Track the pages passthrough devices write from boot.
@@ -489,6 +491,72 @@ pub fn parse_iommu(s: &str) -> Result<IommuConfig, String> {
             }
             _ => a.bypass = on_off(&k, &v)?,
         }
+    }
+    Ok(a)
+}
+
+/// `--hotplug`: PCI slots of bus 0 kept free at boot for passthrough devices added while the
+/// guest runs (the API's `add-device`). The guest learns at boot, from the ACPI tables,
+/// which slots exist and (VIOT) which of them are behind the virtio-iommu.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HotplugConfig {
+    /// Slots behind the virtio-iommu (named in the VIOT).
+    pub iommu: u8,
+    /// Slots outside it (all guest RAM mapped on their device).
+    pub direct: u8,
+}
+
+impl HotplugConfig {
+    /// Most hot-pluggable slots: bus 0 keeps 00:00.0 to 00:03.0 for the host bridge, the
+    /// virtio-iommu and two devices given by flags.
+    pub const MAX_SLOTS: u8 = 28;
+
+    /// Slots in all.
+    pub fn slots(&self) -> u8 {
+        self.iommu + self.direct
+    }
+}
+
+/// Parses `--hotplug`: `[iommu=N][,direct=N]`, slots behind the virtio-iommu and outside it
+/// (each 0 when the other is given; an empty value is `iommu=1`).
+///
+/// # Errors
+/// A message naming the bad key or value.
+pub fn parse_hotplug(s: &str) -> Result<HotplugConfig, String> {
+    let mut a = HotplugConfig {
+        iommu: 0,
+        direct: 0,
+    };
+    let mut any = false;
+    for (k, v) in parse_kv(s, &["iommu", "direct"])? {
+        let n: u8 = v
+            .parse()
+            .ok()
+            .filter(|n| *n <= HotplugConfig::MAX_SLOTS)
+            .ok_or_else(|| {
+                format!(
+                    "`{k}={v}`: expected a number of slots, 0 to {}",
+                    HotplugConfig::MAX_SLOTS
+                )
+            })?;
+        match k.as_str() {
+            "iommu" => a.iommu = n,
+            _ => a.direct = n,
+        }
+        any = true;
+    }
+    if !any {
+        a.iommu = 1;
+    }
+    if a.slots() == 0 {
+        return Err("no slot: give iommu=N or direct=N above 0".into());
+    }
+    if a.slots() > HotplugConfig::MAX_SLOTS {
+        return Err(format!(
+            "{} slots: at most {} in all",
+            a.slots(),
+            HotplugConfig::MAX_SLOTS
+        ));
     }
     Ok(a)
 }

@@ -13,7 +13,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use boot::acpi::PlatformDescription;
 use devices::pci::{PciBus, PciDevice};
@@ -28,7 +28,7 @@ use iommu::pagetable::PAGE_SIZE;
 use iommu::viommu::HostSide;
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use serde::{Deserialize, Serialize};
-use sync::MutexExt;
+use sync::{MutexExt, RwLockExt};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -241,8 +241,8 @@ pub struct DeviceManager {
     pub disks: Vec<(String, Arc<Mutex<VirtioBlock>>)>,
     /// vhost-user net devices: label and device.
     pub nets: Vec<(String, Arc<Mutex<VhostUserNet>>)>,
-    /// Passthrough devices.
-    pub passthrough: Vec<Passthrough>,
+    /// Passthrough devices (hot-plug adds and removes some while the guest runs).
+    pub passthrough: RwLock<Vec<Passthrough>>,
     /// Event-loop handlers to register.
     pub subscribers: Vec<Subscriber>,
     /// What the ACPI tables describe.
@@ -255,8 +255,8 @@ pub struct DeviceManager {
     pub untracked: Mutex<Vec<String>>,
     /// Bus 0.
     pub pci: Arc<PciBus>,
-    /// PCI functions in slot order.
-    pub functions: Vec<Function>,
+    /// PCI functions in slot order (hot-plug adds and removes some while the guest runs).
+    pub functions: RwLock<Vec<Function>>,
     /// Virtio devices and their queue counts.
     pub virtio: Vec<(Arc<Mutex<dyn VirtioDevice>>, usize)>,
     /// Set while the devices are frozen for a snapshot.
@@ -277,7 +277,7 @@ impl DeviceManager {
         for (label, n) in &self.nets {
             lines.push(format!("{label}: {}", n.locked().counters_line()));
         }
-        for p in &self.passthrough {
+        for p in self.passthrough.read_locked().iter() {
             lines.push(p.counters_line());
         }
         if let Some(log) = self.dirty_since_boot() {
@@ -300,7 +300,7 @@ impl DeviceManager {
         if let Some((h, _)) = &self.iommu {
             untracked.extend(h.lock_for_host_calls().start_dirty_tracking().untracked);
         }
-        for p in &self.passthrough {
+        for p in self.passthrough.read_locked().iter() {
             if let Some(d) = &p.direct {
                 if !d.start() {
                     untracked.push(p.label.clone());
@@ -338,7 +338,7 @@ impl DeviceManager {
         if let Some((h, _)) = &self.iommu {
             h.lock_for_host_calls().harvest_dirty(out);
         }
-        for p in &self.passthrough {
+        for p in self.passthrough.read_locked().iter() {
             if let Some(d) = &p.direct {
                 d.harvest(&self.ram_ranges, out);
             }
@@ -353,7 +353,7 @@ impl DeviceManager {
                 out.merge(&rest);
             }
         }
-        for p in &self.passthrough {
+        for p in self.passthrough.read_locked().iter() {
             if let Some(d) = &p.direct {
                 d.stop();
             }

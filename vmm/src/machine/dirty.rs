@@ -16,6 +16,9 @@ const CHUNK_PAGES: u64 = 1 << 18;
 pub struct DirectDirty {
     backend: Mutex<Box<dyn DmaBackend>>,
     tracked: Mutex<bool>,
+    /// The host mappings `(iova = gpa, len)` made at set-up, one per map call, for
+    /// [`DirectDirty::unmap_all`].
+    mapped: Mutex<Vec<(u64, u64)>>,
 }
 
 impl DirectDirty {
@@ -24,6 +27,26 @@ impl DirectDirty {
         Self {
             backend: Mutex::new(backend),
             tracked: Mutex::new(false),
+            mapped: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The same, remembering the host mappings `(iova = gpa, len)` set-up made, one per map
+    /// call.
+    pub fn with_mappings(self, mapped: Vec<(u64, u64)>) -> Self {
+        *self.mapped.locked() = mapped;
+        self
+    }
+
+    /// Unmaps every host mapping set-up made, one unmap call each (the device is being
+    /// removed). A failed call is logged; the others are still made.
+    pub(crate) fn unmap_all(&self) {
+        let mapped = std::mem::take(&mut *self.mapped.locked());
+        let mut b = self.backend.locked();
+        for (iova, len) in mapped {
+            if let Err(e) = b.unmap(iova, len) {
+                log::error!("{}: cannot unmap {iova:#x}+{len:#x}: {e}", b.name());
+            }
         }
     }
 

@@ -7,6 +7,7 @@
 
 pub mod devices;
 pub mod dirty;
+pub mod hotplug;
 pub mod interrupts;
 pub mod kvm_state;
 pub mod memory;
@@ -27,7 +28,7 @@ use iommu::dirty::DirtyBitmap;
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
-use sync::MutexExt;
+use sync::{MutexExt, RwLockExt};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use devices::{DeviceKind, DeviceManager};
@@ -150,6 +151,8 @@ pub struct Machine {
     pub busy: Mutex<()>,
     /// Where a running migration is, for the API's `status`.
     pub progress: MigrationProgress,
+    /// The slots that take devices while the guest runs (`--hotplug`).
+    pub hotplug: Option<hotplug::Hotplug>,
 }
 
 /// A migration's progress as `status` shows it while `migrate` runs.
@@ -240,7 +243,51 @@ impl MigrationProgress {
     }
 }
 
+impl From<hotplug::HotplugError> for MachineError {
+    fn from(e: hotplug::HotplugError) -> Self {
+        match e {
+            hotplug::HotplugError::Refused(m) => MachineError::Busy(m),
+            hotplug::HotplugError::Failed(m) => MachineError::State(m),
+        }
+    }
+}
+
 impl Machine {
+    fn hotplug_slots(&self) -> Result<&hotplug::Hotplug, MachineError> {
+        self.hotplug.as_ref().ok_or_else(|| {
+            MachineError::Busy("no hot-plug slot: start the VMM with --hotplug".into())
+        })
+    }
+
+    /// Adds a passthrough device while the guest runs ([`hotplug::Hotplug::add_device`]).
+    ///
+    /// # Errors
+    /// [`MachineError::Busy`] without `--hotplug`, with no free slot of the kind asked, or
+    /// during a snapshot or migration; [`MachineError::State`] when the device cannot be set
+    /// up.
+    pub fn add_device(
+        &self,
+        cfg: &crate::config::PassthroughConfig,
+        wait: Duration,
+    ) -> Result<hotplug::AddedDevice, MachineError> {
+        let hp = self.hotplug_slots()?;
+        Ok(hp.add_device(&self.devices, &self.busy, cfg, wait)?)
+    }
+
+    /// Removes a hot-added device ([`hotplug::Hotplug::remove_device`]).
+    ///
+    /// # Errors
+    /// [`MachineError::Busy`] without `--hotplug`, for an unknown id, or during a snapshot or
+    /// migration.
+    pub fn remove_device(
+        &self,
+        id: &str,
+        wait: Duration,
+    ) -> Result<hotplug::RemovedDevice, MachineError> {
+        let hp = self.hotplug_slots()?;
+        Ok(hp.remove_device(&self.devices, &self.busy, id, wait)?)
+    }
+
     /// Parks every vCPU (their pending I/O completed).
     ///
     /// # Errors
@@ -320,7 +367,7 @@ impl Machine {
 
     /// Moves every passthrough device to migration state `state`.
     pub fn passthrough_state(&self, state: u32) -> Result<(), MachineError> {
-        for p in &self.devices.passthrough {
+        for p in self.devices.passthrough.read_locked().iter() {
             p.backend
                 .locked()
                 .set_migration_state(state)
@@ -340,7 +387,7 @@ impl Machine {
                 )));
             }
         }
-        for p in &self.devices.passthrough {
+        for p in self.devices.passthrough.read_locked().iter() {
             let b = p.backend.locked();
             if !b.supports_migration() {
                 return Err(MachineError::Busy(format!(
@@ -440,7 +487,7 @@ impl Machine {
         let vm = VmState::save(&self.vm_fd).map_err(state_err)?;
         let serial = Persist::save(&mut *self.serial.locked()).map_err(state_err)?;
         let mut functions = Vec::new();
-        for f in &self.devices.functions {
+        for f in self.devices.functions.read_locked().iter() {
             let st = f
                 .device
                 .locked()

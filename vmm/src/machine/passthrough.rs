@@ -82,6 +82,8 @@ pub struct Passthrough {
     pub backend: Arc<Mutex<dyn PassthroughBackend>>,
     /// Under `dma=messages`: the table its DMA messages are answered through (counters).
     pub messages: Option<Arc<MessageDma>>,
+    /// Bytes its server has mapped now (vfio-user), for hot-unplug's report.
+    pub mapped_bytes: Option<Arc<AtomicU64>>,
 }
 
 /// Turns the device's fault reports into virtio-iommu fault events, and notices a device

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::VcpuFd;
-use sync::MutexExt;
+use sync::{MutexExt, RwLockExt};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::bounds::{self, Bounded, MAX_RAM_PASSES, MAX_ROUNDS};
@@ -579,19 +579,23 @@ fn restore(
     // IOTLB misses) translate through the restored tables, which the function's own restore
     // (a device reset first) would otherwise clear.
     let restore_function = |slot: u8, value: &FunctionState| {
-        let Some(f) = m.devices.functions.iter().find(|f| f.slot == slot) else {
+        let functions = m.devices.functions.read_locked();
+        let Some(f) = functions.iter().find(|f| f.slot == slot) else {
             return Err(MigrationError::Incompatible(format!(
                 "no PCI function at 00:{slot:02x}.0"
             )));
         };
-        f.device
+        let r = f
+            .device
             .locked()
             .restore_state(value)
-            .map_err(|e| state_err(format!("{}: {e}", f.name)))
+            .map_err(|e| state_err(format!("{}: {e}", f.name)));
+        r
     };
     let is_iommu = |slot: u8| {
         m.devices
             .functions
+            .read_locked()
             .iter()
             .any(|f| f.slot == slot && f.kind == DeviceKind::VirtioIommu)
     };
@@ -611,7 +615,7 @@ fn restore(
         restore_function(*slot, value)?;
     }
     m.devices.pci.refresh_all();
-    for p in &m.devices.passthrough {
+    for p in m.devices.passthrough.read_locked().iter() {
         let Some((_, data)) = device_data.iter().find(|d| d.0 == p.slot) else {
             return Err(MigrationError::Incompatible(format!(
                 "no device data for {}",

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use iommu::dirty::DirtyBitmap;
 use serde::{Deserialize, Serialize};
-use sync::MutexExt;
+use sync::{MutexExt, RwLockExt};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::bounds::MAX_ROUNDS;
@@ -287,7 +287,7 @@ fn unquiesce(m: &Machine, keep_paused: bool) {
 
 /// Writes the stop-and-copy part: device data, then the machine state, then END.
 fn send_final_state<W: Write>(m: &Machine, w: &mut StreamWriter<W>) -> Result<(), MigrationError> {
-    for p in &m.devices.passthrough {
+    for p in m.devices.passthrough.read_locked().iter() {
         let mut b = p.backend.locked();
         b.set_migration_state(device_state::STOP_COPY)
             .map_err(|e| state_err(format!("{}: {e}", p.label)))?;

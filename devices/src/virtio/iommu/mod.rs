@@ -320,11 +320,24 @@ impl VirtioIommu {
             .collect();
         let ls = &self.iommu.lock_stats;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        // Which endpoints are attached (`EP:DOMAIN`, hex endpoint IDs), and the pages all
+        // domains map.
+        let endpoints = s.endpoints();
+        let attached: Vec<String> = endpoints
+            .iter()
+            .filter_map(|&(ep, d)| d.map(|d| format!("{ep:#x}:{d}")))
+            .collect();
+        let mapped_pages: u64 = s
+            .domain_ids()
+            .iter()
+            .filter_map(|&d| s.domain_mapped_pages(d))
+            .sum();
         format!(
             "{} batches={} {} host_maps={} host_unmaps={} faults={} faults_dropped={} \
              iotlb_hits={} iotlb_misses={} translated_bytes={} domains={} metadata_bytes={} \
              dirty_reads={} dirty_pages_reported={} bad_chains={} lock_takes={} \
-             lock_contended={} lock_wait_us={} unlocked_host_calls={}",
+             lock_contended={} lock_wait_us={} unlocked_host_calls={} endpoints={} \
+             attached={} mapped_pages={}",
             req.join(" "),
             c.batches,
             st.join(" "),
@@ -344,6 +357,13 @@ impl VirtioIommu {
             get(&ls.contended),
             get(&ls.wait_ns) / 1000,
             get(&ls.unlocked_calls),
+            endpoints.len(),
+            if attached.is_empty() {
+                "none".to_string()
+            } else {
+                attached.join(",")
+            },
+            mapped_pages,
         )
     }
 }
