@@ -823,8 +823,11 @@ pub mod lists {
 
     /// The control API's threads (the listener and one per connection, which inherit its
     /// filter): snapshots (files), migration (sockets, KVM's dirty log, memory slots), the
-    /// devices' migration data. An incoming migration or a restore runs on a `migration`
-    /// thread under the same list.
+    /// devices' migration data, hot-plug (`add-device` connects a device server and sets
+    /// its device up here: `seccomp` for the filter of the static-map threads it starts,
+    /// which only narrows theirs, and `timerfd_create` for a `dma=fault` device's
+    /// page-request timer). An incoming migration or a restore runs on a `migration` thread
+    /// under the same list.
     pub const API: Filter = Filter {
         syscalls: &[
             IO,
@@ -832,7 +835,12 @@ pub mod lists {
             CONNECT,
             SERVE,
             THREADS,
-            sys![SYS_tgkill, SYS_sched_getaffinity],
+            sys![
+                SYS_tgkill,
+                SYS_sched_getaffinity,
+                SYS_seccomp,
+                SYS_timerfd_create
+            ],
         ],
         ioctls: KVM_AND_VFIO,
     };

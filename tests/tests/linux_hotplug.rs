@@ -7,17 +7,23 @@
 //! behind the vIOMMU through the API; the suite binds to it and passes (fault cases
 //! included) with the vIOMMU's counters showing the new endpoint attached; it is
 //! hot-removed, the guest ejecting it, with no mapping left for it in the vIOMMU nor on the
-//! device server; a second device goes into the same slot and passes again. The verdict is
-//! the suite's, through the test-exit port, after the last device.
+//! device server, and its server sees the connection close; then two devices are added at
+//! once, a second one behind the vIOMMU in the same slot and one outside it, and both pass.
+//! The verdict is the suite's, through the test-exit port, after the last device.
+//!
+//! A second guest ignores hot-plug (`acpiphp.disable=1`): every request that must fail
+//! fails with its error and changes nothing, and the devices it never ejects are torn down
+//! at the deadline, with every host mapping gone and their connections closed.
 
-use std::time::Duration;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
-use vmm_tests::{check_suites, guest_kernel, scratch, DeviceProcess, VmmProcess};
+use vmm_tests::{check_suites_skipping, guest_kernel, scratch, DeviceProcess, VmmProcess};
 
 const DEADLINE: Duration = Duration::from_secs(900);
 
 /// The virtio-iommu's counters line, through the API.
-fn viommu_counters(vmm: &mut VmmProcess, api: &std::path::Path) -> String {
+fn viommu_counters(vmm: &mut VmmProcess, api: &Path) -> String {
     let c = vmm.api(api, r#"{"cmd":"counters"}"#);
     c["counters"]
         .as_array()
@@ -36,14 +42,21 @@ fn field<'a>(line: &'a str, key: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {key}= in {line}"))
 }
 
-fn add(
+/// `add-device` of `dev` waiting `wait` seconds: the whole answer.
+fn try_add(
     vmm: &mut VmmProcess,
-    api: &std::path::Path,
+    api: &Path,
     dev: &DeviceProcess,
     iommu: bool,
+    wait: u64,
 ) -> serde_json::Value {
-    let req = serde_json::json!({"cmd": "add-device", "vfio-user": dev.arg(iommu), "wait": 300});
-    let a = vmm.api(api, &req.to_string());
+    let req = serde_json::json!({"cmd": "add-device", "vfio-user": dev.arg(iommu), "wait": wait});
+    vmm.api(api, &req.to_string())
+}
+
+/// `add-device` of `dev`, which the guest must take: what it added.
+fn add(vmm: &mut VmmProcess, api: &Path, dev: &DeviceProcess, iommu: bool) -> serde_json::Value {
+    let a = try_add(vmm, api, dev, iommu, 300);
     assert_eq!(a["ok"], true, "add-device: {a}\n{}", vmm.stderr_so_far());
     assert_eq!(
         a["added"]["enabled"], true,
@@ -52,13 +65,39 @@ fn add(
     a["added"].clone()
 }
 
-#[test]
-fn linux_hotplug_adds_removes_and_adds_again_behind_the_viommu() {
+/// `remove-device ID` waiting `wait` seconds: what was removed.
+fn remove(
+    vmm: &mut VmmProcess,
+    api: &Path,
+    id: &serde_json::Value,
+    wait: u64,
+) -> serde_json::Value {
+    let req = serde_json::json!({"cmd": "remove-device", "id": id, "wait": wait});
+    let r = vmm.api(api, &req.to_string());
+    assert_eq!(r["ok"], true, "remove-device: {r}\n{}", vmm.stderr_so_far());
+    r["removed"].clone()
+}
+
+/// Waits for the device process to end (the VMM closed its connection).
+fn assert_connection_closed(dev: &mut DeviceProcess) {
+    let start = Instant::now();
+    while dev.child.try_wait().unwrap().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the device server still runs: its connection was not closed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The Linux guest with the vIOMMU, one hot-plug slot behind it and one outside it, the API
+/// at `api`, and `extra` on its command line.
+fn start_guest(api: &Path, extra: &str) -> VmmProcess {
     let g = guest_kernel();
-    let api = scratch("api.sock");
-    let cmdline = "console=ttyS0 reboot=k panic=1 vmm_dmatest.hotplug=2 \
-                   vmm_dmatest.cycles=300 vmm_dmatest.samples=30";
-    let mut vmm = VmmProcess::start(&[
+    let cmdline = format!(
+        "console=ttyS0 reboot=k panic=1 vmm_dmatest.cycles=300 vmm_dmatest.samples=30 {extra}"
+    );
+    VmmProcess::start(&[
         "--kernel",
         g.vmlinux.to_str().unwrap(),
         "--initramfs",
@@ -72,17 +111,23 @@ fn linux_hotplug_adds_removes_and_adds_again_behind_the_viommu() {
         api.to_str().unwrap(),
         "--counters",
         "--cmdline",
-        cmdline,
-    ]);
-    vmm.wait_console("waiting for hot-plugged device 1 of 2", DEADLINE);
+        &cmdline,
+    ])
+}
+
+#[test]
+fn linux_hotplug_adds_removes_and_adds_again() {
+    let api = scratch("api.sock");
+    let mut vmm = start_guest(&api, "vmm_dmatest.hotplug=3");
+    vmm.wait_console("waiting for hot-plugged device 1 of 3", DEADLINE);
     let before = viommu_counters(&mut vmm, &api);
     assert_eq!(field(&before, "attached"), "none", "{before}");
 
     // First device: behind the vIOMMU, in the slot the VIOT names (00:1e.0, endpoint 0xf0).
-    let dev1 = DeviceProcess::start();
+    let mut dev1 = DeviceProcess::start();
     let a = add(&mut vmm, &api, &dev1, true);
     assert_eq!(a["bdf"], "00:1e.0", "{a}");
-    vmm.wait_console("hot-plugged device 1 of 2 done", DEADLINE);
+    vmm.wait_console("hot-plugged device 1 of 3 done", DEADLINE);
     let during = viommu_counters(&mut vmm, &api);
     assert!(
         field(&during, "attached")
@@ -95,31 +140,21 @@ fn linux_hotplug_adds_removes_and_adds_again_behind_the_viommu() {
         "{during}"
     );
 
-    let id = a["id"].as_str().unwrap().to_string();
-    let r = vmm.api(
-        &api,
-        &format!(r#"{{"cmd":"remove-device","id":"{id}","wait":300}}"#),
-    );
-    assert_eq!(r["ok"], true, "remove-device: {r}\n{}", vmm.stderr_so_far());
-    let r = &r["removed"];
+    let r = remove(&mut vmm, &api, &a["id"], 300);
     assert_eq!(r["ejected"], true, "the guest did not eject it: {r}");
     assert_eq!(
         r["mapped_bytes_left"], 0,
         "mappings left on the device server: {r}"
     );
     assert!(r["host_maps"].as_u64().unwrap() > 0, "{r}");
+    assert_connection_closed(&mut dev1);
     let after = viommu_counters(&mut vmm, &api);
-    assert!(
-        !field(&after, "attached").contains("0xf0:"),
-        "the removed endpoint is still attached: {after}"
-    );
+    assert_eq!(field(&after, "attached"), "none", "{after}");
     assert_eq!(field(&after, "endpoints"), "0", "{after}");
     assert_eq!(field(&after, "mapped_pages"), "0", "{after}");
-    // The same id is gone.
-    let again = vmm.api(
-        &api,
-        &format!(r#"{{"cmd":"remove-device","id":"{id}","wait":1}}"#),
-    );
+    // The id is gone with it.
+    let req = serde_json::json!({"cmd": "remove-device", "id": a["id"], "wait": 1});
+    let again = vmm.api(&api, &req.to_string());
     assert_eq!(again["ok"], false, "{again}");
     assert!(
         again["error"]
@@ -129,23 +164,116 @@ fn linux_hotplug_adds_removes_and_adds_again_behind_the_viommu() {
         "{again}"
     );
 
-    // A second device in the same slot.
+    // Two at once: a second device in the same slot behind the vIOMMU, one outside it.
     let dev2 = DeviceProcess::start();
+    let dev3 = DeviceProcess::start();
     let b = add(&mut vmm, &api, &dev2, true);
+    let c = add(&mut vmm, &api, &dev3, false);
     assert_eq!(b["bdf"], "00:1e.0", "{b}");
+    assert_eq!(c["bdf"], "00:1f.0", "{c}");
+    assert_eq!(c["iommu"], false, "{c}");
     assert_ne!(b["id"], a["id"]);
     let run = vmm.wait(DEADLINE);
-    let suites = check_suites("linux_hotplug", &run, &["vmm_dmatest"]);
+    // The device outside the vIOMMU cannot fault: its three fault cases are skipped, and
+    // only those.
+    let suites = check_suites_skipping(
+        "linux_hotplug",
+        &run,
+        &["vmm_dmatest"],
+        &[
+            "fault_read_only",
+            "fault_unmapped",
+            "fault_already_unmapped",
+        ],
+    );
     assert_eq!(
         suites
             .iter()
             .filter(|s| s.as_str() == "vmm_dmatest")
             .count(),
-        2,
+        3,
         "one suite per hot-added device: {suites:?}"
     );
+    for (bdf, n) in [("0000:00:1e.0", 2), ("0000:00:1f.0", 1)] {
+        let passed = run.console.matches(&format!("({bdf}, 0 failed)")).count();
+        assert_eq!(passed, n, "passing suites on {bdf}");
+    }
     eprintln!(
-        "hot-plug: first device enabled after {} ms, ejected after {} ms; second enabled after {} ms",
-        a["enabled_ms"], r["ejected_ms"], b["enabled_ms"]
+        "hot-plug latency: behind the vIOMMU enabled by the guest after {} ms, ejected after {} \
+         ms, enabled again after {} ms; outside the vIOMMU enabled after {} ms (all 256 MiB of \
+         RAM mapped on it first)",
+        a["enabled_ms"], r["ejected_ms"], b["enabled_ms"], c["enabled_ms"]
     );
+}
+
+/// Every request that must fail fails with its error and leaves the VM as it was; a guest
+/// that never ejects has its devices torn down at the deadline, their host mappings gone
+/// and their connections closed.
+#[test]
+fn linux_hotplug_refusals_and_a_guest_that_never_ejects() {
+    let api = scratch("api.sock");
+    // acpiphp off: the guest never scans nor ejects the slots; the suite waits (for nothing).
+    let mut vmm = start_guest(&api, "acpiphp.disable=1 vmm_dmatest.hotplug=1");
+    vmm.wait_console("waiting for hot-plugged device 1 of 1", DEADLINE);
+    let error = |v: &serde_json::Value| {
+        assert_eq!(v["ok"], false, "{v}");
+        v["error"].as_str().unwrap().to_string()
+    };
+
+    // A socket nobody serves: refused, naming it, and the slot stays free.
+    let gone = scratch("nobody.sock");
+    let req = serde_json::json!({"cmd": "add-device", "vfio-user": format!("socket={}", gone.display()), "wait": 1});
+    let e = error(&vmm.api(&api, &req.to_string()));
+    assert!(e.contains(&gone.display().to_string()), "{e}");
+    // A bad option names itself.
+    let e = error(&vmm.api(
+        &api,
+        r#"{"cmd":"add-device","vfio-user":"socket=/x,dma=sideways"}"#,
+    ));
+    assert!(e.contains("dma=sideways"), "{e}");
+
+    // The guest does not take the device: it is on the bus all the same.
+    let mut dev1 = DeviceProcess::start();
+    let a = try_add(&mut vmm, &api, &dev1, true, 2);
+    assert_eq!(a["ok"], true, "{a}");
+    assert_eq!(a["added"]["enabled"], false, "{a}");
+    assert_eq!(a["added"]["bdf"], "00:1e.0", "{a}");
+    // The only slot behind the vIOMMU is taken.
+    let dev2 = DeviceProcess::start();
+    let e = error(&try_add(&mut vmm, &api, &dev2, true, 1));
+    assert!(e.contains("no free hot-plug slot behind the vIOMMU"), "{e}");
+    // Outside it: all RAM mapped on the device.
+    let mut dev3 = DeviceProcess::start();
+    let c = try_add(&mut vmm, &api, &dev3, false, 1);
+    assert_eq!(c["ok"], true, "{c}");
+    assert_eq!(c["added"]["bdf"], "00:1f.0", "{c}");
+    let e = error(&vmm.api(&api, r#"{"cmd":"remove-device","id":"hotplug99","wait":1}"#));
+    assert!(e.contains("no hot-added device `hotplug99`"), "{e}");
+    let counters = viommu_counters(&mut vmm, &api);
+    assert_eq!(field(&counters, "endpoints"), "1", "{counters}");
+
+    // Never ejected: torn down at the deadline.
+    let r = remove(&mut vmm, &api, &a["added"]["id"], 2);
+    assert_eq!(r["ejected"], false, "{r}");
+    assert_eq!(r["mapped_bytes_left"], 0, "{r}");
+    assert_connection_closed(&mut dev1);
+    let r = remove(&mut vmm, &api, &c["added"]["id"], 2);
+    assert_eq!(r["ejected"], false, "{r}");
+    assert_eq!(r["mapped_bytes_left"], 0, "{r}");
+    let maps = r["host_maps"].as_u64().unwrap();
+    assert!(maps > 0, "{r}");
+    assert_eq!(
+        r["host_unmaps"].as_u64().unwrap(),
+        maps,
+        "every piece of RAM unmapped: {r}"
+    );
+    assert_connection_closed(&mut dev3);
+    let counters = viommu_counters(&mut vmm, &api);
+    assert_eq!(field(&counters, "endpoints"), "0", "{counters}");
+    // The slot is free again.
+    let dev4 = DeviceProcess::start();
+    let d = try_add(&mut vmm, &api, &dev4, true, 1);
+    assert_eq!(d["ok"], true, "{d}");
+    assert_eq!(d["added"]["bdf"], "00:1e.0", "{d}");
+    vmm.kill();
 }
