@@ -120,6 +120,52 @@ fn bad_flag_value_names_the_flag() {
         let key = bad.split('=').next().unwrap();
         assert!(run.stderr.contains(key), "{bad}: {}", run.stderr);
     }
+    for bad in ["iommu=29", "direct=x", "slots=2"] {
+        let run = run_vmm(&["--kernel", "/x", "--hotplug", bad], DEADLINE);
+        assert_eq!(run.code(), 2, "{bad}");
+        assert!(run.stderr.contains("--hotplug"), "{bad}: {}", run.stderr);
+        let key = bad.split('=').next().unwrap();
+        assert!(run.stderr.contains(key), "{bad}: {}", run.stderr);
+    }
+}
+
+/// Hot-plug slots that cannot be: behind a vIOMMU that is not there, a device pinned to a
+/// slot that is not a hot-plug slot, or one of the other kind.
+#[test]
+fn hotplug_slots_are_checked() {
+    let elf = scratch("tiny.elf");
+    std::fs::write(&elf, tiny_elf()).unwrap();
+    let kernel = elf.to_str().unwrap();
+    let run = run_vmm(&["--kernel", kernel, "--hotplug", "iommu=1"], DEADLINE);
+    assert_one_error_line(&run, &["--hotplug", "iommu=N needs --iommu"]);
+    let dev = vmm_tests::DeviceProcess::start();
+    let arg = |extra: &str| format!("{},{extra}", dev.arg(true));
+    let run = run_vmm(
+        &[
+            "--kernel",
+            kernel,
+            "--iommu",
+            "--hotplug",
+            "iommu=1",
+            "--vfio-user",
+            &arg("slot=5"),
+        ],
+        DEADLINE,
+    );
+    assert_one_error_line(&run, &["slot=5: not a --hotplug slot (they are: 31)"]);
+    let run = run_vmm(
+        &[
+            "--kernel",
+            kernel,
+            "--iommu",
+            "--hotplug",
+            "direct=1",
+            "--vfio-user",
+            &arg("slot=31"),
+        ],
+        DEADLINE,
+    );
+    assert_one_error_line(&run, &["slot=31 is a hot-plug slot outside the vIOMMU"]);
 }
 
 #[test]

@@ -236,6 +236,98 @@ fn pause_and_resume_are_refused_while_a_migration_runs() {
     dst.assert_console("0 stale pages seen before a refill, 0 of 256 pages wrong at the end");
 }
 
+/// A guest that had a device hot-added (`--hotplug iommu=1`, slot 00:1f.0) migrates, verify
+/// on, to a destination started with the devices the source has now: the hot-added one in
+/// its slot (`slot=31`). While the migration runs, a hot-plug request is refused by name. On
+/// the destination the device is the vIOMMU's endpoint and goes like a hot-added one.
+#[test]
+fn live_migration_after_a_hot_add() {
+    let (dev_a, dev_b) = (DeviceProcess::start(), DeviceProcess::start());
+    let (hot_a, hot_b) = (DeviceProcess::start(), DeviceProcess::start());
+    let (api_sock, dst_api, mig_sock) = (
+        scratch("api.sock"),
+        scratch("api.sock"),
+        scratch("mig.sock"),
+    );
+    let to = format!("unix:{}", mig_sock.display());
+    let dst = VmmCommand::new()
+        .memory(MEMORY)
+        .iommu()
+        .flag("--hotplug", "iommu=1")
+        .vfio_user(&dev_b.arg(true))
+        .vfio_user(&format!("{},slot=31", hot_b.arg(true)))
+        .api_socket(&dst_api)
+        .counters()
+        .args(["--incoming", &to])
+        .start();
+    let mut src = VmmCommand::test_guest()
+        .memory(MEMORY)
+        .iommu()
+        .flag("--hotplug", "iommu=1")
+        .vfio_user(&dev_a.arg(true))
+        .cmdline("tests=migrate_dma until_migrated=1 iters=300 touch=192")
+        .api_socket(&api_sock)
+        .counters()
+        .start();
+    wait_for_path(&mig_sock);
+    src.wait_console("# migrate-ready", DEADLINE);
+    // The test guest does not drive hot-plug: the device is on the bus, not enabled.
+    let req = serde_json::json!({"cmd": "add-device", "vfio-user": hot_a.arg(true), "wait": 1});
+    let added = api(&api_sock, &req.to_string());
+    assert_eq!(added["ok"], true, "{added}");
+    assert_eq!(added["added"]["bdf"], "00:1f.0", "{added}");
+
+    // 192 MiB at 64 MiB/s: the full copy takes about 3 s.
+    let (a, m) = (api_sock.clone(), mig_sock.clone());
+    let migrating = std::thread::spawn(move || {
+        migrate(
+            &a,
+            &m,
+            &format!(r#","verify":true,"max_bandwidth":{}"#, 64 << 20),
+        )
+    });
+    let start = std::time::Instant::now();
+    while api(&api_sock, r#"{"cmd":"status"}"#)["migration"].is_null() {
+        if migrating.is_finished() {
+            panic!("the migration ended at once: {}", migrating.join().unwrap());
+        }
+        assert!(start.elapsed() < DEADLINE, "the migration never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let req = serde_json::json!({"cmd": "remove-device", "id": added["added"]["id"], "wait": 1});
+    let r = api(&api_sock, &req.to_string());
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("remove-device is refused until it ends"),
+        "{r}"
+    );
+    let report = migrating.join().unwrap();
+    assert_mechanism(&report);
+    assert_handed_over(&src.wait(DEADLINE));
+
+    // On the destination the device given by `slot=31` goes like a hot-added one.
+    let removed = api(
+        &dst_api,
+        r#"{"cmd":"remove-device","id":"hotplug0","wait":1}"#,
+    );
+    assert_eq!(removed["ok"], true, "{removed}");
+    assert_eq!(removed["removed"]["bdf"], "00:1f.0", "{removed}");
+    assert_eq!(removed["removed"]["mapped_bytes_left"], 0, "{removed}");
+    let dst = dst.wait(DEADLINE);
+    assert_eq!(dst.code(), 0, "{}\n{}", dst.console, dst.stderr);
+    dst.assert_console("0 stale pages seen before a refill, 0 of 256 pages wrong at the end");
+    let line = dst
+        .stderr
+        .lines()
+        .find(|l| l.contains("virtio-iommu 00:01.0"))
+        .expect("the virtio-iommu's counters");
+    assert!(line.contains(" endpoints=1 "), "{line}");
+    drop((dev_a, dev_b, hot_a, hot_b));
+}
+
 /// A live migration with `--vfio-user ...{dma}` on both sides (device processes started with
 /// `device`), verify on: the report's
 /// mechanism holds, the guest's verdict on the destination finds every page it wrote. Returns

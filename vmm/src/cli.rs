@@ -86,8 +86,10 @@ pub struct Cli {
     /// (`dma=static` or `shared`, the default: guest RAM shared by file descriptor);
     /// `dma=messages` gives the device no RAM descriptor: it reaches guest memory only
     /// through DMA_READ/DMA_WRITE messages the VMM checks against its mappings. BAR areas the
-    /// device offers for mapping are mapped into the guest unless `mmap=off`. Repeatable.
-    #[arg(long = "vfio-user", value_name = "socket=PATH[,iommu=on][,dma=static|fault|messages][,prefault=SIZE][,mmap=on|off]",
+    /// device offers for mapping are mapped into the guest unless `mmap=off`. `slot=N` puts
+    /// it in `--hotplug` slot N (decimal or 0x hex), as on the source of a migration that
+    /// hot-added it; it can be removed like a hot-added device. Repeatable.
+    #[arg(long = "vfio-user", value_name = "socket=PATH[,iommu=on][,dma=static|fault|messages][,prefault=SIZE][,mmap=on|off][,slot=N]",
           value_parser = parse_vfio_user)]
     pub vfio_user: Vec<PassthroughConfig>,
 

@@ -79,7 +79,7 @@ pub fn run(vm: Vm) -> Result<RunSummary, VmmError> {
         progress: Default::default(),
     });
     if let Some(h) = &machine.hotplug {
-        h.set_event_loop(event_manager.remote_endpoint());
+        h.start(&mut event_manager);
     }
     let api = Arc::new(ApiTarget::default());
     if let Some(path) = &vm.api_socket {

@@ -273,8 +273,30 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("cmd"));
+        match r(r#"{"cmd":"add-device","vfio-user":"socket=/s,iommu=on","wait":5}"#) {
+            Ok(Request::AddDevice { vfio_user, wait }) => {
+                assert_eq!((vfio_user.as_str(), wait), ("socket=/s,iommu=on", Some(5)));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            r(r#"{"cmd":"remove-device","id":"hotplug0"}"#),
+            Ok(Request::RemoveDevice { id, wait: None }) if id == "hotplug0"
+        ));
+        assert!(r(r#"{"cmd":"add-device"}"#)
+            .unwrap_err()
+            .to_string()
+            .contains("vfio-user"));
         for req in [
             Request::Status,
+            Request::AddDevice {
+                vfio_user: "socket=/s".into(),
+                wait: None,
+            },
+            Request::RemoveDevice {
+                id: "hotplug0".into(),
+                wait: Some(1),
+            },
             Request::Resume { force: true },
             Request::Migrate(MigrateOptions::default()),
             #[cfg(feature = "test-hooks")]
@@ -339,6 +361,44 @@ mod tests {
         }
         let back: Response = serde_json::from_str(&line).unwrap();
         assert!(matches!(back.reply, Reply::Status(s) if s.migration == Some(progress)));
+        let added = AddedDevice {
+            id: "hotplug0".into(),
+            bdf: "00:1e.0".into(),
+            iommu: true,
+            enabled: true,
+            plugged_ms: 1,
+            enabled_ms: 2,
+        };
+        let line = serde_json::to_string(&Response::ok(Reply::Added {
+            added: added.clone(),
+        }))
+        .unwrap();
+        assert!(
+            line.starts_with(r#"{"ok":true,"added":{"id":"hotplug0","bdf":"00:1e.0""#),
+            "{line}"
+        );
+        let back: Response = serde_json::from_str(&line).unwrap();
+        assert!(matches!(back.reply, Reply::Added { added: a } if a == added));
+        let removed = RemovedDevice {
+            id: "hotplug0".into(),
+            bdf: "00:1e.0".into(),
+            ejected: true,
+            ejected_ms: 3,
+            host_maps: 4,
+            host_unmaps: 4,
+            mapped_bytes_left: 0,
+            left_attached: None,
+            domain_freed: false,
+        };
+        let line = serde_json::to_string(&Response::ok(Reply::Removed {
+            removed: removed.clone(),
+        }))
+        .unwrap();
+        let back: Response = serde_json::from_str(&line).unwrap();
+        assert!(
+            matches!(back.reply, Reply::Removed { removed: r } if r == removed),
+            "{line}"
+        );
         let err = serde_json::to_string(&Response::error("no")).unwrap();
         assert_eq!(err, r#"{"ok":false,"error":"no"}"#);
         let snap = serde_json::to_string(&Response::ok(Reply::Snapshot(SnapshotReply {

@@ -88,6 +88,9 @@ pub struct Builder {
     /// The guest runs (a hot-plug): the vIOMMU is reached in the host order, and a backend
     /// may not narrow what the guest was told.
     pub running: bool,
+    /// The hot-plug slots (`--hotplug`), which a device given by flags takes only with
+    /// `slot=N`.
+    pub hot: Vec<crate::machine::hotplug::HotSlot>,
 }
 
 impl Builder {
@@ -106,6 +109,47 @@ impl Builder {
             .ok()
             .and_then(|s| u8::try_from(s).ok())
             .ok_or_else(|| VmmError::Device(what.into(), "no free slot on PCI bus 0".into()))
+    }
+
+    /// Hot-plug slot `slot` for a device given by flags (`slot=N`), behind the vIOMMU when
+    /// `behind`.
+    ///
+    /// # Errors
+    /// When `slot` is not a hot-plug slot of that kind, or is taken.
+    pub fn hot_slot(&self, slot: u8, behind: bool, what: &str) -> Result<u8, VmmError> {
+        let slots: Vec<String> = self.hot.iter().map(|h| format!("{}", h.slot)).collect();
+        let Some(h) = self.hot.iter().find(|h| h.slot == slot) else {
+            return Err(VmmError::Device(
+                what.into(),
+                format!(
+                    "slot={slot}: not a --hotplug slot (they are: {})",
+                    if slots.is_empty() {
+                        "none".into()
+                    } else {
+                        slots.join(", ")
+                    }
+                )
+                .into(),
+            ));
+        };
+        if h.behind != behind {
+            return Err(VmmError::Device(
+                what.into(),
+                format!(
+                    "slot={slot} is a hot-plug slot {} the vIOMMU: give iommu={}",
+                    if h.behind { "behind" } else { "outside" },
+                    if h.behind { "on" } else { "off" }
+                )
+                .into(),
+            ));
+        }
+        if self.pci.device(usize::from(slot)).is_some() {
+            return Err(VmmError::Device(
+                what.into(),
+                format!("slot={slot} is taken").into(),
+            ));
+        }
+        Ok(slot)
     }
 
     /// Puts virtio device `dev` in `slot` behind a virtio-pci transport, with one MSI

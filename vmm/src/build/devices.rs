@@ -113,8 +113,27 @@ pub fn build_devices(
     mmio: &Bus,
 ) -> Result<(DeviceManager, Option<Hotplug>), VmmError> {
     let hot_slots = cfg.hotplug.map_or(0, |h| h.slots());
+    // Hot-plug slots: those behind the vIOMMU first (named in the VIOT), from 32 - N up.
+    let hot: Vec<HotSlot> = match cfg.hotplug {
+        Some(h) => {
+            if h.iommu > 0 && cfg.iommu.is_none() {
+                return Err(VmmError::Device(
+                    "--hotplug".into(),
+                    "iommu=N needs --iommu (or give direct=N alone)".into(),
+                ));
+            }
+            (0..h.slots())
+                .map(|i| HotSlot {
+                    slot: 32 - h.slots() + i,
+                    behind: i < h.iommu,
+                })
+                .collect()
+        }
+        None => Vec::new(),
+    };
     let mut b = Builder {
         running: false,
+        hot: hot.clone(),
         pci: PciBus::new(),
         bars: WindowAllocator::new(layout::PCI_MMIO_32_START, layout::PCI_MMIO_32_SIZE)?,
         interrupts: KvmInterruptManager(KvmInterrupts::new(vm.clone())),
@@ -204,8 +223,17 @@ pub fn build_devices(
     }
 
     let mut passthrough = Vec::new();
+    // Devices given by flags in hot-plug slots (`slot=N`): their event-loop handlers go
+    // with them to `Hotplug`, so that they can be removed.
+    let mut at_boot = Vec::new();
     for p in &cfg.vfio_user {
-        passthrough.push(super::passthrough::vfio_user(&mut b, p)?);
+        let before = b.subscribers.len();
+        let pt = super::passthrough::vfio_user(&mut b, p)?;
+        if hot.iter().any(|h| h.slot == pt.slot) {
+            let subs = b.subscribers.split_off(before);
+            at_boot.push((pt.slot, p.iommu.then_some(u32::from(pt.slot) << 3), subs));
+        }
+        passthrough.push(pt);
     }
     for p in &cfg.vfio {
         passthrough.push(super::passthrough::vfio(&mut b, p)?);
@@ -216,26 +244,11 @@ pub fn build_devices(
         nets.push(add_vhost_user_net(&mut b, n, i)?);
     }
 
-    // Hot-plug slots: those behind the vIOMMU first (named in the VIOT), from 32 - N up.
-    let hot: Vec<HotSlot> = match cfg.hotplug {
-        Some(h) => {
-            if h.iommu > 0 && b.iommu.is_none() {
-                return Err(VmmError::Device(
-                    "--hotplug".into(),
-                    "iommu=N needs --iommu (or give direct=N alone)".into(),
-                ));
-            }
-            (0..h.slots())
-                .map(|i| HotSlot {
-                    slot: 32 - h.slots() + i,
-                    behind: i < h.iommu,
-                })
-                .collect()
-        }
-        None => Vec::new(),
-    };
+    // The VIOT names every hot-plug slot behind the vIOMMU, taken or not.
     b.endpoints
         .extend(hot.iter().filter(|s| s.behind).map(|s| s.slot));
+    b.endpoints.sort_unstable();
+    b.endpoints.dedup();
 
     let pci = Arc::new(b.pci);
     let hotplug = if hot.is_empty() {
@@ -263,7 +276,12 @@ pub fn build_devices(
             static_map: b.static_map,
             frozen: b.frozen.clone(),
         };
-        Some(Hotplug::new(controller, hot.clone(), Box::new(plugger)))
+        Some(Hotplug::new(
+            controller,
+            hot.clone(),
+            Box::new(plugger),
+            at_boot,
+        ))
     };
     mmio.insert(
         Arc::new(Mutex::new(PciEcam(pci.clone()))),

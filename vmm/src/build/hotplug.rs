@@ -70,6 +70,7 @@ impl Connector for Plugger {
             functions: Vec::new(),
             virtio: Vec::new(),
             running: true,
+            hot: Vec::new(),
         };
         let r = super::passthrough::vfio_user(&mut b, cfg);
         *bars = Some(b.bars);

@@ -170,7 +170,10 @@ fn attach_dma(
 /// [`VmmError::Device`] naming the socket.
 pub fn vfio_user(b: &mut Builder, arg: &PassthroughConfig) -> Result<Passthrough, VmmError> {
     let name = format!("vfio-user device {}", arg.path.display());
-    let slot = b.slot(&name)?;
+    let slot = match arg.slot {
+        Some(s) if !b.running => b.hot_slot(s, arg.iommu, &name)?,
+        _ => b.slot(&name)?,
+    };
     let dev = VfioUserDevice::connect(&arg.path).map_err(dev_err(name.clone()))?;
     let failed = dev.failed_flag();
     let backend: Arc<Mutex<dyn PassthroughBackend>> = Arc::new(Mutex::new(dev.clone()));

@@ -243,12 +243,16 @@ pub struct PassthroughConfig {
     /// BAR areas the device lets map are mapped into the guest (`mmap=on`, the default);
     /// `mmap=off` sends every BAR access to the device as a message.
     pub mmap: bool,
+    /// `slot=N`: the PCI device number (a `--hotplug` slot of the same kind, behind the
+    /// vIOMMU or not), as a migration destination takes the device a source hot-added;
+    /// `None`: the next free boot slot.
+    pub slot: Option<u8>,
 }
 
 /// The default `prefault=` window.
 pub const DEFAULT_PREFAULT: u64 = 2 << 20;
 
-/// Parses one `--vfio-user`: `socket=PATH[,iommu=on][,dma=static|fault|messages][,prefault=SIZE][,mmap=on|off]`.
+/// Parses one `--vfio-user`: `socket=PATH[,iommu=on][,dma=static|fault|messages][,prefault=SIZE][,mmap=on|off][,slot=N]`.
 ///
 /// # Errors
 /// A message naming the bad key or value.
@@ -260,12 +264,23 @@ pub fn parse_vfio_user(s: &str) -> Result<PassthroughConfig, String> {
         fault_window: None,
         messages: false,
         mmap: true,
+        slot: None,
     };
     let mut fault = false;
     let mut prefault = None;
-    for (k, v) in parse_kv(s, &["socket", "iommu", "dma", "prefault", "mmap"])? {
+    for (k, v) in parse_kv(s, &["socket", "iommu", "dma", "prefault", "mmap", "slot"])? {
         match k.as_str() {
             "socket" if !v.is_empty() => a.path = PathBuf::from(v),
+            "slot" => {
+                let n = v
+                    .strip_prefix("0x")
+                    .map_or_else(|| v.parse(), |h| u8::from_str_radix(h, 16));
+                a.slot = Some(
+                    n.ok()
+                        .filter(|n| (2..32).contains(n))
+                        .ok_or_else(|| format!("`slot={v}`: a PCI device number, 2 to 31"))?,
+                );
+            }
             "iommu" => a.iommu = on_off(&k, &v)?,
             "mmap" => a.mmap = on_off(&k, &v)?,
             "dma" => {
@@ -409,6 +424,7 @@ pub fn parse_vfio(s: &str) -> Result<PassthroughConfig, String> {
         fault_window: None,
         messages: false,
         mmap: true,
+        slot: None,
     };
     for (k, v) in parse_kv(s, &["path", "iommu", "backend"])? {
         match k.as_str() {
@@ -772,6 +788,34 @@ mod tests {
         assert!(parse_iommu("boot-bypass=maybe")
             .unwrap_err()
             .contains("boot-bypass"));
+    }
+
+    #[test]
+    fn hotplug_slots_and_pinned_slots() {
+        let h = |iommu, direct| Ok(HotplugConfig { iommu, direct });
+        assert_eq!(parse_hotplug(""), h(1, 0));
+        assert_eq!(parse_hotplug("direct=2"), h(0, 2));
+        assert_eq!(parse_hotplug("iommu=3,direct=1"), h(3, 1));
+        for (bad, says) in [
+            ("iommu=0", "no slot"),
+            ("iommu=29", "`iommu=29`"),
+            ("iommu=20,direct=20", "at most 28"),
+            ("direct=x", "`direct=x`"),
+            ("slots=2", "`slots`"),
+        ] {
+            let e = parse_hotplug(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        assert_eq!(parse_vfio_user("socket=/s,slot=31").unwrap().slot, Some(31));
+        assert_eq!(
+            parse_vfio_user("socket=/s,slot=0x1e").unwrap().slot,
+            Some(30)
+        );
+        assert_eq!(parse_vfio_user("socket=/s").unwrap().slot, None);
+        for bad in ["slot=1", "slot=32", "slot=x"] {
+            let e = parse_vfio_user(&format!("socket=/s,{bad}")).unwrap_err();
+            assert!(e.contains(&format!("`{bad}`")), "{bad}: {e}");
+        }
     }
 
     #[test]

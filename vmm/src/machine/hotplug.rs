@@ -81,6 +81,10 @@ pub struct HotSlot {
     pub behind: bool,
 }
 
+/// A device flags put in a hot-plug slot (`slot=N`): its slot, its endpoint behind the
+/// vIOMMU, and its event-loop handlers.
+pub type AtBoot = (u8, Option<u32>, Vec<Subscriber>);
+
 /// A device in a hot-plug slot.
 struct Present {
     id: String,
@@ -97,31 +101,55 @@ pub struct Hotplug {
     pub slots: Vec<HotSlot>,
     connector: Box<dyn Connector>,
     present: Mutex<Vec<Present>>,
+    /// Devices given by flags in hot-plug slots (`slot=N`), with their event-loop handlers,
+    /// until the event loop takes them ([`Hotplug::start`]).
+    at_boot: Mutex<Vec<AtBoot>>,
     /// Adds and removes event-loop handlers; set when the event loop exists.
     events: Mutex<Option<RemoteEndpoint<Subscriber>>>,
     next_id: AtomicU32,
 }
 
 impl Hotplug {
-    /// Slots `slots` served by `controller`; devices connected by `connector`.
+    /// Slots `slots` served by `controller`; devices connected by `connector`. `at_boot`:
+    /// the devices flags put in hot-plug slots, as `(slot, endpoint, event-loop handlers)`;
+    /// they can be removed like hot-added ones.
     pub fn new(
         controller: Arc<PciHotplug>,
         slots: Vec<HotSlot>,
         connector: Box<dyn Connector>,
+        at_boot: Vec<AtBoot>,
     ) -> Self {
         Self {
             controller,
             slots,
             connector,
             present: Mutex::new(Vec::new()),
+            at_boot: Mutex::new(at_boot),
             events: Mutex::new(None),
             next_id: AtomicU32::new(0),
         }
     }
 
-    /// Gives the event loop's remote endpoint (before the API serves requests).
-    pub fn set_event_loop(&self, e: RemoteEndpoint<Subscriber>) {
-        *self.events.locked() = Some(e);
+    /// Registers the handlers of the devices flags put in hot-plug slots with the event loop
+    /// `em` (on its thread, before it runs), and keeps its remote endpoint for the devices
+    /// added and removed later.
+    pub fn start(&self, em: &mut event_manager::EventManager<Subscriber>) {
+        use event_manager::SubscriberOps;
+        for (slot, endpoint, subs) in std::mem::take(&mut *self.at_boot.locked()) {
+            let subscribers = subs.into_iter().map(|s| em.add_subscriber(s)).collect();
+            let id = format!("hotplug{}", self.next_id.fetch_add(1, Ordering::Relaxed));
+            log::info!(
+                "hot-plug: the device in {} (given by flags) is {id}",
+                bdf(slot)
+            );
+            self.present.locked().push(Present {
+                id,
+                slot,
+                endpoint,
+                subscribers,
+            });
+        }
+        *self.events.locked() = Some(em.remote_endpoint());
     }
 
     fn call_event_loop<O: Send + 'static>(
@@ -225,9 +253,20 @@ impl Hotplug {
         }
         let slot = {
             let present = hp.present.locked();
+            let free =
+                |s: &&HotSlot| s.behind == cfg.iommu && !present.iter().any(|p| p.slot == s.slot);
+            if let Some(want) = cfg.slot {
+                if !hp.slots.iter().filter(free).any(|s| s.slot == want) {
+                    return Err(HotplugError::Refused(format!(
+                        "slot={want}: not a free hot-plug slot {} the vIOMMU",
+                        if cfg.iommu { "behind" } else { "outside" }
+                    )));
+                }
+            }
             hp.slots
                 .iter()
-                .find(|s| s.behind == cfg.iommu && !present.iter().any(|p| p.slot == s.slot))
+                .filter(free)
+                .find(|s| cfg.slot.is_none_or(|w| w == s.slot))
                 .map(|s| s.slot)
                 .ok_or_else(|| {
                     let (kind, flag) = if cfg.iommu {

@@ -288,6 +288,21 @@ impl Machine {
         Ok(hp.remove_device(&self.devices, &self.busy, id, wait)?)
     }
 
+    /// What the VM is made of now: [`Machine::config`] with the PCI functions as they are
+    /// (hot-plug adds and removes some).
+    pub fn current_config(&self) -> MachineConfig {
+        MachineConfig {
+            functions: self
+                .devices
+                .functions
+                .read_locked()
+                .iter()
+                .map(|f| (f.slot, f.kind))
+                .collect(),
+            ..self.config.clone()
+        }
+    }
+
     /// Parks every vCPU (their pending I/O completed).
     ///
     /// # Errors

@@ -297,12 +297,17 @@ fn receive_stream<R: Read>(
     vcpus: &[VcpuFd],
     reader: &mut StreamReader<R>,
 ) -> Result<Incoming, MigrationError> {
-    let incoming = read_stream_from(reader, &m.config, &m.devices.ram_ranges, |gpa, bytes| {
-        m.ram
-            .mem
-            .write_slice(bytes, GuestAddress(gpa))
-            .map_err(|e| state_err(format!("writing guest RAM: {e}")))
-    })?;
+    let incoming = read_stream_from(
+        reader,
+        &m.current_config(),
+        &m.devices.ram_ranges,
+        |gpa, bytes| {
+            m.ram
+                .mem
+                .write_slice(bytes, GuestAddress(gpa))
+                .map_err(|e| state_err(format!("writing guest RAM: {e}")))
+        },
+    )?;
     log::info!("received {} pages and the machine state", incoming.pages);
     let mut incoming = incoming;
     // Verifying: this side's RAM as the stream left it, hashed before the restore writes to

@@ -329,7 +329,7 @@ pub fn migrate(m: &Machine, opts: &MigrateOptions) -> Result<MigrationReport, Mi
     let start = Instant::now();
     let conn = connect(&opts.to)?;
     let mut w = StreamWriter::new(std::io::BufWriter::with_capacity(1 << 20, conn))?;
-    w.json(Kind::Config, &m.config)?;
+    w.json(Kind::Config, &m.current_config())?;
     w.json(
         Kind::Handover,
         &Handover {
@@ -691,7 +691,7 @@ pub fn snapshot(
         }
         .map_err(|e| MigrationError::Transport(format!("cannot create {}", tmp.display()), e))?;
         let mut w = StreamWriter::new(std::io::BufWriter::with_capacity(1 << 20, f))?;
-        w.json(Kind::Config, &m.config)?;
+        w.json(Kind::Config, &m.current_config())?;
         let pages = send_pages(m, &mut w, None, &mut Pace::new(0))?;
         if verify {
             // The restore compares its RAM with these.
