@@ -225,6 +225,17 @@ fn linux_hotplug_refusals_and_a_guest_that_never_ejects() {
     let req = serde_json::json!({"cmd": "add-device", "vfio-user": format!("socket={}", gone.display()), "wait": 1});
     let e = error(&vmm.api(&api, &req.to_string()));
     assert!(e.contains(&gone.display().to_string()), "{e}");
+    // A host VFIO device: this host has none (or not that one), and says so.
+    let e = error(&vmm.api(
+        &api,
+        r#"{"cmd":"add-device","vfio":"path=/sys/bus/pci/devices/0000:ff:1f.7,iommu=on","wait":1}"#,
+    ));
+    assert!(e.contains("0000:ff:1f.7"), "{e}");
+    let e = error(&vmm.api(
+        &api,
+        r#"{"cmd":"add-device","vfio":"path=/x","vfio-user":"socket=/y"}"#,
+    ));
+    assert!(e.contains("one of `vfio-user` and `vfio`"), "{e}");
     // A bad option names itself.
     let e = error(&vmm.api(
         &api,

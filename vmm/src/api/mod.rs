@@ -12,7 +12,7 @@
 //! | `{"cmd":"restore","dir":"PATH"}` | `{"ok":true}` (only with `--incoming defer`) |
 //! | `{"cmd":"receive","from":"unix:PATH"\|"tcp:HOST:PORT,tls=DIR"\|"tcp:HOST:PORT,insecure"}` | `{"ok":true}` (same) |
 //! | `{"cmd":"commit"}`, `{"cmd":"discard"}` | `{"ok":true}`: a destination whose hand-over was not confirmed runs, or drops, the guest |
-//! | `{"cmd":"add-device","vfio-user":"socket=PATH[,iommu=on][,dma=...]"[,"wait":SECS]}` | `{"ok":true,"added":{"id","bdf","iommu","enabled","plugged_ms","enabled_ms"}}`: the device in a free `--hotplug` slot, once the guest enabled it (or `"enabled":false` after `wait`, 30 s) |
+//! | `{"cmd":"add-device","vfio-user":"socket=PATH[,iommu=on][,dma=...]"[,"wait":SECS]}` or `"vfio":"path=SYSFS[,iommu=on]"` | `{"ok":true,"added":{"id","bdf","iommu","enabled","plugged_ms","enabled_ms"}}`: the device in a free `--hotplug` slot, once the guest enabled it (or `"enabled":false` after `wait`, 30 s) |
 //! | `{"cmd":"remove-device","id":"ID"[,"wait":SECS]}` | `{"ok":true,"removed":{"id","bdf","ejected","ejected_ms","host_maps","host_unmaps","mapped_bytes_left","left_attached","domain_freed"}}`: the guest asked to eject it; after `wait` (30 s) it goes without the guest (`"ejected":false`) |
 //! | `{"cmd":"quit"}` | `{"ok":true}`, then the VM stops |
 //!
@@ -296,12 +296,29 @@ fn handle(req: &Request, target: &ApiTarget) -> Result<Reply, ApiError> {
         Request::Counters => Ok(Reply::Counters {
             counters: m.devices.counters_report(),
         }),
-        Request::AddDevice { vfio_user, wait } => {
-            let cfg = crate::config::parse_vfio_user(vfio_user)
-                .map_err(|e| ApiError::NotNow(format!("`vfio-user`: {e}")))?;
+        Request::AddDevice {
+            vfio_user,
+            vfio,
+            wait,
+        } => {
+            let bad =
+                |key: &'static str| move |e: String| ApiError::NotNow(format!("`{key}`: {e}"));
+            let dev = match (vfio_user, vfio) {
+                (Some(v), None) => hotplug::HotDevice::VfioUser(
+                    crate::config::parse_vfio_user(v).map_err(bad("vfio-user"))?,
+                ),
+                (None, Some(v)) => {
+                    hotplug::HotDevice::Vfio(crate::config::parse_vfio(v).map_err(bad("vfio"))?)
+                }
+                _ => {
+                    return Err(ApiError::NotNow(
+                        "add-device takes one of `vfio-user` and `vfio`".into(),
+                    ))
+                }
+            };
             let wait = wait.map_or(hotplug::DEFAULT_WAIT, std::time::Duration::from_secs);
             Ok(Reply::Added {
-                added: m.add_device(&cfg, wait)?,
+                added: m.add_device(&dev, wait)?,
             })
         }
         Request::RemoveDevice { id, wait } => {

@@ -54,9 +54,12 @@ pub enum Request {
     /// Add a passthrough device in a free hot-plug slot (`--hotplug`); answers once the
     /// guest enabled it, or at the wait's end.
     AddDevice {
-        /// The device, as `--vfio-user` takes it: `socket=PATH[,iommu=on][,dma=...]`.
-        #[serde(rename = "vfio-user")]
-        vfio_user: String,
+        /// A vfio-user device, as `--vfio-user` takes it: `socket=PATH[,iommu=on][,dma=...]`.
+        #[serde(rename = "vfio-user", default, skip_serializing_if = "Option::is_none")]
+        vfio_user: Option<String>,
+        /// A host device through VFIO, as `--vfio` takes it: `path=SYSFS[,iommu=on]`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        vfio: Option<String>,
         /// Seconds to wait for the guest (default 30).
         #[serde(default)]
         wait: Option<u64>,
@@ -274,23 +277,33 @@ mod tests {
             .to_string()
             .contains("cmd"));
         match r(r#"{"cmd":"add-device","vfio-user":"socket=/s,iommu=on","wait":5}"#) {
-            Ok(Request::AddDevice { vfio_user, wait }) => {
-                assert_eq!((vfio_user.as_str(), wait), ("socket=/s,iommu=on", Some(5)));
+            Ok(Request::AddDevice {
+                vfio_user: Some(v),
+                vfio: None,
+                wait,
+            }) => {
+                assert_eq!((v.as_str(), wait), ("socket=/s,iommu=on", Some(5)));
             }
             other => panic!("{other:?}"),
         }
         assert!(matches!(
+            r(r#"{"cmd":"add-device","vfio":"path=/sys/bus/pci/devices/0000:01:00.0"}"#),
+            Ok(Request::AddDevice {
+                vfio_user: None,
+                vfio: Some(_),
+                wait: None
+            })
+        ));
+        assert!(matches!(
             r(r#"{"cmd":"remove-device","id":"hotplug0"}"#),
             Ok(Request::RemoveDevice { id, wait: None }) if id == "hotplug0"
         ));
-        assert!(r(r#"{"cmd":"add-device"}"#)
-            .unwrap_err()
-            .to_string()
-            .contains("vfio-user"));
+
         for req in [
             Request::Status,
             Request::AddDevice {
-                vfio_user: "socket=/s".into(),
+                vfio_user: Some("socket=/s".into()),
+                vfio: None,
                 wait: None,
             },
             Request::RemoveDevice {

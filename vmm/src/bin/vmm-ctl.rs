@@ -91,11 +91,12 @@ enum Cmd {
     /// Drop a received guest whose hand-over was not confirmed.
     Discard,
     /// Add a passthrough device in a free hot-plug slot of a VM started with `--hotplug`:
-    /// `add-device vfio-user socket=PATH[,iommu=on][,dma=...]` (what `--vfio-user` takes).
-    /// Prints its id and BDF once the guest enabled it.
+    /// `add-device vfio-user socket=PATH[,iommu=on][,dma=...]` (what `--vfio-user` takes) or
+    /// `add-device vfio path=SYSFS[,iommu=on]` (what `--vfio` takes). Prints its id and BDF
+    /// once the guest enabled it.
     AddDevice {
-        /// The kind of device: `vfio-user`.
-        #[arg(value_parser = ["vfio-user"])]
+        /// The kind of device: `vfio-user` or `vfio`.
+        #[arg(value_parser = ["vfio-user", "vfio"])]
         kind: String,
         /// Its options, as the VMM's flag of that name takes them.
         options: String,
@@ -150,8 +151,13 @@ fn request(cmd: &Cmd) -> Request {
         Cmd::Receive { from } => Request::Receive { from: from.clone() },
         Cmd::Commit => Request::Commit,
         Cmd::Discard => Request::Discard,
-        Cmd::AddDevice { options, wait, .. } => Request::AddDevice {
-            vfio_user: options.clone(),
+        Cmd::AddDevice {
+            kind,
+            options,
+            wait,
+        } => Request::AddDevice {
+            vfio_user: (kind == "vfio-user").then(|| options.clone()),
+            vfio: (kind == "vfio").then(|| options.clone()),
             wait: *wait,
         },
         Cmd::RemoveDevice { id, wait } => Request::RemoveDevice {

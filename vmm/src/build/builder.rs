@@ -21,8 +21,9 @@ use crate::machine::devices::{DeviceKind, Function, KvmGuestMapper, QueueNotifie
 use crate::machine::interrupts::KvmInterruptManager;
 
 /// BAR addresses from the 32-bit PCI window: vm-allocator's `AddressAllocator`, first fit,
-/// each BAR aligned to its size.
-pub struct WindowAllocator(AddressAllocator);
+/// each BAR aligned to its size; what it handed out since [`WindowAllocator::take_given`]
+/// is remembered, so that a hot-unplugged device's BARs can be given back.
+pub struct WindowAllocator(AddressAllocator, Vec<(u64, u64)>);
 
 impl WindowAllocator {
     /// The window of `size` bytes at `base`.
@@ -31,14 +32,31 @@ impl WindowAllocator {
     /// When the window is empty or wraps.
     pub fn new(base: u64, size: u64) -> Result<Self, VmmError> {
         AddressAllocator::new(base, size)
-            .map(WindowAllocator)
+            .map(|a| WindowAllocator(a, Vec::new()))
             .map_err(|e| VmmError::Device("the 32-bit PCI window".into(), Box::new(e)))
+    }
+
+    /// The ranges `(start, size)` handed out since the last call.
+    pub fn take_given(&mut self) -> Vec<(u64, u64)> {
+        std::mem::take(&mut self.1)
+    }
+
+    /// Gives back ranges handed out earlier (a device that went away).
+    pub fn give_back(&mut self, ranges: &[(u64, u64)]) {
+        for &(start, size) in ranges {
+            if let Ok(r) = vm_allocator::RangeInclusive::new(start, start + size - 1) {
+                if let Err(e) = self.0.free(&r) {
+                    log::warn!("BAR window {start:#x}+{size:#x}: cannot give it back: {e}");
+                }
+            }
+        }
     }
 }
 
 impl BarAllocator for WindowAllocator {
     fn allocate(&mut self, size: u64) -> Option<u64> {
         let at = self.0.allocate(size, size, AllocPolicy::FirstMatch).ok()?;
+        self.1.push((at.start(), size));
         Some(at.start())
     }
 }
@@ -233,5 +251,10 @@ mod tests {
         // The third BAR (4 KiB) went into the hole before the 256 KiB one.
         assert!(got[1].0 < base + 0x4_0000, "{got:x?}");
         assert_eq!(w.allocate(0x10_0000), None);
+        // Given back, the window takes a BAR of its whole size again.
+        let given = w.take_given();
+        assert_eq!(given.len(), 4);
+        w.give_back(&given);
+        assert_eq!(w.allocate(0x10_0000), Some(base));
     }
 }

@@ -15,10 +15,9 @@ use sync::MutexExt;
 use vm_allocator::IdAllocator;
 
 use super::builder::{Builder, WindowAllocator};
-use crate::config::PassthroughConfig;
 use crate::error::VmmError;
 use crate::machine::devices::KvmGuestMapper;
-use crate::machine::hotplug::{Connector, Plugged};
+use crate::machine::hotplug::{Connector, HotDevice, Plugged};
 use crate::machine::interrupts::KvmInterruptManager;
 
 /// What set-up keeps for devices added later.
@@ -44,8 +43,15 @@ pub struct Plugger {
 }
 
 impl Connector for Plugger {
-    fn connect(&self, cfg: &PassthroughConfig, slot: u8) -> Result<Plugged, VmmError> {
-        let name = format!("vfio-user device {}", cfg.path.display());
+    fn release(&self, bars: &[(u64, u64)]) {
+        if let Some(w) = self.bars.locked().as_mut() {
+            w.give_back(bars);
+        }
+    }
+
+    fn connect(&self, dev: &HotDevice, slot: u8) -> Result<Plugged, VmmError> {
+        let cfg = dev.config();
+        let name = format!("device {}", cfg.path.display());
         let mut bars = self.bars.locked();
         let window = bars
             .take()
@@ -72,7 +78,15 @@ impl Connector for Plugger {
             running: true,
             hot: Vec::new(),
         };
-        let r = super::passthrough::vfio_user(&mut b, cfg);
+        b.bars.take_given();
+        let r = match dev {
+            HotDevice::VfioUser(c) => super::passthrough::vfio_user(&mut b, c),
+            HotDevice::Vfio(c) => super::passthrough::vfio(&mut b, c),
+        };
+        let given = b.bars.take_given();
+        if r.is_err() {
+            b.bars.give_back(&given);
+        }
         *bars = Some(b.bars);
         let passthrough = match r {
             Ok(p) => p,
@@ -90,6 +104,7 @@ impl Connector for Plugger {
             .pop()
             .ok_or_else(|| VmmError::Device(name, "no PCI function was built".into()))?;
         Ok(Plugged {
+            bars: given,
             endpoint: (cfg.iommu).then_some(u32::from(slot) << 3),
             function,
             passthrough,

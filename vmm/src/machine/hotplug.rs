@@ -59,17 +59,42 @@ pub struct Plugged {
     pub subscribers: Vec<Subscriber>,
     /// Its endpoint ID in the vIOMMU, behind it.
     pub endpoint: Option<u32>,
+    /// The BAR window ranges `(start, size)` it was given, for [`Connector::release`].
+    pub bars: Vec<(u64, u64)>,
+}
+
+/// A device to add: what `--vfio-user` or `--vfio` take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HotDevice {
+    /// A vfio-user server's socket and options.
+    VfioUser(PassthroughConfig),
+    /// A host PCI device through VFIO.
+    Vfio(PassthroughConfig),
+}
+
+impl HotDevice {
+    /// Its options.
+    pub fn config(&self) -> &PassthroughConfig {
+        match self {
+            HotDevice::VfioUser(c) | HotDevice::Vfio(c) => c,
+        }
+    }
 }
 
 /// Connects a device and builds its function, for a slot of bus 0 (`build`'s side).
 pub trait Connector: Send + Sync {
-    /// Connects the device `cfg` describes and builds it for `slot`: behind the vIOMMU
-    /// (`cfg.iommu`) as endpoint `slot << 3`, else with all RAM mapped on it.
+    /// Connects the device `dev` describes and builds it for `slot`: behind the vIOMMU
+    /// (`iommu=on`) as endpoint `slot << 3`, else with all RAM mapped on it.
     ///
     /// # Errors
     /// [`VmmError::Device`] naming the device: the server refused or is not there, no room
     /// for its BARs or vectors, a backend that would narrow what the guest was told.
-    fn connect(&self, cfg: &PassthroughConfig, slot: u8) -> Result<Plugged, VmmError>;
+    fn connect(&self, dev: &HotDevice, slot: u8) -> Result<Plugged, VmmError>;
+
+    /// Gives back the BAR window ranges of a device that went away (the guest may have moved
+    /// its BARs elsewhere in the window since; the VMM's allocator only keeps the VMM's own
+    /// choices apart).
+    fn release(&self, bars: &[(u64, u64)]);
 }
 
 /// A slot that takes devices while the guest runs.
@@ -91,6 +116,7 @@ struct Present {
     slot: u8,
     endpoint: Option<u32>,
     subscribers: Vec<SubscriberId>,
+    bars: Vec<(u64, u64)>,
 }
 
 /// The hot-plug slots, what is in them, and how to add more.
@@ -147,6 +173,7 @@ impl Hotplug {
                 slot,
                 endpoint,
                 subscribers,
+                bars: Vec::new(),
             });
         }
         *self.events.locked() = Some(em.remote_endpoint());
@@ -230,8 +257,8 @@ fn hotplug_guard<'a>(
 }
 
 impl Hotplug {
-    /// Adds the passthrough device `cfg` describes in a free hot-plug slot (behind the
-    /// vIOMMU when `cfg.iommu`), tells the guest, and waits up to `wait` for it to enable
+    /// Adds the passthrough device `dev` describes in a free hot-plug slot (behind the
+    /// vIOMMU with `iommu=on`; in its `slot=N` if given), tells the guest, and waits up to `wait` for it to enable
     /// the device.
     ///
     /// # Errors
@@ -242,9 +269,10 @@ impl Hotplug {
         &self,
         devices: &DeviceManager,
         busy: &Mutex<()>,
-        cfg: &PassthroughConfig,
+        dev: &HotDevice,
         wait: Duration,
     ) -> Result<AddedDevice, HotplugError> {
+        let cfg = dev.config();
         let started = Instant::now();
         let hp = self;
         let _one = hotplug_guard(busy, "add-device")?;
@@ -282,13 +310,14 @@ impl Hotplug {
         };
         let plugged = hp
             .connector
-            .connect(cfg, slot)
+            .connect(dev, slot)
             .map_err(|e| HotplugError::Failed(e.to_string()))?;
         let Plugged {
             function,
             passthrough,
             subscribers,
             endpoint,
+            bars,
         } = plugged;
         let ids = match hp.call_event_loop(move |ops| {
             subscribers
@@ -299,6 +328,7 @@ impl Hotplug {
             Ok(ids) => ids,
             Err(e) => {
                 self.forget_endpoint(devices, endpoint);
+                self.connector.release(&bars);
                 return Err(e);
             }
         };
@@ -324,6 +354,7 @@ impl Hotplug {
             slot,
             endpoint,
             subscribers: ids,
+            bars,
         });
         if !devices.pci.add_device(usize::from(slot), device.clone()) {
             // Not possible: the slot was free in `present`; undo all the same.
@@ -503,6 +534,7 @@ impl Hotplug {
                 .map(|i| list.remove(i))
         };
         drop(f);
+        hp.connector.release(&present.bars);
         Ok(out)
     }
 }

@@ -121,6 +121,23 @@ impl MsiVector for KvmMsi {
     }
 }
 
+/// A vector goes with its function (hot-unplug): its irqfd, its route and its GSI are given
+/// back.
+impl Drop for KvmMsi {
+    fn drop(&mut self) {
+        if let Err(e) = self.mgr.vm.unregister_irqfd(&self.evt, self.gsi) {
+            log::warn!("MSI GSI {}: cannot remove its irqfd: {e}", self.gsi);
+        }
+        let mut routes = self.mgr.routes.locked();
+        if routes.msi.remove(&self.gsi).is_some() {
+            if let Err(e) = self.mgr.install(&routes) {
+                log::warn!("MSI GSI {}: cannot remove its route: {e}", self.gsi);
+            }
+        }
+        let _ = routes.gsis.free_id(self.gsi);
+    }
+}
+
 /// A handle implementing the devices crate's trait.
 pub struct KvmInterruptManager(pub Arc<KvmInterrupts>);
 

@@ -267,11 +267,11 @@ impl Machine {
     /// up.
     pub fn add_device(
         &self,
-        cfg: &crate::config::PassthroughConfig,
+        dev: &hotplug::HotDevice,
         wait: Duration,
     ) -> Result<hotplug::AddedDevice, MachineError> {
         let hp = self.hotplug_slots()?;
-        Ok(hp.add_device(&self.devices, &self.busy, cfg, wait)?)
+        Ok(hp.add_device(&self.devices, &self.busy, dev, wait)?)
     }
 
     /// Removes a hot-added device ([`hotplug::Hotplug::remove_device`]).
