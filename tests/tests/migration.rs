@@ -194,6 +194,28 @@ fn live_migration_loses_no_device_write() {
 /// While a migration runs, the API's `pause` and `resume` are refused by name: a `resume`
 /// must never run the guest during the stop-and-copy or the hand-over. The migration goes
 /// on and succeeds.
+/// Starts a migration with verify on a thread, 192 MiB at 64 MiB/s (the full copy takes
+/// about 3 s), and returns once `status` shows it running; panics when it ended before.
+fn slow_migration(api_sock: &Path, mig_sock: &Path) -> std::thread::JoinHandle<serde_json::Value> {
+    let (a, m) = (api_sock.to_path_buf(), mig_sock.to_path_buf());
+    let migrating = std::thread::spawn(move || {
+        migrate(
+            &a,
+            &m,
+            &format!(r#","verify":true,"max_bandwidth":{}"#, 64 << 20),
+        )
+    });
+    let start = std::time::Instant::now();
+    while api(api_sock, r#"{"cmd":"status"}"#)["migration"].is_null() {
+        if migrating.is_finished() {
+            panic!("the migration ended at once: {}", migrating.join().unwrap());
+        }
+        assert!(start.elapsed() < DEADLINE, "the migration never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    migrating
+}
+
 #[test]
 fn pause_and_resume_are_refused_while_a_migration_runs() {
     let ReadyPair {
@@ -204,20 +226,7 @@ fn pause_and_resume_are_refused_while_a_migration_runs() {
         to: _,
         _devices,
     } = ready_pair();
-    // 192 MiB at 64 MiB/s: the full copy takes about 3 s.
-    let (a, m) = (api_sock.clone(), mig_sock.clone());
-    let migrating = std::thread::spawn(move || {
-        migrate(
-            &a,
-            &m,
-            &format!(r#","verify":true,"max_bandwidth":{}"#, 64 << 20),
-        )
-    });
-    let start = std::time::Instant::now();
-    while api(&api_sock, r#"{"cmd":"status"}"#)["migration"].is_null() {
-        assert!(start.elapsed() < DEADLINE, "the migration never started");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let migrating = slow_migration(&api_sock, &mig_sock);
     for what in ["pause", "resume"] {
         let r = api(&api_sock, &format!(r#"{{"cmd":"{what}"}}"#));
         assert_eq!(r["ok"], false, "{r}");
@@ -277,23 +286,7 @@ fn live_migration_after_a_hot_add() {
     assert_eq!(added["ok"], true, "{added}");
     assert_eq!(added["added"]["bdf"], "00:1f.0", "{added}");
 
-    // 192 MiB at 64 MiB/s: the full copy takes about 3 s.
-    let (a, m) = (api_sock.clone(), mig_sock.clone());
-    let migrating = std::thread::spawn(move || {
-        migrate(
-            &a,
-            &m,
-            &format!(r#","verify":true,"max_bandwidth":{}"#, 64 << 20),
-        )
-    });
-    let start = std::time::Instant::now();
-    while api(&api_sock, r#"{"cmd":"status"}"#)["migration"].is_null() {
-        if migrating.is_finished() {
-            panic!("the migration ended at once: {}", migrating.join().unwrap());
-        }
-        assert!(start.elapsed() < DEADLINE, "the migration never started");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let migrating = slow_migration(&api_sock, &mig_sock);
     let req = serde_json::json!({"cmd": "remove-device", "id": added["added"]["id"], "wait": 1});
     let r = api(&api_sock, &req.to_string());
     assert_eq!(r["ok"], false, "{r}");
