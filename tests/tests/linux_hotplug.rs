@@ -208,7 +208,7 @@ fn linux_hotplug_adds_removes_and_adds_again() {
 
 /// Every request that must fail fails with its error and leaves the VM as it was; a guest
 /// that never ejects has its devices torn down at the deadline, their host mappings gone
-/// and their connections closed.
+/// and their connections closed; a device whose server died goes too.
 #[test]
 fn linux_hotplug_refusals_and_a_guest_that_never_ejects() {
     let api = scratch("api.sock");
@@ -286,5 +286,15 @@ fn linux_hotplug_refusals_and_a_guest_that_never_ejects() {
     let d = try_add(&mut vmm, &api, &dev4, true, 1);
     assert_eq!(d["ok"], true, "{d}");
     assert_eq!(d["added"]["bdf"], "00:1e.0", "{d}");
+    // Its server dies: the device goes all the same, and the VM runs on.
+    let mut dev4 = dev4;
+    dev4.child.kill().unwrap();
+    dev4.child.wait().unwrap();
+    let r = remove(&mut vmm, &api, &d["added"]["id"], 1);
+    assert_eq!(r["ejected"], false, "{r}");
+    let st = vmm.api(&api, r#"{"cmd":"status"}"#);
+    assert_eq!(st["state"], "running", "{st}");
+    let counters = viommu_counters(&mut vmm, &api);
+    assert_eq!(field(&counters, "endpoints"), "0", "{counters}");
     vmm.kill();
 }

@@ -258,13 +258,14 @@ fn hotplug_guard<'a>(
 
 impl Hotplug {
     /// Adds the passthrough device `dev` describes in a free hot-plug slot (behind the
-    /// vIOMMU with `iommu=on`; in its `slot=N` if given), tells the guest, and waits up to `wait` for it to enable
-    /// the device.
+    /// vIOMMU with `iommu=on`; in its `slot=N` if given), tells the guest, and waits up to
+    /// `wait` for it to enable the device. `busy` is the machine's lock of snapshots and
+    /// migrations.
     ///
     /// # Errors
-    /// [`HotplugError::Busy`] without `--hotplug`, with no free slot of the kind asked,
-    /// during a snapshot or migration; [`HotplugError::State`] when the device cannot be
-    /// connected or set up (nothing of it stays).
+    /// [`HotplugError::Refused`] with no free slot of the kind asked, or during a snapshot
+    /// or migration; [`HotplugError::Failed`] when the device cannot be connected or set up
+    /// (nothing of it stays).
     pub fn add_device(
         &self,
         devices: &DeviceManager,
@@ -398,8 +399,7 @@ impl Hotplug {
     /// then tears the device down (without the guest when the wait ran out).
     ///
     /// # Errors
-    /// [`HotplugError::Busy`] without `--hotplug`, for an unknown id, during a snapshot or
-    /// migration.
+    /// [`HotplugError::Refused`] for an unknown id, or during a snapshot or migration.
     pub fn remove_device(
         &self,
         devices: &DeviceManager,
