@@ -18,7 +18,10 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use vmm_tests::{check_suites_skipping, guest_kernel, scratch, DeviceProcess, VmmProcess};
+use vmm_tests::{
+    assert_same_pages, check_suites_skipping, counter, dirty_log_pages, guest_kernel,
+    guest_written_pages, scratch, DeviceProcess, VmmProcess,
+};
 
 const DEADLINE: Duration = Duration::from_secs(900);
 
@@ -91,8 +94,9 @@ fn assert_connection_closed(dev: &mut DeviceProcess) {
 }
 
 /// The Linux guest with the vIOMMU, one hot-plug slot behind it and one outside it, the API
-/// at `api`, and `extra` on its command line.
-fn start_guest(api: &Path, extra: &str) -> VmmProcess {
+/// at `api`, dirty tracking from boot with the log written to `dirty_log` at the end, and
+/// `extra` on its command line.
+fn start_guest(api: &Path, dirty_log: &Path, extra: &str) -> VmmProcess {
     let g = guest_kernel();
     let cmdline = format!(
         "console=ttyS0 reboot=k panic=1 vmm_dmatest.cycles=300 vmm_dmatest.samples=30 {extra}"
@@ -110,6 +114,9 @@ fn start_guest(api: &Path, extra: &str) -> VmmProcess {
         "--api-socket",
         api.to_str().unwrap(),
         "--counters",
+        "--track-dirty",
+        "--dirty-log-out",
+        dirty_log.to_str().unwrap(),
         "--cmdline",
         &cmdline,
     ])
@@ -117,8 +124,8 @@ fn start_guest(api: &Path, extra: &str) -> VmmProcess {
 
 #[test]
 fn linux_hotplug_adds_removes_and_adds_again() {
-    let api = scratch("api.sock");
-    let mut vmm = start_guest(&api, "vmm_dmatest.hotplug=3");
+    let (api, dirty_log) = (scratch("api.sock"), scratch("dirty.log"));
+    let mut vmm = start_guest(&api, &dirty_log, "vmm_dmatest.hotplug=3");
     vmm.wait_console("waiting for hot-plugged device 1 of 3", DEADLINE);
     let before = viommu_counters(&mut vmm, &api);
     assert_eq!(field(&before, "attached"), "none", "{before}");
@@ -194,6 +201,18 @@ fn linux_hotplug_adds_removes_and_adds_again() {
         3,
         "one suite per hot-added device: {suites:?}"
     );
+    // The dirty log holds exactly the pages the three devices wrote, the removed one's
+    // included: each was tracked from its arrival (its own reports, not every writable page),
+    // and what the first wrote before it went reached the log.
+    let written = guest_written_pages(&run);
+    assert!(written.len() > 100, "the suites wrote pages");
+    assert_same_pages(
+        "dirty log against the pages the suites had the devices write",
+        &written,
+        &dirty_log_pages(&dirty_log),
+    );
+    let _ = std::fs::remove_file(&dirty_log);
+    assert_eq!(counter(&run, "dirty log", "untracked"), 0);
     for (bdf, n) in [("0000:00:1e.0", 2), ("0000:00:1f.0", 1)] {
         let passed = run.console.matches(&format!("({bdf}, 0 failed)")).count();
         assert_eq!(passed, n, "passing suites on {bdf}");
@@ -211,9 +230,9 @@ fn linux_hotplug_adds_removes_and_adds_again() {
 /// and their connections closed; a device whose server died goes too.
 #[test]
 fn linux_hotplug_refusals_and_a_guest_that_never_ejects() {
-    let api = scratch("api.sock");
+    let (api, dirty_log) = (scratch("api.sock"), scratch("dirty.log"));
     // acpiphp off: the guest never scans nor ejects the slots; the suite waits (for nothing).
-    let mut vmm = start_guest(&api, "acpiphp.disable=1 vmm_dmatest.hotplug=1");
+    let mut vmm = start_guest(&api, &dirty_log, "acpiphp.disable=1 vmm_dmatest.hotplug=1");
     vmm.wait_console("waiting for hot-plugged device 1 of 1", DEADLINE);
     let error = |v: &serde_json::Value| {
         assert_eq!(v["ok"], false, "{v}");
@@ -297,4 +316,5 @@ fn linux_hotplug_refusals_and_a_guest_that_never_ejects() {
     let counters = viommu_counters(&mut vmm, &api);
     assert_eq!(field(&counters, "endpoints"), "0", "{counters}");
     vmm.kill();
+    let _ = std::fs::remove_file(&dirty_log);
 }

@@ -159,6 +159,31 @@ pub(super) trait DirtySide: Relock {
         report
     }
 
+    /// Starts tracking on backend `b`, registered while tracking runs (a hot-added device):
+    /// its device reports what it writes from now on, as it had nothing mapped before.
+    /// `None` when tracking is off; `Some(false)` when the backend cannot (every writable page
+    /// mapped for it then counts dirty at each harvest).
+    fn track_backend(&mut self, b: BackendId) -> Option<bool> {
+        self.dirty.as_ref()?;
+        let slot = self.backends.get(b)?;
+        let name = slot.name.clone();
+        let on = !slot.failed
+            && slot.caps.dirty_tracking
+            && match call(self, b, |be| be.set_dirty_tracking(true)) {
+                Ok(()) => true,
+                Err(e) => {
+                    log::warn!("virtio-iommu: dirty tracking on {name}: {e}");
+                    false
+                }
+            };
+        let d = self.dirty.as_mut()?;
+        if d.tracked.len() <= b {
+            d.tracked.resize(b + 1, false);
+        }
+        d.tracked[b] = on;
+        Some(on)
+    }
+
     /// [`Viommu::harvest_dirty`] with options: reading without clearing, and the window in
     /// which backends' bitmaps are read. Clean 64-page words of a window are skipped when its
     /// bits are translated to guest pages.

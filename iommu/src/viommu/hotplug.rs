@@ -237,6 +237,35 @@ mod tests {
         assert_eq!(l.map_calls(), l.unmap_calls());
     }
 
+    /// A backend added while tracking runs is tracked from then on: a harvest reports the
+    /// page its device wrote, not every page mapped writable for it.
+    #[test]
+    fn a_backend_added_while_tracking_runs_is_tracked() {
+        let mut v = device();
+        v.start_dirty_tracking();
+        let caps = BackendCaps {
+            dirty_tracking: true,
+            ..BackendCaps::default()
+        };
+        let (rec, log) = RecordingBackend::new("late", caps);
+        let b = v.add_backend_within(Box::new(rec)).unwrap();
+        v.add_endpoint(8, Some(b), &[]).unwrap();
+        let mut g = crate::viommu::Held(&mut v);
+        assert_eq!(g.track_new_backend(b), Some(true));
+        assert!(log.lock().unwrap().tracking);
+        let reqs = [attach(1, 8, 0), map(1, 0x10000, 0x1ffff, 0x80000, RW)];
+        assert_eq!(batch(&mut v, &reqs), vec![Some(Status::Ok); 2]);
+        log.lock().unwrap().device_write(0x12);
+        let mut out = crate::dirty::DirtyBitmap::new(&[(0, 1 << 30)]);
+        v.harvest_dirty(&mut out);
+        let mut pages = Vec::new();
+        out.for_each_run(|gpa, len| pages.push((gpa, len)));
+        assert_eq!(pages, vec![(0x82000, 0x1000)]);
+        v.stop_dirty_tracking();
+        let mut g = crate::viommu::Held(&mut v);
+        assert_eq!(g.track_new_backend(b), None, "tracking is off");
+    }
+
     /// A backend added while the guest runs takes what the guest was told, or is refused.
     #[test]
     fn a_late_backend_cannot_narrow_what_the_guest_read() {

@@ -121,6 +121,14 @@ pub trait HostSide: Relock {
         super::dirty::DirtySide::start_tracking(self)
     }
 
+    /// Starts dirty tracking on backend `backend`, registered while tracking runs (a
+    /// hot-added device), with the state unlocked during the call. `None` when tracking is
+    /// off; `Some(false)` when the backend cannot track (its writable mappings then count
+    /// dirty at every harvest).
+    fn track_new_backend(&mut self, backend: BackendId) -> Option<bool> {
+        super::dirty::DirtySide::track_backend(self, backend)
+    }
+
     /// [`Viommu::harvest_dirty_with`], with the state unlocked during each host call.
     fn harvest_dirty_with(&mut self, out: &mut DirtyBitmap, opts: super::HarvestOptions) {
         super::dirty::DirtySide::harvest_with(self, out, opts);

@@ -13,7 +13,7 @@ use devices::passthrough::pci::PassthroughPci;
 use devices::passthrough::vfio_user_backend::{VfioUserDevice, VfioUserDma};
 use devices::passthrough::{PassthroughBackend, VFIO_PCI_ERR_IRQ_INDEX};
 use iommu::on_demand::OnDemand;
-use iommu::viommu::BackendId;
+use iommu::viommu::{BackendId, HostSide};
 use iommu::DmaBackend;
 use sync::MutexExt;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
@@ -111,6 +111,13 @@ fn attach_dma(
                     .map_err(dev_err(name.to_string()))?;
                 s.add_endpoint(ep, Some(id), &[])
                     .map_err(dev_err(name.to_string()))?;
+                // Tracking runs (`--track-dirty`): the device logs its writes from now on.
+                if s.track_new_backend(id) == Some(false) {
+                    log::warn!(
+                        "{name}: cannot track the pages it writes: every page mapped writable \
+                         for it counts dirty"
+                    );
+                }
                 id
             } else {
                 let mut s = h.lock();
