@@ -101,7 +101,7 @@ fn start_guest(api: &Path, dirty_log: &Path, extra: &str) -> VmmProcess {
     let cmdline = format!(
         "console=ttyS0 reboot=k panic=1 vmm_dmatest.cycles=300 vmm_dmatest.samples=30 {extra}"
     );
-    VmmProcess::start(&[
+    let mut args = vec![
         "--kernel",
         g.vmlinux.to_str().unwrap(),
         "--initramfs",
@@ -114,12 +114,18 @@ fn start_guest(api: &Path, dirty_log: &Path, extra: &str) -> VmmProcess {
         "--api-socket",
         api.to_str().unwrap(),
         "--counters",
-        "--track-dirty",
-        "--dirty-log-out",
-        dirty_log.to_str().unwrap(),
         "--cmdline",
         &cmdline,
-    ])
+    ];
+    // A migration source tracks dirty pages for the migration only.
+    if !dirty_log.as_os_str().is_empty() {
+        args.extend([
+            "--track-dirty",
+            "--dirty-log-out",
+            dirty_log.to_str().unwrap(),
+        ]);
+    }
+    VmmProcess::start(&args)
 }
 
 #[test]
@@ -317,4 +323,62 @@ fn linux_hotplug_refusals_and_a_guest_that_never_ejects() {
     assert_eq!(field(&counters, "endpoints"), "0", "{counters}");
     vmm.kill();
     let _ = std::fs::remove_file(&dirty_log);
+}
+
+/// A Linux guest using a hot-added device migrates, verify on, to a destination started with
+/// the device in its slot (`slot=30`, with its own device process); there the guest ejects
+/// it, takes a new one in the same slot, and passes the suite on it.
+#[test]
+fn linux_hotplug_then_migrate_then_unplug_on_the_destination() {
+    let (api, dst_api, mig) = (
+        scratch("api.sock"),
+        scratch("api.sock"),
+        scratch("mig.sock"),
+    );
+    let to = format!("unix:{}", mig.display());
+    let mut src = start_guest(&api, Path::new(""), "vmm_dmatest.hotplug=2");
+    src.wait_console("waiting for hot-plugged device 1 of 2", DEADLINE);
+    let dev1 = DeviceProcess::start();
+    let a = add(&mut src, &api, &dev1, true);
+    src.wait_console("hot-plugged device 1 of 2 done", DEADLINE);
+
+    let dev1b = DeviceProcess::start();
+    let mut dst = VmmProcess::start(&[
+        "--memory",
+        "256M",
+        "--iommu",
+        "--hotplug",
+        "iommu=1,direct=1",
+        "--vfio-user",
+        &format!("{},slot=30", dev1b.arg(true)),
+        "--api-socket",
+        dst_api.to_str().unwrap(),
+        "--counters",
+        "--incoming",
+        &to,
+    ]);
+    vmm_tests::migration::wait_for_path(&mig);
+    let report = vmm_tests::migration::migrate(&api, &to, r#","verify":true"#);
+    vmm_tests::migration::assert_migrated(&report, 65536);
+    vmm_tests::migration::assert_handed_over(&src.wait(DEADLINE));
+
+    // On the destination: the guest ejects the migrated device, then takes a new one.
+    let r = remove(&mut dst, &dst_api, &serde_json::json!("hotplug0"), 300);
+    assert_eq!(
+        r["ejected"], true,
+        "the guest did not eject it on the destination: {r}"
+    );
+    assert_eq!(r["bdf"], a["bdf"], "{r}");
+    assert_eq!(r["mapped_bytes_left"], 0, "{r}");
+    let dev2 = DeviceProcess::start();
+    let b = add(&mut dst, &dst_api, &dev2, true);
+    assert_eq!(b["bdf"], "00:1e.0", "{b}");
+    let run = dst.wait(DEADLINE);
+    check_suites_skipping("linux_hotplug after migration", &run, &["vmm_dmatest"], &[]);
+    assert!(
+        run.console
+            .contains("hot-plugged device 2 of 2 done (0000:00:1e.0, 0 failed)"),
+        "{}",
+        run.console
+    );
 }
