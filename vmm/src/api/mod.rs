@@ -13,7 +13,7 @@
 //! | `{"cmd":"receive","from":"unix:PATH"\|"tcp:HOST:PORT,tls=DIR"\|"tcp:HOST:PORT,insecure"}` | `{"ok":true}` (same) |
 //! | `{"cmd":"commit"}`, `{"cmd":"discard"}` | `{"ok":true}`: a destination whose hand-over was not confirmed runs, or drops, the guest |
 //! | `{"cmd":"add-device","vfio-user":"socket=PATH[,iommu=on][,dma=...]"[,"wait":SECS]}` or `"vfio":"path=SYSFS[,iommu=on]"` | `{"ok":true,"added":{"id","bdf","iommu","enabled","plugged_ms","enabled_ms"}}`: the device in a free `--hotplug` slot, once the guest enabled it (or `"enabled":false` after `wait`, 30 s) |
-//! | `{"cmd":"remove-device","id":"ID"[,"wait":SECS]}` | `{"ok":true,"removed":{"id","bdf","ejected","ejected_ms","host_maps","host_unmaps","mapped_bytes_left","left_attached","domain_freed"}}`: the guest asked to eject it; after `wait` (30 s) it goes without the guest (`"ejected":false`) |
+//! | `{"cmd":"remove-device","id":"ID"[,"wait":SECS]}` | `{"ok":true,"removed":{"id","bdf","ejected","ejected_ms","host_maps","host_unmaps","mapped_bytes_left","left_attached","domain_freed"}}`: the guest asked to eject it; after `wait` (30 s) it goes without the guest, and the answer is `{"ok":false,"error":"the guest did not eject ID ... host_maps=N host_unmaps=N mapped_bytes_left=N"}` |
 //! | `{"cmd":"quit"}` | `{"ok":true}`, then the VM stops |
 //!
 //! `migrate` also takes `max_rounds` (30, at most 62), `max_dirty_pages` (256), `verify` (false: compare

@@ -43,6 +43,9 @@ pub enum HotplugError {
     /// The device could not be set up or taken down.
     #[error("{0}")]
     Failed(String),
+    /// The guest did not eject the device in time; it was removed without the guest.
+    #[error("{0}")]
+    NotEjected(String),
 }
 
 /// How long `add-device` waits for the guest to enable the device, and `remove-device` for
@@ -220,8 +223,8 @@ pub struct RemovedDevice {
     pub id: String,
     /// `00:SS.0`.
     pub bdf: String,
-    /// The guest ejected it (`_EJ0`); false when the deadline passed and the VMM took it
-    /// off the bus without the guest.
+    /// The guest ejected it (`_EJ0`). A removal without the guest (the deadline passed) is
+    /// answered with [`HotplugError::NotEjected`] instead, so an answer says true.
     pub ejected: bool,
     /// From the request to the slot empty, in milliseconds.
     pub ejected_ms: u64,
@@ -396,10 +399,13 @@ impl Hotplug {
     }
 
     /// Asks the guest to give up hot-added device `id`, waits up to `wait` for its eject,
-    /// then tears the device down (without the guest when the wait ran out).
+    /// then tears the device down (without the guest when the wait ran out, which is then
+    /// reported as [`HotplugError::NotEjected`], with the teardown's figures).
     ///
     /// # Errors
-    /// [`HotplugError::Refused`] for an unknown id, or during a snapshot or migration.
+    /// [`HotplugError::Refused`] for an unknown id, or during a snapshot or migration (nothing
+    /// changes); [`HotplugError::NotEjected`] when the guest did not eject it in time (it is
+    /// gone all the same).
     pub fn remove_device(
         &self,
         devices: &DeviceManager,
@@ -451,6 +457,16 @@ impl Hotplug {
             r.host_unmaps,
             r.mapped_bytes_left
         );
+        if !ejected {
+            // Gone all the same, but the guest may still believe it has the device: the
+            // user hears of it as a failure.
+            return Err(HotplugError::NotEjected(format!(
+                "the guest did not eject {id} ({}) within {wait:?}: the device was taken off \
+                 the bus without it and torn down: host_maps={} host_unmaps={} \
+                 mapped_bytes_left={}",
+                r.bdf, r.host_maps, r.host_unmaps, r.mapped_bytes_left
+            )));
+        }
         Ok(r)
     }
 

@@ -247,7 +247,9 @@ impl From<hotplug::HotplugError> for MachineError {
     fn from(e: hotplug::HotplugError) -> Self {
         match e {
             hotplug::HotplugError::Refused(m) => MachineError::Busy(m),
-            hotplug::HotplugError::Failed(m) => MachineError::State(m),
+            hotplug::HotplugError::Failed(m) | hotplug::HotplugError::NotEjected(m) => {
+                MachineError::State(m)
+            }
         }
     }
 }
