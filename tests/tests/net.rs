@@ -9,8 +9,19 @@ use vmm_tests::{bin, counter, run_vmm, tap, Testpmd};
 const DEADLINE: Duration = Duration::from_secs(300);
 
 fn guest(pmd: &Testpmd, port: usize, iommu: bool, tests: &str) -> vmm_tests::Run {
+    guest_with(pmd, port, iommu, "", tests)
+}
+
+/// [`guest`] with more `--vhost-user-net` options (`,iotlb=miss`).
+fn guest_with(
+    pmd: &Testpmd,
+    port: usize,
+    iommu: bool,
+    options: &str,
+    tests: &str,
+) -> vmm_tests::Run {
     let g = bin("test-guest").display().to_string();
-    let net = pmd.arg(port, iommu);
+    let net = format!("{}{options}", pmd.arg(port, iommu));
     let cmdline = format!("tests={tests} net_frames=100");
     let mut args = vec![
         "--kernel",
@@ -92,4 +103,38 @@ fn frames_through_the_viommu_and_faults_on_iovas_the_guest_did_not_map() {
     let (rx, tx, dropped) = vmm_tests::testpmd_port_stats(&stats, 0).expect("port 0 stats");
     eprintln!("testpmd port 0: rx={rx} tx={tx} tx_dropped={dropped}");
     assert!(tx >= 101, "frames looped back through the vIOMMU");
+}
+
+/// `iotlb=miss`: the back end learns translations only by asking. DPDK's testpmd misses on
+/// every buffer it touches first; each miss is answered with an UPDATE of the guest's mapping
+/// (or, on an IOVA the guest did not map, a fault event), nothing is sent ahead, and the frames
+/// come back as with prefetching.
+#[test]
+fn frames_through_the_viommu_with_the_back_end_asking_for_every_translation() {
+    let pmd = Testpmd::start("net-miss", 1);
+    let run = guest_with(&pmd, 0, true, ",iotlb=miss", "net_echo,net_fault");
+    eprintln!("{}\n{}", run.console, run.stderr);
+    verdict(&run, &["net_echo", "net_fault"]);
+    let dev = "vhost-user-net";
+    assert_eq!(counter(&run, dev, "prefetches"), 0, "nothing is sent ahead");
+    let misses = counter(&run, dev, "misses");
+    let (updates, faults) = (counter(&run, dev, "updates"), counter(&run, dev, "faults"));
+    assert!(
+        updates > 0,
+        "the back end learnt its translations by missing"
+    );
+    assert_eq!(misses, updates + faults, "every miss answered or faulted");
+    assert!(faults >= 2, "the two IOVAs the guest did not map");
+    // A frame whose buffer testpmd missed on may be dropped (DPDK drops a packet while it
+    // waits for the translation); every frame the guest got back went through testpmd.
+    let back: u64 = run
+        .console
+        .lines()
+        .find_map(|l| l.strip_prefix("# net_echo: "))
+        .and_then(|l| l.split(" of ").next())
+        .and_then(|n| n.parse().ok())
+        .expect("net_echo's count");
+    let stats = pmd.stop();
+    let (_, tx, _) = vmm_tests::testpmd_port_stats(&stats, 0).expect("port 0 stats");
+    assert!(back > 0 && tx >= back, "testpmd sent {tx}, the guest got {back} back");
 }
