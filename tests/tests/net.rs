@@ -136,5 +136,8 @@ fn frames_through_the_viommu_with_the_back_end_asking_for_every_translation() {
         .expect("net_echo's count");
     let stats = pmd.stop();
     let (_, tx, _) = vmm_tests::testpmd_port_stats(&stats, 0).expect("port 0 stats");
-    assert!(back > 0 && tx >= back, "testpmd sent {tx}, the guest got {back} back");
+    assert!(
+        back > 0 && tx >= back,
+        "testpmd sent {tx}, the guest got {back} back"
+    );
 }

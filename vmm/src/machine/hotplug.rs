@@ -524,6 +524,8 @@ impl Hotplug {
                 .map(|i| list.remove(i))
         };
         if let Some(p) = p {
+            // A device that could not report its writes is gone: it no longer counts.
+            devices.untracked.locked().retain(|l| *l != p.label);
             if let Some(d) = &p.direct {
                 // Outside the vIOMMU: what it wrote reaches the next harvest, then its
                 // mappings of all RAM go.
