@@ -217,4 +217,55 @@ mod tests {
         assert!(hp.wait_ejected(30, Duration::ZERO));
         assert_eq!(bus.config_read(0, 30, 0, 0), 0xffff_ffff);
     }
+
+    /// A request undoes the other's pending bit; a wait takes its eject once, and a wait that
+    /// times out withdraws the request; only `B0EJ` ejects; a waiter is woken by the eject.
+    #[test]
+    fn stale_bits_never_reach_the_guest_or_the_remover() {
+        let bus = Arc::new(PciBus::new());
+        let hp = Arc::new(PciHotplug::new(
+            bus.clone(),
+            1 << 30,
+            Arc::new(Edges::default()),
+        ));
+        let mut regs = PciHotplugRegs(hp.clone());
+        let dev: super::super::SharedPciDevice =
+            Arc::new(Mutex::new(super::super::HostBridge::new()));
+        // Removal asked, then the device added again before the guest looked: a device
+        // check only.
+        hp.request_removal(30);
+        hp.announce_added(30);
+        assert_eq!((read(&mut regs, PCIU), read(&mut regs, PCID)), (1 << 30, 0));
+        // Added, then removal asked before the guest looked: an eject request only.
+        hp.announce_added(30);
+        hp.request_removal(30);
+        assert_eq!((read(&mut regs, PCIU), read(&mut regs, PCID)), (0, 1 << 30));
+        // A wait that times out withdraws the request.
+        hp.request_removal(30);
+        assert!(!hp.wait_ejected(30, Duration::ZERO));
+        assert_eq!(read(&mut regs, PCID), 0);
+        // Only a 4-byte write to B0EJ ejects.
+        assert!(bus.add_device(30, dev.clone()));
+        regs.write(0, PCIU, &(1u32 << 30).to_le_bytes());
+        regs.write(0, B0EJ, &[0x40]);
+        assert!(bus.device(30).is_some());
+        // An eject is taken once; a new plug forgets an old eject.
+        regs.write(0, B0EJ, &(1u32 << 30).to_le_bytes());
+        assert!(hp.wait_ejected(30, Duration::ZERO));
+        assert!(!hp.wait_ejected(30, Duration::ZERO));
+        regs.write(0, B0EJ, &(1u32 << 30).to_le_bytes());
+        hp.announce_added(30);
+        assert!(!hp.wait_ejected(30, Duration::ZERO));
+        // A remover waiting is woken by the guest's eject.
+        assert!(bus.add_device(30, dev));
+        let guest = {
+            let hp = hp.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                PciHotplugRegs(hp).write(0, B0EJ, &(1u32 << 30).to_le_bytes());
+            })
+        };
+        assert!(hp.wait_ejected(30, Duration::from_secs(60)));
+        guest.join().unwrap();
+    }
 }

@@ -109,19 +109,13 @@ pub(super) trait Unplug: Relock {
             ..EndpointRemoval::default()
         };
         if let Some(dom) = e.domain {
-            let last = self
-                .domains
-                .get(&dom)
-                .is_some_and(|d| d.endpoints.len() == 1);
-            match self.detach(ep, dom) {
-                Ok(()) => out.domain_freed = last && !self.domains.contains_key(&dom),
-                Err(s) => {
-                    out.error = Some(format!("detach from domain {dom}: {s:?}"));
-                    // The device leaves anyway: take it out of the domain.
-                    self.leave_domain(ep, dom);
-                    out.domain_freed = last && !self.domains.contains_key(&dom);
-                }
+            if let Err(s) = self.detach(ep, dom) {
+                out.error = Some(format!("detach from domain {dom}: {s:?}"));
+                // The device leaves anyway: take it out of the domain.
+                self.leave_domain(ep, dom);
             }
+            // A domain goes with its last endpoint.
+            out.domain_freed = !self.domains.contains_key(&dom);
         }
         // Unattached, the endpoint may still have identity mappings (bypass).
         if let Some(b) = backend {
@@ -221,6 +215,39 @@ mod tests {
         );
     }
 
+    /// A host unmap that fails at removal is reported, and the device leaves all the same:
+    /// out of its domain (freed), its backend released; a domain another endpoint shares
+    /// stays.
+    #[test]
+    fn a_removal_whose_unmap_fails_still_takes_the_endpoint_out() {
+        let mut v = device();
+        let (rec, log) = RecordingBackend::new("gone", BackendCaps::default());
+        let b = v.add_backend(Box::new(rec)).unwrap();
+        v.add_endpoint(8, Some(b), &[]).unwrap();
+        let reqs = [
+            attach(1, 8, 0),
+            map(1, 0x10000, 0x10fff, 0x80000, RW),
+            attach(1, 1, 0),
+        ];
+        assert_eq!(batch(&mut v, &reqs), vec![Some(Status::Ok); 3]);
+        log.lock().unwrap().fail_unmap_iova = Some(0x10000);
+        let r = HostSide::remove_endpoint(&mut crate::viommu::Held(&mut v), 8).unwrap();
+        assert!(r.error.is_some() && r.backend_released, "{r:?}");
+        assert!(!r.domain_freed, "endpoint 1 is still in domain 1: {r:?}");
+        assert!(!v.has_endpoint(8));
+        assert_eq!(v.endpoint_domain(1), Some(1));
+        // Alone in its domain, the domain goes with it even though the unmap failed.
+        let (rec, log) = RecordingBackend::new("alone", BackendCaps::default());
+        let b = v.add_backend(Box::new(rec)).unwrap();
+        v.add_endpoint(16, Some(b), &[]).unwrap();
+        let reqs = [attach(2, 16, 0), map(2, 0x20000, 0x20fff, 0x90000, RW)];
+        assert_eq!(batch(&mut v, &reqs), vec![Some(Status::Ok); 2]);
+        log.lock().unwrap().fail_unmap_iova = Some(0x20000);
+        let r = HostSide::remove_endpoint(&mut crate::viommu::Held(&mut v), 16).unwrap();
+        assert!(r.error.is_some() && r.domain_freed, "{r:?}");
+        assert_eq!(v.domain_ids(), vec![1]);
+    }
+
     /// Under bypass, an unattached endpoint's identity mappings go with it.
     #[test]
     fn a_removed_endpoint_in_bypass_takes_its_identity_mappings() {
@@ -288,6 +315,13 @@ mod tests {
         };
         let (short, _) = RecordingBackend::new("short", narrow);
         let e = v.add_backend_within(Box::new(short)).unwrap_err();
+        assert!(e.to_string().contains("input_range"), "{e}");
+        let late_start = BackendCaps {
+            iova_ranges: vec![(0x1000, crate::pagetable::MAX_IOVA)],
+            ..BackendCaps::default()
+        };
+        let (high, _) = RecordingBackend::new("high", late_start);
+        let e = v.add_backend_within(Box::new(high)).unwrap_err();
         assert!(e.to_string().contains("input_range"), "{e}");
         assert_eq!(v.config().page_size_mask.get() & 0x1000, 0x1000);
     }
