@@ -215,26 +215,33 @@ fn serve(conn: UnixStream, target: &ApiTarget) {
         if line.trim().is_empty() {
             continue;
         }
-        let (response, migrated_to) = match parse_request(&line) {
-            Ok(req) => match handle(&req, target) {
-                Ok(reply) => {
-                    let to = match &req {
-                        Request::Migrate(o) => Some(o.to.clone()),
-                        _ => None,
-                    };
-                    (Response::ok(reply), to)
+        let (response, ends) = match parse_request(&line) {
+            Ok(req) => {
+                // A running VM that `quit` or `migrate` ends, once the answer is written.
+                let running = target.machine.locked().is_some();
+                match handle(&req, target) {
+                    Ok(reply) => {
+                        let ends = match &req {
+                            Request::Migrate(o) => {
+                                Some(devices::exit::ExitReason::Migrated(o.to.clone()))
+                            }
+                            Request::Quit if running => Some(devices::exit::ExitReason::Stopped),
+                            _ => None,
+                        };
+                        (Response::ok(reply), ends)
+                    }
+                    Err(e) => (Response::error(e), None),
                 }
-                Err(e) => (Response::error(e), None),
-            },
+            }
             Err(e) => (Response::error(e), None),
         };
         let written = writeln!(out, "{}", answer_line(&response)).is_ok();
-        if let Some(to) = migrated_to {
-            // The guest runs on the destination now: this VM ends, after the report was
-            // written (or could not be: the client went away).
+        if let Some(reason) = ends {
+            // After the answer was written (or could not be: the client went away): a
+            // migrated guest runs on the destination now; a stopped one nowhere.
             let machine = target.machine.locked().clone();
             if let Some(m) = machine {
-                m.exit.request(devices::exit::ExitReason::Migrated(to));
+                m.exit.request(reason);
             }
         }
         if !written {
@@ -371,10 +378,8 @@ fn handle(req: &Request, target: &ApiTarget) -> Result<Reply, ApiError> {
             }
             Ok(Reply::Migrated(Box::new(migrate(&m, opts)?)))
         }
-        Request::Quit => {
-            m.exit.request(devices::exit::ExitReason::Stopped);
-            Ok(Reply::Done {})
-        }
+        // The VM stops once the answer is written (`serve`): a client always gets it.
+        Request::Quit => Ok(Reply::Done {}),
         Request::Restore { .. } | Request::Receive { .. } => Err(ApiError::NotNow(format!(
             "{0}: the VM is already running (start vmm with --incoming defer to {0} into it)",
             req.name()
