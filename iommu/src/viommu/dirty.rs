@@ -134,17 +134,8 @@ pub(super) trait DirtySide: Relock {
         let mut report = DirtyTrackingReport::default();
         let mut tracked = Vec::with_capacity(self.backends.len());
         for b in 0..self.backends.len() {
-            let slot = &self.backends[b];
-            let name = slot.name.clone();
-            let on = !slot.failed
-                && slot.caps.dirty_tracking
-                && match call(self, b, |be| be.set_dirty_tracking(true)) {
-                    Ok(()) => true,
-                    Err(e) => {
-                        log::warn!("virtio-iommu: dirty tracking on {name}: {e}");
-                        false
-                    }
-                };
+            let name = self.backends[b].name.clone();
+            let on = self.turn_tracking_on(b);
             if on {
                 report.tracked.push(name);
             } else {
@@ -159,15 +150,12 @@ pub(super) trait DirtySide: Relock {
         report
     }
 
-    /// Starts tracking on backend `b`, registered while tracking runs (a hot-added device):
-    /// its device reports what it writes from now on, as it had nothing mapped before.
-    /// `None` when tracking is off; `Some(false)` when the backend cannot (every writable page
-    /// mapped for it then counts dirty at each harvest).
-    fn track_backend(&mut self, b: BackendId) -> Option<bool> {
-        self.dirty.as_ref()?;
-        let slot = self.backends.get(b)?;
+    /// Turns dirty tracking on in registered backend `b`'s device; false when it is failed,
+    /// cannot track, or refused (logged).
+    fn turn_tracking_on(&mut self, b: BackendId) -> bool {
+        let slot = &self.backends[b];
         let name = slot.name.clone();
-        let on = !slot.failed
+        !slot.failed
             && slot.caps.dirty_tracking
             && match call(self, b, |be| be.set_dirty_tracking(true)) {
                 Ok(()) => true,
@@ -175,7 +163,17 @@ pub(super) trait DirtySide: Relock {
                     log::warn!("virtio-iommu: dirty tracking on {name}: {e}");
                     false
                 }
-            };
+            }
+    }
+
+    /// Starts tracking on backend `b`, registered while tracking runs (a hot-added device):
+    /// its device reports what it writes from now on, as it had nothing mapped before.
+    /// `None` when tracking is off; `Some(false)` when the backend cannot (every writable page
+    /// mapped for it then counts dirty at each harvest).
+    fn track_backend(&mut self, b: BackendId) -> Option<bool> {
+        self.dirty.as_ref()?;
+        self.backends.get(b)?;
+        let on = self.turn_tracking_on(b);
         let d = self.dirty.as_mut()?;
         if d.tracked.len() <= b {
             d.tracked.resize(b + 1, false);
