@@ -93,3 +93,30 @@ pub fn pattern(gpa: u64, len: u64, seed: u8) {
         page += 1;
     }
 }
+
+/// Boot PDPT (`boot::layout::PDPTE_START`): entry N maps GiB N of the identity map.
+const BOOT_PDPT: u64 = 0xa000;
+/// The boot tables identity map the first 4 GiB (`boot::layout::IDENTITY_MAPPED_GIB`).
+const BOOT_MAPPED_GIB: u64 = 4;
+
+/// Identity maps the GiB at `4 GiB + gib_above * 1 GiB` (2 MiB pages, one new page
+/// directory from the allocator) and moves the allocator there: the next pages handed out
+/// are RAM above the PCI hole, in the VM's second memory region. The caller checks that
+/// the VM has RAM there.
+pub fn allocate_above_4g() {
+    let pd = alloc_pages(1);
+    let gib = BOOT_MAPPED_GIB;
+    for i in 0..512u64 {
+        // Present, writable, 2 MiB page.
+        let entry = ((gib << 30) + (i << 21)) | 0x83;
+        // SAFETY: the page directory was just allocated in identity-mapped RAM.
+        unsafe { core::ptr::write_volatile((pd + i * 8) as *mut u64, entry) };
+    }
+    // SAFETY: PDPT entry 4 is unused by the boot tables; reloading CR3 drops stale
+    // translations.
+    unsafe {
+        core::ptr::write_volatile((BOOT_PDPT + gib * 8) as *mut u64, pd | 0x3);
+        core::arch::asm!("mov {t}, cr3", "mov cr3, {t}", t = out(reg) _, options(nostack));
+    }
+    NEXT.store(gib << 30, Ordering::Relaxed);
+}

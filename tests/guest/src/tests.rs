@@ -834,6 +834,15 @@ fn migrate_dma(c: &mut Ctx) -> Result<(), &'static str> {
             .unwrap_or(default)
     };
     let (iters, ready, delay) = (num("iters", 400), num("ready", 5), num("delay", 1500));
+    // `high=1`: the DMA area, the expected values and the bulk fill live in RAM above the
+    // PCI hole (the VM's second memory region), which the test gave the VM.
+    if num("high", 0) == 1 {
+        crate::mem::allocate_above_4g();
+        say!(
+            "# migrate_dma: buffers above 4 GiB from ",
+            Hex(crate::mem::next_page())
+        );
+    }
     let area = alloc_pages(PAGES);
     let expect = alloc_pages(1);
     let canary = alloc_pages(1);

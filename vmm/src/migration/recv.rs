@@ -162,7 +162,7 @@ pub fn receive(
         if incoming.handover.is_some_and(|h| h.verify) {
             let ours = match incoming.received_hashes.take() {
                 Some(h) => h,
-                None => page_hashes(&m.ram.mem, &m.devices.ram_ranges)?,
+                None => ram_hashes(m)?,
             };
             let diff = differing_pages(&ours, &incoming.hashes, &m.devices.ram_ranges);
             if !diff.is_empty() {
@@ -195,7 +195,7 @@ pub fn receive(
         let hashes = match (handover.verify, incoming.received_hashes.take()) {
             (false, _) => None,
             (true, Some(h)) => Some(h),
-            (true, None) => Some(page_hashes(&m.ram.mem, &m.devices.ram_ranges)?),
+            (true, None) => Some(ram_hashes(m)?),
         };
         let sent = back
             .json(Kind::Ack, &serde_json::json!({"ok": true}))
@@ -314,7 +314,7 @@ fn receive_stream<R: Read>(
     // it (KVM refreshes the guest's kvmclock pages when the MSRs are restored, a new
     // back end may write ring flags): those writes are this side's, not losses.
     if incoming.handover.is_some_and(|h| h.verify) {
-        incoming.received_hashes = Some(page_hashes(&m.ram.mem, &m.devices.ram_ranges)?);
+        incoming.received_hashes = Some(ram_hashes(m)?);
     }
     restore(m, vcpus, &incoming.state, &incoming.device_data)?;
     Ok(incoming)

@@ -145,7 +145,7 @@ fn send_pages<W: Write>(
     let mut runs = Vec::new();
     match pages {
         Some(b) => b.for_each_run(|gpa, len| runs.push((gpa, len))),
-        None => runs = allocated_ram(m),
+        None => runs = m.ram.data_extents(),
     }
     let mut sent = 0;
     let mut buf = vec![0u8; MAX_RAM_RECORD as usize];
@@ -168,47 +168,6 @@ fn send_pages<W: Write>(
         }
     }
     Ok(sent)
-}
-
-/// The parts of guest RAM that hold data: the memfd's extents (`SEEK_DATA`/`SEEK_HOLE`).
-/// Pages never touched read as zero and are zero on a fresh destination, so the full copy
-/// skips them (touching them would also allocate them on both sides).
-fn allocated_ram(m: &Machine) -> Vec<(u64, u64)> {
-    use std::os::fd::AsRawFd;
-    let fd = m.ram.memfd.as_raw_fd();
-    let mut out = Vec::new();
-    for (gpa, len, _, file_off) in m.ram.regions() {
-        let end = file_off + len;
-        let mut pos = file_off;
-        while pos < end {
-            // SAFETY: lseek on a file descriptor we own; the results are checked.
-            let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
-            if data < 0 {
-                let errno = std::io::Error::last_os_error().raw_os_error();
-                if errno != Some(libc::ENXIO) {
-                    // No SEEK_DATA here: send the whole rest.
-                    out.push((gpa + (pos - file_off), end - pos));
-                }
-                break;
-            }
-            let data = (data as u64).min(end);
-            if data >= end {
-                break;
-            }
-            // SAFETY: as above.
-            let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
-            let hole = if hole < 0 {
-                end
-            } else {
-                (hole as u64).min(end)
-            };
-            let start = data & !4095;
-            let stop = hole.next_multiple_of(4096).min(end);
-            out.push((gpa + (start - file_off), stop - start));
-            pos = stop;
-        }
-    }
-    out
 }
 
 /// Connects to the destination at `to` and checks it (see [`peer`]).
@@ -417,7 +376,7 @@ fn hand_over(
     let ram = &m.devices.ram_ranges;
     w.flush().map_err(|e| resume(e.into()))?;
     let ours = if opts.verify {
-        Some(page_hashes(&m.ram.mem, ram).map_err(resume)?)
+        Some(ram_hashes(m).map_err(resume)?)
     } else {
         None
     };
@@ -531,7 +490,7 @@ fn precopy_and_stop<W: Write>(
     let reads_before = m.device_dirty_reads();
     // Round 0: everything.
     let t = Instant::now();
-    let round0: u64 = allocated_ram(m).iter().map(|r| r.1 / 4096).sum();
+    let round0: u64 = m.ram.data_extents().iter().map(|r| r.1 / 4096).sum();
     m.progress
         .pages_sent
         .store(0, std::sync::atomic::Ordering::Relaxed);
@@ -702,7 +661,7 @@ pub fn snapshot(
                     timeout_ms: 0,
                 },
             )?;
-            w.hashes(&page_hashes(&m.ram.mem, &m.devices.ram_ranges)?)?;
+            w.hashes(&ram_hashes(m)?)?;
         }
         send_final_state(m, &mut w)?;
         w.flush()?;
