@@ -410,6 +410,50 @@ fn live_migration_with_ram_above_the_pci_hole() {
     dst.assert_console("0 stale pages seen before a refill, 0 of 256 pages wrong at the end");
 }
 
+/// The dirty log (`--track-dirty`) of a device writing above the PCI hole, in a VM whose RAM
+/// is split by it: exactly the pages the guest had the device write, all above 4 GiB (its
+/// DMA area, its canary page and a 1 MiB bulk fill), named by their own page numbers.
+#[test]
+fn the_dirty_log_names_device_writes_above_the_pci_hole() {
+    let dev = DeviceProcess::start();
+    let log = scratch("dirty.log");
+    let run = VmmCommand::test_guest()
+        .memory("3328M")
+        .iommu()
+        .vfio_user(&dev.arg(true))
+        .arg("--track-dirty")
+        .flag("--dirty-log-out", &log.display().to_string())
+        .cmdline("tests=migrate_dma iters=16 touch=1 high=1")
+        .run(DEADLINE);
+    eprintln!("{}\n{}", run.console, run.stderr);
+    assert_eq!(run.code(), 0, "the guest's verdict");
+    run.assert_console("ok 1 - migrate_dma");
+    let line = run
+        .console
+        .lines()
+        .find_map(|l| l.strip_prefix("# migrate_dma: device writes pages "))
+        .expect("the guest names the pages the device writes");
+    // "0xA +N, 0xC +1, 0xB +M" (area, canary, bulk): 16 iterations fill every window of the
+    // area once.
+    let runs: Vec<String> = line
+        .split(", ")
+        .map(|r| r.trim_start_matches("0x").replace(" +", "+"))
+        .map(|r| {
+            let (first, n) = r.split_once('+').unwrap();
+            format!("{first}+{:x}", n.parse::<u64>().unwrap())
+        })
+        .collect();
+    let want = vmm_tests::page_set(runs.iter().map(String::as_str));
+    assert!(want.first().is_some_and(|&p| p >= 0x10_0000), "{want:?}");
+    assert_eq!(want.len(), 513);
+    vmm_tests::assert_same_pages(
+        "dirty log above the PCI hole",
+        &want,
+        &vmm_tests::dirty_log_pages(&log),
+    );
+    let _ = std::fs::remove_file(&log);
+}
+
 /// Under `dma=fault` on both sides: the source's host mappings exist only where the device
 /// asked, its dirty reports cover those, and the destination's device (a new process with
 /// nothing mapped) gets its mappings back through its own page requests. Nothing is lost:

@@ -855,6 +855,20 @@ fn migrate_dma(c: &mut Ctx) -> Result<(), &'static str> {
     // Bulk RAM for the migration to copy, written by the device (the CPU would take minutes
     // in the emulator): 64 MiB per transfer through a temporary mapping.
     let touch = num("touch", 0) << 20;
+    // Where the device writes (page numbers): the area, the canary (at the end) and the
+    // bulk fill.
+    say!(
+        "# migrate_dma: device writes pages ",
+        Hex(area >> 12),
+        " +",
+        PAGES,
+        ", ",
+        Hex(canary >> 12),
+        " +1, ",
+        Hex(crate::mem::next_page() >> 12),
+        " +",
+        touch >> 12
+    );
     if touch > 0 {
         let base = reserve_pages(touch / 4096);
         let mut done = 0;
