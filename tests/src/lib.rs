@@ -595,6 +595,12 @@ impl Testpmd {
         Self::spawn(name, sockets, false)
     }
 
+    /// [`Testpmd::start_on`], printing its statistics every second
+    /// ([`Testpmd::start_counting`]).
+    pub fn start_counting_on(name: &str, sockets: Vec<PathBuf>) -> Testpmd {
+        Self::spawn(name, sockets, true)
+    }
+
     fn spawn(name: &str, sockets: Vec<PathBuf>, counting: bool) -> Testpmd {
         let bin = testpmd_path()
             .expect("dpdk-testpmd is missing: install Debian's dpdk-dev (tests/run.sh does it)");
