@@ -422,7 +422,7 @@ fn the_dirty_log_names_device_writes_above_the_pci_hole() {
         .iommu()
         .vfio_user(&dev.arg(true))
         .arg("--track-dirty")
-        .flag("--dirty-log-out", &log.display().to_string())
+        .flag("--dirty-log-out", log.display().to_string())
         .cmdline("tests=migrate_dma iters=16 touch=1 high=1")
         .run(DEADLINE);
     eprintln!("{}\n{}", run.console, run.stderr);

@@ -245,7 +245,10 @@ fn a_back_end_that_reconnects_during_pre_copy_keeps_logging() {
         "the pre-copy ended before the back end came back:\n{}",
         src.stderr
     );
-    assert_eq!(src.stderr.matches("back end reconnected; link up").count(), 1);
+    assert_eq!(
+        src.stderr.matches("back end reconnected; link up").count(),
+        1
+    );
     // The new back end looped frames back before its ring was stopped.
     let looped = pmd_a2.rx_packets(0);
     assert!(looped > 0, "the new back end carried no frame");
