@@ -486,56 +486,71 @@ fn precopy_and_stop<W: Write>(
     report: &mut MigrationReport,
     start: Instant,
 ) -> Result<Instant, (MigrationError, bool)> {
-    let ram = &m.devices.ram_ranges;
     let reads_before = m.device_dirty_reads();
-    // Round 0: everything.
-    let t = Instant::now();
-    let round0: u64 = m.ram.data_extents().iter().map(|r| r.1 / 4096).sum();
-    m.progress
-        .pages_sent
-        .store(0, std::sync::atomic::Ordering::Relaxed);
-    m.progress.set(Some(ProgressState {
-        phase: MigrationPhase::Copy,
-        round_pages: round0,
-        ..Default::default()
-    }));
-    let mut pace = Pace::new(opts.max_bandwidth);
-    let pages = send_pages(m, w, None, &mut pace).map_err(|e| (e, false))?;
-    let mut dirty = DirtyBitmap::new(ram);
-    let h = Instant::now();
-    let sources = m.harvest(&mut dirty).map_err(|e| (e.into(), false))?;
-    report.dirty_by_source.add(sources);
-    let mut last = Round {
-        round: 0,
-        pages,
-        ms: t.elapsed().as_millis() as u64,
-        dirty_after: dirty.count(),
-        harvest_ms: h.elapsed().as_secs_f64() * 1e3,
-        dirty_by_source: sources,
+    let mut live = Live {
+        m,
+        w,
+        pace: Pace::new(opts.max_bandwidth),
+        start,
     };
-    report.pages += pages;
-    progress(m, &last, start);
-    report.rounds.push(last.clone());
-    let _ = w.json(Kind::Round, &last);
-    let mut round = 1;
-    while dirty.count() > opts.max_dirty_pages && round <= opts.max_rounds {
+    let paused_at = precopy(&mut live, &m.devices.ram_ranges, opts, report)?;
+    report.device_dirty_reads = m.device_dirty_reads() - reads_before;
+    log::info!(
+        "migration: stop-and-copy sent {} pages and the device state in {} ms",
+        report.final_pages,
+        paused_at.elapsed().as_millis()
+    );
+    Ok(paused_at)
+}
+
+/// What the pre-copy loop ([`precopy`]) asks of the guest it migrates: a seam between the
+/// order of the rounds and the machine (KVM, devices, the stream), which tests replace.
+trait Source {
+    /// Sends the RAM that holds data (`None`, round 0) or the pages of `dirty`, paced;
+    /// returns the pages sent.
+    fn send(&mut self, dirty: Option<&DirtyBitmap>, paced: bool) -> Result<u64, MigrationError>;
+    /// ORs into `out` every page written since the last harvest, by every dirty source.
+    fn harvest(&mut self, out: &mut DirtyBitmap) -> Result<DirtySources, MigrationError>;
+    /// A phase or round starts: `round` (0 the full copy), sending about `pages` pages.
+    fn starting(&mut self, phase: MigrationPhase, round: u32, pages: u64);
+    /// A pre-copy round ended (status, log, and its `ROUND` record).
+    fn round_done(&mut self, r: &Round);
+    /// Stops everything that changes guest state (vCPUs, device queues, passthrough devices
+    /// in STOP, vhost-user rings).
+    fn quiesce(&mut self) -> Result<(), MigrationError>;
+    /// Sends the device data, the machine state and END.
+    fn send_final_state(&mut self) -> Result<(), MigrationError>;
+}
+
+/// The rounds: the full copy; then, while more than `opts.max_dirty_pages` pages are
+/// dirty and at most `opts.max_rounds` rounds ran after it, the pages found dirty in the
+/// last harvest; then the stop-and-copy: quiesce, the last harvest (nothing writes after
+/// it), every page still dirty, the device and machine state. Returns when the guest was
+/// paused. A failure says whether the guest was paused (`true`) by then.
+fn precopy<S: Source>(
+    s: &mut S,
+    ram: &[(u64, u64)],
+    opts: &MigrateOptions,
+    report: &mut MigrationReport,
+) -> Result<Instant, (MigrationError, bool)> {
+    let mut dirty = DirtyBitmap::new(ram);
+    let mut round = 0;
+    loop {
         let t = Instant::now();
-        let start_at = m
-            .progress
-            .pages_sent
-            .load(std::sync::atomic::Ordering::Relaxed);
-        let n = dirty.count();
-        m.progress.update(|p| {
-            p.round = round;
-            p.round_start = start_at;
-            p.round_pages = n;
-        });
-        let pages = send_pages(m, w, Some(&dirty), &mut pace).map_err(|e| (e, false))?;
-        dirty.clear();
+        let pages = if round == 0 {
+            s.starting(MigrationPhase::Copy, 0, 0);
+            s.send(None, true)
+        } else {
+            s.starting(MigrationPhase::Copy, round, dirty.count());
+            let sent = s.send(Some(&dirty), true);
+            dirty.clear();
+            sent
+        }
+        .map_err(|e| (e, false))?;
         let h = Instant::now();
-        let sources = m.harvest(&mut dirty).map_err(|e| (e.into(), false))?;
+        let sources = s.harvest(&mut dirty).map_err(|e| (e, false))?;
         report.dirty_by_source.add(sources);
-        last = Round {
+        let r = Round {
             round,
             pages,
             ms: t.elapsed().as_millis() as u64,
@@ -544,42 +559,91 @@ fn precopy_and_stop<W: Write>(
             dirty_by_source: sources,
         };
         report.pages += pages;
-        progress(m, &last, start);
-        report.rounds.push(last.clone());
-        let _ = w.json(Kind::Round, &last);
+        s.round_done(&r);
+        report.rounds.push(r);
         round += 1;
+        if dirty.count() <= opts.max_dirty_pages || round > opts.max_rounds {
+            break;
+        }
     }
     // Stop and copy.
-    let start_at = m
-        .progress
-        .pages_sent
-        .load(std::sync::atomic::Ordering::Relaxed);
-    m.progress.update(|p| {
-        p.phase = MigrationPhase::StopAndCopy;
-        p.round_start = start_at;
-        p.round_pages = dirty.count();
-    });
+    s.starting(MigrationPhase::StopAndCopy, round, dirty.count());
     let paused_at = Instant::now();
-    quiesce(m).map_err(|e| (e, false))?;
+    s.quiesce().map_err(|e| (e, false))?;
     let fin = (|| {
         // After STOP no device writes anymore: this harvest is the last.
-        let sources = m.harvest(&mut dirty)?;
+        let sources = s.harvest(&mut dirty)?;
         report.dirty_by_source.add(sources);
         report.final_by_source = sources;
-        report.device_dirty_reads = m.device_dirty_reads() - reads_before;
-        let pages = send_pages(m, w, Some(&dirty), &mut Pace::new(0))?;
+        let pages = s.send(Some(&dirty), false)?;
         report.final_pages = pages;
         report.pages += pages;
-        send_final_state(m, w)?;
-        Ok::<_, MigrationError>(())
+        s.send_final_state()
     })();
     fin.map_err(|e| (e, true))?;
-    log::info!(
-        "migration: stop-and-copy sent {} pages and the device state in {} ms",
-        report.final_pages,
-        paused_at.elapsed().as_millis()
-    );
     Ok(paused_at)
+}
+
+/// [`Source`] over the running machine and the stream to the destination.
+struct Live<'a, W: Write> {
+    m: &'a Machine,
+    w: &'a mut StreamWriter<W>,
+    pace: Pace,
+    start: Instant,
+}
+
+impl<W: Write> Source for Live<'_, W> {
+    fn send(&mut self, dirty: Option<&DirtyBitmap>, paced: bool) -> Result<u64, MigrationError> {
+        let mut unpaced = Pace::new(0);
+        let pace = if paced { &mut self.pace } else { &mut unpaced };
+        send_pages(self.m, self.w, dirty, pace)
+    }
+
+    fn harvest(&mut self, out: &mut DirtyBitmap) -> Result<DirtySources, MigrationError> {
+        Ok(self.m.harvest(out)?)
+    }
+
+    fn starting(&mut self, phase: MigrationPhase, round: u32, pages: u64) {
+        let m = self.m;
+        let start_at = m
+            .progress
+            .pages_sent
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if phase == MigrationPhase::Copy && round == 0 {
+            let round0: u64 = m.ram.data_extents().iter().map(|r| r.1 / 4096).sum();
+            m.progress
+                .pages_sent
+                .store(0, std::sync::atomic::Ordering::Relaxed);
+            m.progress.set(Some(ProgressState {
+                phase,
+                round_pages: round0,
+                ..Default::default()
+            }));
+            return;
+        }
+        m.progress.update(|p| {
+            p.phase = phase;
+            // The stop-and-copy keeps the last pre-copy round's number.
+            if phase == MigrationPhase::Copy {
+                p.round = round;
+            }
+            p.round_start = start_at;
+            p.round_pages = pages;
+        });
+    }
+
+    fn round_done(&mut self, r: &Round) {
+        progress(self.m, r, self.start);
+        let _ = self.w.json(Kind::Round, r);
+    }
+
+    fn quiesce(&mut self) -> Result<(), MigrationError> {
+        quiesce(self.m)
+    }
+
+    fn send_final_state(&mut self) -> Result<(), MigrationError> {
+        send_final_state(self.m, self.w)
+    }
 }
 
 fn progress(m: &Machine, r: &Round, start: Instant) {
@@ -693,6 +757,202 @@ pub fn snapshot(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the pre-copy loop did, in order.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Ev {
+        Starting(MigrationPhase, u32, u64),
+        /// Pages sent (`None`: all RAM), paced or not.
+        Send(Option<Vec<u64>>, bool),
+        Harvest,
+        RoundDone(u32, u64, u64),
+        Quiesce,
+        FinalState,
+    }
+
+    /// A guest whose harvests return scripted page sets (the last one again when the
+    /// script runs out), recording every call; `fail` names a call that fails.
+    struct Fake {
+        harvests: Vec<Vec<u64>>,
+        next: usize,
+        events: Vec<Ev>,
+        fail: Option<&'static str>,
+    }
+
+    const RAM: [(u64, u64); 2] = [(0, 32 * 4096), (1 << 32, 32 * 4096)];
+
+    impl Fake {
+        fn new(harvests: Vec<Vec<u64>>) -> Fake {
+            Fake {
+                harvests,
+                next: 0,
+                events: Vec::new(),
+                fail: None,
+            }
+        }
+
+        fn failing(&self, what: &'static str) -> Result<(), MigrationError> {
+            if self.fail == Some(what) {
+                return Err(MigrationError::State(format!("{what} failed")));
+            }
+            Ok(())
+        }
+    }
+
+    impl Source for Fake {
+        fn send(
+            &mut self,
+            dirty: Option<&DirtyBitmap>,
+            paced: bool,
+        ) -> Result<u64, MigrationError> {
+            let pages = dirty.map(|d| {
+                let mut v = Vec::new();
+                d.for_each_run(|gpa, len| v.extend(gpa / 4096..(gpa + len) / 4096));
+                v
+            });
+            let n = pages.as_ref().map_or(64, |p| p.len() as u64);
+            self.events.push(Ev::Send(pages, paced));
+            Ok(n)
+        }
+
+        fn harvest(&mut self, out: &mut DirtyBitmap) -> Result<DirtySources, MigrationError> {
+            self.events.push(Ev::Harvest);
+            let last = self.next == self.harvests.len() - 1;
+            if last || self.next >= self.harvests.len() {
+                self.failing("last harvest")?;
+            }
+            let pages = &self.harvests[self.next.min(self.harvests.len() - 1)];
+            self.next += 1;
+            for &p in pages {
+                out.mark(p, 1);
+            }
+            Ok(DirtySources {
+                kvm: pages.len() as u64,
+                ..Default::default()
+            })
+        }
+
+        fn starting(&mut self, phase: MigrationPhase, round: u32, pages: u64) {
+            self.events.push(Ev::Starting(phase, round, pages));
+        }
+
+        fn round_done(&mut self, r: &Round) {
+            self.events
+                .push(Ev::RoundDone(r.round, r.pages, r.dirty_after));
+        }
+
+        fn quiesce(&mut self) -> Result<(), MigrationError> {
+            self.events.push(Ev::Quiesce);
+            self.failing("quiesce")
+        }
+
+        fn send_final_state(&mut self) -> Result<(), MigrationError> {
+            self.events.push(Ev::FinalState);
+            Ok(())
+        }
+    }
+
+    fn opts(max_rounds: u32, max_dirty_pages: u64) -> MigrateOptions {
+        MigrateOptions {
+            max_rounds,
+            max_dirty_pages,
+            ..Default::default()
+        }
+    }
+
+    const HIGH: u64 = (1 << 32) / 4096;
+
+    /// Each round sends exactly what the harvest before it found (the set, in both RAM
+    /// regions), paced; the rounds end once few pages are dirty; the stop-and-copy pauses
+    /// the guest before its last harvest and sends, unpaced, what that harvest and the
+    /// round before it left, then the state.
+    #[test]
+    fn rounds_send_what_the_last_harvest_found_and_the_stop_and_copy_comes_last() {
+        use MigrationPhase::{Copy, StopAndCopy};
+        let mut f = Fake::new(vec![
+            (0..10).chain([HIGH + 1, HIGH + 31]).collect(),
+            vec![3, 4, HIGH + 5],
+            vec![7],
+            vec![9, HIGH],
+        ]);
+        let mut report = MigrationReport::default();
+        precopy(&mut f, &RAM, &opts(30, 2), &mut report).unwrap();
+        let mut first: Vec<u64> = (0..10).collect();
+        first.extend([HIGH + 1, HIGH + 31]);
+        assert_eq!(
+            f.events,
+            vec![
+                Ev::Starting(Copy, 0, 0),
+                Ev::Send(None, true),
+                Ev::Harvest,
+                Ev::RoundDone(0, 64, 12),
+                Ev::Starting(Copy, 1, 12),
+                Ev::Send(Some(first), true),
+                Ev::Harvest,
+                Ev::RoundDone(1, 12, 3),
+                Ev::Starting(Copy, 2, 3),
+                Ev::Send(Some(vec![3, 4, HIGH + 5]), true),
+                Ev::Harvest,
+                Ev::RoundDone(2, 3, 1),
+                Ev::Starting(StopAndCopy, 3, 1),
+                Ev::Quiesce,
+                Ev::Harvest,
+                Ev::Send(Some(vec![7, 9, HIGH]), false),
+                Ev::FinalState,
+            ]
+        );
+        assert_eq!(report.rounds.len(), 3);
+        assert_eq!(report.final_pages, 3);
+        assert_eq!(report.pages, 64 + 12 + 3 + 3);
+        assert_eq!(report.dirty_by_source.kvm, 12 + 3 + 1 + 2);
+        assert_eq!(report.final_by_source.kvm, 2);
+    }
+
+    /// A guest that keeps dirtying more than the limit gets `max_rounds` rounds after the
+    /// full copy, then the stop-and-copy; with `max_rounds` 0 the full copy is the only
+    /// round.
+    #[test]
+    fn max_rounds_bounds_the_rounds_whatever_stays_dirty() {
+        for max_rounds in [0u32, 1, 3] {
+            let mut f = Fake::new(vec![(0..20).collect()]);
+            let mut report = MigrationReport::default();
+            precopy(&mut f, &RAM, &opts(max_rounds, 2), &mut report).unwrap();
+            let rounds: Vec<u32> = report.rounds.iter().map(|r| r.round).collect();
+            assert_eq!(rounds, (0..=max_rounds).collect::<Vec<_>>());
+            let tail = &f.events[f.events.len() - 4..];
+            assert_eq!(tail[0], Ev::Quiesce);
+            assert_eq!(tail[3], Ev::FinalState);
+            assert_eq!(report.final_pages, 20);
+        }
+        // At the limit exactly: no round after the full copy.
+        let mut f = Fake::new(vec![(0..2).collect()]);
+        let mut report = MigrationReport::default();
+        precopy(&mut f, &RAM, &opts(30, 2), &mut report).unwrap();
+        assert_eq!(report.rounds.len(), 1);
+    }
+
+    /// A failure says whether the guest was paused by then: not when the pause itself
+    /// failed, yes when the last harvest failed (and nothing more is sent).
+    #[test]
+    fn a_failure_says_whether_the_guest_was_paused() {
+        let mut f = Fake::new(vec![vec![1], vec![2]]);
+        f.fail = Some("quiesce");
+        let (e, paused) = precopy(&mut f, &RAM, &opts(30, 2), &mut Default::default())
+            .expect_err("the pause failed");
+        assert!(!paused && e.to_string().contains("quiesce failed"), "{e}");
+        assert_eq!(f.events.last(), Some(&Ev::Quiesce));
+
+        let mut f = Fake::new(vec![vec![1], vec![2]]);
+        f.fail = Some("last harvest");
+        let (e, paused) = precopy(&mut f, &RAM, &opts(30, 2), &mut Default::default())
+            .expect_err("the last harvest failed");
+        assert!(
+            paused && e.to_string().contains("last harvest failed"),
+            "{e}"
+        );
+        let after: Vec<&Ev> = f.events.iter().skip_while(|e| **e != Ev::Quiesce).collect();
+        assert_eq!(after, vec![&Ev::Quiesce, &Ev::Harvest]);
+    }
 
     #[test]
     fn the_pace_holds_a_sender_to_its_bytes_per_second() {
