@@ -8,8 +8,9 @@
 # when missing. Property tests run with PROPTEST_CASES=16 (default here) to keep each
 # mutant's test run short. Results: target/mutants/<part>/mutants.out/{caught,missed}.txt.
 #
-# Usage: tests/mutants.sh [all]   (ITERATE=1: only re-test what was missed or timed out last
-# time, cargo-mutants --iterate)
+# Usage: tests/mutants.sh [all|process]   (ITERATE=1: only re-test what was missed or timed
+# out last time, cargo-mutants --iterate). `process`: the parts judged with the process-level
+# tests too (hours; VMM_TEST_KERNEL as for the tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,7 +34,7 @@ run() { # run NAME cargo-mutants-args...
     local name=$1
     shift
     echo "mutants.sh: $name" >&2
-    cargo mutants ${ITERATE:+--iterate} --jobs "$jobs" --timeout "$limit" --output "$out/$name" --exclude-re "$skip" "$@" \
+    ${mutants_bin:-cargo} mutants ${ITERATE:+--iterate} --jobs "$jobs" --timeout "${limit}" --output "$out/$name" --exclude-re "$skip" "$@" \
         > "$out/$name.log" 2>&1 || true
     local d="$out/$name/mutants.out" caught missed timeout unviable
     # With ITERATE, what earlier runs caught is in previously_caught.txt.
@@ -46,7 +47,29 @@ run() { # run NAME cargo-mutants-args...
         "score $(( 100 * (caught + timeout) / (caught + missed + timeout) ))% (missed: $d/missed.txt)"
 }
 
+# process NAME PACKAGE TEST FILE...: the mutants of FILE... that PACKAGE's unit tests miss
+# are tested again with the process-level test binary TEST of tests/tests/ (release build,
+# the workspace's binaries built before each test run by tests/mutants-cargo.sh). The part's
+# figures are those of the second run (cargo-mutants --iterate counts what the first caught).
+process() {
+    local name=$1 package=$2 test=$3
+    shift 3
+    local files=()
+    for f in "$@"; do files+=(--file "$f"); done
+    run "$name" --package "$package" "${files[@]}" -- --lib
+    # cargo-mutants run as a cargo subcommand would get $CARGO set back to cargo itself.
+    MUTANTS_REAL_CARGO=$(command -v cargo) CARGO=$PWD/tests/mutants-cargo.sh ITERATE=1 \
+        limit=${PROCESS_TIMEOUT:-600} mutants_bin=cargo-mutants \
+        run "$name" --package "$package" --test-package vmm-tests --profile release \
+        --baseline skip "${files[@]}" -- --test "$test"
+}
+
 mkdir -p "$out"
+if [ "${1:-}" = process ]; then
+    # The migration sender, with the migration tests (about 70 s per mutant here).
+    process vmm-send vmm migration vmm/src/migration/send.rs
+    exit 0
+fi
 run iommu --package iommu --exclude iommu/src/testing.rs
 run virtio-iommu --package devices --file 'devices/src/virtio/iommu/*.rs'
 if [ "${1:-}" = all ]; then
