@@ -1,0 +1,217 @@
+use super::*;
+
+/// What the pre-copy loop did, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Ev {
+    Starting(MigrationPhase, u32, u64),
+    /// Pages sent (`None`: all RAM), paced or not.
+    Send(Option<Vec<u64>>, bool),
+    Harvest,
+    RoundDone(u32, u64, u64),
+    Quiesce,
+    FinalState,
+}
+
+/// A guest whose harvests return scripted page sets (the last one again when the
+/// script runs out), recording every call; `fail` names a call that fails.
+struct Fake {
+    harvests: Vec<Vec<u64>>,
+    next: usize,
+    events: Vec<Ev>,
+    fail: Option<&'static str>,
+}
+
+const RAM: [(u64, u64); 2] = [(0, 32 * 4096), (1 << 32, 32 * 4096)];
+
+impl Fake {
+    fn new(harvests: Vec<Vec<u64>>) -> Fake {
+        Fake {
+            harvests,
+            next: 0,
+            events: Vec::new(),
+            fail: None,
+        }
+    }
+
+    fn failing(&self, what: &'static str) -> Result<(), MigrationError> {
+        if self.fail == Some(what) {
+            return Err(MigrationError::State(format!("{what} failed")));
+        }
+        Ok(())
+    }
+}
+
+impl Source for Fake {
+    fn send(&mut self, dirty: Option<&DirtyBitmap>, paced: bool) -> Result<u64, MigrationError> {
+        let pages = dirty.map(|d| {
+            let mut v = Vec::new();
+            d.for_each_run(|gpa, len| v.extend(gpa / 4096..(gpa + len) / 4096));
+            v
+        });
+        let n = pages.as_ref().map_or(64, |p| p.len() as u64);
+        self.events.push(Ev::Send(pages, paced));
+        Ok(n)
+    }
+
+    fn harvest(&mut self, out: &mut DirtyBitmap) -> Result<DirtySources, MigrationError> {
+        self.events.push(Ev::Harvest);
+        let last = self.next == self.harvests.len() - 1;
+        if last || self.next >= self.harvests.len() {
+            self.failing("last harvest")?;
+        }
+        let pages = &self.harvests[self.next.min(self.harvests.len() - 1)];
+        self.next += 1;
+        for &p in pages {
+            out.mark(p, 1);
+        }
+        Ok(DirtySources {
+            kvm: pages.len() as u64,
+            ..Default::default()
+        })
+    }
+
+    fn starting(&mut self, phase: MigrationPhase, round: u32, pages: u64) {
+        self.events.push(Ev::Starting(phase, round, pages));
+    }
+
+    fn round_done(&mut self, r: &Round) {
+        self.events
+            .push(Ev::RoundDone(r.round, r.pages, r.dirty_after));
+    }
+
+    fn quiesce(&mut self) -> Result<(), MigrationError> {
+        self.events.push(Ev::Quiesce);
+        self.failing("quiesce")
+    }
+
+    fn send_final_state(&mut self) -> Result<(), MigrationError> {
+        self.events.push(Ev::FinalState);
+        Ok(())
+    }
+}
+
+fn opts(max_rounds: u32, max_dirty_pages: u64) -> MigrateOptions {
+    MigrateOptions {
+        max_rounds,
+        max_dirty_pages,
+        ..Default::default()
+    }
+}
+
+const HIGH: u64 = (1 << 32) / 4096;
+
+/// Each round sends exactly what the harvest before it found (the set, in both RAM
+/// regions), paced; the rounds end once few pages are dirty; the stop-and-copy pauses
+/// the guest before its last harvest and sends, unpaced, what that harvest and the
+/// round before it left, then the state.
+#[test]
+fn rounds_send_what_the_last_harvest_found_and_the_stop_and_copy_comes_last() {
+    use MigrationPhase::{Copy, StopAndCopy};
+    let mut f = Fake::new(vec![
+        (0..10).chain([HIGH + 1, HIGH + 31]).collect(),
+        vec![3, 4, HIGH + 5],
+        vec![7],
+        vec![9, HIGH],
+    ]);
+    let mut report = MigrationReport::default();
+    precopy(&mut f, &RAM, &opts(30, 2), &mut report).unwrap();
+    let mut first: Vec<u64> = (0..10).collect();
+    first.extend([HIGH + 1, HIGH + 31]);
+    assert_eq!(
+        f.events,
+        vec![
+            Ev::Starting(Copy, 0, 0),
+            Ev::Send(None, true),
+            Ev::Harvest,
+            Ev::RoundDone(0, 64, 12),
+            Ev::Starting(Copy, 1, 12),
+            Ev::Send(Some(first), true),
+            Ev::Harvest,
+            Ev::RoundDone(1, 12, 3),
+            Ev::Starting(Copy, 2, 3),
+            Ev::Send(Some(vec![3, 4, HIGH + 5]), true),
+            Ev::Harvest,
+            Ev::RoundDone(2, 3, 1),
+            Ev::Starting(StopAndCopy, 3, 1),
+            Ev::Quiesce,
+            Ev::Harvest,
+            Ev::Send(Some(vec![7, 9, HIGH]), false),
+            Ev::FinalState,
+        ]
+    );
+    assert_eq!(report.rounds.len(), 3);
+    assert_eq!(report.final_pages, 3);
+    assert_eq!(report.pages, 64 + 12 + 3 + 3);
+    assert_eq!(report.dirty_by_source.kvm, 12 + 3 + 1 + 2);
+    assert_eq!(report.final_by_source.kvm, 2);
+}
+
+/// A guest that keeps dirtying more than the limit gets `max_rounds` rounds after the
+/// full copy, then the stop-and-copy; with `max_rounds` 0 the full copy is the only
+/// round.
+#[test]
+fn max_rounds_bounds_the_rounds_whatever_stays_dirty() {
+    for max_rounds in [0u32, 1, 3] {
+        let mut f = Fake::new(vec![(0..20).collect()]);
+        let mut report = MigrationReport::default();
+        precopy(&mut f, &RAM, &opts(max_rounds, 2), &mut report).unwrap();
+        let rounds: Vec<u32> = report.rounds.iter().map(|r| r.round).collect();
+        assert_eq!(rounds, (0..=max_rounds).collect::<Vec<_>>());
+        let tail = &f.events[f.events.len() - 4..];
+        assert_eq!(tail[0], Ev::Quiesce);
+        assert_eq!(tail[3], Ev::FinalState);
+        assert_eq!(report.final_pages, 20);
+    }
+    // At the limit exactly: no round after the full copy.
+    let mut f = Fake::new(vec![(0..2).collect()]);
+    let mut report = MigrationReport::default();
+    precopy(&mut f, &RAM, &opts(30, 2), &mut report).unwrap();
+    assert_eq!(report.rounds.len(), 1);
+}
+
+/// A failure says whether the guest was paused by then: not when the pause itself
+/// failed, yes when the last harvest failed (and nothing more is sent).
+#[test]
+fn a_failure_says_whether_the_guest_was_paused() {
+    let mut f = Fake::new(vec![vec![1], vec![2]]);
+    f.fail = Some("quiesce");
+    let (e, paused) =
+        precopy(&mut f, &RAM, &opts(30, 2), &mut Default::default()).expect_err("the pause failed");
+    assert!(!paused && e.to_string().contains("quiesce failed"), "{e}");
+    assert_eq!(f.events.last(), Some(&Ev::Quiesce));
+
+    let mut f = Fake::new(vec![vec![1], vec![2]]);
+    f.fail = Some("last harvest");
+    let (e, paused) = precopy(&mut f, &RAM, &opts(30, 2), &mut Default::default())
+        .expect_err("the last harvest failed");
+    assert!(
+        paused && e.to_string().contains("last harvest failed"),
+        "{e}"
+    );
+    let after: Vec<&Ev> = f.events.iter().skip_while(|e| **e != Ev::Quiesce).collect();
+    assert_eq!(after, vec![&Ev::Quiesce, &Ev::Harvest]);
+}
+
+#[test]
+fn the_pace_holds_a_sender_to_its_bytes_per_second() {
+    let s = Duration::from_secs;
+    // No limit: never ahead.
+    assert_eq!(ahead_by(1 << 30, 0, s(0)), None);
+    // 64 MiB at 32 MiB/s are due after 2 s.
+    assert_eq!(ahead_by(64 << 20, 32 << 20, s(0)), Some(s(2)));
+    assert_eq!(
+        ahead_by(64 << 20, 32 << 20, Duration::from_millis(500)),
+        Some(Duration::from_millis(1500))
+    );
+    // On time or late: no wait.
+    assert_eq!(ahead_by(64 << 20, 32 << 20, s(2)), None);
+    assert_eq!(ahead_by(64 << 20, 32 << 20, s(3)), None);
+}
+
+#[test]
+fn max_bandwidth_is_a_migrate_argument_and_defaults_to_no_limit() {
+    let o: MigrateOptions =
+        serde_json::from_str(r#"{"to":"unix:/x","max_bandwidth":1048576}"#).unwrap();
+    assert_eq!(o.max_bandwidth, 1 << 20);
+    assert_eq!(MigrateOptions::default().max_bandwidth, 0);
+}
