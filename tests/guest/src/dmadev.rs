@@ -121,12 +121,12 @@ impl DmaDev {
         rd64(self.bar + INSTANCE)
     }
 
-    /// Waits until the operation ends.
+    /// Waits until the operation ends (at most 2 minutes: then the status is still `BUSY`).
     pub fn wait(&self) -> Outcome {
-        let mut spins = 0u64;
+        let deadline = crate::io::Deadline::in_ms(120_000);
         loop {
             let s = self.status();
-            if s != BUSY || spins > 50_000_000 {
+            if s != BUSY || deadline.passed() {
                 return Outcome {
                     status: s,
                     error: rd32(self.bar + ERROR),
@@ -134,7 +134,6 @@ impl DmaDev {
                     result: rd64(self.bar + RESULT),
                 };
             }
-            spins += 1;
             core::hint::spin_loop();
         }
     }

@@ -23,6 +23,26 @@ pub fn rdtsc() -> u64 {
     (u64::from(hi) << 32) | u64::from(lo)
 }
 
+/// A point in time on the TSC, `ms` milliseconds from when it was made (the rate from the
+/// VMM's CPUID leaf 0x4000_0010, 1 GHz without it). It bounds a wait for an event (a fault
+/// report, a device's status, a used entry) so that an event that never comes ends as a
+/// named failure instead of a hung guest. The bounds are far beyond the events' normal
+/// times and, unlike a spin count, do not depend on how fast the emulator runs the loop.
+pub struct Deadline(u64);
+
+impl Deadline {
+    /// `ms` milliseconds from now.
+    pub fn in_ms(ms: u64) -> Deadline {
+        let khz = crate::tests::tsc_khz().max(1_000_000);
+        Deadline(rdtsc() + ms * khz)
+    }
+
+    /// Whether the time is up.
+    pub fn passed(&self) -> bool {
+        rdtsc() > self.0
+    }
+}
+
 /// `cpuid(leaf)` -> (eax, ebx, ecx, edx).
 pub fn cpuid(leaf: u32) -> (u32, u32, u32, u32) {
     let r = core::arch::x86_64::__cpuid(leaf);

@@ -212,13 +212,12 @@ fn looped_back(rx: u64, frame: u64, mac: &[u8; 6], size: u32) -> bool {
 /// guest runs in KVM's instruction emulator on PVM hosts: a spin count would be minutes
 /// there); then takes back the used transmit buffers.
 fn wait_back(dev: &mut Net) -> Option<u32> {
-    let khz = crate::tests::tsc_khz().max(1_000_000);
-    let deadline = rdtsc() + 300 * khz;
+    let deadline = crate::io::Deadline::in_ms(300);
     let back = loop {
         if let Some((_, len)) = dev.rx.pop_used() {
             break Some(len);
         }
-        if rdtsc() > deadline {
+        if deadline.passed() {
             break None;
         }
         core::hint::spin_loop();
@@ -338,7 +337,7 @@ pub fn fault(n: &mut NetCtx, v: &mut Viommu) -> Result<(), &'static str> {
     build(frame, &dev.mac, seq, 100);
     dev.send(hdr, frame, 100, None);
     let f = v
-        .wait_fault(2_000_000)
+        .wait_fault(10_000)
         .ok_or("no fault event for the receive buffer")?;
     say!(
         "# net_fault: receive at ",
@@ -364,7 +363,7 @@ pub fn fault(n: &mut NetCtx, v: &mut Viommu) -> Result<(), &'static str> {
     while dev.tx.pop_used().is_some() {}
     dev.send(hdr, frame, 100, Some(never));
     let f = v
-        .wait_fault(2_000_000)
+        .wait_fault(10_000)
         .ok_or("no fault event for the transmit buffer")?;
     say!(
         "# net_fault: transmit at ",

@@ -248,14 +248,17 @@ impl Viommu {
         Some(f)
     }
 
-    /// Waits (polling, up to ~`spins` loops) for a fault report.
-    pub fn wait_fault(&mut self, spins: u64) -> Option<Fault> {
-        for _ in 0..spins {
+    /// Waits (polling) for a fault report, up to `ms` milliseconds.
+    pub fn wait_fault(&mut self, ms: u64) -> Option<Fault> {
+        let deadline = crate::io::Deadline::in_ms(ms);
+        loop {
             if let Some(f) = self.next_fault() {
                 return Some(f);
             }
+            if deadline.passed() {
+                return None;
+            }
             core::hint::spin_loop();
         }
-        None
     }
 }

@@ -72,10 +72,10 @@ impl Queue {
         Some((rd32(e), rd32(e + 4)))
     }
 
-    /// Waits for `n` used entries (polling); returns their lengths.
+    /// Waits for `n` used entries (polling, at most a minute); false when they did not come.
     pub fn wait(&mut self, n: usize, out: &mut [u32]) -> bool {
         let mut got = 0;
-        let mut spins = 0u64;
+        let deadline = crate::io::Deadline::in_ms(60_000);
         while got < n {
             match self.pop_used() {
                 Some((_, len)) => {
@@ -85,8 +85,7 @@ impl Queue {
                     got += 1;
                 }
                 None => {
-                    spins += 1;
-                    if spins > 200_000_000 {
+                    if deadline.passed() {
                         return false;
                     }
                     core::hint::spin_loop();
