@@ -253,7 +253,8 @@ fn echo_one(n: &mut NetCtx, v: Option<&mut Viommu>, size: u32) -> Result<bool, &
 }
 
 /// Frames of 60 to 1514 bytes looped back by the back end, every byte checked; prints the
-/// device-level rate (the guest's own cost is a few hundred instructions per frame).
+/// device-level rate (the guest's own cost is a few hundred instructions per frame) and the
+/// frames that did not come back within 300 ms (`(N dropped)`).
 pub fn echo(
     n: &mut NetCtx,
     mut v: Option<&mut Viommu>,
@@ -301,10 +302,9 @@ pub fn echo(
         },
         ")"
     );
-    check(
-        drops * 100 <= frames,
-        "more than 1% of the frames were dropped",
-    )
+    // Whether the drops are the back end's (DPDK drops a frame whose buffer missed in its
+    // device IOTLB) is for the test to judge, from the VMM's miss count: no percentage here.
+    check(drops < frames, "no frame came back")
 }
 
 /// The back end is made to touch IOVAs the guest did not map: a receive buffer the guest
