@@ -208,6 +208,20 @@ fn the_pace_holds_a_sender_to_its_bytes_per_second() {
     assert_eq!(ahead_by(64 << 20, 32 << 20, s(3)), None);
 }
 
+/// `Pace::sent` holds the sender back: 1 MiB counted at 8 MiB/s returns no sooner than
+/// 125 ms after the pace started (a sleep never ends early, so the bound is exact, not a
+/// guess at this machine's speed). Without a limit it counts and returns.
+#[test]
+fn the_pace_sleeps_while_the_sender_is_ahead() {
+    let mut pace = Pace::new(8 << 20);
+    pace.sent(1 << 20);
+    assert!(pace.start.elapsed() >= Duration::from_millis(125));
+    assert_eq!(pace.bytes, 1 << 20);
+    let mut free = Pace::new(0);
+    free.sent(1 << 30);
+    assert_eq!(free.bytes, 1 << 30);
+}
+
 #[test]
 fn max_bandwidth_is_a_migrate_argument_and_defaults_to_no_limit() {
     let o: MigrateOptions =
