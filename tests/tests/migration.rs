@@ -180,12 +180,8 @@ fn live_migration_loses_no_device_write() {
     );
 
     assert_handed_over(&src.wait(DEADLINE));
-    let dst = dst.wait(DEADLINE);
-    eprintln!("{}\n{}", dst.console, dst.stderr);
-    assert_eq!(dst.code(), 0, "the guest's verdict on the destination");
-    dst.assert_console("ok 1 - migrate_dma");
+    let dst = guest_passed_on(dst);
     dst.assert_console("# migrate_dma: migrated after iteration");
-    dst.assert_console("0 stale pages seen before a refill, 0 of 256 pages wrong at the end");
     // The guest went on mapping and DMA-ing on the destination, through its new device.
     assert!(counter(&dst, "virtio-iommu", "map") > 10);
     assert!(counter(&dst, "vfio-user device", "dma_map_calls") > 10);
@@ -240,9 +236,7 @@ fn pause_and_resume_are_refused_while_a_migration_runs() {
     }
     assert_migrated(&migrating.join().unwrap(), PAGES);
     assert_handed_over(&src.wait(DEADLINE));
-    let dst = dst.wait(DEADLINE);
-    assert_eq!(dst.code(), 0, "{}\n{}", dst.console, dst.stderr);
-    dst.assert_console("0 stale pages seen before a refill, 0 of 256 pages wrong at the end");
+    guest_passed_on(dst);
 }
 
 /// A guest that had a device hot-added (`--hotplug iommu=1`, slot 00:1f.0) migrates, verify
@@ -313,9 +307,7 @@ fn live_migration_after_a_hot_add() {
         e.contains("did not eject hotplug0 (00:1f.0)") && e.contains("mapped_bytes_left=0"),
         "{removed}"
     );
-    let dst = dst.wait(DEADLINE);
-    assert_eq!(dst.code(), 0, "{}\n{}", dst.console, dst.stderr);
-    dst.assert_console("0 stale pages seen before a refill, 0 of 256 pages wrong at the end");
+    let dst = guest_passed_on(dst);
     let line = dst
         .stderr
         .lines()
@@ -355,11 +347,7 @@ fn live_migration_with(
     }
     let src = src.wait(DEADLINE);
     assert_eq!(src.code(), 0, "{}", src.stderr);
-    let dst = dst.wait(DEADLINE);
-    eprintln!("{}\n{}", dst.console, dst.stderr);
-    assert_eq!(dst.code(), 0, "the guest's verdict on the destination");
-    dst.assert_console("ok 1 - migrate_dma");
-    dst.assert_console("0 stale pages seen before a refill, 0 of 256 pages wrong at the end");
+    let dst = guest_passed_on(dst);
     (report, dst)
 }
 
@@ -402,12 +390,8 @@ fn live_migration_with_ram_above_the_pci_hole() {
         "round 0 sends the RAM that holds data, not the 3 GiB never touched: {first} pages"
     );
     assert_handed_over(&src.wait(DEADLINE));
-    let dst = dst.wait(DEADLINE);
-    eprintln!("{}\n{}", dst.console, dst.stderr);
-    assert_eq!(dst.code(), 0, "the guest's verdict on the destination");
-    dst.assert_console("ok 1 - migrate_dma");
+    let dst = guest_passed_on(dst);
     dst.assert_console("# migrate_dma: migrated after iteration");
-    dst.assert_console("0 stale pages seen before a refill, 0 of 256 pages wrong at the end");
 }
 
 /// The dirty log (`--track-dirty`) of a device writing above the PCI hole, in a VM whose RAM
@@ -554,6 +538,17 @@ fn source_runs_on(mut src: VmmProcess, api_sock: &Path) {
     assert_eq!(src.wait(DEADLINE).code(), 0);
 }
 
+/// The destination's run once the guest ended there: status 0 (the guest's verdict), and
+/// `migrate_dma` passed with every page it had the device write intact.
+fn guest_passed_on(dst: VmmProcess) -> vmm_tests::Run {
+    let dst = dst.wait(DEADLINE);
+    eprintln!("{}\n{}", dst.console, dst.stderr);
+    assert_eq!(dst.code(), 0, "the guest's verdict on the destination");
+    dst.assert_console("ok 1 - migrate_dma");
+    dst.assert_console("0 stale pages seen before a refill, 0 of 256 pages wrong at the end");
+    dst
+}
+
 /// The destination dropped the guest without running it.
 fn destination_discarded(dst: VmmProcess) {
     destination_never_ran(dst, "the source aborted the migration");
@@ -611,9 +606,7 @@ fn a_device_without_dirty_tracking_is_copied_in_full_and_reported_untracked() {
         "{report}"
     );
     assert_eq!(src.wait(DEADLINE).code(), 0);
-    let dst = dst.wait(DEADLINE);
-    assert_eq!(dst.code(), 0, "{}\n{}", dst.console, dst.stderr);
-    dst.assert_console("0 stale pages seen before a refill, 0 of 256 pages wrong at the end");
+    guest_passed_on(dst);
 }
 
 /// No ACK reaches the source (dropped, or later than its timeout): it resumes and tells
@@ -713,10 +706,7 @@ fn a_lost_commit_leaves_both_stopped_until_the_user_decides() {
         src_console,
         "the source never ran again"
     );
-    let dst = dst.wait(DEADLINE);
-    assert_eq!(dst.code(), 0, "{}\n{}", dst.console, dst.stderr);
-    dst.assert_console("ok 1 - migrate_dma");
-    dst.assert_console("0 stale pages seen before a refill, 0 of 256 pages wrong at the end");
+    guest_passed_on(dst);
 }
 
 /// The source dies after the ACK, before its COMMIT: the destination does not run the guest
@@ -759,10 +749,7 @@ fn a_source_killed_after_the_ack_leaves_the_destination_waiting() {
     );
     assert!(!dst.console().contains("migrate_dma"));
     assert_eq!(api(&api_dst, r#"{"cmd":"commit"}"#)["ok"], true);
-    let dst = dst.wait(DEADLINE);
-    assert_eq!(dst.code(), 0, "{}\n{}", dst.console, dst.stderr);
-    dst.assert_console("ok 1 - migrate_dma");
-    dst.assert_console("0 stale pages seen before a refill, 0 of 256 pages wrong at the end");
+    guest_passed_on(dst);
 }
 
 #[test]
