@@ -73,6 +73,27 @@ pub struct Round {
     pub dirty_by_source: DirtySources,
 }
 
+impl Round {
+    /// Pages dirtied per second during this round: the pages dirty at its end over its
+    /// milliseconds (the count itself for a round shorter than a millisecond).
+    pub fn dirty_rate(&self) -> u64 {
+        (self.dirty_after * 1000)
+            .checked_div(self.ms)
+            .unwrap_or(self.dirty_after)
+    }
+
+    /// Milliseconds a stop-and-copy of the pages this round left dirty would take, at this
+    /// round's milliseconds per page sent, plus 5 ms for the device and machine state.
+    pub fn expected_downtime_ms(&self) -> f64 {
+        let per_page_ms = if self.pages > 0 {
+            self.ms as f64 / self.pages as f64
+        } else {
+            0.0
+        };
+        self.dirty_after as f64 * per_page_ms + 5.0
+    }
+}
+
 /// What a finished migration or snapshot reports.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct MigrationReport {
@@ -647,19 +668,11 @@ impl<W: Write> Source for Live<'_, W> {
 }
 
 fn progress(m: &Machine, r: &Round, start: Instant) {
-    let rate = (r.dirty_after * 1000)
-        .checked_div(r.ms)
-        .unwrap_or(r.dirty_after);
-    // Pages per millisecond of this round give the downtime estimate for what is left.
-    let per_page_ms = if r.pages > 0 {
-        r.ms as f64 / r.pages as f64
-    } else {
-        0.0
-    };
+    let (rate, downtime) = (r.dirty_rate(), r.expected_downtime_ms());
     m.progress.update(|p| {
         p.dirty_pages = r.dirty_after;
         p.dirty_rate = rate;
-        p.expected_downtime_ms = (r.dirty_after as f64 * per_page_ms + 5.0) as u64;
+        p.expected_downtime_ms = downtime as u64;
     });
     log::info!(
         "migration: round {}: sent {} pages ({} MiB) in {} ms; {} pages dirty after it \
@@ -671,7 +684,7 @@ fn progress(m: &Machine, r: &Round, start: Instant) {
         r.dirty_after,
         rate,
         r.harvest_ms,
-        r.dirty_after as f64 * per_page_ms + 5.0,
+        downtime,
         start.elapsed().as_secs_f64()
     );
 }
