@@ -784,6 +784,13 @@ fn snapshot_then_restore_resumes_with_the_iommu_state() {
             .permissions(),
     );
     assert_eq!(mode & 0o777, 0o600, "snapshot mode {mode:o}");
+    // The answer tells what was written: the file's bytes, the RAM that holds data (the
+    // device's 192 MiB fill and the guest's own pages), and a copy that took some time.
+    let file = std::fs::metadata(dir.join("snapshot.vmm")).unwrap().len();
+    assert_eq!(snap["bytes"], file, "{snap}");
+    let pages = snap["pages"].as_u64().unwrap();
+    assert!((49152..=65536).contains(&pages), "{snap}");
+    assert!(snap["total_ms"].as_u64().unwrap() > 0, "{snap}");
     // The source goes on after the snapshot; then it is stopped.
     assert_eq!(api(&api_sock, r#"{"cmd":"status"}"#)["state"], "running");
     assert_eq!(api(&api_sock, r#"{"cmd":"pause"}"#)["ok"], true);
