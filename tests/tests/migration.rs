@@ -223,6 +223,20 @@ fn pause_and_resume_are_refused_while_a_migration_runs() {
         _devices,
     } = ready_pair();
     let migrating = slow_migration(&api_sock, &mig_sock);
+    // `status` shows the full copy under way: round 0 of the RAM that holds data, part of it
+    // sent (192 MiB at 64 MiB/s take about 3 s).
+    let st = api(&api_sock, r#"{"cmd":"status"}"#)["migration"].clone();
+    assert_eq!(
+        (&st["phase"], &st["round"]),
+        (&"copy".into(), &0.into()),
+        "{st}"
+    );
+    let (total, sent) = (
+        st["round_pages"].as_u64().unwrap(),
+        st["round_sent"].as_u64().unwrap(),
+    );
+    assert!((49152..=65536).contains(&total) && sent < total, "{st}");
+    assert_eq!(st["pages_sent"], sent, "{st}");
     for what in ["pause", "resume"] {
         let r = api(&api_sock, &format!(r#"{{"cmd":"{what}"}}"#));
         assert_eq!(r["ok"], false, "{r}");
