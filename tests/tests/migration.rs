@@ -169,7 +169,12 @@ fn live_migration_loses_no_device_write() {
             .contains("max_rounds 63 is more than 62, the most a destination accepts"),
         "{refused}"
     );
-    let report = migrate(&api_sock, &mig_sock, VERIFY);
+    // 62 rounds, the most a destination accepts, are accepted.
+    let report = migrate(
+        &api_sock,
+        &mig_sock,
+        &format!(r#"{VERIFY},"max_rounds":62"#),
+    );
     assert_eq!(report["ok"], true, "{report}");
     assert_mechanism(&report);
     let rounds = report["rounds"].as_array().expect("rounds");
@@ -222,6 +227,17 @@ fn pause_and_resume_are_refused_while_a_migration_runs() {
         to: _,
         _devices,
     } = ready_pair();
+    // A paused guest is not migrated (a live migration would not be live): refused by
+    // name, and it runs on once resumed.
+    assert_eq!(api(&api_sock, r#"{"cmd":"pause"}"#)["ok"], true);
+    let refused = migrate(&api_sock, &mig_sock, VERIFY);
+    assert!(
+        refused["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("the VM is paused; resume it first")),
+        "{refused}"
+    );
+    assert_eq!(api(&api_sock, r#"{"cmd":"resume"}"#)["ok"], true);
     let migrating = slow_migration(&api_sock, &mig_sock);
     // `status` shows the full copy under way: round 0 of the RAM that holds data, part of it
     // sent (192 MiB at 64 MiB/s take about 3 s).
