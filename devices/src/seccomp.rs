@@ -249,6 +249,19 @@ extern "C" fn sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut l
     // SAFETY: the kernel passes a valid siginfo_t for an SA_SIGINFO handler.
     let nr = unsafe { (info as *const u8).add(24).cast::<i32>().read_unaligned() };
     let mut buf = [0u8; 256];
+    let len = violation_line(THREAD.with(|t| t.get()), nr, &mut buf);
+    // SAFETY: writing a stack buffer to stderr and ending the process; both are allowed by
+    // every filter and async-signal-safe.
+    unsafe {
+        libc::write(2, buf.as_ptr().cast(), len);
+        libc::syscall(libc::SYS_exit_group, VIOLATION_EXIT);
+    }
+}
+
+/// Writes the line a forbidden call prints into `buf` and returns its length: "seccomp: the
+/// `thread` thread made a forbidden system call: NAME (NR); stopping\n", cut at the buffer's
+/// end. Async-signal-safe: no allocation (the SIGSYS handler's formatting).
+fn violation_line(thread: &str, nr: i32, buf: &mut [u8; 256]) -> usize {
     let mut len = 0;
     let mut put = |s: &[u8]| {
         let n = s.len().min(buf.len() - len);
@@ -256,10 +269,13 @@ extern "C" fn sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut l
         len += n;
     };
     put(b"seccomp: the ");
-    put(THREAD.with(|t| t.get()).as_bytes());
+    put(thread.as_bytes());
     put(b" thread made a forbidden system call: ");
     put(syscall_name(i64::from(nr)).as_bytes());
     put(b" (");
+    if nr < 0 {
+        put(b"-");
+    }
     let mut digits = [0u8; 12];
     let mut k = digits.len();
     let mut v = nr.unsigned_abs();
@@ -273,12 +289,7 @@ extern "C" fn sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut l
     }
     put(&digits[k..]);
     put(b"); stopping\n");
-    // SAFETY: writing a stack buffer to stderr and ending the process; both are allowed by
-    // every filter and async-signal-safe.
-    unsafe {
-        libc::write(2, buf.as_ptr().cast(), len);
-        libc::syscall(libc::SYS_exit_group, VIOLATION_EXIT);
-    }
+    len
 }
 
 /// The name of system call `nr` on this architecture, for reports ("?" when not listed).
@@ -449,6 +460,34 @@ const NAMES: &[(i64, &str)] = names![
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The SIGSYS line names the thread, the call and its number (one digit, several, a
+    /// negative one), and a thread name too long for the buffer cuts the line, never overflows.
+    #[test]
+    fn the_violation_line_names_thread_call_and_number() {
+        let line = |thread: &str, nr: i32| {
+            let mut buf = [0u8; 256];
+            let len = violation_line(thread, nr, &mut buf);
+            String::from_utf8(buf[..len].to_vec()).unwrap()
+        };
+        assert_eq!(
+            line("vcpu0", libc::SYS_socket as i32),
+            "seccomp: the vcpu0 thread made a forbidden system call: socket (41); stopping\n"
+        );
+        assert_eq!(
+            line("api", 0),
+            "seccomp: the api thread made a forbidden system call: read (0); stopping\n"
+        );
+        assert_eq!(
+            line("x", 1234),
+            "seccomp: the x thread made a forbidden system call: ? (1234); stopping\n"
+        );
+        assert!(line("x", -7).ends_with(": ? (-7); stopping\n"));
+        let long = "t".repeat(300);
+        let cut = line(&long, 41);
+        assert_eq!(cut.len(), 256);
+        assert!(cut.starts_with("seccomp: the ttt"));
+    }
 
     /// Every thread the main thread starts during set-up inherits [`lists::SETUP`] and adds
     /// its own list: what its own list allows must be within set-up's, system calls and
