@@ -150,8 +150,31 @@ mod tests {
         let mut back = vec![0u8; log.bytes() as usize];
         log.file.read_exact_at(&mut back, 0).unwrap();
         assert!(back.iter().all(|&b| b == 0));
+        // `log_page` sets the page's own bit, below the hole and above 4 GiB.
+        log.log_page(3);
+        log.log_page(0x10_0041);
+        let mut once = DirtyBitmap::new(&ram);
+        assert_eq!(log.harvest(&mut once), 2);
+        let got: Vec<u64> = (0..0x140000).filter(|&p| once.is_dirty(p)).collect();
+        assert_eq!(got, vec![3, 0x10_0041]);
         log.log_page(3);
         log.clear();
         assert_eq!(log.harvest(&mut again), 0);
+    }
+
+    /// A harvest takes a chunk whose every word is dirty (no clean word in it to notice):
+    /// all 4,096 pages of the first chunk, and one page in the next.
+    #[test]
+    fn a_chunk_dirty_in_every_word_is_harvested_whole() {
+        let ram = [(0, 64 << 20)];
+        let log = DirtyLog::new(64 << 20).unwrap();
+        let chunk = (CHUNK_WORDS * 64) as u64;
+        for p in 0..=chunk {
+            log.log_page(p);
+        }
+        let mut out = DirtyBitmap::new(&ram);
+        assert_eq!(log.harvest(&mut out), chunk + 1);
+        assert_eq!(out.count(), chunk + 1);
+        assert!((0..=chunk).all(|p| out.is_dirty(p)));
     }
 }

@@ -80,6 +80,8 @@ struct Script {
     garbage: bool,
     /// GET_VRING_BASE answers this plus the ring's index.
     base: u32,
+    /// Hang up on SET_LOG_BASE (a back end that dies as logging starts).
+    hang_up_on_log_base: bool,
 }
 
 const DPDK: Script = Script {
@@ -87,6 +89,7 @@ const DPDK: Script = Script {
     protocol: DPDK_PROTOCOL,
     garbage: false,
     base: 40,
+    hang_up_on_log_base: false,
 };
 
 fn reply(s: &UnixStream, code: u32, body: &[u8]) {
@@ -195,6 +198,9 @@ impl Backend {
                     let base = script.base.wrapping_add(st.index);
                     reply(s, c, VhostUserVringState::new(st.index, base).as_slice());
                     answered = true;
+                }
+                c if c == FrontendReq::SET_LOG_BASE as u32 && script.hang_up_on_log_base => {
+                    break;
                 }
                 c if c == FrontendReq::SET_LOG_BASE as u32 => {
                     if let Some(fd) = pending_fd.pop_front() {

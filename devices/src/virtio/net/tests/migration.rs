@@ -140,13 +140,42 @@ fn a_back_end_that_cannot_log_counts_all_of_ram() {
     });
     assert!(!r.dev.start_dirty_log(), "reported untracked");
     assert!(!r.be.msgs().iter().any(|m| m.is(FrontendReq::SET_LOG_BASE)));
-    let ram = [(0u64, MEM as u64)];
+    all_of_ram_until_logging_stops(&r);
+}
+
+/// Every page of RAM, below the PCI hole and above 4 GiB, is dirty at each harvest while
+/// logging is lost; nothing once logging stopped.
+fn all_of_ram_until_logging_stops(r: &Rig) {
+    let ram = [(0u64, MEM as u64), (1 << 32, 16 * 4096)];
+    let pages = MEM as u64 / 4096 + 16;
     let mut out = DirtyBitmap::new(&ram);
-    assert_eq!(r.dev.harvest_dirty_log(&ram, &mut out), MEM as u64 / 4096);
-    assert_eq!(out.count(), MEM as u64 / 4096);
+    assert_eq!(r.dev.harvest_dirty_log(&ram, &mut out), pages);
+    assert_eq!(out.count(), pages);
+    assert_eq!(out.outside(), 0);
+    assert!(out.is_dirty((1 << 32) / 4096 + 15));
     r.dev.stop_dirty_log();
     let mut after = DirtyBitmap::new(&ram);
     assert_eq!(r.dev.harvest_dirty_log(&ram, &mut after), 0);
+}
+
+/// A back end that hangs up as logging starts: reported untracked (a migration copies all
+/// of RAM at every round), and the link goes down.
+#[test]
+fn a_back_end_lost_as_logging_starts_is_reported_untracked() {
+    let mut r = rig_with(
+        Script {
+            hang_up_on_log_base: true,
+            ..DPDK
+        },
+        1,
+    );
+    r.activate();
+    r.be.wait_for("ring 1 enabled", |m| {
+        m.is(FrontendReq::SET_VRING_ENABLE) && m.obj::<VhostUserVringState>().index == 1
+    });
+    assert!(!r.dev.start_dirty_log(), "reported untracked");
+    eventually("link down", || !r.dev.link_up());
+    all_of_ram_until_logging_stops(&r);
 }
 
 #[test]
