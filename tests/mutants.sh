@@ -59,7 +59,7 @@ process() {
     run "$name" --package "$package" "${files[@]}" -- --lib
     # cargo-mutants run as a cargo subcommand would get $CARGO set back to cargo itself.
     MUTANTS_REAL_CARGO=$(command -v cargo) CARGO=$PWD/tests/mutants-cargo.sh ITERATE=1 \
-        limit=${PROCESS_TIMEOUT:-600} mutants_bin=cargo-mutants \
+        limit=${PROCESS_TIMEOUT:-300} mutants_bin=cargo-mutants \
         run "$name" --package "$package" --test-package vmm-tests --profile release \
         --baseline skip "${files[@]}" -- --test "$test"
 }
