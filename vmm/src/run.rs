@@ -40,17 +40,12 @@ pub struct RunSummary {
 /// When a vCPU thread or the event loop cannot be started.
 pub fn run(vm: Vm) -> Result<RunSummary, VmmError> {
     vcpu::install_kick_handler().map_err(|e| VmmError::Io("signal handler".into(), e))?;
-    let ctx = Arc::new(VcpuContext {
-        pio: vm.pio.clone(),
-        mmio: vm.mmio.clone(),
-        exit: vm.exit.clone(),
-        stop: Default::default(),
-        mem: vm.ram.mem.clone(),
-        quirks: vm.quirks,
-        pause: Default::default(),
-        msr_indices: vm.msr_indices.clone(),
-        xsave_size: crate::machine::kvm_state::xsave_size(&vm.vm_fd),
-    });
+    let mut vm = vm;
+    let (api_socket, incoming, restore) =
+        (vm.api_socket.take(), vm.incoming.take(), vm.restore.take());
+    let (dirty_log_out, started) = (vm.dirty_log_out.take(), vm.started);
+    let (machine, vcpus) = assemble(vm);
+    let ctx = machine.ctx.clone();
     let mut event_manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
         .map_err(|e| {
             VmmError::Io(
@@ -58,37 +53,21 @@ pub fn run(vm: Vm) -> Result<RunSummary, VmmError> {
                 std::io::Error::other(format!("{e:?}")),
             )
         })?;
-    event_manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher(vm.exit.clone()))));
-    for s in &vm.devices.subscribers {
+    event_manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher(machine.exit.clone()))));
+    for s in &machine.devices.subscribers {
         event_manager.add_subscriber(s.clone());
     }
-    let vcpus = vm.vcpus;
-    let machine = Arc::new(Machine {
-        vm_fd: vm.vm_fd,
-        devices: vm.devices,
-        hotplug: vm.hotplug,
-        ram: vm.ram,
-        exit: vm.exit.clone(),
-        ctx: ctx.clone(),
-        threads: Mutex::new(Vec::new()),
-        requests: Mutex::new(Vec::new()),
-        serial: vm.serial,
-        config: vm.config,
-        lifecycle: Mutex::new(Lifecycle::Running),
-        busy: Mutex::new(()),
-        progress: Default::default(),
-    });
     if let Some(h) = &machine.hotplug {
         h.start(&mut event_manager);
     }
     let api = Arc::new(ApiTarget::default());
-    if let Some(path) = &vm.api_socket {
+    if let Some(path) = &api_socket {
         api::start(path, api.clone())
             .map_err(|e| VmmError::Io(format!("cannot serve the API on {}", path.display()), e))?;
     }
 
     // A guest from elsewhere: restored before any vCPU runs.
-    let source = match (&vm.incoming, &vm.restore) {
+    let source = match (&incoming, &restore) {
         (_, Some(dir)) => Some(Source::Snapshot(dir.clone())),
         (Some(IncomingConfig::Listen(a)), _) => Some(Source::Listen(a.clone())),
         (Some(IncomingConfig::Defer), _) => {
@@ -121,7 +100,7 @@ pub fn run(vm: Vm) -> Result<RunSummary, VmmError> {
                 .map_err(|e| VmmError::Migration(e.to_string()))?;
             true
         }
-        None => vm.incoming.is_some(),
+        None => incoming.is_some(),
     };
 
     if restored {
@@ -156,12 +135,12 @@ pub fn run(vm: Vm) -> Result<RunSummary, VmmError> {
 
     // Set up: from here on the main thread runs the event loop, confined.
     devices::seccomp::confine("vmm", devices::seccomp::lists::VMM_MAIN);
-    while vm.exit.reason().is_none() {
+    while machine.exit.reason().is_none() {
         if let Err(e) = event_manager.run_with_timeout(1000) {
             log::warn!("event loop: {e:?}");
         }
     }
-    let reason = vm.exit.reason().unwrap_or(ExitReason::Stopped);
+    let reason = machine.exit.reason().unwrap_or(ExitReason::Stopped);
     *api.machine.locked() = None;
 
     ctx.stop.store(true, Ordering::Release);
@@ -182,7 +161,7 @@ pub fn run(vm: Vm) -> Result<RunSummary, VmmError> {
     } else {
         machine.devices.counters_report()
     };
-    if let Some(path) = &vm.dirty_log_out {
+    if let Some(path) = &dirty_log_out {
         if let Err(e) = machine.devices.write_dirty_log(path) {
             log::error!("cannot write the dirty log to {}: {e}", path.display());
         }
@@ -190,9 +169,41 @@ pub fn run(vm: Vm) -> Result<RunSummary, VmmError> {
     Ok(RunSummary {
         reason,
         fallbacks,
-        wall: vm.started.elapsed(),
+        wall: started.elapsed(),
         counters,
     })
+}
+
+/// The [`Machine`] a built `vm` becomes, shared by the event loop, the control API and
+/// migration, with the vCPUs it has yet to start (in id order). Nothing runs yet.
+pub fn assemble(vm: Vm) -> (Arc<Machine>, Vec<kvm_ioctls::VcpuFd>) {
+    let ctx = Arc::new(VcpuContext {
+        pio: vm.pio.clone(),
+        mmio: vm.mmio.clone(),
+        exit: vm.exit.clone(),
+        stop: Default::default(),
+        mem: vm.ram.mem.clone(),
+        quirks: vm.quirks,
+        pause: Default::default(),
+        msr_indices: vm.msr_indices.clone(),
+        xsave_size: crate::machine::kvm_state::xsave_size(&vm.vm_fd),
+    });
+    let machine = Arc::new(Machine {
+        vm_fd: vm.vm_fd,
+        devices: vm.devices,
+        hotplug: vm.hotplug,
+        ram: vm.ram,
+        exit: vm.exit,
+        ctx,
+        threads: Mutex::new(Vec::new()),
+        requests: Mutex::new(Vec::new()),
+        serial: vm.serial,
+        config: vm.config,
+        lifecycle: Mutex::new(Lifecycle::Running),
+        busy: Mutex::new(()),
+        progress: Default::default(),
+    });
+    (machine, vm.vcpus)
 }
 
 /// Wakes the event loop when the VM is asked to end.

@@ -529,34 +529,4 @@ impl Machine {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The stream's machine description names kinds as it always has (a stream written
-    /// before `DeviceKind` reads the same), and an unknown kind is refused.
-    #[test]
-    fn device_kinds_keep_their_stream_names() {
-        let c = MachineConfig {
-            memory: 1 << 30,
-            cpus: 2,
-            functions: vec![
-                (0, DeviceKind::HostBridge),
-                (1, DeviceKind::VirtioIommu),
-                (2, DeviceKind::VirtioBlk),
-                (3, DeviceKind::VfioUser),
-                (4, DeviceKind::Vfio),
-                (5, DeviceKind::VhostUserNet),
-            ],
-        };
-        let json = r#"{"memory":1073741824,"cpus":2,"functions":[[0,"host bridge"],[1,"virtio-iommu"],[2,"virtio-blk"],[3,"vfio-user"],[4,"vfio"],[5,"vhost-user-net"]]}"#;
-        assert_eq!(serde_json::to_string(&c).unwrap(), json);
-        assert_eq!(serde_json::from_str::<MachineConfig>(json).unwrap(), c);
-        for (_, k) in &c.functions {
-            assert_eq!(serde_json::to_string(k).unwrap(), format!("\"{k}\""));
-        }
-        assert!(serde_json::from_str::<MachineConfig>(
-            r#"{"memory":1,"cpus":1,"functions":[[0,"virtio-gpu"]]}"#
-        )
-        .is_err());
-    }
-}
+mod tests;

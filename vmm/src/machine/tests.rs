@@ -1,0 +1,242 @@
+//! The machine's own operations: what a harvest reports, the migration status, the
+//! configuration as it stands. A real KVM VM with no kernel (`--incoming defer`), its vCPU
+//! run on a few instructions.
+
+use super::*;
+use crate::cli::Cli;
+use boot::layout::PDPTE_START;
+use clap::Parser;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::{Bytes, GuestAddress};
+
+/// Where RAM continues above the PCI hole.
+const HIGH: u64 = 1 << 32;
+
+/// Where the vCPU program lives; the page directory that maps the 2 MiB from [`HIGH`].
+const PROGRAM: u64 = 0x20_0000;
+const HIGH_PD: u64 = 0x30_0000;
+
+/// Writes one byte to each of 0x400000, 0x401000 and 4 GiB, then `out 0x80, al`.
+const WRITES: [u8; 31] = [
+    0xc6, 0x04, 0x25, 0x00, 0x00, 0x40, 0x00, 0x01, // mov byte [0x400000], 1
+    0xc6, 0x04, 0x25, 0x00, 0x10, 0x40, 0x00, 0x01, // mov byte [0x401000], 1
+    0x48, 0xb8, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, // mov rax, 1 << 32
+    0xc6, 0x00, 0x01, // mov byte [rax], 1
+    0xe6, 0x80, // out 0x80, al
+];
+
+/// A VM of `memory` (a `--memory` value) with one vCPU, built as `vmm` builds it but with no
+/// kernel, nothing running.
+fn machine(memory: &str) -> (Arc<Machine>, Vec<VcpuFd>) {
+    let cli = Cli::try_parse_from([
+        "vmm",
+        "--incoming",
+        "defer",
+        "--memory",
+        memory,
+        "--serial",
+        "off",
+        "--cpus",
+        "1",
+    ])
+    .unwrap();
+    crate::run::assemble(crate::build::Vm::new(&cli.into_config()).unwrap())
+}
+
+/// Puts `vcpu` in 64-bit mode at [`PROGRAM`] running [`WRITES`], with the 2 MiB at 4 GiB
+/// mapped too (the boot tables map the first 4 GiB).
+fn load_writes(m: &Machine, vcpu: &VcpuFd) {
+    let mem = m.ram.mem.as_ref();
+    boot::cpu::setup_boot_vcpu(mem, vcpu, GuestAddress(PROGRAM)).unwrap();
+    mem.write_obj(HIGH_PD | 0x3, GuestAddress(PDPTE_START + 4 * 8))
+        .unwrap();
+    mem.write_obj(HIGH | 0x83, GuestAddress(HIGH_PD)).unwrap();
+    mem.write_slice(&WRITES, GuestAddress(PROGRAM)).unwrap();
+}
+
+/// Runs [`WRITES`] from its start to its `out`.
+fn run_writes(vcpu: &mut VcpuFd) {
+    let mut regs = vcpu.get_regs().unwrap();
+    regs.rip = PROGRAM;
+    vcpu.set_regs(&regs).unwrap();
+    loop {
+        match vcpu.run() {
+            Ok(VcpuExit::IoOut(0x80, _)) => return,
+            Ok(e) => panic!("unexpected exit {e:?}"),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => panic!("KVM_RUN: {e}"),
+        }
+    }
+}
+
+/// A harvest reports every page written since tracking started, by writer, in both RAM
+/// regions (below the PCI hole and above 4 GiB), each once: vCPU writes from KVM's log, the
+/// VMM's own writes from vm-memory's bitmap. Writes before tracking started and pages
+/// already harvested are not reported. Stopping turns KVM's log off.
+#[test]
+fn a_harvest_names_each_writers_pages_once_in_both_ram_regions() {
+    let (m, mut vcpus) = machine("3328M");
+    assert_eq!(m.ram.regions().len(), 2, "RAM split by the PCI hole");
+    let mem = m.ram.mem.as_ref();
+    load_writes(&m, &vcpus[0]);
+    // Once before tracking: the page tables' accessed and dirty bits are set by then.
+    run_writes(&mut vcpus[0]);
+    mem.write_obj(1u8, GuestAddress(0x80_0000)).unwrap();
+
+    assert_eq!(m.start_tracking(true).unwrap(), Vec::<String>::new());
+    run_writes(&mut vcpus[0]);
+    mem.write_obj(1u8, GuestAddress(0x80_2000)).unwrap();
+    mem.write_obj(1u8, GuestAddress(HIGH + 0x5000)).unwrap();
+    let mut out = DirtyBitmap::new(&m.devices.ram_ranges);
+    let n = m.harvest(&mut out).unwrap();
+    assert_eq!(
+        out.runs(),
+        vec![
+            (0x40_0000, 0x2000),
+            (0x80_2000, 0x1000),
+            (HIGH, 0x1000),
+            (HIGH + 0x5000, 0x1000)
+        ]
+    );
+    assert_eq!(
+        n,
+        DirtySources {
+            kvm: 3,
+            vmm_devices: 2,
+            passthrough: 0,
+            vhost_user: 0
+        }
+    );
+
+    let mut again = DirtyBitmap::new(&m.devices.ram_ranges);
+    assert_eq!(m.harvest(&mut again).unwrap(), DirtySources::default());
+    assert!(again.is_clean(), "{:x?}", again.runs());
+
+    m.stop_tracking();
+    let e = m.harvest(&mut again).unwrap_err().to_string();
+    assert!(e.contains("KVM_GET_DIRTY_LOG of slot 0"), "{e}");
+}
+
+/// The configuration as it stands follows the PCI functions (hot-plug adds and removes
+/// some), and is otherwise the one the VM was built with.
+#[test]
+fn the_current_config_lists_the_functions_as_they_are() {
+    let (m, _) = machine("64M");
+    assert_eq!(m.current_config(), m.config);
+    let gone = m.devices.functions.write_locked().pop().unwrap();
+    let now = m.current_config();
+    assert_eq!(now.functions.len() + 1, m.config.functions.len());
+    assert!(!now.functions.contains(&(gone.slot, gone.kind)));
+    assert_eq!((now.memory, now.cpus), (m.config.memory, m.config.cpus));
+}
+
+/// Freezing stops the event loop from serving queues; thawing serves them again.
+#[test]
+fn freeze_and_thaw_set_the_devices_flag() {
+    let (m, _) = machine("64M");
+    m.freeze();
+    assert!(m.devices.frozen.load(Ordering::Acquire));
+    m.thaw();
+    assert!(!m.devices.frozen.load(Ordering::Acquire));
+}
+
+/// Counts add source by source.
+#[test]
+fn dirty_sources_add_source_by_source() {
+    let mut a = DirtySources {
+        kvm: 1,
+        vmm_devices: 2,
+        passthrough: 3,
+        vhost_user: 4,
+    };
+    a.add(DirtySources {
+        kvm: 10,
+        vmm_devices: 20,
+        passthrough: 30,
+        vhost_user: 40,
+    });
+    assert_eq!(
+        a,
+        DirtySources {
+            kvm: 11,
+            vmm_devices: 22,
+            passthrough: 33,
+            vhost_user: 44
+        }
+    );
+}
+
+/// The phases print as the API names them.
+#[test]
+fn migration_phases_print_their_api_names() {
+    for (p, name) in [
+        (MigrationPhase::Copy, "copy"),
+        (MigrationPhase::StopAndCopy, "stop-and-copy"),
+        (MigrationPhase::HandOver, "hand-over"),
+    ] {
+        assert_eq!(p.to_string(), name);
+        assert_eq!(serde_json::to_string(&p).unwrap(), format!("\"{name}\""));
+    }
+}
+
+/// `status` is `None` while no migration runs (an update then changes nothing), and
+/// otherwise the state set, updated, with the pages sent in all rounds and in this one.
+#[test]
+fn the_progress_shows_the_state_set_and_the_pages_sent() {
+    let p = MigrationProgress::default();
+    assert_eq!(p.status(), None);
+    p.update(|s| s.round = 9);
+    assert_eq!(p.status(), None);
+    p.set(Some(ProgressState {
+        round: 1,
+        round_start: 100,
+        round_pages: 50,
+        ..Default::default()
+    }));
+    p.pages_sent.store(130, Ordering::Relaxed);
+    p.update(|s| s.phase = MigrationPhase::StopAndCopy);
+    assert_eq!(
+        p.status(),
+        Some(MigrationStatus {
+            progress: ProgressState {
+                phase: MigrationPhase::StopAndCopy,
+                round: 1,
+                round_start: 100,
+                round_pages: 50,
+                ..Default::default()
+            },
+            pages_sent: 130,
+            round_sent: 30,
+        })
+    );
+    p.set(None);
+    assert_eq!(p.status(), None);
+}
+
+/// The stream's machine description names kinds as it always has (a stream written
+/// before `DeviceKind` reads the same), and an unknown kind is refused.
+#[test]
+fn device_kinds_keep_their_stream_names() {
+    let c = MachineConfig {
+        memory: 1 << 30,
+        cpus: 2,
+        functions: vec![
+            (0, DeviceKind::HostBridge),
+            (1, DeviceKind::VirtioIommu),
+            (2, DeviceKind::VirtioBlk),
+            (3, DeviceKind::VfioUser),
+            (4, DeviceKind::Vfio),
+            (5, DeviceKind::VhostUserNet),
+        ],
+    };
+    let json = r#"{"memory":1073741824,"cpus":2,"functions":[[0,"host bridge"],[1,"virtio-iommu"],[2,"virtio-blk"],[3,"vfio-user"],[4,"vfio"],[5,"vhost-user-net"]]}"#;
+    assert_eq!(serde_json::to_string(&c).unwrap(), json);
+    assert_eq!(serde_json::from_str::<MachineConfig>(json).unwrap(), c);
+    for (_, k) in &c.functions {
+        assert_eq!(serde_json::to_string(k).unwrap(), format!("\"{k}\""));
+    }
+    assert!(serde_json::from_str::<MachineConfig>(
+        r#"{"memory":1,"cpus":1,"functions":[[0,"virtio-gpu"]]}"#
+    )
+    .is_err());
+}
