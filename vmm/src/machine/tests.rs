@@ -25,10 +25,10 @@ const WRITES: [u8; 31] = [
     0xe6, 0x80, // out 0x80, al
 ];
 
-/// A VM of `memory` (a `--memory` value) with one vCPU, built as `vmm` builds it but with no
-/// kernel, nothing running.
-fn machine(memory: &str) -> (Arc<Machine>, Vec<VcpuFd>) {
-    let cli = Cli::try_parse_from([
+/// A VM of `memory` (a `--memory` value) with one vCPU and the devices `flags` add, built as
+/// `vmm` builds it but with no kernel, nothing running.
+pub(crate) fn machine_with(memory: &str, flags: &[&str]) -> (Arc<Machine>, Vec<VcpuFd>) {
+    let mut args = vec![
         "vmm",
         "--incoming",
         "defer",
@@ -38,9 +38,15 @@ fn machine(memory: &str) -> (Arc<Machine>, Vec<VcpuFd>) {
         "off",
         "--cpus",
         "1",
-    ])
-    .unwrap();
+    ];
+    args.extend_from_slice(flags);
+    let cli = Cli::try_parse_from(args).unwrap();
     crate::run::assemble(crate::build::Vm::new(&cli.into_config()).unwrap())
+}
+
+/// [`machine_with`] no devices.
+pub(crate) fn machine(memory: &str) -> (Arc<Machine>, Vec<VcpuFd>) {
+    machine_with(memory, &[])
 }
 
 /// Puts `vcpu` in 64-bit mode at [`PROGRAM`] running [`WRITES`], with the 2 MiB at 4 GiB
@@ -128,6 +134,61 @@ fn the_current_config_lists_the_functions_as_they_are() {
     assert_eq!(now.functions.len() + 1, m.config.functions.len());
     assert!(!now.functions.contains(&(gone.slot, gone.kind)));
     assert_eq!((now.memory, now.cpus), (m.config.memory, m.config.cpus));
+}
+
+/// The counters name every device, and with `--track-dirty` the dirty log since boot
+/// (written by `--dirty-log-out` at the end); without it there is no log to write.
+#[test]
+fn counters_and_the_dirty_log_name_every_device() {
+    let dir = std::env::temp_dir().join(format!("vmm-machine-counters-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let disk = dir.join("disk");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let disk_flag = format!("path={},iommu=on", disk.display());
+    let flags = ["--iommu", "--disk", &disk_flag];
+    let (m, _) = machine_with("64M", &flags);
+    let lines = m.devices.counters_report();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(lines[0].starts_with("virtio-iommu 00:01.0: "), "{lines:?}");
+    let blk = format!(
+        "virtio-blk 00:02.0 ({}, behind the vIOMMU): ",
+        disk.display()
+    );
+    assert!(lines[1].starts_with(&blk), "{lines:?}");
+    let log = dir.join("log");
+    assert!(m.devices.write_dirty_log(&log).is_err());
+    assert!(!log.exists());
+
+    let tracked: Vec<&str> = flags.iter().copied().chain(["--track-dirty"]).collect();
+    let (m, _) = machine_with("64M", &tracked);
+    let lines = m.devices.counters_report();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert!(
+        lines[2].starts_with("dirty log: pages=0 bytes=0 untracked=0 "),
+        "{lines:?}"
+    );
+    m.devices.write_dirty_log(&log).unwrap();
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "pages=0\n");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The hashes verify compares are those of every page of RAM, holes included (as the zero
+/// page); a byte written changes its page's hash only.
+#[test]
+fn ram_hashes_cover_every_page() {
+    let (m, _) = machine("64M");
+    let mem = m.ram.mem.as_ref();
+    mem.write_obj(7u8, GuestAddress(0x30_3000)).unwrap();
+    let ours = crate::migration::ram_hashes(&m).unwrap();
+    let all = crate::migration::page_hashes(mem, &m.devices.ram_ranges, None).unwrap();
+    assert_eq!(ours.len() as u64, m.config.memory / 4096);
+    assert_eq!(ours, all);
+    mem.write_obj(8u8, GuestAddress(0x30_3000)).unwrap();
+    let changed = crate::migration::ram_hashes(&m).unwrap();
+    assert_eq!(
+        crate::migration::differing_pages(&ours, &changed, &m.devices.ram_ranges),
+        vec![0x30_3000]
+    );
 }
 
 /// Freezing stops the event loop from serving queues; thawing serves them again.

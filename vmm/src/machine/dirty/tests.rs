@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
-use iommu::backend::{RecordingBackend, RecordingLog};
+use iommu::backend::{Call, RecordingBackend, RecordingLog};
 use iommu::BackendCaps;
 
 use super::*;
@@ -73,6 +73,8 @@ fn a_device_that_cannot_report_marks_all_of_ram() {
     let mut out = DirtyBitmap::new(&RAM);
     d.harvest(&RAM, &mut out);
     assert_eq!(out.count(), all);
+    // RAM's end is not a chunk's: nothing is marked past it.
+    assert_eq!(out.outside(), 0);
     // Tracking that fails to report: the same.
     let (d, log) = direct(true);
     assert!(d.start());
@@ -87,4 +89,21 @@ fn a_device_that_cannot_report_marks_all_of_ram() {
     let mut out = DirtyBitmap::new(&RAM);
     d.harvest(&RAM, &mut out);
     assert_eq!(out.count(), all);
+}
+
+/// Removing the device unmaps every host mapping its set-up made, one call each, and a
+/// failed unmap does not keep the others from being made.
+#[test]
+fn unmap_all_unmaps_every_mapping_once() {
+    let (d, log) = direct(false);
+    let d = d.with_mappings(vec![(0, 640 << 20), (4 << 30, 3 << 29), (8 << 30, 1 << 20)]);
+    log.lock().unwrap().fail_unmap_iova = Some(4 << 30);
+    d.unmap_all();
+    assert_eq!(
+        log.lock().unwrap().calls,
+        vec![Call::Unmap(0, 640 << 20), Call::Unmap(8 << 30, 1 << 20)]
+    );
+    // Nothing is left to unmap.
+    d.unmap_all();
+    assert_eq!(log.lock().unwrap().calls.len(), 2);
 }
