@@ -57,7 +57,9 @@ impl KvmInterrupts {
         }
     }
 
-    fn install(&self, routes: &Routes) -> io::Result<()> {
+    /// The whole routing table for `routes`: KVM's default routes (GSIs 0-23 to the IOAPIC's
+    /// pins, 0-15 to the PICs' too), then every MSI route.
+    fn entries(routes: &Routes) -> Vec<kvm_irq_routing_entry> {
         let mut entries = Vec::new();
         for gsi in 0..FIRST_MSI_GSI {
             entries.push(Self::irqchip(gsi, KVM_IRQCHIP_IOAPIC, gsi));
@@ -84,7 +86,11 @@ impl KvmInterrupts {
             };
             entries.push(e);
         }
-        let table = KvmIrqRouting::from_entries(&entries)
+        entries
+    }
+
+    fn install(&self, routes: &Routes) -> io::Result<()> {
+        let table = KvmIrqRouting::from_entries(&Self::entries(routes))
             .map_err(|e| io::Error::other(format!("{e:?}")))?;
         self.vm
             .set_gsi_routing(&table)
@@ -160,5 +166,68 @@ impl InterruptManager for KvmInterruptManager {
             }));
         }
         Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a routing entry says, comparable: `(gsi, type, chip or address, pin or data)`.
+    fn view(e: &kvm_irq_routing_entry) -> (u32, u32, u64, u32) {
+        // SAFETY: the union is read as the variant `type_` names.
+        unsafe {
+            match e.type_ {
+                KVM_IRQ_ROUTING_IRQCHIP => (
+                    e.gsi,
+                    e.type_,
+                    u64::from(e.u.irqchip.irqchip),
+                    e.u.irqchip.pin,
+                ),
+                _ => (
+                    e.gsi,
+                    e.type_,
+                    u64::from(e.u.msi.address_hi) << 32 | u64::from(e.u.msi.address_lo),
+                    e.u.msi.data,
+                ),
+            }
+        }
+    }
+
+    /// The table keeps KVM's default routes (every GSI below 24 to its IOAPIC pin, GSIs 0-7
+    /// to the master PIC's pins and 8-15 to the slave's) and adds one route per MSI, its
+    /// address in both halves.
+    #[test]
+    fn the_table_keeps_the_default_routes_and_adds_each_msi() {
+        let mut routes = Routes {
+            gsis: IdAllocator::new(FIRST_MSI_GSI, LAST_GSI).unwrap(),
+            msi: BTreeMap::new(),
+        };
+        routes.msi.insert(24, (0xfee0_1000, 0x41));
+        routes.msi.insert(30, (0x1_fee0_2000, 0x42));
+        let got: Vec<_> = KvmInterrupts::entries(&routes).iter().map(view).collect();
+        let mut want = Vec::new();
+        let chip = |c: u32| u64::from(c);
+        for gsi in 0..24 {
+            want.push((gsi, KVM_IRQ_ROUTING_IRQCHIP, chip(KVM_IRQCHIP_IOAPIC), gsi));
+            if gsi < 8 {
+                want.push((
+                    gsi,
+                    KVM_IRQ_ROUTING_IRQCHIP,
+                    chip(KVM_IRQCHIP_PIC_MASTER),
+                    gsi,
+                ));
+            } else if gsi < 16 {
+                want.push((
+                    gsi,
+                    KVM_IRQ_ROUTING_IRQCHIP,
+                    chip(KVM_IRQCHIP_PIC_SLAVE),
+                    gsi - 8,
+                ));
+            }
+        }
+        want.push((24, KVM_IRQ_ROUTING_MSI, 0xfee0_1000, 0x41));
+        want.push((30, KVM_IRQ_ROUTING_MSI, 0x1_fee0_2000, 0x42));
+        assert_eq!(got, want);
     }
 }

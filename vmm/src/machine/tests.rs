@@ -62,17 +62,104 @@ fn load_writes(m: &Machine, vcpu: &VcpuFd) {
 
 /// Runs [`WRITES`] from its start to its `out`.
 fn run_writes(vcpu: &mut VcpuFd) {
+    assert_eq!(run_at(vcpu, PROGRAM), Vec::<u64>::new());
+}
+
+/// Runs the code at `rip` to its `out 0x80`; returns the GPAs of the MMIO writes that
+/// came to the VMM on the way.
+fn run_at(vcpu: &mut VcpuFd, rip: u64) -> Vec<u64> {
     let mut regs = vcpu.get_regs().unwrap();
-    regs.rip = PROGRAM;
+    regs.rip = rip;
     vcpu.set_regs(&regs).unwrap();
+    let mut mmio = Vec::new();
     loop {
         match vcpu.run() {
-            Ok(VcpuExit::IoOut(0x80, _)) => return,
+            Ok(VcpuExit::IoOut(0x80, _)) => return mmio,
+            Ok(VcpuExit::MmioWrite(gpa, _)) => mmio.push(gpa),
             Ok(e) => panic!("unexpected exit {e:?}"),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
             Err(e) => panic!("KVM_RUN: {e}"),
         }
     }
+}
+
+/// An MMIO address in the PCI hole, and code that writes a byte there, then `out 0x80, al`.
+const DOORBELL: u64 = 0xd000_0000;
+const WRITE_DOORBELL: [u8; 15] = [
+    0x48, 0xb8, 0x00, 0x00, 0x00, 0xd0, 0x00, 0x00, 0x00, 0x00, // mov rax, DOORBELL
+    0xc6, 0x00, 0x01, // mov byte [rax], 1
+    0xe6, 0x80, // out 0x80, al
+];
+
+/// A queue's ioeventfd, registered, takes the guest's doorbell write inside KVM (the VMM
+/// sees no exit, the eventfd counts it); unregistered, the write comes to the VMM again.
+#[test]
+fn ioeventfds_take_doorbell_writes_until_unregistered() {
+    use ::devices::virtio::pci::IoEventRegistrar;
+    let (m, mut vcpus) = machine("64M");
+    load_writes(&m, &vcpus[0]);
+    let at = PROGRAM + 0x100;
+    m.ram
+        .mem
+        .as_ref()
+        .write_slice(&WRITE_DOORBELL, GuestAddress(at))
+        .unwrap();
+    let evt = vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+    let events = devices::KvmIoEvents(m.vm_fd.clone());
+    assert_eq!(run_at(&mut vcpus[0], at), vec![DOORBELL]);
+    events.register(&evt, DOORBELL).unwrap();
+    assert_eq!(run_at(&mut vcpus[0], at), Vec::<u64>::new());
+    assert_eq!(run_at(&mut vcpus[0], at), Vec::<u64>::new());
+    assert_eq!(evt.read().unwrap(), 2);
+    events.unregister(&evt, DOORBELL).unwrap();
+    assert_eq!(run_at(&mut vcpus[0], at), vec![DOORBELL]);
+    assert!(
+        evt.read().is_err(),
+        "no write signalled after unregistering"
+    );
+    // Twice is an error KVM reports.
+    assert!(events.unregister(&evt, DOORBELL).is_err());
+}
+
+/// Device memory gets the slots from [`devices::DEVICE_SLOT_BASE`] up, a slot given back is
+/// used again, and a mapping KVM refuses (over RAM) gives its slot back.
+#[test]
+fn device_memory_slots_are_handed_out_and_given_back() {
+    use ::devices::passthrough::pci::GuestMapper;
+    let (m, _) = machine("64M");
+    let len = 0x10_000usize;
+    // SAFETY: a fresh anonymous mapping, unmapped at the end of the test after its slots.
+    let hva = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    } as u64;
+    let mapper = devices::KvmGuestMapper::new(m.vm_fd.clone());
+    let base = devices::DEVICE_SLOT_BASE;
+    let a = mapper.map(DOORBELL, len as u64, hva).unwrap();
+    let b = mapper.map(DOORBELL + 0x10_0000, len as u64, hva).unwrap();
+    assert_eq!((a, b), (base, base + 1));
+    // Over RAM: refused, and the slot it would have had is the next one's.
+    assert!(mapper.map(0x10_0000, len as u64, hva).is_err());
+    mapper.unmap(a);
+    assert_eq!(
+        mapper.map(DOORBELL + 0x20_0000, len as u64, hva).unwrap(),
+        a
+    );
+    assert_eq!(
+        mapper.map(DOORBELL + 0x30_0000, len as u64, hva).unwrap(),
+        base + 2
+    );
+    for s in [a, b, base + 2] {
+        mapper.unmap(s);
+    }
+    // SAFETY: no slot maps it any more.
+    unsafe { libc::munmap(hva as *mut libc::c_void, len) };
 }
 
 /// A harvest reports every page written since tracking started, by writer, in both RAM
