@@ -393,3 +393,107 @@ impl DeviceManager {
         std::fs::write(path, out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devices::virtio::{ActivateError, VirtioInterrupt};
+    use event_manager::{EventManager, SubscriberOps};
+    use virtio_queue::Queue;
+
+    /// A device that records its notifications; `outside` is served by a back end.
+    struct Notes {
+        notified: Arc<Mutex<Vec<usize>>>,
+        outside: usize,
+    }
+
+    impl VirtioDevice for Notes {
+        fn device_type(&self) -> u32 {
+            1
+        }
+        fn queue_max_sizes(&self) -> Vec<u16> {
+            vec![8; 3]
+        }
+        fn avail_features(&self) -> u64 {
+            0
+        }
+        fn set_acked_features(&mut self, _: u64) {}
+        fn read_config(&self, _: u64, _: &mut [u8]) {}
+        fn write_config(&mut self, _: u64, _: &[u8]) {}
+        fn activate(
+            &mut self,
+            _: Vec<Queue>,
+            _: Arc<dyn VirtioInterrupt>,
+        ) -> Result<(), ActivateError> {
+            Ok(())
+        }
+        fn reset(&mut self) {}
+        fn queue_notify(&mut self, queue: usize) {
+            self.notified.locked().push(queue);
+        }
+        fn notified_outside(&self, queue: usize) -> bool {
+            queue == self.outside
+        }
+    }
+
+    /// Runs the event loop until it has nothing more to do.
+    fn drain(em: &mut EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>) {
+        while em.run_with_timeout(0).unwrap() > 0 {}
+    }
+
+    fn eventfd() -> Arc<EventFd> {
+        Arc::new(EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap())
+    }
+
+    /// A queue's eventfd notifies its queue, except a queue a back end serves (its eventfd is
+    /// not watched) and while the devices are frozen (the kick is consumed, the request stays
+    /// queued). The fault eventfd notifies the virtio-iommu's event queue (1), not while
+    /// frozen.
+    #[test]
+    fn eventfds_notify_their_queues_unless_frozen_or_served_outside() {
+        let notified = Arc::new(Mutex::new(Vec::new()));
+        let device: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(Notes {
+            notified: notified.clone(),
+            outside: 1,
+        }));
+        let frozen = Arc::new(AtomicBool::new(false));
+        let evts: Vec<_> = (0..3).map(|_| eventfd()).collect();
+        let fault = eventfd();
+        let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+        em.add_subscriber(Arc::new(Mutex::new(QueueNotifier {
+            device: device.clone(),
+            evts: evts.clone(),
+            frozen: frozen.clone(),
+        })));
+        em.add_subscriber(Arc::new(Mutex::new(FaultNotifier {
+            device,
+            evt: fault.clone(),
+            frozen: frozen.clone(),
+        })));
+        for e in &evts {
+            e.write(1).unwrap();
+        }
+        drain(&mut em);
+        let mut got = std::mem::take(&mut *notified.locked());
+        got.sort_unstable();
+        assert_eq!(got, vec![0, 2]);
+        assert_eq!(evts[0].read().ok(), None, "the kick was consumed");
+        assert_eq!(
+            evts[1].read().ok(),
+            Some(1),
+            "a back end's kick is left alone"
+        );
+
+        fault.write(1).unwrap();
+        drain(&mut em);
+        assert_eq!(std::mem::take(&mut *notified.locked()), vec![1]);
+
+        frozen.store(true, Ordering::Release);
+        evts[2].write(1).unwrap();
+        fault.write(1).unwrap();
+        drain(&mut em);
+        assert_eq!(*notified.locked(), Vec::<usize>::new());
+        assert_eq!(evts[2].read().ok(), None, "consumed while frozen");
+        assert_eq!(fault.read().ok(), None, "consumed while frozen");
+    }
+}
