@@ -278,6 +278,75 @@ fn ram_hashes_cover_every_page() {
     );
 }
 
+/// A hot-plug request the slots cannot take is refused by name before anything is
+/// connected: without `--hotplug`, `iommu=on` without `--iommu`, a slot of the other kind,
+/// during a snapshot or migration, an unknown id to remove. A device that cannot be
+/// connected fails and leaves its slot free.
+#[test]
+fn hot_plug_requests_the_slots_cannot_take_are_refused() {
+    use hotplug::HotDevice;
+    let wait = Duration::from_millis(10);
+    let dev = |opts: &str| {
+        HotDevice::VfioUser(
+            crate::config::parse_vfio_user(&format!("socket=/nonexistent/vfio-user{opts}"))
+                .unwrap(),
+        )
+    };
+    let busy = |r: Result<hotplug::AddedDevice, MachineError>| match r {
+        Err(MachineError::Busy(m)) => m,
+        Err(e) => panic!("not refused: {e}"),
+        Ok(_) => panic!("added"),
+    };
+    let failed = |r: Result<hotplug::AddedDevice, MachineError>| match r {
+        Err(MachineError::State(m)) => m,
+        Err(e) => panic!("not a failure: {e}"),
+        Ok(_) => panic!("added"),
+    };
+
+    let (m, _) = machine("64M");
+    let e = busy(m.add_device(&dev(""), wait));
+    assert!(e.contains("--hotplug"), "{e}");
+
+    let (m, _) = machine_with("64M", &["--hotplug", "direct=1"]);
+    let e = busy(m.add_device(&dev(",iommu=on"), wait));
+    assert!(e.contains("iommu=on needs --iommu"), "{e}");
+
+    let (m, _) = machine_with("64M", &["--iommu", "--hotplug", "iommu=1,direct=1"]);
+    let slots = &m.hotplug.as_ref().unwrap().slots;
+    let direct = slots.iter().find(|s| !s.behind).unwrap().slot;
+    let behind = slots.iter().find(|s| s.behind).unwrap().slot;
+    let e = busy(m.add_device(&dev(&format!(",iommu=on,slot={direct}")), wait));
+    assert!(
+        e.contains("not a free hot-plug slot behind the vIOMMU"),
+        "{e}"
+    );
+    let e = busy(m.add_device(&dev(&format!(",slot={behind}")), wait));
+    assert!(
+        e.contains("not a free hot-plug slot outside the vIOMMU"),
+        "{e}"
+    );
+    {
+        let _snapshot = m.busy.lock().unwrap();
+        let e = busy(m.add_device(&dev(",iommu=on"), wait));
+        assert!(e.contains("add-device is refused"), "{e}");
+    }
+    let functions = m.current_config().functions;
+    for opts in [",iommu=on", "", &format!(",iommu=on,slot={behind}")] {
+        let e = failed(m.add_device(&dev(opts), wait));
+        assert!(e.contains("/nonexistent/vfio-user"), "{e}");
+        assert_eq!(m.current_config().functions, functions);
+    }
+    match m.remove_device("hotplug0", wait) {
+        Err(MachineError::Busy(e)) => {
+            assert!(
+                e.contains("no hot-added device `hotplug0` (present: none)"),
+                "{e}"
+            )
+        }
+        r => panic!("{:?}", r.map(|_| ())),
+    }
+}
+
 /// Freezing stops the event loop from serving queues; thawing serves them again.
 #[test]
 fn freeze_and_thaw_set_the_devices_flag() {
