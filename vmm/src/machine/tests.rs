@@ -347,6 +347,69 @@ fn hot_plug_requests_the_slots_cannot_take_are_refused() {
     }
 }
 
+/// Where [`COUNT`] counts, and code that counts there for ever.
+const COUNTER: u64 = 0x50_0000;
+const COUNT: [u8; 10] = [
+    0x48, 0xff, 0x04, 0x25, 0x00, 0x00, 0x50, 0x00, // inc qword [0x500000]
+    0xeb, 0xf6, // jmp back to the inc
+];
+
+/// Waits (up to 10 s) until `f` holds; fails naming `what`.
+fn wait_for(what: &str, f: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Paused vCPUs stop running guest code and save their state (in the code they ran);
+/// resumed, they run on. The guest counts in memory, and the test reads the count.
+#[test]
+fn paused_vcpus_save_their_state_and_run_again() {
+    vcpu::install_kick_handler().unwrap();
+    let (m, mut vcpus) = machine("64M");
+    load_writes(&m, &vcpus[0]);
+    let at = PROGRAM + 0x200;
+    let mem = m.ram.mem.clone();
+    mem.write_slice(&COUNT, GuestAddress(at)).unwrap();
+    let mut regs = vcpus[0].get_regs().unwrap();
+    regs.rip = at;
+    vcpus[0].set_regs(&regs).unwrap();
+    let count = move || mem.read_obj::<u64>(GuestAddress(COUNTER)).unwrap();
+    {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = vcpu::spawn(0, vcpus.remove(0), m.ctx.clone(), rx).unwrap();
+        m.threads.locked().push(t);
+        m.requests.locked().push(tx);
+    }
+    wait_for("the guest counting", || count() > 0);
+
+    m.pause_vcpus().unwrap();
+    let paused = count();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(count(), paused, "a paused guest counted on");
+    let st = m.save_vcpus().unwrap();
+    assert_eq!(st.len(), 1);
+    let rip = st[0].regs.rip;
+    assert!((at..at + COUNT.len() as u64).contains(&rip), "rip {rip:#x}");
+
+    m.resume_vcpus();
+    wait_for("the guest counting again", || count() > paused);
+
+    m.ctx.stop.store(true, Ordering::Release);
+    for t in std::mem::take(&mut *m.threads.locked()) {
+        while !t.is_finished() {
+            let _ = vmm_sys_util::signal::Killable::kill(&t, vcpu::kick_signal());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        t.join().unwrap();
+    }
+}
+
 /// Freezing stops the event loop from serving queues; thawing serves them again.
 #[test]
 fn freeze_and_thaw_set_the_devices_flag() {
