@@ -198,7 +198,7 @@ mod tests {
         let ram = GuestRam::new((3 << 30) + (8 << 20), false).unwrap();
         let regions: Vec<(u64, u64)> = ram.regions().iter().map(|r| (r.0, r.1)).collect();
         assert_eq!(regions, vec![(0, 3 << 30), (1 << 32, 8 << 20)]);
-        let written = [0x1000u64, (1 << 30) + 0x5000, (1 << 32) + 0x3000];
+        let written = [0u64, 0x2000, (1 << 30) + 0x5000, (1 << 32) + 0x3000];
         for &gpa in &written {
             ram.mem.write_obj(0xa5u8, GuestAddress(gpa + 4095)).unwrap();
         }
@@ -211,7 +211,11 @@ mod tests {
         let skipping = crate::migration::page_hashes(&ram.mem, &regions, Some(&extents)).unwrap();
         let blocks = |ram: &GuestRam| ram.memfd.metadata().unwrap().blocks() * 512;
         use std::os::unix::fs::MetadataExt;
-        assert_eq!(blocks(&ram), 3 * 4096, "hashing read never-touched pages");
+        assert_eq!(
+            blocks(&ram),
+            written.len() as u64 * 4096,
+            "hashing read never-touched pages"
+        );
         // What reading gives: the written pages' own hashes, and the zero page's elsewhere
         // (read from a page never written, in the lower region).
         let read =
@@ -230,5 +234,26 @@ mod tests {
             assert_eq!(*h, want, "page {i}");
         }
         assert_eq!(skipping.len() as u64, ram.size / 4096);
+    }
+
+    /// RAM below the boot structures' 2 MiB, or not whole pages, is refused; so is more than
+    /// the host has (`MemTotal`).
+    #[test]
+    fn ram_sizes_the_host_cannot_give_are_refused() {
+        assert!(matches!(
+            GuestRam::new(1 << 20, false),
+            Err(VmmError::MemoryTooSmall(s)) if s == 1 << 20
+        ));
+        assert!(matches!(
+            GuestRam::new((4 << 20) + 512, false),
+            Err(VmmError::MemoryTooSmall(_))
+        ));
+        assert!(GuestRam::new(MIN_MEMORY, false).is_ok());
+        let host = host_mem_total().expect("MemTotal in /proc/meminfo");
+        let too_much = (host + (1 << 30)).next_multiple_of(4096);
+        assert!(matches!(
+            GuestRam::new(too_much, false),
+            Err(VmmError::MemoryTooLarge { size, host: h }) if size == too_much && h == host
+        ));
     }
 }
