@@ -5,7 +5,6 @@
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use devices::interrupt::InterruptManager;
 use devices::passthrough::message_dma::MessageDma;
@@ -240,10 +239,10 @@ pub fn vfio_user(b: &mut Builder, arg: &PassthroughConfig) -> Result<Passthrough
         direct: direct.clone().filter(|_| on_demand.is_some()),
         page_requests: on_demand.is_some(),
         messages: messages.clone(),
-        prq_window: crate::machine::passthrough::PrqWindow::new(Instant::now()),
-        prq_timer: on_demand.as_ref().and_then(|_| TimerFd::new().ok()),
-        prq_timer_armed: false,
-        prq_throttled: prq_throttled.clone(),
+        prq: crate::machine::passthrough::PrqThrottle::new(
+            on_demand.as_ref().and_then(|_| TimerFd::new().ok()),
+            prq_throttled.clone(),
+        ),
         faults: faults.clone(),
         label: label.clone(),
         reported_failure: false,

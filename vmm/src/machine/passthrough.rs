@@ -60,6 +60,60 @@ impl PrqWindow {
     }
 }
 
+/// The throttling of one device's page requests: its [`PrqWindow`], the timer that serves
+/// a request held back when the window ends, and how many were held back.
+pub(crate) struct PrqThrottle {
+    window: PrqWindow,
+    timer: Option<TimerFd>,
+    armed: bool,
+    throttled: Arc<AtomicU64>,
+}
+
+impl PrqThrottle {
+    /// A budget whose window starts now; `timer` serves requests held back (`None`: it
+    /// could not be made), `throttled` counts them (the device's counters line shows it).
+    pub(crate) fn new(timer: Option<TimerFd>, throttled: Arc<AtomicU64>) -> Self {
+        Self {
+            window: PrqWindow::new(Instant::now()),
+            timer,
+            armed: false,
+            throttled,
+        }
+    }
+
+    /// Whether a page request arriving at `now` may be served now: at most [`PRQ_BUDGET`]
+    /// per [`PRQ_WINDOW`]. A request over the budget waits, in the device, for the timer
+    /// that ends the window (armed once per window): a device that floods is slowed down,
+    /// the event loop is not taken over. Without a timer it is served late, by the next
+    /// interrupt, rather than never.
+    fn admit(&mut self, now: Instant) -> bool {
+        let Some(left) = self.window.admit(now) else {
+            return true;
+        };
+        if !self.armed {
+            if let Some(t) = self.timer.as_mut() {
+                if t.reset(left.max(Duration::from_micros(100)), None).is_ok() {
+                    self.armed = true;
+                }
+            }
+        }
+        self.throttled.fetch_add(1, Ordering::Relaxed);
+        !self.armed && self.timer.is_none()
+    }
+
+    /// Whether `fd` is the timer; if so it fired, and is taken note of.
+    fn fired(&mut self, fd: RawFd) -> bool {
+        match self.timer.as_mut() {
+            Some(t) if t.as_raw_fd() == fd => {
+                let _ = t.wait();
+                self.armed = false;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
 /// A passthrough device the VMM set up.
 pub struct Passthrough {
     /// For logs and counters.
@@ -98,12 +152,8 @@ pub(crate) struct FaultForwarder {
     pub(crate) page_requests: bool,
     /// Under `dma=messages`: the table whose refused accesses are faults too.
     pub(crate) messages: Option<Arc<MessageDma>>,
-    /// Throttling of page requests: the current window's start and count, the timer that
-    /// serves a request held back, and how many were held back.
-    pub(crate) prq_window: PrqWindow,
-    pub(crate) prq_timer: Option<TimerFd>,
-    pub(crate) prq_timer_armed: bool,
-    pub(crate) prq_throttled: Arc<AtomicU64>,
+    /// Throttling of page requests.
+    pub(crate) prq: PrqThrottle,
     pub(crate) faults: Arc<Mutex<u64>>,
     pub(crate) label: String,
     pub(crate) socket_fd: RawFd,
@@ -111,31 +161,10 @@ pub(crate) struct FaultForwarder {
 }
 
 impl FaultForwarder {
-    /// Whether a page request may be served now: at most [`PRQ_BUDGET`] per
-    /// [`PRQ_WINDOW`] per device. A request over the budget waits, in the device, for the
-    /// timer that ends the window: a device that floods is slowed down, the event loop is
-    /// not taken over.
-    fn prq_admit(&mut self) -> bool {
-        let Some(left) = self.prq_window.admit(Instant::now()) else {
-            return true;
-        };
-        if !self.prq_timer_armed {
-            if let Some(t) = self.prq_timer.as_mut() {
-                if t.reset(left.max(Duration::from_micros(100)), None).is_ok() {
-                    self.prq_timer_armed = true;
-                }
-            }
-        }
-        self.prq_throttled.fetch_add(1, Ordering::Relaxed);
-        // Without a timer (it could not be made) the request is served late by the next
-        // interrupt rather than never.
-        !self.prq_timer_armed && self.prq_timer.is_none()
-    }
-
     /// Answers the device's pending page request: the vIOMMU's endpoint backend (or the
     /// direct backend) installs the host mapping if the access is allowed.
     fn serve_page_request(&mut self) {
-        if !self.prq_admit() {
+        if !self.prq.admit(Instant::now()) {
             return;
         }
         let (id, iova, write) = match self.dev.take_page_request() {
@@ -225,13 +254,9 @@ impl FaultForwarder {
 
 impl MutEventSubscriber for FaultForwarder {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if let Some(t) = self.prq_timer.as_mut() {
-            if events.fd() == t.as_raw_fd() {
-                let _ = t.wait();
-                self.prq_timer_armed = false;
-                self.forward();
-                return;
-            }
+        if self.prq.fired(events.fd()) {
+            self.forward();
+            return;
         }
         if events.fd() == self.socket_fd {
             if events
@@ -258,7 +283,7 @@ impl MutEventSubscriber for FaultForwarder {
         if let Err(e) = ops.add(Events::new(&self.evt, EventSet::IN)) {
             log::error!("{}: cannot watch its error interrupt: {e:?}", self.label);
         }
-        if let Some(t) = &self.prq_timer {
+        if let Some(t) = &self.prq.timer {
             if let Err(e) = ops.add(Events::new(t, EventSet::IN)) {
                 log::warn!("{}: cannot watch its page-request timer: {e:?}", self.label);
             }
@@ -349,5 +374,37 @@ mod tests {
         assert_eq!(w.admit(t1 + ms(2)), Some(PRQ_WINDOW - ms(2)));
         // A clock read before the window's start (another thread's) counts as in it.
         assert_eq!(w.admit(t0), Some(PRQ_WINDOW));
+    }
+
+    /// Over the budget a request is held back (counted) and the timer armed, once per
+    /// window, for the window's end; when it fires, the next request of the new window is
+    /// served. Without a timer a request over the budget is served late rather than never.
+    #[test]
+    fn requests_over_the_budget_arm_the_timer_once_and_are_counted() {
+        let throttled = Arc::new(AtomicU64::new(0));
+        let mut p = PrqThrottle::new(Some(TimerFd::new().unwrap()), throttled.clone());
+        let now = p.window.start;
+        for i in 0..PRQ_BUDGET {
+            assert!(p.admit(now), "request {i}");
+        }
+        assert!(!p.timer.as_ref().unwrap().is_armed().unwrap());
+        assert!(!p.admit(now), "over the budget");
+        assert!(p.timer.as_ref().unwrap().is_armed().unwrap());
+        assert!(!p.admit(now), "still over the budget");
+        assert_eq!(throttled.load(Ordering::Relaxed), 2);
+        assert!(!p.fired(-1), "another descriptor");
+        let fd = p.timer.as_ref().unwrap().as_raw_fd();
+        assert!(p.fired(fd), "the timer fires at the window's end");
+        assert!(!p.armed);
+        assert!(p.admit(now + PRQ_WINDOW), "the next window");
+
+        let throttled = Arc::new(AtomicU64::new(0));
+        let mut p = PrqThrottle::new(None, throttled.clone());
+        let now = p.window.start;
+        for _ in 0..PRQ_BUDGET {
+            assert!(p.admit(now));
+        }
+        assert!(p.admit(now), "served late without a timer");
+        assert_eq!(throttled.load(Ordering::Relaxed), 1);
     }
 }
