@@ -68,16 +68,17 @@ process() {
 mkdir -p "$out"
 if [ "${1:-}" = crates ]; then
     # The scope issue 24 names, by crate, with each crate's unit tests. `vmm`: the machine
-    # (memory, vCPUs, dirty tracking, passthrough, restore order) and migration; the
-    # sender's figures are those of the `vmm-send` part; the fuzz target is not product code. `devices`: the network device and
-    # its vhost-user back end, passthrough (VFIO, vfio-user) and seccomp; without the fuzz
-    # tests of the block device and the vIOMMU queue, which reach none of it.
-    # `tests/mutants.sh crates devices` runs one crate.
+    # (memory, vCPUs, dirty tracking, passthrough, restore order) and migration, but the
+    # sender (its figures are the `vmm-send` part's) and the fuzz target (not product code).
+    # `devices`: the network device and its vhost-user back end, passthrough (VFIO,
+    # vfio-user) and seccomp; without the fuzz tests of the block device and the vIOMMU
+    # queue, which reach none of it. `tests/mutants.sh crates devices` runs one crate.
     [ "${2:-vmm}" = vmm ] && run vmm --package vmm --file 'vmm/src/machine/**/*.rs' \
         --file 'vmm/src/migration/**/*.rs' --exclude vmm/src/migration/send.rs \
         --exclude vmm/src/migration/fuzzing.rs -- --lib
-    [ "${2:-devices}" = devices ] && run devices --package devices --file 'devices/src/virtio/net/**/*.rs' \
-        --file 'devices/src/passthrough/**/*.rs' --file devices/src/seccomp.rs \
+    [ "${2:-devices}" = devices ] && run devices --package devices \
+        --file 'devices/src/virtio/net/**/*.rs' --file 'devices/src/passthrough/**/*.rs' \
+        --file devices/src/seccomp.rs \
         --exclude devices/src/passthrough/pci/testing.rs -- --lib \
         --skip fuzzing::tests::virtio_blk --skip fuzzing::tests::virtio_iommu_queue
     exit 0
