@@ -79,7 +79,7 @@ if [ "${1:-}" = crates ]; then
     [ "${2:-devices}" = devices ] && run devices --package devices \
         --file 'devices/src/virtio/net/**/*.rs' --file 'devices/src/passthrough/**/*.rs' \
         --file devices/src/seccomp.rs \
-        --exclude devices/src/passthrough/pci/testing.rs -- --lib \
+        --exclude devices/src/passthrough/pci/testing.rs -- --lib -- \
         --skip fuzzing::tests::virtio_blk --skip fuzzing::tests::virtio_iommu_queue
     exit 0
 fi
