@@ -501,6 +501,11 @@ impl Machine {
     /// Saves everything but RAM; vCPUs parked, devices frozen and stopped.
     pub fn save_state(&self) -> Result<MachineState, MachineError> {
         let vcpus = self.save_vcpus()?;
+        self.state_with(vcpus)
+    }
+
+    /// [`Machine::save_state`] with the vCPUs' states given.
+    pub(crate) fn state_with(&self, vcpus: Vec<VcpuState>) -> Result<MachineState, MachineError> {
         let vm = VmState::save(&self.vm_fd).map_err(state_err)?;
         let serial = Persist::save(&mut *self.serial.locked()).map_err(state_err)?;
         let mut functions = Vec::new();
@@ -529,4 +534,4 @@ impl Machine {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

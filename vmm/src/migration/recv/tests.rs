@@ -233,3 +233,109 @@ fn a_stream_beyond_its_bounds_is_refused_by_record() {
     .unwrap();
     assert!(e.contains("(Hashes)"), "{e}");
 }
+
+/// A guest whose RAM, vCPUs or PCI functions differ from this VM's is refused, naming
+/// what differs.
+#[test]
+fn a_guest_of_another_shape_is_refused_by_what_differs() {
+    let ours = config();
+    assert!(check_config(&ours, &ours).is_ok());
+    let refused = |theirs: MachineConfig| match check_config(&theirs, &ours) {
+        Err(MigrationError::Incompatible(m)) => m,
+        r => panic!("{r:?}"),
+    };
+    let e = refused(MachineConfig {
+        memory: 128 << 20,
+        ..config()
+    });
+    assert!(e.contains("128 MiB of RAM, this VM 64 MiB"), "{e}");
+    let e = refused(MachineConfig {
+        cpus: 2,
+        ..config()
+    });
+    assert!(e.contains("2 vCPUs, this VM 1"), "{e}");
+    let mut theirs = config();
+    theirs.functions[2].1 = DeviceKind::Vfio;
+    let e = refused(theirs);
+    assert!(e.contains("00:02.0 vfio]"), "{e}");
+    assert!(e.contains("00:02.0 vfio-user]"), "{e}");
+}
+
+/// A restore puts the vCPUs' registers, the serial port and every function back, and
+/// refuses, by name, a state of another version, another number of vCPUs, a function
+/// this VM lacks, or a virtio-iommu only one side has.
+#[test]
+fn a_restore_puts_the_state_back_and_refuses_a_state_that_does_not_fit() {
+    use crate::machine::kvm_state::VcpuState;
+    use crate::machine::tests::machine_with;
+    let disk = std::env::temp_dir().join(format!("vmm-restore-disk-{}", std::process::id()));
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let disk_flag = format!("path={},iommu=on", disk.display());
+    let flags = ["--iommu", "--disk", &disk_flag];
+    let (a, va) = machine_with("64M", &flags);
+    let mut regs = va[0].get_regs().unwrap();
+    (regs.rip, regs.rbx, regs.rflags) = (0x12_3456, 0xfeed, 0x2);
+    va[0].set_regs(&regs).unwrap();
+    // The guest enabled the disk (memory space and bus master): a state of its own.
+    for f in a.devices.functions.read_locked().iter() {
+        if f.kind == DeviceKind::VirtioBlk {
+            f.device.locked().config_write(1, 0, &[0x6, 0]);
+        }
+    }
+    let st = a
+        .state_with(vec![VcpuState::save(
+            &va[0],
+            &a.ctx.msr_indices,
+            a.ctx.xsave_size,
+        )
+        .unwrap()])
+        .unwrap();
+    assert_eq!(
+        st.functions.len(),
+        3,
+        "host bridge, virtio-iommu, virtio-blk"
+    );
+
+    let (b, vb) = machine_with("64M", &flags);
+    let incompatible = |st: &MachineState, vcpus: &[VcpuFd]| match restore(&b, vcpus, st, &[]) {
+        Err(MigrationError::Incompatible(m)) => m,
+        r => panic!("{r:?}"),
+    };
+    let mut other = a.state_with(Vec::new()).unwrap();
+    other.version = STATE_VERSION + 1;
+    assert!(incompatible(&other, &vb).contains("machine state version"));
+    other.version = STATE_VERSION;
+    assert!(incompatible(&other, &vb).contains("0 vCPU states for 1 vCPUs"));
+    let mut no_iommu = a.state_with(vec![st.vcpus[0].clone()]).unwrap();
+    no_iommu.viommu = None;
+    assert!(incompatible(&no_iommu, &vb).contains("virtio-iommu presence differs"));
+    let mut extra = a.state_with(vec![st.vcpus[0].clone()]).unwrap();
+    let f = extra.functions[2].1.clone();
+    extra.functions.push((9, f));
+    assert!(incompatible(&extra, &vb).contains("no PCI function at 00:09.0"));
+
+    restore(&b, &vb, &st, &[]).unwrap();
+    let back = vb[0].get_regs().unwrap();
+    assert_eq!((back.rip, back.rbx), (0x12_3456, 0xfeed));
+    let again = b
+        .state_with(vec![VcpuState::save(
+            &vb[0],
+            &b.ctx.msr_indices,
+            b.ctx.xsave_size,
+        )
+        .unwrap()])
+        .unwrap();
+    let json = |v: &MachineState| {
+        (
+            serde_json::to_string(&v.functions).unwrap(),
+            serde_json::to_string(&v.viommu).unwrap(),
+        )
+    };
+    assert_eq!(json(&again), json(&st));
+    let fresh = machine_with("64M", &flags)
+        .0
+        .state_with(Vec::new())
+        .unwrap();
+    assert_ne!(json(&fresh).0, json(&st).0, "the disk's state is its own");
+    let _ = std::fs::remove_file(&disk);
+}
