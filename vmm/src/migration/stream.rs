@@ -421,4 +421,52 @@ mod tests {
             "record #0 (kind 99): unknown record kind"
         );
     }
+
+    /// Every kind's byte reads back as that kind; no other byte is a kind.
+    #[test]
+    fn every_kind_byte_reads_back() {
+        for v in 0..=u8::MAX {
+            let k = Kind::from_u8(v);
+            if (1..=12).contains(&v) {
+                assert_eq!(k.map(|k| k as u8), Some(v), "byte {v}");
+            } else {
+                assert_eq!(k, None, "byte {v}");
+            }
+        }
+    }
+
+    /// The largest payload of each kind: a RAM record's GPA and up to 4 MiB of pages, a
+    /// device's slot word and up to 16 MiB, a page index and up to 2^17 hashes.
+    #[test]
+    fn payload_bounds_per_kind() {
+        assert_eq!(Kind::Ram.max_len(), 8 + (4 << 20));
+        assert_eq!(Kind::DeviceData.max_len(), 4 + (16 << 20));
+        assert_eq!(Kind::Hashes.max_len(), 8 + 8 * (1 << 17));
+        assert_eq!(Kind::State.max_len(), 64 << 20);
+        for k in [Kind::End, Kind::Commit, Kind::Done] {
+            assert_eq!(k.max_len(), 0);
+        }
+    }
+
+    /// A writer's flush reaches the connection under it.
+    #[test]
+    fn flush_reaches_the_connection() {
+        let mut w = StreamWriter::new(std::io::BufWriter::new(Vec::new())).unwrap();
+        w.record(Kind::End, &[]).unwrap();
+        assert!(w.w.get_ref().is_empty());
+        w.flush().unwrap();
+        assert!(w.w.buffer().is_empty());
+        assert!(!w.w.get_ref().is_empty());
+    }
+
+    /// One hash (a page index and 8 bytes) is a whole record.
+    #[test]
+    fn a_single_hash_is_a_record() {
+        let mut hashes = Vec::new();
+        let mut payload = 0u64.to_le_bytes().to_vec();
+        payload.extend_from_slice(&7u64.to_le_bytes());
+        add_hashes(&mut hashes, &payload, 1, 0).unwrap();
+        assert_eq!(hashes, vec![7]);
+        assert!(add_hashes(&mut hashes, &payload[..15], 2, 1).is_err());
+    }
 }
