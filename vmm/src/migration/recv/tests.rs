@@ -339,3 +339,51 @@ fn a_restore_puts_the_state_back_and_refuses_a_state_that_does_not_fit() {
     assert_ne!(json(&fresh).0, json(&st).0, "the disk's state is its own");
     let _ = std::fs::remove_file(&disk);
 }
+
+/// The shortest records of their kind: a RAM record needs its GPA (then whole pages, none
+/// at all being harmless), a device's data its slot word (then any bytes, none included).
+#[test]
+fn the_shortest_ram_and_device_records() {
+    let got = read(&stream_with(|w| {
+        w.record(Kind::Ram, &[&0x3000u64.to_le_bytes()]).unwrap();
+        w.record(Kind::DeviceData, &[&2u32.to_le_bytes()]).unwrap();
+    }))
+    .unwrap();
+    assert_eq!((got.pages, got.device_data), (0, vec![(2, Vec::new())]));
+    let e = read(&stream_with(|w| w.record(Kind::Ram, &[&[0u8; 7]]).unwrap()))
+        .err()
+        .unwrap();
+    assert!(e.contains("(Ram)") && e.contains("not whole pages"), "{e}");
+    let e = read(&stream_with(|w| {
+        w.record(Kind::DeviceData, &[&[2u8, 0, 0]]).unwrap()
+    }))
+    .err()
+    .unwrap();
+    assert!(e.contains("(DeviceData)") && e.contains("no slot"), "{e}");
+}
+
+/// Where a guest comes from, as logs name it.
+#[test]
+fn sources_name_themselves() {
+    assert_eq!(
+        Source::Snapshot("/tmp/snap".into()).to_string(),
+        "snapshot /tmp/snap"
+    );
+    let a: Address = "unix:/tmp/m.sock".parse().unwrap();
+    assert_eq!(Source::Listen(a.clone()).to_string(), a.to_string());
+    assert!(!a.to_string().is_empty());
+}
+
+/// A snapshot file reads and writes as a connection.
+#[test]
+fn a_snapshot_file_is_a_connection() {
+    let path = std::env::temp_dir().join(format!("vmm-fileconn-{}", std::process::id()));
+    let mut c = FileConn(std::fs::File::create(&path).unwrap());
+    c.write_all(b"snapshot bytes").unwrap();
+    c.flush().unwrap();
+    let mut c = FileConn(std::fs::File::open(&path).unwrap());
+    let mut back = String::new();
+    c.read_to_string(&mut back).unwrap();
+    assert_eq!(back, "snapshot bytes");
+    let _ = std::fs::remove_file(&path);
+}
