@@ -138,3 +138,31 @@ fn a_peer_of_this_uid_or_root_is_admitted() {
     let (a, _b) = UnixStream::pair().unwrap();
     assert_eq!(check_uid(&a), Ok(()));
 }
+
+/// A peer that connects and never speaks TLS is refused once the handshake's time is up,
+/// by name; a session's timeout is its socket's read timeout.
+#[test]
+fn a_silent_peer_is_refused_and_timeouts_reach_the_socket() {
+    let p = pki("silent");
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (s, _) = l.accept().unwrap();
+    let e = Tls::accept(server_config(&p).unwrap(), s).err().unwrap();
+    assert_eq!(e, "no TLS handshake within 1 s");
+    drop(silent);
+
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let sc = server_config(&p).unwrap();
+    let dst = std::thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        let t = Tls::accept(sc, s).unwrap();
+        t.set_timeout(Some(Duration::from_secs(2)));
+        let timeout = t.0.locked().sock().read_timeout().unwrap();
+        timeout
+    });
+    let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut t = Tls::connect(client_config(&p).unwrap(), "localhost", s).unwrap();
+    t.write_all(b"x").and_then(|()| t.flush()).unwrap();
+    assert_eq!(dst.join().unwrap(), Some(Duration::from_secs(2)));
+}
