@@ -556,3 +556,13 @@ impl Hotplug {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// A slot's function on bus 0, as `lspci` names it.
+    #[test]
+    fn a_slot_is_named_as_lspci_names_it() {
+        assert_eq!(super::bdf(5), "00:05.0");
+        assert_eq!(super::bdf(0x1f), "00:1f.0");
+    }
+}

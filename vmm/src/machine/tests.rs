@@ -256,6 +256,10 @@ fn counters_and_the_dirty_log_name_every_device() {
     );
     m.devices.write_dirty_log(&log).unwrap();
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "pages=0\n");
+    // Tracking stopped (a migration's end): no log any more.
+    m.stop_tracking();
+    assert_eq!(m.devices.counters_report().len(), 2);
+    assert!(m.devices.write_dirty_log(&log).is_err());
     let _ = std::fs::remove_dir_all(&dir);
 }
 
