@@ -414,6 +414,46 @@ fn paused_vcpus_save_their_state_and_run_again() {
     }
 }
 
+/// A vCPU's MSRs (from the list KVM can save) and the VM's clock come back on another VM's
+/// vCPU after a save and a restore.
+#[test]
+fn msrs_and_the_clock_survive_a_save_and_a_restore() {
+    use kvm_bindings::{kvm_clock_data, kvm_msr_entry, Msrs};
+    use kvm_state::{VcpuState, VmState};
+    const SYSENTER_CS: u32 = 0x174;
+    const SYSENTER_ESP: u32 = 0x175;
+    let (a, va) = machine("64M");
+    assert!(
+        a.ctx.msr_indices.contains(&SYSENTER_ESP),
+        "KVM saves SYSENTER_ESP"
+    );
+    let entry = |index, data| kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    };
+    let set =
+        Msrs::from_entries(&[entry(SYSENTER_CS, 0x10), entry(SYSENTER_ESP, 0x1234_5678)]).unwrap();
+    assert_eq!(va[0].set_msrs(&set).unwrap(), 2);
+    a.vm_fd
+        .set_clock(&kvm_clock_data {
+            clock: 1 << 40,
+            ..Default::default()
+        })
+        .unwrap();
+    let vcpu = VcpuState::save(&va[0], &a.ctx.msr_indices, a.ctx.xsave_size).unwrap();
+    let vm = VmState::save(&a.vm_fd).unwrap();
+
+    let (b, vb) = machine("64M");
+    vm.restore(&b.vm_fd).unwrap();
+    vcpu.restore(&vb[0], b.ctx.xsave_size).unwrap();
+    let mut back = Msrs::from_entries(&[entry(SYSENTER_CS, 0), entry(SYSENTER_ESP, 0)]).unwrap();
+    assert_eq!(vb[0].get_msrs(&mut back).unwrap(), 2);
+    let got: Vec<(u32, u64)> = back.as_slice().iter().map(|e| (e.index, e.data)).collect();
+    assert_eq!(got, vec![(SYSENTER_CS, 0x10), (SYSENTER_ESP, 0x1234_5678)]);
+    assert!(b.vm_fd.get_clock().unwrap().clock >= 1 << 40);
+}
+
 /// Freezing stops the event loop from serving queues; thawing serves them again.
 #[test]
 fn freeze_and_thaw_set_the_devices_flag() {
