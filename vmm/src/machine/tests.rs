@@ -454,6 +454,79 @@ fn msrs_and_the_clock_survive_a_save_and_a_restore() {
     assert!(b.vm_fd.get_clock().unwrap().clock >= 1 << 40);
 }
 
+/// Runs `code` (ending in a loop of its own) on the machine's vCPU thread until `done` holds
+/// or the VM ends; returns the thread's fallback statistics and why the VM ended, if it did.
+fn run_on_thread(
+    m: &Machine,
+    mut vcpus: Vec<VcpuFd>,
+    code: &[u8],
+    done: impl Fn() -> bool,
+) -> (FallbackStats, Option<::devices::exit::ExitReason>) {
+    vcpu::install_kick_handler().unwrap();
+    load_writes(m, &vcpus[0]);
+    let at = PROGRAM + 0x300;
+    m.ram.mem.write_slice(code, GuestAddress(at)).unwrap();
+    let mut regs = vcpus[0].get_regs().unwrap();
+    regs.rip = at;
+    vcpus[0].set_regs(&regs).unwrap();
+    let (_tx, rx) = std::sync::mpsc::channel();
+    let t = vcpu::spawn(0, vcpus.remove(0), m.ctx.clone(), rx).unwrap();
+    wait_for("the guest's end or its work done", || {
+        m.exit.reason().is_some() || done()
+    });
+    m.ctx.stop.store(true, Ordering::Release);
+    while !t.is_finished() {
+        let _ = vmm_sys_util::signal::Killable::kill(&t, vcpu::kick_signal());
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    (t.join().unwrap(), m.exit.reason())
+}
+
+/// Two `fwait`s, then a byte written at 0x400000 (the sign of having got past them), then
+/// a loop.
+const FWAITS: [u8; 12] = [
+    0x9b, 0x9b, // fwait; fwait
+    0xc6, 0x04, 0x25, 0x00, 0x00, 0x40, 0x00, 0x01, // mov byte [0x400000], 1
+    0xeb, 0xfe, // jmp $
+];
+
+/// An instruction KVM's emulator refuses (`fwait`, on this PVM host) is done by the VMM's
+/// fallback and counted once per execution when host quirks are on; with them off the VM
+/// ends, naming the instruction.
+#[test]
+fn instructions_kvm_cannot_emulate_take_the_fallback_only_with_quirks_on() {
+    if !matches!(
+        boot::quirks::HostQuirks::detect(),
+        boot::quirks::HostQuirks::Pvm
+    ) {
+        eprintln!("SKIP: not a PVM host: KVM runs fwait itself");
+        return;
+    }
+    let (m, vcpus) = machine_with("64M", &["--host-quirks", "pvm"]);
+    let mem = m.ram.mem.clone();
+    let passed = move || mem.read_obj::<u8>(GuestAddress(0x40_0000)).unwrap() == 1;
+    let (stats, reason) = run_on_thread(&m, vcpus, &FWAITS, passed.clone());
+    assert_eq!(reason, None);
+    assert!(passed());
+    assert_eq!(
+        stats.counts.into_iter().collect::<Vec<_>>(),
+        vec![(boot::quirks::Fallback::Fwait, 2)]
+    );
+
+    let (m, vcpus) = machine_with("64M", &["--host-quirks", "none"]);
+    let (stats, reason) = run_on_thread(&m, vcpus, &FWAITS, || false);
+    match reason {
+        Some(::devices::exit::ExitReason::Error(e)) => {
+            assert!(
+                e.contains("cannot emulate") && e.contains("(host quirks are off)"),
+                "{e}"
+            )
+        }
+        r => panic!("{r:?}"),
+    }
+    assert!(stats.counts.is_empty());
+}
+
 /// Freezing stops the event loop from serving queues; thawing serves them again.
 #[test]
 fn freeze_and_thaw_set_the_devices_flag() {
