@@ -230,4 +230,42 @@ mod tests {
         want.push((30, KVM_IRQ_ROUTING_MSI, 0x1_fee0_2000, 0x42));
         assert_eq!(got, want);
     }
+
+    /// Vectors get GSIs from 24 up, each with an irqfd; enabling a vector routes its GSI to
+    /// its message, disabling removes the route, and a vector dropped (hot-unplug) gives its
+    /// route and its GSI back.
+    #[test]
+    fn vectors_route_their_messages_and_give_their_gsis_back() {
+        let kvm = kvm_ioctls::Kvm::new().unwrap();
+        let vm = kvm.create_vm().unwrap();
+        vm.create_irq_chip().unwrap();
+        let ints = KvmInterrupts::new(Arc::new(vm));
+        let mgr = KvmInterruptManager(ints.clone());
+        let v = mgr.allocate_msi(2).unwrap();
+        let routes = || {
+            ints.routes
+                .locked()
+                .msi
+                .clone()
+                .into_iter()
+                .collect::<Vec<_>>()
+        };
+        assert!(v.iter().all(|v| v.irqfd().is_some()));
+        assert_ne!(v[0].irqfd(), v[1].irqfd());
+        v[0].update(0xfee0_1000, 0x41, true).unwrap();
+        v[1].update(0xfee0_2000, 0x42, true).unwrap();
+        assert_eq!(
+            routes(),
+            vec![(24, (0xfee0_1000, 0x41)), (25, (0xfee0_2000, 0x42))]
+        );
+        v[1].update(0xfee0_2000, 0x42, false).unwrap();
+        assert_eq!(routes(), vec![(24, (0xfee0_1000, 0x41))]);
+        let mut v = v;
+        v.remove(0);
+        assert_eq!(routes(), vec![]);
+        // GSI 24 is free again.
+        let again = mgr.allocate_msi(1).unwrap();
+        again[0].update(0xfee0_3000, 0x43, true).unwrap();
+        assert_eq!(routes(), vec![(24, (0xfee0_3000, 0x43))]);
+    }
 }
