@@ -527,6 +527,134 @@ fn instructions_kvm_cannot_emulate_take_the_fallback_only_with_quirks_on() {
     assert!(stats.counts.is_empty());
 }
 
+/// The DMA test device served in this process on a fresh socket (as `--vfio-user` names
+/// it), until the VMM side hangs up.
+fn test_device(how: testdev::Behaviour) -> std::path::PathBuf {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("vmm-machine-dev-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let p = path.clone();
+    std::thread::spawn(move || {
+        let _ = testdev::serve(&p, how);
+    });
+    wait_for("the test device's socket", || path.exists());
+    path
+}
+
+/// The machine's event loop on a thread of its own (hot-plug calls into it), until the
+/// returned flag is set.
+fn event_loop(m: &Arc<Machine>) -> Arc<std::sync::atomic::AtomicBool> {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (m, s) = (m.clone(), stop.clone());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut em = event_manager::EventManager::<devices::Subscriber>::new().unwrap();
+        if let Some(h) = &m.hotplug {
+            h.start(&mut em);
+        }
+        for sub in &m.devices.subscribers {
+            event_manager::SubscriberOps::add_subscriber(&mut em, sub.clone());
+        }
+        tx.send(()).unwrap();
+        while !s.load(Ordering::Acquire) {
+            let _ = em.run_with_timeout(20);
+        }
+    });
+    rx.recv().unwrap();
+    stop
+}
+
+/// A vfio-user device behind the vIOMMU: it can migrate (one that offers no migration is
+/// refused by name), takes the migration states asked (an unknown one is refused, naming
+/// it), is tracked (nothing written, nothing dirty), and has its counters line.
+#[test]
+fn a_passthrough_device_is_checked_moved_tracked_and_counted() {
+    let sock = test_device(Default::default());
+    let flag = format!("socket={},iommu=on", sock.display());
+    let (m, _) = machine_with("64M", &["--iommu", "--vfio-user", &flag]);
+    m.check_migratable().unwrap();
+    assert_eq!(m.start_tracking(true).unwrap(), Vec::<String>::new());
+    let mut out = DirtyBitmap::new(&m.devices.ram_ranges);
+    m.harvest(&mut out).unwrap();
+    assert!(out.is_clean(), "{:x?}", out.runs());
+    m.stop_tracking();
+    m.passthrough_state(device_state::STOP).unwrap();
+    m.passthrough_state(device_state::RUNNING).unwrap();
+    let e = m.passthrough_state(0x99).unwrap_err().to_string();
+    assert!(e.contains(&sock.display().to_string()), "{e}");
+    let lines = m.devices.counters_report();
+    let line = lines
+        .iter()
+        .find(|l| l.contains("vfio-user device"))
+        .expect("a line for the device");
+    assert!(
+        line.contains("dma_map_calls=") && line.contains(" failed=0"),
+        "{line}"
+    );
+
+    let sock = test_device(testdev::Behaviour {
+        no_migration: true,
+        ..Default::default()
+    });
+    let flag = format!("socket={},iommu=on", sock.display());
+    let (m, _) = machine_with("64M", &["--iommu", "--vfio-user", &flag]);
+    match m.check_migratable() {
+        Err(MachineError::Busy(e)) => assert!(e.contains("cannot be migrated"), "{e}"),
+        r => panic!("{r:?}"),
+    }
+}
+
+/// A device added while the VM runs takes a free slot behind the vIOMMU and is reported
+/// not enabled when no guest driver takes it; its slot is then taken, and its id removes
+/// it (without the guest's eject, which is reported) and frees the slot. Without the event
+/// loop nothing can be added.
+#[test]
+fn a_hot_added_device_takes_a_slot_until_removed() {
+    let wait = Duration::from_millis(10);
+    let (m, _) = machine_with("64M", &["--iommu", "--hotplug", "iommu=1"]);
+    let slot = m.hotplug.as_ref().unwrap().slots[0].slot;
+    let dev = |sock: &std::path::Path| {
+        hotplug::HotDevice::VfioUser(
+            crate::config::parse_vfio_user(&format!("socket={},iommu=on", sock.display())).unwrap(),
+        )
+    };
+    let sock = test_device(Default::default());
+    match m.add_device(&dev(&sock), wait) {
+        Err(MachineError::Busy(e)) => assert!(e.contains("event loop is not running"), "{e}"),
+        r => panic!("{:?}", r.map(|_| ())),
+    }
+    let stop = event_loop(&m);
+    let sock = test_device(Default::default());
+    let added = m.add_device(&dev(&sock), wait).unwrap();
+    assert_eq!(
+        (added.id.as_str(), added.bdf, added.iommu, added.enabled),
+        ("hotplug0", format!("00:{slot:02x}.0"), true, false)
+    );
+    assert!(m
+        .current_config()
+        .functions
+        .contains(&(slot, DeviceKind::VfioUser)));
+    let other = test_device(Default::default());
+    match m.add_device(&dev(&other), wait) {
+        Err(MachineError::Busy(e)) => assert!(e.contains("all taken"), "{e}"),
+        r => panic!("{:?}", r.map(|_| ())),
+    }
+    match m.remove_device("hotplug0", wait) {
+        Err(MachineError::State(e)) => {
+            assert!(e.contains("did not eject hotplug0"), "{e}")
+        }
+        r => panic!("{:?}", r.map(|_| ())),
+    }
+    assert!(!m
+        .current_config()
+        .functions
+        .contains(&(slot, DeviceKind::VfioUser)));
+    let added = m.add_device(&dev(&other), wait).unwrap();
+    assert_eq!(added.id, "hotplug1");
+    stop.store(true, Ordering::Release);
+}
+
 /// Freezing stops the event loop from serving queues; thawing serves them again.
 #[test]
 fn freeze_and_thaw_set_the_devices_flag() {
