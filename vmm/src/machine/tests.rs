@@ -605,6 +605,39 @@ fn a_passthrough_device_is_checked_moved_tracked_and_counted() {
     }
 }
 
+/// A device's DMA to an IOVA the guest never mapped is refused, and its fault report
+/// reaches the VMM's event loop and is counted for that device.
+#[test]
+fn a_passthrough_devices_fault_is_forwarded_and_counted() {
+    use testdev::regs;
+    let sock = test_device(Default::default());
+    let flag = format!("socket={},iommu=on", sock.display());
+    let (m, _) = machine_with("64M", &["--iommu", "--vfio-user", &flag]);
+    let stop = event_loop(&m);
+    let dev = m
+        .devices
+        .functions
+        .read_locked()
+        .iter()
+        .find(|f| f.kind == DeviceKind::VfioUser)
+        .map(|f| f.device.clone())
+        .unwrap();
+    let write = |reg: u64, v: u64, n: usize| dev.locked().bar_write(0, reg, &v.to_le_bytes()[..n]);
+    write(regs::DST, 0x10_0000, 8);
+    write(regs::LEN, 4096, 8);
+    write(regs::OP, u64::from(testdev::OP_FILL), 4);
+    write(regs::DOORBELL, 1, 4);
+    let line = || {
+        m.devices
+            .counters_report()
+            .into_iter()
+            .find(|l| l.contains("vfio-user device"))
+            .unwrap()
+    };
+    wait_for("the fault counted", || line().contains(" dma_faults=1 "));
+    stop.store(true, Ordering::Release);
+}
+
 /// A device added while the VM runs takes a free slot behind the vIOMMU and is reported
 /// not enabled when no guest driver takes it; its slot is then taken, and its id removes
 /// it (without the guest's eject, which is reported) and frees the slot. Without the event
