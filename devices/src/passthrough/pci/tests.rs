@@ -36,3 +36,166 @@ fn a_state_that_does_not_fit_leaves_the_function_as_it_was() {
     Persist::restore(&mut f, &st).unwrap();
     assert_eq!(Persist::save(&mut f).unwrap().config, st.config);
 }
+
+/// A backend that records the BAR accesses that reach it, answers reads with `0x5a`, and
+/// fails (the device process gone) once `gone` is set.
+struct Recording {
+    accesses: Vec<(&'static str, u32, u64, Vec<u8>)>,
+    gone: bool,
+}
+
+impl PassthroughBackend for Recording {
+    fn describe(&self) -> String {
+        "recording".into()
+    }
+    fn region(&self, index: u32) -> Option<crate::passthrough::Region> {
+        (index == 0).then_some(crate::passthrough::Region { size: 0x1000 })
+    }
+    fn region_read(
+        &mut self,
+        index: u32,
+        offset: u64,
+        data: &mut [u8],
+    ) -> Result<(), PassthroughError> {
+        if index == crate::passthrough::VFIO_PCI_CONFIG_REGION_INDEX {
+            data.fill(0);
+            data[..4].copy_from_slice(&[0xf4, 0x1a, 0x01, 0x10]);
+            return Ok(());
+        }
+        if self.gone {
+            return Err(PassthroughError::Failed("gone".into()));
+        }
+        data.fill(0x5a);
+        self.accesses.push(("read", index, offset, data.to_vec()));
+        Ok(())
+    }
+    fn region_write(
+        &mut self,
+        index: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), PassthroughError> {
+        if self.gone {
+            return Err(PassthroughError::Failed("gone".into()));
+        }
+        self.accesses.push(("write", index, offset, data.to_vec()));
+        Ok(())
+    }
+    fn irq_count(&mut self, index: u32) -> Result<u32, PassthroughError> {
+        Ok(if index == crate::passthrough::VFIO_PCI_MSIX_IRQ_INDEX {
+            2
+        } else {
+            0
+        })
+    }
+    fn set_irqs(
+        &mut self,
+        _: u32,
+        _: u32,
+        _: &[std::os::fd::RawFd],
+    ) -> Result<(), PassthroughError> {
+        Ok(())
+    }
+    fn reset(&mut self) -> Result<(), PassthroughError> {
+        Ok(())
+    }
+}
+
+fn recording() -> (PassthroughPci, Arc<Mutex<Recording>>) {
+    use crate::interrupt::InterruptManager;
+    let rec = Arc::new(Mutex::new(Recording {
+        accesses: Vec::new(),
+        gone: false,
+    }));
+    let irqs = crate::interrupt::testing::RecordingInterrupts::default();
+    let f = PassthroughPci::new(
+        "rec".into(),
+        rec.clone(),
+        &mut super::testing::Bump(0xc000_0000),
+        &mut |n| irqs.allocate_msi(n),
+        Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        None,
+    )
+    .unwrap();
+    (f, rec)
+}
+
+/// BAR 0's accesses reach the device at their offsets; the MSI-X BAR is the VMM's own
+/// (its table written and read back, its PBA after it, nothing of it reaching the device);
+/// a BAR the device does not have reads as all ones. Once the device is gone, it is failed:
+/// it reads as all ones and takes no writes.
+#[test]
+fn bar_accesses_reach_the_device_or_the_msix_table_and_a_gone_device_fails() {
+    let (mut f, rec) = recording();
+    let msix_bar = f.msix.as_ref().unwrap().0;
+    assert_ne!(msix_bar, 0);
+    f.bar_write(0, 0x28, &[1, 0, 0, 0]);
+    let mut d = [0u8; 4];
+    f.bar_read(0, 0x2c, &mut d);
+    assert_eq!(d, [0x5a; 4]);
+    assert_eq!(
+        std::mem::take(&mut rec.lock().unwrap().accesses),
+        vec![
+            ("write", 0, 0x28, vec![1, 0, 0, 0]),
+            ("read", 0, 0x2c, vec![0x5a; 4])
+        ]
+    );
+    // Entry 1's message address, written and read back; the PBA reads as nothing pending.
+    f.bar_write(msix_bar, 16, &0xfee0_1000u32.to_le_bytes());
+    f.bar_read(msix_bar, 16, &mut d);
+    assert_eq!(u32::from_le_bytes(d), 0xfee0_1000);
+    let mut pba = [0xffu8; 8];
+    f.bar_read(msix_bar, MSIX_PBA_OFFSET, &mut pba);
+    assert_eq!(pba, [0; 8]);
+    f.bar_write(msix_bar, MSIX_PBA_OFFSET, &[0xff; 8]);
+    f.bar_read(msix_bar, MSIX_PBA_OFFSET, &mut pba);
+    assert_eq!(pba, [0; 8], "the PBA is read-only");
+    f.bar_read(3, 0, &mut d);
+    assert_eq!(d, [0xff; 4]);
+    f.bar_write(3, 0, &[1; 4]);
+    assert!(rec.lock().unwrap().accesses.is_empty());
+
+    assert!(!f.failed());
+    rec.lock().unwrap().gone = true;
+    f.bar_read(0, 0, &mut d);
+    assert_eq!(d, [0xff; 4]);
+    assert!(f.failed());
+    rec.lock().unwrap().gone = false;
+    f.bar_read(0, 0, &mut d);
+    f.bar_write(0, 0, &[1; 4]);
+    assert_eq!(d, [0xff; 4], "a failed device stays failed");
+    assert!(rec.lock().unwrap().accesses.is_empty());
+    // A write that finds the device gone fails it too.
+    let (mut f, rec) = recording();
+    rec.lock().unwrap().gone = true;
+    f.bar_write(0, 0, &[1; 4]);
+    assert!(f.failed());
+}
+
+/// The guest enabling MSI-X in the capability's message control enables the table; a
+/// saved state restored through the PCI interface comes back, one of another kind is
+/// refused.
+#[test]
+fn msix_control_and_restores_through_the_pci_interface() {
+    let (mut f, _) = recording();
+    let cap = usize::from(f.config().byte(0x34)) / 4;
+    assert!(cap > 0);
+    assert!(!f.msix.as_ref().unwrap().1.enabled());
+    f.config_write(cap, 2, &0x8000u16.to_le_bytes());
+    assert!(f.msix.as_ref().unwrap().1.enabled());
+    f.config_write(cap, 2, &0u16.to_le_bytes());
+    assert!(!f.msix.as_ref().unwrap().1.enabled());
+    // Another register's upper half is no message control.
+    f.config_write(cap + 1, 2, &0x8000u16.to_le_bytes());
+    assert!(!f.msix.as_ref().unwrap().1.enabled());
+
+    let FunctionState::Passthrough(mut st) = f.save_state().unwrap() else {
+        panic!("not a passthrough state");
+    };
+    st.config[1] |= 0x6;
+    f.restore_state(&FunctionState::Passthrough(st.clone()))
+        .unwrap();
+    assert_eq!(f.config().read_reg(1) & 0x6, 0x6);
+    let other = FunctionState::HostBridge(Vec::new());
+    assert!(f.restore_state(&other).is_err());
+}
