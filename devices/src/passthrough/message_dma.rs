@@ -230,4 +230,50 @@ mod tests {
         assert!(d.dma_read(0x12000, &mut m).is_ok());
         assert_eq!(d.counters.refused.load(Ordering::Relaxed), 4);
     }
+
+    /// Mappings must be whole pages at page-aligned IOVA and GPA; a fault names the first
+    /// page refused, also in the second run of an access; the queue of faults is bounded.
+    #[test]
+    fn mappings_are_whole_pages_faults_name_their_page_and_stay_bounded() {
+        let d = MessageDma::new(mem(), None);
+        for (iova, gpa, len) in [
+            (0x10800, 0x2000, 0x1000),
+            (0x10000, 0x2800, 0x1000),
+            (0x10000, 0x2000, 0x800),
+            (0x10000, 0x2000, 0),
+        ] {
+            assert!(
+                d.map(iova, gpa, len, Perm::RW).is_err(),
+                "{iova:#x} {gpa:#x} {len:#x}"
+            );
+        }
+        // Two runs (the GPAs are not contiguous), the second read-only.
+        d.map(0x10000, 0x2000, 0x1000, Perm::RW).unwrap();
+        d.map(0x11000, 0x8000, 0x1000, Perm::READ).unwrap();
+        let mut buf = [0u8; 0x2000];
+        d.dma_read(0x10000, &mut buf).unwrap();
+        assert_eq!(d.dma_write(0x10000, &buf), Err(libc::EPERM));
+        assert_eq!(d.take_faults(), vec![(0x11000, true)]);
+        // Data crossing into the second run lands at its GPA.
+        d.mem.write_slice(&[3; 8], GuestAddress(0x8000)).unwrap();
+        let mut r = [0u8; 16];
+        d.dma_read(0x10ff8, &mut r).unwrap();
+        assert_eq!(r[8..], [3; 8]);
+        d.dma_write(0x10ff0, &[4; 8]).unwrap();
+        let mut w = [0u8; 8];
+        d.mem.read_slice(&mut w, GuestAddress(0x2ff0)).unwrap();
+        assert_eq!(w, [4; 8]);
+        // A mapping to a GPA outside guest memory: refused at its first page, both ways.
+        d.map(0x20000, 0x1000, 0x1000, Perm::RW).unwrap();
+        d.map(0x21000, 0x20_0000, 0x1000, Perm::RW).unwrap();
+        assert_eq!(d.dma_read(0x20000, &mut buf), Err(libc::EFAULT));
+        assert_eq!(d.dma_write(0x20000, &buf), Err(libc::EFAULT));
+        assert_eq!(d.take_faults(), vec![(0x21000, false), (0x21000, true)]);
+        // A device that keeps faulting: 1,024 kept, every one counted.
+        for i in 0..1100u64 {
+            let _ = d.dma_read(0x40_0000 + i * 4096, &mut r);
+        }
+        assert_eq!(d.take_faults().len(), 1024);
+        assert_eq!(d.counters.refused.load(Ordering::Relaxed), 1103);
+    }
 }

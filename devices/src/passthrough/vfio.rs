@@ -1085,6 +1085,51 @@ mod tests {
         assert!(e.contains("kept growing"), "{e}");
     }
 
+    /// A reply whose header is followed by `unknown` capabilities of an id nobody knows,
+    /// then the IOVA range capability with one range; `caps` sets `VFIO_IOMMU_INFO_CAPS`.
+    fn reply_with_range_after(unknown: usize, caps: bool) -> Vec<u8> {
+        let head_len = size_of::<vfio_iommu_type1_info>();
+        let mut chain = Vec::new();
+        for i in 0..unknown {
+            chain.extend(bytes_of(&vfio_info_cap_header {
+                id: 9,
+                version: 1,
+                next: (head_len + 8 * (i + 1)) as u32,
+            }));
+        }
+        chain.extend(bytes_of(&vfio_info_cap_header {
+            id: VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE as u16,
+            version: 1,
+            next: 0,
+        }));
+        chain.extend(1u32.to_ne_bytes());
+        chain.extend(0u32.to_ne_bytes());
+        chain.extend(0x1000u64.to_ne_bytes());
+        chain.extend(0xfee0_0000u64.to_ne_bytes());
+        let head = vfio_iommu_type1_info {
+            argsz: (head_len + chain.len()) as u32,
+            flags: VFIO_IOMMU_INFO_PGSIZES | if caps { VFIO_IOMMU_INFO_CAPS } else { 0 },
+            iova_pgsizes: 4096,
+            cap_offset: head_len as u32,
+            pad: 0,
+        };
+        let mut b = bytes_of(&head);
+        b.extend(chain);
+        b
+    }
+
+    /// The capability chain is followed for 16 capabilities at most, and only when the
+    /// reply says it has one.
+    #[test]
+    fn the_capability_chain_is_read_for_16_capabilities_when_flagged() {
+        let info = parse_type1_info(&reply_with_range_after(15, true)).unwrap();
+        assert_eq!(info.ranges, vec![(0x1000, 0xfee0_0000)]);
+        let e = parse_type1_info(&reply_with_range_after(16, true)).unwrap_err();
+        assert!(e.contains("VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE"), "{e}");
+        let e = parse_type1_info(&reply_with_range_after(0, false)).unwrap_err();
+        assert!(e.contains("VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE"), "{e}");
+    }
+
     #[test]
     fn hostile_capability_chains_end_the_parse() {
         let info = |caps: &[u8]| {

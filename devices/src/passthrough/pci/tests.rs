@@ -199,3 +199,22 @@ fn msix_control_and_restores_through_the_pci_interface() {
     let other = FunctionState::HostBridge(Vec::new());
     assert!(f.restore_state(&other).is_err());
 }
+
+/// A backend that says nothing of migration cannot migrate: every step is refused, naming
+/// it.
+#[test]
+fn a_backend_without_migration_refuses_every_step() {
+    let mut b = Recording {
+        accesses: Vec::new(),
+        gone: false,
+    };
+    assert!(!b.supports_migration());
+    let refused = |r: Result<(), PassthroughError>| match r {
+        Err(PassthroughError::Refused(m)) => m,
+        r => panic!("{r:?}"),
+    };
+    let m = refused(b.set_migration_state(crate::passthrough::mig_state::STOP));
+    assert_eq!(m, "recording does not support migration");
+    refused(b.read_migration_data().map(drop));
+    refused(b.write_migration_data(b"x"));
+}
