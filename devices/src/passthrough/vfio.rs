@@ -1162,6 +1162,94 @@ mod tests {
         assert!(parse_type1_info(&[1, 2, 3]).is_err());
     }
 
+    /// The buffer grows only when the reply says it has capabilities it could not hold, up
+    /// to 1 MiB; an answer that fits (or has none) is parsed as it is.
+    #[test]
+    fn type1_info_grows_only_for_capabilities_that_did_not_fit() {
+        let reply = |buf: &mut [u8], argsz: usize, flags: u32| {
+            let r = vfio_iommu_type1_info {
+                argsz: argsz as u32,
+                flags,
+                iova_pgsizes: 4096,
+                cap_offset: 0,
+                pad: 0,
+            };
+            buf[..size_of::<vfio_iommu_type1_info>()].copy_from_slice(&bytes_of(&r));
+        };
+        let all = VFIO_IOMMU_INFO_PGSIZES | VFIO_IOMMU_INFO_CAPS;
+        // Capabilities, in a buffer already as large as the kernel says: no growing.
+        let mut calls = 0;
+        let e = type1_info_with(|buf: &mut [u8]| {
+            calls += 1;
+            let n = buf.len();
+            reply(buf, n, all);
+            Ok(())
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE"), "{e}");
+        assert_eq!(calls, 1);
+        // No capabilities flagged: a larger argsz is no reason to ask again.
+        let mut calls = 0;
+        let e = type1_info_with(|buf: &mut [u8]| {
+            calls += 1;
+            let n = buf.len();
+            reply(buf, n + 64, VFIO_IOMMU_INFO_PGSIZES);
+            Ok(())
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE"), "{e}");
+        assert_eq!(calls, 1);
+        // Exactly 1 MiB is still asked for; more is refused.
+        let caps = caps_chain(&[(0, 0xffff_ffff)], true);
+        let big = |limit: usize| {
+            let caps = caps.clone();
+            move |buf: &mut [u8]| {
+                if buf.len() < limit {
+                    reply(buf, limit, all);
+                } else {
+                    let minsz = size_of::<vfio_iommu_type1_info>();
+                    let r = vfio_iommu_type1_info {
+                        argsz: limit as u32,
+                        flags: all,
+                        iova_pgsizes: 4096,
+                        cap_offset: minsz as u32,
+                        pad: 0,
+                    };
+                    buf[..minsz].copy_from_slice(&bytes_of(&r));
+                    buf[minsz..minsz + caps.len()].copy_from_slice(&caps);
+                }
+                Ok(())
+            }
+        };
+        assert!(type1_info_with(big(1 << 20)).is_ok());
+        let e = type1_info_with(big((1 << 20) + 8)).unwrap_err().to_string();
+        assert!(e.contains("asks for a 1048584-byte reply"), "{e}");
+    }
+
+    /// Only `EMSGSIZE` with a larger count grows the array; another error, or `EMSGSIZE`
+    /// without a larger count, is the kernel's answer.
+    #[test]
+    fn iommufd_ranges_grow_only_on_emsgsize_with_more() {
+        let e = iommufd_ranges_with(1, |_| Err(std::io::Error::from_raw_os_error(libc::ENOENT)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&std::io::Error::from_raw_os_error(libc::ENOENT).to_string()),
+            "{e}"
+        );
+        let e = iommufd_ranges_with(1, |_| {
+            Err(std::io::Error::from_raw_os_error(libc::EMSGSIZE))
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(&std::io::Error::from_raw_os_error(libc::EMSGSIZE).to_string()),
+            "{e}"
+        );
+    }
+
     #[test]
     fn iommufd_ranges_grow_on_emsgsize() {
         let want: Vec<(u64, u64)> = (0..12u64).map(|k| (k << 32, (k << 32) + 0xffff)).collect();
