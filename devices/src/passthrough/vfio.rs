@@ -1248,6 +1248,48 @@ mod tests {
             e.contains(&std::io::Error::from_raw_os_error(libc::EMSGSIZE).to_string()),
             "{e}"
         );
+        // Up to 65,536 ranges are asked for; more are refused.
+        let asking = |most: u32| {
+            move |req: &mut iommu_ioas_iova_ranges| {
+                if req.num_iovas < most {
+                    req.num_iovas = most;
+                    return Err(std::io::Error::from_raw_os_error(libc::EMSGSIZE));
+                }
+                req.num_iovas = 0;
+                Ok(())
+            }
+        };
+        assert_eq!(iommufd_ranges_with(1, asking(1 << 16)).unwrap().0, vec![]);
+        let e = iommufd_ranges_with(1, asking((1 << 16) + 1))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("65537 ranges"), "{e}");
+    }
+
+    /// The ioctl helpers report the kernel's refusal, and its success (`FIONREAD` on a
+    /// pipe: the bytes waiting).
+    #[test]
+    fn ioctl_helpers_report_the_kernels_answer() {
+        let mut fds = [0; 2];
+        // SAFETY: a fresh pipe; both ends are closed at the end of the test.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: writing 3 bytes from a live buffer to the pipe's write end.
+        assert_eq!(unsafe { libc::write(fds[1], b"abc".as_ptr().cast(), 3) }, 3);
+        let mut n = 0i32;
+        ioctl_req(fds[0], libc::FIONREAD, &mut n).unwrap();
+        assert_eq!(n, 3);
+        let mut b = [0u8; 4];
+        ioctl_bytes(fds[0], libc::FIONREAD, &mut b).unwrap();
+        assert_eq!(i32::from_ne_bytes(b), 3);
+        let e = ioctl_req(fds[0], 0xdead, &mut n).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOTTY));
+        let e = ioctl_bytes(fds[0], 0xdead, &mut b).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOTTY));
+        // SAFETY: the pipe's two descriptors, not used again.
+        unsafe {
+            libc::close(fds[0]);
+            libc::close(fds[1]);
+        }
     }
 
     #[test]
