@@ -1266,6 +1266,20 @@ mod tests {
         assert!(e.contains("65537 ranges"), "{e}");
     }
 
+    /// Without the host's VFIO or IOMMUFD, opening a device says which is missing.
+    #[test]
+    fn a_host_without_vfio_says_what_is_missing() {
+        let dev = Path::new("/sys/bus/pci/devices/0000:00:00.0");
+        if Path::new("/dev/iommu").exists() || Path::new("/dev/vfio/vfio").exists() {
+            eprintln!("SKIP: this host has VFIO");
+            return;
+        }
+        let e = check_host(dev, true).unwrap_err().to_string();
+        assert!(e.contains("/dev/iommu does not exist"), "{e}");
+        let e = check_host(dev, false).unwrap_err().to_string();
+        assert!(e.contains("/dev/vfio/vfio does not exist"), "{e}");
+    }
+
     /// The ioctl helpers report the kernel's refusal, and its success (`FIONREAD` on a
     /// pipe: the bytes waiting).
     #[test]
