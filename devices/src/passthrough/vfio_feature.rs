@@ -344,4 +344,72 @@ mod tests {
         let mut small = [0u64; 1];
         assert!(logging_report(&mut k, 0x100000, 128 * 4096, 4096, &mut small).is_err());
     }
+
+    /// Each request names its feature with the right direction (GET, SET, PROBE): a kernel
+    /// that answers only the requests it expects sees exactly these flags.
+    #[test]
+    fn each_request_names_its_feature_and_direction() {
+        let (get, set, probe) = (
+            VFIO_DEVICE_FEATURE_GET,
+            VFIO_DEVICE_FEATURE_SET,
+            VFIO_DEVICE_FEATURE_PROBE,
+        );
+        let expecting = |want: u32| {
+            move |b: &mut [u8]| {
+                if u32_at(b, 4) == want {
+                    Ok(())
+                } else {
+                    Err(io::Error::from_raw_os_error(libc::EINVAL))
+                }
+            }
+        };
+        assert!(logging_supported(&mut expecting(
+            VFIO_DEVICE_FEATURE_DMA_LOGGING_START | set | probe
+        )));
+        assert!(!logging_supported(&mut |_: &mut [u8]| Err(
+            io::Error::from_raw_os_error(libc::ENOTTY)
+        )));
+        logging_stop(&mut expecting(VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP | set)).unwrap();
+        assert!(logging_stop(&mut expecting(0)).is_err());
+        let mut bitmap = [0u64; 1];
+        logging_report(
+            &mut expecting(VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT | get),
+            0,
+            64 * 4096,
+            4096,
+            &mut bitmap,
+        )
+        .unwrap();
+        let st = set_mig_state(
+            &mut expecting(VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE | set),
+            crate::passthrough::mig_state::STOP,
+        )
+        .unwrap();
+        assert!(st.is_none(), "no data file for STOP");
+        assert_eq!(
+            migration_flags(&mut expecting(VFIO_DEVICE_FEATURE_MIGRATION | get)).unwrap(),
+            None,
+            "flags without STOP_COPY"
+        );
+    }
+
+    /// A STOP_COPY arc hands back the data file the kernel opened.
+    #[test]
+    fn the_data_file_of_an_arc_is_handed_back() {
+        let mut fds = [0; 2];
+        // SAFETY: a fresh pipe; the read end goes to the File, the write end is closed below.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        let f = set_mig_state(
+            &mut |b: &mut [u8]| {
+                b[12..16].copy_from_slice(&fds[0].to_le_bytes());
+                Ok(())
+            },
+            crate::passthrough::mig_state::STOP_COPY,
+        )
+        .unwrap()
+        .expect("a data file");
+        assert_eq!(std::os::fd::AsRawFd::as_raw_fd(&f), fds[0]);
+        // SAFETY: the write end, not used again.
+        unsafe { libc::close(fds[1]) };
+    }
 }
