@@ -362,3 +362,49 @@ fn hostile_a_server_that_trickles_its_reply_runs_out_of_the_call_deadline() {
     );
     server.join().unwrap();
 }
+
+/// Commands are named as the vfio-user spec numbers them (QEMU's
+/// `docs/interop/vfio-user.rst`, "Commands"); numbers it does not define are unknown.
+#[test]
+fn commands_are_named_by_their_spec_numbers() {
+    let spec = [
+        (1, "VERSION"),
+        (2, "DMA_MAP"),
+        (3, "DMA_UNMAP"),
+        (4, "DEVICE_GET_INFO"),
+        (5, "DEVICE_GET_REGION_INFO"),
+        (6, "DEVICE_GET_REGION_IO_FDS"),
+        (7, "GET_IRQ_INFO"),
+        (8, "SET_IRQS"),
+        (9, "REGION_READ"),
+        (10, "REGION_WRITE"),
+        (11, "DMA_READ"),
+        (12, "DMA_WRITE"),
+        (13, "DEVICE_RESET"),
+        (16, "DEVICE_FEATURE"),
+        (17, "MIG_DATA_READ"),
+        (18, "MIG_DATA_WRITE"),
+    ];
+    for (cmd, n) in spec {
+        assert_eq!(name(cmd), n, "command {cmd}");
+    }
+    for cmd in [0, 14, 15, 19, 0xffff] {
+        assert_eq!(name(cmd), "unknown command");
+    }
+}
+
+/// The header flags and the interrupt actions are the spec's and the kernel's bits: a reply
+/// is type 1, `no_reply` is bit 4, `error` bit 5; an eventfd trigger is
+/// `VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER` (0x24), disabling
+/// `VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER` (0x21). A message may carry one
+/// transfer and 4 KiB of headers.
+#[test]
+fn header_flags_and_irq_actions_are_the_specs() {
+    assert_eq!((FLAG_REPLY, FLAG_NO_REPLY, FLAG_ERROR), (1, 0x10, 0x20));
+    assert_eq!(
+        (IRQ_SET_EVENTFD_TRIGGER, IRQ_SET_NONE_TRIGGER),
+        (0x24, 0x21)
+    );
+    assert_eq!(MAX_MESSAGE, CLIENT_MAX_XFER as usize + 4096);
+    assert!(MAX_MESSAGE > CLIENT_MAX_XFER as usize);
+}
