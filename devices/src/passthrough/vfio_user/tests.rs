@@ -408,3 +408,41 @@ fn header_flags_and_irq_actions_are_the_specs() {
     assert_eq!(MAX_MESSAGE, CLIENT_MAX_XFER as usize + 4096);
     assert!(MAX_MESSAGE > CLIENT_MAX_XFER as usize);
 }
+
+/// A server that never answers, or stops in the middle of its reply, runs out of the call's
+/// deadline: both are the same timeout, named, not the socket's own error.
+#[test]
+fn hostile_a_silent_or_stalled_server_times_out_by_name() {
+    let timed_out = |e: VfioUserError| {
+        assert!(
+            matches!(&e, VfioUserError::Io(io) if io.kind() == io::ErrorKind::TimedOut
+                && io.to_string() == "the device process did not answer in time"),
+            "{e:?}"
+        );
+    };
+    let (client_end, mut s) = UnixStream::pair().unwrap();
+    let silent = thread::spawn(move || {
+        let _ = read_msg(&mut s);
+        thread::sleep(Duration::from_millis(300));
+    });
+    timed_out(
+        VfioUserClient::from_stream(client_end, Duration::from_millis(200))
+            .err()
+            .unwrap(),
+    );
+    silent.join().unwrap();
+
+    let (client_end, mut s) = UnixStream::pair().unwrap();
+    let stalled = thread::spawn(move || {
+        let (h, _) = read_msg(&mut s);
+        let r = reply(h.0, CMD_VERSION, &[0, 0, 1, 0, b'{', b'}', 0]);
+        s.write_all(&r[..20]).unwrap();
+        thread::sleep(Duration::from_millis(300));
+    });
+    timed_out(
+        VfioUserClient::from_stream(client_end, Duration::from_millis(200))
+            .err()
+            .unwrap(),
+    );
+    stalled.join().unwrap();
+}
