@@ -446,3 +446,62 @@ fn hostile_a_silent_or_stalled_server_times_out_by_name() {
     );
     stalled.join().unwrap();
 }
+
+/// A client connected to a server that answers VERSION and DEVICE_GET_INFO (no regions, no
+/// IRQs) over `s`.
+fn bare_client(mut s: UnixStream, client_end: UnixStream) -> (VfioUserClient, UnixStream) {
+    let server = thread::spawn(move || {
+        let (h, _) = read_msg(&mut s);
+        s.write_all(&reply(h.0, CMD_VERSION, &[0, 0, 1, 0, b'{', b'}', 0]))
+            .unwrap();
+        let (h, _) = read_msg(&mut s);
+        let mut info = 16u32.to_le_bytes().to_vec();
+        info.extend_from_slice(&[0; 12]);
+        s.write_all(&reply(h.0, CMD_DEVICE_GET_INFO, &info))
+            .unwrap();
+        s
+    });
+    let c = VfioUserClient::from_stream(client_end, Duration::from_secs(5)).unwrap();
+    (c, server.join().unwrap())
+}
+
+/// Commands a server sends between requests are served in batches of at most 64 (a
+/// flooding server cannot hold the event loop), each answered by its id; nothing waiting is
+/// a batch of 0. A reply to nothing asked, or a server gone, ends the device.
+#[test]
+fn server_commands_between_requests_are_served_in_bounded_batches() {
+    use crate::passthrough::message_dma::MessageDma;
+    use vm_memory::{Bytes, GuestAddress};
+    let (client_end, s) = UnixStream::pair().unwrap();
+    let (mut c, mut s) = bare_client(s, client_end);
+    let mem = Arc::new(crate::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+    let table = Arc::new(MessageDma::new(mem.clone(), None));
+    table.map(0x1000, 0x4000, 0x1000, iommu::Perm::RW).unwrap();
+    c.set_dma_access(table);
+    assert_eq!(c.serve_server_commands().unwrap(), 0);
+    for i in 0..70u16 {
+        let mut w = 0x1800u64.to_le_bytes().to_vec();
+        w.extend_from_slice(&1u64.to_le_bytes());
+        w.push(i as u8);
+        s.write_all(&command(1000 + i, CMD_DMA_WRITE, &w)).unwrap();
+    }
+    assert_eq!(c.serve_server_commands().unwrap(), 64);
+    assert_eq!(c.serve_server_commands().unwrap(), 6);
+    assert_eq!(c.serve_server_commands().unwrap(), 0);
+    let ids: Vec<u16> = (0..70).map(|_| read_msg(&mut s).0 .0).collect();
+    assert_eq!(ids, (1000..1070).collect::<Vec<u16>>());
+    let mut last = [0u8; 1];
+    mem.read_slice(&mut last, GuestAddress(0x4800)).unwrap();
+    assert_eq!(last, [69]);
+    assert_eq!(c.served(), (0, 70, 0));
+
+    s.write_all(&reply(7, CMD_DMA_READ, &[])).unwrap();
+    let e = c.serve_server_commands().unwrap_err().to_string();
+    assert!(e.contains("a reply to nothing asked"), "{e}");
+    drop(s);
+    let e = c.serve_server_commands().unwrap_err();
+    assert!(
+        matches!(&e, VfioUserError::Io(io) if io.kind() == io::ErrorKind::UnexpectedEof),
+        "{e:?}"
+    );
+}
