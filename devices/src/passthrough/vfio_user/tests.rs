@@ -505,3 +505,96 @@ fn server_commands_between_requests_are_served_in_bounded_batches() {
         "{e:?}"
     );
 }
+
+/// A device of one 8 KiB region and a 4 KiB transfer limit, whose server answers region
+/// reads (with `0x5a`) and writes, and records `(command, offset, count)` of each; it
+/// miscounts its answer to a read at 0x100 and to a write at 0x200.
+fn region_device() -> (VfioUserClient, thread::JoinHandle<Vec<(u16, u64, u32)>>) {
+    let (client_end, mut s) = UnixStream::pair().unwrap();
+    let server = thread::spawn(move || {
+        let (h, _) = read_msg(&mut s);
+        let mut v = vec![0, 0, 1, 0];
+        v.extend_from_slice(br#"{"capabilities":{"max_data_xfer_size":4096}}"#);
+        v.push(0);
+        s.write_all(&reply(h.0, CMD_VERSION, &v)).unwrap();
+        let (h, _) = read_msg(&mut s);
+        let mut info = 16u32.to_le_bytes().to_vec();
+        info.extend_from_slice(&[0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]);
+        s.write_all(&reply(h.0, CMD_DEVICE_GET_INFO, &info))
+            .unwrap();
+        let (h, _) = read_msg(&mut s);
+        let mut r = vec![0u8; 32];
+        r[16..24].copy_from_slice(&8192u64.to_le_bytes());
+        s.write_all(&reply(h.0, CMD_DEVICE_GET_REGION_INFO, &r))
+            .unwrap();
+        let mut seen = Vec::new();
+        let mut m = [0u8; 16];
+        while s.read_exact(&mut m).is_ok() {
+            let size = u32_at(&m, 4) as usize;
+            let mut body = vec![0u8; size - 16];
+            s.read_exact(&mut body).unwrap();
+            let (id, cmd) = (
+                u16::from_le_bytes([m[0], m[1]]),
+                u16::from_le_bytes([m[2], m[3]]),
+            );
+            let offset = u64::from_le_bytes(body[..8].try_into().unwrap());
+            let count = u32_at(&body, 12);
+            seen.push((cmd, offset, count));
+            let mut out = body[..16].to_vec();
+            if cmd == CMD_REGION_READ {
+                let told = if offset == 0x100 { count + 1 } else { count };
+                out[12..16].copy_from_slice(&told.to_le_bytes());
+                out.extend(std::iter::repeat_n(0x5a, count as usize));
+            } else if offset == 0x200 {
+                out[12..16].copy_from_slice(&(count - 1).to_le_bytes());
+            }
+            s.write_all(&reply(id, cmd, &out)).unwrap();
+        }
+        seen
+    });
+    let c = VfioUserClient::from_stream(client_end, Duration::from_secs(5)).unwrap();
+    (c, server)
+}
+
+/// Region accesses are split at the server's transfer limit, each piece at its own offset;
+/// an access must lie inside the region (its last byte may be the region's last); a reply
+/// that does not carry, or confirm, what was asked is refused.
+#[test]
+fn region_accesses_split_stay_inside_and_check_their_replies() {
+    let (mut c, server) = region_device();
+    let mut buf = vec![0u8; 8192];
+    c.region_read(0, 0, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x5a));
+    c.region_read(0, 4096, &mut buf[..4096]).unwrap();
+    c.region_write(0, 0, &[1u8; 6144]).unwrap();
+    for (offset, len) in [(4097u64, 4096usize), (8192, 1), (u64::MAX, 2)] {
+        let e = c.region_read(0, offset, &mut buf[..len]).unwrap_err();
+        assert!(matches!(e, VfioUserError::Invalid(_)), "{e:?}");
+        let e = c.region_write(0, offset, &buf[..len]).unwrap_err();
+        assert!(matches!(e, VfioUserError::Invalid(_)), "{e:?}");
+    }
+    assert!(matches!(
+        c.region_read(1, 0, &mut buf[..4]),
+        Err(VfioUserError::Invalid(_))
+    ));
+    let e = c
+        .region_read(0, 0x100, &mut buf[..8])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("REGION_READ"), "{e}");
+    let e = c.region_write(0, 0x200, &buf[..8]).unwrap_err().to_string();
+    assert!(e.contains("reply does not confirm the write"), "{e}");
+    drop(c);
+    assert_eq!(
+        server.join().unwrap(),
+        vec![
+            (CMD_REGION_READ, 0, 4096),
+            (CMD_REGION_READ, 4096, 4096),
+            (CMD_REGION_READ, 4096, 4096),
+            (CMD_REGION_WRITE, 0, 4096),
+            (CMD_REGION_WRITE, 4096, 2048),
+            (CMD_REGION_READ, 0x100, 8),
+            (CMD_REGION_WRITE, 0x200, 8),
+        ]
+    );
+}
