@@ -506,12 +506,12 @@ fn server_commands_between_requests_are_served_in_bounded_batches() {
     );
 }
 
-/// A device of one 8 KiB region and a 4 KiB transfer limit, whose server answers region
-/// reads (with `0x5a`) and writes, and records `(command, offset, count)` of each; it
-/// miscounts its answer to a read at 0x100 and to a write at 0x200.
 /// What the region server saw: `(command, offset, count)` per message.
 type Seen = thread::JoinHandle<Vec<(u16, u64, u32)>>;
 
+/// A device of one 8 KiB region and a 4 KiB transfer limit, whose server answers region
+/// reads (with `0x5a`) and writes, and records `(command, offset, count)` of each; it
+/// miscounts its answer to a read at 0x100 and to a write at 0x200.
 fn region_device() -> (VfioUserClient, Seen) {
     let (client_end, mut s) = UnixStream::pair().unwrap();
     let server = thread::spawn(move || {
