@@ -326,3 +326,66 @@ fn region_io_fds_give_the_doorbell_an_eventfd_and_bar2_a_mappable_file() {
     drop(c);
     t.join().unwrap();
 }
+
+/// The passthrough backend over the test device: it names itself, shows its regions and
+/// vectors, reads its registers, migrates (STOP, STOP_COPY with data, back to RUNNING),
+/// and hands over the faults the device logged, each once, `(iova, write)`.
+#[test]
+fn the_backend_over_the_test_device() {
+    use crate::passthrough::vfio_user_backend::VfioUserDevice;
+    use crate::passthrough::{mig_state, PassthroughBackend, VFIO_PCI_MSIX_IRQ_INDEX};
+    let path = std::env::temp_dir().join(format!("vu-backend-{}", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let p = path.clone();
+    let t = std::thread::spawn(move || {
+        let _ = testdev::serve(&p, Default::default());
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut d = loop {
+        match VfioUserDevice::connect(&path) {
+            Ok(d) => break d,
+            Err(e) if Instant::now() > deadline => panic!("no test device: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    };
+    assert!(d.describe().contains(&path.display().to_string()));
+    assert_eq!(d.region(0).map(|r| r.size), Some(testdev::BAR0_SIZE));
+    assert_eq!(
+        d.irq_count(VFIO_PCI_MSIX_IRQ_INDEX).unwrap(),
+        testdev::MSIX_VECTORS
+    );
+    let mut id = [0u8; 4];
+    d.region_read(0, regs::ID, &mut id).unwrap();
+    assert_eq!(u32::from_le_bytes(id), testdev::ID_VALUE);
+    assert!(d.features().fault_log.is_some());
+    assert!(d.socket_fd() > 2);
+
+    assert!(d.supports_migration());
+    d.set_migration_state(mig_state::STOP).unwrap();
+    d.set_migration_state(mig_state::STOP_COPY).unwrap();
+    assert!(!d.read_migration_data().unwrap().is_empty());
+    d.set_migration_state(mig_state::STOP).unwrap();
+    d.set_migration_state(mig_state::RUNNING).unwrap();
+
+    assert_eq!(d.take_faults().unwrap(), vec![]);
+    let w = |d: &mut VfioUserDevice, reg: u64, v: u64, n: usize| {
+        d.region_write(0, reg, &v.to_le_bytes()[..n]).unwrap()
+    };
+    w(&mut d, regs::DST, 0x10_0000, 8);
+    w(&mut d, regs::LEN, 4096, 8);
+    w(&mut d, regs::OP, u64::from(testdev::OP_FILL), 4);
+    w(&mut d, regs::DOORBELL, 1, 4);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let faults = loop {
+        let f = d.take_faults().unwrap();
+        if !f.is_empty() {
+            break f;
+        }
+        assert!(Instant::now() < deadline, "no fault logged");
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    assert_eq!(faults, vec![(0x10_0000, true)]);
+    assert_eq!(d.take_faults().unwrap(), vec![]);
+    drop(d);
+    t.join().unwrap();
+}
