@@ -218,3 +218,162 @@ fn a_backend_without_migration_refuses_every_step() {
     refused(b.read_migration_data().map(drop));
     refused(b.write_migration_data(b"x"));
 }
+
+/// What the fake hypervisor was asked, in order.
+type Calls = Arc<Mutex<Vec<String>>>;
+
+struct Mapper(Calls, Mutex<u32>);
+
+impl GuestMapper for Mapper {
+    fn map(&self, gpa: u64, len: u64, _hva: u64) -> std::io::Result<u32> {
+        let mut n = self.1.lock().unwrap();
+        *n += 1;
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("map {gpa:#x}+{len:#x} as {n}"));
+        Ok(*n)
+    }
+    fn unmap(&self, handle: u32) {
+        self.0.lock().unwrap().push(format!("unmap {handle}"));
+    }
+}
+
+struct Events(Calls);
+
+impl crate::virtio::pci::IoEventRegistrar for Events {
+    fn register(&self, _: &vmm_sys_util::eventfd::EventFd, addr: u64) -> std::io::Result<()> {
+        self.0.lock().unwrap().push(format!("register {addr:#x}"));
+        Ok(())
+    }
+    fn unregister(&self, _: &vmm_sys_util::eventfd::EventFd, addr: u64) -> std::io::Result<()> {
+        self.0.lock().unwrap().push(format!("unregister {addr:#x}"));
+        Ok(())
+    }
+}
+
+/// A device whose BAR 0 has a mappable area (its second page) and a doorbell ioeventfd at
+/// 0x28.
+struct Mappable(Recording, Arc<std::fs::File>);
+
+impl PassthroughBackend for Mappable {
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+    fn region(&self, index: u32) -> Option<crate::passthrough::Region> {
+        (index == 0).then_some(crate::passthrough::Region { size: 0x2000 })
+    }
+    fn region_read(
+        &mut self,
+        index: u32,
+        offset: u64,
+        data: &mut [u8],
+    ) -> Result<(), PassthroughError> {
+        self.0.region_read(index, offset, data)
+    }
+    fn region_write(
+        &mut self,
+        index: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), PassthroughError> {
+        self.0.region_write(index, offset, data)
+    }
+    fn irq_count(&mut self, index: u32) -> Result<u32, PassthroughError> {
+        self.0.irq_count(index)
+    }
+    fn set_irqs(
+        &mut self,
+        i: u32,
+        s: u32,
+        fds: &[std::os::fd::RawFd],
+    ) -> Result<(), PassthroughError> {
+        self.0.set_irqs(i, s, fds)
+    }
+    fn reset(&mut self) -> Result<(), PassthroughError> {
+        Ok(())
+    }
+    fn mmap_areas(&self, index: u32) -> Vec<crate::passthrough::MmapArea> {
+        if index != 0 {
+            return Vec::new();
+        }
+        vec![crate::passthrough::MmapArea {
+            offset: 0x1000,
+            size: 0x1000,
+            file: self.1.clone(),
+            file_offset: 0,
+        }]
+    }
+    fn io_eventfds(&mut self, index: u32) -> Vec<(u64, Arc<vmm_sys_util::eventfd::EventFd>)> {
+        if index != 0 {
+            return Vec::new();
+        }
+        vec![(
+            0x28,
+            Arc::new(vmm_sys_util::eventfd::EventFd::new(0).unwrap()),
+        )]
+    }
+}
+
+/// While the guest decodes the BAR, its mappable area is mapped at the BAR's address and
+/// the doorbell's ioeventfd registered there; moving the BAR moves both, turning decoding
+/// off removes both, and so does removing the function.
+#[test]
+fn bar_areas_and_ioeventfds_follow_the_bar() {
+    use crate::interrupt::InterruptManager;
+    let calls: Calls = Arc::default();
+    let file = crate::memfd::sealed("bar", 0x1000, false).unwrap();
+    let backend = Mappable(
+        Recording {
+            accesses: Vec::new(),
+            gone: false,
+        },
+        Arc::new(file),
+    );
+    let irqs = crate::interrupt::testing::RecordingInterrupts::default();
+    let mut f = PassthroughPci::new(
+        "mappable".into(),
+        Arc::new(Mutex::new(backend)),
+        &mut super::testing::Bump(0xc000_0000),
+        &mut |n| irqs.allocate_msi(n),
+        Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        Some(DirectAccess {
+            mapper: Arc::new(Mapper(calls.clone(), Mutex::new(0))),
+            ioevents: Arc::new(Events(calls.clone())),
+        }),
+    )
+    .unwrap();
+    let take = || std::mem::take(&mut *calls.lock().unwrap());
+    f.decode_changed();
+    assert_eq!(take(), Vec::<String>::new(), "not decoded yet");
+    assert_eq!(f.direct_mappings(), vec![]);
+    f.config_write(1, 0, &[0x2, 0]);
+    f.decode_changed();
+    assert_eq!(
+        take(),
+        ["register 0xc0000028", "map 0xc0001000+0x1000 as 1"]
+    );
+    assert_eq!(f.direct_mappings(), vec![(0, 0x1000, 0x1000, 0xc000_1000)]);
+    f.decode_changed();
+    assert_eq!(take(), Vec::<String>::new(), "nothing moved");
+    f.config_write(4, 0, &0xd000_0000u32.to_le_bytes());
+    f.decode_changed();
+    assert_eq!(
+        take(),
+        [
+            "unregister 0xc0000028",
+            "register 0xd0000028",
+            "unmap 1",
+            "map 0xd0001000+0x1000 as 2"
+        ]
+    );
+    f.config_write(1, 0, &[0, 0]);
+    f.decode_changed();
+    assert_eq!(take(), ["unregister 0xd0000028", "unmap 2"]);
+    assert_eq!(f.direct_mappings(), vec![]);
+    f.config_write(1, 0, &[0x2, 0]);
+    f.decode_changed();
+    take();
+    drop(f);
+    assert_eq!(take(), ["unmap 3", "unregister 0xd0000028"]);
+}
