@@ -420,31 +420,26 @@ fn hostile_a_silent_or_stalled_server_times_out_by_name() {
             "{e:?}"
         );
     };
-    let (client_end, mut s) = UnixStream::pair().unwrap();
-    let silent = thread::spawn(move || {
-        let _ = read_msg(&mut s);
-        thread::sleep(Duration::from_millis(300));
-    });
-    timed_out(
-        VfioUserClient::from_stream(client_end, Duration::from_millis(200))
-            .err()
-            .unwrap(),
-    );
-    silent.join().unwrap();
-
-    let (client_end, mut s) = UnixStream::pair().unwrap();
-    let stalled = thread::spawn(move || {
-        let (h, _) = read_msg(&mut s);
-        let r = reply(h.0, CMD_VERSION, &[0, 0, 1, 0, b'{', b'}', 0]);
-        s.write_all(&r[..20]).unwrap();
-        thread::sleep(Duration::from_millis(300));
-    });
-    timed_out(
-        VfioUserClient::from_stream(client_end, Duration::from_millis(200))
-            .err()
-            .unwrap(),
-    );
-    stalled.join().unwrap();
+    // The server keeps its end open until the client has given up (or 10 s at most).
+    for stall_after in [None, Some(20)] {
+        let (client_end, mut s) = UnixStream::pair().unwrap();
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        let server = thread::spawn(move || {
+            let (h, _) = read_msg(&mut s);
+            if let Some(n) = stall_after {
+                let r = reply(h.0, CMD_VERSION, &[0, 0, 1, 0, b'{', b'}', 0]);
+                s.write_all(&r[..n]).unwrap();
+            }
+            let _ = wait.recv_timeout(Duration::from_secs(10));
+        });
+        timed_out(
+            VfioUserClient::from_stream(client_end, Duration::from_millis(200))
+                .err()
+                .unwrap(),
+        );
+        done.send(()).unwrap();
+        server.join().unwrap();
+    }
 }
 
 /// A client connected to a server that answers VERSION and DEVICE_GET_INFO (no regions, no
