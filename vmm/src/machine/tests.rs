@@ -452,6 +452,18 @@ fn msrs_and_the_clock_survive_a_save_and_a_restore() {
     let got: Vec<(u32, u64)> = back.as_slice().iter().map(|e| (e.index, e.data)).collect();
     assert_eq!(got, vec![(SYSENTER_CS, 0x10), (SYSENTER_ESP, 0x1234_5678)]);
     assert!(b.vm_fd.get_clock().unwrap().clock >= 1 << 40);
+
+    // An MSR this host's KVM refuses is named, and the ones after it are still loaded.
+    let (c, vc) = machine("64M");
+    let mut odd = vcpu.clone();
+    odd.msrs.insert(0, (0xdead_beef, 1));
+    match odd.restore(&vc[0], c.ctx.xsave_size) {
+        Err(kvm_state::KvmStateError::MsrsRefused(m)) => assert_eq!(m, vec![0xdead_beef]),
+        r => panic!("{r:?}"),
+    }
+    let mut back = Msrs::from_entries(&[entry(SYSENTER_ESP, 0)]).unwrap();
+    vc[0].get_msrs(&mut back).unwrap();
+    assert_eq!(back.as_slice()[0].data, 0x1234_5678);
 }
 
 /// Runs `code` (ending in a loop of its own) on the machine's vCPU thread until `done` holds
