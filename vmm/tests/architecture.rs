@@ -56,6 +56,11 @@ fn library_modules(src: &Path) -> BTreeMap<ModPath, String> {
                 .iter()
                 .map(|c| c.to_string_lossy().trim_end_matches(".rs").to_string())
                 .collect();
+            // A module file named `tests` is a `#[cfg(test)] mod tests;` (the crate's
+            // convention): test code, left out like an inline test module.
+            if path.last().is_some_and(|l| l == "tests") {
+                continue;
+            }
             if path.last().is_some_and(|l| l == "mod" || l == "lib") {
                 path.pop();
             }
