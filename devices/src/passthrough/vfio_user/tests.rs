@@ -235,6 +235,27 @@ fn command(id: u16, cmd: u16, body: &[u8]) -> Vec<u8> {
     m
 }
 
+/// The server's side of a client's set-up: VERSION with `caps` (the JSON of
+/// `"capabilities"`), then DEVICE_GET_INFO of one 8 KiB region and no IRQs, then that
+/// region's info.
+fn one_region_handshake(s: &mut UnixStream, caps: &str) {
+    let (h, _) = read_msg(s);
+    let mut v = vec![0, 0, 1, 0];
+    v.extend_from_slice(format!(r#"{{"capabilities":{caps}}}"#).as_bytes());
+    v.push(0);
+    s.write_all(&reply(h.0, CMD_VERSION, &v)).unwrap();
+    let (h, _) = read_msg(s);
+    let mut info = 16u32.to_le_bytes().to_vec();
+    info.extend_from_slice(&[0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]);
+    s.write_all(&reply(h.0, CMD_DEVICE_GET_INFO, &info))
+        .unwrap();
+    let (h, _) = read_msg(s);
+    let mut r = vec![0u8; 32];
+    r[16..24].copy_from_slice(&8192u64.to_le_bytes());
+    s.write_all(&reply(h.0, CMD_DEVICE_GET_REGION_INFO, &r))
+        .unwrap();
+}
+
 #[test]
 fn server_commands_between_a_request_and_its_reply_are_answered_never_taken_for_it() {
     use crate::passthrough::message_dma::MessageDma;
@@ -242,21 +263,7 @@ fn server_commands_between_a_request_and_its_reply_are_answered_never_taken_for_
     let (client_end, mut s) = UnixStream::pair().unwrap();
     let server = thread::spawn(move || {
         // VERSION with small limits, one 8 KiB region, no IRQs.
-        let (h, _) = read_msg(&mut s);
-        let mut v = vec![0, 0, 1, 0];
-        v.extend_from_slice(br#"{"capabilities":{"max_data_xfer_size":4096,"max_msg_fds":1}}"#);
-        v.push(0);
-        s.write_all(&reply(h.0, CMD_VERSION, &v)).unwrap();
-        let (h, _) = read_msg(&mut s);
-        let mut info = 16u32.to_le_bytes().to_vec();
-        info.extend_from_slice(&[0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]);
-        s.write_all(&reply(h.0, CMD_DEVICE_GET_INFO, &info))
-            .unwrap();
-        let (h, _) = read_msg(&mut s);
-        let mut r = vec![0u8; 32];
-        r[16..24].copy_from_slice(&8192u64.to_le_bytes());
-        s.write_all(&reply(h.0, CMD_DEVICE_GET_REGION_INFO, &r))
-            .unwrap();
+        one_region_handshake(&mut s, r#"{"max_data_xfer_size":4096,"max_msg_fds":1}"#);
         // A 6 KiB REGION_READ arrives as two messages (the server's 4 KiB limit).
         let (h, body) = read_msg(&mut s);
         let mut seen = vec![u32_at(&body, 12) as usize];
@@ -510,21 +517,7 @@ type Seen = thread::JoinHandle<Vec<(u16, u64, u32)>>;
 fn region_device() -> (VfioUserClient, Seen) {
     let (client_end, mut s) = UnixStream::pair().unwrap();
     let server = thread::spawn(move || {
-        let (h, _) = read_msg(&mut s);
-        let mut v = vec![0, 0, 1, 0];
-        v.extend_from_slice(br#"{"capabilities":{"max_data_xfer_size":4096}}"#);
-        v.push(0);
-        s.write_all(&reply(h.0, CMD_VERSION, &v)).unwrap();
-        let (h, _) = read_msg(&mut s);
-        let mut info = 16u32.to_le_bytes().to_vec();
-        info.extend_from_slice(&[0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]);
-        s.write_all(&reply(h.0, CMD_DEVICE_GET_INFO, &info))
-            .unwrap();
-        let (h, _) = read_msg(&mut s);
-        let mut r = vec![0u8; 32];
-        r[16..24].copy_from_slice(&8192u64.to_le_bytes());
-        s.write_all(&reply(h.0, CMD_DEVICE_GET_REGION_INFO, &r))
-            .unwrap();
+        one_region_handshake(&mut s, r#"{"max_data_xfer_size":4096}"#);
         let mut seen = Vec::new();
         let mut m = [0u8; 16];
         while s.read_exact(&mut m).is_ok() {
