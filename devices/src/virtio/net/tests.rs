@@ -276,7 +276,17 @@ impl Backend {
 
     /// Sends a MISS on the back-end channel (as DPDK does: no reply asked).
     fn miss(&self, iova: u64, perm: u8) {
-        let msg = VhostUserIotlb::new(VhostUserIotlbType::Miss, iova, 0, 0, perm);
+        self.send_iotlb(VhostUserIotlb::new(
+            VhostUserIotlbType::Miss,
+            iova,
+            0,
+            0,
+            perm,
+        ));
+    }
+
+    /// Sends `msg` as an IOTLB request on the back-end channel (no reply asked).
+    fn send_iotlb(&self, msg: VhostUserIotlb) {
         let ch = self.channel.lock().unwrap();
         let s = ch.as_ref().expect("the back-end channel was set up");
         let mut m = Vec::new();
@@ -388,12 +398,17 @@ fn rig_mode(script: Script, pairs: u16, iotlb: IotlbMode) -> Rig {
 impl Rig {
     /// Activates with the rings as IOVAs.
     fn activate(&mut self) {
+        let f = self.dev.avail_features();
+        self.activate_acked(f).unwrap();
+    }
+
+    /// Activates with the rings as IOVAs, the driver having acked `acked`.
+    fn activate_acked(&mut self, acked: u64) -> Result<(), ActivateError> {
         let evts: Vec<Arc<EventFd>> = (0..self.queues.len())
             .map(|_| Arc::new(EventFd::new(0).unwrap()))
             .collect();
         self.dev.set_notifiers(&evts);
-        let f = self.dev.avail_features();
-        self.dev.set_acked_features(f);
+        self.dev.set_acked_features(acked);
         let qs = self
             .queues
             .iter()
@@ -406,7 +421,7 @@ impl Rig {
                 q
             })
             .collect();
-        self.dev.activate(qs, self.irq.clone()).unwrap();
+        self.dev.activate(qs, self.irq.clone())
     }
 }
 
@@ -998,6 +1013,7 @@ fn control_queue_sets_the_queue_pairs() {
 use virtio_bindings::virtio_net::{VIRTIO_NET_ERR, VIRTIO_NET_OK};
 use vm_memory::Bytes;
 
+mod device;
 mod migration;
 
 /// The UPDATEs remembered for the resend after an invalidation: an invalidation forgets
