@@ -359,7 +359,7 @@ const COUNT: [u8; 10] = [
 ];
 
 /// Waits (up to 10 s) until `f` holds; fails naming `what`.
-fn wait_for(what: &str, f: impl Fn() -> bool) {
+pub(crate) fn wait_for(what: &str, f: impl Fn() -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !f() {
         assert!(
@@ -370,40 +370,33 @@ fn wait_for(what: &str, f: impl Fn() -> bool) {
     }
 }
 
-/// Paused vCPUs stop running guest code and save their state (in the code they ran);
-/// resumed, they run on. The guest counts in memory, and the test reads the count.
-#[test]
-fn paused_vcpus_save_their_state_and_run_again() {
+/// Starts the machine's vCPU on a thread of its own, running [`COUNT`]: the counter at
+/// [`COUNTER`] goes up while the guest runs. [`stop_vcpus`] ends the thread.
+pub(crate) fn start_counting(m: &Machine, mut vcpus: Vec<VcpuFd>) {
     vcpu::install_kick_handler().unwrap();
-    let (m, mut vcpus) = machine("64M");
-    load_writes(&m, &vcpus[0]);
+    load_writes(m, &vcpus[0]);
     let at = PROGRAM + 0x200;
-    let mem = m.ram.mem.clone();
-    mem.write_slice(&COUNT, GuestAddress(at)).unwrap();
+    m.ram.mem.write_slice(&COUNT, GuestAddress(at)).unwrap();
     let mut regs = vcpus[0].get_regs().unwrap();
     regs.rip = at;
     vcpus[0].set_regs(&regs).unwrap();
-    let count = move || mem.read_obj::<u64>(GuestAddress(COUNTER)).unwrap();
-    {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let t = vcpu::spawn(0, vcpus.remove(0), m.ctx.clone(), rx).unwrap();
-        m.threads.locked().push(t);
-        m.requests.locked().push(tx);
-    }
-    wait_for("the guest counting", || count() > 0);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t = vcpu::spawn(0, vcpus.remove(0), m.ctx.clone(), rx).unwrap();
+    m.threads.locked().push(t);
+    m.requests.locked().push(tx);
+}
 
-    m.pause_vcpus().unwrap();
-    let paused = count();
-    std::thread::sleep(Duration::from_millis(50));
-    assert_eq!(count(), paused, "a paused guest counted on");
-    let st = m.save_vcpus().unwrap();
-    assert_eq!(st.len(), 1);
-    let rip = st[0].regs.rip;
-    assert!((at..at + COUNT.len() as u64).contains(&rip), "rip {rip:#x}");
+/// Where [`start_counting`]'s guest code lies.
+pub(crate) const COUNTING_CODE: std::ops::Range<u64> =
+    PROGRAM + 0x200..PROGRAM + 0x200 + COUNT.len() as u64;
 
-    m.resume_vcpus();
-    wait_for("the guest counting again", || count() > paused);
+/// The count of [`start_counting`]'s guest.
+pub(crate) fn counter(m: &Machine) -> u64 {
+    m.ram.mem.read_obj::<u64>(GuestAddress(COUNTER)).unwrap()
+}
 
+/// Ends the machine's vCPU threads (kicking them out of `KVM_RUN`).
+pub(crate) fn stop_vcpus(m: &Machine) {
     m.ctx.stop.store(true, Ordering::Release);
     for t in std::mem::take(&mut *m.threads.locked()) {
         while !t.is_finished() {
@@ -412,6 +405,28 @@ fn paused_vcpus_save_their_state_and_run_again() {
         }
         t.join().unwrap();
     }
+}
+
+/// Paused vCPUs stop running guest code and save their state (in the code they ran);
+/// resumed, they run on. The guest counts in memory, and the test reads the count.
+#[test]
+fn paused_vcpus_save_their_state_and_run_again() {
+    let (m, vcpus) = machine("64M");
+    start_counting(&m, vcpus);
+    wait_for("the guest counting", || counter(&m) > 0);
+
+    m.pause_vcpus().unwrap();
+    let paused = counter(&m);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(counter(&m), paused, "a paused guest counted on");
+    let st = m.save_vcpus().unwrap();
+    assert_eq!(st.len(), 1);
+    let rip = st[0].regs.rip;
+    assert!(COUNTING_CODE.contains(&rip), "rip {rip:#x}");
+
+    m.resume_vcpus();
+    wait_for("the guest counting again", || counter(&m) > paused);
+    stop_vcpus(&m);
 }
 
 /// A vCPU's MSRs (from the list KVM can save) and the VM's clock come back on another VM's

@@ -250,3 +250,143 @@ fn a_round_gives_the_dirty_rate_and_the_downtime_estimate() {
     assert_eq!(r(4000, 100, 3).dirty_rate(), 30);
     assert_eq!(r(4000, 100, 400).expected_downtime_ms(), 15.0);
 }
+
+/// A migration between two machines of this process (real KVM VMs, no kernel), over a Unix
+/// socket, while the source's vCPU counts in memory.
+mod between_machines {
+    use std::path::PathBuf;
+    use std::sync::Arc;
+
+    use crate::machine::tests::{
+        counter, machine, start_counting, stop_vcpus, wait_for, COUNTING_CODE,
+    };
+    use crate::migration::{receive, HandoverResolver};
+
+    use super::*;
+
+    /// Nobody to decide a hand-over left unconfirmed (as a destination without an API).
+    struct NoUser;
+
+    impl HandoverResolver for NoUser {
+        fn wait(&self, _why: &str) -> Option<bool> {
+            None
+        }
+    }
+
+    /// A socket path of this test's own.
+    fn socket(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("vmm-send-{name}-{}.sock", std::process::id()))
+    }
+
+    /// A destination of `memory` receiving on `sock` on a thread: its machine, and the
+    /// thread's outcome with the destination's vCPUs.
+    fn destination(
+        memory: &str,
+        sock: &std::path::Path,
+    ) -> (
+        Arc<Machine>,
+        std::thread::JoinHandle<(Result<(), MigrationError>, Vec<kvm_ioctls::VcpuFd>)>,
+    ) {
+        let (d, vcpus) = machine(memory);
+        let addr: Address = format!("unix:{}", sock.display()).parse().unwrap();
+        let m = d.clone();
+        let t = std::thread::spawn(move || {
+            let r = receive(&m, &vcpus, &crate::migration::Source::Listen(addr), &NoUser);
+            (r, vcpus)
+        });
+        wait_for("the destination listening", || sock.exists());
+        (d, t)
+    }
+
+    /// The destination gets every page (verify compares them all) and the vCPU where the
+    /// source paused it; the source stays paused, its tracking off.
+    #[test]
+    fn a_counting_guest_arrives_whole_and_stays_paused_here() {
+        let sock = socket("whole");
+        let (src, vcpus) = machine("64M");
+        start_counting(&src, vcpus);
+        wait_for("the guest counting", || counter(&src) > 0);
+        let (dst, receiver) = destination("64M", &sock);
+        let report = migrate(
+            &src,
+            &MigrateOptions {
+                to: format!("unix:{}", sock.display()),
+                verify: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let (received, dst_vcpus) = receiver.join().unwrap();
+        received.unwrap();
+        // Paused here: the count stands still.
+        let here = counter(&src);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(counter(&src), here, "the source ran on after the hand-over");
+        assert_eq!(counter(&dst), here, "the destination's count");
+        assert_eq!(
+            crate::migration::ram_hashes(&dst).unwrap(),
+            crate::migration::ram_hashes(&src).unwrap()
+        );
+        let rip = dst_vcpus[0].get_regs().unwrap().rip;
+        assert!(
+            COUNTING_CODE.contains(&rip),
+            "the destination's rip {rip:#x}"
+        );
+        assert_eq!(report.verified_pages, (64 << 20) / 4096);
+        assert!(report.final_pages > 0, "the counter's page, at least");
+        assert_eq!(
+            report.pages,
+            report.rounds.iter().map(|r| r.pages).sum::<u64>() + report.final_pages
+        );
+        assert!(report.bytes > report.pages * 4096);
+        assert!(report.untracked_devices.is_empty());
+        assert!(src.progress.status().is_none(), "no migration under way");
+        stop_vcpus(&src);
+    }
+
+    /// A destination of another shape refuses, and says why; the guest runs on here.
+    #[test]
+    fn a_refusing_destination_names_why_and_the_guest_runs_on_here() {
+        let sock = socket("refused");
+        let (src, vcpus) = machine("64M");
+        start_counting(&src, vcpus);
+        wait_for("the guest counting", || counter(&src) > 0);
+        let (_dst, receiver) = destination("128M", &sock);
+        let e = migrate(
+            &src,
+            &MigrateOptions {
+                to: format!("unix:{}", sock.display()),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(e, MigrationError::Refused(_)), "{e}");
+        assert!(e.to_string().contains("memory"), "{e}");
+        assert!(receiver.join().unwrap().0.is_err());
+        let now = counter(&src);
+        wait_for("the guest counting on", || counter(&src) > now);
+        assert_eq!(*src.lifecycle.locked(), Lifecycle::Running);
+        assert!(src.progress.status().is_none());
+        stop_vcpus(&src);
+    }
+
+    /// Nothing listens: the error names the address, and the guest was never stopped.
+    #[test]
+    fn no_destination_is_named_and_the_guest_never_stops() {
+        let (src, vcpus) = machine("64M");
+        start_counting(&src, vcpus);
+        let to = format!("unix:{}", socket("nobody").display());
+        let e = migrate(
+            &src,
+            &MigrateOptions {
+                to: to.clone(),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains(&to), "{e}");
+        let now = counter(&src);
+        wait_for("the guest counting on", || counter(&src) > now);
+        stop_vcpus(&src);
+    }
+}
