@@ -278,15 +278,12 @@ mod between_machines {
         std::env::temp_dir().join(format!("vmm-send-{name}-{}.sock", std::process::id()))
     }
 
+    /// The receiving thread: its outcome, and the destination's vCPUs.
+    type Receiver = std::thread::JoinHandle<(Result<(), MigrationError>, Vec<kvm_ioctls::VcpuFd>)>;
+
     /// A destination of `memory` receiving on `sock` on a thread: its machine, and the
     /// thread's outcome with the destination's vCPUs.
-    fn destination(
-        memory: &str,
-        sock: &std::path::Path,
-    ) -> (
-        Arc<Machine>,
-        std::thread::JoinHandle<(Result<(), MigrationError>, Vec<kvm_ioctls::VcpuFd>)>,
-    ) {
+    fn destination(memory: &str, sock: &std::path::Path) -> (Arc<Machine>, Receiver) {
         let (d, vcpus) = machine(memory);
         let addr: Address = format!("unix:{}", sock.display()).parse().unwrap();
         let m = d.clone();
