@@ -438,4 +438,140 @@ mod between_machines {
         stop_vcpus(&src);
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    /// How the scripted destination answers once it has read the stream to its END.
+    enum Answer {
+        /// ACK `{"ok": false, "error": ...}`.
+        Refuse(&'static str),
+        /// DONE where the ACK belongs.
+        NotAnAck,
+        /// ACK, then the source's own RAM hashes with the one of page `n` changed.
+        HashesDifferingAt(usize),
+        /// ACK, then, once the COMMIT came, a hang-up instead of DONE.
+        NoDone,
+    }
+
+    /// A destination that reads the stream as a real one does (into no RAM) and answers as
+    /// `answer` says; returns the records it read after its answer.
+    fn scripted_destination(
+        sock: &std::path::Path,
+        src: &Arc<Machine>,
+        answer: Answer,
+    ) -> std::thread::JoinHandle<Vec<Kind>> {
+        let _ = std::fs::remove_file(sock);
+        let l = std::os::unix::net::UnixListener::bind(sock).unwrap();
+        let src = src.clone();
+        std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let config = src.current_config();
+            crate::migration::read_stream(&s, &config, &src.devices.ram_ranges, |_, _| Ok(()))
+                .unwrap();
+            let mut back = StreamWriter::new(&s).unwrap();
+            let ok = serde_json::json!({"ok": true});
+            match answer {
+                Answer::Refuse(why) => back
+                    .json(Kind::Ack, &serde_json::json!({"ok": false, "error": why}))
+                    .unwrap(),
+                Answer::NotAnAck => back.record(Kind::Done, &[]).unwrap(),
+                Answer::HashesDifferingAt(n) => {
+                    // The source is paused: its RAM stands still.
+                    let mut h = crate::migration::ram_hashes(&src).unwrap();
+                    h[n] ^= 1;
+                    back.json(Kind::Ack, &ok).unwrap();
+                    back.hashes(&h).unwrap();
+                }
+                Answer::NoDone => back.json(Kind::Ack, &ok).unwrap(),
+            }
+            back.flush().unwrap();
+            let mut r = StreamReader::resume(&s, 0);
+            let mut after = Vec::new();
+            while let Ok((k, _)) = r.next_record() {
+                after.push(k);
+                if matches!(answer, Answer::NoDone) {
+                    break;
+                }
+            }
+            after
+        })
+    }
+
+    /// Migrates a counting guest to a destination answering `answer`; returns the error
+    /// and the records the destination read after answering.
+    fn migrate_to_scripted(
+        name: &str,
+        answer: Answer,
+        verify: bool,
+    ) -> (Arc<Machine>, MigrationError, Vec<Kind>) {
+        let sock = socket(name);
+        let (src, vcpus) = machine("64M");
+        start_counting(&src, vcpus);
+        wait_for("the guest counting", || counter(&src) > 0);
+        let dst = scripted_destination(&sock, &src, answer);
+        let e = migrate(
+            &src,
+            &MigrateOptions {
+                to: format!("unix:{}", sock.display()),
+                verify,
+                timeout_ms: 2_000,
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        (src, e, dst.join().unwrap())
+    }
+
+    /// Refusals before the COMMIT: the destination's reason (or what it sent instead of an
+    /// ACK) is the error, the source tells it ABORT, and the guest runs on here.
+    #[test]
+    fn a_refusal_before_the_commit_aborts_and_the_guest_runs_on_here() {
+        for (answer, why) in [
+            (Answer::Refuse("no room"), "no room".to_string()),
+            (Answer::NotAnAck, "unexpected Done record".to_string()),
+        ] {
+            let (src, e, after) = migrate_to_scripted("refusal", answer, false);
+            assert!(matches!(&e, MigrationError::Refused(r) if *r == why), "{e}");
+            assert_eq!(after, [Kind::Abort]);
+            let now = counter(&src);
+            wait_for("the guest counting on", || counter(&src) > now);
+            assert_eq!(*src.lifecycle.locked(), Lifecycle::Running);
+            stop_vcpus(&src);
+        }
+    }
+
+    /// Verify compares every page's hash: one page differing fails the migration naming its
+    /// GPA, before any COMMIT, and the guest runs on here.
+    #[test]
+    fn one_page_differing_fails_verify_by_its_gpa() {
+        // Page 0x1234 of the 64 MiB (below the PCI hole: GPA = index * 4 KiB).
+        let (src, e, after) =
+            migrate_to_scripted("verify", Answer::HashesDifferingAt(0x1234), true);
+        assert_eq!(
+            e.to_string(),
+            MigrationError::Verify(
+                "1 pages differ between source and destination: 0x1234000".into()
+            )
+            .to_string()
+        );
+        assert_eq!(after, [Kind::Abort]);
+        let now = counter(&src);
+        wait_for("the guest counting on", || counter(&src) > now);
+        stop_vcpus(&src);
+    }
+
+    /// After the COMMIT the guest may run there: without the destination's DONE it stays
+    /// stopped here for good (`HandoverUnconfirmed`) until the user resumes it.
+    #[test]
+    fn no_done_after_the_commit_leaves_the_guest_stopped_here() {
+        let (src, e, after) = migrate_to_scripted("no-done", Answer::NoDone, false);
+        assert!(matches!(e, MigrationError::Unconfirmed(_)), "{e}");
+        assert_eq!(after, [Kind::Commit]);
+        assert_eq!(*src.lifecycle.locked(), Lifecycle::HandoverUnconfirmed);
+        let stopped = counter(&src);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(counter(&src), stopped, "the guest ran on here");
+        resume_after_handover(&src);
+        wait_for("the guest counting again", || counter(&src) > stopped);
+        stop_vcpus(&src);
+    }
 }
