@@ -706,6 +706,50 @@ mod tests {
         }
     }
 
+    /// [`confine`] installs the filter in the mode the process set with [`set_mode`] (none
+    /// set: no filter, as in a test process), and a violation names the thread by the name
+    /// [`name_thread`] gave it last. Each case runs in a child process, as above.
+    #[test]
+    fn confine_takes_the_process_mode_and_names_the_thread() {
+        if let Ok(case) = std::env::var("VMM_SECCOMP_CONFINE_CASE") {
+            match case.as_str() {
+                "on" => set_mode(Mode::On),
+                "log" => set_mode(Mode::Log),
+                _ => {}
+            }
+            std::thread::spawn(|| {
+                confine("confined", lists::VHOST_USER);
+                name_thread("renamed");
+                // SAFETY: a socket call whose descriptor, if any, the process's end closes.
+                unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, 0) };
+            })
+            .join()
+            .unwrap();
+            // SAFETY: ends the child process.
+            unsafe { libc::_exit(0) };
+        }
+        for (case, code) in [("on", VIOLATION_EXIT), ("log", 0), ("unset", 0)] {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "seccomp::tests::confine_takes_the_process_mode_and_names_the_thread",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env("VMM_SECCOMP_CONFINE_CASE", case)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(code), "{case}: {stderr}");
+            if code == VIOLATION_EXIT {
+                assert!(
+                    stderr.contains("seccomp: the renamed thread made a forbidden system call"),
+                    "{case}: {stderr}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn modes_parse_and_names_are_known() {
         assert_eq!("on".parse::<Mode>(), Ok(Mode::On));
