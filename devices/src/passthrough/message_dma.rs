@@ -241,6 +241,10 @@ mod tests {
             (0x10000, 0x2800, 0x1000),
             (0x10000, 0x2000, 0x800),
             (0x10000, 0x2000, 0),
+            // Offsets that cancel out (XOR) or add up to a page are still offsets.
+            (0x10800, 0x2800, 0x1000),
+            (0x10800, 0x2800, 0x800),
+            (0x10000, 0x2800, 0x1800),
         ] {
             assert!(
                 d.map(iova, gpa, len, Perm::RW).is_err(),

@@ -252,8 +252,8 @@ impl crate::virtio::pci::IoEventRegistrar for Events {
     }
 }
 
-/// A device whose BAR 0 has a mappable area (its second page) and a doorbell ioeventfd at
-/// 0x28.
+/// A device with two BARs, 0 and 2, of which BAR 2 has a mappable area (its second page) and
+/// a doorbell ioeventfd at 0x28.
 struct Mappable(Recording, Arc<std::fs::File>);
 
 impl PassthroughBackend for Mappable {
@@ -261,7 +261,7 @@ impl PassthroughBackend for Mappable {
         self.0.describe()
     }
     fn region(&self, index: u32) -> Option<crate::passthrough::Region> {
-        (index == 0).then_some(crate::passthrough::Region { size: 0x2000 })
+        (index == 0 || index == 2).then_some(crate::passthrough::Region { size: 0x2000 })
     }
     fn region_read(
         &mut self,
@@ -294,7 +294,7 @@ impl PassthroughBackend for Mappable {
         Ok(())
     }
     fn mmap_areas(&self, index: u32) -> Vec<crate::passthrough::MmapArea> {
-        if index != 0 {
+        if index != 2 {
             return Vec::new();
         }
         vec![crate::passthrough::MmapArea {
@@ -305,7 +305,7 @@ impl PassthroughBackend for Mappable {
         }]
     }
     fn io_eventfds(&mut self, index: u32) -> Vec<(u64, Arc<vmm_sys_util::eventfd::EventFd>)> {
-        if index != 0 {
+        if index != 2 {
             return Vec::new();
         }
         vec![(
@@ -315,8 +315,8 @@ impl PassthroughBackend for Mappable {
     }
 }
 
-/// While the guest decodes the BAR, its mappable area is mapped at the BAR's address and
-/// the doorbell's ioeventfd registered there; moving the BAR moves both, turning decoding
+/// While the guest decodes the BARs, BAR 2's mappable area is mapped at BAR 2's address (not
+/// BAR 0's) and the doorbell's ioeventfd registered there; moving the BAR moves both, turning decoding
 /// off removes both, and so does removing the function.
 #[test]
 fn bar_areas_and_ioeventfds_follow_the_bar() {
@@ -351,17 +351,18 @@ fn bar_areas_and_ioeventfds_follow_the_bar() {
     f.decode_changed();
     assert_eq!(
         take(),
-        ["register 0xc0000028", "map 0xc0001000+0x1000 as 1"]
+        ["register 0xc0002028", "map 0xc0003000+0x1000 as 1"]
     );
-    assert_eq!(f.direct_mappings(), vec![(0, 0x1000, 0x1000, 0xc000_1000)]);
+    assert_eq!(f.direct_mappings(), vec![(2, 0x1000, 0x1000, 0xc000_3000)]);
     f.decode_changed();
     assert_eq!(take(), Vec::<String>::new(), "nothing moved");
-    f.config_write(4, 0, &0xd000_0000u32.to_le_bytes());
+    // BAR 2 moves (BAR 0 stays where it is).
+    f.config_write(6, 0, &0xd000_0000u32.to_le_bytes());
     f.decode_changed();
     assert_eq!(
         take(),
         [
-            "unregister 0xc0000028",
+            "unregister 0xc0002028",
             "register 0xd0000028",
             "unmap 1",
             "map 0xd0001000+0x1000 as 2"
