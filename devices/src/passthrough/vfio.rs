@@ -1340,6 +1340,25 @@ mod tests {
         assert!(e.starts_with("IOMMU_IOAS_IOVA_RANGES: "), "{e}");
     }
 
+    /// The host's errno becomes the status the guest's MAP or UNMAP gets (virtio 1.2
+    /// 5.13.6.3): out of pinnable or mappable memory is NOMEM, an IOVA the host cannot use is
+    /// RANGE, the rest is DEVERR; each names the call.
+    #[test]
+    fn host_errors_map_to_the_guests_status() {
+        let status = |errno| errno_status(std::io::Error::from_raw_os_error(errno), "MAP_DMA");
+        for errno in [libc::ENOMEM, libc::ENOSPC] {
+            assert!(
+                matches!(status(errno), BackendError::NoMemory(m) if m.starts_with("MAP_DMA: "))
+            );
+        }
+        for errno in [libc::EINVAL, libc::ERANGE] {
+            assert!(matches!(status(errno), BackendError::Range(m) if m.starts_with("MAP_DMA: ")));
+        }
+        for errno in [libc::EIO, libc::EFAULT, libc::EBUSY] {
+            assert!(matches!(status(errno), BackendError::Failed(m) if m.starts_with("MAP_DMA: ")));
+        }
+    }
+
     #[test]
     fn region_errors_fail_the_device_only_when_it_is_the_device() {
         use vfio_ioctls::VfioError as E;
