@@ -320,4 +320,105 @@ mod tests {
             );
         }
     }
+
+    /// vfio-user.rst, "VFIO_USER_VERSION": what a server leaves out takes the
+    /// specification's default (one descriptor, 1 MiB transfers, 65,535 maps, 4 KiB pages;
+    /// a migration object's 4 KiB bitmap pages and 1 MiB bitmaps).
+    #[test]
+    fn what_a_server_leaves_out_takes_the_specifications_default() {
+        let c = ServerCaps::parse(br#"{"capabilities":{"migration":{}}}"#).unwrap();
+        assert_eq!(
+            c,
+            ServerCaps {
+                max_msg_fds: 1,
+                max_data_xfer_size: 1 << 20,
+                max_dma_maps: 65535,
+                pgsizes: 4096,
+                migration: Some(MigrationCaps {
+                    pgsize: 4096,
+                    max_bitmap_size: 1 << 20,
+                }),
+                extra: serde_json::Map::new(),
+            }
+        );
+        assert_eq!(
+            c,
+            ServerCaps {
+                migration: c.migration,
+                ..ServerCaps::default()
+            }
+        );
+    }
+
+    /// The client announces its own limits, under the names the specification gives them.
+    #[test]
+    fn the_client_announces_its_limits() {
+        let v: serde_json::Value = serde_json::from_str(&client_json()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"capabilities": {
+                "max_msg_fds": 16,
+                "max_data_xfer_size": 1048576,
+                "pgsizes": 4096,
+                "max_dma_maps": 65535,
+                "migration": {"pgsize": 4096, "max_bitmap_size": 1048576},
+            }})
+        );
+    }
+
+    /// A report's bitmap is at least one word and leaves room for the reply's header in one
+    /// transfer, whatever the server announced.
+    #[test]
+    fn the_largest_bitmap_is_clamped_to_a_word_and_a_transfer() {
+        let with = |max_bitmap_size| ServerCaps {
+            migration: Some(MigrationCaps {
+                pgsize: 4096,
+                max_bitmap_size,
+            }),
+            ..ServerCaps::default()
+        };
+        assert_eq!(ServerCaps::default().max_bitmap(), (1 << 20) - 64);
+        assert_eq!(with(0).max_bitmap(), 8);
+        assert_eq!(with(4096).max_bitmap(), 4096);
+        assert_eq!(with(u64::MAX).max_bitmap(), (1 << 20) - 64);
+    }
+
+    /// The bounds of a sparse-mmap capability, each at its edge: an area may end at the
+    /// region's end but not be empty; 64 areas are read, 65 refused; a chain of 16
+    /// capabilities is followed, 17 refused; a capability inside the fixed part, or one
+    /// naming itself as next, is refused.
+    #[test]
+    fn sparse_mmap_bounds_hold_at_their_edges() {
+        let r = region_info(0x4000, &[(0x3000, 0x1000)], 0);
+        assert_eq!(
+            sparse_areas(&r, 0x4000).unwrap(),
+            Some(vec![(0x3000, 0x1000)])
+        );
+        assert!(sparse_areas(&region_info(0x4000, &[(0x1000, 0)], 0), 0x4000).is_err());
+        let many: Vec<(u64, u64)> = (0..65).map(|i| (i * 0x1000, 0x1000)).collect();
+        let r = region_info(0x100_0000, &many[..64], 0);
+        assert_eq!(sparse_areas(&r, 0x100_0000).unwrap().unwrap().len(), 64);
+        let e = sparse_areas(&region_info(0x100_0000, &many, 0), 0x100_0000).unwrap_err();
+        assert_eq!(e, "65 sparse mmap areas");
+        let r = region_info(0x4000, &[(0, 0x1000)], 15);
+        assert_eq!(sparse_areas(&r, 0x4000).unwrap(), Some(vec![(0, 0x1000)]));
+        assert!(sparse_areas(&region_info(0x4000, &[(0, 0x1000)], 16), 0x4000).is_err());
+        let mut inside = region_info(0x4000, &[(0, 0x1000)], 0);
+        inside[12..16].copy_from_slice(&16u32.to_le_bytes());
+        assert!(sparse_areas(&inside, 0x4000).is_err());
+        // Capability 99 at 32 names 32 + 8 (the sparse one) next; make it name itself.
+        let mut own = region_info(0x4000, &[(0, 0x1000)], 1);
+        own[36..40].copy_from_slice(&32u32.to_le_bytes());
+        assert_eq!(
+            sparse_areas(&own, 0x4000).unwrap_err(),
+            "capability chain at offset 32 does not advance"
+        );
+        // The capability's id is its low 16 bits (the version is the high half).
+        let mut versioned = region_info(0x4000, &[(0, 0x1000)], 0);
+        versioned[34..36].copy_from_slice(&7u16.to_le_bytes());
+        assert_eq!(
+            sparse_areas(&versioned, 0x4000).unwrap(),
+            Some(vec![(0, 0x1000)])
+        );
+    }
 }
