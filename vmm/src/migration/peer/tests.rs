@@ -139,6 +139,90 @@ fn a_peer_of_this_uid_or_root_is_admitted() {
     assert_eq!(check_uid(&a), Ok(()));
 }
 
+/// A peer of another uid (a child process that became `nobody`, 65534, before connecting)
+/// is refused, naming both uids. Needs root to change uid; SKIPs otherwise.
+#[test]
+fn a_peer_of_another_uid_is_refused_by_uid() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::net::UnixListener;
+    let owner = rustix::process::geteuid().as_raw();
+    if owner != 0 {
+        eprintln!("SKIP: a_peer_of_another_uid_is_refused_by_uid needs root to change uid");
+        return;
+    }
+    let path = std::env::temp_dir().join(format!("vmm-peer-uid-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let l = UnixListener::bind(&path).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();
+    // SAFETY: a zeroed sockaddr_un, then the path's bytes (shorter than sun_path) copied in.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr
+        .sun_path
+        .iter_mut()
+        .zip(path.as_os_str().as_encoded_bytes())
+    {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: the child makes raw system calls only (no allocation, no locks) and ends with
+    // `_exit`; the parent waits for it.
+    let child = unsafe { libc::fork() };
+    assert!(child >= 0);
+    if child == 0 {
+        // SAFETY: as above.
+        unsafe {
+            if libc::syscall(libc::SYS_setuid, 65534) != 0 {
+                libc::_exit(2);
+            }
+            let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+            let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+            if libc::connect(fd, (&raw const addr).cast(), len) != 0 {
+                libc::_exit(3);
+            }
+            // Until the parent hangs up.
+            let mut b = 0u8;
+            libc::read(fd, (&raw mut b).cast(), 1);
+            libc::_exit(0);
+        }
+    }
+    // Accepts while the child lives (a child that could not connect has exited).
+    l.set_nonblocking(true).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let s = loop {
+        match l.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let mut status = 0;
+                // SAFETY: polls the child forked above.
+                let gone = unsafe { libc::waitpid(child, &mut status, libc::WNOHANG) };
+                assert_eq!(
+                    gone,
+                    0,
+                    "the child ended first: {}",
+                    libc::WEXITSTATUS(status)
+                );
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the child never connected"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    };
+    let r = check_uid(&s);
+    drop(s);
+    let mut status = 0;
+    // SAFETY: waits for the child forked above.
+    assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(
+        r,
+        Err("the peer's uid 65534 is neither the VMM's (0) nor root".to_string())
+    );
+    assert_eq!(libc::WEXITSTATUS(status), 0);
+}
+
 /// A peer that connects and never speaks TLS is refused once the handshake's time is up,
 /// by name; a session's timeout is its socket's read timeout.
 #[test]
