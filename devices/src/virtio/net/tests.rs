@@ -349,6 +349,11 @@ fn rig_with(script: Script, pairs: u16) -> Rig {
 }
 
 fn rig_mode(script: Script, pairs: u16, iotlb: IotlbMode) -> Rig {
+    rig_full(script, pairs, iotlb, None)
+}
+
+/// [`rig_mode`], trying to reconnect every `reconnect` once the back end went away.
+fn rig_full(script: Script, pairs: u16, iotlb: IotlbMode, reconnect: Option<Duration>) -> Rig {
     let be = Backend::start(script);
     let mem = shared_test_memory(MEM);
     let mut v = Viommu::new(ViommuConfig {
@@ -363,7 +368,7 @@ fn rig_mode(script: Script, pairs: u16, iotlb: IotlbMode) -> Rig {
             socket: be.socket.clone(),
             mac: [0x52, 0x54, 0, 1, 2, 3],
             queue_pairs: pairs,
-            reconnect: None,
+            reconnect,
             iommu: Some((iommu.clone(), EP)),
             iotlb,
         },

@@ -143,6 +143,60 @@ fn a_back_end_that_cannot_log_counts_all_of_ram() {
     all_of_ram_until_logging_stops(&r);
 }
 
+/// A back end that goes away while the device logs and comes back (`script`): started
+/// again as a running migration needs (the rig's back end is the new one).
+fn back_end_back_while_logging(script: Script) -> Rig {
+    let mut r = rig_full(DPDK, 1, IotlbMode::Miss, Some(Duration::from_millis(20)));
+    r.activate();
+    r.be.wait_for("ring 1 enabled", |m| {
+        m.is(FrontendReq::SET_VRING_ENABLE) && m.obj::<VhostUserVringState>().index == 1
+    });
+    assert!(r.dev.start_dirty_log());
+    let socket = r.be.socket.clone();
+    r.be.hang_up();
+    eventually("link down", || !r.dev.link_up());
+    // The new one listens on the same path; the old one's drop would remove it.
+    let old = std::mem::replace(&mut r.be, Backend::start_at(socket, script));
+    std::mem::forget(old);
+    eventually("link up again", || r.dev.link_up());
+    r.be.wait_for("ring 1 enabled again", |m| {
+        m.is(FrontendReq::SET_VRING_ENABLE) && m.obj::<VhostUserVringState>().index == 1
+    });
+    r
+}
+
+/// A back end that can log comes back during a migration: it is told to log again (the
+/// log, LOG_ALL), and the harvest keeps taking only what it logs.
+#[test]
+fn a_back_end_back_during_logging_logs_again() {
+    let r = back_end_back_while_logging(DPDK);
+    assert!(r.be.msgs().iter().any(|m| m.is(FrontendReq::SET_LOG_BASE)));
+    let features: Vec<u64> = sent_after::<VhostUserU64>(&r.be, 0, FrontendReq::SET_FEATURES)
+        .iter()
+        .map(|f| f.value)
+        .collect();
+    assert!(
+        !features.is_empty() && features.iter().all(|f| f & LOG_ALL != 0),
+        "{features:x?}"
+    );
+    let ram = [(0u64, MEM as u64)];
+    let mut out = DirtyBitmap::new(&ram);
+    let n = r.dev.harvest_dirty_log(&ram, &mut out);
+    assert!(n < MEM as u64 / 4096, "the log was kept: {n} pages");
+}
+
+/// A back end that comes back during a migration unable to log: the log is lost from then
+/// on (all of RAM at every harvest), and it is not asked to log.
+#[test]
+fn a_back_end_back_unable_to_log_loses_the_log() {
+    let r = back_end_back_while_logging(Script {
+        protocol: DPDK_PROTOCOL & !VhostUserProtocolFeatures::LOG_SHMFD.bits(),
+        ..DPDK
+    });
+    assert!(!r.be.msgs().iter().any(|m| m.is(FrontendReq::SET_LOG_BASE)));
+    all_of_ram_until_logging_stops(&r);
+}
+
 /// Every page of RAM, below the PCI hole and above 4 GiB, is dirty at each harvest while
 /// logging is lost; nothing once logging stopped.
 fn all_of_ram_until_logging_stops(r: &Rig) {
