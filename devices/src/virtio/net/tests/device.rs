@@ -224,6 +224,15 @@ fn the_control_queue_takes_pairs_away_and_reset_stops_the_rest() {
         m.is(FrontendReq::SET_VRING_ENABLE) && m.obj::<VhostUserVringState>().index == 1
     });
     assert_eq!(r.dev.active_pairs(), 1);
+    // More than one pair: the back end is told of multiqueue (MQ, protocol feature 0).
+    let proto: Vec<u64> =
+        r.be.msgs()
+            .iter()
+            .filter(|m| m.is(FrontendReq::SET_PROTOCOL_FEATURES))
+            .map(|m| m.obj::<VhostUserU64>().value)
+            .collect();
+    assert_eq!(proto.len(), 1);
+    assert_ne!(proto[0] & VhostUserProtocolFeatures::MQ.bits(), 0);
     let (mq, set) = (
         VIRTIO_NET_CTRL_MQ as u8,
         VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET as u8,

@@ -143,6 +143,24 @@ fn a_back_end_that_cannot_log_counts_all_of_ram() {
     all_of_ram_until_logging_stops(&r);
 }
 
+/// A back end with the log's protocol feature but not `VHOST_F_LOG_ALL` cannot log either.
+#[test]
+fn a_back_end_without_log_all_cannot_log() {
+    let mut r = rig_with(
+        Script {
+            features: DPDK_FEATURES & !LOG_ALL,
+            ..DPDK
+        },
+        1,
+    );
+    r.activate();
+    r.be.wait_for("ring 1 enabled", |m| {
+        m.is(FrontendReq::SET_VRING_ENABLE) && m.obj::<VhostUserVringState>().index == 1
+    });
+    assert!(!r.dev.start_dirty_log(), "reported untracked");
+    all_of_ram_until_logging_stops(&r);
+}
+
 /// A back end that goes away while the device logs and comes back (`script`): started
 /// again as a running migration needs (the rig's back end is the new one).
 fn back_end_back_while_logging(script: Script) -> Rig {
