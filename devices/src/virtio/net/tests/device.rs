@@ -254,6 +254,15 @@ fn the_control_queue_takes_pairs_away_and_reset_stops_the_rest() {
         rings_after(&r.be, mark, FrontendReq::GET_VRING_BASE),
         [2, 3]
     );
+    // The second pair's rings were handed over without logging (no migration runs).
+    let flags: Vec<(u32, u32)> =
+        r.be.msgs()
+            .iter()
+            .filter(|m| m.is(FrontendReq::SET_VRING_ADDR))
+            .map(|m| m.obj::<VhostUserVringAddr>())
+            .map(|a| (a.index, a.flags))
+            .collect();
+    assert_eq!(flags, [(0, 0), (1, 0), (2, 0), (3, 0)]);
     assert_eq!(r.dev.counters().ctrl_commands.load(Ordering::Relaxed), 4);
     // The driver resets the device: the rings still running stop, and only they.
     let mark = r.be.msgs().len();
@@ -345,4 +354,36 @@ fn a_path_that_is_no_socket_is_refused_by_name() {
     let be = Backend::start(DPDK);
     vhost_user::check_socket(&be.socket).unwrap();
     std::fs::remove_file(&f).unwrap();
+}
+
+/// A back end without VIRTIO_F_VERSION_1 or VHOST_USER_F_PROTOCOL_FEATURES is refused,
+/// naming the feature.
+#[test]
+fn a_back_end_without_a_required_feature_is_refused_by_its_name() {
+    for (bit, name) in [
+        (32, "VIRTIO_F_VERSION_1"),
+        (30, "VHOST_USER_F_PROTOCOL_FEATURES"),
+    ] {
+        let be = Backend::start(Script {
+            features: DPDK_FEATURES & !(1u64 << bit),
+            ..DPDK
+        });
+        let r = VhostUserNet::new(
+            NetConfig {
+                label: "vhost-user-net test".into(),
+                socket: be.socket.clone(),
+                mac: [0x52, 0x54, 0, 1, 2, 3],
+                queue_pairs: 1,
+                reconnect: None,
+                iommu: None,
+                iotlb: IotlbMode::Miss,
+            },
+            shared_test_memory(MEM),
+        );
+        match r {
+            Err(VhostUserError::MissingFeature(n)) => assert_eq!(n, name),
+            Err(e) => panic!("{name}: {e}"),
+            Ok(_) => panic!("{name}: accepted"),
+        }
+    }
 }
