@@ -76,23 +76,24 @@ fn rings_after(be: &Backend, skip: usize, req: FrontendReq) -> Vec<u32> {
 }
 
 /// Sends the control command `class`/`cmd` with `pairs` as its data on the control queue
-/// (queue 4 of two pairs); returns the driver's ack byte.
+/// (the last queue); returns the driver's ack byte.
 fn control(r: &mut Rig, class: u8, cmd: u8, pairs: u16) -> u8 {
+    let q = r.queues.len() - 1;
     let at = 0x9_0000u64;
     r.mem.write_slice(&[class, cmd], GuestAddress(at)).unwrap();
     r.mem
         .write_obj(pairs.to_le(), GuestAddress(at + 2))
         .unwrap();
     r.mem.write_obj(0xeeu8, GuestAddress(at + 0x100)).unwrap();
-    r.queues[4].add(
+    r.queues[q].add(
         &r.mem,
         &[
             (0x1_0000_0000 | at, 4, false),
             (0x1_0000_0000 | (at + 0x100), 1, true),
         ],
     );
-    r.dev.queue_notify(4);
-    assert_eq!(r.queues[4].used(&r.mem).len(), 1, "the command completes");
+    r.dev.queue_notify(q);
+    assert_eq!(r.queues[q].used(&r.mem).len(), 1, "the command completes");
     r.mem.read_obj(GuestAddress(at + 0x100)).unwrap()
 }
 
@@ -386,4 +387,24 @@ fn a_back_end_without_a_required_feature_is_refused_by_its_name() {
             Ok(_) => panic!("{name}: accepted"),
         }
     }
+}
+
+/// With three pairs the queues are rx0, tx0 .. rx2, tx2 and the control queue (virtio 1.2
+/// 5.1.2): the back end is notified of the six data queues, the VMM serves the seventh.
+#[test]
+fn three_pairs_put_the_control_queue_last() {
+    let mut r = rig_with(DPDK, 3);
+    assert_eq!(r.dev.queue_max_sizes().len(), 7);
+    let outside: Vec<usize> = (0..7).filter(|&q| r.dev.notified_outside(q)).collect();
+    assert_eq!(outside, [0, 1, 2, 3, 4, 5]);
+    r.activate();
+    let (mq, set) = (
+        VIRTIO_NET_CTRL_MQ as u8,
+        VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET as u8,
+    );
+    assert_eq!(u32::from(control(&mut r, mq, set, 3)), VIRTIO_NET_OK);
+    assert_eq!(r.dev.active_pairs(), 3);
+    r.be.wait_for("ring 5 enabled", |m| {
+        m.is(FrontendReq::SET_VRING_ENABLE) && m.obj::<VhostUserVringState>().index == 5
+    });
 }
