@@ -408,3 +408,17 @@ fn three_pairs_put_the_control_queue_last() {
         m.is(FrontendReq::SET_VRING_ENABLE) && m.obj::<VhostUserVringState>().index == 5
     });
 }
+
+/// A back end that closes its channel (the IOTLB's way back) but not its socket can no
+/// longer answer misses: the link goes down, as when it hangs up.
+#[test]
+fn a_back_end_that_closes_only_its_channel_takes_the_link_down() {
+    let mut r = rig_with(DPDK, 1);
+    r.activate();
+    assert!(r.dev.link_up());
+    if let Some(s) = r.be.channel.lock().unwrap().take() {
+        s.shutdown(std::net::Shutdown::Both).unwrap();
+    }
+    eventually("link down", || !r.dev.link_up());
+    assert_eq!(r.dev.counters().disconnects.load(Ordering::Relaxed), 1);
+}
