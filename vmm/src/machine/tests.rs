@@ -481,6 +481,56 @@ fn msrs_and_the_clock_survive_a_save_and_a_restore() {
     assert_eq!(back.as_slice()[0].data, 0x1234_5678);
 }
 
+/// A TSC deadline armed by the guest (its local APIC timer in TSC-deadline mode) is armed
+/// again on the destination: KVM ignores a deadline written before the APIC is in that mode,
+/// so a restore must load it after the APIC.
+#[test]
+fn a_tsc_deadline_survives_a_restore() {
+    use kvm_bindings::{kvm_msr_entry, Msrs};
+    use kvm_state::VcpuState;
+    const TSC: u32 = 0x10;
+    const TSC_DEADLINE: u32 = 0x6e0;
+    let (a, va) = machine("64M");
+    if !a.ctx.msr_indices.contains(&TSC_DEADLINE) {
+        eprintln!("SKIP: a_tsc_deadline_survives_a_restore: KVM saves no TSC deadline here");
+        return;
+    }
+    let msr = |vcpu: &VcpuFd, index| {
+        let mut m = Msrs::from_entries(&[kvm_msr_entry {
+            index,
+            ..Default::default()
+        }])
+        .unwrap();
+        assert_eq!(vcpu.get_msrs(&mut m).unwrap(), 1);
+        m.as_slice()[0].data
+    };
+    // The LVT timer register (0x320): TSC-deadline mode (bits 17-18 = 2), vector 0xec.
+    let mut lapic = va[0].get_lapic().unwrap();
+    let lvtt = ((2u32 << 17) | 0xec).to_le_bytes();
+    for (i, b) in lvtt.iter().enumerate() {
+        lapic.regs[0x320 + i] = *b as _;
+    }
+    va[0].set_lapic(&lapic).unwrap();
+    // An hour or so ahead at any clock rate this host has.
+    let deadline = msr(&va[0], TSC) + 10_000_000_000_000;
+    let set = Msrs::from_entries(&[kvm_msr_entry {
+        index: TSC_DEADLINE,
+        data: deadline,
+        ..Default::default()
+    }])
+    .unwrap();
+    assert_eq!(va[0].set_msrs(&set).unwrap(), 1);
+    assert_eq!(msr(&va[0], TSC_DEADLINE), deadline, "armed on the source");
+    let st = VcpuState::save(&va[0], &a.ctx.msr_indices, a.ctx.xsave_size).unwrap();
+    let (b, vb) = machine("64M");
+    st.restore(&vb[0], b.ctx.xsave_size).unwrap();
+    assert_eq!(
+        msr(&vb[0], TSC_DEADLINE),
+        deadline,
+        "armed on the destination"
+    );
+}
+
 /// Runs `code` (ending in a loop of its own) on the machine's vCPU thread until `done` holds
 /// or the VM ends; returns the thread's fallback statistics and why the VM ended, if it did.
 fn run_on_thread(
