@@ -268,4 +268,36 @@ mod tests {
         again[0].update(0xfee0_3000, 0x43, true).unwrap();
         assert_eq!(routes(), vec![(24, (0xfee0_3000, 0x43))]);
     }
+
+    /// A routed vector's trigger reaches the destination's local APIC: its vector is
+    /// pending there (IRR), which is what the routing table is for.
+    #[test]
+    fn a_triggered_vector_is_pending_in_the_local_apic() {
+        let kvm = kvm_ioctls::Kvm::new().unwrap();
+        let vm = kvm.create_vm().unwrap();
+        vm.create_irq_chip().unwrap();
+        let vm = Arc::new(vm);
+        let vcpu = vm.create_vcpu(0).unwrap();
+        // The spurious-interrupt register (0xf0): software-enabled (bit 8).
+        let mut lapic = vcpu.get_lapic().unwrap();
+        lapic.regs[0xf1] |= 1;
+        vcpu.set_lapic(&lapic).unwrap();
+        let ints = KvmInterrupts::new(vm);
+        let v = KvmInterruptManager(ints).allocate_msi(1).unwrap();
+        // Fixed delivery to APIC 0, vector 0x45 (IRR word 2 at 0x220, bit 5).
+        v[0].update(0xfee0_0000, 0x45, true).unwrap();
+        v[0].trigger();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let l = vcpu.get_lapic().unwrap();
+            if l.regs[0x220] as u8 & (1 << 5) != 0 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "vector 0x45 never pending"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
 }
