@@ -682,6 +682,28 @@ fn a_passthrough_device_is_checked_moved_tracked_and_counted() {
     }
 }
 
+/// A passthrough device outside the vIOMMU is tracked by its own DMA log; one that cannot
+/// log is reported untracked by its label (a migration then copies all of RAM each round).
+#[test]
+fn a_device_outside_the_viommu_is_tracked_by_its_log_or_reported() {
+    for (log, untracked) in [
+        (testdev::DirtyLogMode::On, false),
+        (testdev::DirtyLogMode::Off, true),
+    ] {
+        let sock = test_device(testdev::Behaviour {
+            dirty_log: log,
+            ..Default::default()
+        });
+        let flag = format!("socket={}", sock.display());
+        let (m, _) = machine_with("64M", &["--vfio-user", &flag]);
+        let got = m.start_tracking(true).unwrap();
+        let label = m.devices.passthrough.read_locked()[0].label.clone();
+        let want = if untracked { vec![label] } else { vec![] };
+        assert_eq!(got, want, "{log:?}");
+        m.stop_tracking();
+    }
+}
+
 /// A device's DMA to an IOVA the guest never mapped is refused, and its fault report
 /// reaches the VMM's event loop and is counted for that device.
 #[test]
