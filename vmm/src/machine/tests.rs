@@ -744,8 +744,10 @@ fn a_passthrough_devices_fault_is_forwarded_and_counted() {
 #[test]
 fn a_hot_added_device_takes_a_slot_until_removed() {
     let wait = Duration::from_millis(10);
-    let (m, _) = machine_with("64M", &["--iommu", "--hotplug", "iommu=1"]);
-    let slot = m.hotplug.as_ref().unwrap().slots[0].slot;
+    // Two slots outside the vIOMMU too: the refusal counts only the kind asked for.
+    let (m, _) = machine_with("64M", &["--iommu", "--hotplug", "iommu=1,direct=2"]);
+    let slots = &m.hotplug.as_ref().unwrap().slots;
+    let slot = slots.iter().find(|s| s.behind).unwrap().slot;
     let dev = |sock: &std::path::Path| {
         hotplug::HotDevice::VfioUser(
             crate::config::parse_vfio_user(&format!("socket={},iommu=on", sock.display())).unwrap(),
@@ -769,7 +771,10 @@ fn a_hot_added_device_takes_a_slot_until_removed() {
         .contains(&(slot, DeviceKind::VfioUser)));
     let other = test_device(Default::default());
     match m.add_device(&dev(&other), wait) {
-        Err(MachineError::Busy(e)) => assert!(e.contains("all taken"), "{e}"),
+        Err(MachineError::Busy(e)) => assert_eq!(
+            e,
+            "no free hot-plug slot behind the vIOMMU: 1 in all, all taken (--hotplug iommu=N)"
+        ),
         r => panic!("{:?}", r.map(|_| ())),
     }
     match m.remove_device("hotplug0", wait) {
