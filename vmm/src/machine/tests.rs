@@ -792,6 +792,41 @@ fn a_hot_added_device_takes_a_slot_until_removed() {
     stop.store(true, Ordering::Release);
 }
 
+/// A hot-added device that could not report its writes stops counting as untracked once
+/// removed; the other untracked devices still count.
+#[test]
+fn a_removed_device_leaves_the_untracked_list_alone_but_itself() {
+    let wait = Duration::from_millis(10);
+    let off = || {
+        test_device(testdev::Behaviour {
+            dirty_log: testdev::DirtyLogMode::Off,
+            ..Default::default()
+        })
+    };
+    let cold = format!("socket={}", off().display());
+    let (m, _) = machine_with("64M", &["--vfio-user", &cold, "--hotplug", "direct=1"]);
+    let stop = event_loop(&m);
+    let hot = crate::config::parse_vfio_user(&format!("socket={}", off().display())).unwrap();
+    m.add_device(&hotplug::HotDevice::VfioUser(hot), wait)
+        .unwrap();
+    let labels: Vec<String> = m
+        .devices
+        .passthrough
+        .read_locked()
+        .iter()
+        .map(|p| p.label.clone())
+        .collect();
+    assert_eq!(labels.len(), 2);
+    assert_eq!(m.start_tracking(true).unwrap(), labels);
+    assert!(
+        m.remove_device("hotplug0", wait).is_err(),
+        "no guest ejects it"
+    );
+    assert_eq!(*m.devices.untracked.locked(), labels[..1]);
+    m.stop_tracking();
+    stop.store(true, Ordering::Release);
+}
+
 /// Freezing stops the event loop from serving queues; thawing serves them again.
 #[test]
 fn freeze_and_thaw_set_the_devices_flag() {
