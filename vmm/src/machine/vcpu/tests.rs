@@ -187,3 +187,14 @@ fn pause_kicks_until_every_thread_parked_and_resume_lets_them_go() {
     assert!(!pause.pause(&threads, 1, &stop));
     pause.resume();
 }
+
+/// The kick is a real-time signal: the standard ones mean something else to the process
+/// (SIGHUP, say, ends it when its terminal goes), and real-time ones queue.
+#[test]
+fn the_kick_is_a_real_time_signal() {
+    let s = kick_signal();
+    assert!(
+        (libc::SIGRTMIN()..=libc::SIGRTMAX()).contains(&s),
+        "signal {s}"
+    );
+}
