@@ -16,6 +16,7 @@ use vm_memory::{Bytes, GuestAddress};
 use super::caps::ext;
 use super::*;
 use crate::passthrough::message_dma::MessageDma;
+use crate::passthrough::vfio_user_backend::VfioUserDevice;
 use crate::GuestMemoryMmap;
 use iommu::Perm;
 use testdev::{mig, regs, DirtyLogMode};
@@ -330,24 +331,30 @@ fn region_io_fds_give_the_doorbell_an_eventfd_and_bar2_a_mappable_file() {
 /// The passthrough backend over the test device: it names itself, shows its regions and
 /// vectors, reads its registers, migrates (STOP, STOP_COPY with data, back to RUNNING),
 /// and hands over the faults the device logged, each once, `(iova, write)`.
-#[test]
-fn the_backend_over_the_test_device() {
-    use crate::passthrough::vfio_user_backend::VfioUserDevice;
-    use crate::passthrough::{mig_state, PassthroughBackend, VFIO_PCI_MSIX_IRQ_INDEX};
-    let path = std::env::temp_dir().join(format!("vu-backend-{}", std::process::id()));
+/// The passthrough backend over a test device served in this process on a socket named
+/// `name`: the backend, the serving thread, the socket.
+fn backend_device(name: &str) -> (VfioUserDevice, JoinHandle<()>, PathBuf) {
+    let path = std::env::temp_dir().join(format!("vu-{name}-{}", std::process::id()));
     let _ = std::fs::remove_file(&path);
     let p = path.clone();
     let t = std::thread::spawn(move || {
         let _ = testdev::serve(&p, Default::default());
     });
     let deadline = Instant::now() + Duration::from_secs(10);
-    let mut d = loop {
+    let d = loop {
         match VfioUserDevice::connect(&path) {
             Ok(d) => break d,
             Err(e) if Instant::now() > deadline => panic!("no test device: {e}"),
             Err(_) => std::thread::sleep(Duration::from_millis(10)),
         }
     };
+    (d, t, path)
+}
+
+#[test]
+fn the_backend_over_the_test_device() {
+    use crate::passthrough::{mig_state, PassthroughBackend, VFIO_PCI_MSIX_IRQ_INDEX};
+    let (mut d, t, path) = backend_device("backend");
     assert!(d.describe().contains(&path.display().to_string()));
     assert_eq!(d.region(0).map(|r| r.size), Some(testdev::BAR0_SIZE));
     assert_eq!(
@@ -386,6 +393,76 @@ fn the_backend_over_the_test_device() {
     };
     assert_eq!(faults, vec![(0x10_0000, true)]);
     assert_eq!(d.take_faults().unwrap(), vec![]);
+    drop(d);
+    t.join().unwrap();
+}
+
+/// Page requests through the backend (the `vmm-page-request` extension): turned on, the
+/// device's transfer to an IOVA it cannot reach stalls on a request `(id, iova, write)`; an
+/// answer for another id changes nothing; INVALID faults the access (logged), RETRY redoes
+/// it (here still unmapped: a new request). The device counts requests, retries, invalid
+/// answers and timeouts.
+#[test]
+fn page_requests_through_the_backend() {
+    use crate::passthrough::PassthroughBackend;
+    let (mut d, t, _) = backend_device("prq");
+    assert!(d.features().page_request.is_some());
+    assert_eq!(d.take_page_request().unwrap(), None, "off: nothing pending");
+    assert!(d.enable_page_requests().unwrap());
+    assert_eq!(d.page_request_counters().unwrap(), [0; 4]);
+    let w = |d: &mut VfioUserDevice, reg: u64, v: u64, n: usize| {
+        d.region_write(0, reg, &v.to_le_bytes()[..n]).unwrap()
+    };
+    let pending = |d: &VfioUserDevice| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(r) = d.take_page_request().unwrap() {
+                return r;
+            }
+            assert!(Instant::now() < deadline, "no page request");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    let status = |d: &mut VfioUserDevice| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut b = [0u8; 4];
+            d.region_read(0, regs::STATUS, &mut b).unwrap();
+            let s = u32::from_le_bytes(b);
+            if s != testdev::STATUS_BUSY {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "the device never finished");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    // A fill of an IOVA nothing maps: a write request.
+    w(&mut d, regs::DST, 0x12_3000, 8);
+    w(&mut d, regs::LEN, 4096, 8);
+    w(&mut d, regs::OP, u64::from(testdev::OP_FILL), 4);
+    w(&mut d, regs::DOORBELL, 1, 4);
+    let (id, iova, write) = pending(&d);
+    assert_eq!((iova, write), (0x12_3000, true));
+    d.answer_page_request(id.wrapping_add(1), ext::PRQ_INVALID)
+        .unwrap();
+    assert_eq!(pending(&d), (id, 0x12_3000, true), "still the same request");
+    d.answer_page_request(id, ext::PRQ_INVALID).unwrap();
+    assert_eq!(status(&mut d), testdev::STATUS_ERROR);
+    assert_eq!(d.take_faults().unwrap(), vec![(0x12_3000, true)]);
+    assert_eq!(d.page_request_counters().unwrap(), [1, 0, 1, 0]);
+    // A copy from an unmapped source: a read request; RETRY with nothing mapped asks again.
+    w(&mut d, regs::SRC, 0x45_6000, 8);
+    w(&mut d, regs::OP, u64::from(testdev::OP_COPY), 4);
+    w(&mut d, regs::DOORBELL, 1, 4);
+    let (id, iova, write) = pending(&d);
+    assert_eq!((iova, write), (0x45_6000, false));
+    d.answer_page_request(id, ext::PRQ_RETRY).unwrap();
+    let (again, iova, write) = pending(&d);
+    assert_ne!(again, id, "a new request");
+    assert_eq!((iova, write), (0x45_6000, false));
+    d.answer_page_request(again, ext::PRQ_INVALID).unwrap();
+    assert_eq!(status(&mut d), testdev::STATUS_ERROR);
+    assert_eq!(d.page_request_counters().unwrap(), [3, 1, 2, 0]);
     drop(d);
     t.join().unwrap();
 }
