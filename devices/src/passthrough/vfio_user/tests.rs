@@ -589,3 +589,114 @@ fn region_accesses_split_stay_inside_and_check_their_replies() {
         ]
     );
 }
+
+/// `region_io_fds(0)` of a client whose server has one 8 KiB region and answers
+/// GET_REGION_IO_FDS with `message(id)` and `fds` eventfds attached.
+fn io_fds_with(
+    message: impl FnOnce(u16) -> Vec<u8> + Send + 'static,
+    fds: usize,
+) -> Result<Vec<IoFd>, VfioUserError> {
+    let (client_end, mut s) = UnixStream::pair().unwrap();
+    let server = thread::spawn(move || {
+        one_region_handshake(&mut s, "{}");
+        let (h, _) = read_msg(&mut s);
+        let evts: Vec<vmm_sys_util::eventfd::EventFd> = (0..fds)
+            .map(|_| vmm_sys_util::eventfd::EventFd::new(0).unwrap())
+            .collect();
+        let raw: Vec<RawFd> = evts.iter().map(|e| e.as_raw_fd()).collect();
+        s.send_with_fds(&[&message(h.0)[..]], &raw).unwrap();
+        s
+    });
+    let mut c = VfioUserClient::from_stream(client_end, Duration::from_secs(5)).unwrap();
+    let r = c.region_io_fds(0);
+    drop(server.join());
+    r
+}
+
+/// A GET_REGION_IO_FDS reply for region `index` announcing `count` sub-regions, carrying
+/// `entries` (`(offset, size, fd index, type, flags, datamatch)`, 40 bytes each).
+fn io_fds_reply(index: u32, count: u32, entries: &[(u64, u64, u32, u32, u32, u64)]) -> Vec<u8> {
+    let mut b = (16 + 40 * entries.len() as u32).to_le_bytes().to_vec();
+    b.extend_from_slice(&0u32.to_le_bytes());
+    b.extend_from_slice(&index.to_le_bytes());
+    b.extend_from_slice(&count.to_le_bytes());
+    for &(off, size, fd, kind, flags, datamatch) in entries {
+        b.extend_from_slice(&off.to_le_bytes());
+        b.extend_from_slice(&size.to_le_bytes());
+        for v in [fd, kind, flags, 0] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b.extend_from_slice(&datamatch.to_le_bytes());
+    }
+    b
+}
+
+/// vfio-user.rst, "VFIO_USER_DEVICE_GET_REGION_IO_FDS": each ioeventfd sub-region comes
+/// with its descriptor (by index) and, when its flag says so, the value it matches; other
+/// types are skipped. A server that refuses the command offers none; a reply for another
+/// region, announcing more than 64 sub-regions or more than it carries, naming a range
+/// outside the region or a descriptor it did not send, is refused.
+#[test]
+fn region_io_fds_are_read_by_the_spec_and_bad_ones_refused() {
+    let ok = io_fds_with(
+        |id| {
+            let e = [
+                (0x28, 4, 1, 0, 1, 0x77),
+                (0x100, 8, 0, 1, 0, 0),
+                (0x1ffc, 4, 0, 0, 0, 0x99),
+            ];
+            reply(id, CMD_DEVICE_GET_REGION_IO_FDS, &io_fds_reply(0, 3, &e))
+        },
+        2,
+    )
+    .unwrap();
+    let got: Vec<(u64, u64, Option<u64>)> = ok.iter().map(|f| (f.0, f.1, f.2)).collect();
+    assert_eq!(got, [(0x28, 4, Some(0x77)), (0x1ffc, 4, None)]);
+    assert!(!Arc::ptr_eq(&ok[0].3, &ok[1].3), "each its own descriptor");
+    // 64 sub-regions, the most a reply may carry.
+    let many = io_fds_with(
+        |id| {
+            let e: Vec<_> = (0..64).map(|i| (i * 8, 4, 0, 0, 0, 0)).collect();
+            reply(id, CMD_DEVICE_GET_REGION_IO_FDS, &io_fds_reply(0, 64, &e))
+        },
+        1,
+    );
+    assert_eq!(many.unwrap().len(), 64);
+    let refused = io_fds_with(
+        |id| {
+            header(
+                id,
+                CMD_DEVICE_GET_REGION_IO_FDS,
+                16,
+                FLAG_REPLY | FLAG_ERROR,
+                22,
+            )
+        },
+        0,
+    );
+    assert!(refused.unwrap().is_empty());
+    let entry = |off, size, fd| [(off, size, fd, 0, 0, 0)];
+    for (what, body, fds) in [
+        ("another region", io_fds_reply(1, 1, &entry(0, 4, 0)), 1),
+        ("short header", vec![0u8; 12], 1),
+        ("65 sub-regions", io_fds_reply(0, 65, &entry(0, 4, 0)), 1),
+        ("more than carried", io_fds_reply(0, 2, &entry(0, 4, 0)), 1),
+        ("past the end", io_fds_reply(0, 1, &entry(0x1ffd, 4, 0)), 1),
+        (
+            "empty at the end",
+            io_fds_reply(0, 1, &entry(0x2000, 0, 0)),
+            1,
+        ),
+        ("no such descriptor", io_fds_reply(0, 1, &entry(0, 4, 1)), 1),
+    ] {
+        let r = io_fds_with(
+            move |id| reply(id, CMD_DEVICE_GET_REGION_IO_FDS, &body),
+            fds,
+        );
+        assert!(
+            matches!(r, Err(VfioUserError::Protocol { .. })),
+            "{what}: {:?}",
+            r.map(|v| v.len())
+        );
+    }
+}
