@@ -700,3 +700,95 @@ fn region_io_fds_are_read_by_the_spec_and_bad_ones_refused() {
         );
     }
 }
+
+/// A client whose server has one region and answers its GET_REGION_INFO requests with
+/// `replies` in turn (a body, and eventfds attached: the region's file); returns the client
+/// and the `argsz` of each request.
+fn region_info_with(replies: Vec<(Vec<u8>, usize)>) -> (VfioUserClient, Vec<u32>) {
+    let (client_end, mut s) = UnixStream::pair().unwrap();
+    let server = thread::spawn(move || {
+        // A request that never comes fails the test instead of hanging it.
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let (h, _) = read_msg(&mut s);
+        s.write_all(&reply(h.0, CMD_VERSION, &[0, 0, 1, 0, b'{', b'}', 0]))
+            .unwrap();
+        let (h, _) = read_msg(&mut s);
+        let mut info = 16u32.to_le_bytes().to_vec();
+        info.extend_from_slice(&[0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]);
+        s.write_all(&reply(h.0, CMD_DEVICE_GET_INFO, &info))
+            .unwrap();
+        let mut asked = Vec::new();
+        for (body, fds) in replies {
+            let (h, req) = read_msg(&mut s);
+            asked.push(u32_at(&req, 0));
+            let files: Vec<vmm_sys_util::eventfd::EventFd> = (0..fds)
+                .map(|_| vmm_sys_util::eventfd::EventFd::new(0).unwrap())
+                .collect();
+            let raw: Vec<RawFd> = files.iter().map(|e| e.as_raw_fd()).collect();
+            let msg = reply(h.0, CMD_DEVICE_GET_REGION_INFO, &body);
+            s.send_with_fds(&[&msg[..]], &raw).unwrap();
+        }
+        asked
+    });
+    let c = VfioUserClient::from_stream(client_end, Duration::from_secs(5)).unwrap();
+    (c, server.join().unwrap())
+}
+
+/// A `struct vfio_region_info` of 16 KiB at file offset 0x5000 with `flags` and `argsz`,
+/// followed by a sparse-mmap capability of `areas` when `caps` (cap_offset 32).
+fn region_info_body(argsz: u32, flags: u32, caps: bool, areas: &[(u64, u64)]) -> Vec<u8> {
+    let mut b = argsz.to_le_bytes().to_vec();
+    b.extend_from_slice(&flags.to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes());
+    b.extend_from_slice(&(if caps { 32u32 } else { 0 }).to_le_bytes());
+    b.extend_from_slice(&0x4000u64.to_le_bytes());
+    b.extend_from_slice(&0x5000u64.to_le_bytes());
+    if caps {
+        b.extend_from_slice(&1u16.to_le_bytes());
+        b.extend_from_slice(&1u16.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&(areas.len() as u32).to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        for &(o, s) in areas {
+            b.extend_from_slice(&o.to_le_bytes());
+            b.extend_from_slice(&s.to_le_bytes());
+        }
+    }
+    b
+}
+
+/// vfio-user.rst, "VFIO_USER_DEVICE_GET_REGION_INFO": a reply whose `argsz` is larger than
+/// asked (it has capabilities) is asked again with room for them; the region is mappable
+/// where its sparse-mmap areas say, from the file the reply carried, only with the MMAP flag,
+/// a file and at least one area.
+#[test]
+fn region_info_is_asked_again_for_its_capabilities_and_mapped_by_its_areas() {
+    const RW: u32 = 0x1 | 0x2;
+    const MMAP: u32 = 0x4;
+    const CAPS: u32 = 0x8;
+    let area = [(0x1000, 0x1000)];
+    let full = region_info_body(64, RW | MMAP | CAPS, true, &area);
+    let (c, asked) = region_info_with(vec![(full[..32].to_vec(), 0), (full.clone(), 1)]);
+    assert_eq!(asked, [32, 64]);
+    assert_eq!(c.regions()[0].size, 0x4000);
+    let m = c.region_mmap(0).expect("mappable");
+    assert_eq!((m.file_offset, m.areas.clone()), (0x5000, area.to_vec()));
+    // No CAPS flag: nothing asked again, and without the capability nothing mapped.
+    let (c, asked) = region_info_with(vec![(region_info_body(64, RW | MMAP, false, &[]), 1)]);
+    assert_eq!(asked, [32]);
+    assert!(c.region_mmap(0).is_none());
+    // CAPS, but all of it fits in what was asked: not asked again.
+    let (c, asked) = region_info_with(vec![(region_info_body(32, RW | CAPS, false, &[]), 0)]);
+    assert_eq!(asked, [32]);
+    assert!(c.region_mmap(0).is_none());
+    // Areas and a file, but no MMAP flag; the MMAP flag, but no area; no file.
+    for (flags, areas, fds) in [
+        (RW | CAPS, &area[..], 1),
+        (RW | MMAP | CAPS, &[][..], 1),
+        (RW | MMAP | CAPS, &area[..], 0),
+    ] {
+        let body = region_info_body(32 + 16 + 16 * areas.len() as u32, flags, true, areas);
+        let (c, _) = region_info_with(vec![(body.clone(), fds), (body, fds)]);
+        assert!(c.region_mmap(0).is_none(), "{flags:#x} {areas:?} {fds}");
+    }
+}
