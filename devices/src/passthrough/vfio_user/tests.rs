@@ -792,3 +792,90 @@ fn region_info_is_asked_again_for_its_capabilities_and_mapped_by_its_areas() {
         assert!(c.region_mmap(0).is_none(), "{flags:#x} {areas:?} {fds}");
     }
 }
+
+/// vfio-user.rst, "VFIO_USER_DEVICE_SET_IRQS" and "VFIO_USER_DEVICE_GET_IRQ_INFO": vectors
+/// are set in messages of at most the server's `max_msg_fds` descriptors, each from its own
+/// start; no descriptors disables the index. IRQ info is asked only of an index the device
+/// has, and a reply for another index is refused.
+#[test]
+fn irqs_are_set_in_messages_the_server_takes_and_asked_of_indices_it_has() {
+    let (client_end, mut s) = UnixStream::pair().unwrap();
+    let server = thread::spawn(move || {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let (h, _) = read_msg(&mut s);
+        let mut v = vec![0, 0, 1, 0];
+        v.extend_from_slice(br#"{"capabilities":{"max_msg_fds":2}}"#);
+        v.push(0);
+        s.write_all(&reply(h.0, CMD_VERSION, &v)).unwrap();
+        let (h, _) = read_msg(&mut s);
+        // No regions, one IRQ index.
+        let mut info = 16u32.to_le_bytes().to_vec();
+        info.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]);
+        s.write_all(&reply(h.0, CMD_DEVICE_GET_INFO, &info))
+            .unwrap();
+        // SET_IRQS messages: (flags, index, start, count, descriptors received).
+        let mut sets = Vec::new();
+        loop {
+            let mut h = [0u8; 16];
+            let mut fds = [-1 as RawFd; 8];
+            let mut iov = [libc::iovec {
+                iov_base: h.as_mut_ptr().cast(),
+                iov_len: 16,
+            }];
+            // SAFETY: `iov` points at `h`, which outlives the call.
+            let Ok((16, nfds)) = (unsafe { s.recv_with_fds(&mut iov, &mut fds) }) else {
+                break;
+            };
+            for &fd in &fds[..nfds] {
+                // SAFETY: descriptors just received, ours to close.
+                drop(unsafe { std::fs::File::from_raw_fd(fd) });
+            }
+            let mut body = vec![0u8; u32_at(&h, 4) as usize - 16];
+            s.read_exact(&mut body).unwrap();
+            let (id, cmd) = (
+                u16::from_le_bytes([h[0], h[1]]),
+                u16::from_le_bytes([h[2], h[3]]),
+            );
+            if cmd == CMD_SET_IRQS {
+                let f = |o| u32_at(&body, o);
+                sets.push((f(4), f(8), f(12), f(16), nfds));
+                s.write_all(&reply(id, cmd, &[])).unwrap();
+            } else if cmd == CMD_GET_IRQ_INFO {
+                // The first ask gets its own index with 3 vectors, the second another index.
+                let index = if sets.len() == 4 { u32_at(&body, 8) } else { 7 };
+                let mut r = 16u32.to_le_bytes().to_vec();
+                r.extend_from_slice(&0x9u32.to_le_bytes());
+                r.extend_from_slice(&index.to_le_bytes());
+                r.extend_from_slice(&3u32.to_le_bytes());
+                sets.push((0, 0, 0, 0, 0));
+                s.write_all(&reply(id, cmd, &r)).unwrap();
+            }
+        }
+        sets
+    });
+    let mut c = VfioUserClient::from_stream(client_end, Duration::from_secs(5)).unwrap();
+    assert_eq!(c.num_irqs(), 1);
+    let evts: Vec<vmm_sys_util::eventfd::EventFd> = (0..5)
+        .map(|_| vmm_sys_util::eventfd::EventFd::new(0).unwrap())
+        .collect();
+    let raw: Vec<RawFd> = evts.iter().map(|e| e.as_raw_fd()).collect();
+    c.set_irqs(0, 10, &raw).unwrap();
+    c.set_irqs(0, 0, &[]).unwrap();
+    let info = c.irq_info(0).unwrap();
+    assert_eq!((info.flags, info.count), (0x9, 3));
+    assert!(matches!(c.irq_info(0), Err(VfioUserError::Protocol { .. })));
+    assert!(matches!(c.irq_info(1), Err(VfioUserError::Invalid(_))));
+    drop(c);
+    let (eventfd, none) = (IRQ_SET_EVENTFD_TRIGGER, IRQ_SET_NONE_TRIGGER);
+    assert_eq!(
+        server.join().unwrap(),
+        [
+            (eventfd, 0, 10, 2, 2),
+            (eventfd, 0, 12, 2, 2),
+            (eventfd, 0, 14, 1, 1),
+            (none, 0, 0, 0, 0),
+            (0, 0, 0, 0, 0),
+            (0, 0, 0, 0, 0),
+        ]
+    );
+}
