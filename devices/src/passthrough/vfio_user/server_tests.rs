@@ -466,3 +466,136 @@ fn page_requests_through_the_backend() {
     drop(d);
     t.join().unwrap();
 }
+
+/// Guest RAM as the device maps it: 1 MiB at GPA 0 (file offset 0) and 1 MiB at 4 GiB (file
+/// offset 1 MiB) of one 2 MiB memfd.
+fn shared_ram() -> crate::passthrough::vfio_user_backend::SharedRam {
+    crate::passthrough::vfio_user_backend::SharedRam {
+        memfd: Arc::new(memfile(2 << 20)),
+        ranges: vec![(0, 1 << 20, 0), (1 << 32, 1 << 20, 1 << 20)],
+    }
+}
+
+/// A GPA range's memfd offset: inside one RAM range (up to its last byte), never across one
+/// or outside all.
+#[test]
+fn shared_ram_finds_a_ranges_file_offset() {
+    let ram = shared_ram();
+    assert_eq!(ram.offset_of(0x1000, 0x1000), Some(0x1000));
+    assert_eq!(ram.offset_of(0xf_f000, 0x1000), Some(0xf_f000));
+    assert_eq!(ram.offset_of((1 << 32) + 0x2000, 0x1000), Some(0x10_2000));
+    assert_eq!(ram.offset_of(0xf_f000, 0x2000), None, "past the range");
+    assert_eq!(ram.offset_of(0x10_0000, 0x1000), None, "in the hole");
+    assert_eq!(ram.offset_of(u64::MAX - 0xfff, 0x2000), None, "wraps");
+}
+
+/// The vfio-user DMA backend over the test device: it names the device and declares what the
+/// server offers (DMA logging, merging with `vmm-split-unmap` unless told not to); a map
+/// makes the guest's RAM reachable at the IOVA with the guest's permissions (the device
+/// writes land in the memfd at the GPA's offset, and a read-only mapping refuses writes);
+/// dirty tracking reports the pages written, clearing them; an unmap takes the range away.
+/// GPAs outside RAM are refused, and a failed device takes no more calls.
+#[test]
+fn the_dma_backend_maps_guest_ram_with_its_permissions_and_tracks_writes() {
+    use crate::passthrough::vfio_user_backend::VfioUserDma;
+    use crate::passthrough::PassthroughBackend;
+    use iommu::backend::{BackendError, DmaBackend};
+    use std::os::unix::fs::FileExt;
+    let (d, t, _) = backend_device("dma");
+    let ram = shared_ram();
+    let mut dma = VfioUserDma::new(d.clone(), ram.clone());
+    assert_eq!(dma.name(), d.describe());
+    let caps = dma.caps();
+    assert!(caps.dirty_tracking && caps.merge_maps && caps.merge_unmaps);
+    let caps = VfioUserDma::new(d.clone(), ram.clone())
+        .without_merging()
+        .caps();
+    assert!(caps.dirty_tracking && !caps.merge_maps && !caps.merge_unmaps);
+
+    let mut dev = d.clone();
+    let mut op = |op: u32, src: u64, dst: u64, len: u64| {
+        for (reg, v, n) in [
+            (regs::SRC, src, 8),
+            (regs::DST, dst, 8),
+            (regs::LEN, len, 8),
+            (regs::OP, u64::from(op), 4),
+            (regs::FILL, 0x5a, 4),
+            (regs::DOORBELL, 1, 4),
+        ] {
+            dev.region_write(0, reg, &v.to_le_bytes()[..n]).unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut b = [0u8; 4];
+            dev.region_read(0, regs::STATUS, &mut b).unwrap();
+            let s = u32::from_le_bytes(b);
+            if s != testdev::STATUS_BUSY {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "the device never finished");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    // Two pages read-write above 4 GiB, one read-only below.
+    dma.map(0x20_0000, (1 << 32) + 0x3000, 0x2000, Perm::RW)
+        .unwrap();
+    dma.map(0x30_0000, 0x5000, 0x1000, Perm::READ).unwrap();
+    assert_eq!(*dma.calls.lock().unwrap(), (2, 0));
+    assert_eq!(
+        dma.mapped_bytes.load(std::sync::atomic::Ordering::Relaxed),
+        0x3000
+    );
+    dma.set_dirty_tracking(true).unwrap();
+    assert_eq!(
+        op(testdev::OP_FILL, 0, 0x20_1000, 0x1000),
+        testdev::STATUS_DONE
+    );
+    let mut page = [0u8; 0x1000];
+    ram.memfd
+        .read_exact_at(&mut page, (1 << 20) + 0x4000)
+        .unwrap();
+    assert_eq!(page, [0x5a; 0x1000], "at the GPA's offset in the memfd");
+    // Reads from the read-only page work; writes to it fault.
+    assert_eq!(
+        op(testdev::OP_COPY, 0x30_0000, 0x20_0000, 0x1000),
+        testdev::STATUS_DONE
+    );
+    assert_eq!(
+        op(testdev::OP_FILL, 0, 0x30_0000, 0x1000),
+        testdev::STATUS_ERROR
+    );
+    let mut bits = [0u64; 1];
+    dma.read_dirty(0x20_0000, 0x2000, &mut bits, true).unwrap();
+    assert_eq!(bits[0], 0b11, "both pages written");
+    let mut bits = [0u64; 1];
+    dma.read_dirty(0x20_0000, 0x2000, &mut bits, true).unwrap();
+    assert_eq!(bits[0], 0, "cleared by the report");
+    assert_eq!(
+        dma.read_dirty(0x20_0000, 0x2000, &mut bits, false),
+        Err(BackendError::Unsupported),
+        "a report always clears"
+    );
+    dma.set_dirty_tracking(false).unwrap();
+    dma.unmap(0x20_0000, 0x2000).unwrap();
+    assert_eq!(*dma.calls.lock().unwrap(), (2, 1));
+    assert_eq!(
+        dma.mapped_bytes.load(std::sync::atomic::Ordering::Relaxed),
+        0x1000
+    );
+    assert_eq!(
+        op(testdev::OP_FILL, 0, 0x20_0000, 0x1000),
+        testdev::STATUS_ERROR
+    );
+    assert!(matches!(
+        dma.map(0x40_0000, 0x10_0000, 0x1000, Perm::RW),
+        Err(BackendError::BadAddress(_))
+    ));
+    // A failed device: the guest's view stays consistent, nothing is sent.
+    d.failed_flag()
+        .store(true, std::sync::atomic::Ordering::Release);
+    dma.map(0x50_0000, 0x6000, 0x1000, Perm::RW).unwrap();
+    dma.unmap(0x30_0000, 0x1000).unwrap();
+    assert_eq!(*dma.calls.lock().unwrap(), (2, 1));
+    drop((dma, d, dev));
+    t.join().unwrap();
+}
