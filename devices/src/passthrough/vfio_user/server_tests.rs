@@ -332,13 +332,16 @@ fn region_io_fds_give_the_doorbell_an_eventfd_and_bar2_a_mappable_file() {
 /// vectors, reads its registers, migrates (STOP, STOP_COPY with data, back to RUNNING),
 /// and hands over the faults the device logged, each once, `(iova, write)`.
 /// The passthrough backend over a test device served in this process on a socket named
-/// `name`: the backend, the serving thread, the socket.
-fn backend_device(name: &str) -> (VfioUserDevice, JoinHandle<()>, PathBuf) {
+/// `name`, behaving as `how`: the backend, the serving thread, the socket.
+fn backend_device_with(
+    name: &str,
+    how: testdev::Behaviour,
+) -> (VfioUserDevice, JoinHandle<()>, PathBuf) {
     let path = std::env::temp_dir().join(format!("vu-{name}-{}", std::process::id()));
     let _ = std::fs::remove_file(&path);
     let p = path.clone();
     let t = std::thread::spawn(move || {
-        let _ = testdev::serve(&p, Default::default());
+        let _ = testdev::serve(&p, how);
     });
     let deadline = Instant::now() + Duration::from_secs(10);
     let d = loop {
@@ -349,6 +352,11 @@ fn backend_device(name: &str) -> (VfioUserDevice, JoinHandle<()>, PathBuf) {
         }
     };
     (d, t, path)
+}
+
+/// [`backend_device_with`] the default behaviour.
+fn backend_device(name: &str) -> (VfioUserDevice, JoinHandle<()>, PathBuf) {
+    backend_device_with(name, Default::default())
 }
 
 #[test]
@@ -367,12 +375,56 @@ fn the_backend_over_the_test_device() {
     assert!(d.features().fault_log.is_some());
     assert!(d.socket_fd() > 2);
 
+    // BAR 0's doorbell takes an ioeventfd; BAR 2 is mapped from the file the server gave.
+    let doorbell: Vec<u64> = d.io_eventfds(0).iter().map(|e| e.0).collect();
+    assert_eq!(doorbell, [regs::DOORBELL]);
+    assert!(d.io_eventfds(2).is_empty());
+    let areas = d.mmap_areas(2);
+    assert_eq!(areas.len(), 1);
+    assert_eq!((areas[0].offset, areas[0].size), (0, testdev::BAR2_SIZE));
+    let mut magic = [0u8; 4];
+    std::os::unix::fs::FileExt::read_exact_at(&*areas[0].file, &mut magic, areas[0].file_offset)
+        .unwrap();
+    assert_eq!(u32::from_le_bytes(magic), testdev::BAR2_MAGIC);
+    assert!(d.mmap_areas(0).is_empty());
+
+    // Its state moves to another device: STOP_COPY's data, written in RESUMING.
     assert!(d.supports_migration());
+    d.region_write(0, regs::DELAY_US, &0x1234u32.to_le_bytes())
+        .unwrap();
     d.set_migration_state(mig_state::STOP).unwrap();
     d.set_migration_state(mig_state::STOP_COPY).unwrap();
-    assert!(!d.read_migration_data().unwrap().is_empty());
+    let data = d.read_migration_data().unwrap();
+    let (mut to, t2, _) = backend_device("backend-to");
+    to.set_migration_state(mig_state::STOP).unwrap();
+    to.set_migration_state(mig_state::RESUMING).unwrap();
+    to.write_migration_data(&data).unwrap();
+    to.set_migration_state(mig_state::STOP).unwrap();
+    to.set_migration_state(mig_state::RUNNING).unwrap();
+    let mut delay = [0u8; 4];
+    to.region_read(0, regs::DELAY_US, &mut delay).unwrap();
+    assert_eq!(u32::from_le_bytes(delay), 0x1234, "the state arrived");
+    // A reset puts the registers back.
+    to.reset().unwrap();
+    to.region_read(0, regs::DELAY_US, &mut delay).unwrap();
+    assert_eq!(u32::from_le_bytes(delay), 0);
+    drop(to);
+    t2.join().unwrap();
     d.set_migration_state(mig_state::STOP).unwrap();
     d.set_migration_state(mig_state::RUNNING).unwrap();
+    // A device without migration says so, and refuses every state by name.
+    let (mut fixed, t3, _) = backend_device_with(
+        "backend-fixed",
+        testdev::Behaviour {
+            no_migration: true,
+            ..Default::default()
+        },
+    );
+    assert!(!fixed.supports_migration());
+    let e = fixed.set_migration_state(mig_state::STOP).unwrap_err();
+    assert!(e.to_string().contains("does not support migration"), "{e}");
+    drop(fixed);
+    t3.join().unwrap();
 
     assert_eq!(d.take_faults().unwrap(), vec![]);
     let w = |d: &mut VfioUserDevice, reg: u64, v: u64, n: usize| {
