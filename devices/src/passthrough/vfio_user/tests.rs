@@ -479,7 +479,7 @@ fn server_commands_between_requests_are_served_in_bounded_batches() {
     let mem = Arc::new(crate::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
     let table = Arc::new(MessageDma::new(mem.clone(), None));
     table.map(0x1000, 0x4000, 0x1000, iommu::Perm::RW).unwrap();
-    c.set_dma_access(table);
+    c.set_dma_access(table.clone());
     assert_eq!(c.serve_server_commands().unwrap(), 0);
     for i in 0..70u16 {
         let mut w = 0x1800u64.to_le_bytes().to_vec();
@@ -496,6 +496,18 @@ fn server_commands_between_requests_are_served_in_bounded_batches() {
     mem.read_slice(&mut last, GuestAddress(0x4800)).unwrap();
     assert_eq!(last, [69]);
     assert_eq!(c.served(), (0, 70, 0));
+
+    // A read of exactly the largest transfer (1 MiB) is served; the server gets it whole.
+    table.map(0x10_0000, 0, 1 << 20, iommu::Perm::RW).unwrap();
+    let mut rd = 0x10_0000u64.to_le_bytes().to_vec();
+    rd.extend_from_slice(&(1u64 << 20).to_le_bytes());
+    s.write_all(&command(2000, CMD_DMA_READ, &rd)).unwrap();
+    // The reply is larger than the socket's buffer: read it while it is written.
+    let mut r = s.try_clone().unwrap();
+    let reader = thread::spawn(move || read_msg(&mut r));
+    assert_eq!(c.serve_server_commands().unwrap(), 1);
+    let (h, body) = reader.join().unwrap();
+    assert_eq!((h.0, h.3, body.len()), (2000, 0, 16 + (1 << 20)));
 
     s.write_all(&reply(7, CMD_DMA_READ, &[])).unwrap();
     let e = c.serve_server_commands().unwrap_err().to_string();
@@ -538,6 +550,9 @@ fn region_device() -> (VfioUserClient, Seen) {
                 out.extend(std::iter::repeat_n(0x5a, count as usize));
             } else if offset == 0x200 {
                 out[12..16].copy_from_slice(&(count - 1).to_le_bytes());
+            } else if offset == 0x300 {
+                // Shorter than a write's reply.
+                out.truncate(8);
             }
             s.write_all(&reply(id, cmd, &out)).unwrap();
         }
@@ -575,6 +590,8 @@ fn region_accesses_split_stay_inside_and_check_their_replies() {
     assert!(e.contains("REGION_READ"), "{e}");
     let e = c.region_write(0, 0x200, &buf[..8]).unwrap_err().to_string();
     assert!(e.contains("reply does not confirm the write"), "{e}");
+    let e = c.region_write(0, 0x300, &buf[..8]).unwrap_err().to_string();
+    assert!(e.contains("reply does not confirm the write"), "{e}");
     drop(c);
     assert_eq!(
         server.join().unwrap(),
@@ -586,6 +603,7 @@ fn region_accesses_split_stay_inside_and_check_their_replies() {
             (CMD_REGION_WRITE, 4096, 2048),
             (CMD_REGION_READ, 0x100, 8),
             (CMD_REGION_WRITE, 0x200, 8),
+            (CMD_REGION_WRITE, 0x300, 8),
         ]
     );
 }
@@ -878,4 +896,58 @@ fn irqs_are_set_in_messages_the_server_takes_and_asked_of_indices_it_has() {
             (0, 0, 0, 0, 0),
         ]
     );
+}
+
+/// A client set up by a server that answers VERSION with `version` and DEVICE_GET_INFO with
+/// `regions` regions and `irqs` IRQ indexes, then each region's info (256 bytes, no caps).
+fn set_up_by(version: Vec<u8>, regions: u32, irqs: u32) -> Result<VfioUserClient, VfioUserError> {
+    let (client_end, mut s) = UnixStream::pair().unwrap();
+    let server = thread::spawn(move || {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let (h, _) = read_msg(&mut s);
+        s.write_all(&reply(h.0, CMD_VERSION, &version)).unwrap();
+        let (h, _) = read_msg(&mut s);
+        let mut info = 16u32.to_le_bytes().to_vec();
+        info.extend_from_slice(&0u32.to_le_bytes());
+        info.extend_from_slice(&regions.to_le_bytes());
+        info.extend_from_slice(&irqs.to_le_bytes());
+        s.write_all(&reply(h.0, CMD_DEVICE_GET_INFO, &info))
+            .unwrap();
+        // Region infos for as long as the client asks.
+        let mut m = [0u8; 16];
+        while s.read_exact(&mut m).is_ok() {
+            let mut body = vec![0u8; u32_at(&m, 4) as usize - 16];
+            s.read_exact(&mut body).unwrap();
+            let mut r = vec![0u8; 32];
+            r[..4].copy_from_slice(&32u32.to_le_bytes());
+            r[8..12].copy_from_slice(&body[8..12]);
+            r[16..24].copy_from_slice(&256u64.to_le_bytes());
+            let id = u16::from_le_bytes([m[0], m[1]]);
+            s.write_all(&reply(id, CMD_DEVICE_GET_REGION_INFO, &r))
+                .unwrap();
+        }
+    });
+    // The server thread ends once the client hangs up.
+    drop(server);
+    VfioUserClient::from_stream(client_end, Duration::from_secs(5))
+}
+
+/// vfio-user.rst, "VFIO_USER_VERSION" and "VFIO_USER_DEVICE_GET_INFO": a version reply of
+/// just major and minor (no capabilities) takes the defaults; up to 64 regions and 64 IRQ
+/// indexes are plausible, 65 are not.
+#[test]
+fn a_bare_version_and_the_bounds_of_a_device() {
+    let c = set_up_by(vec![0, 0, 1, 0], 1, 1).unwrap();
+    assert_eq!(*c.caps(), ServerCaps::default());
+    let c = set_up_by(vec![0, 0, 1, 0, b'{', b'}', 0], 64, 64).unwrap();
+    assert_eq!((c.regions().len(), c.num_irqs()), (64, 64));
+    for (regions, irqs) in [(65, 1), (1, 65)] {
+        let e = set_up_by(vec![0, 0, 1, 0], regions, irqs).err().unwrap();
+        assert!(
+            e.to_string().contains("implausible"),
+            "{regions} {irqs}: {e}"
+        );
+    }
+    let e = set_up_by(vec![0, 0, 1], 1, 1).err().unwrap();
+    assert!(e.to_string().contains("shorter than a version"), "{e}");
 }
