@@ -5,6 +5,8 @@ use std::thread;
 
 use super::*;
 
+mod feature;
+
 /// A server that answers VERSION properly, then sends `bad` as the reply to the next
 /// command.
 fn hostile(bad: Vec<u8>) -> Result<VfioUserClient, VfioUserError> {
