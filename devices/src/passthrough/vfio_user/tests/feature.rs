@@ -297,3 +297,82 @@ fn logging_reports_are_split_at_the_servers_bitmap_and_checked() {
         ));
     }
 }
+
+/// The DMA backend over a scripted server that refuses the features (no migration, no DMA
+/// logging) and answers DMA_MAP with the errnos of `map_errnos` in turn: a server out of
+/// memory or of map slots is NOMEM to the guest, another refusal is DEVERR, and a malformed
+/// reply fails the device for good. Without DMA logging, dirty tracking is unsupported.
+#[test]
+fn the_dma_backend_turns_server_errors_into_the_guests_statuses() {
+    use crate::passthrough::vfio_user_backend::{SharedRam, VfioUserDevice, VfioUserDma};
+    use iommu::backend::{BackendError, DmaBackend};
+    let path = std::env::temp_dir().join(format!("vu-errs-{}", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).unwrap();
+    let server = thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        one_region_handshake(&mut s, "{}");
+        let mut errnos = [libc::ENOMEM, libc::ENOSPC, libc::EINVAL].into_iter();
+        let mut m = [0u8; 16];
+        while s.read_exact(&mut m).is_ok() {
+            let mut body = vec![0u8; u32_at(&m, 4) as usize - 16];
+            s.read_exact(&mut body).unwrap();
+            let (id, cmd) = (
+                u16::from_le_bytes([m[0], m[1]]),
+                u16::from_le_bytes([m[2], m[3]]),
+            );
+            let errno = if cmd == CMD_DEVICE_FEATURE {
+                Some(libc::ENOTTY)
+            } else {
+                errnos.next()
+            };
+            let msg = match errno {
+                Some(e) => header(id, cmd, 16, FLAG_REPLY | FLAG_ERROR, e as u32),
+                // A reply to another message.
+                None => header(id.wrapping_add(1), cmd, 16, FLAG_REPLY, 0),
+            };
+            s.write_all(&msg).unwrap();
+        }
+    });
+    let dev = VfioUserDevice::connect(&path).unwrap();
+    let _ = std::fs::remove_file(&path);
+    let f = dev.features();
+    assert!(f.migration.is_none() && !f.dma_logging);
+    let memfd = std::sync::Arc::new(tempfile_memfd());
+    let ram = SharedRam {
+        memfd,
+        ranges: vec![(0, 1 << 20, 0)],
+    };
+    let mut dma = VfioUserDma::new(dev.clone(), ram);
+    assert!(!dma.caps().dirty_tracking);
+    assert_eq!(dma.set_dirty_tracking(true), Err(BackendError::Unsupported));
+    let mut bits = [0u64; 1];
+    assert_eq!(
+        dma.read_dirty(0, 4096, &mut bits, true),
+        Err(BackendError::Unsupported)
+    );
+    let mut map = || dma.map(0x1000, 0x1000, 0x1000, iommu::Perm::RW);
+    assert!(matches!(map(), Err(BackendError::NoMemory(_))));
+    assert!(matches!(map(), Err(BackendError::NoMemory(_))));
+    assert!(matches!(map(), Err(BackendError::Failed(_))));
+    assert!(!dev.failed_flag().load(std::sync::atomic::Ordering::Acquire));
+    assert!(matches!(map(), Err(BackendError::Failed(_))));
+    assert!(
+        dev.failed_flag().load(std::sync::atomic::Ordering::Acquire),
+        "a malformed reply fails the device"
+    );
+    drop((dma, dev));
+    server.join().unwrap();
+}
+
+/// A 1 MiB memfd.
+fn tempfile_memfd() -> std::fs::File {
+    use std::os::fd::FromRawFd;
+    // SAFETY: a new descriptor, checked, owned by the File.
+    let fd = unsafe { libc::memfd_create(c"vu-errs".as_ptr(), 0) };
+    assert!(fd >= 0);
+    // SAFETY: as above.
+    let f = unsafe { std::fs::File::from_raw_fd(fd) };
+    f.set_len(1 << 20).unwrap();
+    f
+}
