@@ -395,6 +395,8 @@ mod tests {
             Some(vec![(0x3000, 0x1000)])
         );
         assert!(sparse_areas(&region_info(0x4000, &[(0x1000, 0)], 0), 0x4000).is_err());
+        // An offset and a size off a page by the same amount (their XOR is aligned).
+        assert!(sparse_areas(&region_info(0x4000, &[(0x800, 0x1800)], 0), 0x4000).is_err());
         let many: Vec<(u64, u64)> = (0..65).map(|i| (i * 0x1000, 0x1000)).collect();
         let r = region_info(0x100_0000, &many[..64], 0);
         assert_eq!(sparse_areas(&r, 0x100_0000).unwrap().unwrap().len(), 64);

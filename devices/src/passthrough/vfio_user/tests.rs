@@ -953,3 +953,40 @@ fn a_bare_version_and_the_bounds_of_a_device() {
     let e = set_up_by(vec![0, 0, 1], 1, 1).err().unwrap();
     assert!(e.to_string().contains("shorter than a version"), "{e}");
 }
+
+/// A server that hangs up with a request unread resets the connection: the error says so
+/// (it is not a timeout, nor an orderly end).
+#[test]
+fn a_server_that_resets_the_connection_is_named_as_such() {
+    let (client_end, s) = UnixStream::pair().unwrap();
+    let (mut c, mut s) = bare_client(s, client_end);
+    // The request arrives; the server reads part of it and closes.
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 32];
+    let reader = thread::spawn(move || {
+        s.read_exact(&mut buf[..4]).unwrap();
+        drop(s);
+    });
+    let e = c.reset().unwrap_err();
+    reader.join().unwrap();
+    assert!(
+        matches!(&e, VfioUserError::Io(io) if io.kind() == io::ErrorKind::ConnectionReset),
+        "{e:?}"
+    );
+    // The same after half a reply's header.
+    let (client_end, s) = UnixStream::pair().unwrap();
+    let (mut c, mut s) = bare_client(s, client_end);
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let reader = thread::spawn(move || {
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).unwrap();
+        s.write_all(&[0u8; 8]).unwrap();
+        drop(s);
+    });
+    let e = c.reset().unwrap_err();
+    reader.join().unwrap();
+    assert!(
+        matches!(&e, VfioUserError::Io(io) if io.kind() == io::ErrorKind::ConnectionReset),
+        "{e:?}"
+    );
+}
