@@ -390,7 +390,8 @@ fn a_back_end_without_a_required_feature_is_refused_by_its_name() {
 }
 
 /// With three pairs the queues are rx0, tx0 .. rx2, tx2 and the control queue (virtio 1.2
-/// 5.1.2): the back end is notified of the six data queues, the VMM serves the seventh.
+/// 5.1.2): the back end is notified of the six data queues, the VMM serves the seventh;
+/// pairs taken away stop their own rings.
 #[test]
 fn three_pairs_put_the_control_queue_last() {
     let mut r = rig_with(DPDK, 3);
@@ -407,6 +408,15 @@ fn three_pairs_put_the_control_queue_last() {
     r.be.wait_for("ring 5 enabled", |m| {
         m.is(FrontendReq::SET_VRING_ENABLE) && m.obj::<VhostUserVringState>().index == 5
     });
+    // Down to two pairs, then one: each time the rings of the pairs taken away stop.
+    for (pairs, stopped) in [(2, [4, 5]), (1, [2, 3])] {
+        let mark = r.be.msgs().len();
+        assert_eq!(u32::from(control(&mut r, mq, set, pairs)), VIRTIO_NET_OK);
+        assert_eq!(
+            rings_after(&r.be, mark, FrontendReq::GET_VRING_BASE),
+            stopped
+        );
+    }
 }
 
 /// A back end that closes its channel (the IOTLB's way back) but not its socket can no
