@@ -514,6 +514,11 @@ fn page_requests_through_the_backend() {
     assert_eq!((iova, write), (0x45_6000, false));
     d.answer_page_request(again, ext::PRQ_INVALID).unwrap();
     assert_eq!(status(&mut d), testdev::STATUS_ERROR);
+    assert_eq!(
+        d.take_faults().unwrap(),
+        vec![(0x45_6000, false)],
+        "a read fault"
+    );
     assert_eq!(d.page_request_counters().unwrap(), [3, 1, 2, 0]);
     drop(d);
     t.join().unwrap();
