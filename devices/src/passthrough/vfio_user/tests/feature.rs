@@ -376,3 +376,144 @@ fn tempfile_memfd() -> std::fs::File {
     f.set_len(1 << 20).unwrap();
     f
 }
+
+/// A vfio-user device at a socket of its own whose server announces `caps` and the regions
+/// `regions` (a `struct vfio_region_info` each, with that many eventfds attached as its
+/// file), refuses every feature, confirms region writes and answers region reads with bytes
+/// of `read_back`. The server's thread returns the `(command, region, offset)` of each
+/// region access.
+fn scripted_device(
+    caps: &'static str,
+    regions: Vec<(Vec<u8>, usize)>,
+    read_back: u8,
+) -> (
+    crate::passthrough::vfio_user_backend::VfioUserDevice,
+    thread::JoinHandle<Vec<(u16, u32, u64)>>,
+) {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("vu-dev-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).unwrap();
+    let server = thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut accesses = Vec::new();
+        let mut m = [0u8; 16];
+        while s.read_exact(&mut m).is_ok() {
+            let mut body = vec![0u8; u32_at(&m, 4) as usize - 16];
+            s.read_exact(&mut body).unwrap();
+            let (id, cmd) = (
+                u16::from_le_bytes([m[0], m[1]]),
+                u16::from_le_bytes([m[2], m[3]]),
+            );
+            let (r, fds): (Vec<u8>, usize) = match cmd {
+                CMD_VERSION => {
+                    let mut v = vec![0, 0, 1, 0];
+                    v.extend_from_slice(format!(r#"{{"capabilities":{caps}}}"#).as_bytes());
+                    v.push(0);
+                    (v, 0)
+                }
+                CMD_DEVICE_GET_INFO => {
+                    let mut info = 16u32.to_le_bytes().to_vec();
+                    info.extend_from_slice(&0u32.to_le_bytes());
+                    info.extend_from_slice(&(regions.len() as u32).to_le_bytes());
+                    info.extend_from_slice(&0u32.to_le_bytes());
+                    (info, 0)
+                }
+                CMD_DEVICE_GET_REGION_INFO => {
+                    let index = u32_at(&body, 8);
+                    let (mut r, fds) = regions[index as usize].clone();
+                    r[8..12].copy_from_slice(&index.to_le_bytes());
+                    (r, fds)
+                }
+                CMD_REGION_READ | CMD_REGION_WRITE => {
+                    let (offset, region, count) =
+                        (u64_at(&body, 0), u32_at(&body, 8), u32_at(&body, 12));
+                    accesses.push((cmd, region, offset));
+                    let mut r = body[..16].to_vec();
+                    if cmd == CMD_REGION_READ {
+                        r.extend(std::iter::repeat_n(read_back, count as usize));
+                    }
+                    (r, 0)
+                }
+                _ => {
+                    let e = header(id, cmd, 16, FLAG_REPLY | FLAG_ERROR, libc::ENOTTY as u32);
+                    s.write_all(&e).unwrap();
+                    continue;
+                }
+            };
+            let files: Vec<vmm_sys_util::eventfd::EventFd> = (0..fds)
+                .map(|_| vmm_sys_util::eventfd::EventFd::new(0).unwrap())
+                .collect();
+            let raw: Vec<RawFd> = files.iter().map(|e| e.as_raw_fd()).collect();
+            s.send_with_fds(&[&reply(id, cmd, &r)[..]], &raw).unwrap();
+        }
+        accesses
+    });
+    let dev = crate::passthrough::vfio_user_backend::VfioUserDevice::connect(&path).unwrap();
+    let _ = std::fs::remove_file(&path);
+    (dev, server)
+}
+
+/// A region's info: `size` bytes at file offset 0x5000, with a sparse-mmap area
+/// `(0x1000, 0x1000)` and the MMAP flag when `mappable`.
+fn scripted_region(size: u64, mappable: bool) -> (Vec<u8>, usize) {
+    let mut b = (if mappable { 64u32 } else { 32 }).to_le_bytes().to_vec();
+    let flags: u32 = if mappable { 0x3 | 0x4 | 0x8 } else { 0x3 };
+    b.extend_from_slice(&flags.to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes());
+    b.extend_from_slice(&(if mappable { 32u32 } else { 0 }).to_le_bytes());
+    b.extend_from_slice(&size.to_le_bytes());
+    b.extend_from_slice(&0x5000u64.to_le_bytes());
+    if mappable {
+        b.extend_from_slice(&1u16.to_le_bytes());
+        b.extend_from_slice(&1u16.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&1u32.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&0x1000u64.to_le_bytes());
+        b.extend_from_slice(&0x1000u64.to_le_bytes());
+    }
+    (b, usize::from(mappable))
+}
+
+/// The backend's view of a scripted device: an extension whose region is empty is not
+/// offered; page requests need a region of at least 0x40 bytes and a device that reads the
+/// enable bit back; a mappable area lies at the region's file offset plus its own.
+#[test]
+fn the_backend_takes_extensions_page_requests_and_areas_as_the_server_gives_them() {
+    use crate::passthrough::PassthroughBackend;
+    let caps = r#"{"vmm-fault-log":{"region":0},"vmm-page-request":{"region":1}}"#;
+    // Region 0 empty; region 1 of 0x40 bytes; region 2 mappable.
+    let regions = vec![
+        scripted_region(0, false),
+        scripted_region(0x40, false),
+        scripted_region(0x4000, true),
+    ];
+    let (dev, server) = scripted_device(caps, regions.clone(), 1);
+    let f = dev.features();
+    assert_eq!((f.fault_log, f.page_request), (None, Some(1)));
+    assert!(dev.enable_page_requests().unwrap());
+    let areas = dev.mmap_areas(2);
+    let got: Vec<(u64, u64, u64)> = areas
+        .iter()
+        .map(|a| (a.offset, a.size, a.file_offset))
+        .collect();
+    assert_eq!(got, [(0x1000, 0x1000, 0x6000)]);
+    drop((dev, areas));
+    // Enabled, then read back at 0.
+    assert_eq!(
+        server.join().unwrap(),
+        [(CMD_REGION_WRITE, 1, 0), (CMD_REGION_READ, 1, 0)]
+    );
+    // A device that reads the enable bit back as 0 did not turn requests on.
+    let (dev, _) = scripted_device(caps, regions, 0);
+    assert!(!dev.enable_page_requests().unwrap());
+    // A region too small for the interface: not touched.
+    let small = vec![scripted_region(0, false), scripted_region(0x3f, false)];
+    let (dev, server) = scripted_device(caps, small, 1);
+    assert!(!dev.enable_page_requests().unwrap());
+    drop(dev);
+    assert_eq!(server.join().unwrap(), []);
+}
