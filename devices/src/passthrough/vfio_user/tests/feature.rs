@@ -377,6 +377,9 @@ fn tempfile_memfd() -> std::fs::File {
     f
 }
 
+/// The region accesses `(command, region, offset)` a scripted server saw.
+type RegionAccesses = thread::JoinHandle<Vec<(u16, u32, u64)>>;
+
 /// A vfio-user device at a socket of its own whose server announces `caps` and the regions
 /// `regions` (a `struct vfio_region_info` each, with that many eventfds attached as its
 /// file), refuses every feature, confirms region writes and answers region reads with bytes
@@ -388,7 +391,7 @@ fn scripted_device(
     read_back: u8,
 ) -> (
     crate::passthrough::vfio_user_backend::VfioUserDevice,
-    thread::JoinHandle<Vec<(u16, u32, u64)>>,
+    RegionAccesses,
 ) {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
