@@ -322,7 +322,15 @@ impl PassthroughBackend for Mappable {
 fn bar_areas_and_ioeventfds_follow_the_bar() {
     use crate::interrupt::InterruptManager;
     let calls: Calls = Arc::default();
-    let file = crate::memfd::sealed("bar", 0x1000, false).unwrap();
+    let file = crate::memfd::sealed("bar-areas-follow-the-bar", 0x1000, false).unwrap();
+    // The host's mappings of the area's file, as /proc/self/maps lists them.
+    let host_maps = || {
+        std::fs::read_to_string("/proc/self/maps")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("memfd:bar-areas-follow-the-bar"))
+            .count()
+    };
     let backend = Mappable(
         Recording {
             accesses: Vec::new(),
@@ -354,6 +362,7 @@ fn bar_areas_and_ioeventfds_follow_the_bar() {
         ["register 0xc0002028", "map 0xc0003000+0x1000 as 1"]
     );
     assert_eq!(f.direct_mappings(), vec![(2, 0x1000, 0x1000, 0xc000_3000)]);
+    assert_eq!(host_maps(), 1, "the area mapped in this process");
     f.decode_changed();
     assert_eq!(take(), Vec::<String>::new(), "nothing moved");
     // BAR 2 moves (BAR 0 stays where it is).
@@ -377,4 +386,5 @@ fn bar_areas_and_ioeventfds_follow_the_bar() {
     take();
     drop(f);
     assert_eq!(take(), ["unmap 3", "unregister 0xd0000028"]);
+    assert_eq!(host_maps(), 0, "and unmapped with the function");
 }
