@@ -193,9 +193,24 @@ fn msix_control_and_restores_through_the_pci_interface() {
         panic!("not a passthrough state");
     };
     st.config[1] |= 0x6;
+    // Vector 1 masked and pending: the guest reads it in the pending-bit array, at its
+    // offset in the MSI-X BAR.
+    let m = st.msix.as_mut().unwrap();
+    m.entries[1].3 |= 1;
+    m.pending[0] = 0b10;
     f.restore_state(&FunctionState::Passthrough(st.clone()))
         .unwrap();
     assert_eq!(f.config().read_reg(1) & 0x6, 0x6);
+    let bar = f.msix.as_ref().unwrap().0;
+    let mut pba = [0u8; 8];
+    f.bar_read(bar, MSIX_PBA_OFFSET, &mut pba);
+    assert_eq!(u64::from_le_bytes(pba), 0b10);
+    // A write there changes nothing (the array is read-only), nor does it reach the table.
+    let table = f.msix.as_ref().unwrap().1.save().entries;
+    f.bar_write(bar, MSIX_PBA_OFFSET, &[0xff; 8]);
+    f.bar_read(bar, MSIX_PBA_OFFSET, &mut pba);
+    assert_eq!(u64::from_le_bytes(pba), 0b10);
+    assert_eq!(f.msix.as_ref().unwrap().1.save().entries, table);
     let other = FunctionState::HostBridge(Vec::new());
     assert!(f.restore_state(&other).is_err());
 }
