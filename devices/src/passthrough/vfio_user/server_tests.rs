@@ -632,9 +632,16 @@ fn the_dma_backend_maps_guest_ram_with_its_permissions_and_tracks_writes() {
         Err(BackendError::Unsupported),
         "a report always clears"
     );
-    dma.set_dirty_tracking(false).unwrap();
-    dma.unmap(0x20_0000, 0x2000).unwrap();
+    // An unmap that reads the range's dirty pages: the write before it is in the bitmap.
+    assert_eq!(
+        op(testdev::OP_FILL, 0, 0x20_0000, 0x1000),
+        testdev::STATUS_DONE
+    );
+    let mut bits = [0u64; 1];
+    dma.unmap_read_dirty(0x20_0000, 0x2000, &mut bits).unwrap();
+    assert_eq!(bits[0], 0b01);
     assert_eq!(*dma.calls.lock().unwrap(), (2, 1));
+    dma.set_dirty_tracking(false).unwrap();
     assert_eq!(
         dma.mapped_bytes.load(std::sync::atomic::Ordering::Relaxed),
         0x1000

@@ -148,6 +148,14 @@ fn device_states_are_set_and_read_back() {
     });
     assert!(c.set_mig_state(3).is_err());
     assert!(c.mig_state().is_err());
+    // Just the state (no data_fd): enough, either way.
+    let (mut c, _) = answering("{}", |_, body| {
+        let mut r = echo_head(body);
+        r.extend_from_slice(&3u32.to_le_bytes());
+        Ok(r)
+    });
+    assert_eq!(c.set_mig_state(3).unwrap(), 3);
+    assert_eq!(c.mig_state().unwrap(), 3);
 }
 
 /// MIG_DATA_READ asks for the transfer limit each time and stops at the first shorter
@@ -173,6 +181,13 @@ fn migration_data_is_read_until_a_short_answer() {
             (CMD_MIG_DATA_READ, 8 + 4096, 4096)
         );
     }
+    // No data at all: an empty answer ends it at once.
+    let (mut c, _) = answering(r#"{"max_data_xfer_size":4096}"#, |_, body| {
+        let mut r = echo_head(body);
+        r[4..8].copy_from_slice(&0u32.to_le_bytes());
+        Ok(r)
+    });
+    assert_eq!(c.read_mig_data().unwrap(), Vec::<u8>::new());
     for (size, carried) in [(10u32, 12usize), (4097, 4097), (4, 0)] {
         let (mut c, _) = answering(r#"{"max_data_xfer_size":4096}"#, move |_, body| {
             let mut r = echo_head(body);
@@ -261,9 +276,11 @@ fn logging_reports_are_split_at_the_servers_bitmap_and_checked() {
         Err(VfioUserError::Invalid(_))
     ));
     drop(c);
+    let seen = seen.join().unwrap();
+    // argsz: the header, the report's range and page size, and its bitmap (2 words each).
+    let argsz: Vec<u32> = seen.iter().map(|(_, b)| u32_at(b, 0)).collect();
+    assert_eq!(argsz, [8 + 24 + 16, 8 + 24 + 16]);
     let reports: Vec<(u32, u64, u64, u64)> = seen
-        .join()
-        .unwrap()
         .iter()
         .map(|(_, b)| (u32_at(b, 4), u64_at(b, 8), u64_at(b, 16), u64_at(b, 24)))
         .collect();
