@@ -399,13 +399,13 @@ type RegionAccesses = thread::JoinHandle<Vec<(u16, u32, u64)>>;
 
 /// A vfio-user device at a socket of its own whose server announces `caps` and the regions
 /// `regions` (a `struct vfio_region_info` each, with that many eventfds attached as its
-/// file), refuses every feature, confirms region writes and answers region reads with bytes
-/// of `read_back`. The server's thread returns the `(command, region, offset)` of each
-/// region access.
+/// file), refuses every feature, confirms region writes and answers a read of `n` bytes at
+/// `(region, offset)` with `read_back(region, offset, n)`. The server's thread returns the
+/// `(command, region, offset)` of each region access.
 fn scripted_device(
     caps: &'static str,
     regions: Vec<(Vec<u8>, usize)>,
-    read_back: u8,
+    read_back: impl Fn(u32, u64, usize) -> Vec<u8> + Send + 'static,
 ) -> (
     crate::passthrough::vfio_user_backend::VfioUserDevice,
     RegionAccesses,
@@ -453,7 +453,7 @@ fn scripted_device(
                     accesses.push((cmd, region, offset));
                     let mut r = body[..16].to_vec();
                     if cmd == CMD_REGION_READ {
-                        r.extend(std::iter::repeat_n(read_back, count as usize));
+                        r.extend(read_back(region, offset, count as usize));
                     }
                     (r, 0)
                 }
@@ -511,7 +511,7 @@ fn the_backend_takes_extensions_page_requests_and_areas_as_the_server_gives_them
         scripted_region(0x40, false),
         scripted_region(0x4000, true),
     ];
-    let (dev, server) = scripted_device(caps, regions.clone(), 1);
+    let (dev, server) = scripted_device(caps, regions.clone(), |_, _, n| vec![1; n]);
     let f = dev.features();
     assert_eq!((f.fault_log, f.page_request), (None, Some(1)));
     assert!(dev.enable_page_requests().unwrap());
@@ -528,12 +528,26 @@ fn the_backend_takes_extensions_page_requests_and_areas_as_the_server_gives_them
         [(CMD_REGION_WRITE, 1, 0), (CMD_REGION_READ, 1, 0)]
     );
     // A device that reads the enable bit back as 0 did not turn requests on.
-    let (dev, _) = scripted_device(caps, regions, 0);
+    let (dev, _) = scripted_device(caps, regions.clone(), |_, _, n| vec![0; n]);
     assert!(!dev.enable_page_requests().unwrap());
     // A region too small for the interface: not touched.
     let small = vec![scripted_region(0, false), scripted_region(0x3f, false)];
-    let (dev, server) = scripted_device(caps, small, 1);
+    let (dev, server) = scripted_device(caps, small, |_, _, n| vec![1; n]);
     assert!(!dev.enable_page_requests().unwrap());
     drop(dev);
     assert_eq!(server.join().unwrap(), []);
+    // A pending request read whole: every byte of its id, IOVA and flags counts.
+    let (dev, _) = scripted_device(caps, regions, |region, offset, n| {
+        assert_eq!((region, offset, n), (1, 0, 0x18));
+        let mut r = 1u32.to_le_bytes().to_vec();
+        r.extend_from_slice(&1u32.to_le_bytes());
+        r.extend_from_slice(&0x1122_3344_5566_7788u64.to_le_bytes());
+        r.extend_from_slice(&0x0101_0101u32.to_le_bytes());
+        r.extend_from_slice(&0x0a0b_0c0du32.to_le_bytes());
+        r
+    });
+    assert_eq!(
+        dev.take_page_request().unwrap(),
+        Some((0x0a0b_0c0d, 0x1122_3344_5566_7788, true))
+    );
 }
