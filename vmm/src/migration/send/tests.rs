@@ -273,6 +273,15 @@ mod between_machines {
         }
     }
 
+    /// Writes `len` bytes of data into guest RAM from 16 MiB on (pages a copy must send).
+    fn fill_with_data(m: &Machine, len: usize) {
+        use vm_memory::Bytes;
+        m.ram
+            .mem
+            .write_slice(&vec![0x5a; len], vm_memory::GuestAddress(16 << 20))
+            .unwrap();
+    }
+
     /// A socket path of this test's own.
     fn socket(name: &str) -> PathBuf {
         std::env::temp_dir().join(format!("vmm-send-{name}-{}.sock", std::process::id()))
@@ -301,6 +310,10 @@ mod between_machines {
     fn a_counting_guest_arrives_whole_and_stays_paused_here() {
         let sock = socket("whole");
         let (src, vcpus) = machine("64M");
+        // 4 MiB of data, sent at 8 MiB/s: the first copy takes half a second, during which
+        // the guest counts on, so that only later rounds and the stop-and-copy carry the
+        // count the destination must end with.
+        fill_with_data(&src, 4 << 20);
         start_counting(&src, vcpus);
         wait_for("the guest counting", || counter(&src) > 0);
         let (dst, receiver) = destination("64M", &sock);
@@ -309,6 +322,7 @@ mod between_machines {
             &MigrateOptions {
                 to: format!("unix:{}", sock.display()),
                 verify: true,
+                max_bandwidth: 8 << 20,
                 ..Default::default()
             },
         )
@@ -349,6 +363,9 @@ mod between_machines {
     fn a_refusing_destination_names_why_and_the_guest_runs_on_here() {
         let sock = socket("refused");
         let (src, vcpus) = machine("64M");
+        // More data than the socket holds: the destination hangs up while the source still
+        // writes, and the source reads its reason from the ACK it left.
+        fill_with_data(&src, 8 << 20);
         start_counting(&src, vcpus);
         wait_for("the guest counting", || counter(&src) > 0);
         let (_dst, receiver) = destination("128M", &sock);
