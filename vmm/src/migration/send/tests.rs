@@ -310,10 +310,10 @@ mod between_machines {
     fn a_counting_guest_arrives_whole_and_stays_paused_here() {
         let sock = socket("whole");
         let (src, vcpus) = machine("64M");
-        // 4 MiB of data, sent at 8 MiB/s: the first copy takes half a second, during which
-        // the guest counts on, so that only later rounds and the stop-and-copy carry the
-        // count the destination must end with.
-        fill_with_data(&src, 4 << 20);
+        // 4 MiB and two pages of data (two RAM records), sent at 8 MiB/s: the first copy
+        // takes half a second, during which the guest counts on, so that only later rounds
+        // and the stop-and-copy carry the count the destination must end with.
+        fill_with_data(&src, (4 << 20) + 0x2000);
         start_counting(&src, vcpus);
         wait_for("the guest counting", || counter(&src) > 0);
         let (dst, receiver) = destination("64M", &sock);
@@ -387,21 +387,38 @@ mod between_machines {
         stop_vcpus(&src);
     }
 
-    /// Nothing listens: the error names the address, and the guest was never stopped.
+    /// Nothing listens: the error names the address, and the guest was never stopped. More
+    /// rounds than a destination accepts are refused before connecting.
     #[test]
     fn no_destination_is_named_and_the_guest_never_stops() {
         let (src, vcpus) = machine("64M");
         start_counting(&src, vcpus);
         let to = format!("unix:{}", socket("nobody").display());
+        // As many rounds as a destination accepts: the connection is what fails.
         let e = migrate(
             &src,
             &MigrateOptions {
                 to: to.clone(),
+                max_rounds: MAX_ROUNDS,
                 ..Default::default()
             },
         )
         .unwrap_err();
         assert!(e.to_string().contains(&to), "{e}");
+        // One more: refused before connecting, by name.
+        let e = migrate(
+            &src,
+            &MigrateOptions {
+                to: to.clone(),
+                max_rounds: MAX_ROUNDS + 1,
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&e, MigrationError::Busy(m) if m.contains("max_rounds")),
+            "{e}"
+        );
         let now = counter(&src);
         wait_for("the guest counting on", || counter(&src) > now);
         stop_vcpus(&src);
