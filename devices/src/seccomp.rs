@@ -685,24 +685,28 @@ mod tests {
             ("VMM_SECCOMP_THREADS_CASE", "tgkill-other", VIOLATION_EXIT),
             ("VMM_SECCOMP_THREADS_CASE", "clone3-process", 0),
         ] {
-            let out = std::process::Command::new(std::env::current_exe().unwrap())
-                .args([
-                    "--exact",
-                    "seccomp::tests::arguments_are_filtered_too",
-                    "--nocapture",
-                    "--test-threads=1",
-                ])
-                .env(var, case)
-                .output()
-                .unwrap();
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            assert_eq!(out.status.code(), Some(code), "{case}: {stderr}");
-            if code == VIOLATION_EXIT {
-                assert!(
-                    stderr.contains("seccomp: the test thread made a forbidden system call"),
-                    "{case}: {stderr}"
-                );
-            }
+            in_child("arguments_are_filtered_too", var, case, code, "test");
+        }
+    }
+
+    /// Runs test `test` of this binary again in a child process with `var=case`, which must
+    /// exit with `code`; a violation's report must name thread `thread`.
+    fn in_child(test: &str, var: &str, case: &str, code: i32, thread: &str) {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                &format!("seccomp::tests::{test}"),
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(var, case)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{case}: {stderr}");
+        if code == VIOLATION_EXIT {
+            let line = format!("seccomp: the {thread} thread made a forbidden system call");
+            assert!(stderr.contains(&line), "{case}: {stderr}");
         }
     }
 
@@ -729,24 +733,13 @@ mod tests {
             unsafe { libc::_exit(0) };
         }
         for (case, code) in [("on", VIOLATION_EXIT), ("log", 0), ("unset", 0)] {
-            let out = std::process::Command::new(std::env::current_exe().unwrap())
-                .args([
-                    "--exact",
-                    "seccomp::tests::confine_takes_the_process_mode_and_names_the_thread",
-                    "--nocapture",
-                    "--test-threads=1",
-                ])
-                .env("VMM_SECCOMP_CONFINE_CASE", case)
-                .output()
-                .unwrap();
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            assert_eq!(out.status.code(), Some(code), "{case}: {stderr}");
-            if code == VIOLATION_EXIT {
-                assert!(
-                    stderr.contains("seccomp: the renamed thread made a forbidden system call"),
-                    "{case}: {stderr}"
-                );
-            }
+            in_child(
+                "confine_takes_the_process_mode_and_names_the_thread",
+                "VMM_SECCOMP_CONFINE_CASE",
+                case,
+                code,
+                "renamed",
+            );
         }
     }
 

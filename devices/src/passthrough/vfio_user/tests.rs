@@ -230,6 +230,19 @@ fn read_msg(s: &mut UnixStream) -> ((u16, u16, u32, u32), Vec<u8>) {
     ((id, cmd, u32_at(&h, 8), u32_at(&h, 12)), body)
 }
 
+/// The next message `(id, command, body)` from the client, or `None` once it hung up.
+fn next_request(s: &mut UnixStream) -> Option<(u16, u16, Vec<u8>)> {
+    let mut m = [0u8; 16];
+    s.read_exact(&mut m).ok()?;
+    let mut body = vec![0u8; u32_at(&m, 4) as usize - 16];
+    s.read_exact(&mut body).unwrap();
+    let (id, cmd) = (
+        u16::from_le_bytes([m[0], m[1]]),
+        u16::from_le_bytes([m[2], m[3]]),
+    );
+    Some((id, cmd, body))
+}
+
 /// A command from the server: `(id, command, body)`.
 fn command(id: u16, cmd: u16, body: &[u8]) -> Vec<u8> {
     let mut m = header(id, cmd, (16 + body.len()) as u32, 0, 0);
@@ -927,15 +940,11 @@ fn set_up_by(version: Vec<u8>, regions: u32, irqs: u32) -> Result<VfioUserClient
         s.write_all(&reply(h.0, CMD_DEVICE_GET_INFO, &info))
             .unwrap();
         // Region infos for as long as the client asks.
-        let mut m = [0u8; 16];
-        while s.read_exact(&mut m).is_ok() {
-            let mut body = vec![0u8; u32_at(&m, 4) as usize - 16];
-            s.read_exact(&mut body).unwrap();
+        while let Some((id, _, body)) = next_request(&mut s) {
             let mut r = vec![0u8; 32];
             r[..4].copy_from_slice(&32u32.to_le_bytes());
             r[8..12].copy_from_slice(&body[8..12]);
             r[16..24].copy_from_slice(&256u64.to_le_bytes());
-            let id = u16::from_le_bytes([m[0], m[1]]);
             s.write_all(&reply(id, CMD_DEVICE_GET_REGION_INFO, &r))
                 .unwrap();
         }
@@ -969,35 +978,24 @@ fn a_bare_version_and_the_bounds_of_a_device() {
 /// (it is not a timeout, nor an orderly end).
 #[test]
 fn a_server_that_resets_the_connection_is_named_as_such() {
-    let (client_end, s) = UnixStream::pair().unwrap();
-    let (mut c, mut s) = bare_client(s, client_end);
-    // The request arrives; the server reads part of it and closes.
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut buf = [0u8; 32];
-    let reader = thread::spawn(move || {
-        s.read_exact(&mut buf[..4]).unwrap();
-        drop(s);
-    });
-    let e = c.reset().unwrap_err();
-    reader.join().unwrap();
-    assert!(
-        matches!(&e, VfioUserError::Io(io) if io.kind() == io::ErrorKind::ConnectionReset),
-        "{e:?}"
-    );
-    // The same after half a reply's header.
-    let (client_end, s) = UnixStream::pair().unwrap();
-    let (mut c, mut s) = bare_client(s, client_end);
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let reader = thread::spawn(move || {
-        let mut buf = [0u8; 4];
-        s.read_exact(&mut buf).unwrap();
-        s.write_all(&[0u8; 8]).unwrap();
-        drop(s);
-    });
-    let e = c.reset().unwrap_err();
-    reader.join().unwrap();
-    assert!(
-        matches!(&e, VfioUserError::Io(io) if io.kind() == io::ErrorKind::ConnectionReset),
-        "{e:?}"
-    );
+    // The server reads part of the request and closes, having sent nothing, or half a
+    // reply's header.
+    for sent in [&[][..], &[0u8; 8][..]] {
+        let (client_end, s) = UnixStream::pair().unwrap();
+        let (mut c, mut s) = bare_client(s, client_end);
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let reader = thread::spawn(move || {
+            let mut buf = [0u8; 4];
+            s.read_exact(&mut buf).unwrap();
+            s.write_all(sent).unwrap();
+            drop(s);
+        });
+        let e = c.reset().unwrap_err();
+        reader.join().unwrap();
+        assert!(
+            matches!(&e, VfioUserError::Io(io) if io.kind() == io::ErrorKind::ConnectionReset),
+            "{} bytes sent: {e:?}",
+            sent.len()
+        );
+    }
 }

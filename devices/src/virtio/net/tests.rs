@@ -324,6 +324,19 @@ fn eventually(what: &str, cond: impl Fn() -> bool) {
     }
 }
 
+/// One pair on `socket`, behind `iommu` or not, filled on misses.
+fn config(socket: PathBuf, iommu: Option<(IommuHandle, u32)>) -> NetConfig {
+    NetConfig {
+        label: "vhost-user-net test".into(),
+        socket,
+        mac: [0x52, 0x54, 0, 1, 2, 3],
+        queue_pairs: 1,
+        reconnect: None,
+        iommu,
+        iotlb: IotlbMode::Miss,
+    }
+}
+
 struct Rig {
     mem: Arc<GuestMemoryMmap>,
     iommu: IommuHandle,
@@ -364,13 +377,10 @@ fn rig_full(script: Script, pairs: u16, iotlb: IotlbMode, reconnect: Option<Dura
     *iommu.lock() = std::mem::replace(&mut v, Viommu::new(ViommuConfig::default()));
     let dev = VhostUserNet::new(
         NetConfig {
-            label: "vhost-user-net test".into(),
-            socket: be.socket.clone(),
-            mac: [0x52, 0x54, 0, 1, 2, 3],
             queue_pairs: pairs,
             reconnect,
-            iommu: Some((iommu.clone(), EP)),
             iotlb,
+            ..config(be.socket.clone(), Some((iommu.clone(), EP)))
         },
         mem.clone(),
     )
@@ -804,13 +814,8 @@ fn reconnect_replays_memory_and_rings() {
     let mem = shared_test_memory(MEM);
     let mut dev = VhostUserNet::new(
         NetConfig {
-            label: "vhost-user-net test".into(),
-            socket: be.socket.clone(),
-            mac: [0x52, 0x54, 0, 1, 2, 3],
-            queue_pairs: 1,
             reconnect: Some(Duration::from_millis(20)),
-            iommu: None,
-            iotlb: IotlbMode::Miss,
+            ..config(be.socket.clone(), None)
         },
         mem.clone(),
     )
@@ -866,15 +871,6 @@ fn reconnect_replays_memory_and_rings() {
 #[test]
 fn bad_back_ends_give_one_clear_error() {
     let mem = shared_test_memory(MEM);
-    let cfg = |socket: PathBuf, iommu: Option<(IommuHandle, u32)>| NetConfig {
-        label: "vhost-user-net test".into(),
-        socket,
-        mac: [0x52, 0x54, 0, 1, 2, 3],
-        queue_pairs: 1,
-        reconnect: None,
-        iommu,
-        iotlb: IotlbMode::Miss,
-    };
     let err = |r: Result<VhostUserNet, VhostUserError>| match r {
         Ok(_) => panic!("accepted"),
         Err(e) => {
@@ -889,7 +885,7 @@ fn bad_back_ends_give_one_clear_error() {
     };
     // No socket.
     let e = err(VhostUserNet::new(
-        cfg("/nonexistent/vu.sock".into(), None),
+        config("/nonexistent/vu.sock".into(), None),
         mem.clone(),
     ));
     assert!(e.contains("/nonexistent/vu.sock"), "{e}");
@@ -900,7 +896,7 @@ fn bad_back_ends_give_one_clear_error() {
     });
     let h = IommuHandle::new(Viommu::new(ViommuConfig::default())).unwrap();
     let e = err(VhostUserNet::new(
-        cfg(be.socket.clone(), Some((h, EP))),
+        config(be.socket.clone(), Some((h, EP))),
         mem.clone(),
     ));
     assert!(e.contains("VIRTIO_F_ACCESS_PLATFORM"), "{e}");
@@ -910,7 +906,10 @@ fn bad_back_ends_give_one_clear_error() {
         protocol: DPDK_PROTOCOL & !VhostUserProtocolFeatures::REPLY_ACK.bits(),
         ..DPDK
     });
-    let e = err(VhostUserNet::new(cfg(be.socket.clone(), None), mem.clone()));
+    let e = err(VhostUserNet::new(
+        config(be.socket.clone(), None),
+        mem.clone(),
+    ));
     assert!(e.contains("REPLY_ACK"), "{e}");
     drop(be);
     // Garbage instead of a reply.
@@ -918,7 +917,7 @@ fn bad_back_ends_give_one_clear_error() {
         garbage: true,
         ..DPDK
     });
-    let e = err(VhostUserNet::new(cfg(be.socket.clone(), None), mem));
+    let e = err(VhostUserNet::new(config(be.socket.clone(), None), mem));
     assert!(e.contains("GET_FEATURES"), "{e}");
 }
 

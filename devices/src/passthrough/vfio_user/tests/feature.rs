@@ -23,14 +23,7 @@ fn answering(
     let server = thread::spawn(move || {
         one_region_handshake(&mut s, caps);
         let mut seen = Vec::new();
-        let mut m = [0u8; 16];
-        while s.read_exact(&mut m).is_ok() {
-            let mut body = vec![0u8; u32_at(&m, 4) as usize - 16];
-            s.read_exact(&mut body).unwrap();
-            let (id, cmd) = (
-                u16::from_le_bytes([m[0], m[1]]),
-                u16::from_le_bytes([m[2], m[3]]),
-            );
+        while let Some((id, cmd, body)) = next_request(&mut s) {
             let msg = match answer(cmd, &body) {
                 Ok(r) => reply(id, cmd, &r),
                 Err(errno) => header(id, cmd, 16, FLAG_REPLY | FLAG_ERROR, errno),
@@ -330,14 +323,7 @@ fn the_dma_backend_turns_server_errors_into_the_guests_statuses() {
         let (mut s, _) = listener.accept().unwrap();
         one_region_handshake(&mut s, "{}");
         let mut errnos = [libc::ENOMEM, libc::ENOSPC, libc::EINVAL].into_iter();
-        let mut m = [0u8; 16];
-        while s.read_exact(&mut m).is_ok() {
-            let mut body = vec![0u8; u32_at(&m, 4) as usize - 16];
-            s.read_exact(&mut body).unwrap();
-            let (id, cmd) = (
-                u16::from_le_bytes([m[0], m[1]]),
-                u16::from_le_bytes([m[2], m[3]]),
-            );
+        while let Some((id, cmd, _)) = next_request(&mut s) {
             let errno = if cmd == CMD_DEVICE_FEATURE {
                 Some(libc::ENOTTY)
             } else {
@@ -419,14 +405,7 @@ fn scripted_device(
         let (mut s, _) = listener.accept().unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut accesses = Vec::new();
-        let mut m = [0u8; 16];
-        while s.read_exact(&mut m).is_ok() {
-            let mut body = vec![0u8; u32_at(&m, 4) as usize - 16];
-            s.read_exact(&mut body).unwrap();
-            let (id, cmd) = (
-                u16::from_le_bytes([m[0], m[1]]),
-                u16::from_le_bytes([m[2], m[3]]),
-            );
+        while let Some((id, cmd, body)) = next_request(&mut s) {
             let (r, fds): (Vec<u8>, usize) = match cmd {
                 CMD_VERSION => {
                     let mut v = vec![0, 0, 1, 0];

@@ -27,19 +27,7 @@ const PLATFORM: u64 = 1 << 33;
 fn untranslated(script: Script, acked: u64) -> (Backend, VhostUserNet) {
     let be = Backend::start(script);
     let mem = shared_test_memory(MEM);
-    let mut dev = VhostUserNet::new(
-        NetConfig {
-            label: "vhost-user-net test".into(),
-            socket: be.socket.clone(),
-            mac: [0x52, 0x54, 0, 1, 2, 3],
-            queue_pairs: 1,
-            reconnect: None,
-            iommu: None,
-            iotlb: IotlbMode::Miss,
-        },
-        mem.clone(),
-    )
-    .unwrap();
+    let mut dev = VhostUserNet::new(config(be.socket.clone(), None), mem.clone()).unwrap();
     let queues: Vec<TestQueue> = (0..2)
         .map(|i| TestQueue::new(&mem, 0x1000 + 0x8000 * i as u64, 64))
         .collect();
@@ -369,18 +357,7 @@ fn a_back_end_without_a_required_feature_is_refused_by_its_name() {
             features: DPDK_FEATURES & !(1u64 << bit),
             ..DPDK
         });
-        let r = VhostUserNet::new(
-            NetConfig {
-                label: "vhost-user-net test".into(),
-                socket: be.socket.clone(),
-                mac: [0x52, 0x54, 0, 1, 2, 3],
-                queue_pairs: 1,
-                reconnect: None,
-                iommu: None,
-                iotlb: IotlbMode::Miss,
-            },
-            shared_test_memory(MEM),
-        );
+        let r = VhostUserNet::new(config(be.socket.clone(), None), shared_test_memory(MEM));
         match r {
             Err(VhostUserError::MissingFeature(n)) => assert_eq!(n, name),
             Err(e) => panic!("{name}: {e}"),
