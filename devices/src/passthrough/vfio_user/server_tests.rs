@@ -354,6 +354,23 @@ fn backend_device_with(
     (d, t, path)
 }
 
+/// Polls the backend's status register until the device is no longer busy (10 s at most);
+/// returns the status.
+fn finished(d: &mut VfioUserDevice) -> u32 {
+    use crate::passthrough::PassthroughBackend;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut b = [0u8; 4];
+        d.region_read(0, regs::STATUS, &mut b).unwrap();
+        let s = u32::from_le_bytes(b);
+        if s != testdev::STATUS_BUSY {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "the device never finished");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// [`backend_device_with`] the default behaviour.
 fn backend_device(name: &str) -> (VfioUserDevice, JoinHandle<()>, PathBuf) {
     backend_device_with(name, Default::default())
@@ -475,19 +492,6 @@ fn page_requests_through_the_backend() {
             std::thread::sleep(Duration::from_millis(1));
         }
     };
-    let status = |d: &mut VfioUserDevice| {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let mut b = [0u8; 4];
-            d.region_read(0, regs::STATUS, &mut b).unwrap();
-            let s = u32::from_le_bytes(b);
-            if s != testdev::STATUS_BUSY {
-                return s;
-            }
-            assert!(Instant::now() < deadline, "the device never finished");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    };
     // A fill of an IOVA nothing maps: a write request.
     w(&mut d, regs::DST, 0x12_3000, 8);
     w(&mut d, regs::LEN, 4096, 8);
@@ -499,7 +503,7 @@ fn page_requests_through_the_backend() {
         .unwrap();
     assert_eq!(pending(&d), (id, 0x12_3000, true), "still the same request");
     d.answer_page_request(id, ext::PRQ_INVALID).unwrap();
-    assert_eq!(status(&mut d), testdev::STATUS_ERROR);
+    assert_eq!(finished(&mut d), testdev::STATUS_ERROR);
     assert_eq!(d.take_faults().unwrap(), vec![(0x12_3000, true)]);
     assert_eq!(d.page_request_counters().unwrap(), [1, 0, 1, 0]);
     // A copy from an unmapped source: a read request; RETRY with nothing mapped asks again.
@@ -513,7 +517,7 @@ fn page_requests_through_the_backend() {
     assert_ne!(again, id, "a new request");
     assert_eq!((iova, write), (0x45_6000, false));
     d.answer_page_request(again, ext::PRQ_INVALID).unwrap();
-    assert_eq!(status(&mut d), testdev::STATUS_ERROR);
+    assert_eq!(finished(&mut d), testdev::STATUS_ERROR);
     assert_eq!(
         d.take_faults().unwrap(),
         vec![(0x45_6000, false)],
@@ -581,17 +585,7 @@ fn the_dma_backend_maps_guest_ram_with_its_permissions_and_tracks_writes() {
         ] {
             dev.region_write(0, reg, &v.to_le_bytes()[..n]).unwrap();
         }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let mut b = [0u8; 4];
-            dev.region_read(0, regs::STATUS, &mut b).unwrap();
-            let s = u32::from_le_bytes(b);
-            if s != testdev::STATUS_BUSY {
-                return s;
-            }
-            assert!(Instant::now() < deadline, "the device never finished");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        finished(&mut dev)
     };
     // Two pages read-write above 4 GiB, one read-only below.
     dma.map(0x20_0000, (1 << 32) + 0x3000, 0x2000, Perm::RW)
